@@ -1,0 +1,24 @@
+# Two commands do all the set-up: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are pinned as a pair: a torchvision beside a mismatched torch fails to import.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: run test venv
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Extra Hydra overrides: make run ARGS="transfer.alpha=0.25 seed=1"
+run: venv
+	$(PY) -m ptlab $(ARGS)
+
+# Extra pytest arguments: make test ARGS="-m slow"
+test: venv
+	$(PY) -m pytest $(ARGS)

@@ -1,0 +1,96 @@
+"""The paper's two-patch synthetic tasks (design.md section 1).
+
+A sample of task k has a clean label ``y`` uniform on {-1, +1}, a signal patch ``y * (u + v_k)`` and a
+noise patch ``xi ~ N(0, sigma_pk^2 P)`` with ``P`` the projector onto the orthogonal complement of
+span{u, v1, v2}. The observed label is ``y`` flipped with probability ``label_noise``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The universal signal ``u`` and task-specific signals ``v1``, ``v2``, plus their orthonormal basis."""
+
+    u: Tensor
+    v1: Tensor
+    v2: Tensor
+    basis: Tensor  # (d, 3): orthonormal columns spanning u, v1, v2 directions
+
+    def signal(self, task: int) -> Tensor:
+        """``u + v_k`` for task k in {1, 2}."""
+        return self.u + (self.v1 if task == 1 else self.v2)
+
+
+@dataclass(frozen=True)
+class PatchData:
+    """Samples of one task: ``x`` (N, 2, d) with patches [signal, noise], observed labels ``y`` (N,)."""
+
+    x: Tensor
+    y: Tensor
+    clean_y: Tensor
+
+    @property
+    def noise(self) -> Tensor:
+        """The noise patches ``xi`` (N, d)."""
+        return self.x[:, 1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class SyntheticTransferData:
+    """Everything a synthetic pipeline trains and tests on."""
+
+    directions: Directions
+    task1_train: PatchData
+    task1_test: PatchData
+    task2_train: PatchData
+    task2_test: PatchData
+
+
+def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Generator,
+                    dtype: torch.dtype = torch.float32) -> Directions:
+    """A seeded random orthonormal triple in R^d scaled to the norms of u, v1 and v2."""
+    gauss = torch.randn(d, 3, generator=generator, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(gauss)
+    u, v1, v2 = (basis[:, i] * norm for i, norm in enumerate((u_norm, v_norm, v_norm)))
+    return Directions(u.to(dtype), v1.to(dtype), v2.to(dtype), basis.to(dtype))
+
+
+def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label_noise: float,
+                generator: torch.Generator) -> PatchData:
+    """Draw ``n`` samples of task ``task`` (1 or 2)."""
+    if task not in (1, 2):
+        raise ValueError(f"task must be 1 or 2, got {task}")
+    dtype = directions.basis.dtype
+    basis = directions.basis.double()
+    d = basis.shape[0]
+    clean_y = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
+    flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
+    y = torch.where(flips, -clean_y, clean_y)
+    gauss = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    noise = (sigma_p * (gauss - (gauss @ basis) @ basis.T)).to(dtype)
+    signal = clean_y[:, None] * directions.signal(task)[None, :]
+    return PatchData(x=torch.stack([signal, noise], dim=1), y=y, clean_y=clean_y)
+
+
+def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
+                        label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
+                        dtype: torch.dtype = torch.float32) -> SyntheticTransferData:
+    """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = make_directions(d, u_norm, v_norm, gen, dtype)
+    return SyntheticTransferData(
+        directions=directions,
+        task1_train=sample_task(directions, 1, n1, sigma_p1, label_noise, gen),
+        task1_test=sample_task(directions, 1, n_test, sigma_p1, label_noise, gen),
+        task2_train=sample_task(directions, 2, n2, sigma_p2, label_noise, gen),
+        task2_test=sample_task(directions, 2, n_test, sigma_p2, label_noise, gen),
+    )

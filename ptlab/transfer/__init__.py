@@ -1,0 +1,26 @@
+"""Transfer: copy an alpha-fraction of an upstream model into a downstream model (Algorithm 1)."""
+
+from ptlab.transfer.adapters import (
+    ADAPTERS,
+    PlanRow,
+    TransferAdapter,
+    TwoLayerCNNFilters,
+    find_adapter,
+    register_adapter,
+)
+from ptlab.transfer.callback import ParameterTransfer, transfer_parameters
+from ptlab.transfer.selection import SELECTORS, count_for, get_selector
+
+__all__ = [
+    "ADAPTERS",
+    "SELECTORS",
+    "ParameterTransfer",
+    "PlanRow",
+    "TransferAdapter",
+    "TwoLayerCNNFilters",
+    "count_for",
+    "find_adapter",
+    "get_selector",
+    "register_adapter",
+    "transfer_parameters",
+]

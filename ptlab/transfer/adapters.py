@@ -1,0 +1,99 @@
+"""Per-model-family transfer rules: what "an alpha-fraction of the upstream model" means for a family.
+
+An adapter plans the transfer (which target unit gets which source unit) and applies the plan in
+place. ``ParameterTransfer`` picks the first registered adapter that ``matches`` the model pair, so a
+new family (torchvision CNNs, timm ViTs) plugs in with ``register_adapter``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
+from ptlab.transfer.selection import Selector, count_for
+
+
+@dataclass
+class PlanRow:
+    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``."""
+
+    target: str
+    source: str
+    copied: int
+    total: int
+    indices: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TransferAdapter(ABC):
+    """Plans and applies a transfer between two models of one family."""
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, source: nn.Module, target: nn.Module) -> bool:
+        """Whether this adapter handles the (source, target) pair."""
+
+    @abstractmethod
+    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
+             generator: torch.Generator) -> list[PlanRow]:
+        """Which units go where; raises ``ValueError`` with one line when nothing can match."""
+
+    @abstractmethod
+    def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
+        """Copy the planned units from ``source`` into ``target`` in place."""
+
+
+class TwoLayerCNNFilters(TransferAdapter):
+    """The paper's rule: ``round(alpha * m)`` filters per output j, copied to the same positions."""
+
+    OUTPUTS = ("+1", "-1")
+
+    @classmethod
+    def matches(cls, source: nn.Module, target: nn.Module) -> bool:
+        return isinstance(source, TwoLayerReLUCNN) and isinstance(target, TwoLayerReLUCNN)
+
+    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
+             generator: torch.Generator) -> list[PlanRow]:
+        if source.weight.shape != target.weight.shape:
+            raise ValueError(
+                f"filter transfer needs equal weight shapes (2, m, d): upstream {tuple(source.weight.shape)} "
+                f"vs downstream {tuple(target.weight.shape)}")
+        rows = []
+        for j, label in enumerate(self.OUTPUTS):
+            total = target.weight.shape[1]
+            k = count_for(alpha, total)
+            indices = select(source.weight[j], k, generator).tolist() if k else []
+            rows.append(PlanRow(f"weight[{label}]", f"weight[{label}]", k, total, indices))
+        return rows
+
+    @torch.no_grad()
+    def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
+        for j, row in enumerate(plan):
+            if row.indices:
+                idx = torch.tensor(row.indices, device=target.weight.device)
+                target.weight[j, idx] = source.weight[j, idx.to(source.weight.device)].to(target.weight)
+
+
+ADAPTERS: list[type[TransferAdapter]] = [TwoLayerCNNFilters]
+
+
+def register_adapter(adapter: type[TransferAdapter]) -> type[TransferAdapter]:
+    """Add an adapter (usable as a class decorator); later registrations are tried first."""
+    ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def find_adapter(source: nn.Module, target: nn.Module) -> type[TransferAdapter]:
+    """The adapter for a model pair, or ``ValueError`` naming the pair."""
+    for adapter in ADAPTERS:
+        if adapter.matches(source, target):
+            return adapter
+    raise ValueError(f"no transfer rule for upstream {type(source).__name__} -> downstream "
+                     f"{type(target).__name__}; known families: {', '.join(a.__name__ for a in ADAPTERS)}")
