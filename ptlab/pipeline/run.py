@@ -62,8 +62,9 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                            _run_name(cfg), cfg.logger.artifact_location, tags)
     with tracker:
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
         tracker.log_params(flatten(resolved))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         results = runner(cfg, tracker)
         summary: dict[str, Any] = {
             **results,

@@ -1,0 +1,45 @@
+"""``python -m ptlab.report EXPERIMENT``: redraw an experiment's figures and tables from MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ptlab.report.registry import renderer_for
+from ptlab.report.runs import ReportError, load_pipelines
+from ptlab.tracking import make_tracker
+
+
+def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_dir: str | Path | None = None,
+                log_to_mlflow: bool = True) -> list[Path]:
+    """Render ``experiment`` into ``out_dir`` (default ``reports/<experiment>``) and log the files to a
+    ``report`` run of the same MLflow experiment."""
+    runs = load_pipelines(tracking_uri, experiment)
+    out = Path(out_dir) if out_dir else Path("reports") / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    paths = renderer_for(experiment)(runs, experiment, out)
+    if log_to_mlflow:
+        tracker = make_tracker("mlflow", tracking_uri, experiment, f"report {experiment}",
+                               tags={"ptlab.stage": "report"})
+        with tracker:
+            tracker.set_tags({"ptlab.stage": "report", "ptlab.report.pipelines": len(runs)})
+            for path in paths:
+                tracker.log_artifact(path, "report")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptlab.report", description=__doc__)
+    parser.add_argument("experiment", help="MLflow experiment name (the preset, e.g. fig1a_small)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
+    parser.add_argument("--out", default=None, help="output directory (default: reports/EXPERIMENT)")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_report(args.experiment, args.tracking_uri, args.out)
+    except ReportError as err:
+        print(f"ptlab.report: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

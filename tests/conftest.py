@@ -1,0 +1,60 @@
+"""Shared fixtures: configs composed from conf/ with every output under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ptlab.cli import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = [
+    "task.d=200", "task.n1=40", "task.n2=10", "task.n_test=100",
+    "train.upstream_steps=60", "train.downstream_steps=30", "train.eval_every=10",
+    "model.width=8",
+]
+"""Overrides that make a synthetic pipeline take about a second."""
+
+
+def compose_config(overrides: list[str], tracking_uri: str) -> DictConfig:
+    """Compose ``conf/config.yaml`` like ``python -m ptlab`` would, with HydraConfig set so that
+    ``${hydra:...}`` interpolations resolve."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"logger.tracking_uri={tracking_uri}", *overrides],
+                      return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh SQLite MLflow store under tmp_path."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def make_cfg(tracking_uri: str) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, small=True)``: a composed config logging to the tmp_path store."""
+    def make(*overrides: str, small: bool = True) -> DictConfig:
+        return compose_config([*(SMALL if small else []), *overrides], tracking_uri)
+    return make
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "ptlab", timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` in ``cwd`` (outputs land there) and capture its output."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
