@@ -9,12 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ptlab.cli import CONFIG_DIR
+from ptlab.cli import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,19 +23,6 @@ SMALL = [
 """Overrides that make a synthetic pipeline take about a second."""
 
 
-def compose_config(overrides: list[str], tracking_uri: str) -> DictConfig:
-    """Compose ``conf/config.yaml`` like ``python -m ptlab`` would, with HydraConfig set so that
-    ``${hydra:...}`` interpolations resolve."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"logger.tracking_uri={tracking_uri}", *overrides],
-                      return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store under tmp_path."""
@@ -46,10 +30,12 @@ def tracking_uri(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_cfg(tracking_uri: str) -> Callable[..., DictConfig]:
-    """``make_cfg(*overrides, small=True)``: a composed config logging to the tmp_path store."""
+def make_cfg(tracking_uri: str, tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, small=True)``: a composed config logging to the tmp_path store, with the
+    upstream cache under tmp_path too."""
     def make(*overrides: str, small: bool = True) -> DictConfig:
-        return compose_config([*(SMALL if small else []), *overrides], tracking_uri)
+        return compose_config([f"logger.tracking_uri={tracking_uri}", *(SMALL if small else []),
+                               f"cache.dir={tmp_path / 'cache'}", *overrides])
     return make
 
 

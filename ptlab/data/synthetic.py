@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ptlab.seeding import derive_seed
+
 
 @dataclass(frozen=True)
 class Directions:
@@ -84,13 +86,19 @@ def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label
 def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
                         label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
                         dtype: torch.dtype = torch.float32) -> SyntheticTransferData:
-    """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    directions = make_directions(d, u_norm, v_norm, gen, dtype)
+    """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``.
+
+    Each part draws from its own sub-seed, so the task-2 data do not change when a sweep varies
+    task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep.
+    """
+    def gen(part: str) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(seed, part))
+
+    directions = make_directions(d, u_norm, v_norm, gen("directions"), dtype)
     return SyntheticTransferData(
         directions=directions,
-        task1_train=sample_task(directions, 1, n1, sigma_p1, label_noise, gen),
-        task1_test=sample_task(directions, 1, n_test, sigma_p1, label_noise, gen),
-        task2_train=sample_task(directions, 2, n2, sigma_p2, label_noise, gen),
-        task2_test=sample_task(directions, 2, n_test, sigma_p2, label_noise, gen),
+        task1_train=sample_task(directions, 1, n1, sigma_p1, label_noise, gen("task1_train")),
+        task1_test=sample_task(directions, 1, n_test, sigma_p1, label_noise, gen("task1_test")),
+        task2_train=sample_task(directions, 2, n2, sigma_p2, label_noise, gen("task2_train")),
+        task2_test=sample_task(directions, 2, n_test, sigma_p2, label_noise, gen("task2_test")),
     )

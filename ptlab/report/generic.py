@@ -14,8 +14,9 @@ STAGE_METRICS = ["metrics.upstream_test_acc", "metrics.transfer_test_acc", "metr
 
 
 def swept_params(runs: pd.DataFrame) -> list[str]:
-    """The ``params.*`` columns that differ between runs, seed excluded."""
-    columns = [c for c in runs.columns if c.startswith("params.") and c != "params.seed"]
+    """The ``params.*`` columns that differ between runs; seed and the theory's outputs excluded."""
+    columns = [c for c in runs.columns
+               if c.startswith("params.") and c != "params.seed" and not c.startswith("params.theory.")]
     return [c for c in columns if runs[c].astype(str).nunique() > 1]
 
 

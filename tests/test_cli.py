@@ -1,0 +1,64 @@
+"""``python -m ptlab``: the main command end to end, and bad input rejected before anything runs."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ptlab.cli import preflight
+from tests.conftest import SMALL, run_cli
+
+
+def test_main_command_runs_a_pipeline_into_the_start_directory(tmp_path):
+    result = run_cli([*SMALL, "hydra.run.dir=out", "cache.dir=cache"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary) >= {"upstream", "transfer", "scratch", "mlflow"}
+    assert "transfer - scratch test accuracy" in result.stdout
+    assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert client.get_experiment(parent.info.experiment_id).name == "default"
+
+
+BAD_INPUT = [
+    ("transfer.alpha=1.5", "transfer.alpha=1.5 is not allowed: must be in [0, 1]"),
+    ("transfer.alpha=-0.1", "transfer.alpha=-0.1 is not allowed: must be in [0, 1]"),
+    ("task.d=0", "task.d=0 is not allowed: must be > 0"),
+    ("model.width=0", "model.width=0 is not allowed: must be > 0"),
+    ("task.n1=0", "task.n1=0 is not allowed: must be > 0"),
+    ("task.n2=-3", "task.n2=-3 is not allowed: must be > 0"),
+    ("train.upstream_steps=0", "train.upstream_steps=0 is not allowed: must be > 0"),
+    ("train.downstream_steps=-1", "train.downstream_steps=-1 is not allowed: must be > 0"),
+    ("noise.sigma_p2=-0.5", "noise.sigma_p2=-0.5 is not allowed: must be >= 0"),
+    ("task.label_noise=0.5", "task.label_noise=0.5 is not allowed: must be in [0, 0.5)"),
+    ("transfer.selection=best", "transfer.selection='best' is not allowed: must be one of random"),
+    ("model=nope", "model=nope is not an option: choose one of"),
+    ("transfer=some", "transfer=some is not an option: choose one of filters"),
+    ("task.d=abc", "task.d: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("task.n1=2.5", "task.n1: Value '2.5' of type 'float' could not be converted to Integer"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_INPUT)
+def test_bad_input_gives_one_line_naming_the_key_and_what_is_allowed(override, message):
+    error = preflight([override])
+    assert error is not None and message in error
+    assert "\n" not in error
+
+
+def test_a_bad_value_inside_a_sweep_stops_the_whole_multirun():
+    assert "transfer.alpha=2.0 is not allowed" in preflight(["-m", "transfer.alpha=0.5,2.0"])
+    assert preflight(["-m", "transfer.alpha=0.0,0.5,1.0", "seed=0,1"]) is None
+
+
+def test_bad_input_exits_nonzero_before_anything_is_tracked(tmp_path):
+    result = run_cli(["transfer.alpha=1.5"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "ptlab: transfer.alpha=1.5 is not allowed: must be in [0, 1]"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+    unknown = run_cli(["model=resnet_nope"], cwd=tmp_path)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert "model=resnet_nope is not an option: choose one of" in unknown.stderr
+    assert "toy_cnn" in unknown.stderr
