@@ -1,0 +1,188 @@
+"""What the paper's theorems predict for a synthetic config (design.md section 2).
+
+Notation: ``n = max(N1, N2)``, ``U = ||u||``, ``S2 = ||u + v2|| = sqrt(U^2 + ||v2||^2)`` (u and v2 are
+orthogonal), ``s1 = sigma_p1``, ``s2 = sigma_p2``.
+
+- Transfer threshold term (Theorem 4.2):
+  ``D* = (alpha^2 N1^2 U^4 / s1^4 + N2^2 S2^4 / s2^4) / (alpha^2 s2^2 N1 / s1^2 + N2)``;
+  ``d <= C1 D*``: near Bayes-optimal test error with transfer, ``d >= C3 D*``: error >= 0.1.
+- Scratch (Theorem 4.3): near-optimal if ``N2 S2^4 >= C1' s2^4 d``, sub-optimal if ``<= C3' s2^4 d``;
+  i.e. the scratch threshold is ``N2 S2^4 / s2^4`` in units of d.
+- ``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` (Proposition 4.4).
+- Negative transfer (Proposition 4.4): ``S2^2 / U^2 >= alpha N1 s2^2 / (N2 s1^2) >= C4``.
+
+The constants are unknown; they are parameters (default 1). Edge cases never raise: ``alpha = 0``
+or ``u = 0`` make the terms they multiply exactly 0 (so ``D*`` with ``alpha = 0`` is the scratch
+threshold); a zero noise level is read as the limit ``s -> 0``: ``D*`` is ``inf`` for ``s1 = 0`` with
+``alpha U > 0`` and tends to 0 for ``s1 = 0`` with ``u = 0``; a ratio that is ``0 / 0`` in the limit too
+(``S2 = 0`` with ``s2 = 0``: no target signal and no target noise; the negative-transfer ratio with
+``u = 0`` and ``s1 = 0``) is ``nan``. MLflow stores an infinite metric as the largest float.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NEAR_OPTIMAL, SUB_OPTIMAL, UNDETERMINED = "near_optimal", "sub_optimal", "undetermined"
+TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER = "transfer_helps", "no_difference", "negative_transfer"
+OUTCOMES = (TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER, UNDETERMINED)
+
+
+def divide(numerator: float, denominator: float) -> float:
+    """``numerator / denominator`` with IEEE limits: ``x / 0 = +-inf`` for ``x != 0``, ``0 / 0 = nan``."""
+    if denominator != 0:
+        return numerator / denominator
+    if numerator == 0 or math.isnan(numerator):
+        return math.nan
+    return math.copysign(math.inf, numerator)
+
+
+def _product(*factors: float) -> float:
+    """A product that is exactly 0 when any factor is 0 (``0 * inf = 0`` here, not nan)."""
+    return 0.0 if any(f == 0 for f in factors) else math.prod(factors)
+
+
+def target_signal_norm(u_norm: float, v_norm: float) -> float:
+    """``S2 = ||u + v2|| = sqrt(||u||^2 + ||v2||^2)`` (u and v2 are orthogonal)."""
+    return math.hypot(u_norm, v_norm)
+
+
+def threshold_term(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float,
+                   sigma_p1: float, sigma_p2: float) -> float:
+    """The transfer threshold term ``D*`` of Theorem 4.2 (``s2_norm`` is ``S2 = ||u + v2||``)."""
+    source_signal = _product(alpha ** 2, n1 ** 2, u_norm ** 4, divide(1.0, sigma_p1 ** 4))
+    target_signal = n2 ** 2 * divide(s2_norm ** 4, sigma_p2 ** 4)
+    source_noise = _product(alpha ** 2, n1, sigma_p2 ** 2, divide(1.0, sigma_p1 ** 2))
+    if math.isinf(source_signal) and math.isinf(source_noise):
+        # s1 -> 0 with alpha U > 0: the numerator grows as s1^-4, the denominator as s1^-2.
+        return math.inf
+    return divide(source_signal + target_signal, source_noise + n2)
+
+
+def scratch_threshold(n2: int, s2_norm: float, sigma_p2: float) -> float:
+    """``N2 S2^4 / s2^4``: Theorem 4.3 puts scratch near-optimal for ``d <= that / C1'``."""
+    return n2 * divide(s2_norm ** 4, sigma_p2 ** 4)
+
+
+def gamma(alpha: float, n1: int, u_norm: float, sigma_p1: float, sigma_p2: float, d: int) -> float:
+    """``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` of Proposition 4.4 (0 when alpha or u is 0)."""
+    return _product(alpha ** 2, n1, u_norm ** 4, divide(1.0, sigma_p1 ** 2 * sigma_p2 ** 2 * d))
+
+
+def signal_ratio(u_norm: float, s2_norm: float) -> float:
+    """``S2^2 / U^2``: how little of the target signal is universal (inf when u = 0)."""
+    return divide(s2_norm ** 2, u_norm ** 2)
+
+
+def source_strength(alpha: float, n1: int, n2: int, sigma_p1: float, sigma_p2: float) -> float:
+    """``alpha N1 s2^2 / (N2 s1^2)``: how much the transferred filters weigh against the target data."""
+    return _product(alpha, n1, sigma_p2 ** 2, divide(1.0, n2 * sigma_p1 ** 2))
+
+
+def negative_transfer_ratio(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float,
+                            sigma_p1: float, sigma_p2: float) -> float:
+    """``(S2^2 / U^2) / (alpha N1 s2^2 / (N2 s1^2))``: >= 1 is the first inequality of the negative
+    transfer condition (inf when u = 0 or alpha = 0)."""
+    return divide(signal_ratio(u_norm, s2_norm), source_strength(alpha, n1, n2, sigma_p1, sigma_p2))
+
+
+def regime(d: float, threshold: float, c_near: float = 1.0, c_sub: float = 1.0) -> str:
+    """``near_optimal`` if ``d <= c_near * threshold``, ``sub_optimal`` if ``d >= c_sub * threshold``
+    (near wins a tie), ``undetermined`` between the two or when the threshold is nan."""
+    if math.isnan(threshold):
+        return UNDETERMINED
+    if d <= _product(c_near, threshold):
+        return NEAR_OPTIMAL
+    if d >= _product(c_sub, threshold):
+        return SUB_OPTIMAL
+    return UNDETERMINED
+
+
+@dataclass(frozen=True)
+class TheoryConstants:
+    """The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (default 1)."""
+
+    c1: float = 1.0
+    c3: float = 1.0
+    c1_prime: float = 1.0
+    c3_prime: float = 1.0
+    c4: float = 1.0
+
+
+@dataclass(frozen=True)
+class TheoryPrediction:
+    """Every theory quantity of one config and the predicted outcome of transfer against scratch."""
+
+    n: int
+    threshold_term: float
+    d_over_threshold: float
+    scratch_threshold: float
+    gamma: float
+    signal_ratio: float
+    source_strength: float
+    negative_transfer_ratio: float
+    transfer_regime: str
+    scratch_regime: str
+    negative_transfer_condition: bool
+    predicted: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric fields (booleans as 0/1), for MLflow metrics."""
+        return {k: float(v) for k, v in asdict(self).items() if not isinstance(v, str)}
+
+    def labels(self) -> dict[str, str]:
+        """The categorical fields, for MLflow params."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, str)}
+
+
+def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool) -> str:
+    """Transfer helps / no difference / negative transfer / undetermined.
+
+    The negative-transfer condition of Proposition 4.4 wins; otherwise the two regimes are compared:
+    near-optimal with transfer and sub-optimal without helps, the reverse hurts, equal regimes make
+    no difference, and a regime between the constants leaves the outcome undetermined.
+    """
+    if negative_condition:
+        return NEGATIVE_TRANSFER
+    if UNDETERMINED in (transfer_regime, scratch_regime):
+        return UNDETERMINED
+    if transfer_regime == scratch_regime:
+        return NO_DIFFERENCE
+    return TRANSFER_HELPS if transfer_regime == NEAR_OPTIMAL else NEGATIVE_TRANSFER
+
+
+def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: float, sigma_p2: float,
+            alpha: float, constants: TheoryConstants = TheoryConstants()) -> TheoryPrediction:
+    """All theory quantities for one synthetic setting."""
+    s2_norm = target_signal_norm(u_norm, v_norm)
+    d_star = threshold_term(alpha, n1, n2, u_norm, s2_norm, sigma_p1, sigma_p2)
+    scratch = scratch_threshold(n2, s2_norm, sigma_p2)
+    strength = source_strength(alpha, n1, n2, sigma_p1, sigma_p2)
+    ratio = negative_transfer_ratio(alpha, n1, n2, u_norm, s2_norm, sigma_p1, sigma_p2)
+    negative = ratio >= 1 and strength >= constants.c4
+    transfer_regime = regime(d, d_star, constants.c1, constants.c3)
+    scratch_regime = regime(d, scratch, constants.c1_prime, constants.c3_prime)
+    return TheoryPrediction(
+        n=max(n1, n2), threshold_term=d_star, d_over_threshold=divide(d, d_star), scratch_threshold=scratch,
+        gamma=gamma(alpha, n1, u_norm, sigma_p1, sigma_p2, d), signal_ratio=signal_ratio(u_norm, s2_norm),
+        source_strength=strength, negative_transfer_ratio=ratio, transfer_regime=transfer_regime,
+        scratch_regime=scratch_regime, negative_transfer_condition=negative,
+        predicted=predict_outcome(transfer_regime, scratch_regime, negative))
+
+
+def predict_from_config(cfg: Any) -> TheoryPrediction:
+    """``predict`` for a composed ptlab config (``task``, ``noise``, ``transfer``, optional ``theory``).
+
+    Without transfer (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model.
+    """
+    alpha = cfg.transfer.alpha if cfg.transfer.kind != "none" else 0.0
+    theory = cfg.get("theory") or {}
+    constants = TheoryConstants(**{k: float(theory[k]) for k in TheoryConstants.__dataclass_fields__
+                                   if k in theory})
+    return predict(d=cfg.task.d, n1=cfg.task.n1, n2=cfg.task.n2, u_norm=cfg.task.u_norm, v_norm=cfg.task.v_norm,
+                   sigma_p1=cfg.noise.sigma_p1, sigma_p2=cfg.noise.sigma_p2, alpha=alpha, constants=constants)
