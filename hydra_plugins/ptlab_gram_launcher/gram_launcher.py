@@ -1,0 +1,60 @@
+"""``hydra/launcher=ptlab_gram``: every ``engine=gram`` synthetic job of a sweep in one batched process.
+
+``python -m ptlab -m engine=gram hydra/launcher=ptlab_gram hydra/sweeper=ptlab_batched ...`` (what
+``experiment=fig2`` selects) composes each job, groups
+the cells by shape, trains them with ``ptlab.engines.gram`` and tracks every job as ``run_pipeline``
+would (``ptlab.engines.sweep``). Other jobs of the sweep run one by one, as with the basic launcher.
+"""
+
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, configure_log, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+@dataclass
+class PtlabGramLauncherConf:
+    """``max_cells``: cells per batched chunk (memory ~1.5 MB per cell at N1=200, m=40); ``workers``: processes
+    that run chunks (null: torch's thread count); ``history``: curve points sent to MLflow per run: full | eval |
+    last; ``progress``: a progress bar over cells."""
+
+    _target_: str = "hydra_plugins.ptlab_gram_launcher.gram_launcher.PtlabGramLauncher"
+    max_cells: int = 60
+    workers: Optional[int] = None
+    history: str = "last"
+    progress: bool = True
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="ptlab_gram", node=PtlabGramLauncherConf,
+                             provider="ptlab")
+
+
+class PtlabGramLauncher(Launcher):
+    """Hydra ``Launcher`` that hands a sweep's jobs to ``ptlab.engines.sweep.launch_batched``."""
+
+    def __init__(self, max_cells: int = 60, workers: Optional[int] = None, history: str = "last",
+                 progress: bool = True) -> None:
+        self.max_cells, self.workers, self.history, self.progress = max_cells, workers, history, progress
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from ptlab.engines.sweep import launch_batched  # torch and MLflow load only when a sweep runs
+
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        return launch_batched(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
+                              self.max_cells, self.history, self.progress, self.workers)

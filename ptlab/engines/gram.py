@@ -1,0 +1,589 @@
+"""The exact Gram engine for synthetic pipelines (design.md section 3).
+
+Gradient descent moves a filter only along the training patches, so during a stage on task k every
+filter is ``w(0) + sum_a C_a b_a + sum_i C_i xi_i``: its stage-start weight plus coefficients along the
+unit signal directions ``b_u, b_v1, b_v2`` (the columns of ``Directions.basis``) and along the task's
+training noise patches ``xi_i``. Everything GD needs is an inner product of a filter with those
+vectors, ``R = <w, [b; xi]>``, and a step changes it by ``dC @ G`` with ``G`` the Gram matrix of
+``[b; xi]``: O(m N^2) per step instead of O(m N d). Test patches need the cross Gram matrix with the
+training vectors once; transfer needs the upstream vectors' inner products with the task-2 vectors.
+
+The arithmetic is the Lightning path's (``FullBatchGD``: logistic loss mean, ``f = F_{+1} - F_{-1}``,
+ReLU on both patches, torch's softplus gradient with its threshold, torchmetrics' accuracy) done in a
+different order, so float64 results agree with plain GD to rounding. The data, inits and transfer
+plan come from the same functions and seed streams as the Lightning path.
+
+Cells (pipeline configs) with equal shapes (N1, N2, n_test, m, steps) run as one batched tensor
+program whatever their ``d``; cells that differ only in the signal norms (``u_norm``, ``v_norm``) or
+in ``lr``, ``alpha`` and ``selection`` share one draw of data and inits (the data stream does not
+depend on the signal norms) and one set of Gram matrices.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from ptlab.config import ConfigError
+from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
+from ptlab.modules.decomposition import SIGNALS
+from ptlab.pipeline.synthetic import DTYPES, build_model, make_data
+from ptlab.seeding import derive_seed
+from ptlab.transfer import TwoLayerCNNFilters, get_selector
+
+MODEL_TARGET = "ptlab.models.TwoLayerReLUCNN"
+STAGES = ("upstream", "transfer", "scratch")
+SOFTPLUS_THRESHOLD = 20.0
+"""``torch.nn.functional.softplus``'s default: above it the loss is linear and its slope exactly 1."""
+DECOMPOSITION_NAMES = (
+    *(f"{DECOMPOSITION_PREFIX}signal_{name}_{stat}" for name in SIGNALS for stat in ("max", "mean")),
+    f"{DECOMPOSITION_PREFIX}noise_max", f"{DECOMPOSITION_PREFIX}noise_mean",
+    f"{DECOMPOSITION_PREFIX}filter_norm_mean",
+)
+"""The signal/noise decomposition metrics of ``ptlab.modules.decomposition``, in the order computed here."""
+HISTORIES = ("full", "eval", "last")
+
+
+@dataclass(frozen=True)
+class GramCell:
+    """The numbers of one synthetic pipeline config that the engine uses (``cfg`` itself rides along)."""
+
+    seed: int
+    d: int
+    n1: int
+    n2: int
+    n_test: int
+    u_norm: float
+    v_norm: float
+    label_noise: float
+    sigma_p1: float
+    sigma_p2: float
+    width: int
+    init_std: float
+    upstream_init_std: float
+    lr: float
+    upstream_steps: int
+    downstream_steps: int
+    eval_every: int
+    dtype: str
+    transfer: bool
+    alpha: float
+    selection: str
+    config: Any = field(compare=False, repr=False)
+    """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
+
+    @classmethod
+    def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
+        """Read a composed config; ``ConfigError`` naming the key when the gram engine cannot run it.
+
+        ``snapshot`` (the resolved container of ``cfg``) is kept instead of ``cfg`` when ``cfg`` is about to
+        change (a sweep re-uses one config object for many jobs)."""
+        if cfg.task.name != "synthetic":
+            raise ConfigError(f"engine=gram needs task=synthetic, got task.name={cfg.task.name!r}")
+        for key in ("model", "upstream_model"):
+            target = cfg[key].get("_target_")
+            if target != MODEL_TARGET:
+                raise ConfigError(f"{key}._target_={target!r} is not allowed with engine=gram: must be {MODEL_TARGET}")
+        if cfg.transfer.kind not in ("none", "filters"):
+            raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
+                              "must be one of none, filters")
+        transfer = cfg.transfer.kind == "filters"
+        if transfer and cfg.upstream_model.width != cfg.model.width:
+            raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed: filter transfer "
+                              f"needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
+        task, noise, train = cfg.task, cfg.noise, cfg.train
+        return cfg_type(
+            seed=int(cfg.seed), d=int(task.d), n1=int(task.n1), n2=int(task.n2), n_test=int(task.n_test),
+            u_norm=float(task.u_norm), v_norm=float(task.v_norm), label_noise=float(task.label_noise),
+            sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2), width=int(cfg.model.width),
+            init_std=float(cfg.model.init_std), upstream_init_std=float(cfg.upstream_model.init_std),
+            lr=float(train.lr), upstream_steps=int(train.upstream_steps),
+            downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
+            transfer=transfer, alpha=float(cfg.transfer.alpha), selection=str(cfg.transfer.selection),
+            config=cfg if snapshot is None else snapshot)
+
+    @property
+    def shape_key(self) -> tuple:
+        """Cells with equal shape keys run in one batched tensor program."""
+        return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
+                self.eval_every, self.dtype, self.transfer)
+
+    @property
+    def data_key(self) -> tuple:
+        """Cells with equal data keys share data, inits and Gram matrices (they differ in norms, lr, alpha)."""
+        return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
+                self.init_std, self.upstream_init_std)
+
+
+def eval_steps(steps: int, eval_every: int) -> list[int]:
+    """Steps where ``FullBatchGD`` records accuracies: 0, eval_every, ... below ``steps``, then ``steps``."""
+    return [*range(0, steps, eval_every), steps]
+
+
+@dataclass
+class GramStage:
+    """One trained stage of one cell: curves, final numbers and the filters' coefficients.
+
+    The final filters are ``init + signal @ basis.T + sum_k noise[k] @ xi_k`` with ``basis`` the
+    unit directions of u, v1, v2 (``Directions.basis``, (d, 3)), ``xi_k`` the training noise patches
+    of task k, and ``init`` the stage's initial filters: the upstream init for the upstream stage and for
+    the ``transferred`` filters of the transfer stage, the downstream init otherwise.
+    """
+
+    name: str
+    steps: int
+    eval_steps: list[int]
+    loss: np.ndarray
+    train_acc: np.ndarray
+    test_acc: np.ndarray
+    decomposition: np.ndarray
+    signal: Tensor
+    noise: dict[int, Tensor]
+    transferred: Tensor
+    trajectory: Tensor | None = None
+    """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
+    updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
+
+    @property
+    def final(self) -> dict[str, float]:
+        """``FullBatchGD.final``: the loss and accuracies of the final model."""
+        return {"train_loss": float(self.loss[-1]), "train_acc": float(self.train_acc[-1]),
+                "test_acc": float(self.test_acc[-1])}
+
+    def metrics_by_step(self, history: str = "full") -> dict[int, dict[str, float]]:
+        """Curve points grouped by step, as ``FullBatchGD.log_curves`` sends them; ``history`` keeps every
+        point (``full``), the eval steps only (``eval``) or the last point of each curve (``last``)."""
+        if history not in HISTORIES:
+            raise ValueError(f"history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
+        loss_steps = {"full": range(self.steps + 1), "eval": self.eval_steps, "last": [self.steps]}[history]
+        by_step: dict[int, dict[str, float]] = {step: {"train/loss": float(self.loss[step])} for step in loss_steps}
+        points = range(len(self.eval_steps)) if history != "last" else [len(self.eval_steps) - 1]
+        for index in points:
+            row = by_step.setdefault(self.eval_steps[index], {})
+            row["train/acc"] = float(self.train_acc[index])
+            row["test/acc"] = float(self.test_acc[index])
+            row.update(zip(DECOMPOSITION_NAMES, map(float, self.decomposition[index])))
+        return by_step
+
+    @property
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """Every curve in ``FullBatchGD.curves`` form: name -> [(step, value)]."""
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for step, metrics in sorted(self.metrics_by_step().items()):
+            for key, value in metrics.items():
+                curves.setdefault(key, []).append((step, value))
+        return curves
+
+
+@dataclass
+class GramResult:
+    """A cell's stages (``upstream`` absent without transfer) and its transfer plan."""
+
+    cell: GramCell
+    stages: dict[str, GramStage]
+    plan: list[dict[str, Any]] | None
+
+    def results(self) -> dict[str, Any]:
+        """The per-stage results as ``run_synthetic`` returns them (and summary.json stores them)."""
+        out: dict[str, Any] = {"upstream": None, "transfer": None}
+        for name, stage in self.stages.items():
+            out[name] = {"train_acc": stage.final["train_acc"], "test_acc": stage.final["test_acc"],
+                         "train_loss": stage.final["train_loss"]}
+        if self.plan is not None and out["transfer"] is not None:
+            out["transfer"]["plan"] = self.plan
+        return out
+
+
+def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[int, Tensor],
+                        upstream_init: Tensor | None, downstream_init: Tensor) -> Tensor:
+    """The stage's final filters (2, m, d) in d-space, from its coefficients (see ``GramStage``)."""
+    if stage.name == "upstream":
+        init = upstream_init
+    elif upstream_init is None:
+        init = downstream_init
+    else:
+        init = torch.where(stage.transferred[..., None], upstream_init, downstream_init)
+    weight = init.to(stage.signal.dtype) + stage.signal @ basis.to(stage.signal.dtype).T
+    for task, coefficients in stage.noise.items():
+        weight = weight + coefficients @ noise_patches[task].to(coefficients.dtype)
+    return weight
+
+
+def _accuracy(margin: Tensor, y: Tensor) -> Tensor:
+    """``sign_accuracy`` (torchmetrics' ``binary_accuracy``, threshold 0.5) along the last dimension:
+    a row of margins that all lie in [0, 1] is read as probabilities, any other row goes through a
+    sigmoid; the quotient is taken in float32 as torchmetrics does."""
+    in_unit = ((margin >= 0) & (margin <= 1)).all(dim=-1, keepdim=True)
+    probability = torch.where(in_unit, margin, torch.sigmoid(margin))
+    correct = ((probability > 0.5) == (y > 0)).sum(dim=-1)
+    return correct.to(torch.float32) / torch.tensor(float(margin.shape[-1]), dtype=torch.float32)
+
+
+@dataclass
+class _StageOutput:
+    loss: Tensor
+    train_acc: Tensor
+    test_acc: Tensor
+    decomposition: Tensor
+    coefficients: Tensor
+    norm2: Tensor
+    trajectory: Tensor | None
+
+
+def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
+                 y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
+                 signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
+                 ) -> _StageOutput:
+    """Full-batch GD of a batch of cells in coefficient space.
+
+    Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
+    xi_1..xi_N]. ``start`` (G, C, Fm, P) = <w(0), vector>; ``test_start`` (G, C, Fm, n_test) = <w(0), test
+    noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
+    x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
+    ``signal_coefficients`` (G, C, 3): the task signal u + v_k along the unit directions;
+    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C).
+
+    The signal (3) and noise (N) columns live in separate contiguous tensors, so that the per-step work
+    besides the (C Fm x N) @ (N x N) product is four streaming passes over the noise block; the test set
+    is evaluated at the eval steps only.
+    """
+    groups, cells, filters, vectors = start.shape
+    width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
+    rows = cells * filters
+    dtype = start.dtype
+    sign = torch.cat([torch.ones(width, dtype=dtype), -torch.ones(width, dtype=dtype)])
+    sign_over_m = sign / width
+    output_sign = torch.tensor([1.0, -1.0], dtype=dtype)[:, None]
+    start_signal = start[..., :3].reshape(groups, rows, 3).contiguous()
+    start_noise = start[..., 3:].reshape(groups, rows, n_train).contiguous()
+    blocks = {name: block.contiguous() for name, block in (
+        ("ss", gram[:, :3, :3]), ("sn", gram[:, :3, 3:]), ("ns", gram[:, 3:, :3]), ("nn", gram[:, 3:, 3:]))}
+    cross_signal, cross_noise = cross[:, :3].contiguous(), cross[:, 3:].contiguous()
+    test_start = test_start.reshape(groups, rows, n_test)
+    signal, noise = start_signal.clone(), start_noise.clone()  # <w, b_a> and <w, xi_i>
+    signal_c, noise_c = torch.zeros_like(signal), torch.zeros_like(noise)  # the coefficients
+    signal_u, noise_u = torch.empty_like(signal), torch.empty_like(noise)  # this step's update
+    positive = torch.empty_like(noise)
+    by_sign = (groups, cells, 2, width, n_train)
+    positive_clean = (clean > 0)[:, None, :]
+    positive_test_clean = (test_clean > 0)[:, None, :]
+    own_plus = (y > 0)[:, None, None, :]
+    labels = y[:, None, :]
+    scale = (-lr / width)[..., None]  # (G, C, 1): the step of a +1 filter per unit of dL/df_i
+    checkpoints = eval_steps(steps, eval_every)
+    loss = torch.empty(groups, cells, steps + 1, dtype=dtype)
+    train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32)
+    test_acc = torch.empty_like(train_acc)
+    decomposition = torch.empty(groups, cells, len(checkpoints), len(DECOMPOSITION_NAMES), dtype=dtype)
+    trajectory = [] if record_coefficients else None
+    evaluation = 0
+
+    def squared_norms() -> Tensor:
+        return norm2_start + ((signal_c * (signal + start_signal)).sum(-1)
+                              + (noise_c * (noise + start_noise)).sum(-1)).view(groups, cells, filters)
+
+    for step in range(steps + 1):
+        signal_response = (signal.view(groups, cells, filters, 3) * signal_coefficients[:, :, None, :]).sum(-1)
+        torch.clamp_min(noise, 0, out=positive)
+        signal_plus = torch.matmul(signal_response.clamp_min(0), sign_over_m)  # signal part of f, clean y = +1
+        signal_minus = torch.matmul((-signal_response).clamp_min(0), sign_over_m)
+        margin = torch.matmul(sign_over_m, positive.view(groups, cells, filters, n_train)) + torch.where(
+            positive_clean, signal_plus[..., None], signal_minus[..., None])
+        exponent = -labels * margin
+        loss[..., step] = F.softplus(exponent).mean(-1)
+        if step == checkpoints[evaluation]:
+            train_acc[..., evaluation] = _accuracy(margin, labels)
+            test_response = torch.baddbmm(test_start, signal_c, cross_signal).baddbmm_(noise_c, cross_noise)
+            test_halves = test_response.clamp_min_(0).view(groups, cells, 2, width, n_test)
+            test_margin = (test_halves[:, :, 0].sum(2) - test_halves[:, :, 1].sum(2)) / width + torch.where(
+                positive_test_clean, signal_plus[..., None], signal_minus[..., None])
+            test_acc[..., evaluation] = _accuracy(test_margin, test_y[:, None, :])
+            learned = (sign[:, None] * signal.view(groups, cells, filters, 3)
+                       * signal_norms[:, :, None, :])  # j <w, a>, a in u, v1, v2
+            by_output = noise.view(by_sign)
+            own = torch.where(own_plus, by_output[:, :, 0], by_output[:, :, 1])  # <w_{y_i, r}, xi_i>
+            decomposition[..., evaluation, :] = torch.cat([
+                torch.stack([learned.amax(2), learned.mean(2)], dim=-1).flatten(-2),
+                own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None],
+                squared_norms().clamp_min(0).sqrt().mean(-1, keepdim=True)], dim=-1)
+            if trajectory is not None:
+                trajectory.append(torch.cat([signal_c, noise_c], dim=-1).view(groups, cells, filters, vectors))
+            evaluation += 1
+        if step == steps:
+            break
+        exp = torch.exp(exponent)
+        slope = torch.where(exponent > SOFTPLUS_THRESHOLD, torch.ones_like(exp), exp / (exp + 1))
+        grad_margin = -labels * slope / n_train  # dL/df_i
+        step_noise = (grad_margin * scale)[:, :, None, :] * output_sign  # (G, C, 2, N)
+        torch.gt(noise, 0, out=noise_u)
+        noise_u.view(by_sign).mul_(step_noise[:, :, :, None, :])
+        plus_sum = (grad_margin * positive_clean).sum(-1)
+        minus_sum = grad_margin.sum(-1) - plus_sum
+        step_signal = ((signal_response > 0) * plus_sum[..., None] - (signal_response < 0) * minus_sum[..., None]
+                       ) * sign * scale
+        torch.mul(step_signal[..., None], signal_coefficients[:, :, None, :], out=signal_u.view(groups, cells, filters, 3))
+        noise.baddbmm_(noise_u, blocks["nn"]).baddbmm_(signal_u, blocks["sn"])
+        signal.baddbmm_(signal_u, blocks["ss"]).baddbmm_(noise_u, blocks["ns"])
+        noise_c.add_(noise_u)
+        signal_c.add_(signal_u)
+    coefficients = torch.cat([signal_c, noise_c], dim=-1).view(groups, cells, filters, vectors)
+    return _StageOutput(loss, train_acc, test_acc, decomposition, coefficients, squared_norms(),
+                        torch.stack(trajectory, dim=2) if trajectory is not None else None)
+
+
+@dataclass
+class _Group:
+    """One draw of data and inits with every product the stages need (d-space work done once)."""
+
+    cells: list[int]
+    tensors: dict[str, Tensor]
+
+
+def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
+    cfg = cell.config if isinstance(cell.config, DictConfig) else OmegaConf.create(cell.config)
+    data = make_data(cfg)
+    dtype = DTYPES[cell.dtype]
+    basis_t = data.directions.basis.T.to(dtype)
+    task2 = torch.cat([basis_t, data.task2_train.noise])
+    downstream = build_model(cfg.model, cfg, "downstream").weight.detach().reshape(-1, cell.d)
+    t: dict[str, Tensor] = {
+        "y2": data.task2_train.y, "c2": data.task2_train.clean_y,
+        "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y,
+    }
+    if cell.transfer:
+        task1 = torch.cat([basis_t, data.task1_train.noise])
+        upstream = build_model(cfg.upstream_model, cfg, "upstream").weight.detach().reshape(-1, cell.d)
+        rows = torch.cat([task1, task2, upstream, downstream])
+        p1, p2, fm = task1.shape[0], task2.shape[0], upstream.shape[0]
+        cuts = np.cumsum([0, p1, p2, fm, fm])
+        s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
+        inner = rows @ rows.T
+        test1 = torch.cat([task1, upstream]) @ data.task1_test.noise.T
+        test2 = rows @ data.task2_test.noise.T
+        t.update({
+            "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
+            "norm2_1": inner[su, su].diagonal().clone(),
+            "y1": data.task1_train.y, "c1": data.task1_train.clean_y,
+            "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y,
+            "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
+            "gram2": inner[s2, s2], "cross2": test2[s2], "start2": inner[sd, s2], "test_start2": test2[sd],
+            "norm2_2": inner[sd, sd].diagonal().clone(),
+        })
+    else:
+        rows = torch.cat([task2, downstream])
+        p2 = task2.shape[0]
+        inner = rows @ rows.T
+        test2 = rows @ data.task2_test.noise.T
+        t.update({"gram2": inner[:p2, :p2], "cross2": test2[:p2], "start2": inner[p2:, :p2],
+                  "test_start2": test2[p2:], "norm2_2": inner[p2:, p2:].diagonal().clone()})
+    return _Group(cell_indices, {k: v.to(dtype).contiguous() for k, v in t.items()})
+
+
+def _plan(cell: GramCell, upstream_norms: Tensor) -> tuple[list[dict[str, Any]], Tensor]:
+    """The transfer plan of ``TwoLayerCNNFilters`` for this cell and the mask (2, m) of copied filters.
+
+    The plan sees the upstream filters only through their norms (``largest_norm``) or not at all, so it
+    is made on (2, m, 1) stand-ins holding the norms, with the Lightning path's generator seed.
+    """
+    stand_in = SimpleNamespace(weight=upstream_norms[..., None])
+    generator = torch.Generator().manual_seed(derive_seed(cell.seed, "selection"))
+    rows = TwoLayerCNNFilters().plan(stand_in, stand_in, cell.alpha, get_selector(cell.selection), generator)
+    mask = torch.zeros(upstream_norms.shape, dtype=torch.bool)
+    for j, row in enumerate(rows):
+        mask[j, row.indices] = True
+    return [row.as_dict() for row in rows], mask
+
+
+def _stack(groups: list[_Group], key: str) -> Tensor:
+    return torch.stack([g.tensors[key] for g in groups])
+
+
+def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
+              dtype: torch.dtype) -> Tensor:
+    return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
+
+
+def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients: bool,
+               ) -> list[tuple[int, GramResult]]:
+    """Run every cell of ``groups`` (one shape) as one batched program; pads groups to equal size."""
+    first = cells[groups[0].cells[0]]
+    dtype = DTYPES[first.dtype]
+    size = max(len(g.cells) for g in groups)
+    layout = [g.cells + [g.cells[0]] * (size - len(g.cells)) for g in groups]
+    width, filters = first.width, 2 * first.width
+    lr = _per_cell(cells, layout, lambda c: [c.lr], dtype)[..., 0]
+    norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype)
+    zero = torch.zeros_like(norms[..., :1])
+    signal1 = torch.cat([norms[..., :2], zero], dim=-1)  # u + v1 along (b_u, b_v1, b_v2)
+    signal2 = torch.cat([norms[..., :1], zero, norms[..., 2:]], dim=-1)  # u + v2
+
+    def expand(key: str) -> Tensor:
+        value = _stack(groups, key)
+        return value[:, None].expand(value.shape[0], size, *value.shape[1:])
+
+    upstream_out = plans = masks = None
+    if first.transfer:
+        upstream_out = _train_stage(
+            expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
+            _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
+            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients)
+        upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
+        plans, mask_list = [], []
+        for g, row in enumerate(layout):
+            for c, index in enumerate(row):
+                plan, mask = _plan(cells[index], upstream_norms[g, c])
+                plans.append(plan)
+                mask_list.append(mask)
+        masks = torch.stack(mask_list).view(len(groups), size, filters)
+        up = upstream_out.coefficients.view(len(groups), size * filters, -1)
+        carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
+        carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
+            len(groups), size, filters, -1)
+        pick = masks[..., None]
+        start = torch.cat([torch.where(pick, carried_start, expand("start2")), expand("start2")], dim=1)
+        test_start = torch.cat([torch.where(pick, carried_test, expand("test_start2")), expand("test_start2")], dim=1)
+        norm2 = torch.cat([torch.where(masks, upstream_out.norm2, expand("norm2_2")), expand("norm2_2")], dim=1)
+        twice = (lambda x: torch.cat([x, x], dim=1))
+        downstream = _train_stage(
+            start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
+            _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients)
+    else:
+        downstream = _train_stage(
+            expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
+            _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
+            _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
+            record_coefficients)
+
+    def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
+              transferred: Tensor) -> GramStage:
+        out = outputs[key]
+        steps = first.upstream_steps if key == "upstream" else first.downstream_steps
+        return GramStage(
+            name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
+            train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
+            signal=signal, noise=noise, transferred=transferred,
+            trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
+
+    outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
+    loss_np = {k: v.loss.double().numpy() for k, v in outputs.items()}
+    train_np = {k: v.train_acc.double().numpy() for k, v in outputs.items()}
+    test_np = {k: v.test_acc.double().numpy() for k, v in outputs.items()}
+    decomposition_np = {k: v.decomposition.double().numpy() for k, v in outputs.items()}
+    results: list[tuple[int, GramResult]] = []
+    no_mask = torch.zeros(2, width, dtype=torch.bool)
+    for g, group in enumerate(groups):
+        for c, index in enumerate(group.cells):
+            stages: dict[str, GramStage] = {}
+            down = downstream.coefficients[g].view(-1, 2, width, downstream.coefficients.shape[-1])
+            plan = None
+            if upstream_out is not None:
+                up = upstream_out.coefficients[g, c].view(2, width, -1)
+                mask = masks[g, c].view(2, width)
+                plan = plans[g * size + c]
+                stages["upstream"] = stage("upstream", "upstream", g, c, up[..., :3].clone(),
+                                           {1: up[..., 3:].clone()}, no_mask)
+                carried = mask[..., None].to(dtype)
+                stages["transfer"] = stage("transfer", "downstream", g, c, down[c, ..., :3] + carried * up[..., :3],
+                                           {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()}, mask)
+                scratch_index = size + c
+            else:
+                scratch_index = c
+            stages["scratch"] = stage("scratch", "downstream", g, scratch_index, down[scratch_index, ..., :3].clone(),
+                                      {2: down[scratch_index, ..., 3:].clone()}, no_mask)
+            results.append((index, GramResult(cells[index], stages, plan)))
+    return results
+
+
+def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool]) -> list[tuple[int, GramResult]]:
+    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process."""
+    cells, groups, record_coefficients = spec
+    return _run_chunk(cells, [_prepare_group(cells[g[0]], g) for g in groups], record_coefficients)
+
+
+def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
+                workers: int = 1) -> Iterator[list[tuple[int, GramResult]]]:
+    """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
+
+    Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
+    whole groups of one shape, up to about ``max_cells`` cells (at least one group). With ``workers``
+    > 1, chunks run in that many forked single-threaded processes: a chunk's steps are many small
+    tensor operations, which scale across processes far better than across intra-op threads (whose
+    per-operation synchronisation stalls whenever another program shares the cores).
+    """
+    cells = list(cells)
+    by_shape: dict[tuple, dict[tuple, list[int]]] = {}
+    for index, cell in enumerate(cells):
+        by_shape.setdefault(cell.shape_key, {}).setdefault(cell.data_key, []).append(index)
+    chunks: list[list[list[int]]] = []
+    for data_groups in by_shape.values():
+        chunk: list[list[int]] = []
+        for indices in sorted(data_groups.values(), key=len):
+            if chunk and (sum(map(len, chunk)) + len(indices)) > max_cells:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(indices)
+        if chunk:
+            chunks.append(chunk)
+    specs = []
+    for chunk in chunks:
+        flat = [index for group in chunk for index in group]
+        position = {index: k for k, index in enumerate(flat)}
+        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients)))
+    if workers > 1 and len(specs) > 1:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(specs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
+                yield [(flat[k], result) for k, result in out]
+    else:
+        for flat, spec in specs:
+            yield [(flat[k], result) for k, result in _run_spec(spec)]
+
+
+def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
+              workers: int = 1) -> list[GramResult]:
+    """Every cell's result, in the order of ``cells``."""
+    out: list[GramResult | None] = [None] * len(cells)
+    for chunk in iter_chunks(cells, max_cells, record_coefficients, workers):
+        for index, result in chunk:
+            out[index] = result
+    return out  # type: ignore[return-value]
+
+
+def log_result(tracker: Any, result: GramResult, history: str = "full") -> dict[str, Any]:
+    """Track ``result`` like the Lightning path: a child run per stage with its curves and ``final/*``
+    numbers at the last step, the transfer plan on the transfer child. Returns the per-stage results."""
+    for name, stage in result.stages.items():
+        logger = tracker.child_logger(name)
+        if logger is not None:
+            for step, metrics in sorted(stage.metrics_by_step(history).items()):
+                logger.log_metrics(metrics, step=step)
+            logger.log_metrics({f"final/{k}": v for k, v in stage.final.items()}, step=stage.steps)
+            logger.finalize("success")
+        if name == "transfer" and result.plan is not None:
+            tracker.log_dict(result.plan, "transfer_plan.json", stage="transfer")
+    return result.results()
+
+
+def run_gram(cfg: DictConfig, tracker: Any) -> dict[str, Any]:
+    """``run_synthetic`` for ``engine=gram``: one cell through the batched engine, tracked like Lightning."""
+    from ptlab.pipeline.synthetic import log_decomposition_figure
+
+    result = run_cells([GramCell.from_config(cfg)])[0]
+    results = log_result(tracker, result)
+    log_decomposition_figure(tracker, result.stages, f"seed {cfg.seed}: d={cfg.task.d}, N1={cfg.task.n1}, "
+                             f"N2={cfg.task.n2}, ||u||={cfg.task.u_norm}, sigma_p1={cfg.noise.sigma_p1}")
+    return results
+
+
+__all__ = ["DECOMPOSITION_NAMES", "GramCell", "GramResult", "GramStage", "HISTORIES", "eval_steps", "iter_chunks",
+           "log_result", "reconstruct_weights", "run_cells", "run_gram"]

@@ -1,0 +1,386 @@
+"""A whole Hydra sweep of ``engine=gram`` synthetic pipelines in one process (the ``ptlab_gram`` launcher).
+
+Every job still gets what ``run_pipeline`` gives it: its sweep subdir with ``summary.json`` (and
+``.hydra/config.yaml``, ``overrides.yaml``), a FINISHED MLflow parent run with the resolved config as
+params, ``config.yaml``/``summary.json`` artifacts, the theory's prediction and the final metrics, and
+a child run per stage with its curves and the transfer plan. What changes is the cost:
+
+- Composition: Hydra composes one job per distinct set of group choices (a template, ~0.3 s); the
+  other jobs of a template are the template with their plain ``key=value`` overrides applied.
+- Training: all cells run through ``ptlab.engines.gram.iter_chunks``, batched by shape.
+- Tracking: pipelines are recorded in memory and written with ``BulkRunWriter`` per chunk. ``history``
+  sets how many curve points go to MLflow: ``full`` (every point, as a single run logs them), ``eval``
+  (the eval steps) or ``last`` (the last point of every curve: same metric names, one point each).
+
+Jobs that are not ``engine=gram`` synthetic pipelines run one by one as Hydra's basic launcher runs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
+from hydra.types import HydraContext, TaskFunction
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf, ValueNode, open_dict, read_write
+from tqdm import tqdm
+
+from ptlab.config import ConfigError, validate
+from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, log_result
+from ptlab.engines.tracking import BulkRunWriter, RecordingTracker
+from ptlab.pipeline.resume import CONFIG_HASH_TAG, IGNORED_KEYS, finished_summary, should_skip_finished
+from ptlab.pipeline.run import STAGES
+from ptlab.pipeline.synthetic import log_theory
+from ptlab.tracking import NullTracker, flatten, resolve_tracking_uri
+from ptlab.tracking.faults import prepare_sqlite_store
+from ptlab.tracking.mlflow import STAGE_TAG
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepJob:
+    """One job of the sweep: where it writes, what it is, and (once run) what it returned."""
+
+    index: int
+    overrides: list[str]
+    output_dir: Path
+    run_name: str
+    choices: dict[str, str]
+    resolved: dict[str, Any]
+    cell: GramCell
+    digest: str
+    tracker: RecordingTracker | None = None
+    writer: BulkRunWriter | None = None
+    theory: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
+class _Attrs(dict):
+    """A resolved config read with attribute access (as ``GramCell`` and the theory read a ``DictConfig``),
+    without OmegaConf's per-access cost."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return _Attrs(value) if isinstance(value, dict) else value
+
+
+def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        container = container[part]
+    container[leaf] = value
+
+
+def _resolved_hash(resolved: dict[str, Any]) -> str:
+    """``ptlab.pipeline.resume.config_hash`` of the config whose resolved container is ``resolved``."""
+    kept = {k: v for k, v in resolved.items() if k not in ("hydra", *IGNORED_KEYS)}
+    trainer = kept.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
+        kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+class _Template:
+    """A fully composed job config; its jobs differ from it only in plain value overrides.
+
+    Each distinct override value is applied once with OmegaConf (type conversion) and validated once;
+    a job is then the template's resolved container with its values set. That shortcut needs values
+    that no interpolation reads and a plain ``hydra.job.num`` subdir; other templates take the slow
+    path (OmegaConf update, resolve and validate per job)."""
+
+    PLACEHOLDER = "ptlab_value_{}_placeholder"
+
+    def __init__(self, config: DictConfig, value_keys: tuple[str, ...]) -> None:
+        self.config = config
+        self.task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        HydraConfig.instance().set_config(config)
+        hydra = config.hydra
+        self.choices = {k: str(v) for k, v in hydra.runtime.choices.items()
+                        if not k.startswith("hydra") and "schema" not in k}
+        self.dirname = hydra.job.config.override_dirname
+        self.value_keys = value_keys
+        self.sweep_dir = Path(str(hydra.sweep.dir)).absolute()
+        raw = OmegaConf.to_container(self.task, resolve=False)
+        leaves = {k.rsplit(".", 1)[-1] for k in value_keys}
+        interpolations = [v for v in _leaf_values(raw) if isinstance(v, str) and "${" in v]
+        self.fast = (OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}" and
+                     not any("hydra:" in v or leaves & set(re.findall(r"\w+", v)) for v in interpolations))
+        self.skip_finished = should_skip_finished(self.task)
+        self.values: dict[str, tuple[Any, str]] = {}
+        if self.fast:
+            validate(self.task)
+            self.resolved = OmegaConf.to_container(self.task, resolve=True)
+            marked = copy.deepcopy(self.resolved)
+            for i, key in enumerate(value_keys):
+                _set_leaf(marked, key, self.PLACEHOLDER.format(i))
+            self.yaml = _dump_yaml(marked)
+
+    def value(self, override: Override) -> tuple[Any, str]:
+        """An override's value as OmegaConf converts it (validated in the template) and as YAML text."""
+        line = override.input_line
+        if line not in self.values:
+            key = override.key_or_group
+            with read_write(self.task), open_dict(self.task):
+                OmegaConf.update(self.task, key, override.value(), merge=True)
+            validate(self.task)
+            value = OmegaConf.select(self.task, key)
+            self.values[line] = (value, _dump_yaml(value).removesuffix("\n").removesuffix("\n...").strip())
+        return self.values[line]
+
+    def job(self, index: int, parsed: list[Override], values: list[Override]
+            ) -> tuple[DictConfig | _Attrs, dict[str, Any], Path, str]:
+        """Job ``index``: its config, resolved container, output dir and run name."""
+        run_name = get_overrides_dirname(parsed, list(self.dirname.exclude_keys), self.dirname.item_sep,
+                                         self.dirname.kv_sep)
+        if self.fast:
+            resolved = copy.deepcopy(self.resolved)
+            for override in values:
+                _set_leaf(resolved, override.key_or_group, self.value(override)[0])
+            cfg: DictConfig | _Attrs = _Attrs(resolved)
+            output_dir = self.sweep_dir / str(index)
+        else:
+            with read_write(self.task), open_dict(self.task):
+                for override in values:
+                    OmegaConf.update(self.task, override.key_or_group, override.value(), merge=True)
+            with read_write(self.config.hydra), open_dict(self.config.hydra):
+                self.config.hydra.job.num = index
+                self.config.hydra.job.id = index
+                subdir = OmegaConf.select(self.config, "hydra.sweep.subdir")
+            validate(self.task)
+            cfg, resolved = self.task, OmegaConf.to_container(self.task, resolve=True)
+            output_dir = Path(str(self.config.hydra.sweep.dir), str(subdir)).absolute()
+        return cfg, resolved, output_dir, run_name or f"seed={resolved['seed']}"
+
+    def yaml_text(self, resolved: dict[str, Any], values: list[Override]) -> str:
+        """``resolved`` as YAML (from the template's text on the fast path)."""
+        if not self.fast:
+            return _dump_yaml(resolved)
+        by_key = {o.key_or_group: self.value(o)[1] for o in values}
+        text = self.yaml
+        for i, key in enumerate(self.value_keys):
+            text = text.replace(self.PLACEHOLDER.format(i), by_key[key])
+        return text
+
+
+def _leaf_values(node: Any) -> Iterator[Any]:
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _leaf_values(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _leaf_values(value)
+    else:
+        yield node
+
+
+def _is_value_override(override: Override, config: DictConfig) -> bool:
+    """A plain ``key=value`` on a leaf of the composed config (not a group choice, not hydra's)."""
+    key = override.key_or_group
+    if override.type != OverrideType.CHANGE or override.is_hydra_override() or override.package is not None:
+        return False
+    if key in config.hydra.runtime.choices or override.is_sweep_override():
+        return False
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
+
+
+def _finished_runs(tracking_uri: str, experiment_name: str) -> dict[str, Any]:
+    """FINISHED pipeline runs of the experiment by config hash (newest first wins), for ``resume``."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=50000)
+    return {run.data.tags.get(CONFIG_HASH_TAG): run for run in runs}
+
+
+def _dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                     default_flow_style=False, allow_unicode=True)
+
+
+def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any]:
+    """The rest of ``run_pipeline`` for one job: its stages tracked, final metrics, summary.json."""
+    tracker = job.tracker
+    results = log_result(tracker, result, history) if tracker is not None else result.results()
+    summary: dict[str, Any] = {
+        **results, **({"theory": job.theory} if job.theory is not None else {}), "seed": result.cell.seed,
+        "choices": job.choices,
+        "mlflow": {"tracking_uri": tracker.tracking_uri if tracker else "",
+                   "experiment_id": tracker.experiment_id if tracker else "",
+                   "parent_run_id": tracker.parent_run_id if tracker else ""},
+    }
+    final = {f"{stage}_{key}": summary[stage][key] for stage in STAGES if summary.get(stage)
+             for key in ("train_acc", "test_acc")}
+    if summary.get("transfer") and summary.get("scratch"):
+        final["transfer_gain"] = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
+    text = json.dumps(summary, indent=2)
+    if tracker is not None:
+        tracker.log_metrics(final)
+        tracker.log_text(text, "summary.json")
+        tracker.parent.finalize("success")
+    hydra_dir = job.output_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(tracker.parent.texts["config.yaml"] if tracker else _dump_yaml(job.resolved))
+    (hydra_dir / "overrides.yaml").write_text(_dump_yaml(job.overrides))
+    (job.output_dir / "summary.json").write_text(text)
+    return summary
+
+
+def _return(job: SweepJob, status: JobStatus, value: Any) -> JobReturn:
+    ret = JobReturn(overrides=job.overrides, working_dir=str(Path.cwd()), task_name="ptlab", status=status)
+    ret.return_value = value
+    return ret
+
+
+class _Jobs:
+    """Job configs of a sweep: one Hydra composition per template, the rest by value overrides."""
+
+    def __init__(self, hydra_context: HydraContext, config: DictConfig) -> None:
+        self.loader, self.config = hydra_context.config_loader, config
+        self.parser = OverridesParser.create()
+        self.templates: dict[tuple, _Template] = {}
+        self.probe: DictConfig | None = None
+        self.current: _Template | None = None
+
+    def template(self, overrides: list[str]) -> tuple[_Template, list[Override], list[Override]]:
+        """The template of ``overrides`` (composed on first use), the parsed overrides and the value ones."""
+        parsed = self.parser.parse_overrides(overrides)
+        composed = None
+        if self.probe is None:
+            composed = self.probe = self.loader.load_sweep_config(self.config, overrides)
+        values = [o for o in parsed if _is_value_override(o, self.probe)]
+        value_lines = {o.input_line for o in values}
+        key = (tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
+               tuple(sorted(o.key_or_group for o in values)))
+        if key not in self.templates:
+            self.templates[key] = _Template(composed or self.loader.load_sweep_config(self.config, overrides), key[1])
+            self.current = self.templates[key]
+        template = self.templates[key]
+        if template is not self.current:
+            HydraConfig.instance().set_config(template.config)
+            self.current = template
+        return template, parsed, values
+
+
+def _build_job(template: _Template, index: int, overrides: list[str], parsed: list[Override], values: list[Override],
+               writers: dict[tuple, BulkRunWriter], finished: dict[tuple, dict[str, Any]]) -> SweepJob:
+    """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
+    cfg, resolved, output_dir, run_name = template.job(index, parsed, values)
+    job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved,
+                   GramCell.from_config(cfg, snapshot=resolved), _resolved_hash(resolved))
+    logger = resolved["logger"]
+    if logger["kind"] == "none":
+        job.theory = log_theory(cfg, NullTracker())
+        return job
+    key = (logger["tracking_uri"], logger["experiment_name"], logger.get("artifact_location"))
+    if key not in writers:
+        uri = resolve_tracking_uri(logger["tracking_uri"])
+        if logger.get("sqlite_wal", True):
+            prepare_sqlite_store(uri)
+        writers[key] = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
+        finished[key] = _finished_runs(uri, logger["experiment_name"])
+    run = finished[key].get(job.digest) if template.skip_finished else None
+    if run is not None:
+        job.summary = finished_summary(logger["tracking_uri"], run)
+        return job
+    tags = {"ptlab.seed": str(resolved["seed"]), CONFIG_HASH_TAG: job.digest,
+            **{f"ptlab.choice.{k}": v for k, v in job.choices.items()}}
+    job.writer = writers[key]
+    job.tracker = job.writer.tracker(run_name, tags)
+    job.tracker.log_params(flatten(resolved))
+    job.tracker.log_text(template.yaml_text(resolved, values), "config.yaml")
+    job.theory = log_theory(cfg, job.tracker)
+    return job
+
+
+def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
+                   job_overrides: Sequence[Sequence[str]], initial_job_idx: int, max_cells: int = 60,
+                   history: str = "last", progress: bool = True, workers: int | None = None) -> list[JobReturn]:
+    """Run the jobs of one sweep batch: ``engine=gram`` synthetic ones batched, the others one by one."""
+    if history not in HISTORIES:
+        raise ConfigError(f"hydra.launcher.history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
+    started = time.perf_counter()
+    composer = _Jobs(hydra_context, config)
+    writers: dict[tuple, BulkRunWriter] = {}
+    finished: dict[tuple, dict[str, Any]] = {}
+    pending: list[SweepJob] = []
+    others: list[tuple[int, list[str]]] = []
+    returns: dict[int, JobReturn] = {}
+    for offset, overrides in enumerate(job_overrides):
+        index, overrides = initial_job_idx + offset, list(overrides)
+        template, parsed, values = composer.template(overrides)
+        if template.task.get("engine") != "gram" or template.task.task.name != "synthetic":
+            others.append((index, overrides))
+            continue
+        job = _build_job(template, index, overrides, parsed, values, writers, finished)
+        if job.summary is not None:
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            (job.output_dir / "summary.json").write_text(json.dumps(job.summary, indent=2))
+            print(f"ptlab: skipped job {index}: its config already FINISHED (resume.skip_finished)")
+            returns[index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
+        else:
+            pending.append(job)
+    composed = time.perf_counter()
+
+    tracked = 0.0
+    with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=not progress or not pending) as bar:
+        workers = torch.get_num_threads() if workers is None else workers
+        for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
+            mark = time.perf_counter()
+            by_writer: dict[int, tuple[BulkRunWriter, list[RecordingTracker]]] = {}
+            for position, result in chunk:
+                job = pending[position]
+                job.summary = track_pipeline(job, result, history)
+                returns[job.index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
+                if job.tracker is not None:
+                    by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
+            for writer, trackers in by_writer.values():
+                writer.write(trackers)
+            tracked += time.perf_counter() - mark
+            bar.update(len(chunk))
+    for index, overrides in others:
+        returns[index] = _run_basic(hydra_context, task_function, config, index, overrides)
+    if pending:
+        log.info("ptlab gram sweep: %d cells in %.1f s (configs %.1f s, summaries and tracking %.1f s)",
+                 len(pending), time.perf_counter() - started, composed - started, tracked)
+    return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
+
+
+def _best(summary: dict[str, Any]) -> float | None:
+    best = summary.get("transfer") or summary.get("scratch")
+    return best["test_acc"] if isinstance(best, dict) and "test_acc" in best else None
+
+
+def _run_basic(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, index: int,
+               overrides: list[str]) -> JobReturn:
+    """One job as Hydra's ``BasicLauncher`` runs it."""
+    log.info("\t#%d : %s", index, " ".join(filter_overrides(overrides)))
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = index
+        sweep_config.hydra.job.num = index
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")

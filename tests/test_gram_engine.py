@@ -1,0 +1,184 @@
+"""The gram engine against plain gradient descent, the Lightning path, and the batched sweep launcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from torch import Tensor
+
+from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, reconstruct_weights, run_cells
+from ptlab.modules import sign_accuracy
+from ptlab.modules.decomposition import METRIC_NAMES
+from ptlab.pipeline import run_pipeline
+from ptlab.pipeline.synthetic import build_model, make_data
+from ptlab.report.runs import load_pipelines
+from ptlab.seeding import derive_seed
+from ptlab.transfer import transfer_parameters
+
+from .conftest import SMALL, run_cli
+
+STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
+
+
+def margin(weight: Tensor, x: Tensor) -> Tensor:
+    """``f(W; x)`` written out: relu on both patches, mean over filters, F_{+1} - F_{-1}."""
+    scores = torch.relu(torch.einsum("npd,jmd->npjm", x, weight)).sum(1).mean(-1)
+    return scores[:, 0] - scores[:, 1]
+
+
+def plain_gd(weight: Tensor, x: Tensor, y: Tensor, lr: float, steps: int) -> Tensor:
+    """Full-batch GD on the mean logistic loss, by autograd in d-space."""
+    weight = weight.clone().requires_grad_(True)
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(F.softplus(-y * margin(weight, x)).mean(), weight)
+        with torch.no_grad():
+            weight -= lr * grad
+    return weight.detach()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_float64_matches_plain_gd(make_cfg, alpha: float) -> None:
+    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
+                   "transfer.selection=largest_norm")
+    result = run_cells([GramCell.from_config(cfg)])[0]
+    data = make_data(cfg)
+    upstream_init = build_model(cfg.upstream_model, cfg, "upstream").weight.detach()
+    downstream_init = build_model(cfg.model, cfg, "downstream").weight.detach()
+    lr = cfg.train.lr
+    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream.weight.data = plain_gd(upstream_init, data.task1_train.x, data.task1_train.y, lr, cfg.train.upstream_steps)
+    transfer = build_model(cfg.model, cfg, "downstream")
+    plan = transfer_parameters(upstream, transfer, alpha, "largest_norm",
+                               torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
+    assert result.plan == [row.as_dict() for row in plan]
+    expected = {
+        "upstream": (upstream.weight.detach(), data.task1_test),
+        "transfer": (plain_gd(transfer.weight.detach(), data.task2_train.x, data.task2_train.y, lr,
+                              cfg.train.downstream_steps), data.task2_test),
+        "scratch": (plain_gd(downstream_init, data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps),
+                    data.task2_test),
+    }
+    noise = {1: data.task1_train.noise, 2: data.task2_train.noise}
+    for stage, (weight, test) in expected.items():
+        got = reconstruct_weights(result.stages[stage], data.directions.basis, noise, upstream_init, downstream_init)
+        assert ((got - weight).norm() / weight.norm()).item() < 1e-9, stage
+        assert result.stages[stage].final["test_acc"] == sign_accuracy(margin(weight, test.x), test.y), stage
+    copied = result.stages["transfer"].transferred
+    assert copied.sum().item() == sum(row.copied for row in plan)
+
+
+def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
+    """Cells that differ in u_norm/v_norm share one data draw: the engine relies on it."""
+    a, b = make_data(make_cfg("task.u_norm=0.0")), make_data(make_cfg("task.u_norm=3.0", "task.v_norm=0.5"))
+    assert torch.equal(a.directions.basis, b.directions.basis)
+    for name in ("task1_train", "task1_test", "task2_train", "task2_test"):
+        assert torch.equal(getattr(a, name).noise, getattr(b, name).noise)
+        assert torch.equal(getattr(a, name).y, getattr(b, name).y)
+
+
+def test_batched_cells_equal_single_cells(make_cfg) -> None:
+    """A batch of cells of different d and norms gives each cell what it gets alone."""
+    cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
+            for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
+    cells = [GramCell.from_config(cfg) for cfg in cfgs]
+    batched = run_cells(cells, max_cells=3)
+    for cell, together in zip(cells, batched):
+        alone = run_cells([cell])[0]
+        for stage in ("upstream", "transfer", "scratch"):
+            torch.testing.assert_close(together.stages[stage].signal, alone.stages[stage].signal, rtol=1e-9, atol=1e-12)
+            assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
+
+
+def child_metrics(client: MlflowClient, experiment_id: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    runs = client.search_runs([experiment_id], "tags.`ptlab.stage` != 'pipeline'")
+    return {run.data.tags["ptlab.stage"]: {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                                           for key in run.data.metrics} for run in runs}
+
+
+def test_same_tracking_as_lightning(make_cfg, tmp_path: Path) -> None:
+    """engine=gram logs the metrics Lightning logs, at the same steps, with the same values (float64)."""
+    assert set(DECOMPOSITION_NAMES) == set(METRIC_NAMES)
+    summaries, metrics = {}, {}
+    for engine in ("lightning", "gram"):
+        cfg = make_cfg(f"engine={engine}", "train.dtype=float64", "task.label_noise=0.1", "cache.enabled=false",
+                       "train.upstream_steps=25", "train.downstream_steps=12", "train.eval_every=5",
+                       f"logger.experiment_name={engine}")
+        summaries[engine] = run_pipeline(cfg, tmp_path / engine)
+        client = MlflowClient(summaries[engine]["mlflow"]["tracking_uri"])
+        metrics[engine] = child_metrics(client, summaries[engine]["mlflow"]["experiment_id"])
+    for stage in ("upstream", "transfer", "scratch"):
+        assert summaries["gram"][stage]["test_acc"] == summaries["lightning"][stage]["test_acc"]
+        assert summaries["gram"][stage]["train_loss"] == pytest.approx(summaries["lightning"][stage]["train_loss"],
+                                                                      rel=1e-9)
+        ref, got = metrics["lightning"][stage], metrics["gram"][stage]
+        assert set(got) == set(ref)
+        for key in ref:
+            assert [s for s, _ in got[key]] == [s for s, _ in ref[key]], (stage, key)
+            assert [v for _, v in got[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-7, abs=1e-12), (stage, key)
+    assert summaries["gram"]["transfer"]["plan"] == summaries["lightning"]["transfer"]["plan"]
+
+
+def test_float32_close_to_lightning(make_cfg, tmp_path: Path) -> None:
+    """The default float32 path stays within float32 rounding of the Lightning path."""
+    cfg = make_cfg("logger=none", "cache.enabled=false")
+    lightning = run_pipeline(cfg, tmp_path / "lightning")
+    cfg = make_cfg("logger=none", "engine=gram")
+    gram = run_pipeline(cfg, tmp_path / "gram")
+    for stage in ("upstream", "transfer", "scratch"):
+        assert gram[stage]["train_loss"] == pytest.approx(lightning[stage]["train_loss"], rel=1e-4)
+        assert abs(gram[stage]["test_acc"] - lightning[stage]["test_acc"]) <= 0.02
+
+
+def test_sweep_through_cli(tmp_path: Path) -> None:
+    """``-m`` with the batched launcher: one FINISHED parent (with its three children) per cell, the
+    report reads them, each job dir has its summary.json."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=eval", *SMALL,
+            "task.d=50,80", "task.u_norm=0.0,2.0", "seed=0,1", f"logger.tracking_uri={uri}",
+            "logger.experiment_name=gram_sweep", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = load_pipelines(uri, "gram_sweep")
+    assert len(runs) == 8
+    client = MlflowClient(uri)
+    for run_id in runs["run_id"]:
+        children = client.search_runs([runs["experiment_id"][0]], f"tags.`mlflow.parentRunId` = '{run_id}'")
+        assert sorted(c.data.tags["ptlab.stage"] for c in children) == ["scratch", "transfer", "upstream"]
+        assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(runs["params.task.d"].astype(int).unique()) == [50, 80]
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")) == [str(i) for i in range(8)]
+    history = client.get_metric_history(children[0].info.run_id, "test/acc")
+    assert [m.step for m in history] == list(range(0, 30, 10)) + [30]
+
+
+def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
+    """A sweep job written by the batched launcher has the tags, params, metrics and artifacts of the same
+    config run alone through ``run_pipeline`` (engine=gram)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=full", *SMALL, "task.d=50",
+            f"logger.tracking_uri={uri}", "logger.experiment_name=batched", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run_pipeline(make_cfg("engine=gram", "task.d=50", "logger.experiment_name=single"), tmp_path / "single")
+    client = MlflowClient(uri)
+
+    def layout(experiment: str) -> dict[str, tuple]:
+        found = client.get_experiment_by_name(experiment)
+        out = {}
+        for run in client.search_runs([found.experiment_id]):
+            stage = run.data.tags["ptlab.stage"]
+            artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id) if a.path != "decomposition.png")
+            history = {key: len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
+            tags = sorted(t for t in run.data.tags if not t.startswith("mlflow.source."))  # differ by entry point
+            out[stage] = (tags, sorted(run.data.params), history, artifacts, run.info.status)
+        return out
+
+    batched = layout("batched")
+    assert batched == layout("single")
+    parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id],
+                                "tags.`ptlab.stage` = 'pipeline'")[0]
+    assert parent.data.metrics["transfer_test_acc"] == single["transfer"]["test_acc"]
