@@ -1,0 +1,122 @@
+"""torchvision ResNets and VGGs for small (e.g. 32x32) images, with an optional width multiplier.
+
+Small-image adaptation (the usual CIFAR variants):
+
+- ResNet: the 7x7 stride-2 stem conv becomes a 3x3 stride-1 conv and the stem max-pool is removed, so
+  a 32x32 image reaches ``layer4`` at 4x4. Blocks, stages and ``fc`` are torchvision's.
+- VGG (with BatchNorm, as ``vgg*_bn``): torchvision's conv/pool stack; the 7x7 adaptive pool and the
+  4096-wide classifier become a 1x1 adaptive average pool and one ``Linear`` (a 32x32 image is 1x1
+  after the five max-pools).
+- ``width`` scales every channel count (``round(c * width)``, at least 1): ``width=0.25`` turns
+  64/128/256/512 into 16/32/64/128, for fast CPU runs. ``width=1`` keeps torchvision's widths.
+
+Weights are random (torchvision's init, drawn from torch's global RNG) unless ``weights_path`` names a
+local ``state_dict`` file: every tensor whose name and shape match is loaded, the rest keep their init
+(an ImageNet checkpoint thus loads all but the adapted stem and the head).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import ResNet, VGG
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.vgg import cfgs as VGG_LAYOUTS
+from torchvision.models.vgg import make_layers
+
+from ptlab.config import ConfigError
+
+RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+VGG_NAMES = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+ARCHS = (*RESNET_LAYOUTS, *VGG_NAMES)
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class SmallImageResNet(ResNet):
+    """torchvision's ``ResNet`` with a 3x3 stride-1 stem, no stem max-pool, and channels scaled by ``width``."""
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
+                 width: float = 1.0, **kwargs: Any) -> None:
+        self.width = width
+        self._stem_width = scaled(64, width)
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)
+        self.conv1 = nn.Conv2d(3, self._stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = self._norm_layer(self._stem_width)
+        self.maxpool = nn.Identity()
+        self.fc = nn.Linear(scaled(512, width) * block.expansion, num_classes)
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        if planes == 64:  # layer1: the stem's output width feeds it
+            self.inplanes = self._stem_width
+        return super()._make_layer(block, scaled(planes, self.width), blocks, stride, dilate)
+
+
+class SmallImageVGG(VGG):
+    """torchvision's ``VGG`` (BatchNorm) with scaled channels, a 1x1 adaptive pool and a linear head.
+
+    ``VGG.__init__`` is skipped because it allocates the 100M-weight 4096-wide classifier that is
+    replaced here anyway; the init below is torchvision's own ``init_weights`` rule.
+    """
+
+    def __init__(self, layout: str, num_classes: int, width: float = 1.0) -> None:
+        nn.Module.__init__(self)
+        layers = [v if v == "M" else scaled(int(v), width) for v in VGG_LAYOUTS[layout]]
+        self.features = make_layers(layers, batch_norm=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(scaled(512, width), num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+
+def load_matching_weights(model: nn.Module, weights_path: str) -> list[str]:
+    """Load every tensor of the state_dict at ``weights_path`` whose name and shape match; return the
+    names of the model's tensors left at init."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise ConfigError(f"model.weights_path={weights_path!r} is not allowed: must be an existing state_dict file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return [k for k in own if k not in usable]
+
+
+def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0,
+                          weights_path: str | None = None) -> nn.Module:
+    """A small-image torchvision ResNet/VGG named ``arch`` (see the module docstring)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch={arch!r} is not allowed: must be one of {', '.join(ARCHS)}")
+    if arch in RESNET_LAYOUTS:
+        block, layers = RESNET_LAYOUTS[arch]
+        model: nn.Module = SmallImageResNet(block, layers, num_classes=num_classes, width=width)
+    else:
+        model = SmallImageVGG(VGG_NAMES[arch], num_classes, width)
+    if weights_path:
+        left = load_matching_weights(model, weights_path)
+        if left:
+            warnings.warn(f"{arch}: {len(left)} tensors not in {weights_path} (kept at init), e.g. {left[:3]}")
+    return model

@@ -1,0 +1,191 @@
+"""The image pipeline (task=cifar10|cifar100|digits): upstream on task 1 -> transfer -> task 2, beside scratch.
+
+Reusable API (any ``nn.Module`` classifier, e.g. a timm ViT, plugs in through Hydra ``instantiate``):
+
+- ``build_image_tasks(cfg) -> ImageTasks``: ``.task1`` / ``.task2`` (``ImageTask``: ``train``/``test``
+  ``ImageSet`` with normalised ``x`` (N, 3, H, W) float32 and ``y`` (N,) in 0..C-1, ``classes``,
+  ``num_classes``), ``.image_size``, ``.channels``. Data stay at their native size (32x32).
+- ``build_image_model(model_cfg, num_classes, cfg, stream) -> nn.Module``:
+  ``instantiate(model_cfg, num_classes=num_classes)`` with the init drawn from the ``stream`` sub-seed
+  of ``cfg.seed`` (``"upstream"``; ``"downstream"`` for transfer and scratch, so their fresh weights are
+  identical). A model config that sets ``num_classes`` itself (e.g. a pretrained ImageNet upstream)
+  keeps it.
+- Image size hook: ``model_input_size(model)`` is ``model.input_size`` when the model has that
+  attribute, else timm's ``model.patch_embed.img_size``, else ``None`` (native size). When set,
+  ``ImageClassifier`` resizes every batch bilinearly on the device before the forward pass.
+- ``fit_image_stage(cfg, tracker, stage, model, task, epochs, callbacks) -> (ImageClassifier, result)``:
+  one Lightning fit as the child run ``stage``; ``result`` has ``train_acc``, ``test_acc``,
+  ``train_loss``, ``test_loss``, ``epochs`` (accuracies in eval mode after training).
+- ``check_transfer_pair(cfg, upstream, downstream)``: plans the transfer on the fresh models before
+  any training; a pair with nothing to match stops the run with one ``ConfigError`` line.
+- ``run_images(cfg, tracker)``: the stage runner registered in ``ptlab.pipeline.run.RUNNERS``.
+  ``train.upstream_epochs=0`` skips upstream training (the upstream model is used as built, e.g.
+  from ``weights_path``). The transfer stage's ``plan`` is a list of ``PlanRow`` dicts, printed,
+  logged as ``transfer_plan.json`` / ``transfer_plan.md`` on the transfer child run, and returned.
+
+Budgets and optimisation come from ``train.*``: ``upstream_epochs``, ``downstream_epochs``,
+``batch_size``, ``lr``, ``optimizer``, ``momentum``, ``weight_decay``, ``scheduler``, ``precision``
+(``auto``: bf16-mixed, else 16-mixed, on a GPU; 32-true on a CPU), ``progress_bar``,
+``eval_every_epochs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor
+from tabulate import tabulate
+from torch import nn
+
+from ptlab.config import ConfigError
+from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
+from ptlab.modules.image_classifier import ImageClassifier
+from ptlab.pipeline.checkpoints import stage_checkpointing
+from ptlab.seeding import derive_seed, torch_seed
+from ptlab.tracking import NullTracker, PipelineTracker
+from ptlab.transfer import ParameterTransfer, PlanRow, adapter_options, find_adapter
+from ptlab.transfer.selection import get_selector
+
+
+def build_image_tasks(cfg: DictConfig) -> ImageTasks:
+    """Task 1 and task 2 of ``cfg.task`` with ``cfg.noise`` under ``cfg.seed``."""
+    return make_image_tasks(cfg.task, cfg.noise, cfg.seed)
+
+
+def build_image_model(model_cfg: DictConfig, num_classes: int, cfg: DictConfig, stream: str) -> nn.Module:
+    """``instantiate(model_cfg, num_classes=...)`` with its init from the ``stream`` sub-seed; a
+    ``ConfigError`` of the model factory (e.g. missing weights) comes out as itself, one line."""
+    extra = {} if model_cfg.get("num_classes") is not None else {"num_classes": num_classes}
+    with torch_seed(derive_seed(cfg.seed, stream)):
+        try:
+            return instantiate(model_cfg, **extra)
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ConfigError):
+                key = "upstream_model" if stream == "upstream" else "model"
+                raise ConfigError(f"{key}.{err.__cause__}") from None
+            raise
+
+
+def model_input_size(model: nn.Module) -> int | None:
+    """The square input size ``model`` needs (see the module docstring), or ``None`` for native size."""
+    size = getattr(model, "input_size", None)
+    if size is None:
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[-1]
+    return int(size) if size else None
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the trainer config runs on a CUDA device."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def precision_for(cfg: DictConfig) -> str:
+    """``train.precision``, with ``auto`` resolved to mixed precision on a GPU and 32-true on a CPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if not on_gpu(cfg):
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def make_classifier(cfg: DictConfig, model: nn.Module, num_classes: int) -> ImageClassifier:
+    """The ``ImageClassifier`` of ``model`` with the optimiser settings of ``train.*``."""
+    train = cfg.train
+    return ImageClassifier(model, num_classes, lr=train.lr, optimizer=train.optimizer, momentum=train.momentum,
+                           weight_decay=train.weight_decay, scheduler=train.scheduler,
+                           warmup_epochs=train.warmup_epochs, label_smoothing=train.label_smoothing,
+                           input_size=model_input_size(model))
+
+
+def fit_image_stage(cfg: DictConfig, tracker: PipelineTracker | NullTracker, stage: str, model: nn.Module,
+                    task: ImageTask, epochs: int, callbacks: list[pl.Callback] | None = None,
+                    ) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Train ``model`` on ``task`` for ``epochs`` epochs as the child run ``stage``; return the module and
+    its final numbers. Transfer and scratch share the ``downstream`` batch order."""
+    module = make_classifier(cfg, model, task.num_classes)
+    order = "upstream" if stage == "upstream" else "downstream"
+    data = ImageDataModule(task.train, task.test, cfg.train.batch_size, seed=image_seed(cfg.seed, f"batches/{order}"),
+                           pin_memory=on_gpu(cfg))
+    logger = tracker.child_logger(stage)
+    monitors = [LearningRateMonitor(logging_interval="epoch")] if logger is not None else []
+    checkpointing = stage_checkpointing(cfg, stage)
+    trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=epochs, logger=logger if logger is not None else False,
+                                      callbacks=[*(callbacks or []), *monitors, *checkpointing.callbacks],
+                                      **checkpointing.trainer_kwargs, precision=precision_for(cfg),
+                                      enable_progress_bar=cfg.train.progress_bar, num_sanity_val_steps=0,
+                                      log_every_n_steps=1, check_val_every_n_epoch=cfg.train.eval_every_epochs)
+    trainer.fit(module, datamodule=data, ckpt_path=checkpointing.ckpt_path)
+    train_eval = module.evaluate(data.eval_dataloader(task.train))
+    test_eval = module.evaluate(data.eval_dataloader(task.test))
+    result = {"train_acc": train_eval["acc"], "test_acc": test_eval["acc"], "train_loss": train_eval["loss"],
+              "test_loss": test_eval["loss"], "epochs": epochs}
+    tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, stage=stage, step=trainer.global_step)
+    return module, result
+
+
+def check_transfer_pair(cfg: DictConfig, upstream: nn.Module, downstream: nn.Module) -> None:
+    """Plan the transfer on the untrained models (shapes are all a plan needs); one-line ``ConfigError``
+    naming the pair when no rule or no layer matches."""
+    try:
+        adapter = find_adapter(upstream, downstream)(**adapter_options(cfg.transfer))
+        adapter.plan(upstream, downstream, cfg.transfer.alpha, get_selector(cfg.transfer.selection),
+                     torch.Generator().manual_seed(0))
+    except ValueError as err:
+        pair = f"upstream_model={upstream_name(cfg)} -> model={downstream_name(cfg)}"
+        raise ConfigError(f"{pair}: {err}") from None
+
+
+def upstream_name(cfg: DictConfig) -> str:
+    return str(cfg.upstream_model.get("arch", cfg.upstream_model.get("name", cfg.upstream_model.get("_target_", "?"))))
+
+
+def downstream_name(cfg: DictConfig) -> str:
+    return str(cfg.model.get("arch", cfg.model.get("name", cfg.model.get("_target_", "?"))))
+
+
+def format_plan(plan: list[PlanRow]) -> str:
+    """The plan as a text table: downstream layer, upstream layer, filters copied of total."""
+    rows = [(row.target, row.source or "-", f"{row.copied}/{row.total}") for row in plan]
+    return tabulate(rows, headers=("downstream layer", "upstream layer", "copied/total"), tablefmt="github")
+
+
+def run_images(cfg: DictConfig, tracker: PipelineTracker | NullTracker) -> dict[str, Any]:
+    """Algorithms 1 and 2 on image tasks for one seed; returns the per-stage results."""
+    tasks = build_image_tasks(cfg)
+    results: dict[str, Any] = {"upstream": None, "transfer": None,
+                               "data": {"task1_classes": tasks.task1.classes, "task2_classes": tasks.task2.classes,
+                                        "n1": len(tasks.task1.train), "n2": len(tasks.task2.train),
+                                        "n1_test": len(tasks.task1.test), "n2_test": len(tasks.task2.test)}}
+    tracker.log_metrics({"data/n1": len(tasks.task1.train), "data/n2": len(tasks.task2.train)})
+    if cfg.transfer.kind != "none":
+        upstream = build_image_model(cfg.upstream_model, tasks.task1.num_classes, cfg, "upstream")
+        downstream = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
+        check_transfer_pair(cfg, upstream, downstream)
+        if cfg.train.upstream_epochs > 0:
+            _, results["upstream"] = fit_image_stage(cfg, tracker, "upstream", upstream, tasks.task1,
+                                                     cfg.train.upstream_epochs)
+        transfer = ParameterTransfer(upstream, alpha=cfg.transfer.alpha, selection=cfg.transfer.selection,
+                                     seed=derive_seed(cfg.seed, "selection"), **adapter_options(cfg.transfer))
+        _, fitted = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2, cfg.train.downstream_epochs,
+                                    [transfer])
+        plan = [row.as_dict() for row in transfer.plan]
+        table = format_plan(transfer.plan)
+        print(f"transfer plan ({upstream_name(cfg)} -> {downstream_name(cfg)}, alpha={cfg.transfer.alpha}):\n{table}")
+        tracker.log_dict(plan, "transfer_plan.json", stage="transfer")
+        tracker.log_text(table + "\n", "transfer_plan.md", stage="transfer")
+        copied = sum(row.copied for row in transfer.plan)
+        tracker.log_metrics({"transfer/filters_copied": copied,
+                             "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
+        results["transfer"] = {**fitted, "plan": plan}
+        del upstream
+    scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
+    _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)
+    return results
