@@ -1,0 +1,18 @@
+"""Which keys of the ``transfer`` config group reach the transfer adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CALLBACK_KEYS = ("kind", "alpha", "selection")
+"""Keys ``ParameterTransfer`` takes itself; every other key of a transfer option is an adapter option."""
+
+
+def adapter_options(transfer: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of the adapter's constructor: the keys of ``transfer`` beyond
+    kind/alpha/selection, as plain Python values (``transfer=layers``: layers, position and the
+    embedding switches; ``transfer=filters``: none)."""
+    options = OmegaConf.to_container(transfer, resolve=True)
+    return {key: value for key, value in options.items() if key not in CALLBACK_KEYS}
