@@ -1,0 +1,130 @@
+"""Tracking that survives parallel jobs and kills.
+
+- SQLite store shared by parallel jobs: ``prepare_sqlite_store`` creates the tables under a file
+  lock (two jobs starting on a new database would both run MLflow's migrations) and switches it to WAL
+  journaling (readers never block the writer; the setting is stored in the file, so it is done once)
+  on top of MLflow's own 20 s ``busy_timeout``; ``RetryingClient`` retries a call that still fails
+  with "database is locked" (SQLite returns that at once, without waiting, when two writers would
+  deadlock), with exponential backoff and jitter. WAL needs a local disk: for jobs on several
+  machines, use an MLflow server (``logger.tracking_uri=http://host:5000``) instead of a shared file.
+- Kills: ``signals_as_interrupt`` turns SIGTERM (``kill``, SLURM preemption or time limit) and
+  SIGINT (Ctrl-C) into a ``Terminated`` exception, a ``KeyboardInterrupt``, so ``PipelineTracker``
+  marks the runs KILLED, instead of the process dying with its runs left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+LOCKED_MESSAGES = ("database is locked", "database table is locked")
+SQLITE_PREFIX = "sqlite:///"
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED."""
+
+
+def is_locked_error(err: BaseException) -> bool:
+    """True for SQLite's transient "database is locked" (as MLflow or sqlite3 raise it)."""
+    return isinstance(err, (MlflowException, sqlite3.OperationalError)) and any(
+        message in str(err) for message in LOCKED_MESSAGES)
+
+
+def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2) -> Callable[..., Any]:
+    """``call`` retried on ``is_locked_error`` up to ``attempts`` times, sleeping ~0.2, 0.4, 0.8 ... s."""
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(attempts):
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:
+                if not is_locked_error(err) or attempt == attempts - 1:
+                    raise
+                delay = base_delay * 2 ** attempt * (1 + random.random())
+                log.warning("ptlab: tracking store busy (%s); retrying in %.1f s", str(err).splitlines()[0], delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+    return retrying
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose methods are retried on "database is locked"."""
+
+    def __init__(self, client: Any, attempts: int = 8) -> None:
+        self._client, self._attempts = client, attempts
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        return with_retries(value, self._attempts) if callable(value) else value
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of an absolute ``sqlite:///`` URI; ``None`` for any other store."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(tracking_uri[len(SQLITE_PREFIX):])
+
+
+def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
+    """Create an SQLite tracking database's tables under a file lock (MLflow's own first-use set-up is
+    not safe when two jobs start on a new file at once) and, with ``wal``, switch it to WAL journaling
+    (once; kept in the file). Returns the journal mode in effect, ``None`` for a non-SQLite store."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=300):
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        connection = sqlite3.connect(path, timeout=60)
+        try:
+            mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+            if wal and mode.lower() != "wal":
+                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        finally:
+            connection.close()
+    return str(mode).lower()
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT raise ``Terminated``; the previous handlers come back after it
+    (a reused worker of a parallel launcher keeps its own handling between jobs).
+
+    Lightning turns a ``KeyboardInterrupt`` during ``fit`` into ``sys.exit(1)``; a ``SystemExit`` that
+    follows a signal is raised here as ``Terminated`` again, so the tracker around this block marks
+    its runs KILLED, naming the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[str] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        raise Terminated(f"signal {received[-1]}")
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except SystemExit as err:
+        if received:
+            raise Terminated(f"signal {received[0]}") from err
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,75 @@
+"""Resume in-process: finished configs are skipped, failed ones re-run, and the summary comes back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ptlab.pipeline import run_pipeline
+from tests.scaling_helpers import MARKER_ENV
+
+FAULTY = "trainer._target_=tests.scaling_helpers.FaultTrainer"
+
+
+def parents(tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "tags.`ptlab.stage` = 'pipeline'")
+
+
+def test_rerun_skips_finished_and_reruns_failed(make_cfg, tracking_uri: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "fault"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    cells = [(f"cache.dir={tmp_path / 'cache'}", "resume.skip_finished=always", FAULTY, f"transfer.alpha={a}")
+             for a in (0.25, 0.5)]
+    done = run_pipeline(make_cfg(*cells[0]), tmp_path / "a1")
+    marker.write_text("raise")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_pipeline(make_cfg(*cells[1]), tmp_path / "b1")
+    assert sorted(r.info.status for r in parents(tracking_uri)) == ["FAILED", "FINISHED"]
+
+    skipped = run_pipeline(make_cfg(*cells[0]), tmp_path / "a2")
+    assert skipped["resumed_from"] == done["mlflow"]["parent_run_id"]
+    assert skipped["transfer"] == done["transfer"]
+    assert json.loads((tmp_path / "a2" / "summary.json").read_text())["resumed_from"] == skipped["resumed_from"]
+    rerun = run_pipeline(make_cfg(*cells[1]), tmp_path / "b2")
+    assert "resumed_from" not in rerun
+    assert sorted(r.info.status for r in parents(tracking_uri)) == ["FAILED", "FINISHED", "FINISHED"]
+
+    again = run_pipeline(make_cfg(*cells[1], "resume.skip_finished=never"), tmp_path / "b3")
+    assert "resumed_from" not in again and len(parents(tracking_uri)) == 4
+    assert again["transfer"] == rerun["transfer"]
+
+
+TINY_IMAGES = ["task=digits", "noise=pixels", "+pair=vgg16_small_vgg11_small", "task.n2=8", "task.k=2",
+               "task.n1_ratio=2", "task.n_test=10", "train.upstream_epochs=2", "train.downstream_epochs=3",
+               "train.batch_size=8", "train.progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_interrupted_image_run_continues_from_its_last_checkpoint(make_cfg, tracking_uri: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "fault"
+    marker.write_text("raise@2")
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    cfg = [*TINY_IMAGES, FAULTY, f"cache.dir={tmp_path / 'cache'}"]
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_pipeline(make_cfg(*cfg, small=False), tmp_path / "a")
+    (checkpoints,) = (tmp_path / "cache" / "checkpoints").iterdir()
+    assert {p.name for p in checkpoints.iterdir()} == {"upstream", "transfer"}
+    assert torch.load(checkpoints / "transfer" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+    summary = run_pipeline(make_cfg(*cfg, small=False), tmp_path / "b")
+    client = MlflowClient(tracking_uri)
+    children = {r.data.tags["ptlab.stage"]: r.info.run_id for r in client.search_runs(
+        [client.get_run(summary["mlflow"]["parent_run_id"]).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{summary['mlflow']['parent_run_id']}'")}
+    epochs_trained = {stage: len(client.get_metric_history(run_id, "test/acc")) for stage, run_id in children.items()}
+    assert epochs_trained == {"upstream": 0, "transfer": 1, "scratch": 3}  # finished, resumed at epoch 2, fresh
+    assert summary["transfer"]["epochs"] == 3 and len(summary["transfer"]["plan"]) == 8
+    assert not checkpoints.exists()  # the pipeline finished: its checkpoints are gone
