@@ -1,28 +1,135 @@
-"""``python -m ptlab``: the Hydra entry point that runs one pipeline per (multi)run job."""
+"""``python -m ptlab``: the Hydra entry point that runs one pipeline per (multi)run job.
+
+Before Hydra starts, every job's config is composed and validated once (``preflight``), so a bad
+value or unknown option stops the whole command with one line naming the key and what is allowed,
+before anything trains.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra._internal.utils import get_args_parser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from ptlab.config import ConfigError, register_configs
+from ptlab.config import ConfigError, register_configs, validate
+from ptlab.distributed import multirun_safe_strategy
 from ptlab.pipeline import run_pipeline
+from ptlab.tracking.faults import Terminated
 
 register_configs()
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 """The repo's top-level ``conf/`` (ptlab is installed editable, next to its configs)."""
 
+PREFIXES = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~", OverrideType.CHANGE: ""}
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's per-fit banners (GPU available, tips, max_steps reached) off the console."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(log_every_n_steps|does not have many workers|LeafSpec).*")
+
+
+def _single_valued(override: Override, value: str) -> str:
+    package = f"@{override.package}" if override.package else ""
+    return f"{PREFIXES[override.type]}{override.key_or_group}{package}={value}"
+
+
+def job_override_sets(overrides: list[str]) -> list[list[str]]:
+    """Override lists that together use every value of every sweep once (not the full product)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = [(o, list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override()]
+    if not sweeps:
+        return [fixed]
+    longest = max(len(values) for _, values in sweeps)
+    return [fixed + [_single_valued(o, values[min(i, len(values) - 1)]) for o, values in sweeps]
+            for i in range(longest)]
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a composition or validation error: the key and what is allowed."""
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return f"{group}={option} is not an option: choose one of {', '.join(sorted(err.options))}"
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+    return " ".join(str(err).split("\n\n")[0].split())
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m ptlab <overrides>`` would run, with HydraConfig set so ``${hydra:...}``
+    interpolations resolve (for tests, benchmarks and notebooks)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def preflight(argv: list[str]) -> str | None:
+    """Compose and validate the config of every sweep value in ``argv``; the error line, or ``None``."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
+            or args.config_dir or args.config_name:
+        return None
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        for job in job_override_sets(overrides):
+            validate(compose_config(job))
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        return describe_error(err)
+    return None
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
+    quiet_lightning()
+    notice = multirun_safe_strategy(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
+    if notice:
+        print(notice, file=sys.stderr)
     try:
         summary = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as err:
         raise SystemExit(f"ptlab: {err}") from None
+    except Terminated as err:
+        raise SystemExit(f"ptlab: stopped by {err}; its MLflow runs are marked KILLED") from None
     best = summary.get("transfer") or summary.get("scratch")
     return best["test_acc"] if best else None
+
+
+def main() -> None:
+    """``python -m ptlab [-m] [overrides]``: preflight, then Hydra."""
+    error = preflight(sys.argv[1:])
+    if error:
+        print(f"ptlab: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    hydra_main()
+
+
+__all__ = ["CONFIG_DIR", "compose_config", "hydra_main", "main", "preflight"]

@@ -9,6 +9,7 @@ builds the dataclasses (running ``__post_init__``) and re-raises the first failu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -83,8 +84,67 @@ class ToyCNNSchema:
         _nonnegative("init_std", self.init_std)
 
 
+IMAGE_TASKS = ("cifar10", "cifar100", "digits")
+CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19")
+
+
+@dataclass
+class ImageTaskSchema:
+    """An image task pair (ptlab.data.images): task 2 is ``task2_classes``, task 1 is ``k`` other classes."""
+
+    name: str = "cifar10"
+    data_dir: str = "data"
+    download: bool = False
+    task2_classes: list[int] = field(default_factory=lambda: [3, 5])
+    k: int = 8
+    task1_classes: Optional[list[int]] = None
+    n2: int = 1000
+    n1_ratio: float = 2.0
+    n_test: Optional[int] = None
+    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, IMAGE_TASKS)
+        _positive("k", self.k)
+        _positive("n2", self.n2)
+        _positive("n1_ratio", self.n1_ratio)
+        _check(self.n_test is None or self.n_test > 0, "n_test", "null (all) or > 0", self.n_test)
+        _check(len(self.mean) == 3, "mean", "3 per-channel values", self.mean)
+        _check(len(self.std) == 3 and min(self.std) > 0, "std", "3 per-channel values > 0", self.std)
+
+
+@dataclass
+class DigitsTaskSchema(ImageTaskSchema):
+    """scikit-learn's digits, resized to ``image_size``, split ``test_fraction`` by ``split_seed``."""
+
+    image_size: int = 32
+    test_fraction: float = 0.3
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.image_size >= 8, "image_size", ">= 8", self.image_size)
+        _check(0 < self.test_fraction < 1, "test_fraction", "in (0, 1)", self.test_fraction)
+        _nonnegative("split_seed", self.split_seed)
+
+
+@dataclass
+class TorchvisionCNNSchema:
+    """A small-image torchvision ResNet/VGG (ptlab.models.torchvision_cnn)."""
+
+    _target_: str = "ptlab.models.build_torchvision_cnn"
+    arch: str = "resnet34"
+    width: float = 1.0
+    weights_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of("arch", self.arch, CNN_ARCHS)
+        _positive("width", self.width)
+
+
 SELECTIONS = ("random", "first", "largest_norm")
-TRANSFER_KINDS = ("none", "filters")
+TRANSFER_KINDS = ("none", "filters", "layers")
 
 
 @dataclass
@@ -101,6 +161,58 @@ class TransferSchema:
         _one_of("selection", self.selection, SELECTIONS)
 
 
+POSITIONS = ("last", "first", "random")
+
+
+@dataclass
+class LayerTransferSchema(TransferSchema):
+    """Whole-block transfer between ViTs (ptlab.transfer.vit): ``layers`` by index, or (``layers: null``)
+    ``round(alpha * depth)`` blocks at ``position``; switches for the non-block parts (head always new).
+    Keys beyond kind/alpha/selection are passed to the transfer adapter."""
+
+    kind: str = "layers"
+    alpha: float = 0.25
+    layers: Optional[list[int]] = field(default_factory=lambda: [9, 10, 11])
+    position: str = "last"
+    patch_embed: bool = True
+    cls_token: bool = True
+    pos_embed: bool = True
+    norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of("position", self.position, POSITIONS)
+        if self.layers is not None:
+            _check(all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers), "layers",
+                   "distinct block indices >= 0, or null to use alpha and position", list(self.layers))
+
+
+@dataclass
+class ViTSchema:
+    """A timm DeiT (ptlab.models.vit.create_vit); weights from ``weights_path``, else timm's
+    pretrained mechanism when ``pretrained``, else fresh."""
+
+    _target_: str = "ptlab.models.create_vit"
+    name: str = "deit_base"
+    pretrained: bool = False
+    weights_path: Optional[str] = None
+    img_size: int = 224
+    patch_size: int = 16
+    depth: int = 12
+    in_chans: int = 3
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("img_size", "patch_size", "depth", "in_chans"):
+            _positive(key, getattr(self, key))
+        _check(self.img_size % self.patch_size == 0, "img_size", f"a multiple of patch_size={self.patch_size}",
+               self.img_size)
+        _check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "in [0, 1)", self.drop_path_rate)
+        _check(not self.weights_path or Path(self.weights_path).is_file(), "weights_path",
+               f"an existing file (a timm state dict of {self.name}, .pth or .safetensors), or null to use "
+               "pretrained", self.weights_path)
+
+
 @dataclass
 class LoggerSchema:
     """MLflow tracking; ``kind: none`` turns tracking off."""
@@ -109,6 +221,8 @@ class LoggerSchema:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment_name: str = "default"
     artifact_location: Optional[str] = None
+    # SQLite stores only: WAL journaling so parallel jobs do not block each other (ptlab.tracking.faults).
+    sqlite_wal: bool = True
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("mlflow", "none"))
@@ -116,7 +230,10 @@ class LoggerSchema:
 
 
 DTYPES = ("float32", "float64")
-ENGINES = ("lightning",)
+IMAGE_OPTIMIZERS = ("sgd", "adam", "adamw")
+IMAGE_SCHEDULERS = ("cosine", "constant")
+IMAGE_PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
+ENGINES = ("lightning", "gram")
 
 
 @dataclass
@@ -128,6 +245,19 @@ class TrainSchema:
     downstream_steps: int = 400
     eval_every: int = 10
     dtype: str = "float32"
+    # Image pipelines (ptlab.pipeline.images); the synthetic pipeline ignores these.
+    upstream_epochs: int = 30
+    downstream_epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"
+    precision: str = "auto"
+    progress_bar: bool = True
+    eval_every_epochs: int = 1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -135,6 +265,71 @@ class TrainSchema:
         _positive("downstream_steps", self.downstream_steps)
         _positive("eval_every", self.eval_every)
         _one_of("dtype", self.dtype, DTYPES)
+        _nonnegative("upstream_epochs", self.upstream_epochs)
+        _positive("downstream_epochs", self.downstream_epochs)
+        _positive("batch_size", self.batch_size)
+        _one_of("optimizer", self.optimizer, IMAGE_OPTIMIZERS)
+        _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        _nonnegative("weight_decay", self.weight_decay)
+        _one_of("scheduler", self.scheduler, IMAGE_SCHEDULERS)
+        _one_of("precision", self.precision, IMAGE_PRECISIONS)
+        _positive("eval_every_epochs", self.eval_every_epochs)
+        _nonnegative("warmup_epochs", self.warmup_epochs)
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", self.label_smoothing)
+
+
+@dataclass
+class TheorySchema:
+    """The unknown constants of the paper's Theorems 4.2, 4.3 and Proposition 4.4 (ptlab.theory)."""
+
+    c1: float = 1.0
+    c3: float = 1.0
+    c1_prime: float = 1.0
+    c3_prime: float = 1.0
+    c4: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("c1", "c3", "c1_prime", "c3_prime", "c4"):
+            _positive(key, getattr(self, key))
+
+
+@dataclass
+class CacheSchema:
+    """The upstream cache (ptlab.pipeline.cache): one upstream training per distinct upstream config."""
+
+    enabled: bool = True
+    dir: str = ".ptlab_cache"
+    lock_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "dir", "a non-empty path", self.dir)
+        _positive("lock_timeout", self.lock_timeout)
+
+
+RESUME_MODES = ("multirun", "always", "never")
+
+
+@dataclass
+class ResumeSchema:
+    """Skip a pipeline whose config already has a FINISHED parent run (ptlab.pipeline.resume)."""
+
+    skip_finished: str = "multirun"
+    # Image stages save last.ckpt every epoch and an interrupted stage continues from it (ptlab.pipeline.checkpoints).
+    from_checkpoints: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("skip_finished", self.skip_finished, RESUME_MODES)
+
+
+@dataclass
+class DevicesSchema:
+    """One GPU per parallel sweep job (ptlab.devices)."""
+
+    per_job: bool = True
+    jobs_per_gpu: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("jobs_per_gpu", self.jobs_per_gpu)
 
 
 @dataclass
@@ -144,6 +339,10 @@ class PtlabSchema:
     seed: int = 0
     engine: str = "lightning"
     train: TrainSchema = field(default_factory=TrainSchema)
+    theory: TheorySchema = field(default_factory=TheorySchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    resume: ResumeSchema = field(default_factory=ResumeSchema)
+    devices: DevicesSchema = field(default_factory=DevicesSchema)
     task: Any = MISSING
     noise: Any = MISSING
     model: Any = MISSING
@@ -157,10 +356,10 @@ class PtlabSchema:
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "task": {"synthetic": SyntheticTaskSchema},
+    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema},
     "noise": {"gaussian": NoiseSchema},
-    "model": {"toy_cnn": ToyCNNSchema},
-    "transfer": {"transfer": TransferSchema},
+    "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "vit": ViTSchema},
+    "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},
     "logger": {"logger": LoggerSchema},
 }
 """Schemas by group and name; other modules add theirs before ``register_configs`` runs."""
@@ -188,6 +387,6 @@ def validate(cfg: DictConfig) -> None:
     """Check every range in ``cfg``; raise ``ConfigError`` with the first bad key."""
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     _one_of("engine", cfg.engine, ENGINES)
-    for key in ("train", *VALIDATED_KEYS):
+    for key in ("train", "theory", "cache", "resume", "devices", *VALIDATED_KEYS):
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)

@@ -11,12 +11,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.config import validate
-from ptlab.pipeline.synthetic import run_synthetic
-from ptlab.tracking import NullTracker, PipelineTracker, flatten, make_tracker
+from ptlab.devices import job_device
+from ptlab.distributed import is_global_zero
+from ptlab.pipeline.images import run_images
+from ptlab.pipeline.checkpoints import discard_checkpoints
+from ptlab.pipeline.resume import CONFIG_HASH_TAG, config_hash, skip_if_finished
+from ptlab.pipeline.synthetic import log_theory, run_synthetic
+from ptlab.tracking import NullTracker, PipelineTracker, flatten, make_tracker, resolve_tracking_uri
+from ptlab.tracking.faults import prepare_sqlite_store, signals_as_interrupt
 
 StageRunner = Callable[[DictConfig, "PipelineTracker | NullTracker"], dict[str, Any]]
 
-RUNNERS: dict[str, StageRunner] = {"synthetic": run_synthetic}
+RUNNERS: dict[str, StageRunner] = {"synthetic": run_synthetic, "cifar10": run_images, "cifar100": run_images,
+                                   "digits": run_images}
 """Stage runners by ``task.name``; image tasks register theirs here."""
 
 STAGES = ("upstream", "transfer", "scratch")
@@ -47,6 +54,10 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("transfer") and summary.get("scratch"):
         gain = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
         lines.append(f"transfer - scratch test accuracy: {gain:+.4f}")
+    if summary.get("theory"):
+        theory = summary["theory"]
+        lines.append(f"theory: {theory['predicted']} (d / D* = {theory['d_over_threshold']:.3g}, "
+                     f"Gamma = {theory['gamma']:.3g})")
     return "\n".join(lines)
 
 
@@ -57,17 +68,28 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     choices = _hydra_choices()
-    tags = {"ptlab.seed": str(cfg.seed), **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
-    tracker = make_tracker(cfg.logger.kind, cfg.logger.tracking_uri, cfg.logger.experiment_name,
-                           _run_name(cfg), cfg.logger.artifact_location, tags)
-    with tracker:
+    digest = config_hash(cfg)
+    tags = {"ptlab.seed": str(cfg.seed), CONFIG_HASH_TAG: digest,
+            **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
+    if cfg.logger.kind == "mlflow":
+        prepare_sqlite_store(resolve_tracking_uri(cfg.logger.tracking_uri), wal=cfg.logger.sqlite_wal)
+    finished = skip_if_finished(cfg, digest, output_dir)
+    if finished is not None:
+        return finished
+    tracker = make_tracker(cfg.logger.kind if is_global_zero() else "none", cfg.logger.tracking_uri,
+                           cfg.logger.experiment_name, _run_name(cfg), cfg.logger.artifact_location, tags)
+    with job_device(cfg), tracker, signals_as_interrupt():
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
         tracker.log_params(flatten(resolved))
         tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        theory = {"theory": log_theory(cfg, tracker)} if cfg.task.name == "synthetic" else {}
         results = runner(cfg, tracker)
+        if is_global_zero():
+            discard_checkpoints(cfg)
         summary: dict[str, Any] = {
             **results,
+            **theory,
             "seed": cfg.seed,
             "choices": choices,
             "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
@@ -79,7 +101,8 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             final["transfer_gain"] = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
         tracker.log_metrics(final)
         text = json.dumps(summary, indent=2)
-        (output_dir / "summary.json").write_text(text)
+        if is_global_zero():
+            (output_dir / "summary.json").write_text(text)
         tracker.log_text(text, "summary.json")
     print(format_table(summary))
     return summary

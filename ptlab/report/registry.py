@@ -13,7 +13,7 @@ Renderer = Callable[[pd.DataFrame, str, Path], list[Path]]
 
 RENDERERS: dict[str, Renderer] = {}
 
-RENDERER_MODULES = ["ptlab.report.generic"]
+RENDERER_MODULES = ["ptlab.report.generic", "ptlab.report.synthetic", "ptlab.report.images", "ptlab.report.vit"]
 """Modules that register renderers when imported; figure modules add themselves here."""
 
 

@@ -21,6 +21,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ptlab.config import ConfigError
+from ptlab.tracking.faults import RetryingClient
+
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 STAGE_TAG = "ptlab.stage"
@@ -113,13 +116,19 @@ class PipelineTracker:
         self.experiment_name, self.run_name = experiment_name, run_name
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri, experiment_name)
         self.tags = dict(tags or {})
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = RetryingClient(MlflowClient(self.tracking_uri))
         self.experiment_id = ""
         self.parent_run_id = ""
         self.children: dict[str, str] = {}
 
     def __enter__(self) -> PipelineTracker:
-        self.experiment_id = get_or_create_experiment(self.client, self.experiment_name, self.artifact_location)
+        try:
+            self.experiment_id = get_or_create_experiment(self.client, self.experiment_name, self.artifact_location)
+        except MlflowException as err:
+            if not self.tracking_uri.startswith(("http://", "https://")):
+                raise
+            raise ConfigError(f"logger.tracking_uri={self.tracking_uri!r} is not allowed: must be a reachable "
+                              f"MLflow store ({str(err).splitlines()[0]})") from None
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = run.info.run_id
@@ -133,7 +142,8 @@ class PipelineTracker:
             status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
             self.client.set_tag(self.parent_run_id, "ptlab.error", f"{exc_type.__name__}: {exc}"[:5000])
         for run_id in self.children.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            child_status = self.client.get_run(run_id).info.status
+            if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
                 self.client.set_terminated(run_id, status)
         self.client.set_terminated(self.parent_run_id, status)
 

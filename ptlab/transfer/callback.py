@@ -40,5 +40,9 @@ class ParameterTransfer(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = pl_module.model
         adapter = self.adapter or find_adapter(self.source, target)(**self.adapter_options)
+        if trainer.ckpt_path:  # resumed: the checkpoint holds the transferred, partly trained weights
+            self.plan = adapter.plan(self.source, target, self.alpha, get_selector(self.selection),
+                                     torch.Generator().manual_seed(self.seed))
+            return
         self.plan = transfer_parameters(self.source, target, self.alpha, self.selection,
                                         torch.Generator().manual_seed(self.seed), adapter)
