@@ -76,19 +76,32 @@ def describe_error(err: BaseException) -> str:
     return " ".join(str(err).split("\n\n")[0].split())
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config ``python -m ptlab <overrides>`` would run, with HydraConfig set so ``${hydra:...}``
-    interpolations resolve (for tests, benchmarks and notebooks)."""
+def _compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            return compose("config", overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m ptlab <overrides>`` would run, with HydraConfig set so ``${hydra:...}``
+    interpolations resolve (for tests, benchmarks and notebooks)."""
+    cfg = _compose(overrides)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def with_preset_sweeps(overrides: list[str]) -> list[str]:
+    """``overrides`` plus the sweep a preset declares in ``hydra.sweeper.params`` (the command line
+    wins for a key it sets), as Hydra's sweeper combines them under ``-m``."""
+    params = _compose(job_override_sets(overrides)[0]).hydra.sweeper.get("params") or {}
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(overrides)}
+    preset = [f"{key}={value}" for key, value in params.items() if key.lstrip("+~") not in given]
+    return preset + overrides
 
 
 def preflight(argv: list[str]) -> str | None:
@@ -99,6 +112,8 @@ def preflight(argv: list[str]) -> str | None:
         return None
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
+        if args.multirun:
+            overrides = with_preset_sweeps(overrides)
         for job in job_override_sets(overrides):
             validate(compose_config(job))
     except (HydraException, OmegaConfBaseException, ConfigError) as err:

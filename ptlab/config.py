@@ -390,3 +390,19 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train", "theory", "cache", "resume", "devices", *VALIDATED_KEYS):
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
+    _check_model_fits_task(cfg)
+
+
+SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"
+
+
+def _check_model_fits_task(cfg: DictConfig) -> None:
+    """The synthetic task trains the two-layer CNN; image tasks train image classifiers."""
+    synthetic = cfg.task.name == "synthetic"
+    for key in ("model", "upstream_model"):
+        target = cfg[key].get("_target_", "")
+        if synthetic and target != SYNTHETIC_MODEL:
+            raise ConfigError(f"{key}={target!r} is not allowed with task=synthetic: must be toy_cnn")
+        if not synthetic and target == SYNTHETIC_MODEL:
+            raise ConfigError(f"{key}=toy_cnn is not allowed with task={cfg.task.name}: must be an image model "
+                              f"(e.g. {key}=resnet18_small, vgg11_small, deit_tiny, or +pair=<upstream>_<model>)")

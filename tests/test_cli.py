@@ -62,3 +62,15 @@ def test_bad_input_exits_nonzero_before_anything_is_tracked(tmp_path):
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     assert "model=resnet_nope is not an option: choose one of" in unknown.stderr
     assert "toy_cnn" in unknown.stderr
+
+
+def test_preset_sweeps_are_checked_with_their_own_params():
+    assert preflight(["-m", "experiment=table1_digits"]) is None  # the preset sweeps +pair itself
+    assert "seed=-1 is not allowed" in preflight(["-m", "experiment=table1_digits", "seed=-1"])
+    assert "task.n1=-1 is not allowed" in preflight(["-m", "experiment=fig1a_small", "task.n1=5,-1"])
+
+
+def test_a_model_that_does_not_fit_the_task_is_rejected():
+    assert "model=toy_cnn is not allowed with task=digits: must be an image model" in preflight(["task=digits"])
+    assert "is not allowed with task=synthetic: must be toy_cnn" in preflight(["model=resnet18"])
+    assert preflight(["task=digits", "+pair=vgg16_small_vgg11_small"]) is None

@@ -242,7 +242,7 @@ class _StageOutput:
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 ) -> _StageOutput:
+                 solve: bool = False) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
@@ -254,7 +254,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
 
     The signal (3) and noise (N) columns live in separate contiguous tensors, so that the per-step work
     besides the (C Fm x N) @ (N x N) product is four streaming passes over the noise block; the test set
-    is evaluated at the eval steps only.
+    is evaluated at the eval steps only. With ``solve`` (for well-conditioned Gram matrices, d >= 2P) the
+    coefficients are not summed step by step but recovered where needed from ``C G = R - R(0)``.
     """
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
@@ -271,6 +272,18 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     test_start = test_start.reshape(groups, rows, n_test)
     signal, noise = start_signal.clone(), start_noise.clone()  # <w, b_a> and <w, xi_i>
     signal_c, noise_c = torch.zeros_like(signal), torch.zeros_like(noise)  # the coefficients
+    if solve:
+        inverse = torch.linalg.inv(gram.double()).to(dtype)
+        test_map = inverse @ cross  # R - R(0) -> the test responses' change
+        inverse_signal, inverse_noise = inverse[:, :3].contiguous(), inverse[:, 3:].contiguous()
+        test_map_signal, test_map_noise = test_map[:, :3].contiguous(), test_map[:, 3:].contiguous()
+
+    def recover() -> None:
+        if solve:
+            change_signal, change_noise = signal - start_signal, noise - start_noise
+            both = torch.bmm(change_signal, inverse_signal).baddbmm_(change_noise, inverse_noise)
+            signal_c.copy_(both[..., :3])
+            noise_c.copy_(both[..., 3:])
     signal_u, noise_u = torch.empty_like(signal), torch.empty_like(noise)  # this step's update
     positive = torch.empty_like(noise)
     by_sign = (groups, cells, 2, width, n_train)
@@ -302,7 +315,12 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         loss[..., step] = F.softplus(exponent).mean(-1)
         if step == checkpoints[evaluation]:
             train_acc[..., evaluation] = _accuracy(margin, labels)
-            test_response = torch.baddbmm(test_start, signal_c, cross_signal).baddbmm_(noise_c, cross_noise)
+            recover()
+            if solve:
+                test_response = torch.baddbmm(test_start, signal - start_signal, test_map_signal).baddbmm_(
+                    noise - start_noise, test_map_noise)
+            else:
+                test_response = torch.baddbmm(test_start, signal_c, cross_signal).baddbmm_(noise_c, cross_noise)
             test_halves = test_response.clamp_min_(0).view(groups, cells, 2, width, n_test)
             test_margin = (test_halves[:, :, 0].sum(2) - test_halves[:, :, 1].sum(2)) / width + torch.where(
                 positive_test_clean, signal_plus[..., None], signal_minus[..., None])
@@ -333,8 +351,10 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         torch.mul(step_signal[..., None], signal_coefficients[:, :, None, :], out=signal_u.view(groups, cells, filters, 3))
         noise.baddbmm_(noise_u, blocks["nn"]).baddbmm_(signal_u, blocks["sn"])
         signal.baddbmm_(signal_u, blocks["ss"]).baddbmm_(noise_u, blocks["ns"])
-        noise_c.add_(noise_u)
-        signal_c.add_(signal_u)
+        if not solve:
+            noise_c.add_(noise_u)
+            signal_c.add_(signal_u)
+    recover()
     coefficients = torch.cat([signal_c, noise_c], dim=-1).view(groups, cells, filters, vectors)
     return _StageOutput(loss, train_acc, test_acc, decomposition, coefficients, squared_norms(),
                         torch.stack(trajectory, dim=2) if trajectory is not None else None)
@@ -420,6 +440,7 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
     size = max(len(g.cells) for g in groups)
     layout = [g.cells + [g.cells[0]] * (size - len(g.cells)) for g in groups]
     width, filters = first.width, 2 * first.width
+    min_d = min(cells[i].d for group in groups for i in group.cells)  # d >= 2P: well-conditioned Gram matrices
     lr = _per_cell(cells, layout, lambda c: [c.lr], dtype)[..., 0]
     norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype)
     zero = torch.zeros_like(norms[..., :1])
@@ -435,7 +456,8 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         upstream_out = _train_stage(
             expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
             _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
-            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients)
+            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
+            solve=min_d >= 2 * (3 + first.n1))
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         plans, mask_list = [], []
         for g, row in enumerate(layout):
@@ -456,13 +478,13 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         downstream = _train_stage(
             start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
             _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients)
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, solve=min_d >= 2 * (3 + first.n2))
     else:
         downstream = _train_stage(
             expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
             _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
             _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients)
+            record_coefficients, solve=min_d >= 2 * (3 + first.n2))
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
