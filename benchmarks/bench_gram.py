@@ -82,6 +82,10 @@ def main() -> None:
     lightning = timed_pipeline(["engine=lightning"], root / "a_lightning")
     gram = timed_pipeline(["engine=gram"], root / "a_gram")
     print(f"    lightning {lightning:8.2f} s   gram {gram:6.2f} s   ratio {lightning / gram:6.1f}x   ({load()})")
+    lightning = timed_pipeline(["engine=lightning", "logger=none"], root / "a_lightning_untracked")
+    gram = timed_pipeline(["engine=gram", "logger=none"], root / "a_gram_untracked")
+    print(f"    without tracking (logger=none, same data and models): lightning {lightning:8.2f} s   gram {gram:6.2f} s"
+          f"   ratio {lightning / gram:6.1f}x   ({load()})")
 
     print("\n(b) 10 x 10 fig2 grid x 2 seeds = 200 cells (paper settings)")
     cells = [(d, u, s) for d in GRID_D for u in GRID_U for s in SEEDS]

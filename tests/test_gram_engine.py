@@ -14,12 +14,13 @@ from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, reconstruct_weight
 from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
 from ptlab.pipeline import run_pipeline
+from ptlab.pipeline.resume import CONFIG_HASH_TAG, config_hash
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
 from ptlab.seeding import derive_seed
 from ptlab.transfer import transfer_parameters
 
-from .conftest import SMALL, run_cli
+from .conftest import SMALL, compose_config, run_cli
 
 STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
 
@@ -81,11 +82,12 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
 
 
 def test_batched_cells_equal_single_cells(make_cfg) -> None:
-    """A batch of cells of different d and norms gives each cell what it gets alone."""
+    """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
+    gets alone (d=60 < 2P also takes the summed-coefficient path, d=200 elsewhere the solved one)."""
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]
-    batched = run_cells(cells, max_cells=3)
+    batched = run_cells(cells, max_cells=3, workers=2)
     for cell, together in zip(cells, batched):
         alone = run_cells([cell])[0]
         for stage in ("upstream", "transfer", "scratch"):
@@ -122,6 +124,7 @@ def test_same_tracking_as_lightning(make_cfg, tmp_path: Path) -> None:
     assert summaries["gram"]["transfer"]["plan"] == summaries["lightning"]["transfer"]["plan"]
 
 
+@pytest.mark.slow
 def test_float32_close_to_lightning(make_cfg, tmp_path: Path) -> None:
     """The default float32 path stays within float32 rounding of the Lightning path."""
     cfg = make_cfg("logger=none", "cache.enabled=false")
@@ -153,8 +156,12 @@ def test_sweep_through_cli(tmp_path: Path) -> None:
     assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")) == [str(i) for i in range(8)]
     history = client.get_metric_history(children[0].info.run_id, "test/acc")
     assert [m.step for m in history] == list(range(0, 30, 10)) + [30]
+    first = runs[(runs["params.task.d"] == "50") & (runs["params.task.u_norm"] == "0.0") & (runs["params.seed"] == "0")]
+    job = compose_config(["engine=gram", *SMALL, "task.d=50", "task.u_norm=0.0", "seed=0"])
+    assert first[f"tags.{CONFIG_HASH_TAG}"].item() == config_hash(job)  # the fast job path hashes as run_pipeline
 
 
+@pytest.mark.slow
 def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
     """A sweep job written by the batched launcher has the tags, params, metrics and artifacts of the same
     config run alone through ``run_pipeline`` (engine=gram)."""

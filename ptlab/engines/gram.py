@@ -348,7 +348,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         minus_sum = grad_margin.sum(-1) - plus_sum
         step_signal = ((signal_response > 0) * plus_sum[..., None] - (signal_response < 0) * minus_sum[..., None]
                        ) * sign * scale
-        torch.mul(step_signal[..., None], signal_coefficients[:, :, None, :], out=signal_u.view(groups, cells, filters, 3))
+        torch.mul(step_signal[..., None], signal_coefficients[:, :, None, :],
+                  out=signal_u.view(groups, cells, filters, 3))
         noise.baddbmm_(noise_u, blocks["nn"]).baddbmm_(signal_u, blocks["sn"])
         signal.baddbmm_(signal_u, blocks["ss"]).baddbmm_(noise_u, blocks["ns"])
         if not solve:
@@ -568,7 +569,13 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
                 yield [(flat[k], result) for k, result in out]
     else:
         for flat, spec in specs:
-            yield [(flat[k], result) for k, result in _run_spec(spec)]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small per-step operations: one thread beats two (see above)
+            try:
+                out = _run_spec(spec)
+            finally:
+                torch.set_num_threads(threads)
+            yield [(flat[k], result) for k, result in out]
 
 
 def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from time import time
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import sqlalchemy
 from mlflow.entities import LifecycleStage, RunStatus, SourceType
@@ -177,6 +179,16 @@ class BulkRunWriter:
 
     @staticmethod
     def _write_artifacts(artifact_uri: str, texts: Mapping[str, str]) -> None:
+        """Local artifact stores get the files written in place (what their repository's copy would leave);
+        others go through MLflow's artifact repository."""
+        parsed = urlparse(artifact_uri)
+        if parsed.scheme in ("", "file") and not parsed.netloc:
+            root = Path(url2pathname(parsed.path))
+            for name, text in texts.items():
+                path = root / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in texts.items():
                 path = Path(tmp, name)
