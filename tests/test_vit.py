@@ -139,7 +139,7 @@ def test_offline_hub_without_cached_weights_is_one_line(tmp_path: Path, monkeypa
 
 # -- configs -------------------------------------------------------------------------------------
 
-VIT_PAIR = ["model=deit_tiny", "upstream_model=deit_tiny", "transfer=layers"]
+VIT_PAIR = ["task=digits", "model=deit_tiny", "upstream_model=deit_tiny", "transfer=layers"]
 
 
 def test_layer_transfer_config_defaults_and_one_line_errors(make_cfg, tmp_path: Path) -> None:
