@@ -25,6 +25,8 @@ from ptlab.tracking.mlflow import STAGE_TAG
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
 TASK = "params.task.name"
 STAGES = {"transfer": "VanillaLG (blocks inherited)", "scratch": "scratch"}
+STAGE_COLORS = {"transfer": "C0", "scratch": "C1"}
+TASK_MARKERS = ("o", "s", "^", "D")
 TASK_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits"}
 
 
@@ -78,7 +80,7 @@ def render_fig4(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
     x = np.arange(len(table))
     for offset, (stage, label) in zip((-0.2, 0.2), STAGES.items()):
         bars.bar(x + offset, table[f"{stage}_acc_mean"], width=0.4, yerr=table[f"{stage}_acc_std"].fillna(0),
-                 capsize=4, label=label)
+                 capsize=4, label=label, color=STAGE_COLORS[stage])
     for i, row in table.iterrows():
         top = max(row["transfer_acc_mean"], row["scratch_acc_mean"])
         bars.annotate(f"{row['gain_mean']:+.1f}", (x[i], top), xytext=(0, 8), textcoords="offset points",
@@ -89,10 +91,12 @@ def render_fig4(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
     bars.set_title("final accuracy (gain over scratch)")
     bars.legend(loc="lower right")
 
+    markers = {task: TASK_MARKERS[i % len(TASK_MARKERS)] for i, task in enumerate(sorted(curves["task"].unique()))} \
+        if not curves.empty else {}
     for (task, stage), group in curves.groupby(["task", "stage"], sort=True):
         mean = group.groupby("epoch")["acc"].mean()
-        lines.plot(mean.index, 100 * mean.values, marker="o", markersize=3,
-                   linestyle="-" if stage == "transfer" else "--",
+        lines.plot(mean.index, 100 * mean.values, marker=markers[task], markersize=3,
+                   linestyle="-" if stage == "transfer" else "--", color=STAGE_COLORS[stage],
                    label=f"{TASK_LABELS.get(task, task)}: {stage}")
     lines.set_xlabel("fine-tuning epoch")
     lines.set_ylabel("downstream test accuracy (%)")
