@@ -13,10 +13,15 @@ STAGE_METRICS = ["metrics.upstream_test_acc", "metrics.transfer_test_acc", "metr
                  "metrics.transfer_gain"]
 
 
+RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.logger.", "params.cache.", "params.resume.",
+                          "params.devices.", "params.trainer.")
+
+
 def swept_params(runs: pd.DataFrame) -> list[str]:
-    """The ``params.*`` columns that differ between runs; seed and the theory's outputs excluded."""
-    columns = [c for c in runs.columns
-               if c.startswith("params.") and c != "params.seed" and not c.startswith("params.theory.")]
+    """The ``params.*`` columns that differ between runs: the experiment's own knobs, without the seed,
+    the theory's outputs and where or how runs were executed (logger, cache, resume, devices)."""
+    columns = [c for c in runs.columns if c.startswith("params.") and c != "params.seed"
+               and not c.startswith(RUN_ENVIRONMENT_PARAMS)]
     return [c for c in columns if runs[c].astype(str).nunique() > 1]
 
 
