@@ -25,6 +25,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ptlab.config import TheorySchema
+
 NEAR_OPTIMAL, SUB_OPTIMAL, UNDETERMINED = "near_optimal", "sub_optimal", "undetermined"
 TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER = "transfer_helps", "no_difference", "negative_transfer"
 OUTCOMES = (TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER, UNDETERMINED)
@@ -100,15 +102,8 @@ def regime(d: float, threshold: float, c_near: float = 1.0, c_sub: float = 1.0) 
     return UNDETERMINED
 
 
-@dataclass(frozen=True)
-class TheoryConstants:
-    """The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (default 1)."""
-
-    c1: float = 1.0
-    c3: float = 1.0
-    c1_prime: float = 1.0
-    c3_prime: float = 1.0
-    c4: float = 1.0
+TheoryConstants = TheorySchema
+"""The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (default 1): the config schema."""
 
 
 @dataclass(frozen=True)
