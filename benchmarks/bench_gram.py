@@ -1,27 +1,31 @@
 """Lightning path vs gram engine, side by side on this machine.
 
-(a) one pipeline at the default (paper) config, each engine end to end with MLflow tracking;
+(a) one pipeline at the default (paper) config: the stages alone (data drawn beforehand, no tracking),
+    the whole pipeline without tracking, and the whole pipeline with MLflow (an existing SQLite store);
 (b) a 10 x 10 fig2 grid x 2 seeds: Lightning per cell measured on a sample of cells and extrapolated
     (printed as such), against the batched gram launcher on the whole grid through the CLI;
 (c) cost per cell against d (500 ... 50000) for both engines: Lightning timed on 1/10 of the steps and
     scaled by 10 (printed as such), gram batched at 20 cells per d;
-(d) the full ``experiment=fig2`` grid (20 x 20 x 3, paper settings) through the CLI, with MLflow
-    (``--no-full`` skips it).
+(d) the full ``experiment=fig2`` grid (20 x 20 x 3, paper settings) through the CLI, with MLflow.
 
-Run from the repo root: ``python benchmarks/bench_gram.py [--sample 2]``. Everything it writes goes to
+Run from the repo root: ``python benchmarks/bench_gram.py [--parts abcd] [--sample 2]`` (about 8 minutes). Everything it writes goes to
 a temporary directory; the machine's load average is printed beside every timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -30,9 +34,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from ptlab.cli import CONFIG_DIR, quiet_lightning
+from ptlab.data import SyntheticTransferData
+from ptlab.engines import gram
 from ptlab.engines.gram import GramCell, run_cells
-from ptlab.pipeline import run_pipeline
+from ptlab.pipeline import run_pipeline, synthetic
+from ptlab.pipeline.synthetic import make_data
+from ptlab.tracking import NullTracker
 
+ENGINES = ("lightning", "gram")
 GRID_D = [500 + 1000 * i for i in range(10)]
 GRID_U = [0.4 * i for i in range(10)]
 SEEDS = [0, 1]
@@ -50,10 +59,47 @@ def config(overrides: list[str], tracking_uri: str) -> DictConfig:
 
 
 def timed_pipeline(overrides: list[str], out: Path) -> float:
+    """Seconds of one ``run_pipeline`` (config composition not counted); repeated calls share ``out/mlflow.db``."""
     cfg = config(overrides, f"sqlite:///{out / 'mlflow.db'}")
-    start = time.perf_counter()
-    run_pipeline(cfg, out / "job")
-    return time.perf_counter() - start
+    with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's own result table
+        start = time.perf_counter()
+        run_pipeline(cfg, out / "job")
+        return time.perf_counter() - start
+
+
+def stages_only(cfg: DictConfig, drawn: SyntheticTransferData) -> float:
+    """Seconds of ``run_synthetic`` (models, the three stages, the transfer) on data drawn beforehand."""
+    with mock.patch.object(synthetic, "make_data", lambda _: drawn), mock.patch.object(gram, "make_data", lambda _: drawn):
+        start = time.perf_counter()
+        synthetic.run_synthetic(cfg, NullTracker())
+        return time.perf_counter() - start
+
+
+def best(measure: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls after an untimed warm-up call."""
+    measure()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        measure()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def best_by_engine(seconds: Callable[[str], float], repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` measurements per engine after a warm-up each, the engines alternating."""
+    for engine in ENGINES:
+        seconds(engine)
+    times: dict[str, list[float]] = {engine: [] for engine in ENGINES}
+    for _ in range(repeats):
+        for engine in ENGINES:
+            times[engine].append(seconds(engine))
+    return {engine: min(values) for engine, values in times.items()}
+
+
+def report(label: str, seconds: dict[str, float]) -> None:
+    print(f"    {label}:\n        lightning {seconds['lightning']:7.3f} s   gram {seconds['gram']:6.3f} s   "
+          f"ratio {seconds['lightning'] / seconds['gram']:5.1f}x   ({load()})")
 
 
 def load() -> str:
@@ -68,30 +114,29 @@ def cli(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sample", type=int, default=2, help="Lightning cells measured for (b)")
-    parser.add_argument("--no-full", dest="full", action="store_false", help="skip the full experiment=fig2 grid")
-    parser.add_argument("--workers", type=int, default=None, help="gram worker processes (default: torch threads)")
-    args = parser.parse_args()
-    quiet_lightning()
-    root = Path(tempfile.mkdtemp(prefix="bench_gram_"))
-    print(f"outputs under {root}")
+def part_a(root: Path, repeats: int) -> None:
+    print("\n(a) one pipeline, default config (d=2000, m=40, N1=200, N2=20, T1=800, T2=400, eval every 10),"
+          f" best of {repeats} after a warm-up run, engines alternating")
+    cfgs = {engine: config([f"engine={engine}", "logger=none"], "") for engine in ENGINES}
+    drawn = make_data(cfgs["gram"])
+    data_draw = best(lambda: make_data(cfgs["gram"]), repeats)
+    stages = best_by_engine(lambda engine: stages_only(cfgs[engine], drawn), repeats)
+    report("stages only (run_synthetic on data drawn beforehand, no tracking)", stages)
+    untracked = best_by_engine(lambda engine: timed_pipeline([f"engine={engine}", "logger=none"], root / "a_untracked"),
+                               repeats)
+    report("whole pipeline without tracking (logger=none)", untracked)
+    tracked = best_by_engine(lambda engine: timed_pipeline([f"engine={engine}"], root / "a_tracked"), repeats)
+    report("whole pipeline with MLflow (SQLite store created by the warm-up run)", tracked)
+    print(f"    the same code in both engines: the data draw {data_draw:.3f} s, config checks and summaries, "
+          "MLflow runs, params, curves and the decomposition figure")
 
-    print("\n(a) one pipeline, default config (d=2000, m=40, N1=200, N2=20, T1=800, T2=400), with MLflow")
-    lightning = timed_pipeline(["engine=lightning"], root / "a_lightning")
-    gram = timed_pipeline(["engine=gram"], root / "a_gram")
-    print(f"    lightning {lightning:8.2f} s   gram {gram:6.2f} s   ratio {lightning / gram:6.1f}x   ({load()})")
-    lightning = timed_pipeline(["engine=lightning", "logger=none"], root / "a_lightning_untracked")
-    gram = timed_pipeline(["engine=gram", "logger=none"], root / "a_gram_untracked")
-    print(f"    without tracking (logger=none, same data and models): lightning {lightning:8.2f} s   gram {gram:6.2f} s"
-          f"   ratio {lightning / gram:6.1f}x   ({load()})")
 
+def part_b(root: Path, sample: int) -> None:
     print("\n(b) 10 x 10 fig2 grid x 2 seeds = 200 cells (paper settings)")
     cells = [(d, u, s) for d in GRID_D for u in GRID_U for s in SEEDS]
-    sample = random.Random(0).sample(cells, args.sample)
+    sampled = random.Random(0).sample(cells, sample)
     per_cell = []
-    for d, u, s in sample:
+    for d, u, s in sampled:
         seconds = timed_pipeline(["experiment=fig2", "engine=lightning", f"task.d={d}", f"task.u_norm={u:.1f}",
                                   f"seed={s}"], root / f"b_lightning_{d}_{u:.1f}_{s}")
         per_cell.append(seconds)
@@ -102,14 +147,16 @@ def main() -> None:
             "logger.tracking_uri=sqlite:///mlflow.db", "hydra.launcher.progress=false"]
     (root / "b_gram").mkdir()
     batched = cli(grid, root / "b_gram")
-    print(f"    lightning EXTRAPOLATED from {len(sample)} sampled cells: {estimate:8.1f} s "
+    print(f"    lightning EXTRAPOLATED from {len(sampled)} sampled cells: {estimate:8.1f} s "
           f"({estimate / len(cells):.2f} s/cell)")
     print(f"    gram batched launcher, whole grid, CLI incl. MLflow: {batched:8.1f} s  ratio {estimate / batched:6.1f}x"
           f"   ({load()})")
 
+
+def part_c(root: Path, workers: int | None) -> None:
     print("\n(c) cost per cell against d (paper settings otherwise, no tracking)")
     print(f"    {'d':>6} {'lightning s/cell (1/10 steps x10)':>34} {'gram s/cell (20 batched)':>25} {'gram single':>12}")
-    workers = torch.get_num_threads() if args.workers is None else args.workers
+    workers = torch.get_num_threads() if workers is None else workers
     for d in (500, 2000, 5000, 10000, 20000, 50000):
         light = 10 * timed_pipeline(["logger=none", "engine=lightning", f"task.d={d}", "train.upstream_steps=80",
                                      "train.downstream_steps=40"], root / f"c_l_{d}")
@@ -123,12 +170,34 @@ def main() -> None:
         single = time.perf_counter() - start
         print(f"    {d:>6} {light:>34.2f} {batched_cell:>25.3f} {single:>12.3f}   ({load()})")
 
-    if args.full:
-        print("\n(d) full experiment=fig2 grid (20 x 20 x 3 = 1200 cells, paper settings), CLI incl. MLflow")
-        (root / "d_full").mkdir()
-        seconds = cli(["-m", "experiment=fig2", "logger.tracking_uri=sqlite:///mlflow.db",
-                       "hydra.launcher.progress=false"], root / "d_full")
-        print(f"    {seconds:.1f} s   ({load()})")
+
+def part_d(root: Path) -> None:
+    print("\n(d) full experiment=fig2 grid (20 x 20 x 3 = 1200 cells, paper settings), CLI incl. MLflow")
+    (root / "d_full").mkdir()
+    seconds = cli(["-m", "experiment=fig2", "logger.tracking_uri=sqlite:///mlflow.db",
+                   "hydra.launcher.progress=false"], root / "d_full")
+    print(f"    {seconds:.1f} s   ({load()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sample", type=int, default=2, help="Lightning cells measured for (b)")
+    parser.add_argument("--parts", default="abcd", help="which measurements to run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per engine in (a)")
+    parser.add_argument("--workers", type=int, default=None, help="gram worker processes (default: torch threads)")
+    args = parser.parse_args()
+    quiet_lightning()
+    root = Path(tempfile.mkdtemp(prefix="bench_gram_"))
+    print(f"outputs under {root}")
+
+    if "a" in args.parts:
+        part_a(root, args.repeats)
+    if "b" in args.parts:
+        part_b(root, args.sample)
+    if "c" in args.parts:
+        part_c(root, args.workers)
+    if "d" in args.parts:
+        part_d(root)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
 
 def test_batched_cells_equal_single_cells(make_cfg) -> None:
     """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
-    gets alone (d=60 < 2P also takes the summed-coefficient path, d=200 elsewhere the solved one)."""
+    gets alone."""
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]

@@ -242,122 +242,120 @@ class _StageOutput:
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 solve: bool = False) -> _StageOutput:
+                 eval_block_bytes: int = 64 << 20) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
     xi_1..xi_N]. ``start`` (G, C, Fm, P) = <w(0), vector>; ``test_start`` (G, C, Fm, n_test) = <w(0), test
     noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
     x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
-    ``signal_coefficients`` (G, C, 3): the task signal u + v_k along the unit directions;
+    ``signal_coefficients`` (G, C, 3): the task signal s = u + v_k along the unit directions;
     ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C).
 
-    The signal (3) and noise (N) columns live in separate contiguous tensors, so that the per-step work
-    besides the (C Fm x N) @ (N x N) product is four streaming passes over the noise block; the test set
-    is evaluated at the eval steps only. With ``solve`` (for well-conditioned Gram matrices, d >= 2P) the
-    coefficients are not summed step by step but recovered where needed from ``C G = R - R(0)``.
+    The steps run on the K = N + 2 patches GD actually sees, [xi_1..xi_N, +s, -s] (each cell its own s),
+    so that one step is a dozen tensor operations whatever the batch: responses ``R = <w, patch>``,
+    ``f = (sign / m) relu(R) A`` with ``A`` (K, N) placing each sample's two patches, the loss slope
+    per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``. Coefficients are summed
+    step by step and mapped back to [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of
+    -s). The eval steps only keep a copy of the state; the test set and the decomposition are computed
+    for several eval steps at once (``eval_block_bytes`` bounds the memory this takes).
     """
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
-    rows = cells * filters
+    patches, batch = n_train + 2, groups * cells
     dtype = start.dtype
     sign = torch.cat([torch.ones(width, dtype=dtype), -torch.ones(width, dtype=dtype)])
-    sign_over_m = sign / width
-    output_sign = torch.tensor([1.0, -1.0], dtype=dtype)[:, None]
-    start_signal = start[..., :3].reshape(groups, rows, 3).contiguous()
-    start_noise = start[..., 3:].reshape(groups, rows, n_train).contiguous()
-    blocks = {name: block.contiguous() for name, block in (
-        ("ss", gram[:, :3, :3]), ("sn", gram[:, :3, 3:]), ("ns", gram[:, 3:, :3]), ("nn", gram[:, 3:, 3:]))}
-    cross_signal, cross_noise = cross[:, :3].contiguous(), cross[:, 3:].contiguous()
-    test_start = test_start.reshape(groups, rows, n_test)
-    signal, noise = start_signal.clone(), start_noise.clone()  # <w, b_a> and <w, xi_i>
-    signal_c, noise_c = torch.zeros_like(signal), torch.zeros_like(noise)  # the coefficients
-    if solve:
-        inverse = torch.linalg.inv(gram.double()).to(dtype)
-        test_map = inverse @ cross  # R - R(0) -> the test responses' change
-        inverse_signal, inverse_noise = inverse[:, :3].contiguous(), inverse[:, 3:].contiguous()
-        test_map_signal, test_map_noise = test_map[:, :3].contiguous(), test_map[:, 3:].contiguous()
-
-    def recover() -> None:
-        if solve:
-            change_signal, change_noise = signal - start_signal, noise - start_noise
-            both = torch.bmm(change_signal, inverse_signal).baddbmm_(change_noise, inverse_noise)
-            signal_c.copy_(both[..., :3])
-            noise_c.copy_(both[..., 3:])
-    signal_u, noise_u = torch.empty_like(signal), torch.empty_like(noise)  # this step's update
-    positive = torch.empty_like(noise)
-    by_sign = (groups, cells, 2, width, n_train)
-    positive_clean = (clean > 0)[:, None, :]
-    positive_test_clean = (test_clean > 0)[:, None, :]
-    own_plus = (y > 0)[:, None, None, :]
-    labels = y[:, None, :]
-    scale = (-lr / width)[..., None]  # (G, C, 1): the step of a +1 filter per unit of dL/df_i
+    # [xi; +s; -s] = embed @ [b; xi], per cell: (G, C, K, P)
+    embed = torch.zeros(groups, cells, patches, vectors, dtype=dtype)
+    embed[:, :, :n_train, 3:] = torch.eye(n_train, dtype=dtype)
+    embed[:, :, n_train, :3] = signal_coefficients
+    embed[:, :, n_train + 1, :3] = -signal_coefficients
+    patch_gram = (embed @ gram[:, None] @ embed.transpose(-1, -2)).view(batch, patches, patches)
+    response = start @ embed.transpose(-1, -2)  # (G, C, Fm, K): R = <w, patch>
+    start_response = response.clone()
+    coefficients = torch.zeros_like(response)
+    # Sample i sees its noise patch and the signal patch of its clean label: f = h @ place, h = (sign/m) relu(R).
+    place = torch.zeros(groups, patches, n_train, dtype=dtype)
+    place[:, :n_train] = torch.eye(n_train, dtype=dtype)
+    place[:, n_train] = (clean > 0).to(dtype)
+    place[:, n_train + 1] = (clean < 0).to(dtype)
+    # d loss / d f_i = -y_i sigmoid(-y_i f_i) / N: the sigmoid times this map gives d loss / d patch
+    slope_to_patch = ((-y / n_train)[..., None] * place.transpose(-1, -2)).contiguous()  # (G, N, K)
+    negative_labels = -y[:, None, :]
+    signs_over_m = (sign / width).expand(batch, 1, filters)
+    # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
+    output_step = ((-lr / width)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
+    by_output_shape = (groups, cells, 2, width, patches)
+    one = torch.ones((), dtype=dtype)
+    positive = torch.empty_like(response)
+    batch_response, batch_positive = response.view(batch, filters, patches), positive.view(batch, filters, patches)
     checkpoints = eval_steps(steps, eval_every)
-    loss = torch.empty(groups, cells, steps + 1, dtype=dtype)
+    exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype)  # -y f, every step
     train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32)
     test_acc = torch.empty_like(train_acc)
     decomposition = torch.empty(groups, cells, len(checkpoints), len(DECOMPOSITION_NAMES), dtype=dtype)
-    trajectory = [] if record_coefficients else None
+    trajectory: list[Tensor] | None = [] if record_coefficients else None
+    test_start = test_start.reshape(groups, 1, cells * filters, n_test)
+    positive_test_clean = (test_clean > 0)[:, None, None, :]
+    own_plus = (y > 0)[:, None, None, None, :]
+    per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
+    block = max(1, eval_block_bytes // per_eval_bytes)
+    pending: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (eval index, coefficients, response, h)
+
+    def to_base(ext: Tensor) -> Tensor:
+        """Coefficients along the patches (..., K) -> along [b_u, b_v1, b_v2, xi] (..., P); ``ext`` (G, E, C, Fm, K)."""
+        along_s = (ext[..., n_train] - ext[..., n_train + 1])[..., None]
+        return torch.cat([along_s * signal_coefficients[:, None, :, None, :], ext[..., :n_train]], dim=-1)
+
+    def evaluate() -> None:
+        """Accuracies and decomposition of the pending eval steps, in one batch (E of them)."""
+        index = [item[0] for item in pending]
+        ext, resp, h = (torch.stack([item[k] for item in pending], dim=1) for k in (1, 2, 3))  # (G, E, ...)
+        evals = len(index)
+        margin = (exponents[[checkpoints[i] for i in index]] * negative_labels).transpose(0, 1)  # (G, E, C, N)
+        train_acc[..., index] = _accuracy(margin, y[:, None, None, :]).transpose(1, 2)
+        base = to_base(ext)
+        flat = base.view(groups, evals * cells * filters, vectors)
+        test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test).add_(test_start)
+        test_halves = test_response.clamp_min_(0).view(groups, evals, cells, 2, width, n_test)
+        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / width + torch.where(
+            positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
+        test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
+        along_basis = start[:, None, ..., :3] + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
+        learned = sign[:, None] * along_basis * signal_norms[:, None, :, None, :]  # j <w, a>, a in u, v1, v2
+        by_output = resp[..., :n_train].view(groups, evals, cells, 2, width, n_train)
+        own = torch.where(own_plus, by_output[:, :, :, 0], by_output[:, :, :, 1])  # <w_{y_i, r}, xi_i>
+        norms = (norm2_start[:, None] + (ext * (resp + start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
+        decomposition[:, :, index] = torch.cat([
+            torch.stack([learned.amax(3), learned.mean(3)], dim=-1).flatten(-2),
+            own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None], norms.mean(-1, keepdim=True),
+        ], dim=-1).transpose(1, 2)
+        if trajectory is not None:
+            trajectory.extend(base.unbind(1))
+        pending.clear()
+
     evaluation = 0
-
-    def squared_norms() -> Tensor:
-        return norm2_start + ((signal_c * (signal + start_signal)).sum(-1)
-                              + (noise_c * (noise + start_noise)).sum(-1)).view(groups, cells, filters)
-
     for step in range(steps + 1):
-        signal_response = (signal.view(groups, cells, filters, 3) * signal_coefficients[:, :, None, :]).sum(-1)
-        torch.clamp_min(noise, 0, out=positive)
-        signal_plus = torch.matmul(signal_response.clamp_min(0), sign_over_m)  # signal part of f, clean y = +1
-        signal_minus = torch.matmul((-signal_response).clamp_min(0), sign_over_m)
-        margin = torch.matmul(sign_over_m, positive.view(groups, cells, filters, n_train)) + torch.where(
-            positive_clean, signal_plus[..., None], signal_minus[..., None])
-        exponent = -labels * margin
-        loss[..., step] = F.softplus(exponent).mean(-1)
+        torch.clamp_min(response, 0, out=positive)
+        h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
+        exponent = torch.mul(torch.bmm(h, place), negative_labels, out=exponents[step])  # -y f
         if step == checkpoints[evaluation]:
-            train_acc[..., evaluation] = _accuracy(margin, labels)
-            recover()
-            if solve:
-                test_response = torch.baddbmm(test_start, signal - start_signal, test_map_signal).baddbmm_(
-                    noise - start_noise, test_map_noise)
-            else:
-                test_response = torch.baddbmm(test_start, signal_c, cross_signal).baddbmm_(noise_c, cross_noise)
-            test_halves = test_response.clamp_min_(0).view(groups, cells, 2, width, n_test)
-            test_margin = (test_halves[:, :, 0].sum(2) - test_halves[:, :, 1].sum(2)) / width + torch.where(
-                positive_test_clean, signal_plus[..., None], signal_minus[..., None])
-            test_acc[..., evaluation] = _accuracy(test_margin, test_y[:, None, :])
-            learned = (sign[:, None] * signal.view(groups, cells, filters, 3)
-                       * signal_norms[:, :, None, :])  # j <w, a>, a in u, v1, v2
-            by_output = noise.view(by_sign)
-            own = torch.where(own_plus, by_output[:, :, 0], by_output[:, :, 1])  # <w_{y_i, r}, xi_i>
-            decomposition[..., evaluation, :] = torch.cat([
-                torch.stack([learned.amax(2), learned.mean(2)], dim=-1).flatten(-2),
-                own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None],
-                squared_norms().clamp_min(0).sqrt().mean(-1, keepdim=True)], dim=-1)
-            if trajectory is not None:
-                trajectory.append(torch.cat([signal_c, noise_c], dim=-1).view(groups, cells, filters, vectors))
+            pending.append((evaluation, coefficients.clone(), response.clone(), h))
             evaluation += 1
+            if len(pending) == block or step == steps:
+                evaluate()
         if step == steps:
             break
-        exp = torch.exp(exponent)
-        slope = torch.where(exponent > SOFTPLUS_THRESHOLD, torch.ones_like(exp), exp / (exp + 1))
-        grad_margin = -labels * slope / n_train  # dL/df_i
-        step_noise = (grad_margin * scale)[:, :, None, :] * output_sign  # (G, C, 2, N)
-        torch.gt(noise, 0, out=noise_u)
-        noise_u.view(by_sign).mul_(step_noise[:, :, :, None, :])
-        plus_sum = (grad_margin * positive_clean).sum(-1)
-        minus_sum = grad_margin.sum(-1) - plus_sum
-        step_signal = ((signal_response > 0) * plus_sum[..., None] - (signal_response < 0) * minus_sum[..., None]
-                       ) * sign * scale
-        torch.mul(step_signal[..., None], signal_coefficients[:, :, None, :],
-                  out=signal_u.view(groups, cells, filters, 3))
-        noise.baddbmm_(noise_u, blocks["nn"]).baddbmm_(signal_u, blocks["sn"])
-        signal.baddbmm_(signal_u, blocks["ss"]).baddbmm_(noise_u, blocks["ns"])
-        if not solve:
-            noise_c.add_(noise_u)
-            signal_c.add_(signal_u)
-    recover()
-    coefficients = torch.cat([signal_c, noise_c], dim=-1).view(groups, cells, filters, vectors)
-    return _StageOutput(loss, train_acc, test_acc, decomposition, coefficients, squared_norms(),
+        # softplus' gradient: the sigmoid, exactly 1 above softplus' threshold
+        slope = torch.where(exponent > SOFTPLUS_THRESHOLD, one, torch.sigmoid(exponent))
+        per_patch = torch.bmm(slope, slope_to_patch)  # (G, C, K)
+        step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
+        positive.sign_().view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        batch_response.baddbmm_(batch_positive, patch_gram)
+        coefficients.add_(positive)
+    loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
+    norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
+    return _StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
                         torch.stack(trajectory, dim=2) if trajectory is not None else None)
 
 
@@ -441,7 +439,6 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
     size = max(len(g.cells) for g in groups)
     layout = [g.cells + [g.cells[0]] * (size - len(g.cells)) for g in groups]
     width, filters = first.width, 2 * first.width
-    min_d = min(cells[i].d for group in groups for i in group.cells)  # d >= 2P: well-conditioned Gram matrices
     lr = _per_cell(cells, layout, lambda c: [c.lr], dtype)[..., 0]
     norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype)
     zero = torch.zeros_like(norms[..., :1])
@@ -457,8 +454,7 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         upstream_out = _train_stage(
             expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
             _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
-            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
-            solve=min_d >= 2 * (3 + first.n1))
+            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients)
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         plans, mask_list = [], []
         for g, row in enumerate(layout):
@@ -479,13 +475,13 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         downstream = _train_stage(
             start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
             _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, solve=min_d >= 2 * (3 + first.n2))
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients)
     else:
         downstream = _train_stage(
             expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
             _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
             _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients, solve=min_d >= 2 * (3 + first.n2))
+            record_coefficients)
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:

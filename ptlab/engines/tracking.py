@@ -12,7 +12,6 @@ Runs are written FINISHED once their pipeline is done, so an interrupted sweep l
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
@@ -22,7 +21,6 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import sqlalchemy
 from mlflow.entities import LifecycleStage, RunStatus, SourceType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
@@ -33,9 +31,7 @@ from mlflow.utils.uri import append_to_uri_path
 
 from ptlab.config import ConfigError
 from ptlab.tracking.mlflow import STAGE_TAG, default_artifact_location, get_or_create_experiment, resolve_tracking_uri
-
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-MAX_FLOAT = 1.7976931348623157e308
+from ptlab.tracking.sql import DATABASE_SCHEMES, create_engine, is_database_uri, metric_rows
 
 
 class RecordedRun:
@@ -107,21 +103,12 @@ class RecordingTracker:
         return [self.parent, *self.stages.values()]
 
 
-def _metric_value(value: float) -> tuple[float, bool]:
-    """MLflow's storage of a metric value: NaN as 0 with ``is_nan``, infinities as the largest float."""
-    if math.isnan(value):
-        return 0.0, True
-    if math.isinf(value):
-        return (MAX_FLOAT if value > 0 else -MAX_FLOAT), False
-    return value, False
-
-
 class BulkRunWriter:
     """Writes ``RecordingTracker`` pipelines into one MLflow experiment of a database-backed store."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        if self.tracking_uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        if not is_database_uri(self.tracking_uri):
             raise ConfigError(f"logger.tracking_uri={tracking_uri!r} is not allowed with the batched gram launcher: "
                               f"must be a database URI ({', '.join(s + '://' for s in DATABASE_SCHEMES)}), "
                               "or use logger=none")
@@ -131,7 +118,7 @@ class BulkRunWriter:
         self.artifact_root = client.get_experiment(self.experiment_id).artifact_location
         self.context_tags = {k: str(v) for k, v in resolve_tags({}).items()}
         """What ``MLFlowLogger`` adds to a child run (user, source); resolved once."""
-        self.engine = sqlalchemy.create_engine(self.tracking_uri)
+        self.engine = create_engine(self.tracking_uri)
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> RecordingTracker:
         """A recording tracker for one pipeline of this experiment."""
@@ -153,19 +140,9 @@ class BulkRunWriter:
                     experiment_id=int(self.experiment_id)))
                 tags.extend(dict(key=k, value=v[:8000], run_uuid=run.run_id) for k, v in run.tags.items())
                 params.extend(dict(key=k, value=v, run_uuid=run.run_id) for k, v in run.params.items())
-                newest: dict[str, tuple[int, int, float, bool]] = {}
-                seen = set()
-                for key, raw, stamp, step in run.metrics:
-                    value, is_nan = _metric_value(raw)
-                    if (key, stamp, step, value, is_nan) in seen:
-                        continue
-                    seen.add((key, stamp, step, value, is_nan))
-                    metrics.append(dict(key=key, value=value, timestamp=stamp, step=step, is_nan=is_nan,
-                                        run_uuid=run.run_id))
-                    if key not in newest or (step, stamp, value) > newest[key][:3]:
-                        newest[key] = (step, stamp, value, is_nan)
-                latest.extend(dict(key=k, value=v, timestamp=t, step=s, is_nan=n, run_uuid=run.run_id)
-                              for k, (s, t, v, n) in newest.items())
+                rows, newest = metric_rows(run.run_id, run.metrics)
+                metrics.extend(rows)
+                latest.extend(newest.values())
                 if run.texts:
                     artifacts.append((artifact_uri, run.texts))
         with self.engine.begin() as connection:

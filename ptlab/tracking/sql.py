@@ -1,0 +1,101 @@
+"""Metric points written straight into a database-backed MLflow store, with MLflow's own tables.
+
+MLflow's ``log_batch`` costs about 0.2 ms a metric point on SQLite (an ORM object and a latest-metric
+comparison each); a synthetic pipeline logs thousands of points. ``MetricWriter`` inserts a run's
+points into ``metrics`` and updates ``latest_metrics`` in one transaction, leaving the rows that
+``log_batch`` leaves (NaN stored as 0 with ``is_nan``, infinities as the largest float, duplicate
+points once, the latest point by (step, timestamp, value)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy
+from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+
+from ptlab.tracking.faults import with_retries
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+MAX_FLOAT = 1.7976931348623157e308
+
+MetricPoint = tuple[str, float, int, int]
+"""(key, value, timestamp in ms, step)."""
+
+
+def is_database_uri(tracking_uri: str) -> bool:
+    """True for a database-backed store (``sqlite:///...``, ``postgresql+psycopg2://...``)."""
+    return tracking_uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES
+
+
+def metric_value(value: float) -> tuple[float, bool]:
+    """MLflow's storage of a metric value: NaN as 0 with ``is_nan``, infinities as the largest float."""
+    if math.isnan(value):
+        return 0.0, True
+    if math.isinf(value):
+        return (MAX_FLOAT if value > 0 else -MAX_FLOAT), False
+    return value, False
+
+
+def metric_rows(run_id: str, points: Iterable[MetricPoint],
+                ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The ``metrics`` rows of ``points`` (duplicates once) and the newest row of each key."""
+    rows: list[dict[str, Any]] = []
+    newest: dict[str, dict[str, Any]] = {}
+    seen = set()
+    for key, raw, stamp, step in points:
+        value, is_nan = metric_value(raw)
+        identity = (key, stamp, step, value, is_nan)
+        if identity in seen:
+            continue
+        seen.add(identity)
+        row = dict(key=key, value=value, timestamp=stamp, step=step, is_nan=is_nan, run_uuid=run_id)
+        rows.append(row)
+        if key not in newest or _order(row) > _order(newest[key]):
+            newest[key] = row
+    return rows, newest
+
+
+def _order(row: Mapping[str, Any]) -> tuple[int, int, float]:
+    return row["step"], row["timestamp"], row["value"]
+
+
+def create_engine(tracking_uri: str) -> sqlalchemy.Engine:
+    """An engine on the store's database; SQLite waits up to 20 s for a lock, as MLflow's own does."""
+    connect_args = {"timeout": 20} if tracking_uri.startswith("sqlite") else {}
+    return sqlalchemy.create_engine(tracking_uri, connect_args=connect_args)
+
+
+class MetricWriter:
+    """Writes metric points of existing runs into a database-backed MLflow store."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.engine = create_engine(tracking_uri)
+
+    def write(self, run_id: str, points: Iterable[MetricPoint]) -> int:
+        """Store ``points`` of run ``run_id`` in one transaction (retried while SQLite is locked);
+        ``sqlalchemy.exc.IntegrityError`` when a point is already stored. Returns the rows written."""
+        rows, newest = metric_rows(run_id, points)
+        if rows:
+            with_retries(self._write)(run_id, rows, newest)
+        return len(rows)
+
+    def _write(self, run_id: str, rows: list[dict[str, Any]], newest: dict[str, dict[str, Any]]) -> None:
+        latest = SqlLatestMetric.__table__
+        with self.engine.begin() as connection:
+            connection.execute(SqlMetric.__table__.insert(), rows)
+            stored = {row.key: dict(row._mapping) for row in connection.execute(
+                sqlalchemy.select(latest).where(latest.c.run_uuid == run_id, latest.c.key.in_(list(newest))))}
+            replaced = [row for key, row in newest.items() if key in stored and _order(row) > _order(stored[key])]
+            for row in replaced:
+                connection.execute(latest.update().where(latest.c.run_uuid == run_id, latest.c.key == row["key"])
+                                   .values(value=row["value"], timestamp=row["timestamp"], step=row["step"],
+                                           is_nan=row["is_nan"]))
+            added = [row for key, row in newest.items() if key not in stored]
+            if added:
+                connection.execute(latest.insert(), added)
+
+    def close(self) -> None:
+        self.engine.dispose()
