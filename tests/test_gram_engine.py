@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
+from ptlab.engines import gram
 from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, reconstruct_weights, run_cells
 from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
@@ -93,6 +94,21 @@ def test_batched_cells_equal_single_cells(make_cfg) -> None:
         for stage in ("upstream", "transfer", "scratch"):
             torch.testing.assert_close(together.stages[stage].signal, alone.stages[stage].signal, rtol=1e-9, atol=1e-12)
             assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
+
+
+def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, monkeypatch) -> None:
+    """Eval steps evaluated one at a time (a 1-byte block) give the curves and coefficients of the default."""
+    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3")
+    cell = GramCell.from_config(cfg)
+    together = run_cells([cell], record_coefficients=True)[0]
+    monkeypatch.setattr(gram, "EVAL_BLOCK_BYTES", 1)
+    alone = run_cells([cell], record_coefficients=True)[0]
+    for stage in ("upstream", "transfer", "scratch"):
+        a, b = together.stages[stage], alone.stages[stage]
+        assert a.eval_steps == b.eval_steps and len(a.eval_steps) > 3
+        for name in ("loss", "train_acc", "test_acc", "decomposition"):
+            assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-12, abs=1e-12), (stage, name)
+        torch.testing.assert_close(a.trajectory, b.trajectory, rtol=1e-12, atol=1e-12)
 
 
 def child_metrics(client: MlflowClient, experiment_id: str) -> dict[str, dict[str, list[tuple[int, float]]]]:

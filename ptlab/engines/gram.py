@@ -51,6 +51,8 @@ DECOMPOSITION_NAMES = (
 )
 """The signal/noise decomposition metrics of ``ptlab.modules.decomposition``, in the order computed here."""
 HISTORIES = ("full", "eval", "last")
+EVAL_BLOCK_BYTES = 64 << 20
+"""About the most memory the test-set evaluation of a batch of eval steps takes."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ class _StageOutput:
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 eval_block_bytes: int = 64 << 20) -> _StageOutput:
+                 ) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
@@ -258,7 +260,7 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``. Coefficients are summed
     step by step and mapped back to [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of
     -s). The eval steps only keep a copy of the state; the test set and the decomposition are computed
-    for several eval steps at once (``eval_block_bytes`` bounds the memory this takes).
+    for several eval steps at once (``EVAL_BLOCK_BYTES`` bounds the memory this takes).
     """
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
@@ -299,7 +301,7 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     positive_test_clean = (test_clean > 0)[:, None, None, :]
     own_plus = (y > 0)[:, None, None, None, :]
     per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
-    block = max(1, eval_block_bytes // per_eval_bytes)
+    block = max(1, EVAL_BLOCK_BYTES // per_eval_bytes)
     pending: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (eval index, coefficients, response, h)
 
     def to_base(ext: Tensor) -> Tensor:

@@ -116,7 +116,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        if self._initialized:
+        if self._initialized or self._pending:
             self.flush()
         if self._writer is not None:
             self._writer.close()
