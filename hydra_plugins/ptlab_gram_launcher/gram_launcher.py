@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 
 @dataclass
 class PtlabGramLauncherConf:
-    """``max_cells``: cells per batched chunk (memory ~1.5 MB per cell at N1=200, m=40); ``workers``: processes
-    that run chunks (null: torch's thread count); ``history``: curve points sent to MLflow per run: full | eval |
-    last; ``progress``: a progress bar over cells."""
+    """``max_cells``: cells per batched chunk (memory about 1.2 MB a cell at N1=200, m=40, plus ~100 MB);
+    ``workers``: processes that run chunks (null: torch's thread count); ``history``: curve points sent to MLflow
+    per run: full | eval | last; ``progress``: a progress bar over cells."""
 
     _target_: str = "hydra_plugins.ptlab_gram_launcher.gram_launcher.PtlabGramLauncher"
     max_cells: int = 60
