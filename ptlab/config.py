@@ -391,9 +391,30 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
     _check_model_fits_task(cfg)
+    if cfg.engine == "gram":
+        check_gram_engine(cfg)
 
 
 SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"
+
+
+def check_gram_engine(cfg: Any) -> None:
+    """What ``engine=gram`` runs: the synthetic task's two-layer CNNs, filter transfer (or none) between equal
+    widths; ``ConfigError`` naming the key otherwise. ``cfg``: a ``DictConfig`` or a resolved config read
+    by attribute."""
+    if cfg.task.name != "synthetic":
+        raise ConfigError(f"task={cfg.task.name} is not allowed with engine=gram: must be synthetic "
+                          "(or engine=lightning)")
+    for key in ("model", "upstream_model"):
+        target = cfg[key].get("_target_")
+        if target != SYNTHETIC_MODEL:
+            raise ConfigError(f"{key}._target_={target!r} is not allowed with engine=gram: must be {SYNTHETIC_MODEL}")
+    if cfg.transfer.kind not in ("none", "filters"):
+        raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
+                          "must be one of none, filters")
+    if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
+        raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
+                          f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:

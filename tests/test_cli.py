@@ -74,3 +74,14 @@ def test_a_model_that_does_not_fit_the_task_is_rejected():
     assert "model=toy_cnn is not allowed with task=digits: must be an image model" in preflight(["task=digits"])
     assert "is not allowed with task=synthetic: must be toy_cnn" in preflight(["model=resnet18"])
     assert preflight(["task=digits", "+pair=vgg16_small_vgg11_small"]) is None
+
+
+def test_what_the_gram_engine_cannot_run_is_rejected_before_anything_runs():
+    assert ("transfer.kind='layers' is not allowed with engine=gram: must be one of none, filters"
+            in preflight(["engine=gram", "transfer=layers"]))
+    assert ("task=digits is not allowed with engine=gram: must be synthetic"
+            in preflight(["engine=gram", "task=digits", "+pair=vgg16_small_vgg11_small"]))
+    assert ("upstream_model.width=8 is not allowed with engine=gram: filter transfer needs equal weight shapes"
+            in preflight(["engine=gram", "upstream_model=toy_cnn", "upstream_model.width=8"]))
+    assert "is not allowed with engine=gram" in preflight(["-m", "engine=lightning,gram", "transfer=layers"])
+    assert preflight(["engine=gram", "transfer=none", "upstream_model=toy_cnn", "upstream_model.width=8"]) is None

@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ptlab.config import ConfigError
+from ptlab.config import check_gram_engine
 from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
 from ptlab.pipeline.synthetic import DTYPES, build_model, make_data
 from ptlab.seeding import derive_seed
 from ptlab.transfer import TwoLayerCNNFilters, get_selector
 
-MODEL_TARGET = "ptlab.models.TwoLayerReLUCNN"
 STAGES = ("upstream", "transfer", "scratch")
 SOFTPLUS_THRESHOLD = 20.0
 """``torch.nn.functional.softplus``'s default: above it the loss is linear and its slope exactly 1."""
@@ -89,19 +88,8 @@ class GramCell:
 
         ``snapshot`` (the resolved container of ``cfg``) is kept instead of ``cfg`` when ``cfg`` is about to
         change (a sweep re-uses one config object for many jobs)."""
-        if cfg.task.name != "synthetic":
-            raise ConfigError(f"engine=gram needs task=synthetic, got task.name={cfg.task.name!r}")
-        for key in ("model", "upstream_model"):
-            target = cfg[key].get("_target_")
-            if target != MODEL_TARGET:
-                raise ConfigError(f"{key}._target_={target!r} is not allowed with engine=gram: must be {MODEL_TARGET}")
-        if cfg.transfer.kind not in ("none", "filters"):
-            raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
-                              "must be one of none, filters")
+        check_gram_engine(cfg)
         transfer = cfg.transfer.kind == "filters"
-        if transfer and cfg.upstream_model.width != cfg.model.width:
-            raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed: filter transfer "
-                              f"needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
         task, noise, train = cfg.task, cfg.noise, cfg.train
         return cfg_type(
             seed=int(cfg.seed), d=int(task.d), n1=int(task.n1), n2=int(task.n2), n_test=int(task.n_test),
