@@ -21,6 +21,7 @@ depend on the signal norms) and one set of Gram matrices.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,17 @@ def _accuracy(margin: Tensor, y: Tensor) -> Tensor:
     return correct.to(torch.float32) / torch.tensor(float(margin.shape[-1]), dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block (a decorator too)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @dataclass
 class _StageOutput:
     loss: Tensor
@@ -232,7 +244,7 @@ class _StageOutput:
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 ) -> _StageOutput:
+                 eval_threads: int = 1) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
@@ -248,7 +260,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``. Coefficients are summed
     step by step and mapped back to [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of
     -s). The eval steps only keep a copy of the state; the test set and the decomposition are computed
-    for several eval steps at once (``EVAL_BLOCK_BYTES`` bounds the memory this takes).
+    for several eval steps at once, on ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory
+    this takes).
     """
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
@@ -297,6 +310,7 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         along_s = (ext[..., n_train] - ext[..., n_train + 1])[..., None]
         return torch.cat([along_s * signal_coefficients[:, None, :, None, :], ext[..., :n_train]], dim=-1)
 
+    @torch_threads(eval_threads)
     def evaluate() -> None:
         """Accuracies and decomposition of the pending eval steps, in one batch (E of them)."""
         index = [item[0] for item in pending]
@@ -421,7 +435,7 @@ def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[G
     return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
 
 
-def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients: bool,
+def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients: bool, eval_threads: int = 1,
                ) -> list[tuple[int, GramResult]]:
     """Run every cell of ``groups`` (one shape) as one batched program; pads groups to equal size."""
     first = cells[groups[0].cells[0]]
@@ -444,7 +458,8 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         upstream_out = _train_stage(
             expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
             _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
-            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients)
+            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
+            eval_threads)
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         plans, mask_list = [], []
         for g, row in enumerate(layout):
@@ -465,13 +480,13 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         downstream = _train_stage(
             start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
             _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients)
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads)
     else:
         downstream = _train_stage(
             expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
             _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
             _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients)
+            record_coefficients, eval_threads)
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
@@ -514,9 +529,15 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
 
 
 def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool]) -> list[tuple[int, GramResult]]:
-    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process."""
+    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process.
+
+    The d-space products and the evaluations use torch's threads; the steps run on one: they are many
+    small tensor operations, which lose more to the threads' synchronisation than they gain."""
     cells, groups, record_coefficients = spec
-    return _run_chunk(cells, [_prepare_group(cells[g[0]], g) for g in groups], record_coefficients)
+    prepared = [_prepare_group(cells[g[0]], g) for g in groups]
+    threads = torch.get_num_threads()
+    with torch_threads(1):
+        return _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
 
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
@@ -555,13 +576,7 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
                 yield [(flat[k], result) for k, result in out]
     else:
         for flat, spec in specs:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # small per-step operations: one thread beats two (see above)
-            try:
-                out = _run_spec(spec)
-            finally:
-                torch.set_num_threads(threads)
-            yield [(flat[k], result) for k, result in out]
+            yield [(flat[k], result) for k, result in _run_spec(spec)]
 
 
 def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
