@@ -2,14 +2,14 @@
 
 Before Hydra starts, every job's config is composed and validated once (``preflight``), so a bad
 value or unknown option stops the whole command with one line naming the key and what is allowed,
-before anything trains.
+before anything trains. This module imports only Hydra, OmegaConf and ptlab's light modules: torch,
+Lightning, MLflow, torchvision and timm load inside the job, where they are used, so ``--help`` and a
+bad-input error answer in about a second.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,28 +20,22 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException, MissingConfigException
-from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 from ptlab.config import ConfigError, register_configs, validate
+from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
-from ptlab.pipeline import run_pipeline
-from ptlab.tracking.faults import Terminated
+from ptlab.engines.lightning import quiet_lightning
+from ptlab.paths import config_dir
 
 register_configs()
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-"""The repo's top-level ``conf/`` (ptlab is installed editable, next to its configs)."""
+CONFIG_DIR = config_dir()
+"""The repository's top-level ``conf/``, or the copy installed with the package (``ptlab/conf``)."""
 
 PREFIXES = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~", OverrideType.CHANGE: ""}
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's per-fit banners (GPU available, tips, max_steps reached) off the console."""
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(log_every_n_steps|does not have many workers|LeafSpec).*")
 
 
 def _single_valued(override: Override, value: str) -> str:
@@ -124,12 +118,16 @@ def preflight(argv: list[str]) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
+    from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
+    from ptlab.tracking.faults import Terminated
+
     quiet_lightning()
-    notice = multirun_safe_strategy(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
+    context = job_context()
+    notice = multirun_safe_strategy(cfg, context.multirun)
     if notice:
         print(notice, file=sys.stderr)
     try:
-        summary = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = run_pipeline(cfg, context.output_dir or Path.cwd(), context)
     except ConfigError as err:
         raise SystemExit(f"ptlab: {err}") from None
     except Terminated as err:

@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ptlab.transfer.selection import SELECTIONS
+
 
 class ConfigError(ValueError):
     """A config value outside its allowed range; the message names the full key."""
@@ -143,7 +145,6 @@ class TorchvisionCNNSchema:
         _positive("width", self.width)
 
 
-SELECTIONS = ("random", "first", "largest_norm")
 TRANSFER_KINDS = ("none", "filters", "layers")
 
 
@@ -158,7 +159,7 @@ class TransferSchema:
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, TRANSFER_KINDS)
         _check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
-        _one_of("selection", self.selection, SELECTIONS)
+        _one_of("selection", self.selection, SELECTIONS.names())
 
 
 POSITIONS = ("last", "first", "random")
@@ -233,12 +234,11 @@ DTYPES = ("float32", "float64")
 IMAGE_OPTIMIZERS = ("sgd", "adam", "adamw")
 IMAGE_SCHEDULERS = ("cosine", "constant")
 IMAGE_PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
-ENGINES = ("lightning", "gram")
 
 
 @dataclass
 class TrainSchema:
-    """Full-batch gradient descent budgets (design.md section 1)."""
+    """Full-batch gradient descent budgets (docs/design.md section 1)."""
 
     lr: float = 0.01
     upstream_steps: int = 800
@@ -337,7 +337,6 @@ class PtlabSchema:
     """The top level; groups are typed by their own schemas."""
 
     seed: int = 0
-    engine: str = "lightning"
     train: TrainSchema = field(default_factory=TrainSchema)
     theory: TheorySchema = field(default_factory=TheorySchema)
     cache: CacheSchema = field(default_factory=CacheSchema)
@@ -350,9 +349,7 @@ class PtlabSchema:
     transfer: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
-
-    def __post_init__(self) -> None:
-        _one_of("engine", self.engine, ENGINES)
+    engine: Any = MISSING
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
@@ -386,12 +383,13 @@ def _validate_node(node: Any, prefix: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every range in ``cfg``; raise ``ConfigError`` with the first bad key."""
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
-    _one_of("engine", cfg.engine, ENGINES)
+    _check(isinstance(cfg.get("engine"), DictConfig) and bool(cfg.engine.get("_target_")), "engine",
+           "an option of conf/engine (lightning, gram) with a _target_", cfg.get("engine"))
     for key in ("train", "theory", "cache", "resume", "devices", *VALIDATED_KEYS):
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
     _check_model_fits_task(cfg)
-    if cfg.engine == "gram":
+    if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
 
 

@@ -22,10 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from filelock import FileLock, Timeout
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 GPU_ACCELERATORS = ("gpu", "cuda", "auto")
@@ -33,6 +30,8 @@ GPU_ACCELERATORS = ("gpu", "cuda", "auto")
 
 def gpu_count() -> int:
     """GPUs visible to this process (0 without CUDA); ``${ptlab_gpu_count:}`` in configs."""
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -75,16 +74,12 @@ def claim_gpu(visible_gpus: int, jobs_per_gpu: int = 1, lock_dir: Path | None = 
         time.sleep(poll_s)
 
 
-def _is_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 @contextlib.contextmanager
-def job_device(cfg: DictConfig) -> Iterator[int | None]:
+def job_device(cfg: DictConfig, multirun: bool) -> Iterator[int | None]:
     """Within the block, ``cfg.trainer.devices`` is ``[i]`` for the GPU this job claimed (yields ``i``),
     or unchanged (yields ``None``) when the job does not claim one."""
     visible = gpu_count()
-    if not wants_own_gpu(cfg, _is_multirun(), visible):
+    if not wants_own_gpu(cfg, multirun, visible):
         yield None
         return
     with claim_gpu(visible, int(cfg.devices.jobs_per_gpu)) as gpu:

@@ -5,15 +5,16 @@
   read the upstream cache without locking. Re-running a ``-m`` command line would re-launch the
   sweep, so in a multirun ``ddp`` is switched to ``ddp_spawn`` (``multirun_safe_strategy``).
 - ``trainer=ddp_spawn`` runs each fit in spawned workers and sends back only the weights and
-  ``trainer.callback_metrics``; ``FinalToMainProcess`` carries ``FullBatchGD.final`` home that way.
+  ``trainer.callback_metrics``; ``ptlab.engines.lightning.FinalToMainProcess`` carries
+  ``FullBatchGD.final`` home that way.
+
+This module imports neither torch nor Lightning, so the CLI and the gram engine can ask for the rank.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, open_dict
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
@@ -21,8 +22,6 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
 
 RELAUNCHING_STRATEGIES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 """Strategies whose ranks are new processes running ``sys.argv`` again."""
-
-FINAL_PREFIX = "ptlab_final/"
 
 
 def global_rank() -> int:
@@ -59,20 +58,3 @@ def multirun_safe_strategy(cfg: DictConfig, multirun: bool) -> str | None:
         cfg.trainer.strategy = "ddp_spawn"
     return (f"ptlab: trainer.strategy={strategy} would re-launch the sweep from every rank under -m; "
             "using trainer.strategy=ddp_spawn for this job")
-
-
-class FinalToMainProcess(pl.Callback):
-    """Puts ``pl_module.final`` into ``trainer.callback_metrics``, which spawn strategies send back to the
-    main process; ``restore_final`` reads it there. A no-op cost for single-process fits."""
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        final = getattr(pl_module, "final", None) or {}
-        trainer.callback_metrics.update({FINAL_PREFIX + k: torch.tensor(float(v)) for k, v in final.items()})
-
-
-def restore_final(trainer: pl.Trainer, module: pl.LightningModule) -> None:
-    """Fill an empty ``module.final`` (the main process of a spawn fit) from ``trainer.callback_metrics``."""
-    if getattr(module, "final", None):
-        return
-    module.final = {k[len(FINAL_PREFIX):]: float(v) for k, v in trainer.callback_metrics.items()
-                    if k.startswith(FINAL_PREFIX)}

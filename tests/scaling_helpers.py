@@ -1,7 +1,7 @@
 """Test helpers for the scaling tests: an injected fault, and a worker that races for a cache entry.
 
-``FaultTrainer`` is a real Lightning ``Trainer`` selected with ``trainer._target_=...``; it fails one
-``transfer`` fit per marker file (path in ``PTLAB_TEST_FAULT_MARKER``; the file's text says how:
+``FaultTrainer`` is a real Lightning ``Trainer`` selected with ``trainer._target_=...`` (and the
+Lightning engine); it fails one ``transfer`` fit (the fit with a ``ParameterTransfer`` callback) per marker file (path in ``PTLAB_TEST_FAULT_MARKER``; the file's text says how:
 ``raise``, ``raise@<epoch>`` or ``sigterm``). The marker is claimed by deleting it, so across parallel jobs exactly one
 fit fails, and a re-run (marker gone, same config) succeeds.
 """
@@ -55,8 +55,10 @@ class FaultTrainer(pl.Trainer):
     """A ``Trainer`` that adds ``Fault`` to the fit it claims the marker for."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        logger = kwargs.get("logger")
-        action = claim_fault(getattr(logger, "_run_name", "") or "") if logger else None
+        from ptlab.transfer.callback import ParameterTransfer
+
+        is_transfer = any(isinstance(c, ParameterTransfer) for c in kwargs.get("callbacks", []))
+        action = claim_fault("transfer") if is_transfer else None
         if action:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), Fault(action)]
         super().__init__(*args, **kwargs)

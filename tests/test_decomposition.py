@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from ptlab.data import Directions, FullBatchDataModule, make_synthetic_data
 from ptlab.models import TwoLayerReLUCNN
 from ptlab.modules import FullBatchGD
-from ptlab.modules.decomposition import METRIC_NAMES, SignalNoiseDecomposition, decomposition_metrics
+from ptlab.modules.callbacks import SignalNoiseDecomposition
+from ptlab.modules.decomposition import METRIC_NAMES, decomposition_metrics
 from ptlab.pipeline import run_pipeline
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import ptlab.pipeline.synthetic as synthetic
+from ptlab.engines.gram import GramEngine
+from ptlab.modules.full_batch_gd import FullBatchGD
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.synthetic import build_model
 
@@ -77,20 +78,20 @@ def test_transfer_none_trains_only_scratch(make_cfg, tmp_path, tracking_uri):
 
 
 def test_a_failure_after_start_marks_runs_failed_never_running(make_cfg, tmp_path, tracking_uri, monkeypatch):
-    real_fit = synthetic.fit_stage
+    real_train = GramEngine.train_stage
 
-    def failing_fit(cfg, tracker, stage, *args, **kwargs):
-        if stage == "transfer":
+    def failing_train(self, stage):
+        if stage.name == "transfer":
             raise RuntimeError("boom in transfer")
-        return real_fit(cfg, tracker, stage, *args, **kwargs)
+        return real_train(self, stage)
 
-    monkeypatch.setattr(synthetic, "fit_stage", failing_fit)
+    monkeypatch.setattr(GramEngine, "train_stage", failing_train)
     with pytest.raises(RuntimeError, match="boom"):
         run_pipeline(make_cfg("logger.experiment_name=fails"), tmp_path)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
     statuses = {r.info.run_name if "mlflow.parentRunId" in r.data.tags else "parent": r.info.status for r in runs}
-    assert statuses == {"parent": "FAILED", "upstream": "FINISHED"}
+    assert statuses == {"parent": "FAILED", "upstream": "FINISHED", "transfer": "FAILED"}
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["ptlab.error"] == "RuntimeError: boom in transfer"
 
@@ -99,9 +100,9 @@ def test_a_failure_inside_lightning_fit_marks_the_child_failed(make_cfg, tmp_pat
     def broken_step(self, batch, batch_idx):
         raise ValueError("nan loss")
 
-    monkeypatch.setattr(synthetic.FullBatchGD, "training_step", broken_step)
+    monkeypatch.setattr(FullBatchGD, "training_step", broken_step)
     with pytest.raises(ValueError, match="nan loss"):
-        run_pipeline(make_cfg("logger.experiment_name=fit_fails"), tmp_path)
+        run_pipeline(make_cfg("engine=lightning", "logger.experiment_name=fit_fails"), tmp_path)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("fit_fails").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}

@@ -25,6 +25,7 @@ from ptlab.tracking.faults import is_locked_error, prepare_sqlite_store, with_re
 from tests.scaling_helpers import MARKER_ENV, race_for_entry
 
 FAULTY = "trainer._target_=tests.scaling_helpers.FaultTrainer"
+LIGHTNING = "engine=lightning"
 
 
 def runs(tracking_uri: str, stage: str) -> list:
@@ -56,12 +57,12 @@ def test_entry_roundtrip_and_corruption_detected() -> None:
 
 def test_upstream_key_ignores_downstream_settings(make_cfg, tmp_path: Path) -> None:
     base = make_cfg(f"cache.dir={tmp_path}")
-    key = spec_key(synthetic_upstream_spec(base))
+    key = spec_key(synthetic_upstream_spec(base, "gram"))
     for override in ("transfer.alpha=0.25", "noise.sigma_p2=3.0", "task.n2=15", "trainer.devices=[0]"):
-        assert spec_key(synthetic_upstream_spec(make_cfg(override))) == key, override
+        assert spec_key(synthetic_upstream_spec(make_cfg(override), "gram")) == key, override
     for override in ("noise.sigma_p1=3.0", "task.n1=41", "seed=1", "train.upstream_steps=61",
                      "train.dtype=float64", "model.width=9"):
-        assert spec_key(synthetic_upstream_spec(make_cfg(override))) != key, override
+        assert spec_key(synthetic_upstream_spec(make_cfg(override), "gram")) != key, override
     assert config_hash(make_cfg("trainer.devices=[1]")) == config_hash(base)
     assert config_hash(make_cfg("logger.experiment_name=other", "cache.enabled=false")) == config_hash(base)
     assert config_hash(make_cfg("transfer.alpha=0.25")) != config_hash(base)
@@ -122,7 +123,7 @@ def test_fault_marks_runs_and_stores_nothing_half_done(make_cfg, tracking_uri: s
     marker = tmp_path / "fault"
     marker.write_text(action)
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    cfg = make_cfg(f"cache.dir={tmp_path / 'cache'}", FAULTY)
+    cfg = make_cfg(f"cache.dir={tmp_path / 'cache'}", FAULTY, LIGHTNING)
     with pytest.raises(RuntimeError if action == "raise" else KeyboardInterrupt):
         run_pipeline(cfg, tmp_path / "out")
     (parent,) = runs(tracking_uri, "pipeline")

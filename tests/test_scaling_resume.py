@@ -13,6 +13,7 @@ from ptlab.pipeline import run_pipeline
 from tests.scaling_helpers import MARKER_ENV
 
 FAULTY = "trainer._target_=tests.scaling_helpers.FaultTrainer"
+LIGHTNING = "engine=lightning"
 
 
 def parents(tracking_uri: str) -> list:
@@ -25,7 +26,8 @@ def test_rerun_skips_finished_and_reruns_failed(make_cfg, tracking_uri: str, tmp
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "fault"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    cells = [(f"cache.dir={tmp_path / 'cache'}", "resume.skip_finished=always", FAULTY, f"transfer.alpha={a}")
+    cells = [(f"cache.dir={tmp_path / 'cache'}", "resume.skip_finished=always", FAULTY, LIGHTNING,
+                  f"transfer.alpha={a}")
              for a in (0.25, 0.5)]
     done = run_pipeline(make_cfg(*cells[0]), tmp_path / "a1")
     marker.write_text("raise")

@@ -46,7 +46,7 @@ def test_selection_strategies_pick_the_documented_filters():
     a = get_selector("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
     b = get_selector("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
     assert a == b and len(set(a)) == 4
-    with pytest.raises(ValueError, match="transfer.selection='best' is unknown: choose one of random"):
+    with pytest.raises(ValueError, match="transfer.selection='best' is not allowed: must be one of random"):
         get_selector("best")
 
 

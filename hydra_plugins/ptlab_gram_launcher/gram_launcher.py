@@ -3,7 +3,7 @@
 ``python -m ptlab -m engine=gram hydra/launcher=ptlab_gram hydra/sweeper=ptlab_batched ...`` (what
 ``experiment=fig2`` selects) composes each job, groups
 the cells by shape, trains them with ``ptlab.engines.gram`` and tracks every job as ``run_pipeline``
-would (``ptlab.engines.sweep``). Other jobs of the sweep run one by one, as with the basic launcher.
+would (``ptlab.pipeline.batched``). Other jobs of the sweep run one by one, as with the basic launcher.
 """
 
 
@@ -37,7 +37,7 @@ ConfigStore.instance().store(group="hydra/launcher", name="ptlab_gram", node=Ptl
 
 
 class PtlabGramLauncher(Launcher):
-    """Hydra ``Launcher`` that hands a sweep's jobs to ``ptlab.engines.sweep.launch_batched``."""
+    """Hydra ``Launcher`` that hands a sweep's jobs to ``ptlab.pipeline.batched.launch_batched``."""
 
     def __init__(self, max_cells: int = 60, workers: Optional[int] = None, history: str = "last",
                  progress: bool = True) -> None:
@@ -50,7 +50,7 @@ class PtlabGramLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from ptlab.engines.sweep import launch_batched  # torch and MLflow load only when a sweep runs
+        from ptlab.pipeline.batched import launch_batched  # torch and MLflow load only when a sweep runs
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         setup_globals()

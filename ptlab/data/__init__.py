@@ -1,21 +1,11 @@
-"""Data: the synthetic two-patch tasks and the full-batch loader that feeds them to Lightning."""
+"""Data: the synthetic two-patch tasks, the image tasks and the full-batch loader (loaded lazily)."""
 
-from ptlab.data.full_batch import FullBatchDataModule
-from ptlab.data.synthetic import (
-    Directions,
-    PatchData,
-    SyntheticTransferData,
-    make_directions,
-    make_synthetic_data,
-    sample_task,
-)
+from ptlab.lazy import lazy_exports
 
-__all__ = [
-    "Directions",
-    "FullBatchDataModule",
-    "PatchData",
-    "SyntheticTransferData",
-    "make_directions",
-    "make_synthetic_data",
-    "sample_task",
-]
+_EXPORTS = {
+    "FullBatchDataModule": "ptlab.data.full_batch",
+    **{name: "ptlab.data.synthetic" for name in ("Directions", "PatchData", "SyntheticTransferData",
+                                                  "make_directions", "make_synthetic_data", "sample_task")},
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The paper's two-patch synthetic tasks (design.md section 1).
+"""The paper's two-patch synthetic tasks (docs/design.md section 1).
 
 A sample of task k has a clean label ``y`` uniform on {-1, +1}, a signal patch ``y * (u + v_k)`` and a
 noise patch ``xi ~ N(0, sigma_pk^2 P)`` with ``P`` the projector onto the orthogonal complement of
@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 from ptlab.seeding import derive_seed
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""``train.dtype`` names and their torch dtypes."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The exact Gram engine for synthetic pipelines (design.md section 3).
+"""The exact Gram engine for synthetic pipelines (docs/design.md section 3).
 
 Gradient descent moves a filter only along the training patches, so during a stage on task k every
 filter is ``w(0) + sum_a C_a b_a + sum_i C_i xi_i``: its stage-start weight plus coefficients along the
@@ -7,6 +7,11 @@ training noise patches ``xi_i``. Everything GD needs is an inner product of a fi
 vectors, ``R = <w, [b; xi]>``, and a step changes it by ``dC @ G`` with ``G`` the Gram matrix of
 ``[b; xi]``: O(m N^2) per step instead of O(m N d). Test patches need the cross Gram matrix with the
 training vectors once; transfer needs the upstream vectors' inner products with the task-2 vectors.
+
+``GramEngine.train_stage`` trains one ``Stage`` this way (the ``Engine`` interface of
+``ptlab.engines.base``); ``run_cells`` / ``iter_chunks`` train whole pipelines of many cells at once for
+the batched sweep (``ptlab.pipeline.batched``). The engine imports neither Lightning, torchvision,
+timm nor the pipeline.
 
 The arithmetic is the Lightning path's (``FullBatchGD``: logistic loss mean, ``f = F_{+1} - F_{-1}``,
 ReLU on both patches, torch's softplus gradient with its threshold, torchmetrics' accuracy) done in a
@@ -31,15 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from ptlab.config import check_gram_engine
+from ptlab.data.synthetic import DTYPES, make_synthetic_data
+from ptlab.engines.base import Stage, StageResult
+from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
 from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
-from ptlab.pipeline.synthetic import DTYPES, build_model, make_data
-from ptlab.seeding import derive_seed
-from ptlab.transfer import TwoLayerCNNFilters, get_selector
+from ptlab.seeding import derive_seed, torch_seed
+from ptlab.transfer.adapters import TwoLayerCNNFilters
+from ptlab.transfer.selection import get_selector
 
 STAGES = ("upstream", "transfer", "scratch")
 SOFTPLUS_THRESHOLD = 20.0
@@ -168,11 +176,20 @@ class GramStage:
     @property
     def curves(self) -> dict[str, list[tuple[int, float]]]:
         """Every curve in ``FullBatchGD.curves`` form: name -> [(step, value)]."""
+        return self.curves_for("full")
+
+    def curves_for(self, history: str) -> dict[str, list[tuple[int, float]]]:
+        """The curves ``history`` keeps (see ``metrics_by_step``), name -> [(step, value)]."""
         curves: dict[str, list[tuple[int, float]]] = {}
-        for step, metrics in sorted(self.metrics_by_step().items()):
+        for step, metrics in sorted(self.metrics_by_step(history).items()):
             for key, value in metrics.items():
                 curves.setdefault(key, []).append((step, value))
         return curves
+
+    def result(self, history: str = "full", plan: list[Any] | None = None,
+               model: torch.nn.Module | None = None) -> StageResult:
+        """The stage as the ``Engine`` interface returns it."""
+        return StageResult(self.name, model, self.final, self.curves_for(history), plan, self.steps)
 
 
 @dataclass
@@ -183,15 +200,17 @@ class GramResult:
     stages: dict[str, GramStage]
     plan: list[dict[str, Any]] | None
 
-    def results(self) -> dict[str, Any]:
-        """The per-stage results as ``run_synthetic`` returns them (and summary.json stores them)."""
-        out: dict[str, Any] = {"upstream": None, "transfer": None}
-        for name, stage in self.stages.items():
-            out[name] = {"train_acc": stage.final["train_acc"], "test_acc": stage.final["test_acc"],
-                         "train_loss": stage.final["train_loss"]}
-        if self.plan is not None and out["transfer"] is not None:
-            out["transfer"]["plan"] = self.plan
-        return out
+    def stage_results(self, history: str = "full") -> dict[str, StageResult]:
+        """Every stage as the ``Engine`` interface returns it (no models: the weights stay coefficients)."""
+        return {name: stage.result(history, self.plan_rows if name == "transfer" else None)
+                for name, stage in self.stages.items()}
+
+    @property
+    def plan_rows(self) -> list[Any] | None:
+        """The transfer plan as ``PlanRow`` s."""
+        from ptlab.transfer.adapters import PlanRow
+
+        return None if self.plan is None else [PlanRow(**row) for row in self.plan]
 
 
 def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[int, Tensor],
@@ -371,20 +390,28 @@ class _Group:
     tensors: dict[str, Tensor]
 
 
+def _seeded_cnn(cell: GramCell, init_std: float, stream: str) -> Tensor:
+    """The init filters (2m, d) the Lightning path draws for ``stream`` (``ptlab.models.build_model``)."""
+    with torch_seed(derive_seed(cell.seed, stream)):
+        model = TwoLayerReLUCNN(cell.d, cell.width, init_std)
+    return model.weight.detach().to(DTYPES[cell.dtype]).reshape(-1, cell.d)
+
+
 def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
-    cfg = cell.config if isinstance(cell.config, DictConfig) else OmegaConf.create(cell.config)
-    data = make_data(cfg)
+    data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
+                               v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
+                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype])
     dtype = DTYPES[cell.dtype]
     basis_t = data.directions.basis.T.to(dtype)
     task2 = torch.cat([basis_t, data.task2_train.noise])
-    downstream = build_model(cfg.model, cfg, "downstream").weight.detach().reshape(-1, cell.d)
+    downstream = _seeded_cnn(cell, cell.init_std, "downstream")
     t: dict[str, Tensor] = {
         "y2": data.task2_train.y, "c2": data.task2_train.clean_y,
         "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y,
     }
     if cell.transfer:
         task1 = torch.cat([basis_t, data.task1_train.noise])
-        upstream = build_model(cfg.upstream_model, cfg, "upstream").weight.detach().reshape(-1, cell.d)
+        upstream = _seeded_cnn(cell, cell.upstream_init_std, "upstream")
         rows = torch.cat([task1, task2, upstream, downstream])
         p1, p2, fm = task1.shape[0], task2.shape[0], upstream.shape[0]
         cuts = np.cumsum([0, p1, p2, fm, fm])
@@ -589,31 +616,50 @@ def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficient
     return out  # type: ignore[return-value]
 
 
-def log_result(tracker: Any, result: GramResult, history: str = "full") -> dict[str, Any]:
-    """Track ``result`` like the Lightning path: a child run per stage with its curves and ``final/*``
-    numbers at the last step, the transfer plan on the transfer child. Returns the per-stage results."""
-    for name, stage in result.stages.items():
-        logger = tracker.child_logger(name)
-        if logger is not None:
-            for step, metrics in sorted(stage.metrics_by_step(history).items()):
-                logger.log_metrics(metrics, step=step)
-            logger.log_metrics({f"final/{k}": v for k, v in stage.final.items()}, step=stage.steps)
-            logger.finalize("success")
-        if name == "transfer" and result.plan is not None:
-            tracker.log_dict(result.plan, "transfer_plan.json", stage="transfer")
-    return result.results()
+class GramEngine:
+    """``Engine`` that trains a stage in coefficient space (see the module docstring): the model's
+    weights are read once (after the stage's transfer is applied), the steps touch only the Gram
+    matrix of the stage's training vectors, and the trained weights are written back into the model."""
+
+    def __init__(self, name: str = "gram", trainer: Any = None) -> None:
+        """``trainer`` (the trainer group) does not apply: the gram engine runs on the CPU in this process."""
+        self.name = name
+
+    def train_stage(self, stage: Stage) -> StageResult:
+        model = stage.model
+        plan = stage.transfer.apply(model) if stage.transfer is not None else None
+        weight = model.weight.detach()
+        dtype = weight.dtype
+        filters = weight.reshape(-1, weight.shape[-1])  # (2m, d)
+        directions = stage.directions
+        rows = torch.cat([directions.basis.T.to(dtype), stage.train.noise.to(dtype)])  # [b_u, b_v1, b_v2; xi]
+        test_noise = stage.test.noise.to(dtype)
+        norms = [float(torch.linalg.vector_norm(getattr(directions, name).double())) for name in SIGNALS]
+        signal = [norms[0], norms[1] if stage.task == 1 else 0.0, norms[2] if stage.task == 2 else 0.0]
+
+        def one(t: Tensor) -> Tensor:  # a single cell in a single group: (1, 1, ...)
+            return t[None, None]
+
+        threads = torch.get_num_threads()
+        with torch_threads(1):
+            out = _train_stage(
+                one(filters @ rows.T), one(filters @ test_noise.T), one((filters * filters).sum(-1)),
+                (rows @ rows.T)[None], (rows @ test_noise.T)[None], stage.train.y.to(dtype)[None],
+                stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
+                torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
+                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads)
+        coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
+        with torch.no_grad():
+            model.weight.copy_((filters + coefficients @ rows).view_as(weight))
+        width = weight.shape[1]
+        trained = GramStage(
+            name=stage.name, steps=stage.steps, eval_steps=eval_steps(stage.steps, stage.eval_every),
+            loss=out.loss[0, 0].double().numpy(), train_acc=out.train_acc[0, 0].double().numpy(),
+            test_acc=out.test_acc[0, 0].double().numpy(), decomposition=out.decomposition[0, 0].double().numpy(),
+            signal=coefficients[:, :3].reshape(2, width, 3), noise={stage.task: coefficients[:, 3:].reshape(2, width, -1)},
+            transferred=torch.zeros(2, width, dtype=torch.bool))
+        return trained.result(plan=plan, model=model)
 
 
-def run_gram(cfg: DictConfig, tracker: Any) -> dict[str, Any]:
-    """``run_synthetic`` for ``engine=gram``: one cell through the batched engine, tracked like Lightning."""
-    from ptlab.pipeline.synthetic import log_decomposition_figure
-
-    result = run_cells([GramCell.from_config(cfg)])[0]
-    results = log_result(tracker, result)
-    log_decomposition_figure(tracker, result.stages, f"seed {cfg.seed}: d={cfg.task.d}, N1={cfg.task.n1}, "
-                             f"N2={cfg.task.n2}, ||u||={cfg.task.u_norm}, sigma_p1={cfg.noise.sigma_p1}")
-    return results
-
-
-__all__ = ["DECOMPOSITION_NAMES", "GramCell", "GramResult", "GramStage", "HISTORIES", "eval_steps", "iter_chunks",
-           "log_result", "reconstruct_weights", "run_cells", "run_gram"]
+__all__ = ["DECOMPOSITION_NAMES", "GramCell", "GramEngine", "GramResult", "GramStage", "HISTORIES", "eval_steps",
+           "iter_chunks", "reconstruct_weights", "run_cells"]

@@ -1,8 +1,16 @@
-"""Models: the paper's two-layer ReLU CNN (image CNNs and ViTs join this package)."""
+"""Models: the paper's two-layer ReLU CNN, small-image torchvision CNNs and timm DeiTs (loaded lazily)."""
 
-from ptlab.models.torchvision_cnn import SmallImageResNet, SmallImageVGG, build_torchvision_cnn
-from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
-from ptlab.models.vit import DEIT_MODELS, WeightsError, create_vit
+from ptlab.lazy import lazy_exports
 
-__all__ = ["DEIT_MODELS", "SmallImageResNet", "SmallImageVGG", "TwoLayerReLUCNN", "WeightsError",
-           "build_torchvision_cnn", "create_vit"]
+_EXPORTS = {
+    "SmallImageResNet": "ptlab.models.torchvision_cnn",
+    "SmallImageVGG": "ptlab.models.torchvision_cnn",
+    "build_torchvision_cnn": "ptlab.models.torchvision_cnn",
+    "TwoLayerReLUCNN": "ptlab.models.two_layer_cnn",
+    "build_model": "ptlab.models.factory",
+    "DEIT_MODELS": "ptlab.models.vit",
+    "WeightsError": "ptlab.models.vit",
+    "create_vit": "ptlab.models.vit",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,5 +1,8 @@
-"""LightningModules: how each model family is trained."""
+"""LightningModules: how each model family is trained by the Lightning engine (loaded lazily)."""
 
-from ptlab.modules.full_batch_gd import FullBatchGD, logistic_loss, sign_accuracy
+from ptlab.lazy import lazy_exports
 
-__all__ = ["FullBatchGD", "logistic_loss", "sign_accuracy"]
+_EXPORTS = {"FullBatchGD": "ptlab.modules.full_batch_gd", "logistic_loss": "ptlab.modules.full_batch_gd",
+            "sign_accuracy": "ptlab.modules.full_batch_gd"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

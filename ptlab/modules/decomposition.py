@@ -11,20 +11,24 @@ Sign convention: filters of output ``j = +1`` (``weight[0]``) learn ``+(u + v_k)
 memorises ``xi_i`` when ``j`` equals the label ``y_i``, so noise memorisation is ``<w_{y_i,r}, xi_i>``.
 
 ``decomposition_metrics`` is the one definition of the metric names below; every engine that logs
-them calls it (or reproduces it exactly).
+them calls it (or reproduces it exactly). The Lightning callback that records them during a fit is
+``ptlab.modules.callbacks.SignalNoiseDecomposition``; this module needs neither Lightning nor matplotlib
+until a figure is drawn.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING
+
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from ptlab.data.synthetic import Directions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PREFIX = "decomp/"
 SIGNALS = ("u", "v1", "v2")
@@ -73,33 +77,6 @@ def decomposition_metrics(weight: Tensor, directions: Directions, noise: Tensor,
     return out
 
 
-class SignalNoiseDecomposition(pl.Callback):
-    """Records ``decomposition_metrics`` of ``pl_module.model.weight`` every ``every`` steps.
-
-    Points go into ``pl_module.curves`` (``FullBatchGD``'s in-memory curves, which it sends to its
-    logger at train end) at step t = the model after t updates, including the final model.
-    """
-
-    def __init__(self, directions: Directions, noise: Tensor, labels: Tensor | None = None, every: int = 10) -> None:
-        super().__init__()
-        if every <= 0:
-            raise ValueError(f"every={every} is not allowed: must be > 0")
-        self.directions, self.noise, self.labels, self.every = directions, noise, labels, every
-
-    def _record(self, pl_module: pl.LightningModule, step: int) -> None:
-        metrics = decomposition_metrics(pl_module.model.weight, self.directions, self.noise, self.labels)
-        for key, value in metrics.items():
-            pl_module.curves.setdefault(key, []).append((step, value))
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if batch_idx % self.every == 0:
-            self._record(pl_module, batch_idx)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(pl_module, trainer.global_step)
-
-
 FIGURE_PANELS = (
     ("signal_u_max", r"universal signal: max $j\langle w, u\rangle$"),
     ("signal_v_max", r"task signal: max $j\langle w, v_k\rangle$"),
@@ -123,6 +100,8 @@ def decomposition_figure(curves_by_stage: Mapping[str, Mapping[str, Sequence[tup
     ``curves_by_stage`` maps a stage name to ``FullBatchGD.curves``; the task signal of each stage is
     its own task's ``v_k`` (``v1`` upstream, ``v2`` downstream).
     """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 3.2))  # fixed margins: a layout engine would double the drawing time
     axes = fig.subplots(1, len(FIGURE_PANELS), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.16, top=0.8,
                                                                 wspace=0.3))

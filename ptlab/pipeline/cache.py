@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ptlab
+from ptlab.context import job_context
 from ptlab.distributed import is_global_zero
-from ptlab.modules import FullBatchGD
+from ptlab.engines.base import StageResult
 from ptlab.seeding import derive_seed
-from ptlab.tracking import NullTracker, PipelineTracker
+from ptlab.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,10 @@ def cache_dir(cfg: DictConfig) -> Path:
     directory = Path(str(cfg.cache.dir)).expanduser()
     if directory.is_absolute():
         return directory
-    start = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
-    return start / directory
+    return job_context().start_dir / directory
 
 
-def synthetic_upstream_spec(cfg: DictConfig) -> dict[str, Any]:
+def synthetic_upstream_spec(cfg: DictConfig, engine: str) -> dict[str, Any]:
     """Everything the synthetic upstream stage depends on, and nothing it does not.
 
     Task-1 data is drawn before task 2 from the ``data`` seed stream, so ``n2`` and ``sigma_p2`` are
@@ -204,22 +203,21 @@ def synthetic_upstream_spec(cfg: DictConfig) -> dict[str, Any]:
         "model": OmegaConf.to_container(cfg.upstream_model, resolve=True),
         "train": {"lr": train.lr, "steps": train.upstream_steps, "eval_every": train.eval_every,
                   "dtype": train.dtype},
-        "engine": cfg.engine,
+        "engine": engine,
         "trainer": {key: str(trainer.get(key)) for key in ("accelerator", "precision", "deterministic")},
         "versions": {"ptlab": ptlab.__version__, "torch": torch.__version__},
     }
 
 
-def _source(tracker: PipelineTracker | NullTracker) -> dict[str, str]:
-    children = getattr(tracker, "children", {})
-    return {"run_id": children.get("upstream", ""), "experiment_id": tracker.experiment_id,
+def _source(tracker: Tracker) -> dict[str, str]:
+    return {"run_id": tracker.children.get("upstream", ""), "experiment_id": tracker.experiment_id,
             "tracking_uri": tracker.tracking_uri}
 
 
-def cached_upstream(cfg: DictConfig, tracker: PipelineTracker | NullTracker, model: nn.Module,
-                    train: Callable[[], FullBatchGD]) -> FullBatchGD:
-    """The upstream stage through the cache: ``train()`` (which fits ``model``) on a miss, else
-    ``model`` loaded from the entry and a ``FullBatchGD`` carrying the stored ``final`` and ``curves``.
+def cached_upstream(cfg: DictConfig, engine: str, tracker: Tracker, model: nn.Module,
+                    train: Callable[[], StageResult]) -> StageResult:
+    """The upstream stage through the cache: ``train()`` (which trains ``model``) on a miss, else
+    ``model`` loaded from the entry and a ``cached`` ``StageResult`` with the stored ``final`` and ``curves``.
 
     Tags: ``ptlab.cache`` = hit | miss | off and ``ptlab.cache.key`` on the parent run (and on the
     upstream child run on a miss); a hit links ``ptlab.cache.upstream_run_id`` (and its experiment).
@@ -227,9 +225,9 @@ def cached_upstream(cfg: DictConfig, tracker: PipelineTracker | NullTracker, mod
     if not cfg.cache.enabled:
         tracker.set_tags({CACHE_TAG: "off"})
         return train()
-    spec = synthetic_upstream_spec(cfg)
+    spec = synthetic_upstream_spec(cfg, engine)
     key = spec_key(spec)
-    trained: list[FullBatchGD] = []
+    trained: list[StageResult] = []
 
     def create() -> CacheEntry:
         trained.append(train())
@@ -246,7 +244,6 @@ def cached_upstream(cfg: DictConfig, tracker: PipelineTracker | NullTracker, mod
     tracker.set_tags({CACHE_TAG: "hit", f"{CACHE_TAG}.key": key,
                       f"{CACHE_TAG}.upstream_run_id": entry.source.get("run_id", ""),
                       f"{CACHE_TAG}.upstream_experiment_id": entry.source.get("experiment_id", "")})
-    module = FullBatchGD(model, lr=cfg.train.lr, eval_every=cfg.train.eval_every)
-    module.final = dict(entry.result["final"])
-    module.curves = {name: [tuple(point) for point in points] for name, points in entry.result["curves"].items()}
-    return module
+    curves = {name: [tuple(point) for point in points] for name, points in entry.result["curves"].items()}
+    return StageResult("upstream", model, dict(entry.result["final"]), curves, steps=cfg.train.upstream_steps,
+                       cached=True)

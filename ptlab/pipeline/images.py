@@ -14,11 +14,12 @@ Reusable API (any ``nn.Module`` classifier, e.g. a timm ViT, plugs in through Hy
   attribute, else timm's ``model.patch_embed.img_size``, else ``None`` (native size). When set,
   ``ImageClassifier`` resizes every batch bilinearly on the device before the forward pass.
 - ``fit_image_stage(cfg, tracker, stage, model, task, epochs, callbacks) -> (ImageClassifier, result)``:
-  one Lightning fit as the child run ``stage``; ``result`` has ``train_acc``, ``test_acc``,
-  ``train_loss``, ``test_loss``, ``epochs`` (accuracies in eval mode after training).
+  one Lightning fit as the child run ``stage`` (curves logged live); ``result`` is a ``StageResult``
+  whose ``final`` has ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``, ``epochs``
+  (accuracies in eval mode after training), tracked by ``ptlab.pipeline.record.record_stage``.
 - ``check_transfer_pair(cfg, upstream, downstream)``: plans the transfer on the fresh models before
   any training; a pair with nothing to match stops the run with one ``ConfigError`` line.
-- ``run_images(cfg, tracker)``: the stage runner registered in ``ptlab.pipeline.run.RUNNERS``.
+- ``run_images(cfg, engine, tracker)``: the stage runner registered in ``ptlab.pipeline.run.STAGE_RUNNERS``.
   ``train.upstream_epochs=0`` skips upstream training (the upstream model is used as built, e.g.
   from ``weights_path``). The transfer stage's ``plan`` is a list of ``PlanRow`` dicts, printed,
   logged as ``transfer_plan.json`` / ``transfer_plan.md`` on the transfer child run, and returned.
@@ -43,12 +44,17 @@ from tabulate import tabulate
 from torch import nn
 
 from ptlab.config import ConfigError
+from ptlab.engines.base import StageResult
+from ptlab.engines.lightning import quiet_lightning
 from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
 from ptlab.modules.image_classifier import ImageClassifier
 from ptlab.pipeline.checkpoints import stage_checkpointing
+from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed, torch_seed
-from ptlab.tracking import NullTracker, PipelineTracker
-from ptlab.transfer import ParameterTransfer, PlanRow, adapter_options, find_adapter
+from ptlab.tracking.base import Tracker
+from ptlab.transfer.adapters import PlanRow, find_adapter
+from ptlab.transfer.callback import ParameterTransfer
+from ptlab.transfer.options import adapter_options
 from ptlab.transfer.selection import get_selector
 
 
@@ -105,16 +111,16 @@ def make_classifier(cfg: DictConfig, model: nn.Module, num_classes: int) -> Imag
                            input_size=model_input_size(model))
 
 
-def fit_image_stage(cfg: DictConfig, tracker: PipelineTracker | NullTracker, stage: str, model: nn.Module,
+def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Module,
                     task: ImageTask, epochs: int, callbacks: list[pl.Callback] | None = None,
-                    ) -> tuple[ImageClassifier, dict[str, Any]]:
+                    ) -> tuple[ImageClassifier, StageResult]:
     """Train ``model`` on ``task`` for ``epochs`` epochs as the child run ``stage``; return the module and
-    its final numbers. Transfer and scratch share the ``downstream`` batch order."""
+    the tracked stage. Transfer and scratch share the ``downstream`` batch order."""
     module = make_classifier(cfg, model, task.num_classes)
     order = "upstream" if stage == "upstream" else "downstream"
     data = ImageDataModule(task.train, task.test, cfg.train.batch_size, seed=image_seed(cfg.seed, f"batches/{order}"),
                            pin_memory=on_gpu(cfg))
-    logger = tracker.child_logger(stage)
+    logger = tracker.stage_logger(stage)
     monitors = [LearningRateMonitor(logging_interval="epoch")] if logger is not None else []
     checkpointing = stage_checkpointing(cfg, stage)
     trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=epochs, logger=logger if logger is not None else False,
@@ -125,9 +131,11 @@ def fit_image_stage(cfg: DictConfig, tracker: PipelineTracker | NullTracker, sta
     trainer.fit(module, datamodule=data, ckpt_path=checkpointing.ckpt_path)
     train_eval = module.evaluate(data.eval_dataloader(task.train))
     test_eval = module.evaluate(data.eval_dataloader(task.test))
-    result = {"train_acc": train_eval["acc"], "test_acc": test_eval["acc"], "train_loss": train_eval["loss"],
-              "test_loss": test_eval["loss"], "epochs": epochs}
-    tracker.log_metrics({f"final/{k}": v for k, v in result.items()}, stage=stage, step=trainer.global_step)
+    final = {"train_acc": train_eval["acc"], "test_acc": test_eval["acc"], "train_loss": train_eval["loss"],
+             "test_loss": test_eval["loss"], "epochs": epochs}
+    plan = next((c.plan for c in callbacks or [] if isinstance(c, ParameterTransfer)), None)
+    result = StageResult(stage, None, final, plan=plan, steps=trainer.global_step)
+    record_stage(tracker, result)
     return module, result
 
 
@@ -157,13 +165,15 @@ def format_plan(plan: list[PlanRow]) -> str:
     return tabulate(rows, headers=("downstream layer", "upstream layer", "copied/total"), tablefmt="github")
 
 
-def run_images(cfg: DictConfig, tracker: PipelineTracker | NullTracker) -> dict[str, Any]:
-    """Algorithms 1 and 2 on image tasks for one seed; returns the per-stage results."""
+def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
+    """Algorithms 1 and 2 on image tasks for one seed; returns the trained stages and the data sizes.
+    (Image stages are Lightning fits of ``ImageClassifier``; ``engine`` is the Lightning engine.)"""
+    quiet_lightning()
     tasks = build_image_tasks(cfg)
-    results: dict[str, Any] = {"upstream": None, "transfer": None,
-                               "data": {"task1_classes": tasks.task1.classes, "task2_classes": tasks.task2.classes,
-                                        "n1": len(tasks.task1.train), "n2": len(tasks.task2.train),
-                                        "n1_test": len(tasks.task1.test), "n2_test": len(tasks.task2.test)}}
+    extra = {"data": {"task1_classes": tasks.task1.classes, "task2_classes": tasks.task2.classes,
+                      "n1": len(tasks.task1.train), "n2": len(tasks.task2.train),
+                      "n1_test": len(tasks.task1.test), "n2_test": len(tasks.task2.test)}}
+    results: dict[str, StageResult] = {}
     tracker.log_metrics({"data/n1": len(tasks.task1.train), "data/n2": len(tasks.task2.train)})
     if cfg.transfer.kind != "none":
         upstream = build_image_model(cfg.upstream_model, tasks.task1.num_classes, cfg, "upstream")
@@ -174,18 +184,15 @@ def run_images(cfg: DictConfig, tracker: PipelineTracker | NullTracker) -> dict[
                                                      cfg.train.upstream_epochs)
         transfer = ParameterTransfer(upstream, alpha=cfg.transfer.alpha, selection=cfg.transfer.selection,
                                      seed=derive_seed(cfg.seed, "selection"), **adapter_options(cfg.transfer))
-        _, fitted = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2, cfg.train.downstream_epochs,
-                                    [transfer])
-        plan = [row.as_dict() for row in transfer.plan]
+        _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
+                                                 cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)
         print(f"transfer plan ({upstream_name(cfg)} -> {downstream_name(cfg)}, alpha={cfg.transfer.alpha}):\n{table}")
-        tracker.log_dict(plan, "transfer_plan.json", stage="transfer")
         tracker.log_text(table + "\n", "transfer_plan.md", stage="transfer")
         copied = sum(row.copied for row in transfer.plan)
         tracker.log_metrics({"transfer/filters_copied": copied,
                              "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
-        results["transfer"] = {**fitted, "plan": plan}
         del upstream
     scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
     _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)
-    return results
+    return results, extra

@@ -15,15 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.distributed import is_global_zero
-from ptlab.tracking.mlflow import STAGE_TAG, resolve_tracking_uri
+from ptlab.tracking.base import STAGE_TAG
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 CONFIG_HASH_TAG = "ptlab.config_hash"
 RESUMED_TAG = "ptlab.resumed_from"
@@ -31,47 +31,71 @@ IGNORED_KEYS = ("logger", "cache", "resume", "devices")
 """Top-level keys that do not change what a pipeline computes."""
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved config minus ``IGNORED_KEYS``; ``trainer.devices`` counts, not indices."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("hydra", *IGNORED_KEYS):
-        resolved.pop(key, None)
-    trainer = resolved.get("trainer")
+def hash_resolved(resolved: dict[str, Any]) -> str:
+    """SHA-256 of a resolved config container minus ``IGNORED_KEYS``; ``trainer.devices`` counts, not indices."""
+    kept = {k: v for k, v in resolved.items() if k not in ("hydra", *IGNORED_KEYS)}
+    trainer = kept.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
-        trainer["devices"] = len(trainer["devices"])
-    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+        kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}
+    engine = kept.get("engine")
+    if isinstance(engine, dict) and isinstance(engine.get("trainer"), dict):
+        kept["engine"] = {**engine, "trainer": kept.get("trainer")}
+    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def should_skip_finished(cfg: DictConfig) -> bool:
+def config_hash(cfg: DictConfig) -> str:
+    """``hash_resolved`` of the resolved ``cfg``."""
+    return hash_resolved(OmegaConf.to_container(cfg, resolve=True))
+
+
+def should_skip_finished(cfg: DictConfig, multirun: bool) -> bool:
     """Whether ``resume.skip_finished`` applies to this job (tracking on, and a multirun for ``multirun``)."""
     mode = cfg.resume.skip_finished
     if cfg.logger.kind == "none" or mode == "never":
         return False
-    if mode == "always":
-        return True
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return mode == "always" or multirun
 
 
-def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run | None:
-    """The newest FINISHED parent run of ``experiment_name`` tagged with config hash ``digest``."""
+def _finished_query(tracking_uri: str, experiment_name: str, extra: str = "", max_results: int = 50000,
+                    newest_first: bool = True) -> list[Run]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.tracking.mlflow import resolve_tracking_uri
+
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
         experiment = client.get_experiment_by_name(experiment_name)
     except MlflowException:
-        return None
+        return []
     if experiment is None:
-        return None
-    runs = client.search_runs(
+        return []
+    return client.search_runs(
         [experiment.experiment_id],
-        filter_string=(f"tags.`{CONFIG_HASH_TAG}` = '{digest}' and tags.`{STAGE_TAG}` = 'pipeline' "
-                       "and attributes.status = 'FINISHED'"),
-        order_by=["attributes.start_time DESC"], max_results=1)
+        filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'FINISHED'{extra}",
+        order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"], max_results=max_results)
+
+
+def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run | None:
+    """The newest FINISHED parent run of ``experiment_name`` tagged with config hash ``digest``."""
+    runs = _finished_query(tracking_uri, experiment_name, f" and tags.`{CONFIG_HASH_TAG}` = '{digest}'", 1)
     return runs[0] if runs else None
+
+
+def finished_runs(tracking_uri: str, experiment_name: str) -> dict[str, Run]:
+    """Every FINISHED parent run of the experiment by config hash (the newest wins), for a sweep's resume."""
+    return {run.data.tags.get(CONFIG_HASH_TAG): run
+            for run in _finished_query(tracking_uri, experiment_name, newest_first=False)}
 
 
 def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
     """The ``summary.json`` artifact of ``run`` (its metrics when the artifact is missing), marked as resumed."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.tracking.mlflow import resolve_tracking_uri
+
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,11 +106,11 @@ def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
     return summary
 
 
-def skip_if_finished(cfg: DictConfig, digest: str, output_dir: Path) -> dict[str, Any] | None:
+def skip_if_finished(cfg: DictConfig, digest: str, output_dir: Path, multirun: bool) -> dict[str, Any] | None:
     """When this config already FINISHED (and ``resume.skip_finished`` applies): write its summary to
     ``output_dir/summary.json``, say so in one line and return it; otherwise ``None``. Every DDP rank
     looks (read-only), so that all of them skip or none does."""
-    if not should_skip_finished(cfg):
+    if not should_skip_finished(cfg, multirun):
         return None
     run = find_finished(cfg.logger.tracking_uri, cfg.logger.experiment_name, digest)
     if run is None:

@@ -1,12 +1,12 @@
-"""MLflow tracking of a pipeline (design.md section 5): one parent run, a child run per stage.
+"""MLflow tracking of a pipeline (docs/design.md section 5): one parent run, a child run per stage.
 
-Children are Lightning ``MLFlowLogger`` runs tagged with ``mlflow.parentRunId``; metric curves are
-buffered and sent with ``log_batch`` (a call per metric point would dominate a synthetic run).
+``MLflowTracker`` implements ``ptlab.tracking.base.Tracker`` with MLflow's client. Children are runs
+tagged with ``mlflow.parentRunId`` and ``ptlab.stage``; whole curves go into a database store's
+tables in one transaction (``ptlab.tracking.sql``), else through ``log_batch`` in batches.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,18 +17,16 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.utilities import rank_zero_only
+from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
 from ptlab.config import ConfigError
+from ptlab.tracking.base import PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json, curve_points, flatten
 from ptlab.tracking.faults import RetryingClient
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
-STAGE_TAG = "ptlab.stage"
 
 
 def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
@@ -63,70 +61,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     return experiment.experiment_id
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-class BufferedMLFlowLogger(MLFlowLogger):
-    """``MLFlowLogger`` that keeps metric points in memory and stores them in bulk: straight into the
-    tables of a database-backed store (``ptlab.tracking.sql``), through ``log_batch`` in batches of
-    1000 otherwise."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pending: list[MetricPoint] = []
-        self._writer: MetricWriter | None = None
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        stamp = int(time() * 1000)
-        self._pending.extend((k, float(v), stamp, step or 0) for k, v in metrics.items() if not isinstance(v, str))
-        if len(self._pending) >= 10 * MAX_METRICS_PER_BATCH:
-            self.flush()
-
-    @rank_zero_only
-    def flush(self) -> None:
-        """Store every pending metric point."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        if is_database_uri(self._tracking_uri or ""):
-            if self._writer is None:
-                self._writer = MetricWriter(self._tracking_uri)
-            try:
-                self._writer.write(self.run_id, pending)
-                return
-            except IntegrityError:  # a point stored before: MLflow's log_batch skips what exists
-                pass
-        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in pending]
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.experiment.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
-
-    def save(self) -> None:
-        super().save()
-        self.flush()
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        if self._initialized or self._pending:
-            self.flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        super().finalize(status)
-
-
-class PipelineTracker:
-    """A context manager around one pipeline's parent run; on an exception every open run is FAILED
-    (KILLED for Ctrl-C), so nothing is left RUNNING."""
+class MLflowTracker:
+    """``Tracker`` on an MLflow store: a context manager around one pipeline's parent run; on an
+    exception every open run is FAILED (KILLED for Ctrl-C), so nothing is left RUNNING."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str,
                  artifact_location: str | None = None, tags: Mapping[str, str] | None = None) -> None:
@@ -139,7 +76,7 @@ class PipelineTracker:
         self.parent_run_id = ""
         self.children: dict[str, str] = {}
 
-    def __enter__(self) -> PipelineTracker:
+    def __enter__(self) -> MLflowTracker:
         try:
             self.experiment_id = get_or_create_experiment(self.client, self.experiment_name, self.artifact_location)
         except MlflowException as err:
@@ -165,13 +102,45 @@ class PipelineTracker:
                 self.client.set_terminated(run_id, status)
         self.client.set_terminated(self.parent_run_id, status)
 
-    def child_logger(self, stage: str) -> BufferedMLFlowLogger:
-        """A Lightning logger on a new child run named ``stage`` (created now, so its id is known)."""
-        logger = BufferedMLFlowLogger(
-            experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_name=stage,
-            tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, STAGE_TAG: stage, **self.tags})
-        self.children[stage] = logger.run_id
-        return logger
+    def start_stage(self, stage: str) -> None:
+        """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""
+        tags = resolve_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        self.children[stage] = run.info.run_id
+
+    def end_stage(self, stage: str, status: str = "FINISHED") -> None:
+        run_id = self.children[stage]
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status)
+
+    def stage_logger(self, stage: str) -> Any:
+        """A ``BufferedMLFlowLogger`` on the child run of ``stage`` (started if needed)."""
+        from ptlab.tracking.lightning import BufferedMLFlowLogger  # Lightning loads only for image runs
+
+        if stage not in self.children:
+            self.start_stage(stage)
+        return BufferedMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
+                                    run_id=self.children[stage])
+
+    def log_curves(self, curves: Curves, stage: str | None = None) -> None:
+        """Every point of ``curves`` in one write: straight into a database store's tables, else
+        ``log_batch`` in batches of 1000."""
+        points: list[MetricPoint] = curve_points(curves, int(time() * 1000))
+        if not points:
+            return
+        run_id = self.run_id(stage)
+        if is_database_uri(self.tracking_uri):
+            writer = MetricWriter(self.tracking_uri)
+            try:
+                writer.write(run_id, points)
+                return
+            except IntegrityError:  # a point stored before: MLflow's log_batch skips what exists
+                pass
+            finally:
+                writer.close()
+        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
     def run_id(self, stage: str | None = None) -> str:
         """The parent run's id, or the child run of ``stage``."""
@@ -196,8 +165,7 @@ class PipelineTracker:
 
     def log_dict(self, data: Any, artifact_file: str, stage: str | None = None) -> None:
         """Store ``data`` as a JSON (or, for ``.yaml``/text, as given) artifact."""
-        self.log_text(data if isinstance(data, str) else json.dumps(data, indent=2, default=str),
-                      artifact_file, stage)
+        self.log_text(as_json(data), artifact_file, stage)
 
     def log_text(self, text: str, artifact_file: str, stage: str | None = None) -> None:
         self.client.log_text(self.run_id(stage), text, artifact_file)
@@ -206,31 +174,15 @@ class PipelineTracker:
         self.client.log_artifact(self.run_id(stage), str(path), artifact_path)
 
 
-class NullTracker:
-    """Tracking switched off (``logger=none``): the same calls, nothing stored."""
-
-    tracking_uri = experiment_id = parent_run_id = ""
-
-    def __enter__(self) -> NullTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def child_logger(self, stage: str) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("log_") or name == "set_tags":
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-
 def make_tracker(kind: str, tracking_uri: str = "", experiment_name: str = "default", run_name: str = "pipeline",
                  artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
-                 ) -> PipelineTracker | NullTracker:
+                 ) -> MLflowTracker | NullTracker:
     """The tracker for ``logger.kind``."""
     if kind == "none":
         return NullTracker()
-    return PipelineTracker(tracking_uri, experiment_name, run_name, artifact_location, tags)
+    return MLflowTracker(tracking_uri, experiment_name, run_name, artifact_location, tags)
+
+
+PipelineTracker = MLflowTracker
+"""The former name of ``MLflowTracker``."""
 

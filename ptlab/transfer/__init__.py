@@ -1,33 +1,26 @@
-"""Transfer: copy an alpha-fraction of an upstream model into a downstream model (Algorithm 1)."""
+"""Transfer: copy an alpha-fraction of an upstream model into a downstream model (Algorithm 1).
 
-from ptlab.transfer.adapters import (
-    ADAPTERS,
-    PlanRow,
-    TransferAdapter,
-    TwoLayerCNNFilters,
-    find_adapter,
-    register_adapter,
-)
-from ptlab.transfer.callback import ParameterTransfer, transfer_parameters
-from ptlab.transfer.options import adapter_options
-from ptlab.transfer.conv import CNNFilterTransfer, conv_units
-from ptlab.transfer.selection import SELECTORS, count_for, get_selector
-from ptlab.transfer.vit import ViTLayerTransfer
+Names load lazily (``ptlab.lazy``): the Lightning callback, the torchvision and timm rules import their
+libraries only when used.
+"""
 
-__all__ = [
-    "ADAPTERS",
-    "CNNFilterTransfer",
-    "SELECTORS",
-    "ParameterTransfer",
-    "PlanRow",
-    "TransferAdapter",
-    "TwoLayerCNNFilters",
-    "conv_units",
-    "ViTLayerTransfer",
-    "adapter_options",
-    "count_for",
-    "find_adapter",
-    "get_selector",
-    "register_adapter",
-    "transfer_parameters",
-]
+from ptlab.lazy import lazy_exports
+
+_EXPORTS = {
+    "ADAPTERS": "ptlab.transfer.adapters",
+    "PlanRow": "ptlab.transfer.adapters",
+    "TransferAdapter": "ptlab.transfer.adapters",
+    "TwoLayerCNNFilters": "ptlab.transfer.adapters",
+    "find_adapter": "ptlab.transfer.adapters",
+    "ParameterTransfer": "ptlab.transfer.callback",
+    "transfer_parameters": "ptlab.transfer.apply",
+    "adapter_options": "ptlab.transfer.options",
+    "CNNFilterTransfer": "ptlab.transfer.conv",
+    "conv_units": "ptlab.transfer.conv",
+    "SELECTIONS": "ptlab.transfer.selection",
+    "count_for": "ptlab.transfer.selection",
+    "get_selector": "ptlab.transfer.selection",
+    "ViTLayerTransfer": "ptlab.transfer.vit",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

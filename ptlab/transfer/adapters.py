@@ -1,8 +1,10 @@
 """Per-model-family transfer rules: what "an alpha-fraction of the upstream model" means for a family.
 
 An adapter plans the transfer (which target unit gets which source unit) and applies the plan in
-place. ``ParameterTransfer`` picks the first registered adapter that ``matches`` the model pair, so a
-new family (torchvision CNNs, timm ViTs) plugs in with ``register_adapter``.
+place. ``ParameterTransfer`` picks the first adapter of ``ADAPTERS`` that ``matches`` the model pair;
+a new family plugs in with ``ADAPTERS.add(name, "module:Class")`` (or ``ADAPTERS.register(name)``).
+Families whose libraries are heavy (torchvision, timm) are registered as references, so they are
+imported only when a pair of an earlier family does not match.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
+from ptlab.registry import Registry
 from ptlab.transfer.selection import Selector, count_for
 
 
@@ -81,19 +84,16 @@ class TwoLayerCNNFilters(TransferAdapter):
                 target.weight[j, idx] = source.weight[j, idx.to(source.weight.device)].to(target.weight)
 
 
-ADAPTERS: list[type[TransferAdapter]] = [TwoLayerCNNFilters]
-
-
-def register_adapter(adapter: type[TransferAdapter]) -> type[TransferAdapter]:
-    """Add an adapter (usable as a class decorator); later registrations are tried first."""
-    ADAPTERS.insert(0, adapter)
-    return adapter
+ADAPTERS: Registry[type[TransferAdapter]] = Registry("transfer adapter")
+ADAPTERS.add("two_layer_cnn", TwoLayerCNNFilters)
+ADAPTERS.add("torchvision_cnn", "ptlab.transfer.conv:CNNFilterTransfer")
+ADAPTERS.add("vit", "ptlab.transfer.vit:ViTLayerTransfer")
 
 
 def find_adapter(source: nn.Module, target: nn.Module) -> type[TransferAdapter]:
-    """The adapter for a model pair, or ``ValueError`` naming the pair."""
-    for adapter in ADAPTERS:
+    """The first adapter of ``ADAPTERS`` for a model pair, or ``ValueError`` naming the pair."""
+    for _, adapter in ADAPTERS.items():
         if adapter.matches(source, target):
             return adapter
     raise ValueError(f"no transfer rule for upstream {type(source).__name__} -> downstream "
-                     f"{type(target).__name__}; known families: {', '.join(a.__name__ for a in ADAPTERS)}")
+                     f"{type(target).__name__}; known families: {', '.join(ADAPTERS.names())}")

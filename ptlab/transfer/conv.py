@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG, ResNet
 
-from ptlab.transfer.adapters import PlanRow, TransferAdapter, register_adapter
+from ptlab.transfer.adapters import PlanRow, TransferAdapter
 from ptlab.transfer.selection import Selector, count_for
 
 FAMILIES: tuple[type[nn.Module], ...] = (ResNet, VGG)
@@ -81,7 +81,6 @@ def _family(model: nn.Module) -> type[nn.Module] | None:
     return next((family for family in FAMILIES if isinstance(model, family)), None)
 
 
-@register_adapter
 class CNNFilterTransfer(TransferAdapter):
     """Same-shape convs matched per stage, an alpha-fraction of output filters copied (module docstring)."""
 

@@ -28,7 +28,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ptlab.transfer.adapters import PlanRow, TransferAdapter, register_adapter
+from ptlab.transfer.adapters import PlanRow, TransferAdapter
 from ptlab.transfer.selection import Selector, count_for
 
 POSITIONS = ("last", "first", "random")
@@ -79,7 +79,6 @@ def block_indices(layers: Sequence[int] | None, position: str, alpha: float, sou
     return torch.randperm(shared, generator=generator)[:k].sort().values.tolist()
 
 
-@register_adapter
 class ViTLayerTransfer(TransferAdapter):
     """Inherit whole blocks (and by default the embeddings and final norm) of a timm ViT."""
 

@@ -1,16 +1,18 @@
 """A whole Hydra sweep of ``engine=gram`` synthetic pipelines in one process (the ``ptlab_gram`` launcher).
 
-Every job still gets what ``run_pipeline`` gives it: its sweep subdir with ``summary.json`` (and
-``.hydra/config.yaml``, ``overrides.yaml``), a FINISHED MLflow parent run with the resolved config as
-params, ``config.yaml``/``summary.json`` artifacts, the theory's prediction and the final metrics, and
-a child run per stage with its curves and the transfer plan. What changes is the cost:
+Every job is tracked by the same code as ``run_pipeline`` (``ptlab.pipeline.record``): its sweep
+subdir with ``summary.json`` (and ``.hydra/config.yaml``, ``overrides.yaml``), a FINISHED MLflow parent
+run with the resolved config as params, ``config.yaml``/``summary.json`` artifacts, the theory's
+prediction and the final metrics, and a child run per stage with its curves and the transfer plan.
+One artifact is skipped: ``decomposition.png`` (0.25 s a cell to draw, longer than the cell's
+training; the curves it draws are in every child run). What changes is the cost:
 
 - Composition: Hydra composes one job per distinct set of group choices (a template, ~0.3 s); each
   distinct ``key=value`` override is applied and validated once with OmegaConf, and a job is the
   template's resolved container with its values set (about 5 ms a job instead of ~250 ms).
 - Training: all cells run through ``ptlab.engines.gram.iter_chunks``, batched by shape, in
   single-threaded worker processes (``workers``, default: torch's thread count).
-- Tracking: pipelines are recorded in memory and written with ``BulkRunWriter`` per chunk. ``history``
+- Tracking: pipelines are recorded in a ``MemoryTracker`` and written with ``BulkRunWriter`` per chunk. ``history``
   sets how many curve points go to MLflow: ``full`` (every point, as a single run logs them), ``eval``
   (the eval steps) or ``last`` (the last point of every curve: same metric names, one point each).
 
@@ -20,7 +22,6 @@ Jobs that are not ``engine=gram`` synthetic pipelines run one by one as Hydra's 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import re
@@ -38,19 +39,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
 from hydra.types import HydraContext, TaskFunction
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, ValueNode, open_dict, read_write
 from tqdm import tqdm
 
 from ptlab.config import ConfigError, validate
-from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, log_result
-from ptlab.engines.tracking import BulkRunWriter, RecordingTracker
-from ptlab.pipeline.resume import CONFIG_HASH_TAG, IGNORED_KEYS, finished_summary, should_skip_finished
-from ptlab.pipeline.run import STAGES
-from ptlab.pipeline.synthetic import log_theory
-from ptlab.tracking import NullTracker, flatten, resolve_tracking_uri
+from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks
+from ptlab.pipeline.record import open_pipeline, pipeline_tags, record_pipeline
+from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
+from ptlab.theory import TheoryPrediction, predict_from_config
+from ptlab.tracking.base import MemoryTracker, NullTracker
+from ptlab.tracking.bulk import BulkRunWriter
 from ptlab.tracking.faults import prepare_sqlite_store
-from ptlab.tracking.mlflow import STAGE_TAG
+from ptlab.tracking.mlflow import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class SweepJob:
     resolved: dict[str, Any]
     cell: GramCell
     digest: str
-    tracker: RecordingTracker | None = None
+    tracker: MemoryTracker | None = None
     writer: BulkRunWriter | None = None
-    theory: dict[str, Any] | None = None
+    theory: TheoryPrediction | None = None
     summary: dict[str, Any] | None = None
 
 
@@ -90,15 +90,6 @@ def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         container = container[part]
     container[leaf] = value
-
-
-def _resolved_hash(resolved: dict[str, Any]) -> str:
-    """``ptlab.pipeline.resume.config_hash`` of the config whose resolved container is ``resolved``."""
-    kept = {k: v for k, v in resolved.items() if k not in ("hydra", *IGNORED_KEYS)}
-    trainer = kept.get("trainer")
-    if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
-        kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 class _Template:
@@ -126,7 +117,7 @@ class _Template:
         interpolations = [v for v in _leaf_values(raw) if isinstance(v, str) and "${" in v]
         self.fast = (OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}" and
                      not any("hydra:" in v or leaves & set(re.findall(r"\w+", v)) for v in interpolations))
-        self.skip_finished = should_skip_finished(self.task)
+        self.skip_finished = should_skip_finished(self.task, multirun=True)
         self.values: dict[str, tuple[Any, str]] = {}
         if self.fast:
             validate(self.task)
@@ -206,48 +197,22 @@ def _is_value_override(override: Override, config: DictConfig) -> bool:
     return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
 
 
-def _finished_runs(tracking_uri: str, experiment_name: str) -> dict[str, Any]:
-    """FINISHED pipeline runs of the experiment by config hash (newest first wins), for ``resume``."""
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return {}
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=50000)
-    return {run.data.tags.get(CONFIG_HASH_TAG): run for run in runs}
-
-
 def _dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
                      default_flow_style=False, allow_unicode=True)
 
 
 def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any]:
-    """The rest of ``run_pipeline`` for one job: its stages tracked, final metrics, summary.json."""
-    tracker = job.tracker
-    results = log_result(tracker, result, history) if tracker is not None else result.results()
-    summary: dict[str, Any] = {
-        **results, **({"theory": job.theory} if job.theory is not None else {}), "seed": result.cell.seed,
-        "choices": job.choices,
-        "mlflow": {"tracking_uri": tracker.tracking_uri if tracker else "",
-                   "experiment_id": tracker.experiment_id if tracker else "",
-                   "parent_run_id": tracker.parent_run_id if tracker else ""},
-    }
-    final = {f"{stage}_{key}": summary[stage][key] for stage in STAGES if summary.get(stage)
-             for key in ("train_acc", "test_acc")}
-    if summary.get("transfer") and summary.get("scratch"):
-        final["transfer_gain"] = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
-    text = json.dumps(summary, indent=2)
-    if tracker is not None:
-        tracker.log_metrics(final)
-        tracker.log_text(text, "summary.json")
-        tracker.parent.finalize("success")
+    """Hand one trained cell to ``record_pipeline`` (as ``run_pipeline`` does) and write its Hydra files."""
+    tracker = job.tracker if job.tracker is not None else NullTracker()
+    with tracker:
+        summary = record_pipeline(tracker, result.stage_results(history), job.output_dir, result.cell.seed,
+                                  job.choices, job.theory, record_stages=True)
     hydra_dir = job.output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(tracker.parent.texts["config.yaml"] if tracker else _dump_yaml(job.resolved))
+    config_yaml = job.tracker.artifact_text("config.yaml") if job.tracker is not None else _dump_yaml(job.resolved)
+    (hydra_dir / "config.yaml").write_text(config_yaml)
     (hydra_dir / "overrides.yaml").write_text(_dump_yaml(job.overrides))
-    (job.output_dir / "summary.json").write_text(text)
     return summary
 
 
@@ -292,10 +257,10 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
     """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
     cfg, resolved, output_dir, run_name = template.job(index, parsed, values)
     job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved,
-                   GramCell.from_config(cfg, snapshot=resolved), _resolved_hash(resolved))
+                   GramCell.from_config(cfg, snapshot=resolved), hash_resolved(resolved))
+    job.theory = predict_from_config(cfg)
     logger = resolved["logger"]
     if logger["kind"] == "none":
-        job.theory = log_theory(cfg, NullTracker())
         return job
     key = (logger["tracking_uri"], logger["experiment_name"], logger.get("artifact_location"))
     if key not in writers:
@@ -303,18 +268,14 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
         if logger.get("sqlite_wal", True):
             prepare_sqlite_store(uri)
         writers[key] = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
-        finished[key] = _finished_runs(uri, logger["experiment_name"])
+        finished[key] = finished_runs(uri, logger["experiment_name"])
     run = finished[key].get(job.digest) if template.skip_finished else None
     if run is not None:
         job.summary = finished_summary(logger["tracking_uri"], run)
         return job
-    tags = {"ptlab.seed": str(resolved["seed"]), CONFIG_HASH_TAG: job.digest,
-            **{f"ptlab.choice.{k}": v for k, v in job.choices.items()}}
     job.writer = writers[key]
-    job.tracker = job.writer.tracker(run_name, tags)
-    job.tracker.log_params(flatten(resolved))
-    job.tracker.log_text(template.yaml_text(resolved, values), "config.yaml")
-    job.theory = log_theory(cfg, job.tracker)
+    job.tracker = job.writer.tracker(run_name, pipeline_tags(resolved["seed"], job.digest, job.choices))
+    open_pipeline(job.tracker, resolved, template.yaml_text(resolved, values), job.theory)
     return job
 
 
@@ -334,7 +295,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
     for offset, overrides in enumerate(job_overrides):
         index, overrides = initial_job_idx + offset, list(overrides)
         template, parsed, values = composer.template(overrides)
-        if template.task.get("engine") != "gram" or template.task.task.name != "synthetic":
+        if OmegaConf.select(template.task, "engine.name") != "gram" or template.task.task.name != "synthetic":
             others.append((index, overrides))
             continue
         job = _build_job(template, index, overrides, parsed, values, writers, finished)
@@ -352,7 +313,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
         workers = torch.get_num_threads() if workers is None else workers
         for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
             mark = time.perf_counter()
-            by_writer: dict[int, tuple[BulkRunWriter, list[RecordingTracker]]] = {}
+            by_writer: dict[int, tuple[BulkRunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
                 job.summary = track_pipeline(job, result, history)

@@ -1,0 +1,58 @@
+"""Lightning callbacks of the Lightning engine: the decomposition recorder and the spawn-safe final numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from ptlab.data.synthetic import Directions
+from ptlab.modules.decomposition import decomposition_metrics
+
+FINAL_PREFIX = "ptlab_final/"
+
+
+class SignalNoiseDecomposition(pl.Callback):
+    """Records ``decomposition_metrics`` of ``pl_module.model.weight`` every ``every`` steps.
+
+    Points go into ``pl_module.curves`` (``FullBatchGD``'s in-memory curves, which it sends to its
+    logger at train end) at step t = the model after t updates, including the final model.
+    """
+
+    def __init__(self, directions: Directions, noise: Tensor, labels: Tensor | None = None, every: int = 10) -> None:
+        super().__init__()
+        if every <= 0:
+            raise ValueError(f"every={every} is not allowed: must be > 0")
+        self.directions, self.noise, self.labels, self.every = directions, noise, labels, every
+
+    def _record(self, pl_module: pl.LightningModule, step: int) -> None:
+        metrics = decomposition_metrics(pl_module.model.weight, self.directions, self.noise, self.labels)
+        for key, value in metrics.items():
+            pl_module.curves.setdefault(key, []).append((step, value))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx % self.every == 0:
+            self._record(pl_module, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(pl_module, trainer.global_step)
+
+
+class FinalToMainProcess(pl.Callback):
+    """Puts ``pl_module.final`` into ``trainer.callback_metrics``, which spawn strategies send back to the
+    main process; ``restore_final`` reads it there. A no-op cost for single-process fits."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        final = getattr(pl_module, "final", None) or {}
+        trainer.callback_metrics.update({FINAL_PREFIX + k: torch.tensor(float(v)) for k, v in final.items()})
+
+
+def restore_final(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Fill an empty ``module.final`` (the main process of a spawn fit) from ``trainer.callback_metrics``."""
+    if getattr(module, "final", None):
+        return
+    module.final = {k[len(FINAL_PREFIX):]: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith(FINAL_PREFIX)}

@@ -1,0 +1,141 @@
+"""The one code path that tracks a pipeline's results and writes its summary.
+
+``run_pipeline`` (one config) and the batched sweep (``ptlab.pipeline.batched``, many cells trained
+at once) both call these functions: ``open_pipeline`` logs the config and the theory on the parent
+run, ``record_stage`` a trained stage on its child run, ``record_pipeline`` the final metrics,
+``transfer_gain``, the decomposition figure and ``summary.json``. Nothing about a pipeline is
+written anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ptlab.engines.base import STAGES, StageResult
+from ptlab.pipeline.resume import CONFIG_HASH_TAG
+from ptlab.theory import TheoryPrediction
+from ptlab.tracking.base import NullTracker, Tracker, flatten
+
+
+def pipeline_tags(seed: int, digest: str, choices: Mapping[str, str]) -> dict[str, str]:
+    """The tags of a pipeline's parent run (and its children)."""
+    return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest, **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
+
+
+def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: str,
+                  theory: TheoryPrediction | None) -> None:
+    """Log the resolved config (params and ``config.yaml``) and the theory's prediction on the parent run:
+    categorical fields as ``theory.<name>`` params, finite numbers as ``theory/<name>`` metrics (an
+    infinite ratio is left out rather than stored as MLflow's largest float)."""
+    tracker.log_params(flatten(resolved))
+    tracker.log_text(config_yaml, "config.yaml")
+    if theory is not None:
+        tracker.log_params({f"theory.{k}": v for k, v in theory.labels().items()})
+        tracker.log_metrics({f"theory/{k}": v for k, v in theory.metrics().items() if math.isfinite(v)})
+
+
+def record_stage(tracker: Tracker, result: StageResult) -> None:
+    """Track a trained stage on its child run: curves, ``final/*`` at the last step, the transfer plan.
+    A stage read from the upstream cache has no child run (the parent links the run that trained it)."""
+    if result.cached:
+        return
+    if result.name not in tracker.children:
+        tracker.start_stage(result.name)
+    tracker.log_curves(result.curves, stage=result.name)
+    tracker.log_metrics({f"final/{k}": v for k, v in result.final.items()}, stage=result.name, step=result.steps)
+    if result.plan is not None:
+        tracker.log_dict([row.as_dict() for row in result.plan], "transfer_plan.json", stage=result.name)
+    tracker.end_stage(result.name)
+
+
+def final_metrics(stages: Mapping[str, StageResult]) -> dict[str, float]:
+    """``<stage>_train_acc``, ``<stage>_test_acc`` and ``transfer_gain`` (transfer - scratch test accuracy)."""
+    final = {f"{name}_{key}": stages[name].final[key] for name in STAGES if name in stages
+             for key in ("train_acc", "test_acc")}
+    if "transfer" in stages and "scratch" in stages:
+        final["transfer_gain"] = stages["transfer"].final["test_acc"] - stages["scratch"].final["test_acc"]
+    return final
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def log_decomposition_figure(tracker: Tracker, stages: Mapping[str, StageResult], title: str) -> None:
+    """Draw every stage's decomposition curves and log the PNG as ``decomposition.png`` on the parent run."""
+    if isinstance(tracker, NullTracker):
+        return
+    from ptlab.modules.decomposition import decomposition_figure  # matplotlib loads only here
+
+    figure = decomposition_figure({name: result.curves for name, result in stages.items()}, title)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "decomposition.png"
+        figure.savefig(path, dpi=110)
+        tracker.log_artifact(path)
+
+
+def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_dir: Path, seed: int,
+                    choices: Mapping[str, str], theory: TheoryPrediction | None = None,
+                    extra: Mapping[str, Any] | None = None, record_stages: bool = False,
+                    figure_title: str | None = None, write_file: bool = True) -> dict[str, Any]:
+    """Track the pipeline's results and return its summary (also ``output_dir/summary.json``).
+
+    ``record_stages``: the stages were trained without being tracked yet (the batched sweep);
+    ``figure_title``: draw the decomposition figure (synthetic pipelines); ``extra``: more summary
+    entries (the image data sizes); ``write_file``: write ``summary.json`` (rank 0 only under DDP)."""
+    if record_stages:
+        for name in STAGES:
+            if name in stages:
+                record_stage(tracker, stages[name])
+    if figure_title is not None:
+        log_decomposition_figure(tracker, stages, figure_title)
+    summary: dict[str, Any] = {
+        **{name: stages[name].summary() if name in stages else None for name in STAGES},
+        **(extra or {}),
+        **({"theory": theory.as_dict()} if theory is not None else {}),
+        "seed": seed,
+        "choices": dict(choices),
+        "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                   "parent_run_id": tracker.parent_run_id},
+    }
+    summary = finite_or_none(summary)
+    tracker.log_metrics(final_metrics(stages))
+    text = json.dumps(summary, indent=2, allow_nan=False)
+    if write_file:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "summary.json").write_text(text)
+    tracker.log_text(text, "summary.json")
+    return summary
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """A short text table of the stages' accuracies."""
+    lines = [f"{'stage':<10}{'train_acc':>11}{'test_acc':>10}"]
+    for stage in STAGES:
+        result = summary.get(stage)
+        if result:
+            lines.append(f"{stage:<10}{result['train_acc']:>11.4f}{result['test_acc']:>10.4f}")
+    if summary.get("transfer") and summary.get("scratch"):
+        gain = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
+        lines.append(f"transfer - scratch test accuracy: {gain:+.4f}")
+    theory = summary.get("theory")
+    if theory:
+        lines.append(f"theory: {theory['predicted']} (d / D* = {_number(theory['d_over_threshold'])}, "
+                     f"Gamma = {_number(theory['gamma'])})")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3g}"

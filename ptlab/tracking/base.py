@@ -1,0 +1,226 @@
+"""The ``Tracker`` interface of a pipeline, and the trackers that need no tracking library.
+
+A pipeline has one parent run and a child run per stage (docs/design.md section 5). Code that
+tracks talks to a ``Tracker``: ``MLflowTracker`` (``ptlab.tracking.mlflow``) writes through MLflow's
+client, ``NullTracker`` stores nothing (``logger=none``), ``MemoryTracker`` keeps everything in memory
+for ``ptlab.tracking.bulk.BulkRunWriter`` to store later in bulk (the batched sweep). Every method
+is spelled out in each of them, so a misspelled call is an ``AttributeError``, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from time import time
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+STAGE_TAG = "ptlab.stage"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+Curves = Mapping[str, Sequence[tuple[int, float]]]
+"""Metric curves: name -> [(step, value)]."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
+    """``curves`` as (key, value, timestamp ms, step) points."""
+    return [(key, float(value), stamp, int(step)) for key, points in curves.items() for step, value in points]
+
+
+def as_json(data: Any) -> str:
+    """``data`` as the JSON text of an artifact (a string is stored as given)."""
+    return data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """One pipeline's runs: the parent (``stage=None``) and a child per stage."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    children: dict[str, str]
+
+    def __enter__(self) -> Tracker: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def start_stage(self, stage: str) -> None:
+        """Open the child run of ``stage`` (RUNNING until ``end_stage`` or the pipeline's end)."""
+
+    def end_stage(self, stage: str, status: str = "FINISHED") -> None:
+        """Close the child run of ``stage``."""
+
+    def stage_logger(self, stage: str) -> Any:
+        """A Lightning logger on the child run of ``stage`` for live curves, or ``None``."""
+
+    def log_params(self, params: Mapping[str, Any], stage: str | None = None) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None: ...
+
+    def log_curves(self, curves: Curves, stage: str | None = None) -> None:
+        """Store whole metric curves at once (one write, not one per point)."""
+
+    def set_tags(self, tags: Mapping[str, Any], stage: str | None = None) -> None: ...
+
+    def log_dict(self, data: Any, artifact_file: str, stage: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str, stage: str | None = None) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, stage: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off (``logger=none``): the same calls, nothing stored."""
+
+    tracking_uri = experiment_id = parent_run_id = ""
+
+    def __init__(self) -> None:
+        self.children: dict[str, str] = {}
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+    def start_stage(self, stage: str) -> None:
+        return None
+
+    def end_stage(self, stage: str, status: str = "FINISHED") -> None:
+        return None
+
+    def stage_logger(self, stage: str) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any], stage: str | None = None) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
+        return None
+
+    def log_curves(self, curves: Curves, stage: str | None = None) -> None:
+        return None
+
+    def set_tags(self, tags: Mapping[str, Any], stage: str | None = None) -> None:
+        return None
+
+    def log_dict(self, data: Any, artifact_file: str, stage: str | None = None) -> None:
+        return None
+
+    def log_text(self, text: str, artifact_file: str, stage: str | None = None) -> None:
+        return None
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, stage: str | None = None) -> None:
+        return None
+
+
+class RecordedRun:
+    """One run held in memory: tags, params, metric points and artifacts (name -> bytes)."""
+
+    def __init__(self, name: str, tags: Mapping[str, str]) -> None:
+        self.run_id = uuid.uuid4().hex
+        self.name = name
+        self.tags: dict[str, str] = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
+        self.params: dict[str, str] = {}
+        self.metrics: list[tuple[str, float, int, int]] = []
+        self.artifacts: dict[str, bytes] = {}
+        self.start_ms = int(time() * 1000)
+        self.end_ms = self.start_ms
+        self.status = "RUNNING"
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+        self.end_ms = int(time() * 1000)
+
+
+class MemoryTracker:
+    """A pipeline's runs recorded in memory, run ids fixed at creation; ``BulkRunWriter`` stores them.
+
+    ``child_tags`` are added to every child run (what MLflow's context adds to a run: user, source)."""
+
+    def __init__(self, tracking_uri: str = "", experiment_id: str = "", run_name: str = "pipeline",
+                 tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None) -> None:
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.tags = dict(tags or {})
+        self.child_tags = dict(child_tags or {})
+        self.parent = RecordedRun(run_name, {STAGE_TAG: "pipeline", **self.tags})
+        self.parent_run_id = self.parent.run_id
+        self.stages: dict[str, RecordedRun] = {}
+        self.children: dict[str, str] = {}
+
+    def __enter__(self) -> MemoryTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        status = "FINISHED" if exc_type is None else (
+            "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        if exc_type is not None:
+            self.parent.tags["ptlab.error"] = f"{exc_type.__name__}: {exc}"[:5000]
+        for run in self.stages.values():
+            if run.status == "RUNNING":
+                run.finish(status)
+        self.parent.finish(status)
+
+    def run(self, stage: str | None = None) -> RecordedRun:
+        return self.stages[stage] if stage else self.parent
+
+    def runs(self) -> list[RecordedRun]:
+        return [self.parent, *self.stages.values()]
+
+    def start_stage(self, stage: str) -> None:
+        run = RecordedRun(stage, {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage,
+                                  **self.tags})
+        self.stages[stage] = run
+        self.children[stage] = run.run_id
+
+    def end_stage(self, stage: str, status: str = "FINISHED") -> None:
+        self.stages[stage].finish(status)
+
+    def stage_logger(self, stage: str) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any], stage: str | None = None) -> None:
+        self.run(stage).params.update({k: str(v)[:6000] for k, v in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
+        stamp = int(time() * 1000)
+        self.run(stage).metrics.extend((k, float(v), stamp, step) for k, v in metrics.items())
+
+    def log_curves(self, curves: Curves, stage: str | None = None) -> None:
+        self.run(stage).metrics.extend(curve_points(curves, int(time() * 1000)))
+
+    def set_tags(self, tags: Mapping[str, Any], stage: str | None = None) -> None:
+        self.run(stage).tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_dict(self, data: Any, artifact_file: str, stage: str | None = None) -> None:
+        self.log_text(as_json(data), artifact_file, stage)
+
+    def log_text(self, text: str, artifact_file: str, stage: str | None = None) -> None:
+        self.run(stage).artifacts[artifact_file] = text.encode()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, stage: str | None = None) -> None:
+        name = Path(path).name
+        self.run(stage).artifacts[f"{artifact_path}/{name}" if artifact_path else name] = Path(path).read_bytes()
+
+    def artifact_text(self, name: str, stage: str | None = None) -> str:
+        """A recorded artifact as text (for tests and for the sweep's ``.hydra/config.yaml``)."""
+        return self.run(stage).artifacts[name].decode()

@@ -1,0 +1,54 @@
+"""Algorithm 1's initialisation step without Lightning: plan and copy an alpha-fraction of a model.
+
+``Transfer`` is what an engine receives for a transfer stage: the Lightning engine runs it from the
+``ParameterTransfer`` callback when the fit starts, the gram engine runs it on the fresh model before
+it reads the model's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptlab.transfer.adapters import PlanRow, TransferAdapter, find_adapter
+from ptlab.transfer.selection import get_selector
+
+
+def transfer_parameters(source: nn.Module, target: nn.Module, alpha: float, selection: str = "random",
+                        generator: torch.Generator | None = None, adapter: TransferAdapter | None = None,
+                        ) -> list[PlanRow]:
+    """Copy an ``alpha``-fraction of ``source``'s units into ``target`` in place; return the plan."""
+    adapter = adapter or find_adapter(source, target)()
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    plan = adapter.plan(source, target, alpha, get_selector(selection), gen)
+    adapter.apply(source, target, plan)
+    return plan
+
+
+@dataclass
+class Transfer:
+    """What a transfer stage inherits: ``alpha`` of ``source`` chosen by ``selection`` under ``seed``;
+    ``options`` go to the family's adapter (e.g. the ViT block switches)."""
+
+    source: nn.Module
+    alpha: float
+    selection: str = "random"
+    seed: int = 0
+    adapter: TransferAdapter | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def _adapter(self, target: nn.Module) -> TransferAdapter:
+        return self.adapter or find_adapter(self.source, target)(**self.options)
+
+    def plan(self, target: nn.Module) -> list[PlanRow]:
+        """The plan for ``target`` without copying anything (same generator as ``apply``)."""
+        return self._adapter(target).plan(self.source, target, self.alpha, get_selector(self.selection),
+                                          torch.Generator().manual_seed(self.seed))
+
+    def apply(self, target: nn.Module) -> list[PlanRow]:
+        """Copy the planned units into ``target`` in place; return the plan."""
+        return transfer_parameters(self.source, target, self.alpha, self.selection,
+                                   torch.Generator().manual_seed(self.seed), self._adapter(target))
