@@ -41,7 +41,7 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
 
 @dataclass
 class SyntheticTaskSchema:
-    """The two-patch data model of design.md section 1."""
+    """The two-patch data model of docs/design.md section 1."""
 
     name: str = "synthetic"
     d: int = 2000

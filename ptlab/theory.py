@@ -1,4 +1,4 @@
-"""What the paper's theorems predict for a synthetic config (design.md section 2).
+"""What the paper's theorems predict for a synthetic config (docs/design.md section 2).
 
 Notation: ``n = max(N1, N2)``, ``U = ||u||``, ``S2 = ||u + v2|| = sqrt(U^2 + ||v2||^2)`` (u and v2 are
 orthogonal), ``s1 = sigma_p1``, ``s2 = sigma_p2``.

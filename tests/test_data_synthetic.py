@@ -1,4 +1,4 @@
-"""The synthetic data model of design.md section 1, checked with numbers."""
+"""The synthetic data model of docs/design.md section 1, checked with numbers."""
 
 import pytest
 import torch

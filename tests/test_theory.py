@@ -1,4 +1,4 @@
-"""ptlab.theory against hand-computed values (design.md section 2), edge cases included."""
+"""ptlab.theory against hand-computed values (docs/design.md section 2), edge cases included."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ptlab.theory import (
     threshold_term,
 )
 
-# The quick experiment of design.md: d=1000, N1=200, N2=20, sigma_p=1, v_norm=2, alpha=0.5.
+# The quick experiment of docs/design.md: d=1000, N1=200, N2=20, sigma_p=1, v_norm=2, alpha=0.5.
 BASE = dict(d=1000, n1=200, n2=20, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.5)
 
 

@@ -76,3 +76,17 @@ def test_buffered_logger_writes_curves_to_the_tables_of_a_database_store(tmp_pat
     ("http://127.0.0.1:5000", False), ("file:///tmp/mlruns", False), ("databricks", False)])
 def test_is_database_uri(uri: str, expected: bool) -> None:
     assert is_database_uri(uri) is expected
+
+
+def test_mlflow_tables_are_the_ones_ptlab_writes() -> None:
+    """Fails loudly when an MLflow upgrade changes a table ptlab writes rows into."""
+    from types import SimpleNamespace
+
+    from ptlab.tracking.sql import TABLES, check_tables
+
+    check_tables()
+    assert {t.__tablename__ for t in TABLES} == {"runs", "tags", "params", "metrics", "latest_metrics"}
+    changed = SimpleNamespace(__tablename__="tags", __table__=SimpleNamespace(
+        columns=[SimpleNamespace(name=n) for n in ("key", "value", "run_uuid", "new_column")]))
+    with pytest.raises(RuntimeError, match="changed table 'tags'"):
+        check_tables((changed,))

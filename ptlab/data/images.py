@@ -1,4 +1,4 @@
-"""Real image tasks (design.md section 4): CIFAR-10, CIFAR-100 and scikit-learn's handwritten digits.
+"""Real image tasks (docs/design.md section 4): CIFAR-10, CIFAR-100 and scikit-learn's handwritten digits.
 
 Protocol, the same for every data set:
 

@@ -1,4 +1,4 @@
-"""The paper's two-layer ReLU CNN on two-patch inputs (design.md section 1)."""
+"""The paper's two-layer ReLU CNN on two-patch inputs (docs/design.md section 1)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from ptlab.report.registry import register
 from ptlab.report.runs import seed_stats
 
 STAGE_METRICS = ["metrics.upstream_test_acc", "metrics.transfer_test_acc", "metrics.scratch_test_acc",
@@ -33,7 +32,6 @@ def write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
     return [csv, md]
 
 
-@register("")
 def render_generic(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """A table of mean/std/count test accuracies for each combination of swept params."""
     metrics = [m for m in STAGE_METRICS if m in runs.columns]

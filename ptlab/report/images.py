@@ -1,4 +1,4 @@
-"""The paper's real-data results redrawn from MLflow: Table 1 and Figure 3 (design.md section 4).
+"""The paper's real-data results redrawn from MLflow: Table 1 and Figure 3 (docs/design.md section 4).
 
 Table 1 (experiments ``table1*``): downstream test accuracy (%) with transfer per architecture pair
 and N1/N2, beside the scratch baseline of the same pair, and the gain over scratch (mean over seeds of
@@ -16,7 +16,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ptlab.report.generic import write_table
-from ptlab.report.registry import register
 from ptlab.report.runs import ReportError, seed_stats
 
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
@@ -48,7 +47,6 @@ def _cell(mean: float, std: float, gain: float | None = None) -> str:
     return text if gain is None else f"{text} ({100 * gain:+.1f})"
 
 
-@register("table1")
 def render_table1(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """Table 1: transfer accuracy per pair and N1/N2 with the gain over scratch; scratch per pair."""
     runs = with_pairs(runs, [RATIO, TRANSFER, SCRATCH, GAIN])
@@ -73,7 +71,6 @@ def render_table1(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Pa
     return [md, csv]
 
 
-@register("fig3")
 def render_fig3(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """Figure 3: transfer vs scratch test accuracy against sigma_p2, one panel per pair."""
     runs = with_pairs(runs, [SIGMA, TRANSFER, SCRATCH, GAIN])

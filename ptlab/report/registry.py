@@ -1,33 +1,38 @@
-"""Which renderer draws which experiment: the longest registered prefix of the experiment name wins."""
+"""Which renderer draws which experiment: the longest registered prefix of the experiment name wins.
+
+``RENDERERS`` holds lazy references, so a report imports only the module of the renderer it uses; a
+user's renderer is one ``RENDERERS.register("prefix")`` (or ``register("prefix")``) away.
+"""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from ptlab.registry import Registry
 
-Renderer = Callable[[pd.DataFrame, str, Path], list[Path]]
+if TYPE_CHECKING:
+    import pandas as pd
+
+Renderer = Callable[["pd.DataFrame", str, Path], list[Path]]
 """``render(runs, experiment, out_dir)`` writes figures/tables into ``out_dir`` and returns their paths."""
 
-RENDERERS: dict[str, Renderer] = {}
-
-RENDERER_MODULES = ["ptlab.report.generic", "ptlab.report.synthetic", "ptlab.report.images", "ptlab.report.vit"]
-"""Modules that register renderers when imported; figure modules add themselves here."""
+RENDERERS: Registry[Renderer] = Registry("report renderer")
+RENDERERS.add("", "ptlab.report.generic:render_generic")
+RENDERERS.add("fig1", "ptlab.report.synthetic:render_fig1")
+RENDERERS.add("fig2", "ptlab.report.synthetic:render_fig2")
+RENDERERS.add("table1", "ptlab.report.images:render_table1")
+RENDERERS.add("fig3", "ptlab.report.images:render_fig3")
+RENDERERS.add("fig4", "ptlab.report.vit:render_fig4")
 
 
 def register(prefix: str) -> Callable[[Renderer], Renderer]:
     """Decorator: ``render`` draws experiments whose name starts with ``prefix``."""
-    def wrap(render: Renderer) -> Renderer:
-        RENDERERS[prefix] = render
-        return render
-    return wrap
+    return RENDERERS.register(prefix)
 
 
 def renderer_for(experiment: str) -> Renderer:
     """The renderer with the longest prefix of ``experiment`` (the generic table when none matches)."""
-    for module in RENDERER_MODULES:
-        importlib.import_module(module)
-    matches = [p for p in RENDERERS if experiment.startswith(p)]
-    return RENDERERS[max(matches, key=len)] if matches else RENDERERS[""]
+    matches = [prefix for prefix in RENDERERS.names() if experiment.startswith(prefix)]
+    return RENDERERS.get(max(matches, key=len))

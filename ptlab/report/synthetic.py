@@ -20,7 +20,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ptlab.report.generic import swept_params, write_table
-from ptlab.report.registry import register
 from ptlab.report.runs import ReportError, seed_stats
 from ptlab.theory import target_signal_norm, threshold_term
 
@@ -138,7 +137,6 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
     return fig
 
 
-@register("fig1")
 def render_fig1(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """A Figure 1 panel: accuracy with transfer and from scratch against the swept value."""
     sweep = next((v for k, v in FIG1_SWEEPS.items() if experiment.startswith(k)), None)
@@ -302,7 +300,6 @@ def fig2_figure(table: pd.DataFrame, fit: BoundaryFit, inputs: dict[str, float],
     return fig
 
 
-@register("fig2")
 def render_fig2(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """The Figure 2 phase diagram with the fitted theory boundary and its agreement fraction."""
     table, fit, inputs = fig2_table(runs, experiment)

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from ptlab.report.generic import write_table
-from ptlab.report.registry import register
 from ptlab.report.runs import ReportError, seed_stats
 from ptlab.tracking.mlflow import STAGE_TAG
 
@@ -64,7 +63,6 @@ def fig4_table(runs: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-@register("fig4")
 def render_fig4(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """Figure 4: bars of transfer vs scratch per task, and the fine-tuning curves."""
     missing = [c for c in (TASK, TRANSFER, SCRATCH, GAIN) if c not in runs.columns]

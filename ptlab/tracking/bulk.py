@@ -20,7 +20,6 @@ from urllib.request import url2pathname
 
 from mlflow.entities import LifecycleStage, RunStatus, SourceType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_USER
@@ -29,7 +28,8 @@ from mlflow.utils.uri import append_to_uri_path
 from ptlab.config import ConfigError
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
-from ptlab.tracking.sql import DATABASE_SCHEMES, create_engine, is_database_uri, metric_rows
+from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
+                                create_engine, is_database_uri, metric_rows)
 
 
 class BulkRunWriter:
@@ -47,6 +47,7 @@ class BulkRunWriter:
         self.artifact_root = client.get_experiment(self.experiment_id).artifact_location
         self.context_tags = {k: str(v) for k, v in resolve_tags({}).items()}
         """What ``MLFlowLogger`` adds to a child run (user, source); resolved once."""
+        check_tables()
         self.engine = create_engine(self.tracking_uri)
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> MemoryTracker:

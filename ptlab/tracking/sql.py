@@ -5,6 +5,12 @@ comparison each); a synthetic pipeline logs thousands of points. ``MetricWriter`
 points into ``metrics`` and updates ``latest_metrics`` in one transaction, leaving the rows that
 ``log_batch`` leaves (NaN stored as 0 with ``is_nan``, infinities as the largest float, duplicate
 points once, the latest point by (step, timestamp, value)).
+
+MLflow has no public API for bulk writes, so this module is the one place that uses its private
+table models (``mlflow.store.tracking.dbmodels``), for itself and for ``ptlab.tracking.bulk``.
+pyproject.toml pins the MLflow versions they were checked against, and ``check_tables`` compares the
+columns with the ones written here before any row is written: a changed schema fails loudly
+instead of writing rows MLflow cannot read.
 """
 
 from __future__ import annotations
@@ -14,9 +20,35 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy
-from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
 
 from ptlab.tracking.faults import with_retries
+
+TESTED_MLFLOW = ">=3.17,<3.18"
+"""The MLflow versions whose tables ptlab writes (pyproject.toml pins the same range)."""
+TABLE_COLUMNS = {
+    "runs": ("run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status", "start_time",
+             "end_time", "deleted_time", "source_version", "lifecycle_stage", "artifact_uri", "experiment_id"),
+    "tags": ("key", "value", "run_uuid"),
+    "params": ("key", "value", "run_uuid"),
+    "metrics": ("key", "value", "timestamp", "step", "is_nan", "run_uuid"),
+    "latest_metrics": ("key", "value", "timestamp", "step", "is_nan", "run_uuid"),
+}
+"""The columns of MLflow's tables that the rows written here fill, as of ``TESTED_MLFLOW``."""
+TABLES = (SqlRun, SqlTag, SqlParam, SqlMetric, SqlLatestMetric)
+
+
+def check_tables(tables: tuple[Any, ...] = TABLES) -> None:
+    """``RuntimeError`` naming the table when MLflow's columns differ from ``TABLE_COLUMNS``."""
+    for table in tables:
+        columns = tuple(column.name for column in table.__table__.columns)
+        expected = TABLE_COLUMNS.get(table.__tablename__)
+        if columns != expected:
+            import mlflow
+
+            raise RuntimeError(f"MLflow {mlflow.__version__} changed table {table.__tablename__!r} ({columns}, "
+                               f"ptlab writes {expected}); ptlab was tested with mlflow{TESTED_MLFLOW}")
+
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 MAX_FLOAT = 1.7976931348623157e308
@@ -72,6 +104,7 @@ class MetricWriter:
     """Writes metric points of existing runs into a database-backed MLflow store."""
 
     def __init__(self, tracking_uri: str) -> None:
+        check_tables()
         self.engine = create_engine(tracking_uri)
 
     def write(self, run_id: str, points: Iterable[MetricPoint]) -> int:

@@ -1,4 +1,4 @@
-"""Filter transfer between two torchvision CNNs of one family (ResNet -> ResNet, VGG -> VGG), design.md section 4.
+"""Filter transfer between two torchvision CNNs of one family (ResNet -> ResNet, VGG -> VGG), docs/design.md section 4.
 
 The rule, exactly:
 

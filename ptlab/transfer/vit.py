@@ -1,4 +1,4 @@
-"""Layer transfer between timm vision transformers ("VanillaLG", design.md section 4).
+"""Layer transfer between timm vision transformers ("VanillaLG", docs/design.md section 4).
 
 The downstream ViT inherits whole transformer blocks from the upstream ViT, the rest keeps its fresh
 init (timm's: trunc-normal std 0.02), and the classifier head is always new. Which blocks:
