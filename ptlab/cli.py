@@ -9,7 +9,9 @@ bad-input error answer in about a second.
 
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import Any
 from pathlib import Path
 
 import hydra
@@ -19,12 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra._internal.utils import get_args_parser
-from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, open_dict
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
+from ptlab.checks import check_paths
 from ptlab.config import ConfigError, register_configs, validate
+from ptlab.errors import DivergenceError
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
@@ -55,7 +59,28 @@ def job_override_sets(overrides: list[str]) -> list[list[str]]:
             for i in range(longest)]
 
 
-def describe_error(err: BaseException) -> str:
+def closest_key(key: str, known: list[str]) -> str:
+    """``"; did you mean <key>?"`` for the known key closest to a misspelled one (or nothing)."""
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def config_keys(cfg: DictConfig) -> list[str]:
+    """Every leaf key of ``cfg``, dotted."""
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix.rstrip("."))
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return keys
+
+
+def describe_error(err: BaseException, known_keys: list[str] | None = None) -> str:
     """One line for a composition or validation error: the key and what is allowed."""
     if isinstance(err, ConfigError):
         return str(err)
@@ -66,7 +91,8 @@ def describe_error(err: BaseException) -> str:
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+        line = f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+        return line + (closest_key(str(cause.full_key), known_keys) if known_keys else "")
     return " ".join(str(err).split("\n\n")[0].split())
 
 
@@ -79,14 +105,21 @@ def _compose(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config ``python -m ptlab <overrides>`` would run, with HydraConfig set so ``${hydra:...}``
-    interpolations resolve (for tests, benchmarks and notebooks)."""
+def compose_job(overrides: list[str], multirun: bool = False) -> tuple[DictConfig, str]:
+    """The config ``python -m ptlab <overrides>`` would run and the folder Hydra would write it to
+    (``hydra.run.dir``, or ``hydra.sweep.dir`` under ``-m``), with HydraConfig set so ``${hydra:...}``
+    interpolations resolve."""
     cfg = _compose(overrides)
     HydraConfig().set_config(cfg)
+    output_dir = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg
+    return cfg, output_dir
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m ptlab <overrides>`` would run (for tests, benchmarks and notebooks)."""
+    return compose_job(overrides)[0]
 
 
 def with_preset_sweeps(overrides: list[str]) -> list[str]:
@@ -104,15 +137,25 @@ def preflight(argv: list[str]) -> str | None:
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
             or args.config_dir or args.config_name:
         return None
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
-        if args.multirun:
-            overrides = with_preset_sweeps(overrides)
+        overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
         for job in job_override_sets(overrides):
-            validate(compose_config(job))
+            cfg, output_dir = compose_job(job, args.multirun)
+            validate(cfg)
+            check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir")
+    except OverrideParseException as err:
+        return f"could not read the overrides: {str(err).splitlines()[0]}"
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
-        return describe_error(err)
+        return describe_error(err, _default_keys())
     return None
+
+
+def _default_keys() -> list[str]:
+    """The keys of the default config (for suggestions); empty when even that does not compose."""
+    try:
+        return config_keys(compose_config([]))
+    except (HydraException, OmegaConfBaseException):
+        return []
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -128,10 +171,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print(notice, file=sys.stderr)
     try:
         summary = run_pipeline(cfg, context.output_dir or Path.cwd(), context)
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         raise SystemExit(f"ptlab: {err}") from None
     except Terminated as err:
-        raise SystemExit(f"ptlab: stopped by {err}; its MLflow runs are marked KILLED") from None
+        print(f"ptlab: stopped by {err}; its MLflow runs are marked KILLED", file=sys.stderr)
+        raise SystemExit(143) from None
+    except KeyboardInterrupt:
+        print("ptlab: stopped by SIGINT (Ctrl-C); its MLflow runs are marked KILLED", file=sys.stderr)
+        raise SystemExit(130) from None
     best = summary.get("transfer") or summary.get("scratch")
     return best["test_acc"] if best else None
 

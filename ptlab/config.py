@@ -15,11 +15,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ptlab.checks import check_values
+from ptlab.errors import ConfigError
 from ptlab.transfer.selection import SELECTIONS
 
 
-class ConfigError(ValueError):
-    """A config value outside its allowed range; the message names the full key."""
 
 
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -391,6 +391,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model_fits_task(cfg)
     if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
+    check_values(cfg)
 
 
 SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"

@@ -42,6 +42,7 @@ from torch import Tensor
 from ptlab.config import check_gram_engine
 from ptlab.data.synthetic import DTYPES, make_synthetic_data
 from ptlab.engines.base import Stage, StageResult
+from ptlab.errors import DivergenceError
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
 from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
@@ -616,6 +617,15 @@ def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficient
     return out  # type: ignore[return-value]
 
 
+def check_loss(stage: str, loss: Tensor, lr: float) -> None:
+    """``DivergenceError`` at the first step whose loss is not finite."""
+    bad = (~torch.isfinite(loss)).nonzero()
+    if len(bad):
+        step = int(bad[0, -1])
+        raise DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., step]):g}; "
+                              f"lower train.lr (now {lr:g})")
+
+
 class GramEngine:
     """``Engine`` that trains a stage in coefficient space (see the module docstring): the model's
     weights are read once (after the stage's transfer is applied), the steps touch only the Gram
@@ -648,6 +658,7 @@ class GramEngine:
                 stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
                 torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
                 torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads)
+        check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
             model.weight.copy_((filters + coefficients @ rows).view_as(weight))

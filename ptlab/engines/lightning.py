@@ -15,6 +15,7 @@ from typing import Any
 from hydra.utils import instantiate
 
 from ptlab.engines.base import Stage, StageResult
+from ptlab.errors import DivergenceError
 
 
 def quiet_lightning() -> None:
@@ -52,7 +53,10 @@ class LightningEngine:
         extra = {"precision": "64-true"} if stage.dtype == "float64" else {}
         trainer = instantiate(self.trainer, max_steps=stage.steps, max_epochs=1, limit_val_batches=0, logger=False,
                               callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=False, **extra)
-        trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
+        try:
+            trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
+        except DivergenceError as err:
+            raise DivergenceError(f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})") from None
         restore_final(trainer, module)
         return StageResult(stage.name, stage.model, dict(module.final), dict(module.curves),
                            transfer.plan if transfer is not None else None, stage.steps)

@@ -96,7 +96,7 @@ def load_matching_weights(model: nn.Module, weights_path: str) -> list[str]:
     names of the model's tensors left at init."""
     path = Path(weights_path)
     if not path.is_file():
-        raise ConfigError(f"model.weights_path={weights_path!r} is not allowed: must be an existing state_dict file")
+        raise ConfigError(f"weights_path={weights_path!r} is not allowed: must be an existing state_dict file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     own = model.state_dict()

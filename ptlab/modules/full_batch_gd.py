@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_accuracy
 
+from ptlab.errors import DivergenceError
+
 
 def logistic_loss(margin: Tensor, y: Tensor) -> Tensor:
     """Mean of ``log(1 + exp(-y f))`` over the batch."""
@@ -67,6 +69,8 @@ class FullBatchGD(pl.LightningModule):
         x, y = batch
         margin = self.model(x)
         loss = logistic_loss(margin, y)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"at step {batch_idx}: the loss is {loss.item():g}")
         self._losses.append(loss.detach())
         if batch_idx % self.eval_every == 0:
             with torch.no_grad():

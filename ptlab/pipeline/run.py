@@ -15,6 +15,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ptlab.checks import check_paths
 from ptlab.config import validate
 from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
@@ -60,6 +61,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
     """Run one pipeline; returns (and writes to ``output_dir/summary.json``) its summary."""
     validate(cfg)
     context = context or job_context()
+    check_paths(cfg, output_dir, context.start_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(cfg)

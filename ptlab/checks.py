@@ -1,0 +1,201 @@
+"""Checks that need more than one config value: finiteness, memory, files and folders, the store.
+
+``validate`` (``ptlab.config``) runs ``check_values`` on every config; the CLI's preflight and
+``run_pipeline`` also run ``check_paths`` before anything is tracked, so a config that cannot train
+stops with one ``ConfigError`` line naming the key, never with a FAILED run or a traceback. Nothing
+here imports torch (except to read a weights file that is named) or creates a file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ptlab.errors import ConfigError
+
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+"""Tracking URI schemes MLflow 3 stores accept (its file store ``./mlruns`` is refused)."""
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+MEMORY_FRACTION = 0.8
+"""A synthetic config may plan for at most this share of the machine's memory."""
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every float of the config is finite (``train.lr=inf`` or ``task.u_norm=nan`` cannot train)."""
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not allowed: must be a finite number")
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def synthetic_bytes(task: Any, width: int, upstream_width: int, dtype: str) -> dict[str, int]:
+    """About the memory the synthetic data and models of a config take, by the key that drives it:
+    the samples (2 patches of d each, float64 while drawn) and the filters (2 m d per model, with
+    their gradients and the engine's copies)."""
+    d = int(task.d)
+    samples = (int(task.n1) + int(task.n2) + 2 * int(task.n_test)) * 2 * d * 8
+    filters = 4 * 2 * (2 * int(width) + int(upstream_width)) * d * (8 if dtype == "float64" else 4)
+    return {"task.d": samples + filters, "model.width": filters}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def check_memory(cfg: DictConfig, available: int | None = None) -> None:
+    """A synthetic config whose data and models would not fit in memory stops here, naming the key."""
+    if cfg.task.get("name") != "synthetic":
+        return
+    available = machine_memory() if available is None else available
+    if available <= 0:
+        return
+    needs = synthetic_bytes(cfg.task, cfg.model.width, cfg.upstream_model.get("width", cfg.model.width),
+                            cfg.train.dtype)
+    total = needs["task.d"]
+    if total > MEMORY_FRACTION * available:
+        key = "model.width" if needs["model.width"] > total / 2 else "task.d"
+        value = cfg.model.width if key == "model.width" else cfg.task.d
+        raise ConfigError(f"{key}={value} is not allowed: the synthetic data and models need about {_size(total)}, "
+                          f"this machine has {_size(available)}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The checks on values alone (no file system): finiteness and memory."""
+    check_finite(cfg)
+    check_memory(cfg)
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder`` (tried: permission bits do not tell for root)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".ptlab-probe-", dir=folder)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why ``path`` cannot be (created as) a writable folder, or ``None``. Creates nothing that stays."""
+    path = path.expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a folder"
+        return None if _can_write_in(path) else "is not writable"
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            return "has no existing parent folder"
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file"
+    return None if _can_write_in(parent) else f"cannot be created under {parent}"
+
+
+def check_folder(key: str, value: str | Path, start: Path | None = None) -> None:
+    """``key``'s folder exists as a writable folder or can be created."""
+    if not str(value):
+        raise ConfigError(f"{key}='' is not allowed: must be a folder path")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (start or Path.cwd()) / path
+    problem = _writable_dir(path)
+    if problem:
+        raise ConfigError(f"{key}={str(value)!r} is not allowed: {path} {problem}")
+
+
+def check_tracking_uri(uri: str, start: Path | None = None) -> None:
+    """A tracking URI MLflow 3 can open, whose SQLite file can be written."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: must start with one of "
+                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db), or use "
+                          "logger=none")
+    if scheme == "sqlite":
+        prefix = "sqlite:///"
+        if not uri.startswith(prefix) or len(uri) == len(prefix):
+            raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: a SQLite store is sqlite:///<file> "
+                              "(relative) or sqlite:////<absolute file>")
+        path = Path(uri[len(prefix):])
+        path = path if path.is_absolute() else (start or Path.cwd()) / path
+        if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+            raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: {path} is not a writable file")
+        problem = _writable_dir(path.parent)
+        if problem:
+            raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: its folder {path.parent} {problem}")
+
+
+def check_weights(key: str, weights_path: str | None) -> None:
+    """A named weights file exists and reads as a state dict with ``torch.load(weights_only=True)``."""
+    if not weights_path:
+        return
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: no such file")
+    if path.suffix == ".safetensors":
+        return
+    import torch  # only when a weights file is named
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: not a PyTorch state dict "
+                          f"({type(err).__name__})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: not a state dict "
+                          f"(a {type(state).__name__})")
+
+
+def check_data(task: Any, start: Path | None = None) -> None:
+    """The files of an image task are where ``task.data_dir`` says (unless it may download them)."""
+    folder = CIFAR_FOLDERS.get(task.get("name"))
+    if folder is None or task.get("download"):
+        return
+    root = Path(task.data_dir).expanduser()
+    root = root if root.is_absolute() else (start or Path.cwd()) / root
+    if not (root / folder).is_dir() or not any((root / folder).iterdir()):
+        raise ConfigError(f"task.data_dir={str(task.data_dir)!r} is not allowed: no {folder}/ in {root} (put the "
+                          f"extracted {task.name.upper()} python version there, or set task.download=true)")
+
+
+def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Path | None = None,
+                output_key: str = "hydra.run.dir") -> None:
+    """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files."""
+    if cfg.logger.kind == "mlflow":
+        check_tracking_uri(str(cfg.logger.tracking_uri), start)
+    if cfg.cache.enabled:
+        check_folder("cache.dir", cfg.cache.dir, start)
+    if output_dir is not None:
+        check_folder(output_key, output_dir, start)
+    check_data(cfg.task, start)
+    for key in ("model", "upstream_model"):
+        check_weights(key, cfg[key].get("weights_path"))

@@ -1,0 +1,89 @@
+"""Every kind of bad input the CLI knows: exit 2, one line on stderr naming the key, no traceback, no run
+created, nothing written to the working directory; and a run that diverges ends FAILED."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SMALL, run_cli
+
+IMAGE = ["task=digits", "model=resnet18_small", "upstream_model=resnet18_small"]
+
+BAD = [
+    (["transfer.alpha=1.5"], "transfer.alpha"),
+    (["train.lr=inf"], "train.lr=inf is not allowed: must be a finite number"),
+    (["task.u_norm=inf"], "task.u_norm=inf is not allowed: must be a finite number"),
+    (["noise.sigma_p2=nan"], "noise.sigma_p2=nan is not allowed"),
+    (["noise.sigma_p1=-inf"], "noise.sigma_p1=-inf is not allowed"),
+    (["task.d=1000000000000"], "task.d=1000000000000 is not allowed: the synthetic data and models need about"),
+    (["model.width=1000000000000"], "model.width=1000000000000 is not allowed: the synthetic data"),
+    (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=missing_data"],
+     "task.data_dir='missing_data' is not allowed: no cifar-10-batches-py/"),
+    ([*IMAGE, "model.weights_path=nope.pth"], "model.weights_path='nope.pth' is not allowed: no such file"),
+    ([*IMAGE, "upstream_model.weights_path=GARBAGE"], "upstream_model.weights_path='GARBAGE' is not allowed: not a "),
+    (["cache.dir=A_FILE"], "cache.dir='A_FILE' is not allowed"),
+    (["logger.tracking_uri=foo://x"], "logger.tracking_uri='foo://x' is not allowed: must start with one of"),
+    (["logger.tracking_uri="], "logger.tracking_uri='' is not allowed"),
+    (["logger.tracking_uri=sqlite:///A_FILE/m.db"], "logger.tracking_uri='sqlite:///A_FILE/m.db' is not allowed"),
+    (["logger.tracking_uri=sqlite:////proc/ptlab/m.db"], "logger.tracking_uri='sqlite:////proc/ptlab/m.db' is not"),
+    (["hydra.run.dir=/proc/ptlab/out"], "hydra.run.dir='/proc/ptlab/out' is not allowed"),
+    (["hydra.run.dir=A_FILE/out"], "hydra.run.dir='A_FILE/out' is not allowed"),
+    (["-m", "transfer.alpha=0.5,2"], "transfer.alpha=2.0 is not allowed"),
+    (["-m", "hydra.sweep.dir=/proc/ptlab/sweep", "seed=0,1"], "hydra.sweep.dir='/proc/ptlab/sweep' is not allowed"),
+    (["hydra/launcher=nosuch"], "hydra/launcher=nosuch is not an option: choose one of"),
+    (["transfer.alpah=0.3"], "did you mean transfer.alpha?"),
+    (["-m", "transfer.alpha=[1,"], "could not read the overrides"),
+    (["engine=nosuch"], "engine=nosuch is not an option: choose one of gram, lightning"),
+    (["engine=gram", *IMAGE], "task=digits is not allowed with engine=gram"),
+    (["seed=-1"], "seed=-1 is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_input_stops_before_anything_is_tracked(tmp_path: Path, overrides: list[str], message: str) -> None:
+    (tmp_path / "A_FILE").write_text("not a folder")
+    (tmp_path / "GARBAGE").write_bytes(b"\x00not a torch file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    flags = [o for o in overrides if o == "-m"]
+    store = f"logger.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    done = run_cli([*flags, store, *[o for o in overrides if o != "-m"]], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptlab: "), done.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no outputs, no cache
+
+
+def test_a_state_dict_file_is_accepted_as_weights(tmp_path: Path) -> None:
+    from ptlab.checks import check_weights
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "w.pth")
+    check_weights("model", str(tmp_path / "w.pth"))
+
+
+def test_a_run_whose_loss_is_not_finite_fails_with_one_line(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "noise.sigma_p1=1e39", "hydra.run.dir=out",
+                    "cache.dir=cache"], cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("ptlab: stage upstream diverged at step 0: the loss is nan; "
+                                                     "lower train.lr (now 0.01)")
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_summary_json_is_valid_json_when_a_theory_value_is_infinite(make_cfg, tmp_path: Path) -> None:
+    from ptlab.pipeline import run_pipeline
+
+    run_pipeline(make_cfg("task.u_norm=0.0", "logger=none"), tmp_path)
+    text = (tmp_path / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in summary.json"))
+    assert summary["theory"]["signal_ratio"] is None
