@@ -175,7 +175,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"ptlab: {err}") from None
     except Terminated as err:
         print(f"ptlab: stopped by {err}; its MLflow runs are marked KILLED", file=sys.stderr)
-        raise SystemExit(143) from None
+        raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("ptlab: stopped by SIGINT (Ctrl-C); its MLflow runs are marked KILLED", file=sys.stderr)
         raise SystemExit(130) from None

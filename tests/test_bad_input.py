@@ -87,3 +87,72 @@ def test_summary_json_is_valid_json_when_a_theory_value_is_infinite(make_cfg, tm
     text = (tmp_path / "summary.json").read_text()
     summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in summary.json"))
     assert summary["theory"]["signal_ratio"] is None
+
+
+def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=killed", "cache.dir=cache",
+            f"logger.tracking_uri={uri}", "logger.experiment_name=kill"]
+    process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    client = MlflowClient(uri)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(1)
+        experiment = client.get_experiment_by_name("kill") if (tmp_path / "mlflow.db").exists() else None
+        if experiment and len(client.search_runs([experiment.experiment_id])) >= 2:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]
+    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "logger.experiment_name=kill", "hydra.run.dir=next",
+                    "cache.dir=cache"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sum(r.info.status == "RUNNING" for r in runs) == 0
+    vanished = [r for r in runs if r.data.tags.get("ptlab.error") == "process vanished"]
+    assert len(vanished) == 2 and {r.info.status for r in vanished} == {"FAILED"}
+
+
+def test_a_live_process_is_not_vanished() -> None:
+    from ptlab.tracking.stale import is_vanished, process_tag
+
+    assert not is_vanished(process_tag())
+    host, pid, ticks, boot = process_tag().split(":")
+    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}")  # the pid reused by another process
+    assert not is_vanished(f"another-host:{pid}:{ticks}:{boot}")
+
+
+@pytest.mark.parametrize(("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_marks_the_runs_killed_and_exits_with_its_code(tmp_path: Path, signum: str, code: int) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=out", "cache.dir=cache",
+            f"logger.tracking_uri={uri}", "logger.experiment_name=signal"]
+    process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 120
+    experiment = None
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(1)
+        experiment = client.get_experiment_by_name("signal") if (tmp_path / "mlflow.db").exists() else None
+        if experiment and len(client.search_runs([experiment.experiment_id])) >= 2:
+            break
+    process.send_signal(getattr(signal, signum))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f"ptlab: stopped by signal {signum}; its MLflow runs are marked KILLED"
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}

@@ -154,3 +154,12 @@ def test_small_presets_show_the_papers_trends(tmp_path: Path) -> None:
         if experiment == "fig1c_small":
             at_zero = table[table[column] == 0.0].iloc[0]
             assert at_zero["transfer_test_acc_mean"] < at_zero["scratch_test_acc_mean"], table.to_string()
+
+
+def test_a_repeated_pipeline_counts_once(make_cfg, tracking_uri: str, tmp_path: Path) -> None:
+    from ptlab.report.runs import load_pipelines
+
+    for k, u in enumerate(("0.0", "2.0", "2.0")):
+        run_pipeline(make_cfg(f"task.u_norm={u}", "logger.experiment_name=repeated"), tmp_path / f"run{k}")
+    runs = load_pipelines(tracking_uri, "repeated")
+    assert len(runs) == 2 and sorted(runs["params.task.u_norm"].astype(float)) == [0.0, 2.0]

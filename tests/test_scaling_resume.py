@@ -75,3 +75,26 @@ def test_interrupted_image_run_continues_from_its_last_checkpoint(make_cfg, trac
     assert epochs_trained == {"upstream": 0, "transfer": 1, "scratch": 3}  # finished, resumed at epoch 2, fresh
     assert summary["transfer"]["epochs"] == 3 and len(summary["transfer"]["plan"]) == 8
     assert not checkpoints.exists()  # the pipeline finished: its checkpoints are gone
+
+
+def test_two_identical_sweeps_started_together_run_each_config_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import SMALL
+
+    args = [sys.executable, "-m", "ptlab", "-m", *SMALL, "transfer.alpha=0.25,0.5,0.75",
+            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "cache.dir=cache"]
+    from ptlab.tracking.faults import prepare_sqlite_store
+
+    prepare_sqlite_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweeps = [subprocess.Popen([*args, f"hydra.sweep.dir=sweep{k}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outputs = [p.communicate(timeout=600) for p in sweeps]
+    assert [p.returncode for p in sweeps] == [0, 0], [err[-2000:] for _, err in outputs]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("default").experiment_id
+    parents = client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline'")
+    assert len(parents) == 3 and {r.info.status for r in parents} == {"FINISHED"}
+    assert len({r.data.tags["ptlab.config_hash"] for r in parents}) == 3
+    assert sum(out.count("ptlab: skipped") for out, _ in outputs) == 3

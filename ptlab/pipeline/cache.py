@@ -178,12 +178,12 @@ class UpstreamCache:
         return entry, False
 
 
-def cache_dir(cfg: DictConfig) -> Path:
-    """``cache.dir``, a relative path taken from the directory ptlab was started in."""
+def cache_dir(cfg: DictConfig, start: Path | None = None) -> Path:
+    """``cache.dir``, a relative path taken from ``start`` (default: the directory ptlab was started in)."""
     directory = Path(str(cfg.cache.dir)).expanduser()
     if directory.is_absolute():
         return directory
-    return job_context().start_dir / directory
+    return (start or job_context().start_dir) / directory
 
 
 def synthetic_upstream_spec(cfg: DictConfig, engine: str) -> dict[str, Any]:

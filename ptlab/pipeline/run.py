@@ -8,7 +8,8 @@ summary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.checks import check_paths
-from ptlab.config import validate
+from ptlab.config import ConfigError, validate
 from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
 from ptlab.distributed import is_global_zero
 from ptlab.engines.base import Engine, StageResult
 from ptlab.pipeline.record import format_table, open_pipeline, pipeline_tags, record_pipeline
-from ptlab.pipeline.resume import config_hash, skip_if_finished
+from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
 from ptlab.tracking.base import NullTracker, Tracker
 from ptlab.tracking.faults import prepare_sqlite_store, signals_as_interrupt
@@ -69,9 +70,39 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
         from ptlab.tracking.mlflow import resolve_tracking_uri
 
         prepare_sqlite_store(resolve_tracking_uri(cfg.logger.tracking_uri), wal=cfg.logger.sqlite_wal)
-    finished = skip_if_finished(cfg, digest, output_dir, context.multirun)
-    if finished is not None:
-        return finished
+    with config_lock(cfg, digest, context):
+        finished = skip_if_finished(cfg, digest, output_dir, context.multirun)
+        if finished is not None:
+            return finished
+        summary = _run_tracked(cfg, output_dir, digest, context)
+    print(format_table(summary))
+    return summary
+
+
+@contextlib.contextmanager
+def config_lock(cfg: DictConfig, digest: str, context: JobContext) -> Iterator[None]:
+    """Where finished configs are skipped (a multirun), one process at a time runs a config: a second
+    sweep that reaches a cell another live process is running waits for it, then skips it. The lock is
+    a file under ``<cache.dir>/locks/``, released by the OS if its process dies."""
+    if not should_skip_finished(cfg, context.multirun) or not is_global_zero():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    from ptlab.pipeline.cache import cache_dir
+
+    folder = cache_dir(cfg, context.start_dir) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(folder / f"{digest}.lock"), timeout=cfg.cache.lock_timeout):
+            yield
+    except Timeout:
+        raise ConfigError(f"cache.lock_timeout={cfg.cache.lock_timeout}: another process ran this config longer; "
+                          "raise it or remove a stale lock") from None
+
+
+def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobContext) -> dict[str, Any]:
+    """The pipeline between opening its runs and writing its summary."""
     runner = STAGE_RUNNERS.get(cfg.task.name)
     engine = make_engine(cfg)
     synthetic = cfg.task.name == "synthetic"
@@ -91,7 +122,5 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
             from ptlab.pipeline.checkpoints import discard_checkpoints
 
             discard_checkpoints(cfg)
-        summary = record_pipeline(tracker, stages, output_dir, cfg.seed, context.choices, theory, extra,
-                                  figure_title=figure_title(cfg) if synthetic else None, write_file=is_global_zero())
-    print(format_table(summary))
-    return summary
+        return record_pipeline(tracker, stages, output_dir, cfg.seed, context.choices, theory, extra,
+                               figure_title=figure_title(cfg) if synthetic else None, write_file=is_global_zero())

@@ -10,7 +10,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ptlab.tracking import resolve_tracking_uri
+from ptlab.pipeline.resume import CONFIG_HASH_TAG
 from ptlab.tracking.mlflow import STAGE_TAG
+from ptlab.tracking.stale import mark_vanished
 
 
 class ReportError(RuntimeError):
@@ -31,11 +33,13 @@ def open_experiment(tracking_uri: str, experiment: str) -> tuple[MlflowClient, s
             raise ReportError(f"no experiment {experiment!r} in {tracking_uri}; it has: {', '.join(names) or 'none'}")
     except MlflowException as err:
         raise ReportError(f"cannot read tracking URI {tracking_uri}: {str(err).splitlines()[0]}") from None
+    mark_vanished(client, [found.experiment_id])
     return client, found.experiment_id
 
 
 def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """One row per FINISHED pipeline (parent) run: ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
+    """One row per config: the latest FINISHED pipeline (parent) run of each ``ptlab.config_hash`` (a
+    repeated pipeline is one seed, not two), with ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
     _, experiment_id = open_experiment(tracking_uri, experiment)
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     runs = mlflow.search_runs(
@@ -45,6 +49,10 @@ def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
     )
     if runs.empty:
         raise ReportError(f"experiment {experiment!r} has no finished pipeline runs in {tracking_uri}")
+    column = f"tags.{CONFIG_HASH_TAG}"
+    if column in runs:
+        latest = runs.sort_values("start_time").drop_duplicates(column, keep="last")
+        runs = runs.loc[runs.index.isin(latest.index) | runs[column].isna()].reset_index(drop=True)
     return runs
 
 

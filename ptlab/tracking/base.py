@@ -25,6 +25,14 @@ Curves = Mapping[str, Sequence[tuple[int, float]]]
 """Metric curves: name -> [(step, value)]."""
 
 
+def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute against ``cwd`` (default: the current directory)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())
+    return uri
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
     flat: dict[str, Any] = {}

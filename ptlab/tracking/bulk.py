@@ -27,6 +27,7 @@ from mlflow.utils.uri import append_to_uri_path
 
 from ptlab.config import ConfigError
 from ptlab.tracking.base import MemoryTracker
+from ptlab.tracking.stale import mark_vanished
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
                                 create_engine, is_database_uri, metric_rows)
@@ -44,6 +45,7 @@ class BulkRunWriter:
         client = MlflowClient(self.tracking_uri)
         location = artifact_location or default_artifact_location(self.tracking_uri, experiment_name)
         self.experiment_id = get_or_create_experiment(client, experiment_name, location)
+        mark_vanished(client, [self.experiment_id])
         self.artifact_root = client.get_experiment(self.experiment_id).artifact_location
         self.context_tags = {k: str(v) for k, v in resolve_tags({}).items()}
         """What ``MLFlowLogger`` adds to a child run (user, source); resolved once."""

@@ -37,7 +37,12 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 class Terminated(KeyboardInterrupt):
-    """The process got SIGTERM; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED."""
+    """The process got SIGTERM or SIGINT; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED.
+    ``exit_code`` is the shell's for that signal: 143 (SIGTERM) or 130 (SIGINT)."""
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if "SIGINT" in str(self) else 143
 
 
 def is_locked_error(err: BaseException) -> bool:

@@ -21,20 +21,14 @@ from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
 from ptlab.config import ConfigError
-from ptlab.tracking.base import PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json, curve_points, flatten
+from ptlab.tracking.base import (PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json, curve_points, flatten,
+                                 resolve_tracking_uri)
 from ptlab.tracking.faults import RetryingClient
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
+from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
-
-
-def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute against ``cwd`` (default: the current directory)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())
-    return uri
 
 
 def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
@@ -84,6 +78,8 @@ class MLflowTracker:
                 raise
             raise ConfigError(f"logger.tracking_uri={self.tracking_uri!r} is not allowed: must be a reachable "
                               f"MLflow store ({str(err).splitlines()[0]})") from None
+        mark_vanished(self.client, [self.experiment_id])
+        self.tags = {**self.tags, PROCESS_TAG: process_tag()}
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = run.info.run_id
