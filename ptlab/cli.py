@@ -189,7 +189,19 @@ def main() -> None:
     if error:
         print(f"ptlab: {error}", file=sys.stderr)
         raise SystemExit(2)
-    hydra_main()
+    if not any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        hydra_main()
+        return
+    from ptlab.errors import Terminated
+    from ptlab.processes import forward_stop_signals
+
+    try:
+        with forward_stop_signals():
+            hydra_main()
+    except Terminated as err:
+        print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED",
+              file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 __all__ = ["CONFIG_DIR", "compose_config", "hydra_main", "main", "preflight"]

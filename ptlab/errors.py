@@ -7,3 +7,12 @@ class ConfigError(ValueError):
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss; the message names the stage, the step and the likely key."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM or SIGINT; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED.
+    ``exit_code`` is the shell's for that signal: 143 (SIGTERM) or 130 (SIGINT)."""
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if "SIGINT" in str(self) else 143

@@ -80,3 +80,60 @@ def test_sweep_killed_midway_reruns_only_the_missing_cells(tmp_path: Path, monke
     assert len(after["upstream"]) == 1  # stored before the kill, reused by every later cell
     hashes = [r.data.tags["ptlab.config_hash"] for r in after["pipeline"] if r.info.run_id in done_after]
     assert len(set(hashes)) == 4
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is ``folder`` (a sweep's parent and its workers)."""
+    import os
+
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(entry / "cwd") == str(folder):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "group", "code"), [("SIGTERM", False, 143), ("SIGINT", True, 130),
+                                                       ("SIGTERM", True, 143)])
+def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: str, group: bool, code: int) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "ptlab", "-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2",
+            "engine=lightning", ALPHAS, "task.d=300", "train.upstream_steps=3000", "train.downstream_steps=3000",
+            f"logger.tracking_uri={uri}", "cache.dir=cache"]
+    sweep_process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until a downstream stage is training
+        time.sleep(1)
+        if (tmp_path / "mlflow.db").exists() and client.get_experiment_by_name("default") is not None:
+            experiment = client.get_experiment_by_name("default").experiment_id
+            if client.search_runs([experiment], "tags.`ptlab.stage` = 'transfer'"):
+                break
+    if group:
+        os.killpg(sweep_process.pid, getattr(signal, signum))
+    else:
+        sweep_process.send_signal(getattr(signal, signum))
+    _, stderr = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == code, stderr[-3000:]
+    time.sleep(1)
+    assert processes_in(tmp_path) == []
+    runs = client.search_runs([experiment])
+    assert sum(r.info.status == "RUNNING" for r in runs) == 0
+    done = {r.data.tags["ptlab.config_hash"] for r in runs
+            if r.data.tags["ptlab.stage"] == "pipeline" and r.info.status == "FINISHED"}
+    rerun = run_cli(args[3:], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("ptlab: skipped") == len(done)
+    parents = client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline' and attributes.status = 'FINISHED'")
+    assert len({r.data.tags["ptlab.config_hash"] for r in parents}) == 4 and len(parents) == 4

@@ -26,7 +26,7 @@ from ptlab.pipeline.record import format_table, open_pipeline, pipeline_tags, re
 from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
 from ptlab.tracking.base import NullTracker, Tracker
-from ptlab.tracking.faults import prepare_sqlite_store, signals_as_interrupt
+from ptlab.tracking.faults import prepare_sqlite_store, signal_exits_as_terminated, signals_as_interrupt
 
 StageRunner = Callable[[DictConfig, Engine, Tracker], "tuple[dict[str, StageResult], dict[str, Any]]"]
 
@@ -108,7 +108,7 @@ def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobCon
     synthetic = cfg.task.name == "synthetic"
     tracker = make_pipeline_tracker(cfg, context.overrides or f"seed={cfg.seed}",
                                     pipeline_tags(cfg.seed, digest, context.choices))
-    with job_device(cfg, context.multirun), tracker, signals_as_interrupt():
+    with job_device(cfg, context.multirun), signals_as_interrupt(), tracker, signal_exits_as_terminated():
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
         theory = None

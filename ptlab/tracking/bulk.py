@@ -27,6 +27,7 @@ from mlflow.utils.uri import append_to_uri_path
 
 from ptlab.config import ConfigError
 from ptlab.tracking.base import MemoryTracker
+from ptlab.tracking.faults import tracking_write
 from ptlab.tracking.stale import mark_vanished
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
@@ -77,7 +78,7 @@ class BulkRunWriter:
                 latest.extend(newest.values())
                 if run.artifacts:
                     artifacts.append((artifact_uri, run.artifacts))
-        with self.engine.begin() as connection:
+        with tracking_write(), self.engine.begin() as connection:
             for table, rows in ((SqlRun, runs), (SqlTag, tags), (SqlParam, params), (SqlMetric, metrics),
                                 (SqlLatestMetric, latest)):
                 if rows:

@@ -27,6 +27,8 @@ from types import FrameType
 from typing import Any
 
 from filelock import FileLock
+
+from ptlab.errors import Terminated
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -36,27 +38,44 @@ LOCKED_MESSAGES = ("database is locked", "database table is locked")
 SQLITE_PREFIX = "sqlite:///"
 
 
-class Terminated(KeyboardInterrupt):
-    """The process got SIGTERM or SIGINT; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED.
-    ``exit_code`` is the shell's for that signal: 143 (SIGTERM) or 130 (SIGINT)."""
-
-    @property
-    def exit_code(self) -> int:
-        return 130 if "SIGINT" in str(self) else 143
-
-
 def is_locked_error(err: BaseException) -> bool:
     """True for SQLite's transient "database is locked" (as MLflow or sqlite3 raise it)."""
     return isinstance(err, (MlflowException, sqlite3.OperationalError)) and any(
         message in str(err) for message in LOCKED_MESSAGES)
 
 
+class _Writes:
+    """How deep this process is inside tracking writes, and a signal that arrived meanwhile."""
+
+    depth = 0
+    deferred: str | None = None
+
+
+@contextlib.contextmanager
+def tracking_write(raise_deferred: bool = True) -> Iterator[None]:
+    """A block that writes to the store: a SIGTERM or SIGINT that arrives inside it is held until the
+    block is done (never raised half-way through a transaction, which would leave SQLite locked for
+    the handler's own writes), then raised as ``Terminated``; dropped with ``raise_deferred=False``
+    (the block is already marking the runs of an interrupted pipeline)."""
+    _Writes.depth += 1
+    try:
+        yield
+    finally:
+        _Writes.depth -= 1
+    if _Writes.depth == 0 and _Writes.deferred is not None:
+        name, _Writes.deferred = _Writes.deferred, None
+        if raise_deferred:
+            raise Terminated(f"signal {name}")
+
+
 def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2) -> Callable[..., Any]:
-    """``call`` retried on ``is_locked_error`` up to ``attempts`` times, sleeping ~0.2, 0.4, 0.8 ... s."""
+    """``call`` retried on ``is_locked_error`` up to ``attempts`` times, sleeping ~0.2, 0.4, 0.8 ... s;
+    each attempt is a ``tracking_write``."""
     def retrying(*args: Any, **kwargs: Any) -> Any:
         for attempt in range(attempts):
             try:
-                return call(*args, **kwargs)
+                with tracking_write():
+                    return call(*args, **kwargs)
             except Exception as err:
                 if not is_locked_error(err) or attempt == attempts - 1:
                     raise
@@ -105,31 +124,49 @@ def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
     return str(mode).lower()
 
 
+class _Signals:
+    """The stop signals this process received inside ``signals_as_interrupt``."""
+
+    received: list[str] = []
+
+
 @contextlib.contextmanager
 def signals_as_interrupt() -> Iterator[None]:
-    """Inside the block, SIGTERM and SIGINT raise ``Terminated``; the previous handlers come back after it
-    (a reused worker of a parallel launcher keeps its own handling between jobs).
-
-    Lightning turns a ``KeyboardInterrupt`` during ``fit`` into ``sys.exit(1)``; a ``SystemExit`` that
-    follows a signal is raised here as ``Terminated`` again, so the tracker around this block marks
-    its runs KILLED, naming the signal.
+    """Inside the block, SIGTERM and SIGINT raise ``Terminated`` (held until a store write is done, see
+    ``tracking_write``); the previous handlers come back after it (a reused worker of a parallel
+    launcher keeps its own handling between jobs). Put the tracker inside this block, so its exit,
+    which marks the runs, runs under these handlers too, and ``signal_exits_as_terminated`` inside the
+    tracker.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[str] = []
+    _Signals.received = []
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        raise Terminated(f"signal {received[-1]}")
+        _Signals.received.append(signal.Signals(signum).name)
+        if _Writes.depth > 0:  # inside a store write: raised when the write is done (tracking_write)
+            _Writes.deferred = _Signals.received[-1]
+            return
+        raise Terminated(f"signal {_Signals.received[-1]}")
 
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
-    except SystemExit as err:
-        if received:
-            raise Terminated(f"signal {received[0]}") from err
-        raise
+        with signal_exits_as_terminated():
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signal_exits_as_terminated() -> Iterator[None]:
+    """Lightning turns a ``KeyboardInterrupt`` during ``fit`` into ``sys.exit(1)``; a ``SystemExit`` that
+    follows a signal is raised here as ``Terminated`` again, so a tracker around this block marks its
+    runs KILLED, naming the signal."""
+    try:
+        yield
+    except SystemExit as err:
+        if _Signals.received:
+            raise Terminated(f"signal {_Signals.received[0]}") from err
+        raise

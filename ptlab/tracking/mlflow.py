@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from ptlab.config import ConfigError
 from ptlab.tracking.base import (PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json, curve_points, flatten,
                                  resolve_tracking_uri)
-from ptlab.tracking.faults import RetryingClient
+from ptlab.tracking.faults import RetryingClient, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
@@ -87,16 +87,18 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            status = "FINISHED"
-        else:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-            self.client.set_tag(self.parent_run_id, "ptlab.error", f"{exc_type.__name__}: {exc}"[:5000])
-        for run_id in self.children.values():
-            child_status = self.client.get_run(run_id).info.status
-            if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
-                self.client.set_terminated(run_id, status)
-        self.client.set_terminated(self.parent_run_id, status)
+        # One shielded block: a second signal (Ctrl-C twice, a group-wide SIGTERM) cannot stop it half-way.
+        with tracking_write(raise_deferred=exc_type is None):
+            if exc_type is None:
+                status = "FINISHED"
+            else:
+                status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+                self.client.set_tag(self.parent_run_id, "ptlab.error", f"{exc_type.__name__}: {exc}"[:5000])
+            for run_id in self.children.values():
+                child_status = self.client.get_run(run_id).info.status
+                if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
+                    self.client.set_terminated(run_id, status)
+            self.client.set_terminated(self.parent_run_id, status)
 
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""

@@ -1,0 +1,93 @@
+"""A sweep's parent shuts its worker processes down when it is stopped (SIGTERM, Ctrl-C).
+
+joblib's loky workers outlive a parent killed by a signal and go on running their cells. Under
+``-m``, ``forward_stop_signals`` makes SIGTERM and SIGINT to the parent stop its workers first: each
+worker gets the signal (a worker inside a pipeline marks its runs KILLED, ``ptlab.tracking.faults``),
+again every second while it lives (an idle worker then exits), and SIGKILL after ``grace`` seconds;
+then the parent stops with ``Terminated`` (exit 143 or 130). Linux ``/proc`` tells the process tree;
+elsewhere nothing is forwarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from ptlab.errors import Terminated
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), from ``/proc``."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` (``SigIgn`` of ``/proc/<pid>/status``), as the resource
+    trackers of multiprocessing and loky do: waiting for those to stop would only wait."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def stop_descendants(signum: int, grace: float = 30.0, poll: float = 1.0) -> int:
+    """Send ``signum`` to every descendant until none is left (at most ``grace`` s), then SIGKILL; returns
+    how many were killed."""
+    me = os.getpid()
+    deadline = time.monotonic() + grace
+    while (alive := [p for p in descendants(me) if not ignores(p, signum)]) and time.monotonic() < deadline:
+        _signal(alive, signum)
+        time.sleep(poll)
+        _reap()
+    alive = descendants(me)
+    _signal(alive, signal.SIGKILL)
+    _reap()
+    return len(alive)
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+@contextlib.contextmanager
+def forward_stop_signals(grace: float = 30.0) -> Iterator[None]:
+    """Within the block, SIGTERM/SIGINT stop this process's workers (see the module docstring) and then
+    raise ``Terminated`` here."""
+    def handle(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown itself is not interrupted
+        stop_descendants(signum, grace)
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
