@@ -97,9 +97,12 @@ def processes_in(folder: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "group", "code"), [("SIGTERM", False, 143), ("SIGINT", True, 130),
-                                                       ("SIGTERM", True, 143)])
-def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: str, group: bool, code: int) -> None:
+@pytest.mark.parametrize(("signum", "group", "code", "moment"), [
+    ("SIGTERM", False, 143, "transfer"), ("SIGINT", True, 130, "transfer"), ("SIGTERM", True, 143, "transfer"),
+    ("SIGINT", False, 130, "upstream"), ("SIGTERM", True, 143, "upstream"),
+])
+def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: str, group: bool, code: int,
+                                                       moment: str) -> None:
     import os
     import signal
     import subprocess
@@ -114,11 +117,11 @@ def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: s
                                      start_new_session=True)
     client = MlflowClient(uri)
     deadline = time.time() + 300
-    while time.time() < deadline:  # until a downstream stage is training
-        time.sleep(1)
+    while time.time() < deadline:  # until a stage of the moment's kind is training
+        time.sleep(0.5)
         if (tmp_path / "mlflow.db").exists() and client.get_experiment_by_name("default") is not None:
             experiment = client.get_experiment_by_name("default").experiment_id
-            if client.search_runs([experiment], "tags.`ptlab.stage` = 'transfer'"):
+            if client.search_runs([experiment], f"tags.`ptlab.stage` = '{moment}'"):
                 break
     if group:
         os.killpg(sweep_process.pid, getattr(signal, signum))

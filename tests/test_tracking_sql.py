@@ -90,3 +90,25 @@ def test_mlflow_tables_are_the_ones_ptlab_writes() -> None:
         columns=[SimpleNamespace(name=n) for n in ("key", "value", "run_uuid", "new_column")]))
     with pytest.raises(RuntimeError, match="changed table 'tags'"):
         check_tables((changed,))
+
+
+def test_a_signal_inside_a_store_write_waits_for_the_write() -> None:
+    import os
+    import signal
+
+    from ptlab.errors import Terminated
+    from ptlab.tracking.faults import signals_as_interrupt, tracking_write
+
+    steps = []
+    with pytest.raises(Terminated, match="signal SIGTERM"):
+        with signals_as_interrupt():
+            with tracking_write():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("write finished")
+            steps.append("after the write")
+    assert steps == ["write finished"]
+    with signals_as_interrupt():  # a marking block drops a second signal instead of stopping half-way
+        with tracking_write(raise_deferred=False):
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("runs marked")
+    assert steps == ["write finished", "runs marked"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
     from ptlab.tracking.mlflow import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a skipped cell prints one line, no bar
     try:
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", tmp)).read_text())
