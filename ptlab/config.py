@@ -8,6 +8,7 @@ builds the dataclasses (running ``__post_init__``) and re-raises the first failu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -408,6 +409,10 @@ def check_gram_engine(cfg: Any) -> None:
         target = cfg[key].get("_target_")
         if target != SYNTHETIC_MODEL:
             raise ConfigError(f"{key}._target_={target!r} is not allowed with engine=gram: must be {SYNTHETIC_MODEL}")
+    strategy = cfg.trainer.get("strategy") if isinstance(cfg.get("trainer"), Mapping) else None
+    if strategy not in (None, "auto"):
+        raise ConfigError(f"trainer.strategy={strategy!r} is not allowed with engine=gram (one CPU process, no "
+                          "trainer): use engine=lightning")
     if cfg.transfer.kind not in ("none", "filters"):
         raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
                           "must be one of none, filters")

@@ -10,12 +10,12 @@ from pathlib import Path
 class JobContext:
     """``multirun``: part of a ``-m`` sweep; ``start_dir``: where the command was started (relative
     paths such as ``cache.dir`` are taken from there); ``choices``: the config group options picked;
-    ``overrides``: the job's ``key=value`` overrides as Hydra joins them (the run's name)."""
+    ``overrides``: the job's command-line overrides (its cell of a sweep)."""
 
     multirun: bool = False
     start_dir: Path = field(default_factory=Path.cwd)
     choices: dict[str, str] = field(default_factory=dict)
-    overrides: str = ""
+    overrides: tuple[str, ...] = ()
     output_dir: Path | None = None
 
 
@@ -30,5 +30,5 @@ def job_context() -> JobContext:
     choices = {k: str(v) for k, v in hydra.runtime.choices.items() if not k.startswith("hydra") and "schema" not in k}
     output_dir = hydra.runtime.get("output_dir")
     return JobContext(multirun=hydra.mode == RunMode.MULTIRUN, start_dir=Path(hydra.runtime.cwd), choices=choices,
-                      overrides=str(hydra.job.get("override_dirname") or ""),
+                      overrides=tuple(str(o) for o in hydra.overrides.task),
                       output_dir=Path(output_dir) if output_dir else None)

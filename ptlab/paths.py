@@ -40,3 +40,20 @@ def config_dir() -> str:
         raise FileNotFoundError(f"ptlab configs not found: no {CONFIG_NAME} in {here.parent / 'conf'} "
                                 f"(source checkout) or {here / 'conf'} (installed package); reinstall ptlab")
     return str(conf)
+
+
+def preset_description(name: str | None) -> str:
+    """The leading comment of ``conf/experiment/<name>.yaml`` (what the preset reproduces), as text."""
+    if not name:
+        return ""
+    try:
+        text = (Path(config_dir()) / "experiment" / f"{name}.yaml").read_text()
+    except OSError:
+        return ""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            lines.append(line[1:].strip())
+    return " ".join(lines).strip()

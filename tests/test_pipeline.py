@@ -53,16 +53,23 @@ def test_mlflow_holds_one_parent_with_three_children(make_cfg, tmp_path, trackin
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow"]["parent_run_id"]
-    assert sorted(r.info.run_name for r in children) == ["scratch", "transfer", "upstream"]
+    assert sorted(r.data.tags["ptlab.stage"] for r in children) == ["scratch", "transfer", "upstream"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
+    cell = parents[0].info.run_name
+    assert cell.endswith("seed=0") and "tracking_uri" not in cell and "experiment_name" not in cell
+    assert sorted(r.info.run_name for r in children) == [f"{s} | {cell}" for s in ("scratch", "transfer", "upstream")]
+    assert {r.data.tags["ptlab.cell"] for r in runs} == {cell}
+    assert "transfer - scratch test accuracy" in parents[0].data.tags["mlflow.note.content"]
+    assert not any(k.startswith(("train.batch_size", "train.momentum", "train.optimizer", "train.upstream_epochs"))
+                   for k in parents[0].data.params)
     parent = parents[0]
     assert parent.data.params["task.d"] == "200" and parent.data.params["transfer.alpha"] == "0.5"
     assert parent.data.params["train.upstream_steps"] == "60"
     assert parent.data.metrics["transfer_test_acc"] == pytest.approx(summary["transfer"]["test_acc"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "summary.json"} <= artifacts
-    transfer_run = next(r for r in children if r.info.run_name == "transfer")
+    transfer_run = next(r for r in children if r.data.tags["ptlab.stage"] == "transfer")
     assert "transfer_plan.json" in {a.path for a in client.list_artifacts(transfer_run.info.run_id)}
     history = client.get_metric_history(transfer_run.info.run_id, "train/loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(31))
@@ -74,7 +81,7 @@ def test_transfer_none_trains_only_scratch(make_cfg, tmp_path, tracking_uri):
     assert summary["upstream"] is None and summary["transfer"] is None
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("scratch_only").experiment_id])
-    assert sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags) == ["scratch"]
+    assert sorted(r.data.tags["ptlab.stage"] for r in runs if "mlflow.parentRunId" in r.data.tags) == ["scratch"]
 
 
 def test_a_failure_after_start_marks_runs_failed_never_running(make_cfg, tmp_path, tracking_uri, monkeypatch):
@@ -90,7 +97,7 @@ def test_a_failure_after_start_marks_runs_failed_never_running(make_cfg, tmp_pat
         run_pipeline(make_cfg("logger.experiment_name=fails"), tmp_path)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
-    statuses = {r.info.run_name if "mlflow.parentRunId" in r.data.tags else "parent": r.info.status for r in runs}
+    statuses = {r.data.tags["ptlab.stage"] if "mlflow.parentRunId" in r.data.tags else "parent": r.info.status for r in runs}
     assert statuses == {"parent": "FAILED", "upstream": "FINISHED", "transfer": "FAILED"}
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["ptlab.error"] == "RuntimeError: boom in transfer"

@@ -9,13 +9,13 @@ from mlflow.tracking import MlflowClient
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.pipeline import run_pipeline
 
-DDP_SPAWN_CPU = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
+DDP_SPAWN_CPU = ["engine=lightning", "trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def test_ddp_spawn_on_two_cpu_processes_equals_one_process(make_cfg, tracking_uri: str, tmp_path: Path) -> None:
     """Full-batch GD all-reduces two identical gradients: (g + g) / 2 == g exactly, so two ranks give
     the single-process model bit for bit (and the numbers come back from the spawned workers)."""
-    single = run_pipeline(make_cfg("transfer=none", "logger=none"), tmp_path / "single")
+    single = run_pipeline(make_cfg("engine=lightning", "transfer=none", "logger=none"), tmp_path / "single")
     spawned = run_pipeline(make_cfg("transfer=none", *DDP_SPAWN_CPU), tmp_path / "ddp")
     assert spawned["scratch"] == single["scratch"]
     assert set(spawned["scratch"]) == {"train_acc", "test_acc", "train_loss"}

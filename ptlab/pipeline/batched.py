@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import yaml
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from ptlab.config import ConfigError, validate
 from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks
-from ptlab.pipeline.record import open_pipeline, pipeline_tags, record_pipeline
+from ptlab.pipeline.record import cell_name, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import MemoryTracker, NullTracker
@@ -109,7 +108,6 @@ class _Template:
         hydra = config.hydra
         self.choices = {k: str(v) for k, v in hydra.runtime.choices.items()
                         if not k.startswith("hydra") and "schema" not in k}
-        self.dirname = hydra.job.config.override_dirname
         self.value_keys = value_keys
         self.sweep_dir = Path(str(hydra.sweep.dir)).absolute()
         raw = OmegaConf.to_container(self.task, resolve=False)
@@ -142,8 +140,6 @@ class _Template:
     def job(self, index: int, parsed: list[Override], values: list[Override]
             ) -> tuple[DictConfig | _Attrs, dict[str, Any], Path, str]:
         """Job ``index``: its config, resolved container, output dir and run name."""
-        run_name = get_overrides_dirname(parsed, list(self.dirname.exclude_keys), self.dirname.item_sep,
-                                         self.dirname.kv_sep)
         if self.fast:
             resolved = copy.deepcopy(self.resolved)
             for override in values:
@@ -161,7 +157,7 @@ class _Template:
             validate(self.task)
             cfg, resolved = self.task, OmegaConf.to_container(self.task, resolve=True)
             output_dir = Path(str(self.config.hydra.sweep.dir), str(subdir)).absolute()
-        return cfg, resolved, output_dir, run_name or f"seed={resolved['seed']}"
+        return cfg, resolved, output_dir, cell_name([o.input_line for o in parsed], resolved["seed"])
 
     def yaml_text(self, resolved: dict[str, Any], values: list[Override]) -> str:
         """``resolved`` as YAML (from the template's text on the fast path)."""
@@ -275,7 +271,7 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
         return job
     job.writer = writers[key]
     job.tracker = job.writer.tracker(run_name, pipeline_tags(resolved["seed"], job.digest, job.choices))
-    open_pipeline(job.tracker, resolved, template.yaml_text(resolved, values), job.theory)
+    open_pipeline(job.tracker, used_params(resolved), template.yaml_text(resolved, values), job.theory)
     return job
 
 

@@ -11,20 +11,62 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ptlab.engines.base import STAGES, StageResult
 from ptlab.pipeline.resume import CONFIG_HASH_TAG
 from ptlab.theory import TheoryPrediction
-from ptlab.tracking.base import NullTracker, Tracker, flatten
+from ptlab.tracking.base import NOTE_TAG, NullTracker, Tracker, flatten
+
+
+ENVIRONMENT_KEYS = ("logger.", "cache.", "resume.", "devices.", "hydra", "trainer.", "experiment")
+"""Override keys that say where or how a cell runs, not what it is (left out of its name)."""
+
+
+def cell_name(overrides: Sequence[str], seed: int) -> str:
+    """A short name for what makes this cell itself: its overrides without the environment ones, each
+    key shortened to its last part (``task.u_norm=0.0 seed=1``  ->  ``u_norm=0.0 seed=1``)."""
+    parts = []
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key.startswith(ENVIRONMENT_KEYS):
+            continue
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    if not any(part.startswith("seed=") for part in parts):
+        parts.append(f"seed={seed}")
+    return " ".join(parts)
 
 
 def pipeline_tags(seed: int, digest: str, choices: Mapping[str, str]) -> dict[str, str]:
     """The tags of a pipeline's parent run (and its children)."""
     return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest, **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
+
+
+IMAGE_TRAIN_KEYS = ("upstream_epochs", "downstream_epochs", "batch_size", "optimizer", "momentum", "weight_decay",
+                    "scheduler", "precision", "progress_bar", "eval_every_epochs", "warmup_epochs", "label_smoothing")
+"""``train.*`` keys only image pipelines read (``conf/config.yaml``)."""
+SYNTHETIC_TRAIN_KEYS = ("upstream_steps", "downstream_steps", "eval_every", "dtype")
+"""``train.*`` keys only synthetic pipelines read."""
+
+
+def used_params(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config without the keys this pipeline does not read: image training keys in a
+    synthetic pipeline (and the trainer and its devices on the gram engine), synthetic keys and the
+    theory's constants in an image pipeline. ``config.yaml`` keeps the whole config."""
+    params = {k: v for k, v in resolved.items() if k != "hydra"}
+    synthetic = params.get("task", {}).get("name") == "synthetic"
+    dropped = IMAGE_TRAIN_KEYS if synthetic else SYNTHETIC_TRAIN_KEYS
+    params["train"] = {k: v for k, v in params.get("train", {}).items() if k not in dropped}
+    if not synthetic:
+        params.pop("theory", None)
+    elif params.get("engine", {}).get("name") == "gram":
+        params.pop("trainer", None)
+        params.pop("devices", None)
+    return params
 
 
 def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: str,
@@ -47,18 +89,29 @@ def record_stage(tracker: Tracker, result: StageResult) -> None:
     if result.name not in tracker.children:
         tracker.start_stage(result.name)
     tracker.log_curves(result.curves, stage=result.name)
-    tracker.log_metrics({f"final/{k}": v for k, v in result.final.items()}, stage=result.name, step=result.steps)
+    tracker.log_metrics({f"final/{k}": exact(v) for k, v in result.final.items()}, stage=result.name,
+                        step=result.steps)
     if result.plan is not None:
         tracker.log_dict([row.as_dict() for row in result.plan], "transfer_plan.json", stage=result.name)
     tracker.end_stage(result.name)
 
 
+def exact(value: float) -> float:
+    """A number computed in float32 (an accuracy: correct / n) as the decimal it stands for, so that MLflow
+    shows 0.909, not 0.9089999794960022; other numbers unchanged."""
+    if isinstance(value, float) and math.isfinite(value):
+        single = struct.unpack("f", struct.pack("f", value))[0]
+        if single == value:
+            return float(f"{value:.7g}")
+    return value
+
+
 def final_metrics(stages: Mapping[str, StageResult]) -> dict[str, float]:
     """``<stage>_train_acc``, ``<stage>_test_acc`` and ``transfer_gain`` (transfer - scratch test accuracy)."""
-    final = {f"{name}_{key}": stages[name].final[key] for name in STAGES if name in stages
+    final = {f"{name}_{key}": exact(stages[name].final[key]) for name in STAGES if name in stages
              for key in ("train_acc", "test_acc")}
     if "transfer" in stages and "scratch" in stages:
-        final["transfer_gain"] = stages["transfer"].final["test_acc"] - stages["scratch"].final["test_acc"]
+        final["transfer_gain"] = round(final["transfer_test_acc"] - final["scratch_test_acc"], 12)
     return final
 
 
@@ -102,7 +155,8 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
     if figure_title is not None:
         log_decomposition_figure(tracker, stages, figure_title)
     summary: dict[str, Any] = {
-        **{name: stages[name].summary() if name in stages else None for name in STAGES},
+        **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None
+           for name in STAGES},
         **(extra or {}),
         **({"theory": theory.as_dict()} if theory is not None else {}),
         "seed": seed,
@@ -112,6 +166,7 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
     }
     summary = finite_or_none(summary)
     tracker.log_metrics(final_metrics(stages))
+    tracker.set_tags({NOTE_TAG: f"```\n{format_table(summary)}\n```"})
     text = json.dumps(summary, indent=2, allow_nan=False)
     if write_file:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
 from ptlab.distributed import is_global_zero
 from ptlab.engines.base import Engine, StageResult
-from ptlab.pipeline.record import format_table, open_pipeline, pipeline_tags, record_pipeline
+from ptlab.paths import preset_description
+from ptlab.pipeline.record import cell_name, format_table, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
 from ptlab.tracking.base import NullTracker, Tracker
@@ -48,14 +49,14 @@ def make_engine(cfg: DictConfig) -> Engine:
     return instantiate(cfg.engine, trainer=cfg.trainer, _recursive_=False)
 
 
-def make_pipeline_tracker(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Tracker:
+def make_pipeline_tracker(cfg: DictConfig, run_name: str, tags: dict[str, str], description: str = "") -> Tracker:
     """The tracker of ``cfg.logger`` (none on DDP ranks other than 0)."""
     if cfg.logger.kind == "none" or not is_global_zero():
         return NullTracker()
     from ptlab.tracking.mlflow import MLflowTracker  # MLflow loads only when a run is tracked
 
     return MLflowTracker(cfg.logger.tracking_uri, cfg.logger.experiment_name, run_name, cfg.logger.artifact_location,
-                         tags)
+                         tags, description)
 
 
 def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | None = None) -> dict[str, Any]:
@@ -106,8 +107,9 @@ def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobCon
     runner = STAGE_RUNNERS.get(cfg.task.name)
     engine = make_engine(cfg)
     synthetic = cfg.task.name == "synthetic"
-    tracker = make_pipeline_tracker(cfg, context.overrides or f"seed={cfg.seed}",
-                                    pipeline_tags(cfg.seed, digest, context.choices))
+    tracker = make_pipeline_tracker(cfg, cell_name(context.overrides, cfg.seed),
+                                    pipeline_tags(cfg.seed, digest, context.choices),
+                                    preset_description(context.choices.get("experiment")))
     with job_device(cfg, context.multirun), signals_as_interrupt(), tracker, signal_exits_as_terminated():
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
@@ -116,7 +118,7 @@ def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobCon
             from ptlab.theory import predict_from_config
 
             theory = predict_from_config(cfg)
-        open_pipeline(tracker, resolved, OmegaConf.to_yaml(resolved), theory)
+        open_pipeline(tracker, used_params(resolved), OmegaConf.to_yaml(resolved), theory)
         stages, extra = runner(cfg, engine, tracker)
         if is_global_zero() and not synthetic:
             from ptlab.pipeline.checkpoints import discard_checkpoints

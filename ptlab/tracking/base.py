@@ -18,6 +18,8 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 STAGE_TAG = "ptlab.stage"
+CELL_TAG = "ptlab.cell"
+NOTE_TAG = "mlflow.note.content"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -46,8 +48,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
-    """``curves`` as (key, value, timestamp ms, step) points."""
-    return [(key, float(value), stamp, int(step)) for key, points in curves.items() for step, value in points]
+    """``curves`` as (key, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms, so
+    that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
+    return [(key, float(value), stamp + int(step), int(step)) for key, points in curves.items()
+            for step, value in points]
+
+
+def child_name(stage: str, cell: str) -> str:
+    """A stage's run name: ``<stage> | <cell name>``, so a child run says which cell it belongs to."""
+    return f"{stage} | {cell}" if cell else stage
 
 
 def as_json(data: Any) -> str:
@@ -169,6 +178,7 @@ class MemoryTracker:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.tags = dict(tags or {})
         self.child_tags = dict(child_tags or {})
+        self.tags.setdefault(CELL_TAG, run_name)
         self.parent = RecordedRun(run_name, {STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = self.parent.run_id
         self.stages: dict[str, RecordedRun] = {}
@@ -195,7 +205,7 @@ class MemoryTracker:
         return [self.parent, *self.stages.values()]
 
     def start_stage(self, stage: str) -> None:
-        run = RecordedRun(stage, {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage,
+        run = RecordedRun(child_name(stage, self.parent.name), {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage,
                                   **self.tags})
         self.stages[stage] = run
         self.children[stage] = run.run_id

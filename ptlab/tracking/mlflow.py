@@ -21,8 +21,8 @@ from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
 from ptlab.config import ConfigError
-from ptlab.tracking.base import (PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json, curve_points, flatten,
-                                 resolve_tracking_uri)
+from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
+                                 child_name, curve_points, flatten, resolve_tracking_uri)
 from ptlab.tracking.faults import RetryingClient, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
@@ -60,11 +60,13 @@ class MLflowTracker:
     exception every open run is FAILED (KILLED for Ctrl-C), so nothing is left RUNNING."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str,
-                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
+                 description: str = "") -> None:
+        """``description``: the experiment's MLflow description, set when it has none yet (the preset's comment)."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.experiment_name, self.run_name = experiment_name, run_name
+        self.experiment_name, self.run_name, self.description = experiment_name, run_name, description
         self.artifact_location = artifact_location or default_artifact_location(self.tracking_uri, experiment_name)
-        self.tags = dict(tags or {})
+        self.tags = {CELL_TAG: run_name, **dict(tags or {})}
         self.client = RetryingClient(MlflowClient(self.tracking_uri))
         self.experiment_id = ""
         self.parent_run_id = ""
@@ -79,6 +81,8 @@ class MLflowTracker:
             raise ConfigError(f"logger.tracking_uri={self.tracking_uri!r} is not allowed: must be a reachable "
                               f"MLflow store ({str(err).splitlines()[0]})") from None
         mark_vanished(self.client, [self.experiment_id])
+        if self.description and NOTE_TAG not in self.client.get_experiment(self.experiment_id).tags:
+            self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={STAGE_TAG: "pipeline", **self.tags})
@@ -103,7 +107,7 @@ class MLflowTracker:
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""
         tags = resolve_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
-        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags)
         self.children[stage] = run.info.run_id
 
     def end_stage(self, stage: str, status: str = "FINISHED") -> None:
