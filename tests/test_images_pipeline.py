@@ -80,11 +80,12 @@ def test_table1_renderer_numbers(tmp_path: Path) -> None:
     paths = render_table1(fake_runs("params.task.n1_ratio", [2, 3]), "table1_x", tmp_path)
     md = paths[0].read_text().splitlines()
     row = next(line for line in md if line.startswith("| resnet101 -> resnet34"))
-    # scratch over all 4 runs of the pair: 60, 62, 60, 62 -> 61.0, sample std sqrt(4/3) = 1.2;
-    # ratio 2: 70, 72 -> 71.0 ± 1.4, gain +10.0; ratio 3: 80, 82 -> 81.0, gain +20.0
+    # scratch of the pair (the same task-2 runs at every ratio, counted once): 60, 62 -> 61.0 ± 1.4;
+    # ratio 2: 70, 72 -> 71.0 ± 1.4, paired gains 10, 10 -> +10.0 with a zero-width interval; ratio 3: +20.0
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
-        "resnet101 -> resnet34", "61.0 ± 1.2", "71.0 ± 1.4 (+10.0)", "81.0 ± 1.4 (+20.0)"]
-    assert any(line.startswith("| vgg16 (x0.25) -> vgg11 (x0.25)") and "72.0 ± 1.4 (+11.0)" in line for line in md)
+        "resnet101 -> resnet34", "61.0 ± 1.4", "71.0 ± 1.4 (+10.0 [+10.0, +10.0], n=2)",
+        "81.0 ± 1.4 (+20.0 [+20.0, +20.0], n=2)"]
+    assert any(line.startswith("| vgg16 (x0.25) -> vgg11 (x0.25)") and "72.0 ± 1.4 (+11.0" in line for line in md)
     csv = pd.read_csv(paths[1])
     assert csv["transfer_gain_mean"].round(6).tolist() == [0.10, 0.20, 0.11, 0.21]
 

@@ -6,22 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ptlab.report.runs import seed_stats
+from ptlab.report.runs import RUN_ENVIRONMENT_PARAMS, seed_stats, swept_params  # noqa: F401 - re-exported
 
 STAGE_METRICS = ["metrics.upstream_test_acc", "metrics.transfer_test_acc", "metrics.scratch_test_acc",
                  "metrics.transfer_gain"]
-
-
-RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.logger.", "params.cache.", "params.resume.",
-                          "params.devices.", "params.trainer.")
-
-
-def swept_params(runs: pd.DataFrame) -> list[str]:
-    """The ``params.*`` columns that differ between runs: the experiment's own knobs, without the seed,
-    the theory's outputs and where or how runs were executed (logger, cache, resume, devices)."""
-    columns = [c for c in runs.columns if c.startswith("params.") and c != "params.seed"
-               and not c.startswith(RUN_ENVIRONMENT_PARAMS)]
-    return [c for c in columns if runs[c].astype(str).nunique() > 1]
 
 
 def write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:

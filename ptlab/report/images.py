@@ -10,13 +10,14 @@ Figure 3 (``fig3*``): transfer and scratch test accuracy against the task-2 nois
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from ptlab.report.generic import write_table
-from ptlab.report.runs import ReportError, seed_stats
+from ptlab.report.runs import ReportError, config_label, seed_stats
 
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
 RATIO, SIGMA = "params.task.n1_ratio", "params.noise.sigma_p2"
@@ -42,30 +43,37 @@ def with_pairs(runs: pd.DataFrame, needed: list[str]) -> pd.DataFrame:
     return runs.assign(**{PAIR: pair})
 
 
-def _cell(mean: float, std: float, gain: float | None = None) -> str:
+def _cell(mean: float, std: float, gain: float | None = None, low: float = math.nan, high: float = math.nan,
+          n: int | None = None) -> str:
     text = f"{100 * mean:.1f}" + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
-    return text if gain is None else f"{text} ({100 * gain:+.1f})"
+    if gain is None:
+        return text
+    ci = "" if pd.isna(low) else f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{text} ({100 * gain:+.1f}{ci}, n={n})"
 
 
 def render_table1(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
-    """Table 1: transfer accuracy per pair and N1/N2 with the gain over scratch; scratch per pair."""
+    """Table 1: transfer accuracy per pair and N1/N2 with the paired gain over scratch (95% CI, n seeds);
+    scratch per pair. Pipelines that differ in anything but the seed, the pair and the ratio are
+    separate rows, labelled by what differs."""
     runs = with_pairs(runs, [RATIO, TRANSFER, SCRATCH, GAIN])
     stats = seed_stats(runs, [PAIR, RATIO], [TRANSFER, SCRATCH, GAIN])
-    scratch = seed_stats(runs, [PAIR], [SCRATCH]).set_index(PAIR)
+    label = config_label(stats, [PAIR, RATIO])
+    stats[PAIR] = stats[PAIR].where(label == "", stats[PAIR] + " (" + label + ")")
     ratios = sorted(stats[RATIO].unique())
     rows = []
     for pair, group in stats.groupby(PAIR, sort=True):
-        row = {"upstream -> downstream": pair,
-               "scratch": _cell(scratch.loc[pair, f"{SCRATCH}_mean"], scratch.loc[pair, f"{SCRATCH}_std"])}
+        first = group.iloc[0]
+        row = {"upstream -> downstream": pair, "scratch": _cell(first[f"{SCRATCH}_mean"], first[f"{SCRATCH}_std"])}
         for _, cell in group.iterrows():
             row[f"N1/N2={cell[RATIO]:g}"] = _cell(cell[f"{TRANSFER}_mean"], cell[f"{TRANSFER}_std"],
-                                                  cell[f"{GAIN}_mean"])
+                                                  cell[f"{GAIN}_mean"], cell[f"{GAIN}_ci_low"],
+                                                  cell[f"{GAIN}_ci_high"], int(cell[f"{GAIN}_count"]))
         rows.append(row)
     wide = pd.DataFrame(rows, columns=["upstream -> downstream", "scratch", *(f"N1/N2={r:g}" for r in ratios)])
-    seeds = int(stats[f"{TRANSFER}_count"].min())
     md = out_dir / f"{experiment}.md"
-    md.write_text(f"Test accuracy (%) on task 2, mean ± std over {seeds}+ seeds; (gain over scratch).\n\n"
-                  + wide.to_markdown(index=False) + "\n")
+    md.write_text("Test accuracy (%) on task 2, mean ± std over seeds; (paired gain over scratch [95% t "
+                  "interval], n seeds).\n\n" + wide.to_markdown(index=False) + "\n")
     csv = out_dir / f"{experiment}.csv"
     stats.rename(columns=lambda c: c.removeprefix("params.").removeprefix("metrics.")).to_csv(csv, index=False)
     return [md, csv]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlflow
@@ -56,14 +57,79 @@ def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
     return runs
 
 
+GAIN = "metrics.transfer_gain"
+RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.logger.", "params.cache.", "params.resume.",
+                          "params.devices.", "params.trainer.")
+"""Params that say where or how a pipeline ran (or what the theory predicts from the others)."""
+CONFIDENCE = 0.95
+
+
+def swept_params(runs: pd.DataFrame) -> list[str]:
+    """The ``params.*`` columns that differ between runs: the experiment's own knobs, without the seed,
+    the theory's outputs and where or how runs were executed (logger, cache, resume, devices)."""
+    columns = [c for c in runs.columns if c.startswith("params.") and c != "params.seed"
+               and not c.startswith(RUN_ENVIRONMENT_PARAMS)]
+    return [c for c in columns if runs[c].astype(str).nunique() > 1]
+
+
+def paired_ci(gains: pd.Series, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The t confidence interval of the mean of paired gains (transfer - scratch on the same seed);
+    NaN with fewer than two seeds."""
+    from scipy import stats
+
+    values = gains.dropna().to_numpy(dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, se = values.mean(), stats.sem(values)
+    if se == 0:
+        return mean, mean
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=se)
+    return float(low), float(high)
+
+
+def verdict(low: float, high: float, n: int) -> str:
+    """Transfer better / worse than scratch when the paired CI excludes 0; else no detectable difference."""
+    if n < 2 or math.isnan(low):
+        return f"n={n}: no CI"
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no detectable difference"
+
+
 def seed_stats(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean, standard deviation and count over seeds of ``metrics``, per distinct value of ``by``."""
+    """Mean, standard deviation and count over seeds of ``metrics`` per group, and for the paired gain
+    (``metrics.transfer_gain``) its 95% t interval and a verdict.
+
+    A group is the whole config minus the seed: ``by`` plus every other param that differs between
+    the runs (``swept_params``), so pipelines that differ in anything but the seed (epochs, a smoke
+    run's sizes) are never averaged together; ``config_label`` says what the extra columns are."""
+    extra = [c for c in swept_params(runs) if c not in by and c not in metrics
+             and (not by or runs.groupby(by, dropna=False)[c].nunique(dropna=False).max() > 1)]
+    by = [*by, *extra]
     frame = runs[by + metrics].copy()
     for column in by:
         frame[column] = _numeric(frame[column])
-    grouped = frame.groupby(by, sort=True)[metrics].agg(["mean", "std", "count"])
-    grouped.columns = [f"{metric}_{stat}" for metric, stat in grouped.columns]
-    return grouped.reset_index()
+    grouped = frame.groupby(by, sort=True, dropna=False)
+    table = grouped[metrics].agg(["mean", "std", "count"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table = table.reset_index()
+    if GAIN in metrics:
+        intervals = [paired_ci(group[GAIN]) for _, group in grouped]
+        table[f"{GAIN}_ci_low"] = [low for low, _ in intervals]
+        table[f"{GAIN}_ci_high"] = [high for _, high in intervals]
+        table["verdict"] = [verdict(low, high, int(n)) for (low, high), n in zip(intervals, table[f"{GAIN}_count"])]
+    table.attrs["config_columns"] = extra
+    return table
+
+
+def config_label(table: pd.DataFrame, by: list[str]) -> pd.Series:
+    """For each row of a ``seed_stats`` table, the params beyond ``by`` that set its group apart
+    (``"downstream_epochs=3"``), or ``""`` when there are none."""
+    extra = [c for c in table.attrs.get("config_columns", []) if c not in by]
+    return table[extra].apply(lambda row: ", ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()),
+                              axis=1) if extra else pd.Series([""] * len(table), index=table.index)
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -1,0 +1,60 @@
+"""Report statistics: the paired CI against its formula, groups that never mix configs, verdicts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ptlab.report.images import render_table1
+from ptlab.report.runs import config_label, paired_ci, seed_stats, verdict
+
+
+def pipelines(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["metrics.transfer_gain"] = frame["metrics.transfer_test_acc"] - frame["metrics.scratch_test_acc"]
+    frame["start_time"] = range(len(frame))
+    return frame
+
+
+def test_paired_ci_is_the_t_interval_of_the_mean_gain() -> None:
+    gains = pd.Series([0.01, 0.03, 0.02])
+    low, high = paired_ci(gains)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n)
+    assert low == pytest.approx(0.02 - half, abs=1e-12) and high == pytest.approx(0.02 + half, abs=1e-12)
+    assert all(math.isnan(v) for v in paired_ci(pd.Series([0.05])))
+    assert verdict(low, high, 3) == "no detectable difference"  # 0.02 +- 0.025 includes 0
+    assert verdict(0.001, 0.04, 3) == "better" and verdict(-0.03, -0.01, 3) == "worse"
+    assert verdict(-0.01, 0.02, 3) == "no detectable difference" and verdict(math.nan, math.nan, 1) == "n=1: no CI"
+
+
+def test_pipelines_that_differ_in_more_than_the_seed_are_separate_rows() -> None:
+    runs = pipelines([
+        {"params.seed": "0", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "2",
+         "metrics.transfer_test_acc": 0.90, "metrics.scratch_test_acc": 0.88},
+        {"params.seed": "1", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "2",
+         "metrics.transfer_test_acc": 0.92, "metrics.scratch_test_acc": 0.89},
+        {"params.seed": "0", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "3",
+         "metrics.transfer_test_acc": 0.70, "metrics.scratch_test_acc": 0.95},
+    ])
+    table = seed_stats(runs, ["params.task.u_norm"], ["metrics.transfer_test_acc", "metrics.transfer_gain"])
+    assert len(table) == 2
+    assert table["metrics.transfer_gain_count"].tolist() == [2, 1]
+    assert table["metrics.transfer_gain_mean"].tolist() == pytest.approx([0.025, -0.25])
+    assert config_label(table, ["params.task.u_norm"]).tolist() == ["downstream_epochs=2", "downstream_epochs=3"]
+    assert table["verdict"].tolist()[1] == "n=1: no CI"
+
+
+def test_table1_gives_a_row_per_config_with_n_and_ci(tmp_path: Path) -> None:
+    base = {"params.upstream_model.arch": "resnet34", "params.model.arch": "resnet18", "params.task.n1_ratio": "2.0",
+            "params.upstream_model.width": "0.25", "params.model.width": "0.25"}
+    rows = [{**base, "params.seed": str(s), "params.train.downstream_epochs": e, "metrics.transfer_test_acc": t,
+             "metrics.scratch_test_acc": c}
+            for s, e, t, c in [(0, "2", 0.91, 0.90), (1, "2", 0.93, 0.90), (0, "3", 0.80, 0.95)]]
+    runs = pipelines(rows)
+    render_table1(runs, "table1_test", tmp_path)
+    text = (tmp_path / "table1_test.md").read_text()
+    assert "(downstream_epochs=2)" in text and "(downstream_epochs=3)" in text
+    assert "n=2" in text and "n=1" in text
