@@ -9,7 +9,7 @@ OmegaConf's type checks, then ``ptlab.config.validate``), so a bad value still s
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # private: Hydra exports no base sweeper to extend
 from hydra.core.config_store import ConfigStore
 
 
