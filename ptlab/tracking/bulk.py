@@ -58,7 +58,12 @@ class BulkRunWriter:
         return MemoryTracker(self.tracking_uri, self.experiment_id, run_name, tags, self.context_tags)
 
     def write(self, trackers: Iterable[MemoryTracker]) -> int:
-        """Store every run of ``trackers`` (rows in one transaction, then artifacts); returns the run count."""
+        """Store every run of ``trackers`` (rows in one transaction, then artifacts); returns the run count.
+        A signal that arrives meanwhile is raised once rows and artifacts are all written."""
+        with tracking_write():
+            return self._write(trackers)
+
+    def _write(self, trackers: Iterable[MemoryTracker]) -> int:
         runs, tags, params, metrics, latest = [], [], [], [], []
         artifacts: list[tuple[str, dict[str, bytes]]] = []
         for tracker in trackers:
@@ -78,7 +83,7 @@ class BulkRunWriter:
                 latest.extend(newest.values())
                 if run.artifacts:
                     artifacts.append((artifact_uri, run.artifacts))
-        with tracking_write(), self.engine.begin() as connection:
+        with self.engine.begin() as connection:
             for table, rows in ((SqlRun, runs), (SqlTag, tags), (SqlParam, params), (SqlMetric, metrics),
                                 (SqlLatestMetric, latest)):
                 if rows:

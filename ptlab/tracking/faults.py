@@ -52,17 +52,19 @@ class _Writes:
 
 
 @contextlib.contextmanager
-def tracking_write(raise_deferred: bool = True) -> Iterator[None]:
+def tracking_write(raise_deferred: bool | None = True) -> Iterator[None]:
     """A block that writes to the store: a SIGTERM or SIGINT that arrives inside it is held until the
     block is done (never raised half-way through a transaction, which would leave SQLite locked for
-    the handler's own writes), then raised as ``Terminated``; dropped with ``raise_deferred=False``
-    (the block is already marking the runs of an interrupted pipeline)."""
+    the handler's own writes, or between creating a run and recording its id), then raised as
+    ``Terminated``. ``raise_deferred=False`` drops it (the block is already marking the runs of an
+    interrupted pipeline); ``None`` keeps it for the next write's end (a context manager's
+    ``__enter__``, whose exception would skip its ``__exit__``)."""
     _Writes.depth += 1
     try:
         yield
     finally:
         _Writes.depth -= 1
-    if _Writes.depth == 0 and _Writes.deferred is not None:
+    if _Writes.depth == 0 and _Writes.deferred is not None and raise_deferred is not None:
         name, _Writes.deferred = _Writes.deferred, None
         if raise_deferred:
             raise Terminated(f"signal {name}")
@@ -142,6 +144,7 @@ def signals_as_interrupt() -> Iterator[None]:
         yield
         return
     _Signals.received = []
+    _Writes.deferred = None
 
     def handle(signum: int, frame: FrameType | None) -> None:
         _Signals.received.append(signal.Signals(signum).name)
@@ -155,6 +158,7 @@ def signals_as_interrupt() -> Iterator[None]:
         with signal_exits_as_terminated():
             yield
     finally:
+        _Writes.deferred = None  # a reused worker's next job starts clean
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -84,9 +84,10 @@ class MLflowTracker:
         if self.description and NOTE_TAG not in self.client.get_experiment(self.experiment_id).tags:
             self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
-                                     tags={STAGE_TAG: "pipeline", **self.tags})
-        self.parent_run_id = run.info.run_id
+        with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                         tags={STAGE_TAG: "pipeline", **self.tags})
+            self.parent_run_id = run.info.run_id
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -107,8 +108,9 @@ class MLflowTracker:
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""
         tags = resolve_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
-        run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags)
-        self.children[stage] = run.info.run_id
+        with tracking_write():  # the run's id is recorded before a held signal is raised
+            run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags)
+            self.children[stage] = run.info.run_id
 
     def end_stage(self, stage: str, status: str = "FINISHED") -> None:
         run_id = self.children[stage]
