@@ -288,6 +288,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
     pending: list[SweepJob] = []
     others: list[tuple[int, list[str]]] = []
     returns: dict[int, JobReturn] = {}
+    skipped = 0
     for offset, overrides in enumerate(job_overrides):
         index, overrides = initial_job_idx + offset, list(overrides)
         template, parsed, values = composer.template(overrides)
@@ -298,11 +299,14 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
         if job.summary is not None:
             job.output_dir.mkdir(parents=True, exist_ok=True)
             (job.output_dir / "summary.json").write_text(json.dumps(job.summary, indent=2))
-            print(f"ptlab: skipped job {index}: its config already FINISHED (resume.skip_finished)")
+            skipped += 1
             returns[index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
         else:
             pending.append(job)
     composed = time.perf_counter()
+    if skipped:
+        print(f"ptlab: skipped {skipped} of {len(job_overrides)} jobs: their config already FINISHED "
+              "(resume.skip_finished)")
 
     tracked = 0.0
     with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=not progress or not pending) as bar:

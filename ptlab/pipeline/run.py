@@ -9,6 +9,7 @@ summary.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from ptlab.tracking.base import NullTracker, Tracker
 from ptlab.tracking.faults import prepare_sqlite_store, signal_exits_as_terminated, signals_as_interrupt
 
 StageRunner = Callable[[DictConfig, Engine, Tracker], "tuple[dict[str, StageResult], dict[str, Any]]"]
+
+log = logging.getLogger("ptlab")
+"""Hydra writes this logger to each job's ``ptlab.log``: what ran, each stage, the result."""
 
 STAGE_RUNNERS: Registry[StageRunner] = Registry("task.name")
 """Stage runners by ``task.name`` (image runners load Lightning and torchvision only when used)."""
@@ -77,6 +81,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
             return finished
         summary = _run_tracked(cfg, output_dir, digest, context)
     print(format_table(summary))
+    log.info("%s: %s", cell_name(context.overrides, cfg.seed), " | ".join(format_table(summary).splitlines()[1:]))
     return summary
 
 
@@ -106,6 +111,8 @@ def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobCon
     """The pipeline between opening its runs and writing its summary."""
     runner = STAGE_RUNNERS.get(cfg.task.name)
     engine = make_engine(cfg)
+    log.info("%s: task=%s engine=%s, experiment %s", cell_name(context.overrides, cfg.seed), cfg.task.name,
+             cfg.engine.get("name"), cfg.logger.experiment_name)
     synthetic = cfg.task.name == "synthetic"
     tracker = make_pipeline_tracker(cfg, cell_name(context.overrides, cfg.seed),
                                     pipeline_tags(cfg.seed, digest, context.choices),

@@ -6,6 +6,8 @@ this module decides what each stage trains and tracks each one as soon as it is 
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,6 +21,8 @@ from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
+
+log = logging.getLogger("ptlab")
 
 
 def make_data(cfg: DictConfig) -> SyntheticTransferData:
@@ -40,10 +44,14 @@ def build_model(model_cfg: DictConfig, cfg: DictConfig, stream: str) -> nn.Modul
 
 
 def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageResult:
-    """Train ``stage`` on its own child run and track it."""
+    """Train ``stage`` on its own child run and track it (one log line when it starts and ends)."""
+    log.info("stage %s: %d GD steps on task %d (engine %s)", stage.name, stage.steps, stage.task, engine.name)
+    started = time.perf_counter()
     tracker.start_stage(stage.name)
     result = engine.train_stage(stage)
     record_stage(tracker, result)
+    log.info("stage %s done in %.1f s: train_acc %.4f, test_acc %.4f", stage.name, time.perf_counter() - started,
+             result.final["train_acc"], result.final["test_acc"])
     return result
 
 
