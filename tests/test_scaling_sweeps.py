@@ -59,9 +59,9 @@ def test_sweep_killed_midway_reruns_only_the_missing_cells(tmp_path: Path, monke
     marker.write_text("sigterm")
     monkeypatch.setenv(MARKER_ENV, str(marker))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    faulty = "trainer._target_=tests.scaling_helpers.FaultTrainer"
+    faulty = ["engine=lightning", "trainer._target_=tests.scaling_helpers.FaultTrainer"]
 
-    killed = sweep(tmp_path, faulty)
+    killed = sweep(tmp_path, *faulty)
     assert killed.returncode != 0 and not marker.exists()
     stages = runs_by_stage(tmp_path)
     done_before = finished(stages["pipeline"])
@@ -70,7 +70,7 @@ def test_sweep_killed_midway_reruns_only_the_missing_cells(tmp_path: Path, monke
     (victim,) = [r for r in stages["pipeline"] if r.info.status == "KILLED"]
     assert victim.data.tags["ptlab.error"] == "Terminated: signal SIGTERM"
 
-    resumed = sweep(tmp_path, faulty)
+    resumed = sweep(tmp_path, *faulty)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("ptlab: skipped") == len(done_before)
     after = runs_by_stage(tmp_path)

@@ -28,7 +28,7 @@ from mlflow.utils.uri import append_to_uri_path
 from ptlab.config import ConfigError
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.faults import tracking_write
-from ptlab.tracking.stale import mark_vanished
+from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
                                 create_engine, is_database_uri, metric_rows)
@@ -55,7 +55,8 @@ class BulkRunWriter:
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> MemoryTracker:
         """A memory tracker for one pipeline of this experiment."""
-        return MemoryTracker(self.tracking_uri, self.experiment_id, run_name, tags, self.context_tags)
+        return MemoryTracker(self.tracking_uri, self.experiment_id, run_name, {**tags, PROCESS_TAG: process_tag()},
+                             self.context_tags)
 
     def write(self, trackers: Iterable[MemoryTracker]) -> int:
         """Store every run of ``trackers`` (rows in one transaction, then artifacts); returns the run count.
