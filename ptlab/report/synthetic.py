@@ -110,8 +110,9 @@ def _errorbar(ax, table: pd.DataFrame, x: str, metric: str, **style) -> None:
 
 def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: str,
                 others: Sequence[str] = ()) -> Figure:
-    """Left: test accuracy with transfer and from scratch; right: their gap (transfer - scratch).
-    A pair of lines per combination of the ``others`` columns."""
+    """Left: test accuracy with transfer and from scratch (mean, std bars); right: their paired gap
+    (transfer - scratch on the same seed) with its 95% t interval as a band. A pair of lines per
+    combination of the ``others`` columns."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     acc_ax, gain_ax = fig.subplots(1, 2)
     others = list(others)
@@ -121,7 +122,10 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
             f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) + ")"
         _errorbar(acc_ax, group, x, "transfer_test_acc", label=f"transfer{suffix}")
         _errorbar(acc_ax, group, x, "scratch_test_acc", label=f"scratch{suffix}", linestyle="--")
-        _errorbar(gain_ax, group, x, "transfer_gain", label=f"transfer - scratch{suffix}")
+        line, = gain_ax.plot(group[x], group["transfer_gain_mean"], marker="o", label=f"transfer - scratch{suffix}")
+        if "transfer_gain_ci_low" in group:
+            gain_ax.fill_between(group[x], group["transfer_gain_ci_low"], group["transfer_gain_ci_high"],
+                                 color=line.get_color(), alpha=0.2, linewidth=0)
     gain_ax.axhline(0.0, color="black", linewidth=0.8)
     acc_ax.set_ylabel("downstream test accuracy")
     gain_ax.set_ylabel("transfer - scratch")
@@ -133,7 +137,8 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
         ax.legend(fontsize=8)
     low, high = int(table["transfer_test_acc_count"].min()), int(table["transfer_test_acc_count"].max())
     seeds = f"{low}" if low == high else f"{low}-{high}"
-    fig.suptitle(f"{title}\nmean and standard deviation over {seeds} seeds", fontsize=10)
+    fig.suptitle(f"{title}\nmean and standard deviation over {seeds} seeds; gap: paired mean, band: 95% t interval",
+                 fontsize=10)
     return fig
 
 
