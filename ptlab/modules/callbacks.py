@@ -1,4 +1,4 @@
-"""Lightning callbacks of the Lightning engine: the decomposition recorder and the spawn-safe final numbers."""
+"""Lightning callbacks: the decomposition recorder, the spawn-safe final numbers, a progress bar per stage."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor
 
 from ptlab.data.synthetic import Directions
@@ -56,3 +57,16 @@ def restore_final(trainer: pl.Trainer, module: pl.LightningModule) -> None:
         return
     module.final = {k[len(FINAL_PREFIX):]: float(v) for k, v in trainer.callback_metrics.items()
                     if k.startswith(FINAL_PREFIX)}
+
+
+class StageProgressBar(TQDMProgressBar):
+    """Lightning's progress bar labelled with the pipeline stage and the epoch total:
+    ``transfer: epoch 2/30`` instead of three identical ``Epoch 1`` bars."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.stage}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")

@@ -47,6 +47,7 @@ from ptlab.config import ConfigError
 from ptlab.engines.base import StageResult
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
+from ptlab.modules.callbacks import StageProgressBar
 from ptlab.modules.image_classifier import ImageClassifier
 from ptlab.pipeline.checkpoints import stage_checkpointing
 from ptlab.pipeline.record import record_stage
@@ -124,7 +125,8 @@ def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Mod
     monitors = [LearningRateMonitor(logging_interval="epoch")] if logger is not None else []
     checkpointing = stage_checkpointing(cfg, stage)
     trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=epochs, logger=logger if logger is not None else False,
-                                      callbacks=[*(callbacks or []), *monitors, *checkpointing.callbacks],
+                                      callbacks=[*(callbacks or []), *monitors, *checkpointing.callbacks,
+                                                 *([StageProgressBar(stage)] if cfg.train.progress_bar else [])],
                                       **checkpointing.trainer_kwargs, precision=precision_for(cfg),
                                       enable_progress_bar=cfg.train.progress_bar, num_sanity_val_steps=0,
                                       log_every_n_steps=1, check_val_every_n_epoch=cfg.train.eval_every_epochs)
