@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
+from ptlab.tracking.base import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 """Tracking URI schemes MLflow 3 stores accept (its file store ``./mlruns`` is refused)."""
@@ -26,22 +26,12 @@ MEMORY_FRACTION = 0.8
 """A synthetic config may plan for at most this share of the machine's memory."""
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _leaves(value, f"{prefix}{i}.")
-    else:
-        yield prefix.rstrip("."), node
-
-
 def check_finite(cfg: DictConfig) -> None:
-    """Every float of the config is finite (``train.lr=inf`` or ``task.u_norm=nan`` cannot train)."""
-    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not allowed: must be a finite number")
+    """Every float of the config, in lists too, is finite (``train.lr=inf`` or ``task.u_norm=nan`` cannot train)."""
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}={value} is not allowed: must be a finite number")
 
 
 def machine_memory() -> int:

@@ -237,6 +237,13 @@ IMAGE_SCHEDULERS = ("cosine", "constant")
 IMAGE_PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 
 
+IMAGE_TRAIN_KEYS = ("upstream_epochs", "downstream_epochs", "batch_size", "optimizer", "momentum", "weight_decay",
+                    "scheduler", "precision", "progress_bar", "eval_every_epochs", "warmup_epochs", "label_smoothing")
+"""``train.*`` keys only image pipelines read (the pipeline logs only the keys it reads)."""
+SYNTHETIC_TRAIN_KEYS = ("upstream_steps", "downstream_steps", "eval_every", "dtype")
+"""``train.*`` keys only synthetic pipelines read."""
+
+
 @dataclass
 class TrainSchema:
     """Full-batch gradient descent budgets (docs/design.md section 1)."""

@@ -89,12 +89,26 @@ def test_summary_json_is_valid_json_when_a_theory_value_is_infinite(make_cfg, tm
     assert summary["theory"]["signal_ratio"] is None
 
 
+def wait_for_runs(client: MlflowClient, store: Path, name: str, process, count: int = 2, timeout: float = 120):
+    """The experiment ``name`` once it holds ``count`` runs (the parent and its first child), while
+    ``process`` runs; ``None`` when that does not happen within ``timeout`` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    experiment = None
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(1)
+        experiment = client.get_experiment_by_name(name) if store.exists() else None
+        if experiment and len(client.search_runs([experiment.experiment_id])) >= count:
+            return experiment
+    return experiment
+
+
 def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path: Path) -> None:
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=killed", "cache.dir=cache",
@@ -102,12 +116,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path
     process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     client = MlflowClient(uri)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(1)
-        experiment = client.get_experiment_by_name("kill") if (tmp_path / "mlflow.db").exists() else None
-        if experiment and len(client.search_runs([experiment.experiment_id])) >= 2:
-            break
+    experiment = wait_for_runs(client, tmp_path / "mlflow.db", "kill", process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     runs = client.search_runs([experiment.experiment_id])
@@ -135,7 +144,6 @@ def test_a_signal_marks_the_runs_killed_and_exits_with_its_code(tmp_path: Path, 
     import signal
     import subprocess
     import sys
-    import time
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=out", "cache.dir=cache",
@@ -143,13 +151,7 @@ def test_a_signal_marks_the_runs_killed_and_exits_with_its_code(tmp_path: Path, 
     process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     client = MlflowClient(uri)
-    deadline = time.time() + 120
-    experiment = None
-    while time.time() < deadline and process.poll() is None:
-        time.sleep(1)
-        experiment = client.get_experiment_by_name("signal") if (tmp_path / "mlflow.db").exists() else None
-        if experiment and len(client.search_runs([experiment.experiment_id])) >= 2:
-            break
+    experiment = wait_for_runs(client, tmp_path / "mlflow.db", "signal", process)
     process.send_signal(getattr(signal, signum))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr[-2000:]

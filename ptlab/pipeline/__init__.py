@@ -2,17 +2,6 @@
 
 from ptlab.lazy import lazy_exports
 
-_EXPORTS = {"run_pipeline": "ptlab.pipeline.run", "record_pipeline": "ptlab.pipeline.record",
-            "synthetic": "ptlab.pipeline.synthetic"}
-
-
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
-    if name == "synthetic":
-        import importlib
-
-        return importlib.import_module("ptlab.pipeline.synthetic")
-    return _lazy_getattr(name)
-
-
-_lazy_getattr, __dir__ = lazy_exports(__name__, {k: v for k, v in _EXPORTS.items() if k != "synthetic"})
+_EXPORTS = {"run_pipeline": "ptlab.pipeline.run", "record_pipeline": "ptlab.pipeline.record"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

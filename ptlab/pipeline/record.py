@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ptlab.config import IMAGE_TRAIN_KEYS, SYNTHETIC_TRAIN_KEYS
 from ptlab.engines.base import STAGES, StageResult
 from ptlab.pipeline.resume import CONFIG_HASH_TAG
 from ptlab.theory import TheoryPrediction
@@ -44,13 +45,6 @@ def cell_name(overrides: Sequence[str], seed: int) -> str:
 def pipeline_tags(seed: int, digest: str, choices: Mapping[str, str]) -> dict[str, str]:
     """The tags of a pipeline's parent run (and its children)."""
     return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest, **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
-
-
-IMAGE_TRAIN_KEYS = ("upstream_epochs", "downstream_epochs", "batch_size", "optimizer", "momentum", "weight_decay",
-                    "scheduler", "precision", "progress_bar", "eval_every_epochs", "warmup_epochs", "label_smoothing")
-"""``train.*`` keys only image pipelines read (``conf/config.yaml``)."""
-SYNTHETIC_TRAIN_KEYS = ("upstream_steps", "downstream_steps", "eval_every", "dtype")
-"""``train.*`` keys only synthetic pipelines read."""
 
 
 def used_params(resolved: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,9 +38,6 @@ def hash_resolved(resolved: dict[str, Any]) -> str:
     trainer = kept.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
         kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}
-    engine = kept.get("engine")
-    if isinstance(engine, dict) and isinstance(engine.get("trainer"), dict):
-        kept["engine"] = {**engine, "trainer": kept.get("trainer")}
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -71,6 +71,7 @@ class MLflowTracker:
         self.experiment_id = ""
         self.parent_run_id = ""
         self.children: dict[str, str] = {}
+        self._writer: MetricWriter | None = None
 
     def __enter__(self) -> MLflowTracker:
         try:
@@ -104,6 +105,9 @@ class MLflowTracker:
                 if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
                     self.client.set_terminated(run_id, status)
             self.client.set_terminated(self.parent_run_id, status)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""
@@ -134,14 +138,12 @@ class MLflowTracker:
             return
         run_id = self.run_id(stage)
         if is_database_uri(self.tracking_uri):
-            writer = MetricWriter(self.tracking_uri)
+            self._writer = self._writer or MetricWriter(self.tracking_uri)
             try:
-                writer.write(run_id, points)
+                self._writer.write(run_id, points)
                 return
             except IntegrityError:  # a point stored before: MLflow's log_batch skips what exists
                 pass
-            finally:
-                writer.close()
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
