@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Any
 from pathlib import Path
 
 import hydra
@@ -33,6 +32,7 @@ from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.paths import config_dir
+from ptlab.tracking.base import flatten
 
 register_configs()
 
@@ -66,18 +66,9 @@ def closest_key(key: str, known: list[str]) -> str:
 
 
 def config_keys(cfg: DictConfig) -> list[str]:
-    """Every leaf key of ``cfg``, dotted."""
-    keys: list[str] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            keys.append(prefix.rstrip("."))
-
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return keys
+    """Every key of ``cfg``, dotted: the groups (``trainer``) and every leaf (``train.lr``)."""
+    leaves = list(flatten(OmegaConf.to_container(cfg, resolve=False)))
+    return [*dict.fromkeys(key.split(".", 1)[0] for key in leaves), *leaves]
 
 
 def describe_error(err: BaseException, known_keys: list[str] | None = None) -> str:
