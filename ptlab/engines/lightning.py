@@ -31,6 +31,12 @@ class LightningEngine:
     ``_target_``, instantiated per stage with the stage's step budget)."""
 
     def __init__(self, name: str = "lightning", trainer: Mapping[str, Any] | None = None) -> None:
+        """Lightning (and torchmetrics, matplotlib) are imported here, when the engine is built before
+        any run is open: a Ctrl-C during that long import must not land half-way into a tracked stage."""
+        import pytorch_lightning  # noqa: F401
+
+        from ptlab.modules import callbacks, full_batch_gd  # noqa: F401
+
         self.name = name
         self.trainer = trainer if trainer is not None else {"_target_": "pytorch_lightning.Trainer",
                                                             "accelerator": "cpu", "devices": 1}
