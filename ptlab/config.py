@@ -295,9 +295,13 @@ class TheorySchema:
     c1_prime: float = 1.0
     c3_prime: float = 1.0
     c4: float = 1.0
+    # Proposition 4.4's "Gamma is large": transfer helps when scratch is sub-optimal and Gamma >= c_gamma.
+    c_gamma: float = 1.0
+    # Where the values came from (a calibration's preset, seeds, date and agreement; see conf/theory/).
+    source: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("c1", "c3", "c1_prime", "c3_prime", "c4"):
+        for key in ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma"):
             _positive(key, getattr(self, key))
 
 

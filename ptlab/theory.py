@@ -8,10 +8,12 @@ orthogonal), ``s1 = sigma_p1``, ``s2 = sigma_p2``.
   ``d <= C1 D*``: near Bayes-optimal test error with transfer, ``d >= C3 D*``: error >= 0.1.
 - Scratch (Theorem 4.3): near-optimal if ``N2 S2^4 >= C1' s2^4 d``, sub-optimal if ``<= C3' s2^4 d``;
   i.e. the scratch threshold is ``N2 S2^4 / s2^4`` in units of d.
-- ``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` (Proposition 4.4).
+- ``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` (Proposition 4.4): with scratch not near-optimal, ``Gamma >= C_gamma``
+  means transfer lifts the error to near-optimal.
 - Negative transfer (Proposition 4.4): ``S2^2 / U^2 >= alpha N1 s2^2 / (N2 s1^2) >= C4``.
 
-The constants are unknown; they are parameters (default 1). Edge cases never raise: ``alpha = 0``
+The constants are unknown; they are parameters (``conf/theory``: the paper's 1s, or values fitted by
+``python -m ptlab.report calibrate``). Edge cases never raise: ``alpha = 0``
 or ``u = 0`` make the terms they multiply exactly 0 (so ``D*`` with ``alpha = 0`` is the scratch
 threshold); a zero noise level is read as the limit ``s -> 0``: ``D*`` is ``inf`` for ``s1 = 0`` with
 ``alpha U > 0`` and tends to 0 for ``s1 = 0`` with ``u = 0``; a ratio that is ``0 / 0`` in the limit too
@@ -103,7 +105,9 @@ def regime(d: float, threshold: float, c_near: float = 1.0, c_sub: float = 1.0) 
 
 
 TheoryConstants = TheorySchema
-"""The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (default 1): the config schema."""
+"""The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (the config schema; ``conf/theory/``
+holds the paper's uncalibrated 1s and the values fitted by ``python -m ptlab.report calibrate``)."""
+CONSTANT_KEYS = ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma")
 
 
 @dataclass(frozen=True)
@@ -135,15 +139,19 @@ class TheoryPrediction:
         return {k: v for k, v in asdict(self).items() if isinstance(v, str)}
 
 
-def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool) -> str:
+def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool,
+                    gamma_large: bool = False) -> str:
     """Transfer helps / no difference / negative transfer / undetermined.
 
-    The negative-transfer condition of Proposition 4.4 wins; otherwise the two regimes are compared:
+    Proposition 4.4 first: its negative-transfer condition wins, then its positive part (scratch not
+    near-optimal, ``d > c1' N2 S2^4 / s2^4``, and ``Gamma >= C_gamma``: transfer helps); otherwise the two regimes are compared:
     near-optimal with transfer and sub-optimal without helps, the reverse hurts, equal regimes make
     no difference, and a regime between the constants leaves the outcome undetermined.
     """
     if negative_condition:
         return NEGATIVE_TRANSFER
+    if gamma_large and scratch_regime != NEAR_OPTIMAL:
+        return TRANSFER_HELPS
     if UNDETERMINED in (transfer_regime, scratch_regime):
         return UNDETERMINED
     if transfer_regime == scratch_regime:
@@ -162,12 +170,13 @@ def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: fl
     negative = ratio >= 1 and strength >= constants.c4
     transfer_regime = regime(d, d_star, constants.c1, constants.c3)
     scratch_regime = regime(d, scratch, constants.c1_prime, constants.c3_prime)
+    big_gamma = gamma(alpha, n1, u_norm, sigma_p1, sigma_p2, d)
     return TheoryPrediction(
         n=max(n1, n2), threshold_term=d_star, d_over_threshold=divide(d, d_star), scratch_threshold=scratch,
-        gamma=gamma(alpha, n1, u_norm, sigma_p1, sigma_p2, d), signal_ratio=signal_ratio(u_norm, s2_norm),
+        gamma=big_gamma, signal_ratio=signal_ratio(u_norm, s2_norm),
         source_strength=strength, negative_transfer_ratio=ratio, transfer_regime=transfer_regime,
         scratch_regime=scratch_regime, negative_transfer_condition=negative,
-        predicted=predict_outcome(transfer_regime, scratch_regime, negative))
+        predicted=predict_outcome(transfer_regime, scratch_regime, negative, big_gamma >= constants.c_gamma))
 
 
 def predict_from_config(cfg: Any) -> TheoryPrediction:
@@ -177,7 +186,6 @@ def predict_from_config(cfg: Any) -> TheoryPrediction:
     """
     alpha = cfg.transfer.alpha if cfg.transfer.kind != "none" else 0.0
     theory = cfg.get("theory") or {}
-    constants = TheoryConstants(**{k: float(theory[k]) for k in TheoryConstants.__dataclass_fields__
-                                   if k in theory})
+    constants = TheoryConstants(**{k: float(theory[k]) for k in CONSTANT_KEYS if k in theory})
     return predict(d=cfg.task.d, n1=cfg.task.n1, n2=cfg.task.n2, u_norm=cfg.task.u_norm, v_norm=cfg.task.v_norm,
                    sigma_p1=cfg.noise.sigma_p1, sigma_p2=cfg.noise.sigma_p2, alpha=alpha, constants=constants)

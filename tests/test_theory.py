@@ -136,3 +136,24 @@ def test_predict_from_config_reads_task_noise_transfer_and_constants(make_cfg) -
 def test_theory_constants_are_validated(make_cfg) -> None:
     with pytest.raises(ConfigError, match=r"^theory\.c1=-1\.0 is not allowed: must be > 0$"):
         validate(make_cfg("theory.c1=-1.0"))
+
+
+def test_a_large_gamma_makes_transfer_help_while_scratch_is_not_near_optimal() -> None:
+    # d=8000, ||u||=1: Gamma = 0.25 * 200 * 1 / 8000 = 0.00625; scratch threshold 500 << d, D* = 285.7 << d;
+    # c4 = 10 keeps the negative-transfer condition (source strength 5) off.
+    point = {**BASE, "d": 8000}
+
+    def at(**constants: float):
+        return predict(u_norm=1.0, **point, constants=TheoryConstants(**{"c4": 10.0, **constants}))
+
+    plain = at()
+    assert plain.gamma == pytest.approx(0.00625)
+    assert (plain.transfer_regime, plain.scratch_regime, plain.predicted) == (SUB_OPTIMAL, SUB_OPTIMAL, "no_difference")
+    assert at(c_gamma=0.006).predicted == "transfer_helps"
+    assert at(c_gamma=0.007).predicted == "no_difference"
+    # Scratch near-optimal (c1' * 500 >= 8000): Proposition 4.4's positive part does not apply.
+    near = at(c_gamma=0.006, c1_prime=16.0, c3_prime=16.0)
+    assert near.scratch_regime == NEAR_OPTIMAL and near.predicted == "negative_transfer"
+    # The negative-transfer condition (ratio 1 >= 1, strength 5 >= c4) wins over a large Gamma.
+    negative = at(c_gamma=0.006, c4=1.0)
+    assert negative.negative_transfer_condition and negative.predicted == "negative_transfer"

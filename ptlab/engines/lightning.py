@@ -30,7 +30,8 @@ class LightningEngine:
     """``Engine`` that fits ``FullBatchGD`` with a ``pl.Trainer`` built from ``trainer`` (a config with
     ``_target_``, instantiated per stage with the stage's step budget)."""
 
-    def __init__(self, name: str = "lightning", trainer: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str = "lightning", trainer: Mapping[str, Any] | None = None,
+                 progress_bar: bool = False) -> None:
         """Lightning (and torchmetrics, matplotlib) are imported here, when the engine is built before
         any run is open: a Ctrl-C during that long import must not land half-way into a tracked stage."""
         import pytorch_lightning  # noqa: F401
@@ -38,12 +39,14 @@ class LightningEngine:
         from ptlab.modules import callbacks, full_batch_gd  # noqa: F401
 
         self.name = name
+        self.progress_bar = progress_bar
         self.trainer = trainer if trainer is not None else {"_target_": "pytorch_lightning.Trainer",
                                                             "accelerator": "cpu", "devices": 1}
 
     def train_stage(self, stage: Stage) -> StageResult:
         from ptlab.data.full_batch import FullBatchDataModule
-        from ptlab.modules.callbacks import FinalToMainProcess, SignalNoiseDecomposition, restore_final
+        from ptlab.modules.callbacks import (FinalToMainProcess, SignalNoiseDecomposition, StepProgressBar,
+                                             restore_final)
         from ptlab.modules.full_batch_gd import FullBatchGD
         from ptlab.transfer.callback import ParameterTransfer
 
@@ -56,9 +59,12 @@ class LightningEngine:
             callbacks.append(transfer)
         callbacks += [SignalNoiseDecomposition(stage.directions, stage.train.noise, stage.train.y,
                                                every=stage.eval_every), FinalToMainProcess()]
+        if self.progress_bar:
+            callbacks.append(StepProgressBar(stage.name))
         extra = {"precision": "64-true"} if stage.dtype == "float64" else {}
         trainer = instantiate(self.trainer, max_steps=stage.steps, max_epochs=1, limit_val_batches=0, logger=False,
-                              callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=False, **extra)
+                              callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=False,
+                              enable_progress_bar=self.progress_bar, **extra)
         try:
             trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
         except DivergenceError as err:

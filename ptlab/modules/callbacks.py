@@ -70,3 +70,17 @@ class StageProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"{self.stage}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar for a full-batch GD stage (one epoch of ``max_steps`` batches), labelled
+    with the stage: ``upstream: GD step 120/800``."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.stage}: GD step")
+        self.train_progress_bar.unit = "step"

@@ -1,7 +1,8 @@
 """Resumable sweeps: a pipeline whose config already has a FINISHED parent run is not run again.
 
 Every parent run is tagged ``ptlab.config_hash``: the SHA-256 of the resolved config without the keys
-that do not change results (where it is tracked, the cache, resume itself, which GPU it ran on).
+that do not change results (where it is tracked, the cache, resume itself, which GPU it ran on, the
+theory's constants).
 Re-running a multirun after a crash or a kill then skips the cells that finished and re-runs the
 others (FAILED, KILLED, or never started). ``resume.skip_finished``: ``multirun`` (default: only
 under ``-m``), ``always``, or ``never``.
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 
 CONFIG_HASH_TAG = "ptlab.config_hash"
 RESUMED_TAG = "ptlab.resumed_from"
-IGNORED_KEYS = ("logger", "cache", "resume", "devices")
-"""Top-level keys that do not change what a pipeline computes."""
+IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory")
+"""Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it)."""
 
 
 def hash_resolved(resolved: dict[str, Any]) -> str:

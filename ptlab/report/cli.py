@@ -1,4 +1,8 @@
-"""``python -m ptlab.report EXPERIMENT``: redraw an experiment's figures and tables from MLflow."""
+"""``python -m ptlab.report EXPERIMENT``: redraw an experiment's figures and tables from MLflow.
+
+``python -m ptlab.report calibrate EXPERIMENT...``: fit the theory's constants to those experiments'
+runs and print the outcome agreement on held-out cells (ptlab.report.calibrate).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,36 @@ def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_
     return paths
 
 
+def calibrate_main(argv: list[str]) -> int:
+    """``calibrate EXPERIMENT... [--write FILE]``: fit, print the agreement, write the tables and the YAML."""
+    from ptlab.report.calibrate import agreement_text, calibrate, constants_yaml, load_cells, write_outputs
+
+    parser = argparse.ArgumentParser(prog="python -m ptlab.report calibrate",
+                                     description="Fit the theory's constants to synthetic experiments.")
+    parser.add_argument("experiments", nargs="+", help="MLflow experiment names (e.g. fig1a fig1b fig1c fig2)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
+    parser.add_argument("--out", default="reports/calibration", help="output directory (default: %(default)s)")
+    parser.add_argument("--write", default=None, metavar="FILE",
+                        help="also write the fitted constants as a theory config (e.g. conf/theory/calibrated.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        result = calibrate(load_cells(args.experiments, args.tracking_uri))
+    except ReportError as err:
+        print(f"ptlab.report calibrate: {err}", file=sys.stderr)
+        return 2
+    print(agreement_text(result))
+    for path in write_outputs(result, Path(args.out)):
+        print(path)
+    if args.write:
+        Path(args.write).write_text(constants_yaml(result, args.experiments))
+        print(args.write)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ptlab.report", description=__doc__)
     parser.add_argument("experiment", help="MLflow experiment name (the preset, e.g. fig1a_small)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")

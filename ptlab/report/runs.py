@@ -98,6 +98,15 @@ def verdict(low: float, high: float, n: int) -> str:
     return "no detectable difference"
 
 
+def one_run_per_seed(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """The latest run of each seed per group: a pipeline repeated under another config hash (other theory
+    constants, an older ptlab) is still one seed."""
+    if "params.seed" not in runs.columns:
+        return runs
+    ordered = runs.sort_values("start_time") if "start_time" in runs.columns else runs
+    return ordered.drop_duplicates([*by, "params.seed"], keep="last").sort_index()
+
+
 def seed_stats(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
     """Mean, standard deviation and count over seeds of ``metrics`` per group, and for the paired gain
     (``metrics.transfer_gain``) its 95% t interval and a verdict.
@@ -108,7 +117,7 @@ def seed_stats(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.Data
     extra = [c for c in swept_params(runs) if c not in by and c not in metrics
              and (not by or runs.groupby(by, dropna=False)[c].nunique(dropna=False).max() > 1)]
     by = [*by, *extra]
-    frame = runs[by + metrics].copy()
+    frame = one_run_per_seed(runs, by)[by + metrics].copy()
     for column in by:
         frame[column] = _numeric(frame[column])
     grouped = frame.groupby(by, sort=True, dropna=False)
