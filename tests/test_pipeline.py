@@ -61,6 +61,10 @@ def test_mlflow_holds_one_parent_with_three_children(make_cfg, tmp_path, trackin
     assert sorted(r.info.run_name for r in children) == [f"{s} | {cell}" for s in ("scratch", "transfer", "upstream")]
     assert {r.data.tags["ptlab.cell"] for r in runs} == {cell}
     assert "transfer - scratch test accuracy" in parents[0].data.tags["mlflow.note.content"]
+    view = json.loads(client.get_experiment(experiment.experiment_id).tags["mlflow.sharedViewState.ptlab"])
+    assert view["selectedColumns"][:3] == ["metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`",
+                                           "metrics.`transfer_gain`"]
+    assert {"transfer_test_acc", "scratch_test_acc", "transfer_gain"} <= set(parents[0].data.metrics)
     assert not any(k.startswith(("train.batch_size", "train.momentum", "train.optimizer", "train.upstream_epochs"))
                    for k in parents[0].data.params)
     parent = parents[0]

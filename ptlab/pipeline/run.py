@@ -81,8 +81,20 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
             return finished
         summary = _run_tracked(cfg, output_dir, digest, context)
     print(format_table(summary))
+    if cfg.logger.kind == "mlflow" and not context.multirun:
+        print(mlflow_view_line(cfg.logger.tracking_uri, summary["mlflow"]["experiment_id"]))
     log.info("%s: %s", cell_name(context.overrides, cfg.seed), " | ".join(format_table(summary).splitlines()[1:]))
     return summary
+
+
+def mlflow_view_line(tracking_uri: str, experiment_id: str) -> str:
+    """Where to see the result in the MLflow UI: the runs table with the result columns shown."""
+    from ptlab.tracking.mlflow import result_view_url
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {result_view_url(experiment_id, tracking_uri.rstrip('/'))}"
+    return (f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
+            f"{result_view_url(experiment_id)}")
 
 
 @contextlib.contextmanager

@@ -40,18 +40,37 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
     return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts" / safe).as_uri()
 
 
+RESULT_VIEW = "ptlab"
+"""The shared view of the runs table that shows every pipeline's result: open the experiment with
+``?viewStateShareKey=ptlab`` (MLflow's own "share view" feature; the view is an experiment tag)."""
+RESULT_COLUMNS = ("metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`", "metrics.`transfer_gain`",
+                  "params.`theory.predicted`")
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def result_view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of an experiment's runs table with the result columns shown."""
+    return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULT_VIEW}"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (or restored) if needed; safe when jobs race to create it."""
+    """The id of experiment ``name``, created (or restored) if needed, with the ``RESULT_VIEW`` of its
+    runs table; safe when jobs race to create it."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location)
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+        else:
+            experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if SHARED_VIEW_TAG + RESULT_VIEW not in experiment.tags:
+        view = {"selectedColumns": list(RESULT_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
+        client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW_TAG + RESULT_VIEW, as_json(view))
     return experiment.experiment_id
 
 
