@@ -87,8 +87,7 @@ class ToyCNNSchema:
         _nonnegative("init_std", self.init_std)
 
 
-IMAGE_TASKS = ("cifar10", "cifar100", "digits")
-CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19")
+IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder")
 
 
 @dataclass
@@ -134,16 +133,35 @@ class DigitsTaskSchema(ImageTaskSchema):
 
 @dataclass
 class TorchvisionCNNSchema:
-    """A small-image torchvision ResNet/VGG (ptlab.models.torchvision_cnn)."""
+    """Any torchvision classification model (ptlab.models.torchvision_cnn). ``arch`` is checked against
+    torchvision's own list when the model is built (the CLI's check does not import torchvision)."""
 
     _target_: str = "ptlab.models.build_torchvision_cnn"
     arch: str = "resnet34"
     width: float = 1.0
     weights_path: Optional[str] = None
+    small_input: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _one_of("arch", self.arch, CNN_ARCHS)
+        _check(bool(self.arch), "arch", "a torchvision classification model name", self.arch)
         _positive("width", self.width)
+
+
+@dataclass
+class TimmSchema:
+    """Any timm model (ptlab.models.timm_model); ``name`` is checked against ``timm.list_models()`` when
+    the model is built."""
+
+    _target_: str = "ptlab.models.build_timm_model"
+    name: str = "resnet18d"
+    pretrained: bool = False
+    weights_path: Optional[str] = None
+    small_input: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "a timm model name", self.name)
 
 
 TRANSFER_KINDS = ("none", "filters", "layers")
@@ -190,14 +208,12 @@ class LayerTransferSchema(TransferSchema):
 
 
 @dataclass
-class ViTSchema:
-    """A timm DeiT (ptlab.models.vit.create_vit); weights from ``weights_path``, else timm's
-    pretrained mechanism when ``pretrained``, else fresh."""
+class ViTSchema(TimmSchema):
+    """A timm DeiT (ptlab.models.vit.create_vit), the ``model=timm`` schema with the ViT's shape keys;
+    weights from ``weights_path``, else timm's pretrained mechanism when ``pretrained``, else fresh."""
 
     _target_: str = "ptlab.models.create_vit"
     name: str = "deit_base"
-    pretrained: bool = False
-    weights_path: Optional[str] = None
     img_size: int = 224
     patch_size: int = 16
     depth: int = 12
@@ -205,6 +221,7 @@ class ViTSchema:
     drop_path_rate: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("img_size", "patch_size", "depth", "in_chans"):
             _positive(key, getattr(self, key))
         _check(self.img_size % self.patch_size == 0, "img_size", f"a multiple of patch_size={self.patch_size}",
@@ -363,7 +380,7 @@ class PtlabSchema:
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema},
     "noise": {"gaussian": NoiseSchema},
-    "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "vit": ViTSchema},
+    "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},
     "logger": {"logger": LoggerSchema},
 }
