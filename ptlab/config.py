@@ -132,6 +132,21 @@ class DigitsTaskSchema(ImageTaskSchema):
 
 
 @dataclass
+class ImageFolderTaskSchema(DigitsTaskSchema):
+    """Any folder of class subfolders (torchvision ``ImageFolder``, ptlab.data.images): classes by folder
+    name, images resized to ``image_size``, split ``test_fraction`` by ``split_seed``."""
+
+    name: str = "image_folder"
+    root: Optional[str] = None
+    task2_classes: list[str] = field(default_factory=list)
+    task1_classes: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.task2_classes) > 0, "task2_classes", "a list of class folder names", self.task2_classes)
+
+
+@dataclass
 class TorchvisionCNNSchema:
     """Any torchvision classification model (ptlab.models.torchvision_cnn). ``arch`` is checked against
     torchvision's own list when the model is built (the CLI's check does not import torchvision)."""
@@ -378,7 +393,8 @@ class PtlabSchema:
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema},
+    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema,
+             "image_folder": ImageFolderTaskSchema},
     "noise": {"gaussian": NoiseSchema},
     "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},

@@ -41,7 +41,14 @@ class PlanRow:
     source_input_indices: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as plain data; the element-selection fields only where they say more than ``indices``."""
+        row = asdict(self)
+        if row["source_indices"] in ([], row["indices"]):
+            del row["source_indices"]
+        for key in ("input_indices", "source_input_indices"):
+            if row[key] is None:
+                del row[key]
+        return row
 
 
 class TransferAdapter(ABC):
