@@ -3,7 +3,8 @@
 ``validate`` (``ptlab.config``) runs ``check_values`` on every config; the CLI's preflight and
 ``run_pipeline`` also run ``check_paths`` before anything is tracked, so a config that cannot train
 stops with one ``ConfigError`` line naming the key, never with a FAILED run or a traceback. Nothing
-here imports torch (except to read a weights file that is named) or creates a file.
+here imports torch (except to read a weights file that is named, or to check the name of a library model
+that is not one of ptlab's presets) or creates a file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
+from ptlab.models.names import check_model_name
 from ptlab.tracking.base import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -212,4 +214,5 @@ def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Pa
         check_folder(output_key, output_dir, start)
     check_data(cfg.task, start)
     for key in ("model", "upstream_model"):
+        check_model_name(key, cfg[key])
         check_weights(key, cfg[key].get("weights_path"))

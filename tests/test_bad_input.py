@@ -45,6 +45,10 @@ BAD = [
      "task.root='missing_images' is not allowed: no such folder"),
     ([*IMAGE, "task=image_folder", "task.root=EMPTY", "task.task2_classes=[cat]"],
      "task.root='EMPTY' is not allowed: "),
+    ([*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
+     "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small"),
+    ([*IMAGE, "upstream_model=timm", "upstream_model.name=resnet18dd"],
+     "upstream_model.name='resnet18dd' is not allowed: not a model of the library (close names: resnet18d"),
 ]
 
 

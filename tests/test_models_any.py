@@ -212,6 +212,16 @@ def test_width_mismatched_pair_uses_element_selection() -> None:
     assert {row.target: row.copied for row in plan}["conv1"] == 8  # min(round(0.5 * 16), 8): every source filter
 
 
+def test_width_mismatched_depthwise_network_copies_what_the_plan_says() -> None:
+    source, target = pair(lambda w: build_torchvision_cnn("mobilenet_v3_small", 2, options={"width_mult": w}),
+                          source_kwargs={"w": 0.5}, target_kwargs={"w": 0.25})
+    plan, _ = check_transfer(source, target)  # every tensor against the plan, entry by entry
+    rows = {row.target: row for row in plan}
+    dw = rows["features.2.block.1.0"]  # depthwise: the channels of the expansion conv before it
+    assert dw.indices == rows["features.2.block.0.0"].indices and dw.input_indices is None
+    assert any(row.input_indices is not None for row in plan)
+
+
 def test_timm_vit_of_another_depth_inherits_blocks_by_index() -> None:
     def vit(depth: int) -> nn.Module:
         return build_timm_model("vit_tiny_patch16_224", 3, options={"img_size": 32, "patch_size": 8,

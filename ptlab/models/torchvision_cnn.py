@@ -36,6 +36,7 @@ from torchvision.models.vgg import cfgs as VGG_LAYOUTS
 from torchvision.models.vgg import make_layers
 
 from ptlab.config import ConfigError
+from ptlab.models.names import PTLAB_CNNS
 from ptlab.models.stem import adapt_stem
 
 RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
@@ -46,7 +47,7 @@ RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
 VGG_NAMES = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
-ARCHS = (*RESNET_LAYOUTS, *VGG_NAMES)
+ARCHS = PTLAB_CNNS
 
 
 def scaled(channels: int, width: float) -> int:

@@ -28,13 +28,9 @@ from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ptlab.config import ConfigError
+from ptlab.models.names import DEIT_MODELS
 
-DEIT_MODELS = {
-    "deit_base": "deit_base_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_tiny": "deit_tiny_patch16_224",
-}
-"""ptlab's model options and the timm architectures they create."""
+
 
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
