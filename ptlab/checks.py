@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
-from ptlab.models.names import check_model_name
+from ptlab.models.name_check import check_model_name
 from ptlab.tracking.base import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")

@@ -9,7 +9,7 @@ _EXPORTS = {
     "TwoLayerReLUCNN": "ptlab.models.two_layer_cnn",
     "build_model": "ptlab.models.factory",
     "DEIT_MODELS": "ptlab.models.names",
-    "check_model_name": "ptlab.models.names",
+    "check_model_name": "ptlab.models.name_check",
     "WeightsError": "ptlab.models.vit",
     "create_vit": "ptlab.models.vit",
     "build_timm_model": "ptlab.models.timm_model",

@@ -1,16 +1,7 @@
-"""Model names checked before anything is tracked, without loading a library for ptlab's own presets.
-
-torchvision and timm know their model names only once imported, which the CLI's preflight must not do
-for the common case. So the names ptlab builds itself (its ResNets/VGGs and DeiTs) are listed here,
-torch-free, and only a config naming another library model imports that library to check the name
-(a one-line ``ConfigError`` with close names, from the same code the factories use).
-"""
+"""The model names ptlab builds itself (its small-image ResNets/VGGs and DeiTs), torch-free, so the
+CLI's preflight can accept them without importing torchvision or timm (``ptlab.models.name_check``)."""
 
 from __future__ import annotations
-
-from typing import Any
-
-from ptlab.errors import ConfigError
 
 PTLAB_CNNS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19")
 """torchvision architectures ptlab builds in its own small-image form (ptlab.models.torchvision_cnn)."""
@@ -20,22 +11,3 @@ DEIT_MODELS = {
     "deit_tiny": "deit_tiny_patch16_224",
 }
 """ptlab's DeiT names and the timm architectures they create."""
-TORCHVISION_FACTORY = "ptlab.models.build_torchvision_cnn"
-TIMM_FACTORIES = ("ptlab.models.build_timm_model", "ptlab.models.create_vit")
-
-
-def check_model_name(key: str, model: Any) -> None:
-    """``model`` (a model config) names a model its library has; ``ConfigError`` naming ``key`` otherwise."""
-    target = model.get("_target_")
-    try:
-        if target == TORCHVISION_FACTORY and model.get("arch") not in PTLAB_CNNS:
-            from ptlab.models.torchvision_cnn import classification_models, unknown_name
-
-            if model.get("arch") not in classification_models():
-                raise unknown_name("arch", str(model.get("arch")), classification_models())
-        elif target in TIMM_FACTORIES and model.get("name") not in DEIT_MODELS:
-            from ptlab.models.timm_model import timm_arch
-
-            timm_arch(str(model.get("name")))
-    except ConfigError as err:
-        raise ConfigError(f"{key}.{err}") from None

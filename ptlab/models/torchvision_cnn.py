@@ -35,7 +35,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs as VGG_LAYOUTS
 from torchvision.models.vgg import make_layers
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.models.names import PTLAB_CNNS
 from ptlab.models.stem import adapt_stem
 

@@ -27,7 +27,7 @@ import torch
 from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.models.names import DEIT_MODELS
 
 
