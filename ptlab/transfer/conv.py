@@ -15,8 +15,9 @@ one pass over the graph finds, for every ``Conv2d`` and ``Linear`` (a *unit*):
   and a per-channel parameter it is multiplied by (ConvNeXt's layer scale);
 - its *stage*: ``level<s>`` with ``2^s`` the total stride of its output.
 
-Units that write the model's output (the heads) are never transferred; a norm that follows a
-residual addition rather than a unit keeps its init.
+Units that write the model's output (the heads) are never transferred. A norm that follows a
+residual addition rather than a unit (a *stream norm*: ConvNeXt's downsampling LayerNorm, a
+pre-activation BatchNorm) belongs to the space it normalises.
 
 **Matching** (``match_units``). If both models have the same units (kind, kernel, stride and stage
 in graph order: the same architecture, widths may differ) unit i takes unit i. Otherwise (e.g.
@@ -30,7 +31,8 @@ selection, as in weight selection): they go, in order, to positions ``0..k-1``. 
 its followers' entries at the same indices and its input weights: all of them when both input
 spaces have the same width, else only the input channels selected in its input space (the rest of
 the filter, like every other tensor, stays at the fresh init; a unit with no selected input copies
-nothing). Every unit that writes a space uses its one index set, so a transferred channel adds up
+nothing). Between two models of one architecture, a stream norm takes its namesake's entries at its
+space's indices (one plan row after the units); otherwise it keeps its init. Every unit that writes a space uses its one index set, so a transferred channel adds up
 with transferred channels and reads transferred channels below it.
 """
 
@@ -97,6 +99,8 @@ class Structure:
     units: list[ConvUnit]
     heads: list[str]
     widths: dict[int, int]
+    stream_norms: dict[str, int] = field(default_factory=dict)
+    """Norms applied to a space rather than to one unit's output: name -> space."""
 
 
 class _Tracer(fx.Tracer):
@@ -155,6 +159,12 @@ def _per_channel_keys(module: nn.Module, prefix: str, width: int) -> list[str]:
             if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == width]
 
 
+def _width(module: nn.Module) -> int:
+    """The channel count of a norm: the length of its first per-channel tensor."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return next((t.shape[0] for t in tensors if t is not None and t.dim() >= 1), 0)
+
+
 def _stage(stride: int) -> str:
     return f"level{int(round(math.log2(stride)))}"
 
@@ -169,6 +179,7 @@ class _Walk:
         self.spaces = _Spaces()
         self.flows: dict[fx.Node, _Flow] = {}
         self.units: list[ConvUnit] = []
+        self.stream_norms: dict[str, int] = {}
         self.output: int | None = None
 
     def inputs(self, node: fx.Node) -> list[_Flow]:
@@ -184,7 +195,8 @@ class _Walk:
         out = None if self.output is None else self.spaces.find(self.output)
         heads = [unit.name for unit in self.units if unit.out_space == out]
         widths = {self.spaces.find(s): self.spaces.width[s] for s in range(len(self.spaces.parent))}
-        return Structure([u for u in self.units if u.name not in heads], heads, widths)
+        norms = {name: self.spaces.find(space) for name, space in self.stream_norms.items()}
+        return Structure([u for u in self.units if u.name not in heads], heads, widths, norms)
 
     def visit(self, node: fx.Node) -> _Flow:
         if node.op == "placeholder":
@@ -228,6 +240,8 @@ class _Walk:
                 if flow.unit.bn is None:
                     flow.unit.bn = module
                 flow.unit.followers += _per_channel_keys(module, name, flow.unit.out_channels)
+            elif flow.space is not None:
+                self.stream_norms[name] = flow.space
             return flow
         stride = module.stride if isinstance(module, POOLS) else 1
         stride = stride[0] if isinstance(stride, tuple) else stride
@@ -263,9 +277,14 @@ def conv_units(model: nn.Module) -> list[ConvUnit]:
     return discover(model).units
 
 
+def same_architecture(source: list[ConvUnit], target: list[ConvUnit]) -> bool:
+    """Whether two unit lists have the same units in graph order (kind, kernel, stride, stage, name)."""
+    return [(u.kind, u.name) for u in source] == [(u.kind, u.name) for u in target]
+
+
 def match_units(source: list[ConvUnit], target: list[ConvUnit]) -> dict[str, ConvUnit]:
     """Each target unit's source partner (see the module docstring); unmatched units are absent."""
-    if [u.kind for u in source] == [u.kind for u in target]:
+    if same_architecture(source, target):
         return {t.name: s for s, t in zip(source, target)}
     queues: dict[tuple[str, tuple[int, ...]], list[ConvUnit]] = {}
     for unit in source:
@@ -315,6 +334,11 @@ class CNNFilterTransfer(TransferAdapter):
                 chosen = _choose(select, partner, k, generator)
                 channels[unit.out_space] = _Channels(chosen, chosen if width == partner.out_channels else list(range(k)))
             rows.append(self._row(unit, partner, channels))
+        if same_architecture(sources.units, targets.units):
+            rows += [PlanRow(name, name, len(channels[space].target), targets.widths[space],
+                             list(channels[space].target), source_indices=list(channels[space].source))
+                     for name, space in targets.stream_norms.items()
+                     if space in channels and channels[space].target and name in sources.stream_norms]
         if not any(row.source for row in rows):
             raise ValueError(f"no conv of downstream {type(target).__name__} matches a conv of upstream "
                              f"{type(source).__name__} (same weight shape in the same stage, or the same "
@@ -343,6 +367,13 @@ class CNNFilterTransfer(TransferAdapter):
         source_state, target_state = source.state_dict(), target.state_dict()
         for row in plan:
             if not row.indices:
+                continue
+            if row.target not in targets:  # a stream norm: its per-channel tensors
+                norm = source.get_submodule(row.source)
+                norm_keys = zip(_per_channel_keys(target.get_submodule(row.target), row.target, row.total),
+                                _per_channel_keys(norm, row.source, _width(norm)), strict=True)
+                for target_key, source_key in norm_keys:
+                    copy_rows(source_state[source_key], target_state[target_key], row, None)
                 continue
             src, dst = sources[row.source], targets[row.target]
             keys = [(f"{dst.name}.{key}", f"{src.name}.{key}") for key in ("weight", "bias")
