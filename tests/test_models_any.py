@@ -108,7 +108,7 @@ def test_stem_rule_and_unknown_names() -> None:
     assert timm_resnet.conv1[0].stride == (1, 1) and isinstance(timm_resnet.maxpool, nn.Identity)
     # 32x32 reaches the last stage at 4x4 (stride 8 after the adapted stem)
     assert timm_resnet.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4
-    with pytest.raises(ConfigError, match=r"^arch='mobilenet_v3_smal' is not allowed: .*close names: mobilenet_v3_small"):
+    with pytest.raises(ConfigError, match=r"^arch='mobilenet_v3_smal' is not allowed: .*close names: mobilenet_v3_s"):
         build_torchvision_cnn("mobilenet_v3_smal", 2)
     with pytest.raises(ConfigError, match=r"^name='resnet18dd' is not allowed: .*close names: resnet18d"):
         build_timm_model("resnet18dd", 2)

@@ -19,8 +19,8 @@ Units that write the model's output (the heads) are never transferred. A norm th
 residual addition rather than a unit (a *stream norm*: ConvNeXt's downsampling LayerNorm, a
 pre-activation BatchNorm) belongs to the space it normalises.
 
-**Matching** (``match_units``). If both models have the same units (kind, kernel, stride and stage
-in graph order: the same architecture, widths may differ) unit i takes unit i. Otherwise (e.g.
+**Matching** (``match_units``). If both models have the same units (name, kind, kernel, stride and
+stage in graph order: the same architecture, widths may differ) unit i takes unit i. Otherwise (e.g.
 ResNet-101 -> ResNet-34) the i-th target unit of a weight shape in a stage takes the i-th source unit
 of that shape in that stage; units without a partner keep their init.
 
@@ -32,8 +32,9 @@ its followers' entries at the same indices and its input weights: all of them wh
 spaces have the same width, else only the input channels selected in its input space (the rest of
 the filter, like every other tensor, stays at the fresh init; a unit with no selected input copies
 nothing). Between two models of one architecture, a stream norm takes its namesake's entries at its
-space's indices (one plan row after the units); otherwise it keeps its init. Every unit that writes a space uses its one index set, so a transferred channel adds up
-with transferred channels and reads transferred channels below it.
+space's indices (one plan row after the units); otherwise it keeps its init. Every unit that writes
+a space uses its one index set, so a transferred channel adds up with transferred channels and reads
+transferred channels below it.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ class _Walk:
         params = [f.param for f in ins if f.param is not None]
         if len(spaced) == 1 and params and spaced[0].unit is not None:
             unit = spaced[0].unit
-            unit.followers += [key for key in params if key in self.state and self.state[key].numel() == unit.out_channels]
+            unit.followers += [key for key in params
+                               if key in self.state and self.state[key].numel() == unit.out_channels]
             return _Flow(spaced[0].space, spaced[0].stride, unit)
         if not spaced:
             return _Flow()
@@ -332,7 +334,8 @@ class CNNFilterTransfer(TransferAdapter):
                 width = targets.widths[unit.out_space]
                 k = min(count_for(alpha, width), partner.out_channels)
                 chosen = _choose(select, partner, k, generator)
-                channels[unit.out_space] = _Channels(chosen, chosen if width == partner.out_channels else list(range(k)))
+                packed = chosen if width == partner.out_channels else list(range(k))
+                channels[unit.out_space] = _Channels(chosen, packed)
             rows.append(self._row(unit, partner, channels))
         if same_architecture(sources.units, targets.units):
             rows += [PlanRow(name, name, len(channels[space].target), targets.widths[space],
