@@ -47,8 +47,6 @@ BAD = [
      "task.root='EMPTY' is not allowed: "),
     ([*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
      "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small"),
-    ([*IMAGE, "upstream_model=timm", "upstream_model.name=resnet18dd"],
-     "upstream_model.name='resnet18dd' is not allowed: not a model of the library (close names: resnet18d"),
 ]
 
 

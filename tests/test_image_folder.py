@@ -71,6 +71,7 @@ def test_bad_folders_are_one_line_errors(make_cfg, tmp_path: Path) -> None:
         check_paths(folder_cfg(make_cfg, tmp_path / "images", "task.task2_classes=[dog,eel]"))
 
 
+@pytest.mark.slow
 def test_image_folder_pipeline_end_to_end(make_cfg, tmp_path: Path) -> None:
     write_folder(tmp_path / "images")
     cfg = folder_cfg(make_cfg, tmp_path / "images", "train.upstream_epochs=1", "train.downstream_epochs=1",

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from ptlab.checks import check_paths
 from ptlab.config import ConfigError
 from ptlab.models import build_timm_model, build_torchvision_cnn
 from ptlab.pipeline import run_pipeline
@@ -114,6 +115,14 @@ def test_stem_rule_and_unknown_names() -> None:
         build_timm_model("resnet18dd", 2)
     with pytest.raises(ConfigError, match=r"^width=0.5 is not allowed with arch=mobilenet_v3_small"):
         build_torchvision_cnn("mobilenet_v3_small", 2, width=0.5)
+
+
+def test_preflight_checks_library_names_and_passes_presets(make_cfg) -> None:
+    check_paths(make_cfg("task=digits", "model=timm", "upstream_model=resnet18_small", small=False))
+    with pytest.raises(ConfigError, match=r"^upstream_model.name='resnet18dd' is not allowed: not a model of the "
+                                          r"library \(close names: resnet18d") as err:
+        check_paths(make_cfg("task=digits", "upstream_model=timm", "upstream_model.name=resnet18dd", small=False))
+    assert "\n" not in str(err.value)
 
 
 # -- structure discovery ---------------------------------------------------------------------------
@@ -253,7 +262,8 @@ def test_timm_vit_of_another_depth_inherits_blocks_by_index() -> None:
 # -- digits pipelines through model=torchvision / model=timm --------------------------------------
 
 TINY = ["task=digits", "noise=pixels", "task.n2=8", "task.k=2", "task.n1_ratio=2", "task.n_test=10",
-        "train.upstream_epochs=1", "train.downstream_epochs=1", "train.batch_size=8", "train.progress_bar=false"]
+        "train.upstream_epochs=1", "train.downstream_epochs=1", "train.batch_size=8", "train.progress_bar=false",
+        "logger=none", "cache.enabled=false", "task.image_size=16"]
 
 
 @pytest.mark.parametrize("model", [
