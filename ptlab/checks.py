@@ -3,7 +3,8 @@
 ``validate`` (``ptlab.config``) runs ``check_values`` on every config; the CLI's preflight and
 ``run_pipeline`` also run ``check_paths`` before anything is tracked, so a config that cannot train
 stops with one ``ConfigError`` line naming the key, never with a FAILED run or a traceback. Nothing
-here imports torch (except to read a weights file that is named) or creates a file.
+here imports torch (except to read a weights file that is named, or to check the name of a library model
+that is not one of ptlab's presets) or creates a file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
+from ptlab.models.name_check import check_model_name
 from ptlab.tracking.base import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -165,8 +167,32 @@ def check_weights(key: str, weights_path: str | None) -> None:
                           f"(a {type(state).__name__})")
 
 
+def check_image_folder(task: Any, start: Path | None = None) -> None:
+    """``task.root`` is a folder with class subfolders holding files, and the named classes are among them."""
+    root_value = task.get("root")
+    if not root_value:
+        raise ConfigError(f"task.root={root_value!r} is not allowed: must be a folder with one subfolder of "
+                          "images per class")
+    root = Path(str(root_value)).expanduser()
+    root = root if root.is_absolute() else (start or Path.cwd()) / root
+    if not root.is_dir():
+        raise ConfigError(f"task.root={str(root_value)!r} is not allowed: no such folder ({root})")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and any(f.is_file() for f in p.rglob("*")))
+    if not classes:
+        raise ConfigError(f"task.root={str(root_value)!r} is not allowed: {root} has no class subfolders with "
+                          "images")
+    for key in ("task2_classes", "task1_classes"):
+        unknown = [str(c) for c in task.get(key) or [] if str(c) not in classes]
+        if unknown:
+            raise ConfigError(f"task.{key}={[str(c) for c in task.get(key)]} is not allowed: {', '.join(unknown)} "
+                              f"not among the class folders of {root_value} ({', '.join(classes)})")
+
+
 def check_data(task: Any, start: Path | None = None) -> None:
-    """The files of an image task are where ``task.data_dir`` says (unless it may download them)."""
+    """The files of an image task are where ``task.data_dir`` (``task.root``) says (unless it may download them)."""
+    if task.get("name") == "image_folder":
+        check_image_folder(task, start)
+        return
     folder = CIFAR_FOLDERS.get(task.get("name"))
     if folder is None or task.get("download"):
         return
@@ -188,4 +214,5 @@ def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Pa
         check_folder(output_key, output_dir, start)
     check_data(cfg.task, start)
     for key in ("model", "upstream_model"):
+        check_model_name(key, cfg[key])
         check_weights(key, cfg[key].get("weights_path"))

@@ -87,8 +87,7 @@ class ToyCNNSchema:
         _nonnegative("init_std", self.init_std)
 
 
-IMAGE_TASKS = ("cifar10", "cifar100", "digits")
-CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19")
+IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder")
 
 
 @dataclass
@@ -133,17 +132,51 @@ class DigitsTaskSchema(ImageTaskSchema):
 
 
 @dataclass
+class ImageFolderTaskSchema(DigitsTaskSchema):
+    """Any folder of class subfolders (torchvision ``ImageFolder``, ptlab.data.images): classes by folder
+    name, images resized to ``image_size``, split ``test_fraction`` by ``split_seed``."""
+
+    name: str = "image_folder"
+    root: Optional[str] = None
+    task2_classes: list[str] = field(default_factory=list)
+    task1_classes: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.task2_classes) > 0, "task2_classes", "a list of class folder names", self.task2_classes)
+
+
+@dataclass
 class TorchvisionCNNSchema:
-    """A small-image torchvision ResNet/VGG (ptlab.models.torchvision_cnn)."""
+    """Any torchvision classification model (ptlab.models.torchvision_cnn). ``arch`` is checked against
+    torchvision's own list when the model is built (the CLI's check does not import torchvision)."""
 
     _target_: str = "ptlab.models.build_torchvision_cnn"
     arch: str = "resnet34"
     width: float = 1.0
     weights_path: Optional[str] = None
+    small_input: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _one_of("arch", self.arch, CNN_ARCHS)
+        _check(bool(self.arch), "arch", "a torchvision classification model name", self.arch)
         _positive("width", self.width)
+
+
+@dataclass
+class TimmSchema:
+    """Any timm model (ptlab.models.timm_model); ``name`` is checked against ``timm.list_models()`` when
+    the model is built."""
+
+    _target_: str = "ptlab.models.build_timm_model"
+    name: str = "resnet18d"
+    pretrained: bool = False
+    weights_path: Optional[str] = None
+    small_input: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "a timm model name", self.name)
 
 
 TRANSFER_KINDS = ("none", "filters", "layers")
@@ -190,14 +223,12 @@ class LayerTransferSchema(TransferSchema):
 
 
 @dataclass
-class ViTSchema:
-    """A timm DeiT (ptlab.models.vit.create_vit); weights from ``weights_path``, else timm's
-    pretrained mechanism when ``pretrained``, else fresh."""
+class ViTSchema(TimmSchema):
+    """A timm DeiT (ptlab.models.vit.create_vit), the ``model=timm`` schema with the ViT's shape keys;
+    weights from ``weights_path``, else timm's pretrained mechanism when ``pretrained``, else fresh."""
 
     _target_: str = "ptlab.models.create_vit"
     name: str = "deit_base"
-    pretrained: bool = False
-    weights_path: Optional[str] = None
     img_size: int = 224
     patch_size: int = 16
     depth: int = 12
@@ -205,6 +236,7 @@ class ViTSchema:
     drop_path_rate: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("img_size", "patch_size", "depth", "in_chans"):
             _positive(key, getattr(self, key))
         _check(self.img_size % self.patch_size == 0, "img_size", f"a multiple of patch_size={self.patch_size}",
@@ -365,9 +397,10 @@ class PtlabSchema:
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema},
+    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema,
+             "image_folder": ImageFolderTaskSchema},
     "noise": {"gaussian": NoiseSchema},
-    "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "vit": ViTSchema},
+    "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},
     "logger": {"logger": LoggerSchema},
 }

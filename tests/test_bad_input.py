@@ -41,6 +41,12 @@ BAD = [
     (["engine=nosuch"], "engine=nosuch is not an option: choose one of gram, lightning"),
     (["engine=gram", *IMAGE], "task=digits is not allowed with engine=gram"),
     (["seed=-1"], "seed=-1 is not allowed"),
+    ([*IMAGE, "task=image_folder", "task.root=missing_images", "task.task2_classes=[cat]"],
+     "task.root='missing_images' is not allowed: no such folder"),
+    ([*IMAGE, "task=image_folder", "task.root=EMPTY", "task.task2_classes=[cat]"],
+     "task.root='EMPTY' is not allowed: "),
+    ([*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
+     "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small"),
 ]
 
 
@@ -48,6 +54,7 @@ BAD = [
 def test_bad_input_stops_before_anything_is_tracked(tmp_path: Path, overrides: list[str], message: str) -> None:
     (tmp_path / "A_FILE").write_text("not a folder")
     (tmp_path / "GARBAGE").write_bytes(b"\x00not a torch file")
+    (tmp_path / "EMPTY" / "cat").mkdir(parents=True)  # a class folder without images
     before = sorted(p.name for p in tmp_path.iterdir())
     flags = [o for o in overrides if o == "-m"]
     store = f"logger.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"

@@ -78,12 +78,12 @@ def test_plan_and_copies_for_paper_pairs(upstream: str, downstream: str) -> None
     units = {unit.name: unit for unit in conv_units(target)}
     assert [row.target for row in plan] == list(units)  # one row per downstream conv, in module order
     assert {row.target: row.source for row in plan if row.source} == expected
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for row in plan:
         assert row.total == units[row.target].conv.out_channels
         assert row.copied == (count_for(0.5, row.total) if row.source else 0) == len(row.indices)
-        if row.source:  # one channel set per (stage, width): a transferred channel reads transferred channels
-            assert groups.setdefault((units[row.target].stage, row.total), row.indices) == row.indices
+        if row.source:  # one channel set per channel space: a transferred channel reads transferred channels
+            assert groups.setdefault(units[row.target].out_space, row.indices) == row.indices
 
     want = copy.deepcopy(fresh)
     source_state, source_units = source.state_dict(), {unit.name: unit for unit in conv_units(source)}

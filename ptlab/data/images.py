@@ -1,4 +1,5 @@
-"""Real image tasks (docs/design.md section 4): CIFAR-10, CIFAR-100 and scikit-learn's handwritten digits.
+"""Real image tasks (docs/design.md section 4): CIFAR-10, CIFAR-100, scikit-learn's handwritten digits and
+any folder of class subfolders (``task=image_folder``).
 
 Protocol, the same for every data set:
 
@@ -18,6 +19,9 @@ Protocol, the same for every data set:
   ``task.image_size`` (default 32x32, so the torchvision models' five stride-2 steps apply) and
   repeated to 3 channels; the train/test split is a stratified ``task.test_fraction`` split drawn with
   the fixed ``task.split_seed`` (the same for every ``seed``).
+- Image folder: torchvision's ``ImageFolder`` over ``task.root`` (one subfolder per class, classes named
+  by folder, so ``task2_classes``/``task1_classes`` are folder names); images converted to RGB,
+  resized to ``task.image_size`` and split like digits (stratified ``test_fraction``, ``split_seed``).
 - CIFAR: read with torchvision's loaders from ``task.data_dir``, downloaded only when
   ``task.download=true``. Files are checked for presence (torchvision's per-file md5 check is left
   out, so a subset written in the same format loads through the same code).
@@ -74,6 +78,7 @@ class RawImages:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,17 +148,56 @@ def load_digits_images(image_size: int = 32, test_fraction: float = 0.3, split_s
     """scikit-learn's digits on the 0-255 scale, resized to ``image_size``, 3 channels, stratified split
     (cached per process: sweep jobs and tests share it; callers only index it, never write to it)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] * (PIXEL_MAX / 16.0)
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     images = images.clamp(0.0, PIXEL_MAX).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(digits.target)
+    return stratified_split(images, torch.tensor(digits.target), test_fraction, split_seed)
+
+
+def stratified_split(images: Tensor, labels: Tensor, test_fraction: float, split_seed: int,
+                     class_names: tuple[str, ...] | None = None) -> RawImages:
+    """Split 0-255 images into train/test, stratified by label with the fixed ``split_seed``."""
+    from sklearn.model_selection import train_test_split
+
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           random_state=split_seed, stratify=digits.target)
+                                           random_state=split_seed, stratify=labels.numpy())
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
-    return RawImages(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], num_classes=10)
+    return RawImages(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                     num_classes=int(labels.max()) + 1 if class_names is None else len(class_names),
+                     class_names=class_names)
+
+
+def load_image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 0.3,
+                      split_seed: int = 0) -> RawImages:
+    """Every image of torchvision's ``ImageFolder(root)`` as RGB at ``image_size``, split stratified."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    to_tensor = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+    try:
+        folder = ImageFolder(str(root), transform=to_tensor)
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError(f"task.root={str(root)!r} is not allowed: {str(err).splitlines()[0]}") from None
+    images = torch.stack([image for image, _ in folder]).float()
+    labels = torch.tensor(folder.targets)
+    try:
+        return stratified_split(images, labels, test_fraction, split_seed, tuple(folder.classes))
+    except ValueError as err:
+        raise ConfigError(f"task.test_fraction={test_fraction} is not allowed for the {len(labels)} images of "
+                          f"{root}: {str(err).splitlines()[0]}") from None
+
+
+def class_ids(raw: RawImages, classes: Sequence[int | str] | None, key: str) -> list[int] | None:
+    """Class ids of ``classes``: folder names mapped through ``raw.class_names``, ids as they are."""
+    if classes is None or raw.class_names is None:
+        return None if classes is None else [int(c) for c in classes]
+    unknown = [str(c) for c in classes if str(c) not in raw.class_names]
+    if unknown:
+        raise ConfigError(f"{key}={[str(c) for c in classes]} is not allowed: {', '.join(unknown)} not among the "
+                          f"class folders ({', '.join(raw.class_names)})")
+    return [raw.class_names.index(str(c)) for c in classes]
 
 
 def balanced_counts(total: int, n_classes: int) -> list[int]:
@@ -221,6 +265,8 @@ def make_image_set(images: Tensor, labels: Tensor, index: Tensor, classes: Seque
 
 def load_raw(task: DictConfig) -> RawImages:
     """The raw data set named by ``task.name``."""
+    if task.name == "image_folder":
+        return load_image_folder(task.root, task.image_size, task.test_fraction, task.split_seed)
     if task.name == "digits":
         return load_digits_images(task.image_size, task.test_fraction, task.split_seed)
     return load_cifar(task.name, task.data_dir, task.download)
@@ -229,8 +275,10 @@ def load_raw(task: DictConfig) -> RawImages:
 def make_image_tasks(task: DictConfig, noise: DictConfig, seed: int, raw: RawImages | None = None) -> ImageTasks:
     """Both tasks of a config's ``task`` and ``noise`` groups under ``seed`` (see the module docstring)."""
     raw = raw if raw is not None else load_raw(task)
-    task1_classes, task2_classes = split_classes(raw.num_classes, list(task.task2_classes), task.k,
-                                                 task.task1_classes, generator(seed, "images", "classes"))
+    task1_classes, task2_classes = split_classes(raw.num_classes, class_ids(raw, task.task2_classes,
+                                                                            "task.task2_classes"),
+                                                 task.k, class_ids(raw, task.task1_classes, "task.task1_classes"),
+                                                 generator(seed, "images", "classes"))
     n1 = int(np.floor(task.n1_ratio * task.n2 + 0.5))
     built = {}
     for name, classes, n_train, sigma, key in (("task1", task1_classes, n1, noise.sigma_p1, "task.n1_ratio*task.n2"),

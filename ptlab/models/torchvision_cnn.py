@@ -1,6 +1,11 @@
-"""torchvision ResNets and VGGs for small (e.g. 32x32) images, with an optional width multiplier.
+"""Any torchvision classification model for small (e.g. 32x32) images (``model=torchvision model.arch=<name>``).
 
-Small-image adaptation (the usual CIFAR variants):
+``arch`` is any name of ``torchvision.models.list_models(module=torchvision.models)``. ResNets and VGGs
+(the paper's families) are ptlab's own small-image variants with a width multiplier; every other
+name is built by ``torchvision.models.get_model(arch, weights=None, num_classes=..., **options)``
+(``options``: the builder's keyword arguments, e.g. ``width_mult`` of MobileNetV3) and, with
+``small_input`` (default), gets the generic stem rule of ``ptlab.models.stem``. An unknown name is a
+one-line ``ConfigError`` listing close names. ResNet/VGG adaptation (the usual CIFAR variants):
 
 - ResNet: the 7x7 stride-2 stem conv becomes a 3x3 stride-1 conv and the stem max-pool is removed, so
   a 32x32 image reaches ``layer4`` at 4x4. Blocks, stages and ``fc`` are torchvision's.
@@ -17,7 +22,9 @@ local ``state_dict`` file: every tensor whose name and shape match is loaded, th
 
 from __future__ import annotations
 
+import difflib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs as VGG_LAYOUTS
 from torchvision.models.vgg import make_layers
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
+from ptlab.models.names import PTLAB_CNNS
+from ptlab.models.stem import adapt_stem
 
 RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -38,7 +47,7 @@ RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
 VGG_NAMES = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
-ARCHS = (*RESNET_LAYOUTS, *VGG_NAMES)
+ARCHS = PTLAB_CNNS
 
 
 def scaled(channels: int, width: float) -> int:
@@ -105,16 +114,48 @@ def load_matching_weights(model: nn.Module, weights_path: str) -> list[str]:
     return [k for k in own if k not in usable]
 
 
-def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0,
-                          weights_path: str | None = None) -> nn.Module:
-    """A small-image torchvision ResNet/VGG named ``arch`` (see the module docstring)."""
-    if arch not in ARCHS:
-        raise ConfigError(f"model.arch={arch!r} is not allowed: must be one of {', '.join(ARCHS)}")
+def unknown_name(key: str, name: str, known: list[str]) -> ConfigError:
+    """One line: ``name`` is not a model of the library; the closest known names."""
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f"close names: {', '.join(close)}" if close else f"{len(known)} names, e.g. {', '.join(known[:5])}"
+    return ConfigError(f"{key}={name!r} is not allowed: not a model of the library ({hint})")
+
+
+def classification_models() -> list[str]:
+    """torchvision's classification model names (its own registry)."""
+    import torchvision.models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_library_cnn(arch: str, num_classes: int, small_input: bool, options: Mapping[str, Any]) -> nn.Module:
+    """``torchvision.models.get_model(arch, weights=None, ...)``, stem adapted when ``small_input``."""
+    from torchvision.models import get_model
+
+    if arch not in classification_models():
+        raise unknown_name("arch", arch, classification_models())
+    model = get_model(arch, weights=None, num_classes=num_classes, **dict(options))
+    if small_input:
+        adapt_stem(model)
+    return model
+
+
+def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0, weights_path: str | None = None,
+                          small_input: bool = True, options: Mapping[str, Any] | None = None) -> nn.Module:
+    """The torchvision model ``arch`` for ``num_classes`` classes (see the module docstring).
+
+    ``width`` scales ptlab's ResNets/VGGs; other families take their own width keys in ``options``.
+    """
     if arch in RESNET_LAYOUTS:
         block, layers = RESNET_LAYOUTS[arch]
         model: nn.Module = SmallImageResNet(block, layers, num_classes=num_classes, width=width)
-    else:
+    elif arch in VGG_NAMES:
         model = SmallImageVGG(VGG_NAMES[arch], num_classes, width)
+    elif width != 1.0:
+        raise ConfigError(f"width={width} is not allowed with arch={arch}: must be 1.0 (width scales "
+                          f"{', '.join(ARCHS)}; pass a family's own width key in model.options)")
+    else:
+        model = build_library_cnn(arch, num_classes, small_input, options or {})
     if weights_path:
         left = load_matching_weights(model, weights_path)
         if left:

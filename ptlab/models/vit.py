@@ -18,6 +18,7 @@ A weight file that is missing, or a hub that cannot be reached with nothing cach
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,10 @@ import torch
 from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
+from ptlab.models.names import DEIT_MODELS
 
-DEIT_MODELS = {
-    "deit_base": "deit_base_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_tiny": "deit_tiny_patch16_224",
-}
-"""ptlab's model options and the timm architectures they create."""
+
 
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
@@ -99,15 +96,18 @@ def load_weights(model: VisionTransformer, weights_path: str | Path, name: str) 
 
 def create_vit(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None,
                img_size: int = 224, patch_size: int = 16, depth: int = 12, in_chans: int = 3,
-               drop_path_rate: float = 0.0, **timm_kwargs: Any) -> VisionTransformer:
+               drop_path_rate: float = 0.0, small_input: bool = True, options: Mapping[str, Any] | None = None,
+               **timm_kwargs: Any) -> VisionTransformer:
     """A timm ViT ``name`` (``deit_base`` or a timm architecture name) for ``num_classes`` classes.
 
+    ``small_input`` is accepted for the ``model=timm`` schema and unused (a ViT takes ``img_size``);
+    ``options`` are further ``timm.create_model`` keyword arguments, like ``timm_kwargs``.
     ``img_size``, ``patch_size`` and ``depth`` override the architecture's (timm resamples pretrained
     position and patch embeddings to fit); extra keyword arguments go to ``timm.create_model``.
     """
     arch = DEIT_MODELS.get(name, name)
     kwargs = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size, depth=depth,
-                  in_chans=in_chans, drop_path_rate=drop_path_rate, **timm_kwargs)
+                  in_chans=in_chans, drop_path_rate=drop_path_rate, **dict(options or {}), **timm_kwargs)
     if weights_path:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         load_weights(model, weights_path, arch)

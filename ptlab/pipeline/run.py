@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.checks import check_paths
-from ptlab.config import ConfigError, validate
+from ptlab.config import IMAGE_TASKS, ConfigError, validate
 from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
 from ptlab.distributed import is_global_zero
@@ -38,7 +38,7 @@ log = logging.getLogger("ptlab")
 STAGE_RUNNERS: Registry[StageRunner] = Registry("task.name")
 """Stage runners by ``task.name`` (image runners load Lightning and torchvision only when used)."""
 STAGE_RUNNERS.add("synthetic", "ptlab.pipeline.synthetic:run_synthetic")
-for _name in ("cifar10", "cifar100", "digits"):
+for _name in IMAGE_TASKS:
     STAGE_RUNNERS.add(_name, "ptlab.pipeline.images:run_images")
 
 

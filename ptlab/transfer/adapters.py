@@ -23,16 +23,32 @@ from ptlab.transfer.selection import Selector, count_for
 
 @dataclass
 class PlanRow:
-    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``."""
+    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``.
+
+    ``indices`` are the target positions; ``source_indices`` the source units copied there, in order
+    (empty: the same as ``indices``). When the input widths differ (element selection, CNN filters),
+    only input channels ``source_input_indices`` of each copied filter go to ``input_indices``;
+    ``None``: every input weight.
+    """
 
     target: str
     source: str
     copied: int
     total: int
     indices: list[int] = field(default_factory=list)
+    source_indices: list[int] = field(default_factory=list)
+    input_indices: list[int] | None = None
+    source_input_indices: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as plain data; the element-selection fields only where they say more than ``indices``."""
+        row = asdict(self)
+        if row["source_indices"] in ([], row["indices"]):
+            del row["source_indices"]
+        for key in ("input_indices", "source_input_indices"):
+            if row[key] is None:
+                del row[key]
+        return row
 
 
 class TransferAdapter(ABC):
@@ -86,7 +102,7 @@ class TwoLayerCNNFilters(TransferAdapter):
 
 ADAPTERS: Registry[type[TransferAdapter]] = Registry("transfer adapter")
 ADAPTERS.add("two_layer_cnn", TwoLayerCNNFilters)
-ADAPTERS.add("torchvision_cnn", "ptlab.transfer.conv:CNNFilterTransfer")
+ADAPTERS.add("cnn", "ptlab.transfer.conv:CNNFilterTransfer")
 ADAPTERS.add("vit", "ptlab.transfer.vit:ViTLayerTransfer")
 
 
