@@ -60,7 +60,6 @@ install_tools() {
     fi
     [[ -x $CACHE/venv/bin/podman-compose ]] || {
         python3 -m venv "$CACHE/venv" && "$CACHE/venv/bin/pip" install podman-compose; }
-    podman --version && "$CACHE/venv/bin/podman-compose" --version
 }
 
 # The settings podman needs in a VM without systemd, and short names resolved as Docker does.
@@ -81,6 +80,8 @@ EOF
     mkdir -p "$CACHE/pip"
     python3 "$REPO/docker/host_pip.py" "$CACHE/pip" >"$CACHE/pip/mounts"
     cat "$CACHE/pip/pip.conf" "$CACHE/pip/mounts"
+    podman --version
+    "$CACHE/venv/bin/podman-compose" --version
 }
 
 # Build-time mounts: the rewritten pip.conf where pip reads it, the host paths it names at side paths.
@@ -104,12 +105,34 @@ standin() {  # standin NAME TAG: docker/standins/NAME.Dockerfile built as TAG
         -t "$2" "$REPO/docker/standins"
 }
 
-# The unmodified project Dockerfile, built from the repository root as its header says.
+# The CUDA version the stand-in base's torch was built with (PyPI's wheel: not the tag's).
+standin_cuda() {
+    podman run --rm --entrypoint python "$PYTORCH" -c "import torch; print(torch.version.cuda)"
+}
+
+# With the tag's CUDA (the Dockerfile's default), the stand-in's torch must fail the build.
+cuda_check() {
+    build_mounts
+    local tag=${PYTORCH##*-cuda} out
+    if out=$(podman build --pull=never --network=host "${MOUNTS[@]}" -f "$REPO/docker/Dockerfile" \
+        -t localhost/ptlab:cuda-check "$REPO" 2>&1); then
+        echo "$out"
+        echo "the Dockerfile accepted torch CUDA $(standin_cuda) under a tag of another CUDA"
+        return 1
+    fi
+    echo "$out"
+    grep "is not a CUDA ${tag%%-*} build" <<<"$out"
+}
+
+# The unmodified project Dockerfile, built from the repository root as its header says; its CUDA
+# check is told the stand-in's CUDA version.
 project_image() {
     build_mounts
-    podman build --pull=never --network=host "${MOUNTS[@]}" -f "$REPO/docker/Dockerfile" -t "$IMAGE" "$REPO"
-    if podman run --rm --entrypoint test "$IMAGE" -e /etc/pip.conf; then
-        echo "the build-time /etc/pip.conf was left in the image"
+    podman build --pull=never --network=host "${MOUNTS[@]}" --build-arg "TORCH_CUDA=$(standin_cuda)" \
+        -f "$REPO/docker/Dockerfile" -t "$IMAGE" "$REPO"
+    # podman 4.3 leaves empty mount points in the layers: nothing of the host's may be in them.
+    if podman run --rm --entrypoint test "$IMAGE" -s /etc/pip.conf; then
+        echo "the content of the build-time /etc/pip.conf was left in the image"
         return 1
     fi
 }
@@ -120,7 +143,7 @@ ptlab_help() {
     echo "$help"
     grep trainer <<<"$help" >/dev/null
     podman run --rm --entrypoint python "$IMAGE" -c \
-        "import torch, torchvision; print('torch', torch.__version__, 'cuda build', torch.version.cuda)"
+        "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda)"
 }
 
 stack_down() { compose --profile train down -v; }
@@ -129,7 +152,7 @@ stack_up() {
     stack_down || true
     compose up -d
     local deadline=$((SECONDS + 240))
-    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=5)"; do
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=5)" 2>/dev/null; do
         ((SECONDS < deadline)) || { compose logs; return 1; }
         sleep 3
     done
@@ -152,7 +175,15 @@ trainer() {
         -e MLFLOW_HTTP_REQUEST_MAX_RETRIES=3 "$@"
 }
 
+# The trainer's workspace volume, labelled as `compose run trainer` would create it, so `down -v` removes it.
+workspace_volume() {
+    local name="${PROJECT}_ptlab-workspace"
+    podman volume exists "$name" || podman volume create --label "io.podman.compose.project=$PROJECT" \
+        --label "com.docker.compose.project=$PROJECT" "$name"
+}
+
 pipeline_run() {
+    workspace_volume
     trainer "$IMAGE" trainer=cpu logger.tracking_uri=http://mlflow:5000 \
         "logger.experiment_name=$EXPERIMENT" "${SMALL[@]}"
 }
@@ -196,6 +227,7 @@ step debian-base debian_base
 step standin-pytorch standin pytorch "$PYTORCH"
 step standin-postgres standin postgres "$POSTGRES"
 step standin-mlflow standin mlflow "$MLFLOW"
+step cuda-check cuda_check
 step project-image project_image
 step ptlab-help ptlab_help
 step stack-up stack_up
@@ -203,5 +235,6 @@ step pipeline-run pipeline_run
 step check-runs check_runs
 step report report
 step down nothing_left
-podman system df
+podman images
+"${SUDO[@]}" du -sh "$(podman info --format '{{.Store.GraphRoot}}')" "$CACHE" || true
 echo "test-stack: passed in $((SECONDS - STARTED))s"
