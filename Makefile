@@ -22,3 +22,9 @@ run: venv
 # Extra pytest arguments: make test ARGS="-m slow"
 test: venv
 	$(PY) -m pytest $(ARGS)
+
+# The image built and the tracking stack started for real with podman (root or sudo; 24 min the
+# first time under load, installing what it needs; 4 min once the images exist): docker/README.md
+.PHONY: test-docker
+test-docker:
+	docker/test-stack.sh
