@@ -18,18 +18,21 @@ from torch import nn
 
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
 from ptlab.registry import Registry
-from ptlab.transfer.selection import Selector, count_for
+from ptlab.transfer.selection import Selector, choose, count_for
 
 
 @dataclass
 class PlanRow:
-    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``."""
+    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``; ``strategy``
+    chose ``indices``, with ``scores`` (one per index, empty for unscored strategies)."""
 
     target: str
     source: str
     copied: int
     total: int
     indices: list[int] = field(default_factory=list)
+    strategy: str = ""
+    scores: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,8 +75,9 @@ class TwoLayerCNNFilters(TransferAdapter):
         for j, label in enumerate(self.OUTPUTS):
             total = target.weight.shape[1]
             k = count_for(alpha, total)
-            indices = select(source.weight[j], k, generator).tolist() if k else []
-            rows.append(PlanRow(f"weight[{label}]", f"weight[{label}]", k, total, indices))
+            layer = f"weight[{label}]"
+            choice = choose(select, source.weight[j], k, generator, layer)
+            rows.append(PlanRow(layer, layer, k, total, choice.indices, choice.strategy, choice.scores))
         return rows
 
     @torch.no_grad()

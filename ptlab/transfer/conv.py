@@ -9,8 +9,8 @@ The rule, exactly:
    such partner keeps its fresh init (plan row with an empty ``source`` and 0 copied). The heads
    (``fc``, ``classifier``) are never transferred: the tasks' classes differ.
 3. Channels. Per (stage, output-channel count) one set of ``count_for(alpha, C)`` channel indices is
-   selected (``random``: seeded; ``first``; ``largest_norm``: by the filter norms of the first matched
-   upstream conv of that group) and used by every matched conv of that group, at the same positions
+   selected by ``transfer.selection`` (``ptlab.transfer.selection``) from the first matched upstream conv
+   of that group (its weights, name and BatchNorm) and used by every matched conv of that group, at the same positions
    in the downstream conv. A copied filter keeps all its input weights, so a transferred channel
    reads the channels below it at the positions where the transferred channels of that stage sit;
    within a ResNet stage the residual stream's channels (conv3/downsample, or both BasicBlock convs)
@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.models import VGG, ResNet
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter
-from ptlab.transfer.selection import Selector, count_for
+from ptlab.transfer.selection import Choice, Selector, choose, count_for
 
 FAMILIES: tuple[type[nn.Module], ...] = (ResNet, VGG)
 
@@ -94,7 +94,7 @@ class CNNFilterTransfer(TransferAdapter):
         queues: dict[tuple[str, tuple[int, ...]], list[ConvUnit]] = {}
         for unit in conv_units(source):
             queues.setdefault((unit.stage, unit.shape), []).append(unit)
-        chosen: dict[tuple[str, int], list[int]] = {}
+        chosen: dict[tuple[str, int], Choice] = {}
         rows = []
         for unit in conv_units(target):
             total = unit.conv.out_channels
@@ -106,8 +106,10 @@ class CNNFilterTransfer(TransferAdapter):
             group = (unit.stage, total)
             if group not in chosen:
                 k = count_for(alpha, total)
-                chosen[group] = select(partner.conv.weight, k, generator).tolist() if k else []
-            rows.append(PlanRow(unit.name, partner.name, len(chosen[group]), total, list(chosen[group])))
+                chosen[group] = choose(select, partner.conv.weight, k, generator, partner.name, partner.bn)
+            choice = chosen[group]
+            rows.append(PlanRow(unit.name, partner.name, len(choice.indices), total, list(choice.indices),
+                                choice.strategy, list(choice.scores)))
         if not any(row.source for row in rows):
             raise ValueError(f"no conv of downstream {type(target).__name__} matches a conv of upstream "
                              f"{type(source).__name__} (same weight shape in the same stage), so nothing can be copied")
