@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptlab.checks import check_values
 from ptlab.errors import ConfigError
-from ptlab.transfer.selection import SELECTIONS, selection_label, strategy_class
+from ptlab.transfer.selection import SELECTIONS, build_strategy, selection_label, strategy_class
 
 
 
@@ -462,6 +462,10 @@ def check_selection(cfg: DictConfig) -> None:
         return
     needs = selection_needs(cfg.transfer.selection)
     name = selection_label(cfg.transfer.selection)
+    try:
+        build_strategy(cfg.transfer.selection)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     synthetic = cfg.task.name == "synthetic"
     if not synthetic and needs & SYNTHETIC_ONLY_NEEDS:
         raise ConfigError(f"transfer.selection={name} is not allowed with task={cfg.task.name}: it reads the "

@@ -376,9 +376,16 @@ def build_strategy(spec: Any) -> SelectionStrategy:
         spec = json.loads(spec)
     if isinstance(spec, str):
         return SELECTIONS.get(spec)()
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    strategy = instantiate(spec)
+    try:
+        strategy = instantiate(spec)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause).splitlines()[0]) from None
+        raise ValueError(f"transfer.selection: {str(cause or err).splitlines()[0]}") from None
     if not isinstance(strategy, SelectionStrategy):
         raise ValueError(f"transfer.selection._target_={spec['_target_']!r} is not a SelectionStrategy subclass")
     return strategy
