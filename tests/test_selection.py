@@ -240,3 +240,15 @@ def test_plan_rows_keep_strategy_and_scores_through_json(make_cfg, tmp_path: Pat
     assert written == json.loads(json.dumps(summary))
     text = json.dumps(written)
     assert '"strategy": "largest_norm"' in text and '"scores": [' in text
+
+
+def test_a_data_driven_strategy_plans_a_digits_transfer_from_task2_batches(make_cfg, tmp_path: Path) -> None:
+    from tests.test_images_pipeline import TINY
+
+    cfg = make_cfg(*TINY, "transfer/selection=taylor", "transfer.selection.batches=1", "train.upstream_epochs=0",
+                   "train.downstream_epochs=1", "logger=none", small=False)
+    summary = run_pipeline(cfg, tmp_path / "out")
+    plan = summary["transfer"]["plan"]
+    assert len(plan) == 8 and all(row["strategy"] == "taylor" for row in plan)
+    for row in plan:
+        assert len(row["scores"]) == row["copied"] == len(row["indices"]) and min(row["scores"]) >= 0
