@@ -63,6 +63,18 @@ def test_bn_scale_reads_the_following_batchnorm_and_names_a_missing_one() -> Non
         choose("bn_scale", torch.zeros(4, 3, 3, 3), 2, layer="conv1")
 
 
+def test_a_plain_selector_function_still_registers() -> None:
+    from ptlab.transfer.selection import SELECTIONS
+
+    SELECTIONS.add("test_last_two", lambda units, k, generator: torch.arange(units.shape[0])[-k:])
+    try:
+        model = toy_problem()[0]
+        plan = transfer_parameters(model, model, 0.5, "test_last_two")
+        assert [row.indices for row in plan] == [[3, 4, 5]] * 2 and plan[0].strategy == "test_last_two"
+    finally:
+        SELECTIONS._entries.pop("test_last_two")
+
+
 def test_random_keeps_the_seeded_rule() -> None:
     expected = torch.randperm(12, generator=torch.Generator().manual_seed(3))[:5].sort().values.tolist()
     strategy = build_strategy("random")
@@ -211,16 +223,19 @@ def test_a_users_strategy_is_chosen_by_config_alone(make_cfg, tmp_path: Path) ->
         assert row["scores"] == [float(i) for i in row["indices"]]
 
 
-@pytest.mark.parametrize("name", ["signal", "task2_alignment"])
-def test_gram_engine_plans_the_same_filters_as_the_weights_do(make_cfg, name: str) -> None:
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.selection={name}")
+@pytest.mark.parametrize("name,overrides", [
+    ("signal", ["transfer.selection=signal"]),
+    ("task2_alignment", ["transfer/selection=task2_alignment", "transfer.selection.noise_weight=0.5"]),
+])
+def test_gram_engine_plans_the_same_filters_as_the_weights_do(make_cfg, name: str, overrides: list[str]) -> None:
+    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", *overrides)
     gram_plan = run_cells([GramCell.from_config(cfg)])[0].plan
     data = make_data(cfg)
     upstream = build_model(cfg.upstream_model, cfg, "upstream")
     upstream.weight.data = plain_gd(upstream.weight.detach(), data.task1_train.x, data.task1_train.y, cfg.train.lr,
                                     cfg.train.upstream_steps)
     target = build_model(cfg.model, cfg, "downstream")
-    plan = transfer_parameters(upstream, target, cfg.transfer.alpha, name,
+    plan = transfer_parameters(upstream, target, cfg.transfer.alpha, cfg.transfer.selection,
                                torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")), None,
                                selection_inputs(data))
     assert gram_plan == [row.as_dict() for row in plan]

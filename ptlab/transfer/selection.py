@@ -352,7 +352,24 @@ class Task2Alignment(SelectionStrategy):
         return signal - self.noise_weight * noise
 
 
-SELECTIONS: Registry[type[SelectionStrategy]] = Registry("transfer.selection")
+class FunctionSelection(SelectionStrategy):
+    """A plain ``select(units, k, generator)`` function registered in ``SELECTIONS`` (the interface before
+    strategies were classes); it may read the weights, so the gram engine refuses it."""
+
+    needs = frozenset({"weights"})
+
+    def __init__(self, function: Selector, name: str) -> None:
+        self.function, self.registered = function, name
+
+    @property
+    def label(self) -> str:
+        return self.registered
+
+    def indices(self, context: SelectionContext) -> Tensor:
+        return self.function(context.units, context.k, context.generator)
+
+
+SELECTIONS: Registry[type[SelectionStrategy] | Selector] = Registry("transfer.selection")
 for _strategy in (Random, First, LargestNorm, L1, BNScale, GeometricMedian, Uniform, Taylor, Activation, Fisher,
                   Signal, Task2Alignment):
     SELECTIONS.add(_strategy.name, _strategy)
@@ -361,7 +378,8 @@ for _strategy in (Random, First, LargestNorm, L1, BNScale, GeometricMedian, Unif
 def strategy_class(spec: Any) -> type[SelectionStrategy]:
     """The class a ``transfer.selection`` value names: a registered name, or a node's ``_target_``."""
     if isinstance(spec, str):
-        return SELECTIONS.get(spec)
+        entry = SELECTIONS.get(spec)
+        return entry if isinstance(entry, type) and issubclass(entry, SelectionStrategy) else FunctionSelection
     from hydra.utils import get_class
 
     return get_class(str(spec["_target_"]))
@@ -375,7 +393,9 @@ def build_strategy(spec: Any) -> SelectionStrategy:
     if isinstance(spec, str) and spec.startswith("{"):
         spec = json.loads(spec)
     if isinstance(spec, str):
-        return SELECTIONS.get(spec)()
+        entry = SELECTIONS.get(spec)
+        return entry() if isinstance(entry, type) and issubclass(entry, SelectionStrategy) else \
+            FunctionSelection(entry, spec)
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
