@@ -434,7 +434,8 @@ def check_gram_engine(cfg: Any) -> None:
         raise ConfigError(f"transfer.selection={selection_label(cfg.transfer.selection)} is not allowed with "
                           f"engine=gram: it reads the filters' {', '.join(sorted(needs))}, the gram engine holds "
                           f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
-                          "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), or engine=lightning")
+                          "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
+                          "or engine=lightning")
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")

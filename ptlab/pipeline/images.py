@@ -147,7 +147,8 @@ def check_transfer_pair(cfg: DictConfig, upstream: nn.Module, downstream: nn.Mod
     naming the pair when no rule or no layer matches."""
     try:
         adapter = find_adapter(upstream, downstream)(**adapter_options(cfg.transfer))
-        adapter.plan(upstream, downstream, cfg.transfer.alpha, build_strategy("first"), torch.Generator().manual_seed(0))
+        adapter.plan(upstream, downstream, cfg.transfer.alpha, build_strategy("first"),
+                     torch.Generator().manual_seed(0))
     except ValueError as err:
         pair = f"upstream_model={upstream_name(cfg)} -> model={downstream_name(cfg)}"
         raise ConfigError(f"{pair}: {err}") from None

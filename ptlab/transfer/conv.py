@@ -10,8 +10,8 @@ The rule, exactly:
    (``fc``, ``classifier``) are never transferred: the tasks' classes differ.
 3. Channels. Per (stage, output-channel count) one set of ``count_for(alpha, C)`` channel indices is
    selected by ``transfer.selection`` (``ptlab.transfer.selection``) from the first matched upstream conv
-   of that group (its weights, name and BatchNorm) and used by every matched conv of that group, at the same positions
-   in the downstream conv. A copied filter keeps all its input weights, so a transferred channel
+   of that group (its weights, name and BatchNorm) and used by every matched conv of that group, at the
+   same positions in the downstream conv. A copied filter keeps all its input weights, so a transferred channel
    reads the channels below it at the positions where the transferred channels of that stage sit;
    within a ResNet stage the residual stream's channels (conv3/downsample, or both BasicBlock convs)
    all use one index set, so transferred channels add up with transferred channels.
