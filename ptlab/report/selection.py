@@ -120,12 +120,14 @@ def markdown(table: pd.DataFrame, experiment: str) -> str:
         header += ["gap to signal", "gap CI", "share of signal's gain"] if oracle else []
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for rank, row in enumerate(group.itertuples(index=False), start=1):
+            baseline = row.strategy == BASELINE
             cells = [str(rank), row.strategy, f"{100 * row.transfer_acc:.1f}", f"{100 * row.gain_over_random:+.2f}",
-                     _ci(row.gain_over_random_ci_low, row.gain_over_random_ci_high), str(row.gain_over_random_n),
-                     row.verdict]
+                     "-" if baseline else _ci(row.gain_over_random_ci_low, row.gain_over_random_ci_high),
+                     str(row.gain_over_random_n), row.verdict]
             if oracle:
                 share = row.share_of_signal_gain
-                cells += [f"{100 * row.gap_to_signal:+.2f}", _ci(row.gap_to_signal_ci_low, row.gap_to_signal_ci_high),
+                cells += [f"{100 * row.gap_to_signal:+.2f}",
+                          "-" if row.strategy == ORACLE else _ci(row.gap_to_signal_ci_low, row.gap_to_signal_ci_high),
                           "-" if not math.isfinite(share) else f"{share:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         better = group.loc[group["gain_over_random_ci_low"] > 0, STRATEGY].tolist()
