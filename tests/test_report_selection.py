@@ -93,3 +93,12 @@ def test_the_synthetic_preset_runs_batched_and_reports(tmp_path: Path) -> None:
     table = pd.read_csv(next(p for p in paths if p.suffix == ".csv"))
     assert sorted(table["strategy"]) == ["random", "signal", "task2_alignment"]
     assert table["gain_over_random_n"].tolist() == [2, 2, 2]
+
+
+def test_a_strategy_chosen_by_group_is_named_by_its_target() -> None:
+    frame = runs()
+    group = frame["params.transfer.selection"] == "l1"
+    frame["params.transfer.selection._target_"] = None
+    frame.loc[group, "params.transfer.selection._target_"] = "mylab.strategies.L1Variant"
+    frame.loc[group, "params.transfer.selection"] = None
+    assert set(rank_strategies(frame)["strategy"]) == {"random", "signal", "L1Variant"}
