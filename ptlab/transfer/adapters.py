@@ -77,7 +77,7 @@ class TwoLayerCNNFilters(TransferAdapter):
             k = count_for(alpha, total)
             layer = f"weight[{label}]"
             choice = choose(select, source.weight[j], k, generator, layer)
-            rows.append(PlanRow(layer, layer, k, total, choice.indices, choice.strategy, choice.scores))
+            rows.append(PlanRow(layer, layer, k, total, choice.indices, strategy=choice.strategy, scores=choice.scores))
         return rows
 
     @torch.no_grad()

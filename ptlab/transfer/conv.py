@@ -109,7 +109,7 @@ class CNNFilterTransfer(TransferAdapter):
                 chosen[group] = choose(select, partner.conv.weight, k, generator, partner.name, partner.bn)
             choice = chosen[group]
             rows.append(PlanRow(unit.name, partner.name, len(choice.indices), total, list(choice.indices),
-                                choice.strategy, list(choice.scores)))
+                                strategy=choice.strategy, scores=list(choice.scores)))
         if not any(row.source for row in rows):
             raise ValueError(f"no conv of downstream {type(target).__name__} matches a conv of upstream "
                              f"{type(source).__name__} (same weight shape in the same stage), so nothing can be copied")
