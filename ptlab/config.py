@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptlab.checks import check_values
 from ptlab.errors import ConfigError
-from ptlab.transfer.selection import SELECTIONS
+from ptlab.transfer.selection import SELECTIONS, build_strategy, selection_label, strategy_class
 
 
 
@@ -188,12 +188,17 @@ class TransferSchema:
 
     kind: str = "filters"
     alpha: float = 0.5
-    selection: str = "random"
+    # A strategy name (its default options) or a node with _target_ and options (conf/transfer/selection).
+    selection: Any = "random"
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, TRANSFER_KINDS)
         _check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
-        _one_of("selection", self.selection, SELECTIONS.names())
+        if isinstance(self.selection, Mapping):
+            _check(isinstance(self.selection.get("_target_"), str), "selection",
+                   "a strategy name or a node with a _target_ (conf/transfer/selection)", dict(self.selection))
+        else:
+            _one_of("selection", self.selection, SELECTIONS.names())
 
 
 POSITIONS = ("last", "first", "random")
@@ -434,6 +439,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
     _check_model_fits_task(cfg)
+    check_selection(cfg)
     if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
     check_values(cfg)
@@ -460,9 +466,51 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.transfer.kind not in ("none", "filters"):
         raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
                           "must be one of none, filters")
+    needs = selection_needs(cfg.transfer.selection) - GRAM_SELECTION_NEEDS if cfg.transfer.kind == "filters" else set()
+    if needs:
+        raise ConfigError(f"transfer.selection={selection_label(cfg.transfer.selection)} is not allowed with "
+                          f"engine=gram: it reads the filters' {', '.join(sorted(needs))}, the gram engine holds "
+                          f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
+                          "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
+                          "or engine=lightning")
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
+
+
+GRAM_SELECTION_NEEDS = frozenset({"norms", "oracle", "task2"})
+"""What the gram engine's plan can give a strategy (``ptlab.transfer.selection.NEEDS``)."""
+SYNTHETIC_ONLY_NEEDS = frozenset({"oracle", "task2"})
+
+
+def selection_needs(spec: Any) -> frozenset[str]:
+    """The ``needs`` of the strategy a ``transfer.selection`` value names; ``ConfigError`` if its
+    ``_target_`` cannot be imported."""
+    try:
+        return frozenset(strategy_class(spec).needs)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"transfer.selection._target_={spec.get('_target_')!r} cannot be loaded: "
+                          f"{str(err).splitlines()[0]}") from None
+
+
+def check_selection(cfg: DictConfig) -> None:
+    """A filter-selection strategy gets what it reads: the synthetic oracle and task-2 patches exist only
+    on the synthetic task, a following BatchNorm only in image CNNs."""
+    if cfg.transfer.kind != "filters":
+        return
+    needs = selection_needs(cfg.transfer.selection)
+    name = selection_label(cfg.transfer.selection)
+    try:
+        build_strategy(cfg.transfer.selection)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    synthetic = cfg.task.name == "synthetic"
+    if not synthetic and needs & SYNTHETIC_ONLY_NEEDS:
+        raise ConfigError(f"transfer.selection={name} is not allowed with task={cfg.task.name}: it reads the "
+                          "synthetic model's signal directions, must be used with task=synthetic")
+    if synthetic and "bn" in needs:
+        raise ConfigError(f"transfer.selection={name} is not allowed with task=synthetic: the two-layer CNN has no "
+                          "BatchNorm to read")
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:

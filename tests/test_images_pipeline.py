@@ -30,7 +30,8 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
     plan = written["transfer"]["plan"]
     assert isinstance(plan, list) and len(plan) == 8  # VGG-11 has 8 convs, all matched in VGG-16
     assert plan[0] == {"target": "features.0", "source": "features.0", "copied": 8, "total": 16,
-                       "indices": plan[0]["indices"]} and len(plan[0]["indices"]) == 8
+                       "indices": plan[0]["indices"], "strategy": "random", "scores": []}
+    assert len(plan[0]["indices"]) == 8
     assert written["data"]["n1"] == 16 and written["data"]["n2"] == 8 and written["data"]["n2_test"] == 10
     for stage in ("upstream", "transfer", "scratch"):
         assert 0.0 <= written[stage]["test_acc"] <= 1.0 and written[stage]["epochs"] == 2

@@ -117,7 +117,7 @@ def test_schema_reads_selection_names_from_their_registry() -> None:
     SELECTIONS.add("test_only_selection", "ptlab.transfer.selection:select_first")
     try:
         TransferSchema(selection="test_only_selection")
-        with pytest.raises(ConfigError, match="one of random, first, largest_norm, test_only_selection"):
+        with pytest.raises(ConfigError, match="one of random, first, largest_norm, .*, task2_alignment, test_only_selection"):
             TransferSchema(selection="nope")
     finally:
         SELECTIONS._entries.pop("test_only_selection")

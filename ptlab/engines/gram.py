@@ -48,7 +48,7 @@ from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
 from ptlab.seeding import derive_seed, torch_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
-from ptlab.transfer.selection import get_selector
+from ptlab.transfer.selection import SelectionInputs, SignalView, build_strategy, spec_key
 
 STAGES = ("upstream", "transfer", "scratch")
 SOFTPLUS_THRESHOLD = 20.0
@@ -89,6 +89,7 @@ class GramCell:
     transfer: bool
     alpha: float
     selection: str
+    """``transfer.selection`` as ``spec_key`` writes it (a name, or a node as JSON)."""
     config: Any = field(compare=False, repr=False)
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
 
@@ -108,7 +109,7 @@ class GramCell:
             init_std=float(cfg.model.init_std), upstream_init_std=float(cfg.upstream_model.init_std),
             lr=float(train.lr), upstream_steps=int(train.upstream_steps),
             downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
-            transfer=transfer, alpha=float(cfg.transfer.alpha), selection=str(cfg.transfer.selection),
+            transfer=transfer, alpha=float(cfg.transfer.alpha), selection=spec_key(cfg.transfer.selection),
             config=cfg if snapshot is None else snapshot)
 
     @property
@@ -439,15 +440,32 @@ def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
     return _Group(cell_indices, {k: v.to(dtype).contiguous() for k, v in t.items()})
 
 
-def _plan(cell: GramCell, upstream_norms: Tensor) -> tuple[list[dict[str, Any]], Tensor]:
+def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> dict[str, SignalView]:
+    """The synthetic strategies' view of the upstream filters, by plan layer, from their responses (2m, 3 + N2)
+    to the task-2 vectors ``[b_u, b_v1, b_v2, xi_1..]``: ``<w, u>``, and per sample ``<w, x1_i>`` (the signal
+    patch ``c_i (u + v2)``) and ``<w, xi_i>``."""
+    r = responses.double().view(2, cell.width, -1)
+    views = {}
+    for j, label in enumerate(TwoLayerCNNFilters.OUTPUTS):
+        universal = cell.u_norm * r[j, :, 0]
+        signal = universal + cell.v_norm * r[j, :, 2]
+        patches = torch.stack([signal[:, None] * c2.double()[None], r[j, :, 3:]], dim=-1)
+        views[f"weight[{label}]"] = SignalView(universal, patches, y2.double())
+    return views
+
+
+def _plan(cell: GramCell, upstream_norms: Tensor, views: dict[str, SignalView] | None = None,
+          ) -> tuple[list[dict[str, Any]], Tensor]:
     """The transfer plan of ``TwoLayerCNNFilters`` for this cell and the mask (2, m) of copied filters.
 
-    The plan sees the upstream filters only through their norms (``largest_norm``) or not at all, so it
-    is made on (2, m, 1) stand-ins holding the norms, with the Lightning path's generator seed.
+    The plan sees the upstream filters through their norms (``largest_norm``), their responses to task 2
+    (``views``: ``signal``, ``task2_alignment``) or not at all, so it is made on (2, m, 1) stand-ins
+    holding the norms, with the Lightning path's generator seed (``check_gram_engine`` refuses the rest).
     """
     stand_in = SimpleNamespace(weight=upstream_norms[..., None])
     generator = torch.Generator().manual_seed(derive_seed(cell.seed, "selection"))
-    rows = TwoLayerCNNFilters().plan(stand_in, stand_in, cell.alpha, get_selector(cell.selection), generator)
+    select = build_strategy(cell.selection).bind(None, SelectionInputs(signal=views or {}))
+    rows = TwoLayerCNNFilters().plan(stand_in, stand_in, cell.alpha, select, generator)
     mask = torch.zeros(upstream_norms.shape, dtype=torch.bool)
     for j, row in enumerate(rows):
         mask[j, row.indices] = True
@@ -489,15 +507,18 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
             _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
             eval_threads)
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
+        up = upstream_out.coefficients.view(len(groups), size * filters, -1)
+        carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
         plans, mask_list = [], []
         for g, row in enumerate(layout):
             for c, index in enumerate(row):
-                plan, mask = _plan(cells[index], upstream_norms[g, c])
+                cell = cells[index]
+                views = (_signal_views(cell, carried_start[g, c], groups[g].tensors["y2"], groups[g].tensors["c2"])
+                         if build_strategy(cell.selection).needs & {"oracle", "task2"} else None)
+                plan, mask = _plan(cell, upstream_norms[g, c], views)
                 plans.append(plan)
                 mask_list.append(mask)
         masks = torch.stack(mask_list).view(len(groups), size, filters)
-        up = upstream_out.coefficients.view(len(groups), size * filters, -1)
-        carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
         carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
             len(groups), size, filters, -1)
         pick = masks[..., None]

@@ -56,7 +56,7 @@ from ptlab.tracking.base import Tracker
 from ptlab.transfer.adapters import PlanRow, find_adapter
 from ptlab.transfer.callback import ParameterTransfer
 from ptlab.transfer.options import adapter_options
-from ptlab.transfer.selection import get_selector
+from ptlab.transfer.selection import SelectionInputs, build_strategy
 
 
 def build_image_tasks(cfg: DictConfig) -> ImageTasks:
@@ -142,15 +142,29 @@ def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Mod
 
 
 def check_transfer_pair(cfg: DictConfig, upstream: nn.Module, downstream: nn.Module) -> None:
-    """Plan the transfer on the untrained models (shapes are all a plan needs); one-line ``ConfigError``
+    """Plan the transfer on the untrained models (shapes are all a plan needs, so the cheap ``first``
+    selection stands in for the configured one); one-line ``ConfigError``
     naming the pair when no rule or no layer matches."""
     try:
         adapter = find_adapter(upstream, downstream)(**adapter_options(cfg.transfer))
-        adapter.plan(upstream, downstream, cfg.transfer.alpha, get_selector(cfg.transfer.selection),
+        adapter.plan(upstream, downstream, cfg.transfer.alpha, build_strategy("first"),
                      torch.Generator().manual_seed(0))
     except ValueError as err:
         pair = f"upstream_model={upstream_name(cfg)} -> model={downstream_name(cfg)}"
         raise ConfigError(f"{pair}: {err}") from None
+
+
+def selection_inputs(cfg: DictConfig, task2: ImageTask) -> SelectionInputs:
+    """The task-2 batches a data-driven strategy reads (its ``batches`` option, of ``train.batch_size``
+    images in a seeded order of their own, docs/design.md section 7); none for weight-only strategies."""
+    strategy = build_strategy(cfg.transfer.selection)
+    if "batches" not in strategy.needs or cfg.transfer.kind != "filters":
+        return SelectionInputs()
+    order = torch.randperm(len(task2.train), generator=torch.Generator().manual_seed(
+        image_seed(cfg.seed, "selection/batches")))
+    size = cfg.train.batch_size
+    chunks = [order[i:i + size] for i in range(0, len(order), size)][:strategy.batches]
+    return SelectionInputs(batches=[(task2.train.x[idx], task2.train.y[idx]) for idx in chunks])
 
 
 def upstream_name(cfg: DictConfig) -> str:
@@ -185,7 +199,8 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
             _, results["upstream"] = fit_image_stage(cfg, tracker, "upstream", upstream, tasks.task1,
                                                      cfg.train.upstream_epochs)
         transfer = ParameterTransfer(upstream, alpha=cfg.transfer.alpha, selection=cfg.transfer.selection,
-                                     seed=derive_seed(cfg.seed, "selection"), **adapter_options(cfg.transfer))
+                                     seed=derive_seed(cfg.seed, "selection"), inputs=selection_inputs(cfg, tasks.task2),
+                                     **adapter_options(cfg.transfer))
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)

@@ -21,6 +21,7 @@ from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
+from ptlab.transfer.selection import SelectionInputs
 
 log = logging.getLogger("ptlab")
 
@@ -41,6 +42,12 @@ def build_model(model_cfg: DictConfig, cfg: DictConfig, stream: str) -> nn.Modul
     """
     model = build_seeded_model(model_cfg, cfg.seed, stream, input_dim=cfg.task.d)
     return model.to(DTYPES[cfg.train.dtype])
+
+
+def selection_inputs(data: SyntheticTransferData) -> SelectionInputs:
+    """What a selection strategy may read on the synthetic task: the task-2 training set as one batch and
+    the universal direction (for the ``signal`` oracle); docs/design.md section 7."""
+    return SelectionInputs(batches=[(data.task2_train.x, data.task2_train.y)], universal=data.directions.u)
 
 
 def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageResult:
@@ -72,7 +79,8 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
         upstream = build_model(cfg.upstream_model, cfg, "upstream")
         stages["upstream"] = cached_upstream(cfg, engine.name, tracker, upstream, lambda: train_and_record(
             engine, tracker, stage("upstream", upstream, 1)))
-        transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"))
+        transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
+                            inputs=selection_inputs(data))
         stages["transfer"] = train_and_record(engine, tracker, stage(
             "transfer", build_model(cfg.model, cfg, "downstream"), 2, transfer))
     stages["scratch"] = train_and_record(engine, tracker, stage("scratch", build_model(cfg.model, cfg, "downstream"), 2))

@@ -18,12 +18,13 @@ from torch import nn
 
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
 from ptlab.registry import Registry
-from ptlab.transfer.selection import Selector, count_for
+from ptlab.transfer.selection import Selector, choose, count_for
 
 
 @dataclass
 class PlanRow:
-    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``.
+    """One layer's transfer: ``copied`` of ``total`` units of ``source`` go to ``target``; ``strategy``
+    chose them, with ``scores`` (one per chosen unit, empty for unscored strategies).
 
     ``indices`` are the target positions; ``source_indices`` the source units copied there, in order
     (empty: the same as ``indices``). When the input widths differ (element selection, CNN filters),
@@ -39,6 +40,8 @@ class PlanRow:
     source_indices: list[int] = field(default_factory=list)
     input_indices: list[int] | None = None
     source_input_indices: list[int] | None = None
+    strategy: str = ""
+    scores: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data; the element-selection fields only where they say more than ``indices``."""
@@ -88,8 +91,9 @@ class TwoLayerCNNFilters(TransferAdapter):
         for j, label in enumerate(self.OUTPUTS):
             total = target.weight.shape[1]
             k = count_for(alpha, total)
-            indices = select(source.weight[j], k, generator).tolist() if k else []
-            rows.append(PlanRow(f"weight[{label}]", f"weight[{label}]", k, total, indices))
+            layer = f"weight[{label}]"
+            choice = choose(select, source.weight[j], k, generator, layer)
+            rows.append(PlanRow(layer, layer, k, total, choice.indices, strategy=choice.strategy, scores=choice.scores))
         return rows
 
     @torch.no_grad()

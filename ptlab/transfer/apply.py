@@ -14,41 +14,45 @@ import torch
 from torch import nn
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter, find_adapter
-from ptlab.transfer.selection import get_selector
+from ptlab.transfer.selection import SelectionInputs, build_strategy
 
 
-def transfer_parameters(source: nn.Module, target: nn.Module, alpha: float, selection: str = "random",
+def transfer_parameters(source: nn.Module, target: nn.Module, alpha: float, selection: Any = "random",
                         generator: torch.Generator | None = None, adapter: TransferAdapter | None = None,
-                        ) -> list[PlanRow]:
-    """Copy an ``alpha``-fraction of ``source``'s units into ``target`` in place; return the plan."""
+                        inputs: SelectionInputs | None = None) -> list[PlanRow]:
+    """Copy an ``alpha``-fraction of ``source``'s units into ``target`` in place; return the plan.
+    ``selection``: a ``transfer.selection`` value or a strategy; ``inputs``: the data it may read."""
     adapter = adapter or find_adapter(source, target)()
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    plan = adapter.plan(source, target, alpha, get_selector(selection), gen)
+    plan = adapter.plan(source, target, alpha, build_strategy(selection).bind(source, inputs), gen)
     adapter.apply(source, target, plan)
     return plan
 
 
 @dataclass
 class Transfer:
-    """What a transfer stage inherits: ``alpha`` of ``source`` chosen by ``selection`` under ``seed``;
-    ``options`` go to the family's adapter (e.g. the ViT block switches)."""
+    """What a transfer stage inherits: ``alpha`` of ``source`` chosen by ``selection`` (a
+    ``transfer.selection`` value) under ``seed``, from ``inputs`` (task-2 batches for data-driven
+    strategies); ``options`` go to the family's adapter (e.g. the ViT block switches)."""
 
     source: nn.Module
     alpha: float
-    selection: str = "random"
+    selection: Any = "random"
     seed: int = 0
     adapter: TransferAdapter | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    inputs: SelectionInputs | None = None
 
     def _adapter(self, target: nn.Module) -> TransferAdapter:
         return self.adapter or find_adapter(self.source, target)(**self.options)
 
     def plan(self, target: nn.Module) -> list[PlanRow]:
         """The plan for ``target`` without copying anything (same generator as ``apply``)."""
-        return self._adapter(target).plan(self.source, target, self.alpha, get_selector(self.selection),
+        return self._adapter(target).plan(self.source, target, self.alpha,
+                                          build_strategy(self.selection).bind(self.source, self.inputs),
                                           torch.Generator().manual_seed(self.seed))
 
     def apply(self, target: nn.Module) -> list[PlanRow]:
         """Copy the planned units into ``target`` in place; return the plan."""
         return transfer_parameters(self.source, target, self.alpha, self.selection,
-                                   torch.Generator().manual_seed(self.seed), self._adapter(target))
+                                   torch.Generator().manual_seed(self.seed), self._adapter(target), self.inputs)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter
 from ptlab.transfer.apply import Transfer
+from ptlab.transfer.selection import SelectionInputs
 
 
 class ParameterTransfer(pl.Callback):
@@ -18,14 +19,14 @@ class ParameterTransfer(pl.Callback):
     is kept in ``self.plan`` for logging. ``transfer`` (a ``Transfer``) may be given instead of its fields.
     """
 
-    def __init__(self, source: nn.Module | None = None, alpha: float = 0.5, selection: str = "random", seed: int = 0,
+    def __init__(self, source: nn.Module | None = None, alpha: float = 0.5, selection: Any = "random", seed: int = 0,
                  adapter: TransferAdapter | None = None, transfer: Transfer | None = None,
-                 **adapter_options: Any) -> None:
+                 inputs: SelectionInputs | None = None, **adapter_options: Any) -> None:
         super().__init__()
         if transfer is None:
             if source is None:
                 raise ValueError("ParameterTransfer needs a source model or a Transfer")
-            transfer = Transfer(source, alpha, selection, seed, adapter, dict(adapter_options))
+            transfer = Transfer(source, alpha, selection, seed, adapter, dict(adapter_options), inputs)
         self.transfer = transfer
         self.plan: list[PlanRow] = []
 

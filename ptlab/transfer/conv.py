@@ -49,7 +49,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter
-from ptlab.transfer.selection import Selector, count_for
+from ptlab.transfer.selection import Choice, Selector, choose, count_for
 
 UNITS = (nn.Conv2d, nn.Linear)
 NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -299,15 +299,20 @@ def match_units(source: list[ConvUnit], target: list[ConvUnit]) -> dict[str, Con
     return pairs
 
 
-def _choose(select: Selector, partner: ConvUnit, k: int, generator: torch.Generator) -> list[int]:
-    """The strategy's ``k`` channels of the source unit ``partner`` (its filters, by weight)."""
-    return select(partner.conv.weight, k, generator).tolist() if k else []
+def _choose(select: Selector, partner: ConvUnit, k: int, generator: torch.Generator) -> Choice:
+    """The strategy's ``k`` channels of the source unit ``partner`` (it sees the unit's filters, name and
+    following norm), with their scores."""
+    return choose(select, partner.conv.weight, k, generator, partner.name, partner.bn)
 
 
 @dataclass(frozen=True)
 class _Channels:
+    """One channel space's transfer: source channels, the target positions they go to, and the choice."""
+
     source: list[int]
     target: list[int]
+    strategy: str = ""
+    scores: list[float] = field(default_factory=list)
 
 
 class CNNFilterTransfer(TransferAdapter):
@@ -333,13 +338,15 @@ class CNNFilterTransfer(TransferAdapter):
             if unit.out_space not in channels:
                 width = targets.widths[unit.out_space]
                 k = min(count_for(alpha, width), partner.out_channels)
-                chosen = _choose(select, partner, k, generator)
-                packed = chosen if width == partner.out_channels else list(range(k))
-                channels[unit.out_space] = _Channels(chosen, packed)
+                choice = _choose(select, partner, k, generator)
+                chosen = list(choice.indices)
+                packed = chosen if width == partner.out_channels else list(range(len(chosen)))
+                channels[unit.out_space] = _Channels(chosen, packed, choice.strategy, list(choice.scores))
             rows.append(self._row(unit, partner, channels))
         if same_architecture(sources.units, targets.units):
             rows += [PlanRow(name, name, len(channels[space].target), targets.widths[space],
-                             list(channels[space].target), source_indices=list(channels[space].source))
+                             list(channels[space].target), source_indices=list(channels[space].source),
+                             strategy=channels[space].strategy, scores=list(channels[space].scores))
                      for name, space in targets.stream_norms.items()
                      if space in channels and channels[space].target and name in sources.stream_norms]
         if not any(row.source for row in rows):
@@ -355,13 +362,14 @@ class CNNFilterTransfer(TransferAdapter):
             return PlanRow(unit.name, partner.name, 0, unit.out_channels, [])
         if unit.depthwise or unit.in_channels == partner.in_channels:
             return PlanRow(unit.name, partner.name, len(out.target), unit.out_channels, list(out.target),
-                           source_indices=list(out.source))
+                           source_indices=list(out.source), strategy=out.strategy, scores=list(out.scores))
         inputs = channels.get(unit.in_space) if unit.in_space is not None else None
         if not inputs or not inputs.target:
             return PlanRow(unit.name, partner.name, 0, unit.out_channels, [])
         return PlanRow(unit.name, partner.name, len(out.target), unit.out_channels, list(out.target),
                        source_indices=list(out.source), input_indices=list(inputs.target),
-                       source_input_indices=list(inputs.source))
+                       source_input_indices=list(inputs.source), strategy=out.strategy,
+                       scores=list(out.scores))
 
     @torch.no_grad()
     def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
