@@ -40,6 +40,15 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
     _check(value in options, key, "one of " + ", ".join(options), value)
 
 
+SIGNAL_POSITIONS = ("fixed", "random")
+"""``task.signal_position`` (``ptlab.data.synthetic.SIGNAL_POSITIONS``)."""
+TOY_INITS = ("normal", "torch")
+TOY_ACTIVATIONS = ("relu", "relu_q", "leaky_relu")
+TOY_REDUCTIONS = ("sum", "mean")
+"""The two-layer CNN's ``model.init``, ``model.activation`` and reductions (``ptlab.models.two_layer_cnn``, which
+imports torch; a test checks the lists agree)."""
+
+
 @dataclass
 class SyntheticTaskSchema:
     """The two-patch data model of docs/design.md section 1."""
@@ -52,6 +61,10 @@ class SyntheticTaskSchema:
     u_norm: float = 2.0
     v_norm: float = 2.0
     label_noise: float = 0.0
+    # Variants of the benign-overfitting literature (docs/design.md section 1): noise not projected off the
+    # signals; the signal patch at a random position per sample.
+    project_noise: bool = True
+    signal_position: str = "fixed"
 
     def __post_init__(self) -> None:
         for key in ("d", "n1", "n2", "n_test"):
@@ -60,6 +73,7 @@ class SyntheticTaskSchema:
         _nonnegative("v_norm", self.v_norm)
         _check(0 <= self.label_noise < 0.5, "label_noise", "in [0, 0.5)", self.label_noise)
         _check(self.d >= 4, "d", ">= 4 (three signal directions plus noise)", self.d)
+        _one_of("signal_position", self.signal_position, SIGNAL_POSITIONS)
 
 
 @dataclass
@@ -81,10 +95,24 @@ class ToyCNNSchema:
     _target_: str = "ptlab.models.TwoLayerReLUCNN"
     width: int = 40
     init_std: float = 0.01
+    # Variants of the benign-overfitting literature (ptlab.models.two_layer_cnn); defaults are the paper's.
+    init: str = "normal"
+    bias: bool = False
+    activation: str = "relu"
+    q: float = 2.0
+    negative_slope: float = 0.01
+    filter_reduction: str = "mean"
+    patch_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         _positive("width", self.width)
         _nonnegative("init_std", self.init_std)
+        _one_of("init", self.init, TOY_INITS)
+        _one_of("activation", self.activation, TOY_ACTIVATIONS)
+        _check(self.q > 1, "q", "> 1 (the exponent of relu_q)", self.q)
+        _check(0 <= self.negative_slope < 1, "negative_slope", "in [0, 1)", self.negative_slope)
+        _one_of("filter_reduction", self.filter_reduction, TOY_REDUCTIONS)
+        _one_of("patch_reduction", self.patch_reduction, TOY_REDUCTIONS)
 
 
 IMAGE_TASKS = ("cifar10", "cifar100", "digits")
@@ -423,6 +451,9 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.transfer.kind not in ("none", "filters"):
         raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
                           "must be one of none, filters")
+    if cfg.transfer.kind == "filters" and bool(cfg.upstream_model.get("bias", False)) != bool(cfg.model.get("bias", False)):
+        raise ConfigError(f"upstream_model.bias={cfg.upstream_model.get('bias', False)} is not allowed with engine=gram "
+                          f"and filter transfer: must equal model.bias={cfg.model.get('bias', False)}")
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")

@@ -41,6 +41,8 @@ BAD = [
     (["engine=nosuch"], "engine=nosuch is not an option: choose one of gram, lightning"),
     (["engine=gram", *IMAGE], "task=digits is not allowed with engine=gram"),
     (["seed=-1"], "seed=-1 is not allowed"),
+    (["model.activation=tanh"], "model.activation='tanh' is not allowed: must be one of relu, relu_q, leaky_relu"),
+    (["upstream_model=toy_cnn", "upstream_model.bias=true"], "upstream_model.bias=True is not allowed with engine=gram"),
 ]
 
 

@@ -3,6 +3,10 @@
 A sample of task k has a clean label ``y`` uniform on {-1, +1}, a signal patch ``y * (u + v_k)`` and a
 noise patch ``xi ~ N(0, sigma_pk^2 P)`` with ``P`` the projector onto the orthogonal complement of
 span{u, v1, v2}. The observed label is ``y`` flipped with probability ``label_noise``.
+
+Two variants of the benign-overfitting literature (Kou et al. 2023): the noise not projected off the
+signals (``project_noise=False``: ``xi ~ N(0, sigma_pk^2 I)``), and the signal patch at a random position
+per sample (``signal_position="random"``: the two patches swapped with probability 1/2).
 """
 
 from __future__ import annotations
@@ -34,16 +38,21 @@ class Directions:
 
 @dataclass(frozen=True)
 class PatchData:
-    """Samples of one task: ``x`` (N, 2, d) with patches [signal, noise], observed labels ``y`` (N,)."""
+    """Samples of one task: ``x`` (N, 2, d) with patches [signal, noise] (or, per sample, [noise, signal]
+    where ``signal_second``), observed labels ``y`` (N,)."""
 
     x: Tensor
     y: Tensor
     clean_y: Tensor
+    signal_second: Tensor | None = None
+    """(N,) bool where the signal patch is the second one (random positions); None: always first."""
 
     @property
     def noise(self) -> Tensor:
         """The noise patches ``xi`` (N, d)."""
-        return self.x[:, 1]
+        if self.signal_second is None:
+            return self.x[:, 1]
+        return self.x[torch.arange(len(self.x)), (~self.signal_second).long()]
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -69,9 +78,14 @@ def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Gener
     return Directions(u.to(dtype), v1.to(dtype), v2.to(dtype), basis.to(dtype))
 
 
+SIGNAL_POSITIONS = ("fixed", "random")
+"""``task.signal_position``: the signal patch first in every sample, or first or second at random."""
+
+
 def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label_noise: float,
-                generator: torch.Generator) -> PatchData:
-    """Draw ``n`` samples of task ``task`` (1 or 2)."""
+                generator: torch.Generator, project_noise: bool = True, signal_position: str = "fixed") -> PatchData:
+    """Draw ``n`` samples of task ``task`` (1 or 2); the variants draw after the paper's data, so its draws
+    do not change."""
     if task not in (1, 2):
         raise ValueError(f"task must be 1 or 2, got {task}")
     dtype = directions.basis.dtype
@@ -81,14 +95,25 @@ def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label
     flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
     y = torch.where(flips, -clean_y, clean_y)
     gauss = torch.randn(n, d, generator=generator, dtype=torch.float64)
-    noise = (sigma_p * (gauss - (gauss @ basis) @ basis.T)).to(dtype)
+    if project_noise:
+        gauss = gauss - (gauss @ basis) @ basis.T
+    noise = (sigma_p * gauss).to(dtype)
     signal = clean_y[:, None] * directions.signal(task)[None, :]
-    return PatchData(x=torch.stack([signal, noise], dim=1), y=y, clean_y=clean_y)
+    x = torch.stack([signal, noise], dim=1)
+    if signal_position == "fixed":
+        return PatchData(x=x, y=y, clean_y=clean_y)
+    if signal_position != "random":
+        raise ValueError(f"task.signal_position={signal_position!r} is not allowed: must be one of "
+                         f"{', '.join(SIGNAL_POSITIONS)}")
+    second = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
+    x = torch.where(second[:, None, None], x.flip(1), x)
+    return PatchData(x=x, y=y, clean_y=clean_y, signal_second=second)
 
 
 def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
                         label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
-                        dtype: torch.dtype = torch.float32) -> SyntheticTransferData:
+                        dtype: torch.dtype = torch.float32, project_noise: bool = True,
+                        signal_position: str = "fixed") -> SyntheticTransferData:
     """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``.
 
     Each part draws from its own sub-seed, so the task-2 data do not change when a sweep varies
@@ -98,10 +123,14 @@ def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_
         return torch.Generator().manual_seed(derive_seed(seed, part))
 
     directions = make_directions(d, u_norm, v_norm, gen("directions"), dtype)
+
+    def part(task: int, n: int, sigma_p: float, name: str) -> PatchData:
+        return sample_task(directions, task, n, sigma_p, label_noise, gen(name), project_noise, signal_position)
+
     return SyntheticTransferData(
         directions=directions,
-        task1_train=sample_task(directions, 1, n1, sigma_p1, label_noise, gen("task1_train")),
-        task1_test=sample_task(directions, 1, n_test, sigma_p1, label_noise, gen("task1_test")),
-        task2_train=sample_task(directions, 2, n2, sigma_p2, label_noise, gen("task2_train")),
-        task2_test=sample_task(directions, 2, n_test, sigma_p2, label_noise, gen("task2_test")),
+        task1_train=part(1, n1, sigma_p1, "task1_train"),
+        task1_test=part(1, n_test, sigma_p1, "task1_test"),
+        task2_train=part(2, n2, sigma_p2, "task2_train"),
+        task2_test=part(2, n_test, sigma_p2, "task2_test"),
     )

@@ -43,7 +43,7 @@ from ptlab.config import check_gram_engine
 from ptlab.data.synthetic import DTYPES, make_synthetic_data
 from ptlab.engines.base import Stage, StageResult
 from ptlab.errors import DivergenceError
-from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
+from ptlab.models.two_layer_cnn import ModelForm, TwoLayerReLUCNN
 from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
 from ptlab.seeding import derive_seed, torch_seed
@@ -90,6 +90,12 @@ class GramCell:
     alpha: float
     selection: str
     config: Any = field(compare=False, repr=False)
+    model_form: ModelForm = ModelForm()
+    upstream_form: ModelForm = ModelForm()
+    init: str = "normal"
+    upstream_init: str = "normal"
+    project_noise: bool = True
+    signal_position: str = "fixed"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
 
     @classmethod
@@ -109,19 +115,30 @@ class GramCell:
             lr=float(train.lr), upstream_steps=int(train.upstream_steps),
             downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
             transfer=transfer, alpha=float(cfg.transfer.alpha), selection=str(cfg.transfer.selection),
-            config=cfg if snapshot is None else snapshot)
+            config=cfg if snapshot is None else snapshot, model_form=model_form(cfg.model),
+            upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
+            upstream_init=str(cfg.upstream_model.get("init", "normal")),
+            project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")))
 
     @property
     def shape_key(self) -> tuple:
         """Cells with equal shape keys run in one batched tensor program."""
         return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer)
+                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form)
 
     @property
     def data_key(self) -> tuple:
         """Cells with equal data keys share data, inits and Gram matrices (they differ in norms, lr, alpha)."""
         return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
-                self.init_std, self.upstream_init_std)
+                self.init_std, self.upstream_init_std, self.init, self.upstream_init, self.project_noise,
+                self.signal_position)
+
+
+def model_form(model_cfg: Any) -> ModelForm:
+    """The ``ModelForm`` of a two-layer CNN config (keys it lacks take the paper's values)."""
+    defaults = ModelForm()
+    return ModelForm(**{key: type(getattr(defaults, key))(model_cfg.get(key, getattr(defaults, key)))
+                        for key in ModelForm.__dataclass_fields__})
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:
@@ -150,6 +167,8 @@ class GramStage:
     noise: dict[int, Tensor]
     transferred: Tensor
     trajectory: Tensor | None = None
+    bias: Tensor | None = None
+    """The final biases (2, m), for a model with a bias."""
     """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
     updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
 
@@ -259,12 +278,14 @@ class _StageOutput:
     coefficients: Tensor
     norm2: Tensor
     trajectory: Tensor | None
+    bias: Tensor | None = None
 
 
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 eval_threads: int = 1) -> _StageOutput:
+                 eval_threads: int = 1, form: ModelForm = ModelForm(), bias_start: Tensor | None = None,
+                 ) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
@@ -272,7 +293,9 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
     x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
     ``signal_coefficients`` (G, C, 3): the task signal s = u + v_k along the unit directions;
-    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C).
+    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C). ``form`` is the network's (activation,
+    reductions, bias); with a bias, ``bias_start`` (G, C, Fm) holds the stage-start biases b, every response
+    enters the activation as ``R + b``, and b moves by the sum over patches of the responses' step.
 
     The steps run on the K = N + 2 patches GD actually sees, [xi_1..xi_N, +s, -s] (each cell its own s),
     so that one step is a dozen tensor operations whatever the batch: responses ``R = <w, patch>``,
@@ -305,9 +328,12 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     # d loss / d f_i = -y_i sigmoid(-y_i f_i) / N: the sigmoid times this map gives d loss / d patch
     slope_to_patch = ((-y / n_train)[..., None] * place.transpose(-1, -2)).contiguous()  # (G, N, K)
     negative_labels = -y[:, None, :]
-    signs_over_m = (sign / width).expand(batch, 1, filters)
+    divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
+    plain = form.is_paper_relu
+    bias = None if bias_start is None else bias_start.clone()
+    signs_over_m = (sign / divisor * factor).expand(batch, 1, filters)
     # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
-    output_step = ((-lr / width)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
+    output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
     by_output_shape = (groups, cells, 2, width, patches)
     one = torch.ones((), dtype=dtype)
     positive = torch.empty_like(response)
@@ -323,7 +349,7 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     own_plus = (y > 0)[:, None, None, None, :]
     per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
     block = max(1, EVAL_BLOCK_BYTES // per_eval_bytes)
-    pending: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (eval index, coefficients, response, h)
+    pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []  # (eval index, coefficients, response, h, bias)
 
     def to_base(ext: Tensor) -> Tensor:
         """Coefficients along the patches (..., K) -> along [b_u, b_v1, b_v2, xi] (..., P); ``ext`` (G, E, C, Fm, K)."""
@@ -341,8 +367,15 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         base = to_base(ext)
         flat = base.view(groups, evals * cells * filters, vectors)
         test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test).add_(test_start)
-        test_halves = test_response.clamp_min_(0).view(groups, evals, cells, 2, width, n_test)
-        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / width + torch.where(
+        if plain:
+            test_response.clamp_min_(0)
+        else:
+            if bias is not None:
+                biases = torch.stack([item[4] for item in pending], dim=1).view(groups, evals, cells * filters, 1)
+                test_response.add_(biases)
+            test_response = sigma(test_response)
+        test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
+        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
             positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
         test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
         along_basis = start[:, None, ..., :3] + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
@@ -360,11 +393,16 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
 
     evaluation = 0
     for step in range(steps + 1):
-        torch.clamp_min(response, 0, out=positive)
+        if plain:
+            torch.clamp_min(response, 0, out=positive)
+        else:
+            pre = response if bias is None else response + bias[..., None]
+            positive.copy_(sigma(pre))
         h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
         exponent = torch.mul(torch.bmm(h, place), negative_labels, out=exponents[step])  # -y f
         if step == checkpoints[evaluation]:
-            pending.append((evaluation, coefficients.clone(), response.clone(), h))
+            pending.append((evaluation, coefficients.clone(), response.clone(), h,
+                            None if bias is None else bias.clone()))
             evaluation += 1
             if len(pending) == block or step == steps:
                 evaluate()
@@ -374,13 +412,19 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         slope = torch.where(exponent > SOFTPLUS_THRESHOLD, one, torch.sigmoid(exponent))
         per_patch = torch.bmm(slope, slope_to_patch)  # (G, C, K)
         step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
-        positive.sign_().view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if plain:
+            positive.sign_()  # relu's derivative
+        else:
+            positive.copy_(sigma.derivative(pre))
+        positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if bias is not None:
+            bias.add_(positive.sum(-1))
         batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
     loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
     norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
     return _StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                        torch.stack(trajectory, dim=2) if trajectory is not None else None)
+                        torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)
 
 
 @dataclass
@@ -391,28 +435,37 @@ class _Group:
     tensors: dict[str, Tensor]
 
 
-def _seeded_cnn(cell: GramCell, init_std: float, stream: str) -> Tensor:
-    """The init filters (2m, d) the Lightning path draws for ``stream`` (``ptlab.models.build_model``)."""
+def _seeded_cnn(cell: GramCell, init_std: float, init: str, form: ModelForm, stream: str) -> tuple[Tensor, Tensor | None]:
+    """The init filters (2m, d) and biases (2m,) or None the Lightning path draws for ``stream``
+    (``ptlab.models.build_model``)."""
     with torch_seed(derive_seed(cell.seed, stream)):
-        model = TwoLayerReLUCNN(cell.d, cell.width, init_std)
-    return model.weight.detach().to(DTYPES[cell.dtype]).reshape(-1, cell.d)
+        model = TwoLayerReLUCNN(cell.d, cell.width, init_std, init=init, bias=form.bias)
+    dtype = DTYPES[cell.dtype]
+    bias = None if model.bias is None else model.bias.detach().to(dtype).reshape(-1)
+    return model.weight.detach().to(dtype).reshape(-1, cell.d), bias
 
 
 def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
     data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
                                v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
-                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype])
+                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
+                               project_noise=cell.project_noise, signal_position=cell.signal_position)
     dtype = DTYPES[cell.dtype]
     basis_t = data.directions.basis.T.to(dtype)
     task2 = torch.cat([basis_t, data.task2_train.noise])
-    downstream = _seeded_cnn(cell, cell.init_std, "downstream")
+    downstream, downstream_bias = _seeded_cnn(cell, cell.init_std, cell.init, cell.model_form, "downstream")
     t: dict[str, Tensor] = {
         "y2": data.task2_train.y, "c2": data.task2_train.clean_y,
         "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y,
     }
+    if downstream_bias is not None:
+        t["bias2"] = downstream_bias
     if cell.transfer:
         task1 = torch.cat([basis_t, data.task1_train.noise])
-        upstream = _seeded_cnn(cell, cell.upstream_init_std, "upstream")
+        upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form,
+                                              "upstream")
+        if upstream_bias is not None:
+            t["bias1"] = upstream_bias
         rows = torch.cat([task1, task2, upstream, downstream])
         p1, p2, fm = task1.shape[0], task2.shape[0], upstream.shape[0]
         cuts = np.cumsum([0, p1, p2, fm, fm])
@@ -487,7 +540,7 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
             expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
             _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
             _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
-            eval_threads)
+            eval_threads, first.upstream_form, expand("bias1") if first.upstream_form.bias else None)
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         plans, mask_list = [], []
         for g, row in enumerate(layout):
@@ -504,26 +557,31 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         start = torch.cat([torch.where(pick, carried_start, expand("start2")), expand("start2")], dim=1)
         test_start = torch.cat([torch.where(pick, carried_test, expand("test_start2")), expand("test_start2")], dim=1)
         norm2 = torch.cat([torch.where(masks, upstream_out.norm2, expand("norm2_2")), expand("norm2_2")], dim=1)
+        bias_start = None
+        if first.model_form.bias:
+            bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
         twice = (lambda x: torch.cat([x, x], dim=1))
         downstream = _train_stage(
             start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
             _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads)
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads, first.model_form,
+            bias_start)
     else:
         downstream = _train_stage(
             expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
             _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
             _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients, eval_threads)
+            record_coefficients, eval_threads, first.model_form, expand("bias2") if first.model_form.bias else None)
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
         out = outputs[key]
+        bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
         steps = first.upstream_steps if key == "upstream" else first.downstream_steps
         return GramStage(
             name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
             train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
-            signal=signal, noise=noise, transferred=transferred,
+            signal=signal, noise=noise, transferred=transferred, bias=bias,
             trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
 
     outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
@@ -650,6 +708,7 @@ class GramEngine:
         def one(t: Tensor) -> Tensor:  # a single cell in a single group: (1, 1, ...)
             return t[None, None]
 
+        bias = None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(dtype)
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = _train_stage(
@@ -657,11 +716,14 @@ class GramEngine:
                 (rows @ rows.T)[None], (rows @ test_noise.T)[None], stage.train.y.to(dtype)[None],
                 stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
                 torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
-                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads)
+                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads,
+                form=model.form, bias_start=bias)
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
             model.weight.copy_((filters + coefficients @ rows).view_as(weight))
+            if out.bias is not None:
+                model.bias.copy_(out.bias[0, 0].view_as(model.bias))
         width = weight.shape[1]
         trained = GramStage(
             name=stage.name, steps=stage.steps, eval_steps=eval_steps(stage.steps, stage.eval_every),
