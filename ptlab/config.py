@@ -42,6 +42,8 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
 
 SIGNAL_POSITIONS = ("fixed", "random")
 """``task.signal_position`` (``ptlab.data.synthetic.SIGNAL_POSITIONS``)."""
+TEST_SPACES = ("dspace", "response")
+"""``task.test_space`` (``ptlab.data.synthetic.TEST_SPACES``)."""
 TOY_INITS = ("normal", "torch")
 TOY_ACTIVATIONS = ("relu", "relu_q", "leaky_relu")
 TOY_REDUCTIONS = ("sum", "mean")
@@ -65,6 +67,8 @@ class SyntheticTaskSchema:
     # signals; the signal patch at a random position per sample.
     project_noise: bool = True
     signal_position: str = "fixed"
+    # Test sets drawn in R^d (dspace) or as responses from their Gaussian law (response; engine=gram only).
+    test_space: str = "dspace"
 
     def __post_init__(self) -> None:
         for key in ("d", "n1", "n2", "n_test"):
@@ -74,6 +78,7 @@ class SyntheticTaskSchema:
         _check(0 <= self.label_noise < 0.5, "label_noise", "in [0, 0.5)", self.label_noise)
         _check(self.d >= 4, "d", ">= 4 (three signal directions plus noise)", self.d)
         _one_of("signal_position", self.signal_position, SIGNAL_POSITIONS)
+        _one_of("test_space", self.test_space, TEST_SPACES)
 
 
 @dataclass
@@ -427,6 +432,8 @@ def validate(cfg: DictConfig) -> None:
     _check_model_fits_task(cfg)
     if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
+    else:
+        _check_dspace_engine(cfg)
     check_values(cfg)
 
 
@@ -457,6 +464,13 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
+
+
+def _check_dspace_engine(cfg: DictConfig) -> None:
+    """Engines other than gram train on d-space inputs, so their test sets must be drawn in d-space too."""
+    if cfg.task.name == "synthetic" and cfg.task.get("test_space", "dspace") != "dspace":
+        raise ConfigError(f"task.test_space={cfg.task.test_space!r} is not allowed with engine={cfg.engine.get('name')}: "
+                          "must be dspace (response needs engine=gram)")
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:

@@ -7,6 +7,11 @@ span{u, v1, v2}. The observed label is ``y`` flipped with probability ``label_no
 Two variants of the benign-overfitting literature (Kou et al. 2023): the noise not projected off the
 signals (``project_noise=False``: ``xi ~ N(0, sigma_pk^2 I)``), and the signal patch at a random position
 per sample (``signal_position="random"``: the two patches swapped with probability 1/2).
+
+Test sets can be kept in response space (``test_space="response"``, ``ResponseTestSet``): a model's
+responses to a fresh noise patch are jointly Gaussian with covariance ``sigma_p^2 M P M^T`` (``M`` the rows
+the engine takes inner products with), so they are sampled from that law instead of drawing the patches
+in R^d (docs/design.md section 3).
 """
 
 from __future__ import annotations
@@ -58,15 +63,48 @@ class PatchData:
         return self.x.shape[0]
 
 
+TEST_SPACES = ("dspace", "response")
+"""``task.test_space``: test noise patches drawn in R^d, or their responses drawn from their Gaussian law."""
+
+
+@dataclass(frozen=True)
+class ResponseTestSet:
+    """A test set kept in response space: its labels (drawn as ``sample_task`` draws them) and what the noise
+    responses are drawn from (``responses``); the signal patches are ``+-(u + v_k)``, known exactly."""
+
+    y: Tensor
+    clean_y: Tensor
+    sigma_p: float
+    project_noise: bool
+    state: Tensor
+    """The generator state right after the labels: every call of ``responses`` draws from it afresh."""
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def responses(self, inner: Tensor, along_basis: Tensor) -> Tensor:
+        """Responses (n, K) of K rows ``M`` to n fresh noise patches, given ``inner = M M^T`` (K, K) and
+        ``along_basis = M B`` (K, 3), B the unit signal basis: Gaussian with covariance ``sigma_p^2 M P M^T``,
+        ``P = I - B B^T`` (or I without projection), sampled through its eigendecomposition (the matrix is
+        singular when rows repeat) in float64: O(n K^2), nothing of size d."""
+        inner, along_basis = inner.double(), along_basis.double()
+        cov = inner - along_basis @ along_basis.T if self.project_noise else inner
+        values, vectors = torch.linalg.eigh(self.sigma_p ** 2 * (cov + cov.T) / 2)
+        factor = vectors * values.clamp_min(0).sqrt()
+        generator = torch.Generator().set_state(self.state)
+        gauss = torch.randn(len(self), inner.shape[0], generator=generator, dtype=torch.float64)
+        return (gauss @ factor.T).to(self.y.dtype)
+
+
 @dataclass(frozen=True)
 class SyntheticTransferData:
     """Everything a synthetic pipeline trains and tests on."""
 
     directions: Directions
     task1_train: PatchData
-    task1_test: PatchData
+    task1_test: PatchData | ResponseTestSet
     task2_train: PatchData
-    task2_test: PatchData
+    task2_test: PatchData | ResponseTestSet
 
 
 def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Generator,
@@ -76,6 +114,21 @@ def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Gener
     basis, _ = torch.linalg.qr(gauss)
     u, v1, v2 = (basis[:, i] * norm for i, norm in enumerate((u_norm, v_norm, v_norm)))
     return Directions(u.to(dtype), v1.to(dtype), v2.to(dtype), basis.to(dtype))
+
+
+def sample_labels(n: int, label_noise: float, generator: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Observed and clean labels in {-1, +1} (n,): clean uniform, each flipped with probability ``label_noise``."""
+    clean_y = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
+    flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
+    return torch.where(flips, -clean_y, clean_y), clean_y
+
+
+def response_test_set(n: int, sigma_p: float, label_noise: float, generator: torch.Generator,
+                      dtype: torch.dtype = torch.float32, project_noise: bool = True) -> ResponseTestSet:
+    """The labels of ``n`` test samples, drawn from ``generator`` as ``sample_task`` draws them (so they equal
+    the d-space test set's), and the state that the noise responses are drawn from."""
+    y, clean_y = sample_labels(n, label_noise, generator, dtype)
+    return ResponseTestSet(y, clean_y, sigma_p, project_noise, generator.get_state())
 
 
 SIGNAL_POSITIONS = ("fixed", "random")
@@ -91,9 +144,7 @@ def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label
     dtype = directions.basis.dtype
     basis = directions.basis.double()
     d = basis.shape[0]
-    clean_y = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
-    flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
-    y = torch.where(flips, -clean_y, clean_y)
+    y, clean_y = sample_labels(n, label_noise, generator, dtype)
     gauss = torch.randn(n, d, generator=generator, dtype=torch.float64)
     if project_noise:
         gauss = gauss - (gauss @ basis) @ basis.T
@@ -113,18 +164,23 @@ def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label
 def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
                         label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
                         dtype: torch.dtype = torch.float32, project_noise: bool = True,
-                        signal_position: str = "fixed") -> SyntheticTransferData:
+                        signal_position: str = "fixed", test_space: str = "dspace") -> SyntheticTransferData:
     """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``.
 
     Each part draws from its own sub-seed, so the task-2 data do not change when a sweep varies
-    task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep.
+    task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep. With ``test_space="response"``
+    the test sets are ``ResponseTestSet`` s with the labels of the d-space ones.
     """
     def gen(part: str) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(seed, part))
 
     directions = make_directions(d, u_norm, v_norm, gen("directions"), dtype)
 
-    def part(task: int, n: int, sigma_p: float, name: str) -> PatchData:
+    def part(task: int, n: int, sigma_p: float, name: str) -> PatchData | ResponseTestSet:
+        if name.endswith("_test") and test_space == "response":
+            return response_test_set(n, sigma_p, label_noise, gen(name), dtype, project_noise)
+        if test_space not in TEST_SPACES:
+            raise ValueError(f"task.test_space={test_space!r} is not allowed: must be one of {', '.join(TEST_SPACES)}")
         return sample_task(directions, task, n, sigma_p, label_noise, gen(name), project_noise, signal_position)
 
     return SyntheticTransferData(

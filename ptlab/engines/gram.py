@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ptlab.config import check_gram_engine
-from ptlab.data.synthetic import DTYPES, make_synthetic_data
+from ptlab.data.synthetic import DTYPES, PatchData, ResponseTestSet, make_synthetic_data
 from ptlab.engines.base import Stage, StageResult
 from ptlab.errors import DivergenceError
 from ptlab.models.two_layer_cnn import ModelForm, TwoLayerReLUCNN
@@ -96,6 +96,7 @@ class GramCell:
     upstream_init: str = "normal"
     project_noise: bool = True
     signal_position: str = "fixed"
+    test_space: str = "dspace"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
 
     @classmethod
@@ -118,7 +119,8 @@ class GramCell:
             config=cfg if snapshot is None else snapshot, model_form=model_form(cfg.model),
             upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
-            project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")))
+            project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
+            test_space=str(task.get("test_space", "dspace")))
 
     @property
     def shape_key(self) -> tuple:
@@ -131,7 +133,7 @@ class GramCell:
         """Cells with equal data keys share data, inits and Gram matrices (they differ in norms, lr, alpha)."""
         return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
                 self.init_std, self.upstream_init_std, self.init, self.upstream_init, self.project_noise,
-                self.signal_position)
+                self.signal_position, self.test_space)
 
 
 def model_form(model_cfg: Any) -> ModelForm:
@@ -445,11 +447,22 @@ def _seeded_cnn(cell: GramCell, init_std: float, init: str, form: ModelForm, str
     return model.weight.detach().to(dtype).reshape(-1, cell.d), bias
 
 
+def _test_products(test: PatchData | ResponseTestSet, rows: Tensor, inner: Tensor, index: Tensor) -> Tensor:
+    """Inner products (K, n_test) of ``rows`` (``rows[:3]`` the unit signal basis) with the test noise patches:
+    computed from the patches in d-space, or drawn in response space from the rows' Gram matrix (``inner``
+    restricted to ``index``), with nothing of size d."""
+    if isinstance(test, PatchData):
+        return rows @ test.noise.T
+    block = inner[index][:, index]
+    return test.responses(block, block[:, :3]).T.to(rows.dtype)
+
+
 def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
     data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
                                v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
                                sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
-                               project_noise=cell.project_noise, signal_position=cell.signal_position)
+                               project_noise=cell.project_noise, signal_position=cell.signal_position,
+                               test_space=cell.test_space)
     dtype = DTYPES[cell.dtype]
     basis_t = data.directions.basis.T.to(dtype)
     task2 = torch.cat([basis_t, data.task2_train.noise])
@@ -471,8 +484,9 @@ def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
         cuts = np.cumsum([0, p1, p2, fm, fm])
         s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
         inner = rows @ rows.T
-        test1 = torch.cat([task1, upstream]) @ data.task1_test.noise.T
-        test2 = rows @ data.task2_test.noise.T
+        index1 = torch.cat([torch.arange(s1.start, s1.stop), torch.arange(su.start, su.stop)])
+        test1 = _test_products(data.task1_test, torch.cat([task1, upstream]), inner, index1)
+        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
         t.update({
             "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
             "norm2_1": inner[su, su].diagonal().clone(),
@@ -486,7 +500,7 @@ def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
         rows = torch.cat([task2, downstream])
         p2 = task2.shape[0]
         inner = rows @ rows.T
-        test2 = rows @ data.task2_test.noise.T
+        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
         t.update({"gram2": inner[:p2, :p2], "cross2": test2[:p2], "start2": inner[p2:, :p2],
                   "test_start2": test2[p2:], "norm2_2": inner[p2:, p2:].diagonal().clone()})
     return _Group(cell_indices, {k: v.to(dtype).contiguous() for k, v in t.items()})
@@ -701,7 +715,16 @@ class GramEngine:
         filters = weight.reshape(-1, weight.shape[-1])  # (2m, d)
         directions = stage.directions
         rows = torch.cat([directions.basis.T.to(dtype), stage.train.noise.to(dtype)])  # [b_u, b_v1, b_v2; xi]
-        test_noise = stage.test.noise.to(dtype)
+        if isinstance(stage.test, ResponseTestSet):
+            # one draw for [w(0); b; xi] jointly: the filters' responses and the rows' cross products
+            both = torch.cat([directions.basis.T.to(dtype), filters, stage.train.noise.to(dtype)])
+            inner = both @ both.T
+            drawn = stage.test.responses(inner, inner[:, :3]).T.to(dtype)
+            fm = filters.shape[0]
+            test_start, cross = drawn[3:3 + fm], torch.cat([drawn[:3], drawn[3 + fm:]])
+        else:
+            test_noise = stage.test.noise.to(dtype)
+            test_start, cross = filters @ test_noise.T, rows @ test_noise.T
         norms = [float(torch.linalg.vector_norm(getattr(directions, name).double())) for name in SIGNALS]
         signal = [norms[0], norms[1] if stage.task == 1 else 0.0, norms[2] if stage.task == 2 else 0.0]
 
@@ -712,8 +735,8 @@ class GramEngine:
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = _train_stage(
-                one(filters @ rows.T), one(filters @ test_noise.T), one((filters * filters).sum(-1)),
-                (rows @ rows.T)[None], (rows @ test_noise.T)[None], stage.train.y.to(dtype)[None],
+                one(filters @ rows.T), one(test_start), one((filters * filters).sum(-1)),
+                (rows @ rows.T)[None], cross[None], stage.train.y.to(dtype)[None],
                 stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
                 torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
                 torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads,

@@ -32,7 +32,7 @@ def make_data(cfg: DictConfig) -> SyntheticTransferData:
         d=task.d, n1=task.n1, n2=task.n2, n_test=task.n_test, u_norm=task.u_norm, v_norm=task.v_norm,
         label_noise=task.label_noise, sigma_p1=noise.sigma_p1, sigma_p2=noise.sigma_p2,
         seed=derive_seed(cfg.seed, "data"), dtype=DTYPES[cfg.train.dtype], project_noise=task.project_noise,
-        signal_position=task.signal_position)
+        signal_position=task.signal_position, test_space=task.test_space)
 
 
 def build_model(model_cfg: DictConfig, cfg: DictConfig, stream: str) -> nn.Module:
