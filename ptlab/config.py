@@ -44,6 +44,8 @@ SIGNAL_POSITIONS = ("fixed", "random")
 """``task.signal_position`` (``ptlab.data.synthetic.SIGNAL_POSITIONS``)."""
 TEST_SPACES = ("dspace", "response")
 """``task.test_space`` (``ptlab.data.synthetic.TEST_SPACES``)."""
+SAMPLINGS = ("dspace", "gram")
+"""``task.sampling`` (``ptlab.data.gram_sampling.SAMPLINGS``)."""
 TOY_INITS = ("normal", "torch")
 TOY_ACTIVATIONS = ("relu", "relu_q", "leaky_relu")
 TOY_REDUCTIONS = ("sum", "mean")
@@ -69,6 +71,9 @@ class SyntheticTaskSchema:
     signal_position: str = "fixed"
     # Test sets drawn in R^d (dspace) or as responses from their Gaussian law (response; engine=gram only).
     test_space: str = "dspace"
+    # Training data and inits drawn in R^d (dspace), or their Gram matrix drawn directly (gram: Wishart/Bartlett,
+    # Gaussian inits, needs test_space=response and engine=gram; docs/design.md section 3).
+    sampling: str = "dspace"
 
     def __post_init__(self) -> None:
         for key in ("d", "n1", "n2", "n_test"):
@@ -79,6 +84,9 @@ class SyntheticTaskSchema:
         _check(self.d >= 4, "d", ">= 4 (three signal directions plus noise)", self.d)
         _one_of("signal_position", self.signal_position, SIGNAL_POSITIONS)
         _one_of("test_space", self.test_space, TEST_SPACES)
+        _one_of("sampling", self.sampling, SAMPLINGS)
+        _check(self.sampling == "dspace" or self.test_space == "response", "sampling",
+               "dspace unless task.test_space=response (gram sampling draws no test patches in R^d)", self.sampling)
 
 
 @dataclass
@@ -458,6 +466,11 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.transfer.kind not in ("none", "filters"):
         raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
                           "must be one of none, filters")
+    if cfg.task.get("sampling", "dspace") == "gram":
+        for key in ("model", "upstream_model"):
+            if cfg[key].get("init", "normal") != "normal":
+                raise ConfigError(f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be normal "
+                                  "(the Wishart law holds for Gaussian inits)")
     if cfg.transfer.kind == "filters" and bool(cfg.upstream_model.get("bias", False)) != bool(cfg.model.get("bias", False)):
         raise ConfigError(f"upstream_model.bias={cfg.upstream_model.get('bias', False)} is not allowed with engine=gram "
                           f"and filter transfer: must equal model.bias={cfg.model.get('bias', False)}")
@@ -468,9 +481,10 @@ def check_gram_engine(cfg: Any) -> None:
 
 def _check_dspace_engine(cfg: DictConfig) -> None:
     """Engines other than gram train on d-space inputs, so their test sets must be drawn in d-space too."""
-    if cfg.task.name == "synthetic" and cfg.task.get("test_space", "dspace") != "dspace":
-        raise ConfigError(f"task.test_space={cfg.task.test_space!r} is not allowed with engine={cfg.engine.get('name')}: "
-                          "must be dspace (response needs engine=gram)")
+    for key, needs in (("test_space", "response"), ("sampling", "gram")):
+        if cfg.task.name == "synthetic" and cfg.task.get(key, "dspace") != "dspace":
+            raise ConfigError(f"task.{key}={cfg.task[key]!r} is not allowed with engine={cfg.engine.get('name')}: "
+                              f"must be dspace ({needs} needs engine=gram)")
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:
