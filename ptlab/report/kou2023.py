@@ -54,8 +54,9 @@ def kou2023_table(runs: pd.DataFrame, experiment: str) -> tuple[pd.DataFrame, Bo
     table.columns = ["d", "mu", "error_mean", "error_std", "seeds"]
     table["signal_term"] = fixed["n"] * table.mu ** 4 / fixed["sigma_p"] ** 4
     threshold = (fixed["p"] + 0.5) / 2
-    fit = fit_boundary(table.d.to_numpy(), table.signal_term.to_numpy(), 1.0 - table.error_mean.to_numpy(),
-                       1.0 - threshold)
+    with np.errstate(divide="ignore"):  # ||mu|| = 0: the ratio d / 0 is inf, harmful for every C
+        fit = fit_boundary(table.d.to_numpy(), table.signal_term.to_numpy(), 1.0 - table.error_mean.to_numpy(),
+                           1.0 - threshold)
     table["benign"] = table.error_mean < threshold
     table["predicted_benign"] = table.d <= fit.c * table.signal_term
     return table, fit, fixed
