@@ -85,15 +85,35 @@ class ResponseTestSet:
     def responses(self, inner: Tensor, along_basis: Tensor) -> Tensor:
         """Responses (n, K) of K rows ``M`` to n fresh noise patches, given ``inner = M M^T`` (K, K) and
         ``along_basis = M B`` (K, 3), B the unit signal basis: Gaussian with covariance ``sigma_p^2 M P M^T``,
-        ``P = I - B B^T`` (or I without projection), sampled through its eigendecomposition (the matrix is
-        singular when rows repeat) in float64: O(n K^2), nothing of size d."""
+        ``P = I - B B^T`` (or I without projection), in float64: O(n K^2), nothing of size d. Rows of zero
+        variance (the basis under projection) get 0; the others are drawn through the Cholesky factor of their
+        covariance, or, where that is singular (repeated rows, d < K), its eigendecomposition."""
         inner, along_basis = inner.double(), along_basis.double()
         cov = inner - along_basis @ along_basis.T if self.project_noise else inner
-        values, vectors = torch.linalg.eigh(self.sigma_p ** 2 * (cov + cov.T) / 2)
-        factor = vectors * values.clamp_min(0).sqrt()
+        cov = self.sigma_p ** 2 * (cov + cov.T) / 2
+        diagonal = cov.diagonal()
+        live = diagonal > 1e-12 * diagonal.max().clamp_min(1e-300)
         generator = torch.Generator().set_state(self.state)
-        gauss = torch.randn(len(self), inner.shape[0], generator=generator, dtype=torch.float64)
-        return (gauss @ factor.T).to(self.y.dtype)
+        factor, info = torch.linalg.cholesky_ex(cov[live][:, live])
+        if int(info) != 0:
+            live = torch.ones_like(live)
+            factor = _eigen_factor(cov)
+        gauss = torch.randn(len(self), int(live.sum()), generator=generator, dtype=torch.float64)
+        out = torch.zeros(len(self), inner.shape[0], dtype=torch.float64)
+        out[:, live] = gauss @ factor.T
+        return out.to(self.y.dtype)
+
+
+def _eigen_factor(cov: Tensor) -> Tensor:
+    """``F`` with ``F F^T = cov`` for a PSD ``cov`` (eigenvalues clamped at 0), on one thread (LAPACK's threaded
+    eigh is ~20x slower on these small matrices)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        values, vectors = torch.linalg.eigh(cov)
+    finally:
+        torch.set_num_threads(threads)
+    return vectors * values.clamp_min(0).sqrt()
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,7 @@ class _Jobs:
         self.probe: DictConfig | None = None
         self.current: _Template | None = None
         self.parsed: dict[str, Override] = {}
+        self.is_value: dict[str, bool] = {}
 
     def parse(self, line: str) -> Override:
         """One override, parsed once per distinct text (Hydra's parser costs ~0.1 ms an override)."""
@@ -282,7 +283,10 @@ class _Jobs:
         composed = None
         if self.probe is None:
             composed = self.probe = self.loader.load_sweep_config(self.config, overrides)
-        values = [o for o in parsed if _is_value_override(o, self.probe)]
+        for override in parsed:
+            if override.input_line not in self.is_value:
+                self.is_value[override.input_line] = _is_value_override(override, self.probe)
+        values = [o for o in parsed if self.is_value[o.input_line]]
         value_lines = {o.input_line for o in values}
         key = (tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
                tuple(sorted(o.key_or_group for o in values)))
@@ -405,15 +409,19 @@ def _run_basic(hydra_context: HydraContext, task_function: TaskFunction, config:
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
-def _grid_job(composer: _Jobs, overrides: list[str]) -> tuple[_Template, list[Override], list[Override]]:
-    """The template and overrides of a grid job; ``ConfigError`` when the grid layout cannot take it."""
+def _grid_job(composer: _Jobs, overrides: list[str], checked: set[int]) -> tuple[_Template, list[Override], list[Override]]:
+    """The template and overrides of a grid job; ``ConfigError`` when the grid layout cannot take it (checked once
+    per template: ``checked`` holds the ids of those that passed)."""
     template, parsed, values = composer.template(overrides)
+    if id(template) in checked:
+        return template, parsed, values
     if OmegaConf.select(template.task, "engine.name") != "gram" or template.task.task.name != "synthetic":
         raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an engine=gram "
                           "synthetic pipeline (use hydra.launcher.tracking=runs)")
     if not template.fast:
         raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: its swept values feed an "
                           "interpolation or a custom subdir (use hydra.launcher.tracking=runs)")
+    checked.add(id(template))
     return template, parsed, values
 
 
@@ -470,8 +478,9 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     jobs: list[tuple[int, list[Override]]] = []
     cells: list[GramCell] = []
     names: list[str] = []
+    checked: set[int] = set()
     for overrides in job_overrides:
-        template, parsed, values = _grid_job(composer, list(overrides))
+        template, parsed, values = _grid_job(composer, list(overrides), checked)
         if template not in templates:
             templates.append(template)
         jobs.append((templates.index(template), values))
