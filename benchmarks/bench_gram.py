@@ -283,10 +283,9 @@ def part_h(root: Path, peak: dict[str, float] | None, main_commit: str, seeds: i
     print(f"    this tree: {new_seconds:.1f} s: {launcher_line(new_err)}   ({load()})")
     speedup = main_seconds / new_seconds
     print(f"    speedup {speedup:.2f}x (bar: >= 3x: {'met' if speedup >= 3 else 'NOT met'})")
-    cells = [GramCell.from_config(config(["logger=none", "experiment=fig2", f"task.d={d}", f"task.u_norm={u / 5:.1f}"], ""))
-             for d in (500,) for u in (0,)]
-    flops = training_flops(cells[0]) * 400 * seeds
-    print(f"    training FLOPs of the grid: {flops / 1e12:.2f} TFLOP ({training_flops(cells[0]) / 1e9:.2f} GFLOP a cell)")
+    per_cell = training_flops(GramCell.from_config(config(["logger=none", "experiment=fig2"], "")))  # equal shapes
+    flops = per_cell * 400 * seeds
+    print(f"    training FLOPs of the grid: {flops / 1e12:.2f} TFLOP ({per_cell / 1e9:.2f} GFLOP a cell)")
     if peak is not None:
         import re
 
