@@ -18,7 +18,12 @@ ReLU on both patches, torch's softplus gradient with its threshold, torchmetrics
 different order, so float64 results agree with plain GD to rounding. The data, inits and transfer
 plan come from the same functions and seed streams as the Lightning path.
 
-Cells (pipeline configs) with equal shapes (N1, N2, n_test, m, steps) run as one batched tensor
+The model variants of ``ptlab.models.two_layer_cnn`` (bias, activation, reductions) change the step as
+docs/design.md section 3 says; response-space test sets (``task.test_space=response``) and gram sampling
+(``task.sampling=gram``, ``DRAWS``) replace the d-space draws of a cell by draws of the same law from its
+Gram matrix, so a cell's cost no longer grows with ``d``.
+
+Cells (pipeline configs) with equal shapes (N1, N2, n_test, m, steps, model form) run as one batched tensor
 program whatever their ``d``; cells that differ only in the signal norms (``u_norm``, ``v_norm``) or
 in ``lr``, ``alpha`` and ``selection`` share one draw of data and inits (the data stream does not
 depend on the signal norms) and one set of Gram matrices.
@@ -702,20 +707,25 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
     return results
 
 
-def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool]) -> list[tuple[int, GramResult]]:
-    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process.
+def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None],
+              ) -> list[tuple[int, Any]]:
+    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process; with a
+    ``summarize`` function, each result is replaced by what it returns (in the worker, so that only that comes
+    back: a worker's tensors cross to the parent one shared-memory segment each).
 
     The d-space products and the evaluations use torch's threads; the steps run on one: they are many
     small tensor operations, which lose more to the threads' synchronisation than they gain."""
-    cells, groups, record_coefficients = spec
+    cells, groups, record_coefficients, summarize = spec
     prepared = [_prepare_group(cells[g[0]], g) for g in groups]
     threads = torch.get_num_threads()
     with torch_threads(1):
-        return _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
+        results = _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
+    return results if summarize is None else [(k, summarize(result)) for k, result in results]
 
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
-                workers: int = 1) -> Iterator[list[tuple[int, GramResult]]]:
+                workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
+                ) -> Iterator[list[tuple[int, Any]]]:
     """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
@@ -742,7 +752,8 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
     for chunk in chunks:
         flat = [index for group in chunk for index in group]
         position = {index: k for k, index in enumerate(flat)}
-        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients)))
+        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
+                             summarize)))
     if workers > 1 and len(specs) > 1:
         context = multiprocessing.get_context("fork")
         with context.Pool(min(workers, len(specs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:

@@ -490,9 +490,9 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     finals: list[dict[str, float] | None] = [None] * len(cells)
     workers = torch.get_num_threads() if workers is None else workers
     with tqdm(total=len(cells), desc="gram grid", unit="cell", disable=not progress) as bar:
-        for chunk in iter_chunks(cells, max_cells, workers=workers):
-            for position, result in chunk:
-                finals[position] = _grid_finals(result)
+        for chunk in iter_chunks(cells, max_cells, workers=workers, summarize=_grid_finals):
+            for position, final in chunk:
+                finals[position] = final
             bar.update(len(chunk))
     trained = time.perf_counter()
     table = _grid_table(templates, jobs, finals, names)  # type: ignore[arg-type]
