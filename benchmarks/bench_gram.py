@@ -237,14 +237,15 @@ def part_f(workers: int | None) -> None:
 
 
 def timed_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
-    """Seconds of ``python -m <args>`` and its stderr (the launcher's timing line)."""
+    """Seconds of ``python -m <args>`` and its output, stdout then stderr (the launcher's timing line is
+    Hydra's log)."""
     cwd.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
-    return time.perf_counter() - start, done.stderr
+    return time.perf_counter() - start, done.stdout + done.stderr
 
 
 def launcher_line(stderr: str) -> str:
