@@ -117,9 +117,16 @@ def scratch_stage(cfg) -> tuple[Stage, Tensor, Tensor | None]:
     return stage, *plain_gd(model, data.task2_train.x, data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps)
 
 
-def test_lightning_and_single_stage_gram_match_plain_gd(variant_cfg) -> None:
+DEFAULT_LIGHTNING = ("relu_q", "kou2023")
+"""Variants whose Lightning check runs by default (the others are marked slow: a Lightning fit each)."""
+
+
+@pytest.mark.parametrize("variant", [name if name in DEFAULT_LIGHTNING else pytest.param(name, marks=pytest.mark.slow)
+                                     for name in VARIANTS])
+def test_lightning_and_single_stage_gram_match_plain_gd(make_cfg, variant: str) -> None:
     """The Lightning module (``FullBatchGD`` on the model class) and ``GramEngine.train_stage`` train the
     scratch stage to plain GD's weights and biases."""
+    variant_cfg = make_cfg(*BASE, *VARIANTS[variant])
     stage, weight, bias = scratch_stage(variant_cfg)
     module = FullBatchGD(stage.model, lr=stage.lr, eval_every=stage.eval_every)
     trainer = pl.Trainer(max_steps=stage.steps, max_epochs=1, logger=False, enable_checkpointing=False,
