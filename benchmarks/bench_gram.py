@@ -6,9 +6,17 @@
     (printed as such), against the batched gram launcher on the whole grid through the CLI;
 (c) cost per cell against d (500 ... 50000) for both engines: Lightning timed on 1/10 of the steps and
     scaled by 10 (printed as such), gram batched at 20 cells per d;
-(d) the full ``experiment=fig2`` grid (20 x 20 x 3, paper settings) through the CLI, with MLflow.
+(d) the full ``experiment=fig2`` grid (20 x 20 x 3, paper settings) through the CLI, with MLflow;
+the scale bars of issue 15, in one run (the default parts):
+(e) this machine's matmul peak on 2 threads (float32 and float64 GFLOP/s, best of 5 at n = 2048);
+(f) cost per cell at d = 10^3 vs 10^6 with response-space test sets and gram sampling (bar: within 1.5x);
+(g) the full ``experiment=kou2023`` grid (100,000 trainings) through the CLI with tracking, then its
+    report with the heatmap (bar: under 120 s);
+(h) the full ``fig2`` grid through the CLI with MLflow: main's commit (``--main-commit``, extracted with
+    ``git archive``) against this tree with response-space test sets and gram sampling (bar: >= 3x), and
+    the grid's training FLOP count against the measured peak (bar: >= 50%).
 
-Run from the repo root: ``python benchmarks/bench_gram.py [--parts abcd] [--sample 2]`` (about 8 minutes). Everything it writes goes to
+Run from the repo root: ``python benchmarks/bench_gram.py [--parts efgh] [--sample 2]``. Everything it writes goes to
 a temporary directory; the machine's load average is printed beside every timing.
 """
 
@@ -179,10 +187,125 @@ def part_d(root: Path) -> None:
     print(f"    {seconds:.1f} s   ({load()})")
 
 
+def matmul_peak(threads: int = 2, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul on ``threads`` threads, best of ``repeats`` (float32 and float64)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.rand(size, size, dtype=dtype), torch.rand(size, size, dtype=dtype)
+        out[str(dtype).removeprefix("torch.")] = 2 * size ** 3 / best(lambda: a @ b, repeats) / 1e9
+    torch.set_num_threads(previous)
+    return out
+
+
+def training_flops(cell: GramCell) -> float:
+    """Multiply-add FLOPs of a cell's GD steps in the gram engine (``_train_stage``): per step and model, the
+    response update (2 Fm K^2), the margins (2 Fm K + 2 K N) and the per-patch slopes (2 N K), with
+    Fm = 2m filters and K = N + 2 patches; the downstream batch trains transfer and scratch."""
+    def stage(n: int, steps: int) -> float:
+        fm, k = 2 * cell.width, n + 2
+        return steps * (2 * fm * k * k + 2 * fm * k + 4 * k * n)
+
+    downstream = (2 if cell.transfer else 1) * stage(cell.n2, cell.downstream_steps)
+    return downstream + (stage(cell.n1, cell.upstream_steps) if cell.transfer else 0.0)
+
+
+def part_e() -> dict[str, float]:
+    print("\n(e) matmul peak, 2 threads, n = 2048, best of 5")
+    peak = matmul_peak()
+    print(f"    float32 {peak['float32']:.1f} GFLOP/s   float64 {peak['float64']:.1f} GFLOP/s   ({load()})")
+    return peak
+
+
+def part_f(workers: int | None) -> None:
+    print("\n(f) cost per cell vs d, response-space test sets + gram sampling (fig2 settings, 20 cells of one"
+          " data group, no tracking)")
+    workers = torch.get_num_threads() if workers is None else workers
+    per_cell = {}
+    for d in (1000, 1_000_000):
+        cfgs = [config(["logger=none", "engine=gram", "train.eval_every=100", "task.test_space=response",
+                        "task.sampling=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "") for i in range(20)]
+        cells = [GramCell.from_config(cfg) for cfg in cfgs]
+        run_cells(cells[:1])
+        start = time.perf_counter()
+        run_cells(cells, max_cells=20, workers=workers)
+        per_cell[d] = (time.perf_counter() - start) / len(cells)
+        print(f"    d={d:>8}: {per_cell[d]:.3f} s/cell   ({load()})")
+    ratio = max(per_cell.values()) / min(per_cell.values())
+    print(f"    ratio {ratio:.2f}x (bar: within 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
+
+
+def timed_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Seconds of ``python -m <args>`` and its output, stdout then stderr (the launcher's timing line is
+    Hydra's log)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return time.perf_counter() - start, done.stdout + done.stderr
+
+
+def launcher_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "ptlab gram" in line]
+    return lines[-1].split("] ", 1)[-1] if lines else "(no launcher timing line)"
+
+
+def part_g(root: Path) -> None:
+    print("\n(g) full experiment=kou2023 grid (100 x 100 x 10 = 100,000 trainings), CLI with MLflow, then its report")
+    out = root / "g_kou2023"
+    sweep, stderr = timed_cli(["ptlab", "-m", "experiment=kou2023", "logger.tracking_uri=sqlite:///mlflow.db",
+                               "hydra.launcher.progress=false"], out)
+    print(f"    sweep {sweep:.1f} s: {launcher_line(stderr)}   ({load()})")
+    report, _ = timed_cli(["ptlab.report", "kou2023", "--tracking-uri", "sqlite:///mlflow.db"], out)
+    boundary = (out / "reports" / "kou2023" / "kou2023_boundary.md").read_text()
+    total = sweep + report
+    print(f"    report {report:.1f} s; total {total:.1f} s (bar: < 120 s: {'met' if total < 120 else 'NOT met'})")
+    print("    " + boundary.replace("\n", "\n    "))
+
+
+def part_h(root: Path, peak: dict[str, float] | None, main_commit: str, seeds: int) -> None:
+    seed_list = ",".join(map(str, range(seeds)))
+    print(f"\n(h) fig2 grid (20 x 20 x {seeds} seeds), CLI with MLflow: main {main_commit} vs this tree with "
+          "response-space test sets + gram sampling")
+    tree = root / "main_tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", main_commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    grid = ["ptlab", "-m", "experiment=fig2", f"seed={seed_list}", "logger.tracking_uri=sqlite:///mlflow.db",
+            "hydra.launcher.progress=false"]
+    main_seconds, main_err = timed_cli(grid, root / "h_main", env={"PYTHONPATH": str(tree)})
+    print(f"    main: {main_seconds:.1f} s: {launcher_line(main_err)}   ({load()})")
+    here = Path(__file__).resolve().parent.parent
+    new_seconds, new_err = timed_cli([*grid, "task.test_space=response", "task.sampling=gram"], root / "h_new",
+                                     env={"PYTHONPATH": str(here)})
+    print(f"    this tree: {new_seconds:.1f} s: {launcher_line(new_err)}   ({load()})")
+    speedup = main_seconds / new_seconds
+    print(f"    speedup {speedup:.2f}x (bar: >= 3x: {'met' if speedup >= 3 else 'NOT met'})")
+    per_cell = training_flops(GramCell.from_config(config(["logger=none", "experiment=fig2"], "")))  # equal shapes
+    flops = per_cell * 400 * seeds
+    print(f"    training FLOPs of the grid: {flops / 1e12:.2f} TFLOP ({per_cell / 1e9:.2f} GFLOP a cell)")
+    if peak is not None:
+        import re
+
+        found = re.search(r"in ([0-9.]+) s \(configs ([0-9.]+) s, summaries and tracking ([0-9.]+) s\)", new_err)
+        if found:
+            total, configs, tracked = map(float, found.groups())
+            training = total - configs - tracked
+            fraction = flops / training / 1e9 / peak["float32"]
+            print(f"    training part (cells' data, Gram matrices and GD steps): {training:.1f} s = "
+                  f"{flops / training / 1e9:.1f} GFLOP/s = {fraction:.1%} of the float32 peak "
+                  f"(bar: >= 50%: {'met' if fraction >= 0.5 else 'NOT met'})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sample", type=int, default=2, help="Lightning cells measured for (b)")
-    parser.add_argument("--parts", default="abcd", help="which measurements to run (default: %(default)s)")
+    parser.add_argument("--parts", default="efgh", help="which measurements to run (default: %(default)s)")
+    parser.add_argument("--main-commit", default="e8be947", help="main's commit for (h) (default: %(default)s)")
+    parser.add_argument("--fig2-seeds", type=int, default=3, help="seeds of the fig2 grid in (h) (3: the full grid)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per engine in (a)")
     parser.add_argument("--workers", type=int, default=None, help="gram worker processes (default: torch threads)")
     args = parser.parse_args()
@@ -198,6 +321,13 @@ def main() -> None:
         part_c(root, args.workers)
     if "d" in args.parts:
         part_d(root)
+    peak = part_e() if "e" in args.parts else None
+    if "f" in args.parts:
+        part_f(args.workers)
+    if "g" in args.parts:
+        part_g(root)
+    if "h" in args.parts:
+        part_h(root, peak, args.main_commit, args.fig2_seeds)
 
 
 if __name__ == "__main__":

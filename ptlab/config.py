@@ -40,6 +40,19 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
     _check(value in options, key, "one of " + ", ".join(options), value)
 
 
+SIGNAL_POSITIONS = ("fixed", "random")
+"""``task.signal_position`` (``ptlab.data.synthetic.SIGNAL_POSITIONS``)."""
+TEST_SPACES = ("dspace", "response")
+"""``task.test_space`` (``ptlab.data.synthetic.TEST_SPACES``)."""
+SAMPLINGS = ("dspace", "gram")
+"""``task.sampling`` (``ptlab.data.gram_sampling.SAMPLINGS``)."""
+TOY_INITS = ("normal", "torch")
+TOY_ACTIVATIONS = ("relu", "relu_q", "leaky_relu")
+TOY_REDUCTIONS = ("sum", "mean")
+"""The two-layer CNN's ``model.init``, ``model.activation`` and reductions (``ptlab.models.two_layer_cnn``, which
+imports torch; a test checks the lists agree)."""
+
+
 @dataclass
 class SyntheticTaskSchema:
     """The two-patch data model of docs/design.md section 1."""
@@ -52,6 +65,15 @@ class SyntheticTaskSchema:
     u_norm: float = 2.0
     v_norm: float = 2.0
     label_noise: float = 0.0
+    # Variants of the benign-overfitting literature (docs/design.md section 1): noise not projected off the
+    # signals; the signal patch at a random position per sample.
+    project_noise: bool = True
+    signal_position: str = "fixed"
+    # Test sets drawn in R^d (dspace) or as responses from their Gaussian law (response; engine=gram only).
+    test_space: str = "dspace"
+    # Training data and inits drawn in R^d (dspace), or their Gram matrix drawn directly (gram: Wishart/Bartlett,
+    # Gaussian inits, needs test_space=response and engine=gram; docs/design.md section 3).
+    sampling: str = "dspace"
 
     def __post_init__(self) -> None:
         for key in ("d", "n1", "n2", "n_test"):
@@ -60,6 +82,11 @@ class SyntheticTaskSchema:
         _nonnegative("v_norm", self.v_norm)
         _check(0 <= self.label_noise < 0.5, "label_noise", "in [0, 0.5)", self.label_noise)
         _check(self.d >= 4, "d", ">= 4 (three signal directions plus noise)", self.d)
+        _one_of("signal_position", self.signal_position, SIGNAL_POSITIONS)
+        _one_of("test_space", self.test_space, TEST_SPACES)
+        _one_of("sampling", self.sampling, SAMPLINGS)
+        _check(self.sampling == "dspace" or self.test_space == "response", "sampling",
+               "dspace unless task.test_space=response (gram sampling draws no test patches in R^d)", self.sampling)
 
 
 @dataclass
@@ -81,10 +108,24 @@ class ToyCNNSchema:
     _target_: str = "ptlab.models.TwoLayerReLUCNN"
     width: int = 40
     init_std: float = 0.01
+    # Variants of the benign-overfitting literature (ptlab.models.two_layer_cnn); defaults are the paper's.
+    init: str = "normal"
+    bias: bool = False
+    activation: str = "relu"
+    q: float = 2.0
+    negative_slope: float = 0.01
+    filter_reduction: str = "mean"
+    patch_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         _positive("width", self.width)
         _nonnegative("init_std", self.init_std)
+        _one_of("init", self.init, TOY_INITS)
+        _one_of("activation", self.activation, TOY_ACTIVATIONS)
+        _check(self.q > 1, "q", "> 1 (the exponent of relu_q)", self.q)
+        _check(0 <= self.negative_slope < 1, "negative_slope", "in [0, 1)", self.negative_slope)
+        _one_of("filter_reduction", self.filter_reduction, TOY_REDUCTIONS)
+        _one_of("patch_reduction", self.patch_reduction, TOY_REDUCTIONS)
 
 
 IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder")
@@ -442,6 +483,8 @@ def validate(cfg: DictConfig) -> None:
     check_selection(cfg)
     if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
+    else:
+        _check_dspace_engine(cfg)
     check_values(cfg)
 
 
@@ -473,6 +516,14 @@ def check_gram_engine(cfg: Any) -> None:
                           f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
                           "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
                           "or engine=lightning")
+    if cfg.task.get("sampling", "dspace") == "gram":
+        for key in ("model", "upstream_model"):
+            if cfg[key].get("init", "normal") != "normal":
+                raise ConfigError(f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be normal "
+                                  "(the Wishart law holds for Gaussian inits)")
+    if cfg.transfer.kind == "filters" and bool(cfg.upstream_model.get("bias", False)) != bool(cfg.model.get("bias", False)):
+        raise ConfigError(f"upstream_model.bias={cfg.upstream_model.get('bias', False)} is not allowed with engine=gram "
+                          f"and filter transfer: must equal model.bias={cfg.model.get('bias', False)}")
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
@@ -511,6 +562,12 @@ def check_selection(cfg: DictConfig) -> None:
     if synthetic and "bn" in needs:
         raise ConfigError(f"transfer.selection={name} is not allowed with task=synthetic: the two-layer CNN has no "
                           "BatchNorm to read")
+def _check_dspace_engine(cfg: DictConfig) -> None:
+    """Engines other than gram train on d-space inputs, so their test sets must be drawn in d-space too."""
+    for key, needs in (("test_space", "response"), ("sampling", "gram")):
+        if cfg.task.name == "synthetic" and cfg.task.get(key, "dspace") != "dspace":
+            raise ConfigError(f"task.{key}={cfg.task[key]!r} is not allowed with engine={cfg.engine.get('name')}: "
+                              f"must be dspace ({needs} needs engine=gram)")
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:

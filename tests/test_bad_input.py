@@ -47,6 +47,8 @@ BAD = [
      "task.root='EMPTY' is not allowed: "),
     ([*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
      "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small"),
+    (["model.activation=tanh"], "model.activation='tanh' is not allowed: must be one of relu, relu_q, leaky_relu"),
+    (["upstream_model=toy_cnn", "upstream_model.bias=true"], "upstream_model.bias=True is not allowed with engine=gram"),
 ]
 
 

@@ -23,13 +23,18 @@ from omegaconf import DictConfig
 class PtlabGramLauncherConf:
     """``max_cells``: cells per batched chunk (memory about 1.2 MB a cell at N1=200, m=40, plus ~100 MB);
     ``workers``: processes that run chunks (null: torch's thread count); ``history``: curve points sent to MLflow
-    per run: full | eval | last; ``progress``: a progress bar over cells."""
+    per run: full | eval | last; ``progress``: a progress bar over cells; ``tracking``: auto | runs | grid, a run per
+    cell or the grid layout (one grid run with a results table and ``grid_samples`` full cells; auto above
+    ``grid_threshold`` cells, ``ptlab.pipeline.batched``)."""
 
     _target_: str = "hydra_plugins.ptlab_gram_launcher.gram_launcher.PtlabGramLauncher"
     max_cells: int = 60
     workers: Optional[int] = None
     history: str = "last"
     progress: bool = True
+    tracking: str = "auto"
+    grid_threshold: int = 2000
+    grid_samples: int = 5
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ptlab_gram", node=PtlabGramLauncherConf,
@@ -40,8 +45,9 @@ class PtlabGramLauncher(Launcher):
     """Hydra ``Launcher`` that hands a sweep's jobs to ``ptlab.pipeline.batched.launch_batched``."""
 
     def __init__(self, max_cells: int = 60, workers: Optional[int] = None, history: str = "last",
-                 progress: bool = True) -> None:
+                 progress: bool = True, tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5) -> None:
         self.max_cells, self.workers, self.history, self.progress = max_cells, workers, history, progress
+        self.tracking, self.grid_threshold, self.grid_samples = tracking, grid_threshold, grid_samples
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -57,4 +63,5 @@ class PtlabGramLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         return launch_batched(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
-                              self.max_cells, self.history, self.progress, self.workers)
+                              self.max_cells, self.history, self.progress, self.workers, self.tracking,
+                              self.grid_threshold, self.grid_samples)

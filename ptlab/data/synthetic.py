@@ -3,6 +3,15 @@
 A sample of task k has a clean label ``y`` uniform on {-1, +1}, a signal patch ``y * (u + v_k)`` and a
 noise patch ``xi ~ N(0, sigma_pk^2 P)`` with ``P`` the projector onto the orthogonal complement of
 span{u, v1, v2}. The observed label is ``y`` flipped with probability ``label_noise``.
+
+Two variants of the benign-overfitting literature (Kou et al. 2023): the noise not projected off the
+signals (``project_noise=False``: ``xi ~ N(0, sigma_pk^2 I)``), and the signal patch at a random position
+per sample (``signal_position="random"``: the two patches swapped with probability 1/2).
+
+Test sets can be kept in response space (``test_space="response"``, ``ResponseTestSet``): a model's
+responses to a fresh noise patch are jointly Gaussian with covariance ``sigma_p^2 M P M^T`` (``M`` the rows
+the engine takes inner products with), so they are sampled from that law instead of drawing the patches
+in R^d (docs/design.md section 3).
 """
 
 from __future__ import annotations
@@ -34,19 +43,77 @@ class Directions:
 
 @dataclass(frozen=True)
 class PatchData:
-    """Samples of one task: ``x`` (N, 2, d) with patches [signal, noise], observed labels ``y`` (N,)."""
+    """Samples of one task: ``x`` (N, 2, d) with patches [signal, noise] (or, per sample, [noise, signal]
+    where ``signal_second``), observed labels ``y`` (N,)."""
 
     x: Tensor
     y: Tensor
     clean_y: Tensor
+    signal_second: Tensor | None = None
+    """(N,) bool where the signal patch is the second one (random positions); None: always first."""
 
     @property
     def noise(self) -> Tensor:
         """The noise patches ``xi`` (N, d)."""
-        return self.x[:, 1]
+        if self.signal_second is None:
+            return self.x[:, 1]
+        return self.x[torch.arange(len(self.x)), (~self.signal_second).long()]
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+TEST_SPACES = ("dspace", "response")
+"""``task.test_space``: test noise patches drawn in R^d, or their responses drawn from their Gaussian law."""
+
+
+@dataclass(frozen=True)
+class ResponseTestSet:
+    """A test set kept in response space: its labels (drawn as ``sample_task`` draws them) and what the noise
+    responses are drawn from (``responses``); the signal patches are ``+-(u + v_k)``, known exactly."""
+
+    y: Tensor
+    clean_y: Tensor
+    sigma_p: float
+    project_noise: bool
+    state: Tensor
+    """The generator state right after the labels: every call of ``responses`` draws from it afresh."""
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def responses(self, inner: Tensor, along_basis: Tensor) -> Tensor:
+        """Responses (n, K) of K rows ``M`` to n fresh noise patches, given ``inner = M M^T`` (K, K) and
+        ``along_basis = M B`` (K, 3), B the unit signal basis: Gaussian with covariance ``sigma_p^2 M P M^T``,
+        ``P = I - B B^T`` (or I without projection), in float64: O(n K^2), nothing of size d. Rows of zero
+        variance (the basis under projection) get 0; the others are drawn through the Cholesky factor of their
+        covariance, or, where that is singular (repeated rows, d < K), its eigendecomposition."""
+        inner, along_basis = inner.double(), along_basis.double()
+        cov = inner - along_basis @ along_basis.T if self.project_noise else inner
+        cov = self.sigma_p ** 2 * (cov + cov.T) / 2
+        diagonal = cov.diagonal()
+        live = diagonal > 1e-12 * diagonal.max().clamp_min(1e-300)
+        generator = torch.Generator().set_state(self.state)
+        factor, info = torch.linalg.cholesky_ex(cov[live][:, live])
+        if int(info) != 0:
+            live = torch.ones_like(live)
+            factor = _eigen_factor(cov)
+        gauss = torch.randn(len(self), int(live.sum()), generator=generator, dtype=torch.float64)
+        out = torch.zeros(len(self), inner.shape[0], dtype=torch.float64)
+        out[:, live] = gauss @ factor.T
+        return out.to(self.y.dtype)
+
+
+def _eigen_factor(cov: Tensor) -> Tensor:
+    """``F`` with ``F F^T = cov`` for a PSD ``cov`` (eigenvalues clamped at 0), on one thread (LAPACK's threaded
+    eigh is ~20x slower on these small matrices)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        values, vectors = torch.linalg.eigh(cov)
+    finally:
+        torch.set_num_threads(threads)
+    return vectors * values.clamp_min(0).sqrt()
 
 
 @dataclass(frozen=True)
@@ -55,9 +122,9 @@ class SyntheticTransferData:
 
     directions: Directions
     task1_train: PatchData
-    task1_test: PatchData
+    task1_test: PatchData | ResponseTestSet
     task2_train: PatchData
-    task2_test: PatchData
+    task2_test: PatchData | ResponseTestSet
 
 
 def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Generator,
@@ -69,39 +136,77 @@ def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Gener
     return Directions(u.to(dtype), v1.to(dtype), v2.to(dtype), basis.to(dtype))
 
 
+def sample_labels(n: int, label_noise: float, generator: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Observed and clean labels in {-1, +1} (n,): clean uniform, each flipped with probability ``label_noise``."""
+    clean_y = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
+    flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
+    return torch.where(flips, -clean_y, clean_y), clean_y
+
+
+def response_test_set(n: int, sigma_p: float, label_noise: float, generator: torch.Generator,
+                      dtype: torch.dtype = torch.float32, project_noise: bool = True) -> ResponseTestSet:
+    """The labels of ``n`` test samples, drawn from ``generator`` as ``sample_task`` draws them (so they equal
+    the d-space test set's), and the state that the noise responses are drawn from."""
+    y, clean_y = sample_labels(n, label_noise, generator, dtype)
+    return ResponseTestSet(y, clean_y, sigma_p, project_noise, generator.get_state())
+
+
+SIGNAL_POSITIONS = ("fixed", "random")
+"""``task.signal_position``: the signal patch first in every sample, or first or second at random."""
+
+
 def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label_noise: float,
-                generator: torch.Generator) -> PatchData:
-    """Draw ``n`` samples of task ``task`` (1 or 2)."""
+                generator: torch.Generator, project_noise: bool = True, signal_position: str = "fixed") -> PatchData:
+    """Draw ``n`` samples of task ``task`` (1 or 2); the variants draw after the paper's data, so its draws
+    do not change."""
     if task not in (1, 2):
         raise ValueError(f"task must be 1 or 2, got {task}")
     dtype = directions.basis.dtype
     basis = directions.basis.double()
     d = basis.shape[0]
-    clean_y = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
-    flips = torch.rand(n, generator=generator, dtype=torch.float64) < label_noise
-    y = torch.where(flips, -clean_y, clean_y)
+    y, clean_y = sample_labels(n, label_noise, generator, dtype)
     gauss = torch.randn(n, d, generator=generator, dtype=torch.float64)
-    noise = (sigma_p * (gauss - (gauss @ basis) @ basis.T)).to(dtype)
+    if project_noise:
+        gauss = gauss - (gauss @ basis) @ basis.T
+    noise = (sigma_p * gauss).to(dtype)
     signal = clean_y[:, None] * directions.signal(task)[None, :]
-    return PatchData(x=torch.stack([signal, noise], dim=1), y=y, clean_y=clean_y)
+    x = torch.stack([signal, noise], dim=1)
+    if signal_position == "fixed":
+        return PatchData(x=x, y=y, clean_y=clean_y)
+    if signal_position != "random":
+        raise ValueError(f"task.signal_position={signal_position!r} is not allowed: must be one of "
+                         f"{', '.join(SIGNAL_POSITIONS)}")
+    second = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
+    x = torch.where(second[:, None, None], x.flip(1), x)
+    return PatchData(x=x, y=y, clean_y=clean_y, signal_second=second)
 
 
 def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
                         label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
-                        dtype: torch.dtype = torch.float32) -> SyntheticTransferData:
+                        dtype: torch.dtype = torch.float32, project_noise: bool = True,
+                        signal_position: str = "fixed", test_space: str = "dspace") -> SyntheticTransferData:
     """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``.
 
     Each part draws from its own sub-seed, so the task-2 data do not change when a sweep varies
-    task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep.
+    task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep. With ``test_space="response"``
+    the test sets are ``ResponseTestSet`` s with the labels of the d-space ones.
     """
     def gen(part: str) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(seed, part))
 
     directions = make_directions(d, u_norm, v_norm, gen("directions"), dtype)
+
+    def part(task: int, n: int, sigma_p: float, name: str) -> PatchData | ResponseTestSet:
+        if name.endswith("_test") and test_space == "response":
+            return response_test_set(n, sigma_p, label_noise, gen(name), dtype, project_noise)
+        if test_space not in TEST_SPACES:
+            raise ValueError(f"task.test_space={test_space!r} is not allowed: must be one of {', '.join(TEST_SPACES)}")
+        return sample_task(directions, task, n, sigma_p, label_noise, gen(name), project_noise, signal_position)
+
     return SyntheticTransferData(
         directions=directions,
-        task1_train=sample_task(directions, 1, n1, sigma_p1, label_noise, gen("task1_train")),
-        task1_test=sample_task(directions, 1, n_test, sigma_p1, label_noise, gen("task1_test")),
-        task2_train=sample_task(directions, 2, n2, sigma_p2, label_noise, gen("task2_train")),
-        task2_test=sample_task(directions, 2, n_test, sigma_p2, label_noise, gen("task2_test")),
+        task1_train=part(1, n1, sigma_p1, "task1_train"),
+        task1_test=part(1, n_test, sigma_p1, "task1_test"),
+        task2_train=part(2, n2, sigma_p2, "task2_train"),
+        task2_test=part(2, n_test, sigma_p2, "task2_test"),
     )

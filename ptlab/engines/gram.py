@@ -18,7 +18,12 @@ ReLU on both patches, torch's softplus gradient with its threshold, torchmetrics
 different order, so float64 results agree with plain GD to rounding. The data, inits and transfer
 plan come from the same functions and seed streams as the Lightning path.
 
-Cells (pipeline configs) with equal shapes (N1, N2, n_test, m, steps) run as one batched tensor
+The model variants of ``ptlab.models.two_layer_cnn`` (bias, activation, reductions) change the step as
+docs/design.md section 3 says; response-space test sets (``task.test_space=response``) and gram sampling
+(``task.sampling=gram``, ``DRAWS``) replace the d-space draws of a cell by draws of the same law from its
+Gram matrix, so a cell's cost no longer grows with ``d``.
+
+Cells (pipeline configs) with equal shapes (N1, N2, n_test, m, steps, model form) run as one batched tensor
 program whatever their ``d``; cells that differ only in the signal norms (``u_norm``, ``v_norm``) or
 in ``lr``, ``alpha`` and ``selection`` share one draw of data and inits (the data stream does not
 depend on the signal norms) and one set of Gram matrices.
@@ -40,10 +45,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ptlab.config import check_gram_engine
-from ptlab.data.synthetic import DTYPES, make_synthetic_data
+from ptlab.data.gram_sampling import GaussianBlock, sample_gram
+from ptlab.data.synthetic import DTYPES, PatchData, ResponseTestSet, make_synthetic_data, response_test_set, sample_labels
 from ptlab.engines.base import Stage, StageResult
 from ptlab.errors import DivergenceError
-from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
+from ptlab.models.two_layer_cnn import ModelForm, TwoLayerReLUCNN
 from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
 from ptlab.modules.decomposition import SIGNALS
 from ptlab.seeding import derive_seed, torch_seed
@@ -91,6 +97,14 @@ class GramCell:
     selection: str
     """``transfer.selection`` as ``spec_key`` writes it (a name, or a node as JSON)."""
     config: Any = field(compare=False, repr=False)
+    model_form: ModelForm = ModelForm()
+    upstream_form: ModelForm = ModelForm()
+    init: str = "normal"
+    upstream_init: str = "normal"
+    project_noise: bool = True
+    signal_position: str = "fixed"
+    test_space: str = "dspace"
+    sampling: str = "dspace"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
 
     @classmethod
@@ -110,19 +124,31 @@ class GramCell:
             lr=float(train.lr), upstream_steps=int(train.upstream_steps),
             downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
             transfer=transfer, alpha=float(cfg.transfer.alpha), selection=spec_key(cfg.transfer.selection),
-            config=cfg if snapshot is None else snapshot)
+            config=cfg if snapshot is None else snapshot, model_form=model_form(cfg.model),
+            upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
+            upstream_init=str(cfg.upstream_model.get("init", "normal")),
+            project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
+            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")))
 
     @property
     def shape_key(self) -> tuple:
         """Cells with equal shape keys run in one batched tensor program."""
         return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer)
+                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form)
 
     @property
     def data_key(self) -> tuple:
         """Cells with equal data keys share data, inits and Gram matrices (they differ in norms, lr, alpha)."""
         return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
-                self.init_std, self.upstream_init_std)
+                self.init_std, self.upstream_init_std, self.init, self.upstream_init, self.project_noise,
+                self.signal_position, self.test_space, self.sampling)
+
+
+def model_form(model_cfg: Any) -> ModelForm:
+    """The ``ModelForm`` of a two-layer CNN config (keys it lacks take the paper's values)."""
+    defaults = ModelForm()
+    return ModelForm(**{key: type(getattr(defaults, key))(model_cfg.get(key, getattr(defaults, key)))
+                        for key in ModelForm.__dataclass_fields__})
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:
@@ -151,6 +177,8 @@ class GramStage:
     noise: dict[int, Tensor]
     transferred: Tensor
     trajectory: Tensor | None = None
+    bias: Tensor | None = None
+    """The final biases (2, m), for a model with a bias."""
     """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
     updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
 
@@ -260,12 +288,14 @@ class _StageOutput:
     coefficients: Tensor
     norm2: Tensor
     trajectory: Tensor | None
+    bias: Tensor | None = None
 
 
 def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
                  y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
                  signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 eval_threads: int = 1) -> _StageOutput:
+                 eval_threads: int = 1, form: ModelForm = ModelForm(), bias_start: Tensor | None = None,
+                 ) -> _StageOutput:
     """Full-batch GD of a batch of cells in coefficient space.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
@@ -273,7 +303,9 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
     x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
     ``signal_coefficients`` (G, C, 3): the task signal s = u + v_k along the unit directions;
-    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C).
+    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C). ``form`` is the network's (activation,
+    reductions, bias); with a bias, ``bias_start`` (G, C, Fm) holds the stage-start biases b, every response
+    enters the activation as ``R + b``, and b moves by the sum over patches of the responses' step.
 
     The steps run on the K = N + 2 patches GD actually sees, [xi_1..xi_N, +s, -s] (each cell its own s),
     so that one step is a dozen tensor operations whatever the batch: responses ``R = <w, patch>``,
@@ -306,9 +338,12 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     # d loss / d f_i = -y_i sigmoid(-y_i f_i) / N: the sigmoid times this map gives d loss / d patch
     slope_to_patch = ((-y / n_train)[..., None] * place.transpose(-1, -2)).contiguous()  # (G, N, K)
     negative_labels = -y[:, None, :]
-    signs_over_m = (sign / width).expand(batch, 1, filters)
+    divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
+    plain = form.is_paper_relu
+    bias = None if bias_start is None else bias_start.clone()
+    signs_over_m = (sign / divisor * factor).expand(batch, 1, filters)
     # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
-    output_step = ((-lr / width)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
+    output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
     by_output_shape = (groups, cells, 2, width, patches)
     one = torch.ones((), dtype=dtype)
     positive = torch.empty_like(response)
@@ -324,7 +359,7 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     own_plus = (y > 0)[:, None, None, None, :]
     per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
     block = max(1, EVAL_BLOCK_BYTES // per_eval_bytes)
-    pending: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (eval index, coefficients, response, h)
+    pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []  # (eval index, coefficients, response, h, bias)
 
     def to_base(ext: Tensor) -> Tensor:
         """Coefficients along the patches (..., K) -> along [b_u, b_v1, b_v2, xi] (..., P); ``ext`` (G, E, C, Fm, K)."""
@@ -342,8 +377,15 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         base = to_base(ext)
         flat = base.view(groups, evals * cells * filters, vectors)
         test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test).add_(test_start)
-        test_halves = test_response.clamp_min_(0).view(groups, evals, cells, 2, width, n_test)
-        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / width + torch.where(
+        if plain:
+            test_response.clamp_min_(0)
+        else:
+            if bias is not None:
+                biases = torch.stack([item[4] for item in pending], dim=1).view(groups, evals, cells * filters, 1)
+                test_response.add_(biases)
+            test_response = sigma(test_response)
+        test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
+        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
             positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
         test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
         along_basis = start[:, None, ..., :3] + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
@@ -361,11 +403,16 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
 
     evaluation = 0
     for step in range(steps + 1):
-        torch.clamp_min(response, 0, out=positive)
+        if plain:
+            torch.clamp_min(response, 0, out=positive)
+        else:
+            pre = response if bias is None else response + bias[..., None]
+            positive.copy_(sigma(pre))
         h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
         exponent = torch.mul(torch.bmm(h, place), negative_labels, out=exponents[step])  # -y f
         if step == checkpoints[evaluation]:
-            pending.append((evaluation, coefficients.clone(), response.clone(), h))
+            pending.append((evaluation, coefficients.clone(), response.clone(), h,
+                            None if bias is None else bias.clone()))
             evaluation += 1
             if len(pending) == block or step == steps:
                 evaluate()
@@ -375,13 +422,19 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         slope = torch.where(exponent > SOFTPLUS_THRESHOLD, one, torch.sigmoid(exponent))
         per_patch = torch.bmm(slope, slope_to_patch)  # (G, C, K)
         step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
-        positive.sign_().view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if plain:
+            positive.sign_()  # relu's derivative
+        else:
+            positive.copy_(sigma.derivative(pre))
+        positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if bias is not None:
+            bias.add_(positive.sum(-1))
         batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
     loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
     norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
     return _StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                        torch.stack(trajectory, dim=2) if trajectory is not None else None)
+                        torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)
 
 
 @dataclass
@@ -392,52 +445,145 @@ class _Group:
     tensors: dict[str, Tensor]
 
 
-def _seeded_cnn(cell: GramCell, init_std: float, stream: str) -> Tensor:
-    """The init filters (2m, d) the Lightning path draws for ``stream`` (``ptlab.models.build_model``)."""
+def _seeded_cnn(cell: GramCell, init_std: float, init: str, form: ModelForm, stream: str) -> tuple[Tensor, Tensor | None]:
+    """The init filters (2m, d) and biases (2m,) or None the Lightning path draws for ``stream``
+    (``ptlab.models.build_model``)."""
     with torch_seed(derive_seed(cell.seed, stream)):
-        model = TwoLayerReLUCNN(cell.d, cell.width, init_std)
-    return model.weight.detach().to(DTYPES[cell.dtype]).reshape(-1, cell.d)
+        model = TwoLayerReLUCNN(cell.d, cell.width, init_std, init=init, bias=form.bias)
+    dtype = DTYPES[cell.dtype]
+    bias = None if model.bias is None else model.bias.detach().to(dtype).reshape(-1)
+    return model.weight.detach().to(dtype).reshape(-1, cell.d), bias
+
+
+def _test_products(test: PatchData | ResponseTestSet, rows: Tensor | None, inner: Tensor, index: Tensor) -> Tensor:
+    """Inner products (K, n_test) of ``rows`` (``rows[:3]`` the unit signal basis) with the test noise patches:
+    computed from the patches in d-space, or drawn in response space from the rows' Gram matrix (``inner``
+    restricted to ``index``), with nothing of size d."""
+    if isinstance(test, PatchData):
+        return rows @ test.noise.T
+    block = inner[index][:, index]
+    return test.responses(block, block[:, :3]).T.to(inner.dtype)
+
+
+@dataclass
+class _Draw:
+    """A cell's data and inits as the engine sees them: the Gram matrix ``inner`` of the rows [task-1 vectors
+    (b_u, b_v1, b_v2, xi_1..xi_N1); task-2 vectors; upstream init (2m); downstream init (2m)] (the task-1 and
+    upstream rows only with transfer), the rows' products with the test noise, labels, init biases."""
+
+    inner: Tensor
+    sizes: tuple[int, int, int, int]
+    test1: Tensor | None
+    test2: Tensor
+    labels: dict[str, Tensor]
+    biases: dict[str, Tensor]
+
+
+def _draw_dspace(cell: GramCell) -> _Draw:
+    """Everything drawn in R^d by the functions and seed streams of the Lightning path."""
+    data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
+                               v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
+                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
+                               project_noise=cell.project_noise, signal_position=cell.signal_position,
+                               test_space=cell.test_space)
+    basis_t = data.directions.basis.T.to(DTYPES[cell.dtype])
+    task2 = torch.cat([basis_t, data.task2_train.noise])
+    downstream, downstream_bias = _seeded_cnn(cell, cell.init_std, cell.init, cell.model_form, "downstream")
+    labels = {"y2": data.task2_train.y, "c2": data.task2_train.clean_y,
+              "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y}
+    biases = {} if downstream_bias is None else {"bias2": downstream_bias}
+    if not cell.transfer:
+        rows = torch.cat([task2, downstream])
+        inner = rows @ rows.T
+        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+        return _Draw(inner, (0, len(task2), 0, len(downstream)), None, test2, labels, biases)
+    task1 = torch.cat([basis_t, data.task1_train.noise])
+    upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form,
+                                          "upstream")
+    if upstream_bias is not None:
+        biases["bias1"] = upstream_bias
+    labels.update({"y1": data.task1_train.y, "c1": data.task1_train.clean_y,
+                   "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y})
+    rows = torch.cat([task1, task2, upstream, downstream])
+    inner = rows @ rows.T
+    p1, p2, fm = len(task1), len(task2), len(upstream)
+    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
+    test1 = _test_products(data.task1_test, torch.cat([task1, upstream]), inner, index1)
+    test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+    return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases)
+
+
+def _draw_gram(cell: GramCell) -> _Draw:
+    """The same law without anything of size d (``task.sampling=gram``, Gaussian inits): the labels from the
+    data streams (equal to the d-space path's), the Gram matrix from ``sample_gram`` (its own ``"gram"``
+    stream), the init biases N(0, sigma_0^2) from the init streams, the test sets in response space."""
+    dtype, data_seed = DTYPES[cell.dtype], derive_seed(cell.seed, "data")
+
+    def gen(part: str) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(data_seed, part))
+
+    fm = 2 * cell.width
+    tasks = [(1, cell.n1, cell.sigma_p1), (2, cell.n2, cell.sigma_p2)] if cell.transfer else [(2, cell.n2, cell.sigma_p2)]
+    labels: dict[str, Tensor] = {}
+    tests: dict[int, ResponseTestSet] = {}
+    for task, n, sigma in tasks:
+        labels[f"y{task}"], labels[f"c{task}"] = sample_labels(n, cell.label_noise, gen(f"task{task}_train"), dtype)
+        tests[task] = response_test_set(cell.n_test, sigma, cell.label_noise, gen(f"task{task}_test"), dtype,
+                                        cell.project_noise)
+        labels[f"ty{task}"], labels[f"tc{task}"] = tests[task].y, tests[task].clean_y
+    inits = [("upstream", cell.upstream_init_std, cell.upstream_form)] if cell.transfer else []
+    inits.append(("downstream", cell.init_std, cell.model_form))
+    blocks = [GaussianBlock(n, sigma, cell.project_noise) for _, n, sigma in tasks]
+    blocks += [GaussianBlock(fm, std, False) for _, std, _ in inits]
+    compact = sample_gram(cell.d, blocks, np.random.default_rng(derive_seed(data_seed, "gram")))
+    # rows [b; xi1; b; xi2; up; down] as indices into the compact [b; xi1; xi2; up; down]
+    counts = [b.count for b in blocks]
+    starts = np.cumsum([3, *counts])
+
+    def span(k: int) -> Tensor:
+        return torch.arange(int(starts[k]), int(starts[k]) + counts[k])
+
+    order = torch.cat([*(torch.cat([torch.arange(3), span(k)]) for k in range(len(tasks))),
+                       *(span(k) for k in range(len(tasks), len(blocks)))])
+    inner = compact[order][:, order].to(dtype)
+    biases = {}
+    for name, std, form in inits:
+        if form.bias:
+            key = "bias1" if name == "upstream" else "bias2"
+            generator = torch.Generator().manual_seed(derive_seed(cell.seed, name))
+            biases[key] = (std * torch.randn(fm, generator=generator, dtype=torch.float64)).to(dtype)
+    p2 = 3 + cell.n2
+    if not cell.transfer:
+        return _Draw(inner, (0, p2, 0, fm), None, _test_products(tests[2], None, inner, torch.arange(len(inner))),
+                     labels, biases)
+    p1 = 3 + cell.n1
+    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
+    return _Draw(inner, (p1, p2, fm, fm), _test_products(tests[1], None, inner, index1),
+                 _test_products(tests[2], None, inner, torch.arange(len(inner))), labels, biases)
+
+
+DRAWS: dict[str, Callable[[GramCell], _Draw]] = {"dspace": _draw_dspace, "gram": _draw_gram}
+"""``task.sampling`` -> how a cell's data and inits are drawn."""
 
 
 def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
-    data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
-                               v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
-                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype])
-    dtype = DTYPES[cell.dtype]
-    basis_t = data.directions.basis.T.to(dtype)
-    task2 = torch.cat([basis_t, data.task2_train.noise])
-    downstream = _seeded_cnn(cell, cell.init_std, "downstream")
-    t: dict[str, Tensor] = {
-        "y2": data.task2_train.y, "c2": data.task2_train.clean_y,
-        "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y,
-    }
+    """One draw of a data key's data and inits, cut into the blocks the stages read."""
+    draw = DRAWS[cell.sampling](cell)
+    inner, (p1, p2, fu, fd) = draw.inner, draw.sizes
+    cuts = np.cumsum([0, p1, p2, fu, fd])
+    s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
+    test2 = draw.test2
+    t: dict[str, Tensor] = {**draw.labels, **draw.biases,
+                            "gram2": inner[s2, s2], "cross2": test2[s2], "start2": inner[sd, s2], "test_start2": test2[sd],
+                            "norm2_2": inner[sd, sd].diagonal().clone()}
     if cell.transfer:
-        task1 = torch.cat([basis_t, data.task1_train.noise])
-        upstream = _seeded_cnn(cell, cell.upstream_init_std, "upstream")
-        rows = torch.cat([task1, task2, upstream, downstream])
-        p1, p2, fm = task1.shape[0], task2.shape[0], upstream.shape[0]
-        cuts = np.cumsum([0, p1, p2, fm, fm])
-        s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
-        inner = rows @ rows.T
-        test1 = torch.cat([task1, upstream]) @ data.task1_test.noise.T
-        test2 = rows @ data.task2_test.noise.T
+        test1 = draw.test1
         t.update({
             "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
             "norm2_1": inner[su, su].diagonal().clone(),
-            "y1": data.task1_train.y, "c1": data.task1_train.clean_y,
-            "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y,
             "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
-            "gram2": inner[s2, s2], "cross2": test2[s2], "start2": inner[sd, s2], "test_start2": test2[sd],
-            "norm2_2": inner[sd, sd].diagonal().clone(),
         })
-    else:
-        rows = torch.cat([task2, downstream])
-        p2 = task2.shape[0]
-        inner = rows @ rows.T
-        test2 = rows @ data.task2_test.noise.T
-        t.update({"gram2": inner[:p2, :p2], "cross2": test2[:p2], "start2": inner[p2:, :p2],
-                  "test_start2": test2[p2:], "norm2_2": inner[p2:, p2:].diagonal().clone()})
-    return _Group(cell_indices, {k: v.to(dtype).contiguous() for k, v in t.items()})
+    return _Group(cell_indices, {k: v.to(DTYPES[cell.dtype]).contiguous() for k, v in t.items()})
 
 
 def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> dict[str, SignalView]:
@@ -505,7 +651,7 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
             expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
             _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
             _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
-            eval_threads)
+            eval_threads, first.upstream_form, expand("bias1") if first.upstream_form.bias else None)
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         up = upstream_out.coefficients.view(len(groups), size * filters, -1)
         carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
@@ -525,26 +671,31 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         start = torch.cat([torch.where(pick, carried_start, expand("start2")), expand("start2")], dim=1)
         test_start = torch.cat([torch.where(pick, carried_test, expand("test_start2")), expand("test_start2")], dim=1)
         norm2 = torch.cat([torch.where(masks, upstream_out.norm2, expand("norm2_2")), expand("norm2_2")], dim=1)
+        bias_start = None
+        if first.model_form.bias:
+            bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
         twice = (lambda x: torch.cat([x, x], dim=1))
         downstream = _train_stage(
             start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
             _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads)
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads, first.model_form,
+            bias_start)
     else:
         downstream = _train_stage(
             expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
             _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
             _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients, eval_threads)
+            record_coefficients, eval_threads, first.model_form, expand("bias2") if first.model_form.bias else None)
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
         out = outputs[key]
+        bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
         steps = first.upstream_steps if key == "upstream" else first.downstream_steps
         return GramStage(
             name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
             train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
-            signal=signal, noise=noise, transferred=transferred,
+            signal=signal, noise=noise, transferred=transferred, bias=bias,
             trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
 
     outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
@@ -577,20 +728,25 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
     return results
 
 
-def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool]) -> list[tuple[int, GramResult]]:
-    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process.
+def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None],
+              ) -> list[tuple[int, Any]]:
+    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process; with a
+    ``summarize`` function, each result is replaced by what it returns (in the worker, so that only that comes
+    back: a worker's tensors cross to the parent one shared-memory segment each).
 
     The d-space products and the evaluations use torch's threads; the steps run on one: they are many
     small tensor operations, which lose more to the threads' synchronisation than they gain."""
-    cells, groups, record_coefficients = spec
+    cells, groups, record_coefficients, summarize = spec
     prepared = [_prepare_group(cells[g[0]], g) for g in groups]
     threads = torch.get_num_threads()
     with torch_threads(1):
-        return _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
+        results = _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
+    return results if summarize is None else [(k, summarize(result)) for k, result in results]
 
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
-                workers: int = 1) -> Iterator[list[tuple[int, GramResult]]]:
+                workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
+                ) -> Iterator[list[tuple[int, Any]]]:
     """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
@@ -617,7 +773,8 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
     for chunk in chunks:
         flat = [index for group in chunk for index in group]
         position = {index: k for k, index in enumerate(flat)}
-        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients)))
+        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
+                             summarize)))
     if workers > 1 and len(specs) > 1:
         context = multiprocessing.get_context("fork")
         with context.Pool(min(workers, len(specs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -664,25 +821,38 @@ class GramEngine:
         filters = weight.reshape(-1, weight.shape[-1])  # (2m, d)
         directions = stage.directions
         rows = torch.cat([directions.basis.T.to(dtype), stage.train.noise.to(dtype)])  # [b_u, b_v1, b_v2; xi]
-        test_noise = stage.test.noise.to(dtype)
+        if isinstance(stage.test, ResponseTestSet):
+            # one draw for [w(0); b; xi] jointly: the filters' responses and the rows' cross products
+            both = torch.cat([directions.basis.T.to(dtype), filters, stage.train.noise.to(dtype)])
+            inner = both @ both.T
+            drawn = stage.test.responses(inner, inner[:, :3]).T.to(dtype)
+            fm = filters.shape[0]
+            test_start, cross = drawn[3:3 + fm], torch.cat([drawn[:3], drawn[3 + fm:]])
+        else:
+            test_noise = stage.test.noise.to(dtype)
+            test_start, cross = filters @ test_noise.T, rows @ test_noise.T
         norms = [float(torch.linalg.vector_norm(getattr(directions, name).double())) for name in SIGNALS]
         signal = [norms[0], norms[1] if stage.task == 1 else 0.0, norms[2] if stage.task == 2 else 0.0]
 
         def one(t: Tensor) -> Tensor:  # a single cell in a single group: (1, 1, ...)
             return t[None, None]
 
+        bias = None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(dtype)
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = _train_stage(
-                one(filters @ rows.T), one(filters @ test_noise.T), one((filters * filters).sum(-1)),
-                (rows @ rows.T)[None], (rows @ test_noise.T)[None], stage.train.y.to(dtype)[None],
+                one(filters @ rows.T), one(test_start), one((filters * filters).sum(-1)),
+                (rows @ rows.T)[None], cross[None], stage.train.y.to(dtype)[None],
                 stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
                 torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
-                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads)
+                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads,
+                form=model.form, bias_start=bias)
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
             model.weight.copy_((filters + coefficients @ rows).view_as(weight))
+            if out.bias is not None:
+                model.bias.copy_(out.bias[0, 0].view_as(model.bias))
         width = weight.shape[1]
         trained = GramStage(
             name=stage.name, steps=stage.steps, eval_steps=eval_steps(stage.steps, stage.eval_every),

@@ -17,11 +17,25 @@ training; the curves it draws are in every child run). What changes is the cost:
   (the eval steps) or ``last`` (the last point of every curve: same metric names, one point each).
 
 Jobs that are not ``engine=gram`` synthetic pipelines run one by one as Hydra's basic launcher runs them.
+
+**Grid layout** (``hydra.launcher.tracking``: ``auto``, ``runs`` or ``grid``). A run per cell stops scaling
+at a few thousand cells (a parent and three children, a Hydra subdir and a ``summary.json`` each). Above
+``grid_threshold`` cells (``auto``; ``grid`` forces it, ``runs`` forbids it) the sweep is recorded as one
+MLflow parent run for the grid (tagged ``ptlab.stage=grid``) holding ``results.parquet``: one row per
+cell with the columns ``ptlab.report.load_pipelines`` returns for a run per cell (``params.*`` as the
+strings MLflow stores, the parent's final ``metrics.*``, ``tags.ptlab.seed``, ``tags.ptlab.cell``), plus
+``grid_samples`` sampled cells recorded in full (a pipeline run with its stage children and full curves,
+tagged ``ptlab.stage=grid_sample`` under the grid run). Cells are built from the job's value overrides
+without a config per job (each distinct override value is applied and validated once and changes its
+``GramCell`` fields); the theory's prediction, ``summary.json`` per job and the resume skip are left
+out; the sweep dir gets ``results.parquet`` too.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -42,11 +56,11 @@ from omegaconf import DictConfig, OmegaConf, ValueNode, open_dict, read_write
 from tqdm import tqdm
 
 from ptlab.config import ConfigError, validate
-from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks
-from ptlab.pipeline.record import cell_name, open_pipeline, pipeline_tags, record_pipeline, used_params
+from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
+from ptlab.pipeline.record import cell_name, exact, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
-from ptlab.tracking.base import MemoryTracker, NullTracker
+from ptlab.tracking.base import PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker, flatten
 from ptlab.tracking.bulk import BulkRunWriter
 from ptlab.tracking.faults import prepare_sqlite_store
 from ptlab.tracking.mlflow import resolve_tracking_uri
@@ -91,6 +105,14 @@ def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
     container[leaf] = value
 
 
+TRACKING_LAYOUTS = ("auto", "runs", "grid")
+"""``hydra.launcher.tracking``: a run per cell below ``grid_threshold`` cells and the grid layout above (auto)."""
+RESULTS = "results.parquet"
+"""The grid run's results table (one row per cell)."""
+GRID_TAG = "ptlab.grid_key"
+"""A grid row's identity: its template and value overrides (the report keeps the latest row of each)."""
+
+
 class _Template:
     """A fully composed job config; its jobs differ from it only in plain value overrides.
 
@@ -117,6 +139,8 @@ class _Template:
                      not any("hydra:" in v or leaves & set(re.findall(r"\w+", v)) for v in interpolations))
         self.skip_finished = should_skip_finished(self.task, multirun=True)
         self.values: dict[str, tuple[Any, str]] = {}
+        self.changes: dict[str, dict[str, Any]] = {}
+        self.base_cell: GramCell | None = None
         if self.fast:
             validate(self.task)
             self.resolved = OmegaConf.to_container(self.task, resolve=True)
@@ -158,6 +182,23 @@ class _Template:
             cfg, resolved = self.task, OmegaConf.to_container(self.task, resolve=True)
             output_dir = Path(str(self.config.hydra.sweep.dir), str(subdir)).absolute()
         return cfg, resolved, output_dir, cell_name([o.input_line for o in parsed], resolved["seed"])
+
+    def cell(self, values: list[Override]) -> GramCell:
+        """A job's ``GramCell`` without its config (fast templates only): the template's cell with the fields each
+        value override changes (worked out, and validated, once per distinct override)."""
+        if self.base_cell is None:
+            self.base_cell = GramCell.from_config(_Attrs(self.resolved), snapshot=self.resolved)
+        changes: dict[str, Any] = {}
+        for override in values:
+            line = override.input_line
+            if line not in self.changes:
+                resolved = copy.deepcopy(self.resolved)
+                _set_leaf(resolved, override.key_or_group, self.value(override)[0])
+                cell = GramCell.from_config(_Attrs(resolved), snapshot=self.resolved)
+                self.changes[line] = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell)
+                                      if f.compare and getattr(cell, f.name) != getattr(self.base_cell, f.name)}
+            changes.update(self.changes[line])
+        return dataclasses.replace(self.base_cell, **changes) if changes else self.base_cell
 
     def yaml_text(self, resolved: dict[str, Any], values: list[Override]) -> str:
         """``resolved`` as YAML (from the template's text on the fast path)."""
@@ -227,14 +268,25 @@ class _Jobs:
         self.templates: dict[tuple, _Template] = {}
         self.probe: DictConfig | None = None
         self.current: _Template | None = None
+        self.parsed: dict[str, Override] = {}
+        self.is_value: dict[str, bool] = {}
+
+    def parse(self, line: str) -> Override:
+        """One override, parsed once per distinct text (Hydra's parser costs ~0.1 ms an override)."""
+        if line not in self.parsed:
+            self.parsed[line] = self.parser.parse_overrides([line])[0]
+        return self.parsed[line]
 
     def template(self, overrides: list[str]) -> tuple[_Template, list[Override], list[Override]]:
         """The template of ``overrides`` (composed on first use), the parsed overrides and the value ones."""
-        parsed = self.parser.parse_overrides(overrides)
+        parsed = [self.parse(line) for line in overrides]
         composed = None
         if self.probe is None:
             composed = self.probe = self.loader.load_sweep_config(self.config, overrides)
-        values = [o for o in parsed if _is_value_override(o, self.probe)]
+        for override in parsed:
+            if override.input_line not in self.is_value:
+                self.is_value[override.input_line] = _is_value_override(override, self.probe)
+        values = [o for o in parsed if self.is_value[o.input_line]]
         value_lines = {o.input_line for o in values}
         key = (tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
                tuple(sorted(o.key_or_group for o in values)))
@@ -277,10 +329,18 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
 
 def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
                    job_overrides: Sequence[Sequence[str]], initial_job_idx: int, max_cells: int = 60,
-                   history: str = "last", progress: bool = True, workers: int | None = None) -> list[JobReturn]:
-    """Run the jobs of one sweep batch: ``engine=gram`` synthetic ones batched, the others one by one."""
+                   history: str = "last", progress: bool = True, workers: int | None = None,
+                   tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5) -> list[JobReturn]:
+    """Run the jobs of one sweep batch: ``engine=gram`` synthetic ones batched, the others one by one; above
+    ``grid_threshold`` jobs (or with ``tracking=grid``) in the grid layout (module docstring)."""
     if history not in HISTORIES:
         raise ConfigError(f"hydra.launcher.history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
+    if tracking not in TRACKING_LAYOUTS:
+        raise ConfigError(f"hydra.launcher.tracking={tracking!r} is not allowed: must be one of "
+                          f"{', '.join(TRACKING_LAYOUTS)}")
+    if tracking == "grid" or (tracking == "auto" and len(job_overrides) > grid_threshold):
+        return launch_grid(hydra_context, config, job_overrides, initial_job_idx, max_cells, progress, workers,
+                           grid_samples)
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
     writers: dict[tuple, BulkRunWriter] = {}
@@ -347,3 +407,159 @@ def _run_basic(hydra_context: HydraContext, task_function: TaskFunction, config:
         sweep_config.hydra.job.num = index
     return run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+def _grid_job(composer: _Jobs, overrides: list[str], checked: set[int]) -> tuple[_Template, list[Override], list[Override]]:
+    """The template and overrides of a grid job; ``ConfigError`` when the grid layout cannot take it (checked once
+    per template: ``checked`` holds the ids of those that passed)."""
+    template, parsed, values = composer.template(overrides)
+    if id(template) in checked:
+        return template, parsed, values
+    if OmegaConf.select(template.task, "engine.name") != "gram" or template.task.task.name != "synthetic":
+        raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an engine=gram "
+                          "synthetic pipeline (use hydra.launcher.tracking=runs)")
+    if not template.fast:
+        raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: its swept values feed an "
+                          "interpolation or a custom subdir (use hydra.launcher.tracking=runs)")
+    checked.add(id(template))
+    return template, parsed, values
+
+
+def _grid_table(templates: list[_Template], jobs: list[tuple[int, list[Override]]], finals: list[dict[str, float]],
+                names: list[str]) -> Any:
+    """The results table: one row per job, in ``load_pipelines``' columns (see the module docstring)."""
+    import pandas as pd
+
+    frames = []
+    by_template: dict[int, list[int]] = {}
+    for position, (template_index, _) in enumerate(jobs):
+        by_template.setdefault(template_index, []).append(position)
+    for template_index, positions in by_template.items():
+        template = templates[template_index]
+        constant = {f"params.{k}": str(v) for k, v in flatten(used_params(template.resolved)).items()}
+        columns: dict[str, list[Any]] = {}
+        for position in positions:
+            for override in jobs[position][1]:
+                columns.setdefault(f"params.{override.key_or_group}", []).append(str(template.value(override)[0]))
+        frame = pd.DataFrame({**{k: v for k, v in constant.items() if k not in columns}, **columns},
+                             index=pd.RangeIndex(len(positions)))
+        metrics = pd.DataFrame([finals[p] for p in positions]).add_prefix("metrics.")
+        digest = hash_resolved(template.resolved)
+        frame = pd.concat([frame, metrics], axis=1)
+        frame["tags.ptlab.seed"] = frame.get("params.seed", str(template.resolved["seed"]))
+        frame["tags.ptlab.cell"] = [names[p] for p in positions]
+        frame[f"tags.{GRID_TAG}"] = [hashlib.sha256(f"{digest}|{names[p]}".encode()).hexdigest()[:32]
+                                     for p in positions]
+        frame["position"] = positions
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True).sort_values("position").drop(columns="position").reset_index(drop=True)
+
+
+def _grid_finals(result: GramResult) -> dict[str, float]:
+    """The parent run's final metrics of one cell (``record.final_metrics`` without building stage results)."""
+    final = {f"{name}_{key}": exact(stage.final[key]) for name, stage in result.stages.items()
+             for key in ("train_acc", "test_acc")}
+    if "transfer_test_acc" in final and "scratch_test_acc" in final:
+        final["transfer_gain"] = round(final["transfer_test_acc"] - final["scratch_test_acc"], 12)
+    return final
+
+
+def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+                initial_job_idx: int, max_cells: int, progress: bool, workers: int | None, samples: int,
+                ) -> list[JobReturn]:
+    """Run a sweep in the grid layout (module docstring): train every cell, write the results table to one grid
+    run (and the sweep dir) and ``samples`` sampled cells in full under it."""
+    import numpy as np
+    from mlflow.entities import Metric, Param
+
+    started = time.perf_counter()
+    composer = _Jobs(hydra_context, config)
+    templates: list[_Template] = []
+    jobs: list[tuple[int, list[Override]]] = []
+    cells: list[GramCell] = []
+    names: list[str] = []
+    checked: set[int] = set()
+    for overrides in job_overrides:
+        template, parsed, values = _grid_job(composer, list(overrides), checked)
+        if template not in templates:
+            templates.append(template)
+        jobs.append((templates.index(template), values))
+        cells.append(template.cell(values))
+        names.append(cell_name([o.input_line for o in parsed], cells[-1].seed))
+    composed = time.perf_counter()
+    finals: list[dict[str, float] | None] = [None] * len(cells)
+    workers = torch.get_num_threads() if workers is None else workers
+    with tqdm(total=len(cells), desc="gram grid", unit="cell", disable=not progress) as bar:
+        for chunk in iter_chunks(cells, max_cells, workers=workers, summarize=_grid_finals):
+            for position, final in chunk:
+                finals[position] = final
+            bar.update(len(chunk))
+    trained = time.perf_counter()
+    table = _grid_table(templates, jobs, finals, names)  # type: ignore[arg-type]
+    sweep_dir = templates[0].sweep_dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(sweep_dir / RESULTS, index=False)
+    logger = templates[0].resolved["logger"]
+    if logger["kind"] != "none":
+        uri = resolve_tracking_uri(logger["tracking_uri"])
+        if logger.get("sqlite_wal", True):
+            prepare_sqlite_store(uri)
+        writer = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        run = client.create_run(writer.experiment_id, run_name=f"grid {len(cells)} cells", tags={
+            STAGE_TAG: "grid", "ptlab.grid.cells": str(len(cells)),
+            **{f"ptlab.choice.{k}": v for k, v in templates[0].choices.items()}})
+        run_id = run.info.run_id
+        try:
+            swept = sorted({o.key_or_group for _, values in jobs for o in values})
+            params = [Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
+            stamp = int(time.time() * 1000)
+            client.log_batch(run_id, params=params, metrics=[
+                Metric("grid/cells", float(len(cells)), stamp, 0),
+                Metric("grid/train_seconds", trained - composed, stamp, 0),
+                Metric("grid/compose_seconds", composed - started, stamp, 0)])
+            client.log_artifact(run_id, str(sweep_dir / RESULTS))
+            picks = sorted(np.random.default_rng(0).choice(len(cells), size=min(samples, len(cells)), replace=False))
+            _track_samples(composer, writer, job_overrides, [int(p) for p in picks], cells, initial_job_idx, run_id)
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException as err:
+            client.set_tag(run_id, "ptlab.error", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+    log.info("ptlab gram grid: %d cells in %.1f s (configs %.1f s, training %.1f s, table and tracking %.1f s)",
+             len(cells), time.perf_counter() - started, composed - started, trained - composed,
+             time.perf_counter() - trained)
+    cwd = str(Path.cwd())
+    returns = []
+    for overrides, final in zip(job_overrides, finals):
+        ret = JobReturn(overrides=list(overrides), working_dir=cwd, task_name="ptlab", status=JobStatus.COMPLETED)
+        ret.return_value = final.get("transfer_test_acc", final.get("scratch_test_acc"))  # type: ignore[union-attr]
+        returns.append(ret)
+    return returns
+
+
+def pd_unique(column: Any) -> list[str]:
+    """A column's distinct values in order of appearance."""
+    return list(dict.fromkeys(column.tolist()))
+
+
+def _track_samples(composer: _Jobs, writer: BulkRunWriter, job_overrides: Sequence[Sequence[str]], picks: list[int],
+                   cells: list[GramCell], initial_job_idx: int, grid_run_id: str) -> None:
+    """The sampled cells as full pipeline runs (stage children, every curve point) under the grid run; each is
+    rebuilt from its full config, which must give the grid's cell."""
+    sampled: list[SweepJob] = []
+    for position in picks:
+        template, parsed, values = composer.template(list(job_overrides[position]))
+        template.skip_finished = False
+        job = _build_job(template, initial_job_idx + position, list(job_overrides[position]), parsed, values,
+                         {(writer.tracking_uri, template.resolved["logger"]["experiment_name"],
+                           template.resolved["logger"].get("artifact_location")): writer}, {})
+        if job.cell != cells[position]:
+            raise RuntimeError(f"grid cell {position} differs from its full config's cell: {job.cell} vs {cells[position]}")
+        sampled.append(job)
+    for job, result in zip(sampled, run_cells([job.cell for job in sampled])):
+        track_pipeline(job, result, "full")
+        job.tracker.set_tags({STAGE_TAG: "grid_sample", PARENT_RUN_TAG: grid_run_id})
+    writer.write([job.tracker for job in sampled])

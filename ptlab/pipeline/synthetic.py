@@ -32,7 +32,8 @@ def make_data(cfg: DictConfig) -> SyntheticTransferData:
     return make_synthetic_data(
         d=task.d, n1=task.n1, n2=task.n2, n_test=task.n_test, u_norm=task.u_norm, v_norm=task.v_norm,
         label_noise=task.label_noise, sigma_p1=noise.sigma_p1, sigma_p2=noise.sigma_p2,
-        seed=derive_seed(cfg.seed, "data"), dtype=DTYPES[cfg.train.dtype])
+        seed=derive_seed(cfg.seed, "data"), dtype=DTYPES[cfg.train.dtype], project_noise=task.project_noise,
+        signal_position=task.signal_position, test_space=task.test_space)
 
 
 def build_model(model_cfg: DictConfig, cfg: DictConfig, stream: str) -> nn.Module:
@@ -62,8 +63,30 @@ def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageRes
     return result
 
 
+def needs_whole_cell(cfg: DictConfig) -> bool:
+    """Response-space test sets and gram sampling draw one law for the whole pipeline (the test responses of
+    transfer and scratch in one draw; no d-space vectors at all), so the gram engine trains such a pipeline as one
+    cell (``ptlab.engines.gram.run_cells``), as the batched launcher does."""
+    return cfg.task.get("test_space", "dspace") == "response" or cfg.task.get("sampling", "dspace") == "gram"
+
+
+def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> dict[str, StageResult]:
+    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache)."""
+    from ptlab.engines.gram import GramCell, run_cells
+
+    started = time.perf_counter()
+    stages = run_cells([GramCell.from_config(cfg)])[0].stage_results()
+    for result in stages.values():
+        record_stage(tracker, result)
+    log.info("pipeline trained as one gram cell in %.1f s: %s", time.perf_counter() - started,
+             ", ".join(f"{name} test_acc {result.final['test_acc']:.4f}" for name, result in stages.items()))
+    return stages
+
+
 def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """Algorithms 1 and 2 on one seed; returns the trained stages (and no extra summary entries)."""
+    if engine.name == "gram" and needs_whole_cell(cfg):
+        return run_whole_cell(cfg, tracker), {}
     data = make_data(cfg)
     train = cfg.train
 

@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ptlab.report.grid import with_grid_rows
 from ptlab.tracking import resolve_tracking_uri
 from ptlab.pipeline.resume import CONFIG_HASH_TAG
 from ptlab.tracking.mlflow import STAGE_TAG
@@ -48,6 +49,7 @@ def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
         filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'FINISHED'",
         output_format="pandas",
     )
+    runs = with_grid_rows(runs, MlflowClient(resolve_tracking_uri(tracking_uri)), experiment_id)  # grid layout
     if runs.empty:
         raise ReportError(f"experiment {experiment!r} has no finished pipeline runs in {tracking_uri}")
     column = f"tags.{CONFIG_HASH_TAG}"

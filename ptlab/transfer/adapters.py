@@ -73,7 +73,8 @@ class TransferAdapter(ABC):
 
 
 class TwoLayerCNNFilters(TransferAdapter):
-    """The paper's rule: ``round(alpha * m)`` filters per output j, copied to the same positions."""
+    """The paper's rule: ``round(alpha * m)`` filters per output j, copied to the same positions (with their
+    biases when both models have one)."""
 
     OUTPUTS = ("+1", "-1")
 
@@ -102,6 +103,8 @@ class TwoLayerCNNFilters(TransferAdapter):
             if row.indices:
                 idx = torch.tensor(row.indices, device=target.weight.device)
                 target.weight[j, idx] = source.weight[j, idx.to(source.weight.device)].to(target.weight)
+                if source.bias is not None and target.bias is not None:
+                    target.bias[j, idx] = source.bias[j, idx.to(source.bias.device)].to(target.bias)
 
 
 ADAPTERS: Registry[type[TransferAdapter]] = Registry("transfer adapter")

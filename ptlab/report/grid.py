@@ -1,0 +1,41 @@
+"""Reading the grid layout of a batched sweep (``ptlab.pipeline.batched``): the results tables of an
+experiment's finished grid runs, as rows in the columns ``ptlab.report.runs.load_pipelines`` returns for a run
+per cell, so that a report reads both layouts the same way."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from ptlab.tracking.mlflow import STAGE_TAG
+
+RESULTS = "results.parquet"
+GRID_KEY = "tags.ptlab.grid_key"
+
+
+def grid_rows(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
+    """Every row of the experiment's FINISHED grid runs (the latest row of each grid cell), with ``run_id``,
+    ``experiment_id``, ``status`` and ``start_time`` of its grid run; empty when there is none."""
+    runs = client.search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'grid' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            table = pd.read_parquet(client.download_artifacts(run.info.run_id, RESULTS, tmp))
+            table["run_id"], table["experiment_id"] = run.info.run_id, experiment_id
+            table["status"] = "FINISHED"
+            table["start_time"] = pd.to_datetime(run.info.start_time, unit="ms", utc=True)
+            frames.append(table)
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).drop_duplicates(GRID_KEY, keep="last").reset_index(drop=True)
+
+
+def with_grid_rows(runs: pd.DataFrame, client: MlflowClient, experiment_id: str) -> pd.DataFrame:
+    """``runs`` (one row per pipeline run) followed by the experiment's grid rows."""
+    grid = grid_rows(client, experiment_id)
+    if grid.empty:
+        return runs
+    return grid if runs.empty else pd.concat([runs, grid], ignore_index=True)
