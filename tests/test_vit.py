@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -333,3 +334,17 @@ def test_fig4_digits_pipeline_end_to_end_with_report(make_cfg, tmp_path: Path, t
     assert table[0].startswith("task,transfer_acc_mean") and table[1].startswith("digits,")
     gain = 100 * (summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"])
     assert float(table[1].split(",")[5]) == pytest.approx(gain)
+
+
+def test_fig4_table_gives_the_paired_interval_and_verdict() -> None:
+    from ptlab.report.vit import fig4_table
+
+    gains = [0.02, 0.04, 0.03]
+    runs = pd.DataFrame({"params.task.name": "digits", "params.seed": ["0", "1", "2"],
+                         "metrics.transfer_test_acc": [0.8 + g for g in gains], "metrics.scratch_test_acc": 0.8,
+                         "metrics.transfer_gain": gains, "start_time": [0, 1, 2]})
+    row = fig4_table(runs).iloc[0]
+    half = 100 * 4.302652729911275 * 0.01 / 3 ** 0.5  # t_{0.975, 2} * sd / sqrt(n), in points
+    assert row["seeds"] == 3 and row["gain_mean"] == pytest.approx(3.0)
+    assert row["gain_ci_low"] == pytest.approx(3.0 - half) and row["gain_ci_high"] == pytest.approx(3.0 + half)
+    assert row["verdict"] == "better"

@@ -50,7 +50,8 @@ def accuracy_curves(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig4_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per task: transfer and scratch test accuracy (%) mean/std over seeds, the mean paired gain, seeds."""
+    """Per task: transfer and scratch test accuracy (%) mean/std over seeds, the mean paired gain, seeds,
+    and the gain's 95% t interval with its verdict."""
     stats = seed_stats(runs, [TASK], [TRANSFER, SCRATCH, GAIN])
     return pd.DataFrame({
         "task": stats[TASK].map(lambda t: TASK_LABELS.get(t, t)),
@@ -60,6 +61,9 @@ def fig4_table(runs: pd.DataFrame) -> pd.DataFrame:
         "scratch_acc_std": 100 * stats[f"{SCRATCH}_std"],
         "gain_mean": 100 * stats[f"{GAIN}_mean"],
         "seeds": stats[f"{TRANSFER}_count"],
+        "gain_ci_low": 100 * stats[f"{GAIN}_ci_low"],
+        "gain_ci_high": 100 * stats[f"{GAIN}_ci_high"],
+        "verdict": stats["verdict"],
     })
 
 
