@@ -63,24 +63,25 @@ class StageProgressBar(TQDMProgressBar):
     """Lightning's progress bar labelled with the pipeline stage and the epoch total:
     ``transfer: epoch 2/30`` instead of three identical ``Epoch 1`` bars."""
 
-    def __init__(self, stage: str) -> None:
-        super().__init__()
-        self.stage = stage
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"{self.stage}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
-
-
-class StepProgressBar(TQDMProgressBar):
-    """Lightning's progress bar for a full-batch GD stage (one epoch of ``max_steps`` batches), labelled
-    with the stage: ``upstream: GD step 120/800``."""
+    unit = "it"
 
     def __init__(self, stage: str) -> None:
         super().__init__()
         self.stage = stage
 
+    def description(self, trainer: pl.Trainer) -> str:
+        return f"{self.stage}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"{self.stage}: GD step")
-        self.train_progress_bar.unit = "step"
+        self.train_progress_bar.set_description(self.description(trainer))
+        self.train_progress_bar.unit = self.unit
+
+
+class StepProgressBar(StageProgressBar):
+    """The bar of a full-batch GD stage (one epoch of ``max_steps`` batches): ``upstream: GD step 120/800``."""
+
+    unit = "step"
+
+    def description(self, trainer: pl.Trainer) -> str:
+        return f"{self.stage}: GD step"
