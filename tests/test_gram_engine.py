@@ -15,6 +15,7 @@ from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, reconstruct_weight
 from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
 from ptlab.pipeline import run_pipeline
+from ptlab.pipeline.batched import reads_swept_key
 from ptlab.pipeline.resume import CONFIG_HASH_TAG, config_hash
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
@@ -208,3 +209,35 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
     parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id],
                                 "tags.`ptlab.stage` = 'pipeline'")[0]
     assert parent.data.metrics["transfer_test_acc"] == single["transfer"]["test_acc"]
+
+
+def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
+    """``upstream_model: ${model}`` reads a swept ``model.width``: each batched job's upstream model takes the job's
+    width, as ``run_pipeline`` composes it (the upstream filters and the plan follow it)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=last",
+            *SMALL, "task.d=50", "model.width=4,6", f"logger.tracking_uri={uri}", "logger.experiment_name=width",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = load_pipelines(uri, "width")
+    assert sorted(runs["params.model.width"]) == ["4", "6"]
+    assert (runs["params.upstream_model.width"] == runs["params.model.width"]).all()
+    for width in (4, 6):
+        job = compose_config(["engine=gram", *SMALL, "task.d=50", f"model.width={width}"])
+        row = runs[runs["params.model.width"] == str(width)]
+        assert row[f"tags.{CONFIG_HASH_TAG}"].item() == config_hash(job)
+
+
+@pytest.mark.parametrize(("interpolation", "keys", "reads"), [
+    ("${model}", ["model.width"], True),
+    ("${model.width}", ["model.width"], True),
+    ("${model.width}", ["model"], True),
+    ("${task.d}", ["model.width", "task.n1"], False),
+    ("${.width}", ["model.width"], True),
+    ("${hydra:runtime.choices.experiment}", ["seed"], True),
+    ("${oc.select:train.lr,0.1}", ["train.lr"], True),
+    ("${oc.select:train.lr,0.1}", ["train.lr_decay"], False),
+])
+def test_reads_swept_key(interpolation: str, keys: list[str], reads: bool) -> None:
+    assert reads_swept_key(interpolation, keys) is reads

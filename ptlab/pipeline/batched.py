@@ -133,10 +133,10 @@ class _Template:
         self.value_keys = value_keys
         self.sweep_dir = Path(str(hydra.sweep.dir)).absolute()
         raw = OmegaConf.to_container(self.task, resolve=False)
-        leaves = {k.rsplit(".", 1)[-1] for k in value_keys}
-        interpolations = [v for v in _leaf_values(raw) if isinstance(v, str) and "${" in v]
+        self.aliases = dict(_node_aliases(raw))
+        interpolations = [v for k, v in _leaves(raw) if isinstance(v, str) and "${" in v and k not in self.aliases]
         self.fast = (OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}" and
-                     not any("hydra:" in v or leaves & set(re.findall(r"\w+", v)) for v in interpolations))
+                     not any(reads_swept_key(v, value_keys) for v in interpolations))
         self.skip_finished = should_skip_finished(self.task, multirun=True)
         self.values: dict[str, tuple[Any, str]] = {}
         self.changes: dict[str, dict[str, Any]] = {}
@@ -146,8 +146,16 @@ class _Template:
             self.resolved = OmegaConf.to_container(self.task, resolve=True)
             marked = copy.deepcopy(self.resolved)
             for i, key in enumerate(value_keys):
-                _set_leaf(marked, key, self.PLACEHOLDER.format(i))
+                self._set(marked, key, self.PLACEHOLDER.format(i))
             self.yaml = _dump_yaml(marked)
+
+    def _set(self, container: dict[str, Any], key: str, value: Any) -> None:
+        """Set ``key`` in a resolved container, and its copies under nodes that alias one above it
+        (``upstream_model: ${model}`` copies ``model.width``)."""
+        _set_leaf(container, key, value)
+        for alias, target in self.aliases.items():
+            if key == target or key.startswith(f"{target}."):
+                _set_leaf(container, alias + key[len(target):], value)
 
     def value(self, override: Override) -> tuple[Any, str]:
         """An override's value as OmegaConf converts it (validated in the template) and as YAML text."""
@@ -167,7 +175,7 @@ class _Template:
         if self.fast:
             resolved = copy.deepcopy(self.resolved)
             for override in values:
-                _set_leaf(resolved, override.key_or_group, self.value(override)[0])
+                self._set(resolved, override.key_or_group, self.value(override)[0])
             cfg: DictConfig | _Attrs = _Attrs(resolved)
             output_dir = self.sweep_dir / str(index)
         else:
@@ -193,7 +201,7 @@ class _Template:
             line = override.input_line
             if line not in self.changes:
                 resolved = copy.deepcopy(self.resolved)
-                _set_leaf(resolved, override.key_or_group, self.value(override)[0])
+                self._set(resolved, override.key_or_group, self.value(override)[0])
                 cell = GramCell.from_config(_Attrs(resolved), snapshot=self.resolved)
                 self.changes[line] = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell)
                                       if f.compare and getattr(cell, f.name) != getattr(self.base_cell, f.name)}
@@ -211,15 +219,38 @@ class _Template:
         return text
 
 
-def _leaf_values(node: Any) -> Iterator[Any]:
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _leaf_values(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _leaf_values(value)
-    else:
-        yield node
+def reads_swept_key(interpolation: str, keys: Sequence[str]) -> bool:
+    """Whether an interpolation string may read one of the swept ``keys``: it names hydra's config, a swept key, a
+    node above one (``${model}`` reads ``model.width``) or below one, or (a relative reference) a swept leaf's name."""
+    if "hydra:" in interpolation:
+        return True
+    names = re.findall(r"[\w.]+", interpolation)
+    for key in keys:
+        leaf = key.rsplit(".", 1)[-1]
+        for name in names:
+            path = name.lstrip(".")
+            if (path == key or key.startswith(f"{path}.") or path.startswith(f"{key}.")
+                    or (name.startswith(".") and path.split(".")[0] == leaf) or path == leaf):
+                return True
+    return False
+
+
+def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a container (list items by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield path, node
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{path}.{key}" if path else str(key))
+
+
+def _node_aliases(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(path, target)`` of the leaves that are exactly a reference to another node, ``${target}``."""
+    for path, value in _leaves(raw):
+        found = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", value) if isinstance(value, str) else None
+        if found:
+            yield path, found.group(1)
 
 
 def _is_value_override(override: Override, config: DictConfig) -> bool:
