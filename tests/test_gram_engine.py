@@ -83,9 +83,11 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
         assert torch.equal(getattr(a, name).y, getattr(b, name).y)
 
 
-def test_batched_cells_equal_single_cells(make_cfg) -> None:
+@pytest.mark.parametrize("shared_gram", [False, True], ids=["per_cell_gram", "shared_noise_gram"])
+def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, monkeypatch) -> None:
     """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
-    gets alone."""
+    gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block)."""
+    monkeypatch.setattr(gram, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ptlab.config import TOY_ACTIVATIONS, TOY_INITS, TOY_REDUCTIONS
 from ptlab.data import FullBatchDataModule
+from ptlab.engines import gram
 from ptlab.engines.base import Stage
 from ptlab.engines.gram import GramCell, GramEngine, reconstruct_weights, run_cells
 from ptlab.models.two_layer_cnn import ACTIVATIONS, INITS, REDUCTIONS, TwoLayerReLUCNN
@@ -74,9 +75,12 @@ def variant_cfg(request, make_cfg):
     return make_cfg(*BASE, *VARIANTS[request.param])
 
 
-def test_gram_engine_matches_plain_gd(variant_cfg) -> None:
+@pytest.mark.parametrize("shared_gram", [False, True], ids=["per_cell_gram", "shared_noise_gram"])
+def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatch) -> None:
     """Every stage of the batched gram engine (upstream, transfer with its copied filters and biases,
-    scratch) rebuilds to plain GD's weights and biases, with plain GD's test accuracy."""
+    scratch) rebuilds to plain GD's weights and biases, with plain GD's test accuracy; with the response
+    update by each cell's patch Gram matrix and by the data group's shared noise block."""
+    monkeypatch.setattr(gram, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
     cfg = variant_cfg
     result = run_cells([GramCell.from_config(cfg)])[0]
     data = make_data(cfg)

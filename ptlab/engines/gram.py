@@ -66,6 +66,10 @@ DECOMPOSITION_NAMES = (
 )
 """The signal/noise decomposition metrics of ``ptlab.modules.decomposition``, in the order computed here."""
 HISTORIES = ("full", "eval", "last")
+SHARED_GRAM_SAMPLES = 64
+"""From this many training samples a stage's response update multiplies by the data group's noise Gram block once
+(a product per group) instead of by each cell's patch Gram matrix: 15-20% faster at N = 200 (fig2's upstream), slower
+at N = 20 (kou2023), where a step is many small operations."""
 EVAL_BLOCK_BYTES = 64 << 20
 """About the most memory the test-set evaluation of a batch of eval steps takes."""
 
@@ -327,16 +331,24 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     embed[:, :, n_train, :3] = signal_coefficients
     embed[:, :, n_train + 1, :3] = -signal_coefficients
     patch_gram = (embed @ gram[:, None] @ embed.transpose(-1, -2)).view(batch, patches, patches)
+    # With many noise patches (SHARED_GRAM_SAMPLES), their block of the Gram matrix, the data group's and the same for
+    # all its cells, takes one product per group in the response update, (C Fm, N) x (N, N); the two signal patches'
+    # rows and columns, which differ by cell, take thin products per cell (the noise-to-signal columns are skipped
+    # when all zero, as for noise projected off the signals in the gram sampling). With few, one product per cell.
+    shared = n_train >= SHARED_GRAM_SAMPLES
+    noise_gram = gram[:, 3:, 3:].contiguous()
+    signal_rows = patch_gram[:, n_train:].contiguous()  # (C G, 2, K)
+    noise_to_signal = patch_gram[:, :n_train, n_train:].contiguous()  # (C G, N, 2)
+    coupled = bool(noise_to_signal.any())
     response = start @ embed.transpose(-1, -2)  # (G, C, Fm, K): R = <w, patch>
     start_response = response.clone()
     coefficients = torch.zeros_like(response)
-    # Sample i sees its noise patch and the signal patch of its clean label: f = h @ place, h = (sign/m) relu(R).
-    place = torch.zeros(groups, patches, n_train, dtype=dtype)
-    place[:, :n_train] = torch.eye(n_train, dtype=dtype)
-    place[:, n_train] = (clean > 0).to(dtype)
-    place[:, n_train + 1] = (clean < 0).to(dtype)
-    # d loss / d f_i = -y_i sigmoid(-y_i f_i) / N: the sigmoid times this map gives d loss / d patch
-    slope_to_patch = ((-y / n_train)[..., None] * place.transpose(-1, -2)).contiguous()  # (G, N, K)
+    # Sample i sees its noise patch and the signal patch of its clean label: f_i = h_i + h_{+s or -s}, with
+    # h = (sign/m) relu(R) per patch; a patch's loss slope is its samples' d loss / d f_i = -y_i sigmoid(-y_i f_i) / N.
+    clean_plus = (clean > 0)[:, None, :]
+    by_clean = torch.stack([clean > 0, clean < 0], dim=-1).to(dtype)  # (G, N, 2): the signal patch of each sample
+    loss_weight = (-y / n_train)[:, None, :]
+    per_patch = torch.empty(groups, cells, patches, dtype=dtype)
     negative_labels = -y[:, None, :]
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
@@ -348,6 +360,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     one = torch.ones((), dtype=dtype)
     positive = torch.empty_like(response)
     batch_response, batch_positive = response.view(batch, filters, patches), positive.view(batch, filters, patches)
+    group_noise_response = response.view(groups, cells * filters, patches)[..., :n_train]
+    group_noise_positive = positive.view(groups, cells * filters, patches)[..., :n_train]
     checkpoints = eval_steps(steps, eval_every)
     exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype)  # -y f, every step
     train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32)
@@ -409,7 +423,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
             pre = response if bias is None else response + bias[..., None]
             positive.copy_(sigma(pre))
         h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
-        exponent = torch.mul(torch.bmm(h, place), negative_labels, out=exponents[step])  # -y f
+        f = h[..., :n_train] + torch.where(clean_plus, h[..., n_train, None], h[..., n_train + 1, None])
+        exponent = torch.mul(f, negative_labels, out=exponents[step])  # -y f
         if step == checkpoints[evaluation]:
             pending.append((evaluation, coefficients.clone(), response.clone(), h,
                             None if bias is None else bias.clone()))
@@ -420,7 +435,8 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
             break
         # softplus' gradient: the sigmoid, exactly 1 above softplus' threshold
         slope = torch.where(exponent > SOFTPLUS_THRESHOLD, one, torch.sigmoid(exponent))
-        per_patch = torch.bmm(slope, slope_to_patch)  # (G, C, K)
+        torch.mul(slope, loss_weight, out=per_patch[..., :n_train])
+        torch.bmm(per_patch[..., :n_train], by_clean, out=per_patch[..., n_train:])
         step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
         if plain:
             positive.sign_()  # relu's derivative
@@ -429,7 +445,13 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
         if bias is not None:
             bias.add_(positive.sum(-1))
-        batch_response.baddbmm_(batch_positive, patch_gram)
+        if shared:
+            group_noise_response.baddbmm_(group_noise_positive, noise_gram)
+            batch_response.baddbmm_(batch_positive[..., n_train:], signal_rows)
+            if coupled:
+                batch_response[..., n_train:].baddbmm_(batch_positive[..., :n_train], noise_to_signal)
+        else:
+            batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
     loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
     norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
