@@ -83,11 +83,14 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
         assert torch.equal(getattr(a, name).y, getattr(b, name).y)
 
 
-@pytest.mark.parametrize("shared_gram", [False, True], ids=["per_cell_gram", "shared_noise_gram"])
-def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, monkeypatch) -> None:
+@pytest.mark.parametrize(("shared_gram", "block_bytes"), [(False, gram.STEP_BLOCK_BYTES), (True, gram.STEP_BLOCK_BYTES),
+                                                        (True, 1)], ids=["per_cell_gram", "shared_noise_gram", "cell_blocks"])
+def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_bytes: int, monkeypatch) -> None:
     """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
-    gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block)."""
+    gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block, and
+    with the groups cut into one-cell step blocks)."""
     monkeypatch.setattr(gram, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
+    monkeypatch.setattr(gram, "STEP_BLOCK_BYTES", block_bytes)
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]
@@ -243,3 +246,14 @@ def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
 ])
 def test_reads_swept_key(interpolation: str, keys: list[str], reads: bool) -> None:
     assert reads_swept_key(interpolation, keys) is reads
+
+
+def test_step_blocks_cut_large_groups_evenly(monkeypatch) -> None:
+    """Groups above the step budget are cut into near-equal parts sharing their tensors; small ones are packed."""
+    monkeypatch.setattr(gram, "STEP_BLOCK_BYTES", 800)
+    shared = {"gram2": torch.zeros(1)}
+    groups = [gram._Group(list(range(20)), shared), gram._Group([20, 21], {}), gram._Group([22, 23, 24], {})]
+    blocks = list(gram.step_blocks(groups, cell_bytes=100))  # 8 cells a block
+    assert [[len(g.cells) for g in block] for block in blocks] == [[7], [7], [6, 2], [3]]
+    assert all(g.tensors is shared for block in blocks[:2] for g in block)
+    assert [i for block in blocks for g in block for i in g.cells] == list(range(25))

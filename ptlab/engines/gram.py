@@ -70,6 +70,10 @@ SHARED_GRAM_SAMPLES = 64
 """From this many training samples a stage's response update multiplies by the data group's noise Gram block once
 (a product per group) instead of by each cell's patch Gram matrix: 15-20% faster at N = 200 (fig2's upstream), slower
 at N = 20 (kou2023), where a step is many small operations."""
+STEP_BLOCK_BYTES = 3 << 19
+"""About the step state (responses of the filters to the patches) of the cells run as one program, 1.5 MiB: on
+2 cores, blocks of 10-20 fig2 cells (0.6-1.3 MiB) trained at 93-95 GFLOP/s, 40 cells at 78, 60 at 71 (the
+steps stream the state through the caches several times a step)."""
 EVAL_BLOCK_BYTES = 64 << 20
 """About the most memory the test-set evaluation of a batch of eval steps takes."""
 
@@ -761,9 +765,37 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
     cells, groups, record_coefficients, summarize = spec
     prepared = [_prepare_group(cells[g[0]], g) for g in groups]
     threads = torch.get_num_threads()
+    results: list[tuple[int, GramResult]] = []
     with torch_threads(1):
-        results = _run_chunk(cells, prepared, record_coefficients, eval_threads=threads)
+        for block in step_blocks(prepared, state_bytes(cells[groups[0][0]])):
+            results.extend(_run_chunk(cells, block, record_coefficients, eval_threads=threads))
     return results if summarize is None else [(k, summarize(result)) for k, result in results]
+
+
+def state_bytes(cell: GramCell) -> int:
+    """Bytes of one cell's step state (the responses of its filters to the patches of its largest stage)."""
+    itemsize = torch.empty((), dtype=DTYPES[cell.dtype]).element_size()
+    downstream = (2 if cell.transfer else 1) * (cell.n2 + 2)
+    return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * itemsize
+
+
+def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]:
+    """The groups of a chunk in blocks of about ``STEP_BLOCK_BYTES`` of step state, each run as one program: groups
+    larger than that are cut into near-equal parts that share their data (at least one cell a block)."""
+    cap = max(1, STEP_BLOCK_BYTES // cell_bytes)
+    pieces = []
+    for group in groups:
+        parts = -(-len(group.cells) // cap)
+        size = -(-len(group.cells) // parts)
+        pieces += [_Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
+    block: list[_Group] = []
+    for piece in pieces:
+        if block and sum(len(g.cells) for g in block) + len(piece.cells) > cap:
+            yield block
+            block = []
+        block.append(piece)
+    if block:
+        yield block
 
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
