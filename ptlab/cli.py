@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -26,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 from ptlab.checks import check_paths
-from ptlab.config import ConfigError, register_configs, validate
+from ptlab.config import ConfigError, is_value_override, register_configs, validate
 from ptlab.errors import DivergenceError
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
@@ -61,8 +62,8 @@ def job_override_sets(overrides: list[str]) -> list[list[str]]:
 
 def closest_key(key: str, known: list[str]) -> str:
     """``"; did you mean <key>?"`` for the known key closest to a misspelled one (or nothing)."""
-    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
+    match = difflib.get_close_matches(key, [k for k in known if k != key], n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match and key not in known else ""
 
 
 def config_keys(cfg: DictConfig) -> list[str]:
@@ -122,6 +123,34 @@ def with_preset_sweeps(overrides: list[str]) -> list[str]:
     return preset + overrides
 
 
+def job_configs(jobs: list[list[str]], multirun: bool) -> Iterator[tuple[DictConfig, str]]:
+    """``compose_job`` of each override list; a list that differs from the first only in plain ``key=value``
+    overrides (``is_value_override``) is the first one's config with those values set, without a Hydra compose
+    (about 0.25 s each: the 100 sweep values of kou2023 took 20 s)."""
+    parser = OverridesParser.create()
+    first: tuple[DictConfig, str, list[str]] | None = None
+    for job in jobs:
+        parsed = parser.parse_overrides(job)
+        if first is not None:
+            composed, output_dir, others = first
+            values = [o for o in parsed if is_value_override(o, composed)]
+            if [o.input_line for o in parsed if o not in values] == others:
+                cfg = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+                with open_dict(cfg):
+                    for override in values:
+                        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+                yield cfg, output_dir
+                continue
+        composed = _compose(job)
+        HydraConfig().set_config(composed)
+        output_dir = str(composed.hydra.sweep.dir if multirun else composed.hydra.run.dir)
+        if first is None:
+            values = [o for o in parsed if is_value_override(o, composed)]
+            first = (composed, output_dir, [o.input_line for o in parsed if o not in values])
+        cfg = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+        yield cfg, output_dir
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate the config of every sweep value in ``argv``; the error line, or ``None``."""
     args = get_args_parser().parse_args(argv)
@@ -130,8 +159,7 @@ def preflight(argv: list[str]) -> str | None:
         return None
     try:
         overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
-        for job in job_override_sets(overrides):
-            cfg, output_dir = compose_job(job, args.multirun)
+        for cfg, output_dir in job_configs(job_override_sets(overrides), args.multirun):
             validate(cfg)
             check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir")
     except OverrideParseException as err:

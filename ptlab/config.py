@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.core.override_parser.types import Override, OverrideType
+from omegaconf import MISSING, DictConfig, OmegaConf, ValueNode
 
 from ptlab.checks import check_values
 from ptlab.errors import ConfigError
@@ -489,6 +490,19 @@ def validate(cfg: DictConfig) -> None:
 
 
 SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"
+
+
+def is_value_override(override: Override, config: DictConfig) -> bool:
+    """A plain ``key=value`` on a leaf of the composed ``config`` (not a group choice, not hydra's): applying it to the
+    composed config with ``OmegaConf.update`` gives what composing with it gives."""
+    key = override.key_or_group
+    if override.type != OverrideType.CHANGE or override.is_hydra_override() or override.package is not None:
+        return False
+    if key in config.hydra.runtime.choices or override.is_sweep_override():
+        return False
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
 
 
 def check_gram_engine(cfg: Any) -> None:

@@ -5,7 +5,9 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ptlab.cli import preflight
+from omegaconf import OmegaConf
+
+from ptlab.cli import compose_job, job_configs, job_override_sets, preflight
 from tests.conftest import SMALL, run_cli
 
 
@@ -85,3 +87,18 @@ def test_what_the_gram_engine_cannot_run_is_rejected_before_anything_runs():
             in preflight(["engine=gram", "upstream_model=toy_cnn", "upstream_model.width=8"]))
     assert "is not allowed with engine=gram" in preflight(["-m", "engine=lightning,gram", "transfer=layers"])
     assert preflight(["engine=gram", "transfer=none", "upstream_model=toy_cnn", "upstream_model.width=8"]) is None
+
+
+def test_sweep_values_reuse_one_composition() -> None:
+    """``job_configs`` gives every job of a value sweep the config a full Hydra compose gives it, and setting one
+    job's values leaves the next job's untouched."""
+    jobs = job_override_sets(["task.d=50,80,120", "seed=1,2", "transfer.alpha=0.25"])
+    configs = list(job_configs(jobs, multirun=True))
+    assert [cfg.task.d for cfg, _ in configs] == [50, 80, 120] and [cfg.seed for cfg, _ in configs] == [1, 2, 2]
+    for (cfg, _), job in zip(configs, jobs):
+        full, _ = compose_job(job, multirun=True)
+        assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(full, resolve=True)
+
+
+def test_a_bad_sweep_value_names_its_key_once() -> None:
+    assert preflight(["-m", "task.d=50,abc"]) == "task.d: Value 'abc' of type 'str' could not be converted to Integer"

@@ -49,13 +49,13 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, ValueNode, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
-from ptlab.config import ConfigError, validate
+from ptlab.config import ConfigError, is_value_override, validate
 from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
 from ptlab.pipeline.record import cell_name, exact, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
@@ -253,18 +253,6 @@ def _node_aliases(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
             yield path, found.group(1)
 
 
-def _is_value_override(override: Override, config: DictConfig) -> bool:
-    """A plain ``key=value`` on a leaf of the composed config (not a group choice, not hydra's)."""
-    key = override.key_or_group
-    if override.type != OverrideType.CHANGE or override.is_hydra_override() or override.package is not None:
-        return False
-    if key in config.hydra.runtime.choices or override.is_sweep_override():
-        return False
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(config, parent) if parent else config
-    return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
-
-
 def _dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
                      default_flow_style=False, allow_unicode=True)
@@ -316,7 +304,7 @@ class _Jobs:
             composed = self.probe = self.loader.load_sweep_config(self.config, overrides)
         for override in parsed:
             if override.input_line not in self.is_value:
-                self.is_value[override.input_line] = _is_value_override(override, self.probe)
+                self.is_value[override.input_line] = is_value_override(override, self.probe)
         values = [o for o in parsed if self.is_value[o.input_line]]
         value_lines = {o.input_line for o in values}
         key = (tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
