@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ptlab.engines.gram import GramCell, run_cells
+from ptlab.pipeline.grid_figure import grid_heatmap, grid_means, heatmap_axes
 from ptlab.report.cli import make_report
 from ptlab.report.kou2023 import kou2023_table
 from ptlab.report.runs import load_pipelines
@@ -33,7 +34,8 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
     grid_runs = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid'")
     assert len(grid_runs) == 1 and grid_runs[0].info.status == "FINISHED"
     grid_id = grid_runs[0].info.run_id
-    assert [a.path for a in client.list_artifacts(grid_id)] == ["results.parquet"]
+    assert sorted(a.path for a in client.list_artifacts(grid_id)) == ["grid_heatmap.png", "results.parquet"]
+    assert (tmp_path / "sweep" / "grid_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline'")
     samples = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid_sample'")
     assert len(samples) == 2 and all(s.data.tags["mlflow.parentRunId"] == grid_id for s in samples)
@@ -80,3 +82,19 @@ def test_kou2023_fit_recovers_the_boundary(tmp_path: Path, monkeypatch) -> None:
     paths = make_report("kou2023", out_dir=tmp_path, log_to_mlflow=False)
     assert sorted(p.name for p in paths) == ["kou2023.csv", "kou2023.md", "kou2023.pdf", "kou2023.png",
                                              "kou2023_boundary.csv", "kou2023_boundary.md"]
+
+
+def test_grid_heatmap_averages_the_other_swept_keys(tmp_path: Path) -> None:
+    """The grid run's heatmap: axes are the two most-swept numeric keys (never the seed), each pixel the mean over
+    the other swept keys; nothing is drawn with one numeric key."""
+    rows = [{"params.task.d": str(d), "params.task.u_norm": str(u), "params.seed": str(s), "params.transfer.selection":
+             "random", "params.model.width": "8", "metrics.transfer_test_acc": 0.5 + 0.01 * d + 0.1 * u + 0.001 * s}
+            for d in (10, 20, 30) for u in (0.0, 1.0) for s in (0, 1, 2, 3)]
+    table = pd.DataFrame(rows)
+    swept = ["model.width", "seed", "task.d", "task.u_norm", "transfer.selection"]
+    assert heatmap_axes(table, swept) == ("task.d", "task.u_norm")
+    means = grid_means(table, "task.d", "task.u_norm", "metrics.transfer_test_acc")
+    assert means.loc[1.0, 20] == pytest.approx(0.5 + 0.2 + 0.1 + 0.001 * 1.5)
+    assert means.shape == (2, 3)
+    assert grid_heatmap(table, swept, tmp_path / "grid.png") == tmp_path / "grid.png"
+    assert grid_heatmap(table, ["seed", "task.d"], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

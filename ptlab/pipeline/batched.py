@@ -23,12 +23,13 @@ at a few thousand cells (a parent and three children, a Hydra subdir and a ``sum
 ``grid_threshold`` cells (``auto``; ``grid`` forces it, ``runs`` forbids it) the sweep is recorded as one
 MLflow parent run for the grid (tagged ``ptlab.stage=grid``) holding ``results.parquet``: one row per
 cell with the columns ``ptlab.report.load_pipelines`` returns for a run per cell (``params.*`` as the
-strings MLflow stores, the parent's final ``metrics.*``, ``tags.ptlab.seed``, ``tags.ptlab.cell``), plus
+strings MLflow stores, the parent's final ``metrics.*``, ``tags.ptlab.seed``, ``tags.ptlab.cell``) and
+``grid_heatmap.png`` (the final test accuracy over the two most-swept keys, ``ptlab.pipeline.grid_figure``), plus
 ``grid_samples`` sampled cells recorded in full (a pipeline run with its stage children and full curves,
 tagged ``ptlab.stage=grid_sample`` under the grid run). Cells are built from the job's value overrides
 without a config per job (each distinct override value is applied and validated once and changes its
 ``GramCell`` fields); the theory's prediction, ``summary.json`` per job and the resume skip are left
-out; the sweep dir gets ``results.parquet`` too.
+out; the sweep dir gets ``results.parquet`` and the heatmap too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from tqdm import tqdm
 
 from ptlab.config import ConfigError, is_value_override, validate
 from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
+from ptlab.pipeline.grid_figure import FIGURE as GRID_FIGURE
+from ptlab.pipeline.grid_figure import grid_heatmap
 from ptlab.pipeline.record import cell_name, exact, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
@@ -518,6 +521,8 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     sweep_dir = templates[0].sweep_dir
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table.to_parquet(sweep_dir / RESULTS, index=False)
+    swept = sorted({o.key_or_group for _, values in jobs for o in values})
+    figure = grid_heatmap(table, swept, sweep_dir / GRID_FIGURE)
     logger = templates[0].resolved["logger"]
     if logger["kind"] != "none":
         uri = resolve_tracking_uri(logger["tracking_uri"])
@@ -532,7 +537,6 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
             **{f"ptlab.choice.{k}": v for k, v in templates[0].choices.items()}})
         run_id = run.info.run_id
         try:
-            swept = sorted({o.key_or_group for _, values in jobs for o in values})
             params = [Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
             stamp = int(time.time() * 1000)
             client.log_batch(run_id, params=params, metrics=[
@@ -540,6 +544,8 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
                 Metric("grid/train_seconds", trained - composed, stamp, 0),
                 Metric("grid/compose_seconds", composed - started, stamp, 0)])
             client.log_artifact(run_id, str(sweep_dir / RESULTS))
+            if figure is not None:
+                client.log_artifact(run_id, str(figure))
             picks = sorted(np.random.default_rng(0).choice(len(cells), size=min(samples, len(cells)), replace=False))
             _track_samples(composer, writer, job_overrides, [int(p) for p in picks], cells, initial_job_idx, run_id)
             client.set_terminated(run_id, "FINISHED")
