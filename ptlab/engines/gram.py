@@ -340,10 +340,11 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
     # rows and columns, which differ by cell, take thin products per cell (the noise-to-signal columns are skipped
     # when all zero, as for noise projected off the signals in the gram sampling). With few, one product per cell.
     shared = n_train >= SHARED_GRAM_SAMPLES
-    noise_gram = gram[:, 3:, 3:].contiguous()
-    signal_rows = patch_gram[:, n_train:].contiguous()  # (C G, 2, K)
-    noise_to_signal = patch_gram[:, :n_train, n_train:].contiguous()  # (C G, N, 2)
-    coupled = bool(noise_to_signal.any())
+    if shared:
+        noise_gram = gram[:, 3:, 3:].contiguous()
+        signal_rows = patch_gram[:, n_train:].contiguous()  # (C G, 2, K)
+        noise_to_signal = patch_gram[:, :n_train, n_train:].contiguous()  # (C G, N, 2)
+        coupled = bool(noise_to_signal.any())
     response = start @ embed.transpose(-1, -2)  # (G, C, Fm, K): R = <w, patch>
     start_response = response.clone()
     coefficients = torch.zeros_like(response)
@@ -774,9 +775,8 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
 
 def state_bytes(cell: GramCell) -> int:
     """Bytes of one cell's step state (the responses of its filters to the patches of its largest stage)."""
-    itemsize = torch.empty((), dtype=DTYPES[cell.dtype]).element_size()
     downstream = (2 if cell.transfer else 1) * (cell.n2 + 2)
-    return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * itemsize
+    return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * DTYPES[cell.dtype].itemsize
 
 
 def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]:
@@ -789,11 +789,13 @@ def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]
         size = -(-len(group.cells) // parts)
         pieces += [_Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
     block: list[_Group] = []
+    size = 0
     for piece in pieces:
-        if block and sum(len(g.cells) for g in block) + len(piece.cells) > cap:
+        if block and size + len(piece.cells) > cap:
             yield block
-            block = []
+            block, size = [], 0
         block.append(piece)
+        size += len(piece.cells)
     if block:
         yield block
 

@@ -224,7 +224,7 @@ class _Template:
 
 def reads_swept_key(interpolation: str, keys: Sequence[str]) -> bool:
     """Whether an interpolation string may read one of the swept ``keys``: it names hydra's config, a swept key, a
-    node above one (``${model}`` reads ``model.width``) or below one, or (a relative reference) a swept leaf's name."""
+    node above one (``${model}`` reads ``model.width``) or below one, or a swept leaf's name (relative references)."""
     if "hydra:" in interpolation:
         return True
     names = re.findall(r"[\w.]+", interpolation)
@@ -232,8 +232,7 @@ def reads_swept_key(interpolation: str, keys: Sequence[str]) -> bool:
         leaf = key.rsplit(".", 1)[-1]
         for name in names:
             path = name.lstrip(".")
-            if (path == key or key.startswith(f"{path}.") or path.startswith(f"{key}.")
-                    or (name.startswith(".") and path.split(".")[0] == leaf) or path == leaf):
+            if path in (key, leaf) or key.startswith(f"{path}.") or path.startswith(f"{key}."):
                 return True
     return False
 
