@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ptlab.config import TOY_ACTIVATIONS, TOY_INITS, TOY_REDUCTIONS
+from ptlab.config import TOY_ACTIVATIONS, TOY_INITS, TOY_REDUCTIONS, ToyCNNSchema
 from ptlab.data import FullBatchDataModule
 from ptlab.engines import gram
 from ptlab.engines.base import Stage
 from ptlab.engines.gram import GramCell, GramEngine, reconstruct_weights, run_cells
-from ptlab.models.two_layer_cnn import ACTIVATIONS, INITS, REDUCTIONS, TwoLayerReLUCNN
+from ptlab.models.two_layer_cnn import ACTIVATIONS, INITS, REDUCTIONS, ModelForm, TwoLayerReLUCNN
 from ptlab.modules import FullBatchGD, sign_accuracy
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.seeding import derive_seed
@@ -173,6 +173,14 @@ def test_torch_init_is_conv1d_default() -> None:
 
 def test_config_lists_match_the_model() -> None:
     assert TOY_ACTIVATIONS == ACTIVATIONS.names() and TOY_INITS == INITS and set(TOY_REDUCTIONS) == set(REDUCTIONS)
+
+
+def test_schema_defaults_are_the_model_forms() -> None:
+    """The torch-free schema (what the CLI validates) and ``ModelForm`` (what the model computes) name the same
+    variant keys with the same defaults: the paper's network."""
+    schema = ToyCNNSchema()
+    for name, spec in ModelForm.__dataclass_fields__.items():
+        assert getattr(schema, name) == spec.default, name
 
 
 def test_random_signal_position_only_swaps_patches(make_cfg) -> None:
