@@ -6,7 +6,12 @@ class ConfigError(ValueError):
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss; the message names the stage, the step and the likely key."""
+    """Training produced a non-finite loss; the message names the stage, the step and the likely key
+    (``stage``: the stage's name, where the engine knows it)."""
+
+    def __init__(self, message: str, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class Terminated(KeyboardInterrupt):

@@ -51,9 +51,14 @@ def test_labels_equal_the_dspace_test_set(make_cfg) -> None:
     cfgs = [make_cfg(f"task.test_space={space}", "task.label_noise=0.2", "train.dtype=float64")
             for space in ("dspace", "response")]
     dspace, response = run_cells([GramCell.from_config(cfg) for cfg in cfgs])
+    # The two cells share a batched program but not a group: the same arithmetic may run in another BLAS kernel,
+    # so they agree to a few dozen units of float64's epsilon (relative to the largest coefficient), not bitwise.
+    eps = torch.finfo(torch.float64).eps
     for name in ("upstream", "transfer", "scratch"):
-        assert torch.equal(dspace.stages[name].signal, response.stages[name].signal)
-        assert dspace.stages[name].final["train_loss"] == response.stages[name].final["train_loss"]
+        a, b = dspace.stages[name].signal, response.stages[name].signal
+        assert (a - b).abs().max() <= 64 * eps * a.abs().max()
+        assert dspace.stages[name].final["train_loss"] == pytest.approx(response.stages[name].final["train_loss"],
+                                                                       rel=64 * eps)
     data = [make_data(cfg) for cfg in cfgs]
     for part in ("task1_test", "task2_test"):
         assert torch.equal(getattr(data[0], part).y, getattr(data[1], part).y)

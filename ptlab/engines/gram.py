@@ -243,6 +243,14 @@ class GramResult:
         return {name: stage.result(history, self.plan_rows if name == "transfer" else None)
                 for name, stage in self.stages.items()}
 
+    def divergence(self) -> DivergenceError | None:
+        """The error of the first stage (in training order) whose loss is not finite, else ``None``."""
+        for stage in self.stages.values():
+            error = divergence(stage.name, stage.loss, self.cell.lr)
+            if error is not None:
+                return error
+        return None
+
     @property
     def plan_rows(self) -> list[Any] | None:
         """The transfer plan as ``PlanRow`` s."""
@@ -851,13 +859,23 @@ def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficient
     return out  # type: ignore[return-value]
 
 
-def check_loss(stage: str, loss: Tensor, lr: float) -> None:
-    """``DivergenceError`` at the first step whose loss is not finite."""
+def divergence(stage: str, loss: Tensor | np.ndarray, lr: float) -> DivergenceError | None:
+    """The ``DivergenceError`` of a stage whose loss curve has a non-finite step (the first one), else ``None``:
+    the single run, the batched sweep and the grid all report a diverged stage with this line."""
+    loss = torch.as_tensor(loss)
     bad = (~torch.isfinite(loss)).nonzero()
-    if len(bad):
-        step = int(bad[0, -1])
-        raise DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., step]):g}; "
-                              f"lower train.lr (now {lr:g})")
+    if not len(bad):
+        return None
+    step = int(bad[0, -1])
+    return DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., step]):g}; "
+                           f"lower train.lr (now {lr:g})", stage=stage)
+
+
+def check_loss(stage: str, loss: Tensor, lr: float) -> None:
+    """Raise ``divergence``'s error, if any."""
+    error = divergence(stage, loss, lr)
+    if error is not None:
+        raise error
 
 
 class GramEngine:

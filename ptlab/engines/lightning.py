@@ -68,7 +68,8 @@ class LightningEngine:
         try:
             trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
         except DivergenceError as err:
-            raise DivergenceError(f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})") from None
+            raise DivergenceError(f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})",
+                                  stage=stage.name) from None
         restore_final(trainer, module)
         return StageResult(stage.name, stage.model, dict(module.final), dict(module.curves),
                            transfer.plan if transfer is not None else None, stage.steps)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -60,7 +61,10 @@ from ptlab.config import ConfigError, is_value_override, validate
 from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
 from ptlab.pipeline.grid_figure import FIGURE as GRID_FIGURE
 from ptlab.pipeline.grid_figure import grid_heatmap
-from ptlab.pipeline.record import cell_name, exact, open_pipeline, pipeline_tags, record_pipeline, used_params
+from ptlab.errors import DivergenceError
+from ptlab.engines.base import StageResult
+from ptlab.pipeline.record import (cell_name, final_metrics, open_pipeline, pipeline_summary, pipeline_tags,
+                                   record_pipeline, record_trained, theory_fields, used_params)
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker, flatten
@@ -87,6 +91,7 @@ class SweepJob:
     writer: BulkRunWriter | None = None
     theory: TheoryPrediction | None = None
     summary: dict[str, Any] | None = None
+    error: DivergenceError | None = None
 
 
 class _Attrs(dict):
@@ -111,7 +116,11 @@ def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
 TRACKING_LAYOUTS = ("auto", "runs", "grid")
 """``hydra.launcher.tracking``: a run per cell below ``grid_threshold`` cells and the grid layout above (auto)."""
 RESULTS = "results.parquet"
-"""The grid run's results table (one row per cell)."""
+"""The grid run's results table (one row per finished cell)."""
+SUMMARIES = "summaries.jsonl"
+"""The grid run's summaries: a line per finished cell, its ``summary.json`` (``_grid_summaries``)."""
+FAILURES = "failures.json"
+"""The grid run's failed cells: job, cell name and the error line."""
 GRID_TAG = "ptlab.grid_key"
 """A grid row's identity: its template and value overrides (the report keeps the latest row of each)."""
 
@@ -151,6 +160,11 @@ class _Template:
             for i, key in enumerate(value_keys):
                 self._set(marked, key, self.PLACEHOLDER.format(i))
             self.yaml = _dump_yaml(marked)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The config hash of the template itself (fast templates only)."""
+        return hash_resolved(self.resolved)
 
     def _set(self, container: dict[str, Any], key: str, value: Any) -> None:
         """Set ``key`` in a resolved container, and its copies under nodes that alias one above it
@@ -260,12 +274,18 @@ def _dump_yaml(data: Any) -> str:
                      default_flow_style=False, allow_unicode=True)
 
 
-def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any]:
-    """Hand one trained cell to ``record_pipeline`` (as ``run_pipeline`` does) and write its Hydra files."""
+def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any] | None:
+    """Hand one trained cell to ``record_pipeline`` (as ``run_pipeline`` does) and write its Hydra files; a cell
+    with a diverged stage is tracked FAILED with the single run's error (``job.error``), and has no summary."""
     tracker = job.tracker if job.tracker is not None else NullTracker()
-    with tracker:
-        summary = record_pipeline(tracker, result.stage_results(history), job.output_dir, result.cell.seed,
-                                  job.choices, job.theory, record_stages=True)
+    summary = None
+    stages = result.stage_results(history)
+    try:
+        with tracker:
+            record_trained(tracker, stages, result.divergence())
+            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory)
+    except DivergenceError as err:
+        job.error = err
     hydra_dir = job.output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = job.tracker.artifact_text("config.yaml") if job.tracker is not None else _dump_yaml(job.resolved)
@@ -398,7 +418,8 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
             for position, result in chunk:
                 job = pending[position]
                 job.summary = track_pipeline(job, result, history)
-                returns[job.index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
+                returns[job.index] = (_return(job, JobStatus.FAILED, job.error) if job.error is not None
+                                      else _return(job, JobStatus.COMPLETED, _best(job.summary)))
                 if job.tracker is not None:
                     by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
             for writer, trackers in by_writer.values():
@@ -410,7 +431,16 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
     if pending:
         log.info("ptlab gram sweep: %d cells in %.1f s (configs %.1f s, summaries and tracking %.1f s)",
                  len(pending), time.perf_counter() - started, composed - started, tracked)
+    raise_failures([job.error for job in pending if job.error is not None], len(job_overrides))
     return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
+
+
+def raise_failures(errors: Sequence[BaseException], total: int) -> None:
+    """End a sweep whose cells failed as a single run ends: the first error's one line, exit 1 (the other cells
+    are tracked and kept; their runs, and the failed ones, are in MLflow)."""
+    if errors:
+        more = f" ({len(errors)} of {total} cells failed)" if len(errors) > 1 else ""
+        raise SystemExit(f"ptlab: {errors[0]}{more}")
 
 
 def _best(summary: dict[str, Any]) -> float | None:
@@ -446,122 +476,233 @@ def _grid_job(composer: _Jobs, overrides: list[str], checked: set[int]) -> tuple
     return template, parsed, values
 
 
-def _grid_table(templates: list[_Template], jobs: list[tuple[int, list[Override]]], finals: list[dict[str, float]],
-                names: list[str]) -> Any:
-    """The results table: one row per job, in ``load_pipelines``' columns (see the module docstring)."""
+@dataclass
+class GridCell:
+    """One job of a grid sweep: its template, value overrides, name, cell and (once known) theory and outcome."""
+
+    position: int
+    template: _Template
+    values: list[Override]
+    name: str
+    cell: GramCell
+    key: str
+    theory: TheoryPrediction | None = None
+    outcome: CellOutcome | None = None
+
+
+@dataclass
+class CellOutcome:
+    """What a worker sends back of a trained grid cell: each stage's final numbers and the plan (no curves, no
+    coefficients), or the diverged stage's error as ``(message, stage)`` (exceptions with extra fields do not
+    survive pickling)."""
+
+    stages: dict[str, StageResult]
+    error: tuple[str, str | None] | None = None
+
+    @staticmethod
+    def of(result: GramResult) -> CellOutcome:
+        error = result.divergence()
+        if error is not None:
+            return CellOutcome({}, (str(error), error.stage))
+        return CellOutcome({name: dataclasses.replace(stage, curves={}) for name, stage in
+                            result.stage_results("last").items()})
+
+    @property
+    def finals(self) -> dict[str, float]:
+        """The parent run's final metrics (``record.final_metrics``)."""
+        return final_metrics(self.stages)
+
+
+def grid_key(template: _Template, name: str) -> str:
+    """A grid row's identity: its template's config hash and its cell name (the report keeps the latest row of each;
+    resume skips a key that a grid run of the experiment already holds)."""
+    return hashlib.sha256(f"{template.digest}|{name}".encode()).hexdigest()[:32]
+
+
+def _grid_table(cells: list[GridCell]) -> Any:
+    """The results table: one row per finished cell, in ``load_pipelines``' columns (see the module docstring),
+    with the theory's params and metrics as a run per cell logs them."""
     import pandas as pd
 
     frames = []
-    by_template: dict[int, list[int]] = {}
-    for position, (template_index, _) in enumerate(jobs):
-        by_template.setdefault(template_index, []).append(position)
-    for template_index, positions in by_template.items():
-        template = templates[template_index]
+    by_template: dict[int, list[GridCell]] = {}
+    for cell in cells:
+        by_template.setdefault(id(cell.template), []).append(cell)
+    for group in by_template.values():
+        template = group[0].template
         constant = {f"params.{k}": str(v) for k, v in flatten(used_params(template.resolved)).items()}
         columns: dict[str, list[Any]] = {}
-        for position in positions:
-            for override in jobs[position][1]:
+        for cell in group:
+            for override in cell.values:
                 columns.setdefault(f"params.{override.key_or_group}", []).append(str(template.value(override)[0]))
         frame = pd.DataFrame({**{k: v for k, v in constant.items() if k not in columns}, **columns},
-                             index=pd.RangeIndex(len(positions)))
-        metrics = pd.DataFrame([finals[p] for p in positions]).add_prefix("metrics.")
-        digest = hash_resolved(template.resolved)
-        frame = pd.concat([frame, metrics], axis=1)
+                             index=pd.RangeIndex(len(group)))
+        extra = []
+        for cell in group:
+            row: dict[str, Any] = {f"metrics.{k}": v for k, v in cell.outcome.finals.items()}  # type: ignore[union-attr]
+            if cell.theory is not None:
+                params, metrics = theory_fields(cell.theory)
+                row.update({f"params.{k}": str(v) for k, v in params.items()})
+                row.update({f"metrics.{k}": v for k, v in metrics.items()})
+            extra.append(row)
+        frame = pd.concat([frame, pd.DataFrame(extra)], axis=1)
         frame["tags.ptlab.seed"] = frame.get("params.seed", str(template.resolved["seed"]))
-        frame["tags.ptlab.cell"] = [names[p] for p in positions]
-        frame[f"tags.{GRID_TAG}"] = [hashlib.sha256(f"{digest}|{names[p]}".encode()).hexdigest()[:32]
-                                     for p in positions]
-        frame["position"] = positions
+        frame["tags.ptlab.cell"] = [cell.name for cell in group]
+        frame[f"tags.{GRID_TAG}"] = [cell.key for cell in group]
+        frame["position"] = [cell.position for cell in group]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True).sort_values("position").drop(columns="position").reset_index(drop=True)
 
 
-def _grid_finals(result: GramResult) -> dict[str, float]:
-    """The parent run's final metrics of one cell (``record.final_metrics`` without building stage results)."""
-    final = {f"{name}_{key}": exact(stage.final[key]) for name, stage in result.stages.items()
-             for key in ("train_acc", "test_acc")}
-    if "transfer_test_acc" in final and "scratch_test_acc" in final:
-        final["transfer_gain"] = round(final["transfer_test_acc"] - final["scratch_test_acc"], 12)
-    return final
+def _grid_theory(cells: list[GridCell]) -> None:
+    """Each cell's theory prediction, computed once per config minus the seed (the theory does not read it)."""
+    known: dict[tuple, TheoryPrediction] = {}
+    for cell in cells:
+        key = (id(cell.template), tuple(sorted(o.input_line for o in cell.values if o.key_or_group != "seed")))
+        if key not in known:
+            resolved = copy.deepcopy(cell.template.resolved)
+            for override in cell.values:
+                cell.template._set(resolved, override.key_or_group, cell.template.value(override)[0])
+            known[key] = predict_from_config(_Attrs(resolved))
+        cell.theory = known[key]
+
+
+def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -> None:
+    """``summaries.jsonl``: a line per finished cell, ``{"job", "cell", "summary"}``, the summary being what
+    ``summary.json`` holds for the same config run alone (``pipeline_summary``), its ``mlflow`` entry the grid
+    run's."""
+    with path.open("w") as out:
+        for cell in cells:
+            summary = pipeline_summary(cell.outcome.stages, cell.cell.seed, cell.template.choices,  # type: ignore[union-attr]
+                                       cell.theory, mlflow=mlflow)
+            out.write(json.dumps({"job": cell.position, "cell": cell.name, "summary": summary}, allow_nan=False) + "\n")
+
+
+def finished_grid_keys(tracking_uri: str, experiment_name: str) -> set[str]:
+    """The grid keys of every row that the experiment's grid runs hold (each row is a finished cell)."""
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.report.grid import grid_rows
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return set()
+    rows = grid_rows(client, experiment.experiment_id)
+    return set() if rows.empty else set(rows[f"tags.{GRID_TAG}"])
 
 
 def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int, max_cells: int, progress: bool, workers: int | None, samples: int,
                 ) -> list[JobReturn]:
-    """Run a sweep in the grid layout (module docstring): train every cell, write the results table to one grid
-    run (and the sweep dir) and ``samples`` sampled cells in full under it."""
+    """Run a sweep in the grid layout (module docstring): train every cell not yet in a grid run of the experiment,
+    write the results table and the summaries to one grid run (and the sweep dir) and ``samples`` sampled cells in
+    full under it. A diverged cell is left out of the table and ends the sweep as ``raise_failures`` says."""
     import numpy as np
     from mlflow.entities import Metric, Param
 
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
-    templates: list[_Template] = []
-    jobs: list[tuple[int, list[Override]]] = []
-    cells: list[GramCell] = []
-    names: list[str] = []
+    cells: list[GridCell] = []
     checked: set[int] = set()
-    for overrides in job_overrides:
+    for position, overrides in enumerate(job_overrides):
         template, parsed, values = _grid_job(composer, list(overrides), checked)
-        if template not in templates:
-            templates.append(template)
-        jobs.append((templates.index(template), values))
-        cells.append(template.cell(values))
-        names.append(cell_name([o.input_line for o in parsed], cells[-1].seed))
+        cell = template.cell(values)
+        name = cell_name([o.input_line for o in parsed], cell.seed)
+        cells.append(GridCell(position, template, values, name, cell, grid_key(template, name)))
+    first = cells[0].template
+    logger = first.resolved["logger"]
+    uri = resolve_tracking_uri(logger["tracking_uri"]) if logger["kind"] != "none" else None
+    if uri is not None and logger.get("sqlite_wal", True):
+        prepare_sqlite_store(uri)
+    done = finished_grid_keys(uri, logger["experiment_name"]) if uri and first.skip_finished else set()
+    todo = [cell for cell in cells if cell.key not in done]
+    if len(todo) < len(cells):
+        print(f"ptlab: skipped {len(cells) - len(todo)} of {len(cells)} cells: a grid run of the experiment already "
+              "holds them (resume.skip_finished)")
+    _grid_theory(todo)
     composed = time.perf_counter()
-    finals: list[dict[str, float] | None] = [None] * len(cells)
     workers = torch.get_num_threads() if workers is None else workers
-    with tqdm(total=len(cells), desc="gram grid", unit="cell", disable=not progress) as bar:
-        for chunk in iter_chunks(cells, max_cells, workers=workers, summarize=_grid_finals):
-            for position, final in chunk:
-                finals[position] = final
+    with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=not progress or not todo) as bar:
+        for chunk in iter_chunks([cell.cell for cell in todo], max_cells, workers=workers, summarize=CellOutcome.of):
+            for index, outcome in chunk:
+                todo[index].outcome = outcome
             bar.update(len(chunk))
     trained = time.perf_counter()
-    table = _grid_table(templates, jobs, finals, names)  # type: ignore[arg-type]
-    sweep_dir = templates[0].sweep_dir
+    finished = [cell for cell in todo if cell.outcome.error is None]  # type: ignore[union-attr]
+    errors = [DivergenceError(*cell.outcome.error) for cell in todo if cell.outcome.error is not None]  # type: ignore[union-attr]
+    returns = _grid_returns(cells, job_overrides)
+    if not todo:
+        return returns
+    sweep_dir = first.sweep_dir
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(sweep_dir / RESULTS, index=False)
-    swept = sorted({o.key_or_group for _, values in jobs for o in values})
-    figure = grid_heatmap(table, swept, sweep_dir / GRID_FIGURE)
-    logger = templates[0].resolved["logger"]
-    if logger["kind"] != "none":
-        uri = resolve_tracking_uri(logger["tracking_uri"])
-        if logger.get("sqlite_wal", True):
-            prepare_sqlite_store(uri)
+    run_id = None
+    if uri is not None:
         writer = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        run = client.create_run(writer.experiment_id, run_name=f"grid {len(cells)} cells", tags={
-            STAGE_TAG: "grid", "ptlab.grid.cells": str(len(cells)),
-            **{f"ptlab.choice.{k}": v for k, v in templates[0].choices.items()}})
+        run = client.create_run(writer.experiment_id, run_name=f"grid {len(todo)} cells", tags={
+            STAGE_TAG: "grid", "ptlab.grid.cells": str(len(todo)), **writer.context_tags,
+            **{f"ptlab.choice.{k}": v for k, v in first.choices.items()}})
         run_id = run.info.run_id
+    mlflow = {"tracking_uri": uri, "experiment_id": writer.experiment_id if uri else None, "parent_run_id": run_id}
+    swept = sorted({o.key_or_group for cell in todo for o in cell.values})
+    table = figure = None
+    if finished:
+        table = _grid_table(finished)
+        table.to_parquet(sweep_dir / RESULTS, index=False)
+        figure = grid_heatmap(table, swept, sweep_dir / GRID_FIGURE)
+    _grid_summaries(finished, sweep_dir / SUMMARIES, mlflow)
+    if errors:
+        (sweep_dir / FAILURES).write_text(json.dumps(
+            [{"job": cell.position, "cell": cell.name, "error": cell.outcome.error[0]}  # type: ignore[union-attr]
+             for cell in todo if cell.outcome.error is not None], indent=2))
+    if run_id is not None:
         try:
-            params = [Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
+            params = ([Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
+                      if table is not None else [])
             stamp = int(time.time() * 1000)
             client.log_batch(run_id, params=params, metrics=[
-                Metric("grid/cells", float(len(cells)), stamp, 0),
+                Metric("grid/cells", float(len(todo)), stamp, 0),
+                Metric("grid/failed_cells", float(len(errors)), stamp, 0),
                 Metric("grid/train_seconds", trained - composed, stamp, 0),
                 Metric("grid/compose_seconds", composed - started, stamp, 0)])
-            client.log_artifact(run_id, str(sweep_dir / RESULTS))
-            if figure is not None:
-                client.log_artifact(run_id, str(figure))
-            picks = sorted(np.random.default_rng(0).choice(len(cells), size=min(samples, len(cells)), replace=False))
-            _track_samples(composer, writer, job_overrides, [int(p) for p in picks], cells, initial_job_idx, run_id)
-            client.set_terminated(run_id, "FINISHED")
+            for artifact in (RESULTS, SUMMARIES, FAILURES, GRID_FIGURE):
+                if (sweep_dir / artifact).is_file() and (artifact != GRID_FIGURE or figure is not None):
+                    client.log_artifact(run_id, str(sweep_dir / artifact))
+            picks = sorted(np.random.default_rng(0).choice(len(finished), size=min(samples, len(finished)),
+                                                           replace=False)) if finished else []
+            _track_samples(composer, writer, job_overrides, [finished[int(p)] for p in picks], initial_job_idx,
+                           run_id)
+            if errors:
+                client.set_tag(run_id, "ptlab.error", f"{errors[0]} ({len(errors)} of {len(todo)} cells failed)")
+            client.set_terminated(run_id, "FAILED" if errors else "FINISHED")
         except BaseException as err:
             client.set_tag(run_id, "ptlab.error", f"{type(err).__name__}: {err}"[:5000])
             client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
     log.info("ptlab gram grid: %d cells in %.1f s (configs %.1f s, training %.1f s, table and tracking %.1f s)",
-             len(cells), time.perf_counter() - started, composed - started, trained - composed,
+             len(todo), time.perf_counter() - started, composed - started, trained - composed,
              time.perf_counter() - trained)
+    raise_failures(errors, len(job_overrides))
+    for cell in todo:
+        returns[cell.position].return_value = _best_final(cell.outcome.finals)  # type: ignore[union-attr]
+    return returns
+
+
+def _grid_returns(cells: list[GridCell], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
     cwd = str(Path.cwd())
     returns = []
-    for overrides, final in zip(job_overrides, finals):
+    for overrides in job_overrides:
         ret = JobReturn(overrides=list(overrides), working_dir=cwd, task_name="ptlab", status=JobStatus.COMPLETED)
-        ret.return_value = final.get("transfer_test_acc", final.get("scratch_test_acc"))  # type: ignore[union-attr]
+        ret.return_value = None
         returns.append(ret)
     return returns
+
+
+def _best_final(final: dict[str, float]) -> float | None:
+    return final.get("transfer_test_acc", final.get("scratch_test_acc"))
 
 
 def pd_unique(column: Any) -> list[str]:
@@ -569,19 +710,20 @@ def pd_unique(column: Any) -> list[str]:
     return list(dict.fromkeys(column.tolist()))
 
 
-def _track_samples(composer: _Jobs, writer: BulkRunWriter, job_overrides: Sequence[Sequence[str]], picks: list[int],
-                   cells: list[GramCell], initial_job_idx: int, grid_run_id: str) -> None:
+def _track_samples(composer: _Jobs, writer: BulkRunWriter, job_overrides: Sequence[Sequence[str]],
+                   picks: list[GridCell], initial_job_idx: int, grid_run_id: str) -> None:
     """The sampled cells as full pipeline runs (stage children, every curve point) under the grid run; each is
     rebuilt from its full config, which must give the grid's cell."""
     sampled: list[SweepJob] = []
-    for position in picks:
-        template, parsed, values = composer.template(list(job_overrides[position]))
+    for pick in picks:
+        overrides = list(job_overrides[pick.position])
+        template, parsed, values = composer.template(overrides)
         template.skip_finished = False
-        job = _build_job(template, initial_job_idx + position, list(job_overrides[position]), parsed, values,
+        job = _build_job(template, initial_job_idx + pick.position, overrides, parsed, values,
                          {(writer.tracking_uri, template.resolved["logger"]["experiment_name"],
                            template.resolved["logger"].get("artifact_location")): writer}, {})
-        if job.cell != cells[position]:
-            raise RuntimeError(f"grid cell {position} differs from its full config's cell: {job.cell} vs {cells[position]}")
+        if job.cell != pick.cell:
+            raise RuntimeError(f"grid cell {pick.position} differs from its full config's cell: {job.cell} vs {pick.cell}")
         sampled.append(job)
     for job, result in zip(sampled, run_cells([job.cell for job in sampled])):
         track_pipeline(job, result, "full")

@@ -19,6 +19,7 @@ from typing import Any
 
 from ptlab.config import IMAGE_TRAIN_KEYS, SYNTHETIC_TRAIN_KEYS
 from ptlab.engines.base import STAGES, StageResult
+from ptlab.errors import DivergenceError
 from ptlab.pipeline.resume import CONFIG_HASH_TAG
 from ptlab.theory import TheoryPrediction
 from ptlab.tracking.base import NOTE_TAG, NullTracker, Tracker, flatten
@@ -71,8 +72,16 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
     tracker.log_params(flatten(resolved))
     tracker.log_text(config_yaml, "config.yaml")
     if theory is not None:
-        tracker.log_params({f"theory.{k}": v for k, v in theory.labels().items()})
-        tracker.log_metrics({f"theory/{k}": v for k, v in theory.metrics().items() if math.isfinite(v)})
+        params, metrics = theory_fields(theory)
+        tracker.log_params(params)
+        tracker.log_metrics(metrics)
+
+
+def theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, float]]:
+    """The theory's prediction as a pipeline's params (``theory.<label>``) and metrics (``theory/<number>``, the
+    finite ones): what a run logs and what a grid row holds."""
+    return ({f"theory.{k}": v for k, v in theory.labels().items()},
+            {f"theory/{k}": v for k, v in theory.metrics().items() if math.isfinite(v)})
 
 
 def record_stage(tracker: Tracker, result: StageResult) -> None:
@@ -88,6 +97,25 @@ def record_stage(tracker: Tracker, result: StageResult) -> None:
     if result.plan is not None:
         tracker.log_dict([row.as_dict() for row in result.plan], "transfer_plan.json", stage=result.name)
     tracker.end_stage(result.name)
+
+
+def record_trained(tracker: Tracker, stages: Mapping[str, StageResult], error: DivergenceError | None = None
+                   ) -> Mapping[str, StageResult]:
+    """Track stages that were trained before being tracked (a whole gram cell, a batched sweep's cell) as a
+    single run tracks them while they train: each stage on its child run in order; ``error`` (a diverged stage,
+    ``GramResult.divergence``) is raised where that stage's child run starts, so that the tracker marks that run
+    and the pipeline FAILED with the single run's message and nothing after it is recorded."""
+    failed = error.stage if error is not None else None
+    for name in STAGES:
+        if name not in stages:
+            continue
+        if name == failed:
+            tracker.start_stage(name)
+            raise error
+        record_stage(tracker, stages[name])
+    if error is not None:
+        raise error
+    return stages
 
 
 def exact(value: float) -> float:
@@ -143,22 +171,12 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
     ``figure_title``: draw the decomposition figure (synthetic pipelines); ``extra``: more summary
     entries (the image data sizes); ``write_file``: write ``summary.json`` (rank 0 only under DDP)."""
     if record_stages:
-        for name in STAGES:
-            if name in stages:
-                record_stage(tracker, stages[name])
+        record_trained(tracker, stages)
     if figure_title is not None:
         log_decomposition_figure(tracker, stages, figure_title)
-    summary: dict[str, Any] = {
-        **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None
-           for name in STAGES},
-        **(extra or {}),
-        **({"theory": theory.as_dict()} if theory is not None else {}),
-        "seed": seed,
-        "choices": dict(choices),
-        "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                   "parent_run_id": tracker.parent_run_id},
-    }
-    summary = finite_or_none(summary)
+    summary = pipeline_summary(stages, seed, choices, theory, extra, {
+        "tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+        "parent_run_id": tracker.parent_run_id})
     tracker.log_metrics(final_metrics(stages))
     tracker.set_tags({NOTE_TAG: f"```\n{format_table(summary)}\n```"})
     text = json.dumps(summary, indent=2, allow_nan=False)
@@ -167,6 +185,22 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
         (output_dir / "summary.json").write_text(text)
     tracker.log_text(text, "summary.json")
     return summary
+
+
+def pipeline_summary(stages: Mapping[str, StageResult], seed: int, choices: Mapping[str, str],
+                     theory: TheoryPrediction | None = None, extra: Mapping[str, Any] | None = None,
+                     mlflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A pipeline's ``summary.json`` (JSON-safe: non-finite numbers are ``None``), the same for every layout."""
+    summary: dict[str, Any] = {
+        **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None
+           for name in STAGES},
+        **(extra or {}),
+        **({"theory": theory.as_dict()} if theory is not None else {}),
+        "seed": seed,
+        "choices": dict(choices),
+        "mlflow": dict(mlflow or {}),
+    }
+    return finite_or_none(summary)
 
 
 def format_table(summary: Mapping[str, Any]) -> str:

@@ -17,7 +17,7 @@ from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_d
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
 from ptlab.pipeline.cache import cached_upstream
-from ptlab.pipeline.record import record_stage
+from ptlab.pipeline.record import record_stage, record_trained
 from ptlab.seeding import derive_seed
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
@@ -75,11 +75,10 @@ def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> dict[str, StageResult]:
     from ptlab.engines.gram import GramCell, run_cells
 
     started = time.perf_counter()
-    stages = run_cells([GramCell.from_config(cfg)])[0].stage_results()
-    for result in stages.values():
-        record_stage(tracker, result)
+    result = run_cells([GramCell.from_config(cfg)])[0]
+    stages = record_trained(tracker, result.stage_results(), result.divergence())
     log.info("pipeline trained as one gram cell in %.1f s: %s", time.perf_counter() - started,
-             ", ".join(f"{name} test_acc {result.final['test_acc']:.4f}" for name, result in stages.items()))
+             ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()))
     return stages
 
 

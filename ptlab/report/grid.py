@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ptlab.tracking.mlflow import STAGE_TAG
@@ -16,14 +17,19 @@ GRID_KEY = "tags.ptlab.grid_key"
 
 
 def grid_rows(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
-    """Every row of the experiment's FINISHED grid runs (the latest row of each grid cell), with ``run_id``,
-    ``experiment_id``, ``status`` and ``start_time`` of its grid run; empty when there is none."""
-    runs = client.search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'grid' and attributes.status = 'FINISHED'",
+    """Every row of the experiment's ended grid runs (the latest row of each grid cell), with ``run_id``,
+    ``experiment_id``, ``status`` and ``start_time`` of its grid run; empty when there is none. A row is a finished
+    cell whatever its grid run's status (a grid run with diverged cells ends FAILED and holds the others); a grid
+    run that ended before writing its table has no rows."""
+    runs = client.search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'grid' and attributes.status != 'RUNNING'",
                               order_by=["attributes.start_time ASC"], max_results=1000)
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
-            table = pd.read_parquet(client.download_artifacts(run.info.run_id, RESULTS, tmp))
+            try:
+                table = pd.read_parquet(client.download_artifacts(run.info.run_id, RESULTS, tmp))
+            except (MlflowException, OSError):
+                continue
             table["run_id"], table["experiment_id"] = run.info.run_id, experiment_id
             table["status"] = "FINISHED"
             table["start_time"] = pd.to_datetime(run.info.start_time, unit="ms", utc=True)
