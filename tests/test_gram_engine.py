@@ -16,7 +16,8 @@ from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.batched import reads_swept_key
-from ptlab.pipeline.resume import CONFIG_HASH_TAG, config_hash
+from ptlab.pipeline.resume import config_hash
+from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
 from ptlab.seeding import derive_seed

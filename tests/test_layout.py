@@ -114,7 +114,7 @@ def test_schema_reads_selection_names_from_their_registry() -> None:
     from ptlab.config import ConfigError, TransferSchema
     from ptlab.transfer.selection import SELECTIONS
 
-    SELECTIONS.add("test_only_selection", "ptlab.transfer.selection:select_first")
+    SELECTIONS.add("test_only_selection", "ptlab.transfer.selection:First")
     try:
         TransferSchema(selection="test_only_selection")
         with pytest.raises(ConfigError, match="one of random, first, largest_norm, .*, task2_alignment, test_only_selection"):
@@ -149,3 +149,57 @@ def test_memory_tracker_keeps_binary_artifacts_and_statuses(tmp_path: Path) -> N
                                                                                 ("train/loss", 0.5, 1)]
     assert {name: run.status for name, run in tracker.stages.items()} == {"upstream": "FINISHED", "transfer": "FAILED"}
     assert tracker.parent.status == "FAILED" and tracker.parent.tags["ptlab.error"] == "RuntimeError: boom"
+
+
+LAYERS: dict[str, set[str]] = {
+    # package: the ptlab packages it may import (docs/design.md section 6, "package | owns | may import")
+    "ptlab.errors": set(), "ptlab.registry": set(), "ptlab.lazy": set(), "ptlab.paths": set(),
+    "ptlab.seeding": set(), "ptlab.utils": set(),
+    "ptlab.context": {"ptlab.errors"},
+    "ptlab.processes": {"ptlab.errors"},
+    "ptlab.models": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
+    "ptlab.checks": {"ptlab.errors", "ptlab.utils", "ptlab.registry", "ptlab.paths", "ptlab.models.name_check"},
+    "ptlab.config": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.paths", "ptlab.checks",
+                     "ptlab.transfer.selection"},
+    "ptlab.theory": {"ptlab.config", "ptlab.errors", "ptlab.paths"},
+    "ptlab.data": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding", "ptlab.config"},
+    "ptlab.transfer": {"ptlab.models", "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
+    "ptlab.modules": {"ptlab.data", "ptlab.models", "ptlab.errors", "ptlab.lazy", "ptlab.seeding"},
+    "ptlab.engines": {"ptlab.data", "ptlab.models", "ptlab.modules", "ptlab.transfer", "ptlab.seeding",
+                      "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.config"},
+    "ptlab.tracking": {"ptlab.errors", "ptlab.lazy", "ptlab.utils", "ptlab.paths"},
+    "ptlab.report": {"ptlab.tracking", "ptlab.registry", "ptlab.errors", "ptlab.lazy", "ptlab.paths", "ptlab.theory",
+                     "ptlab.utils", "ptlab.config"},
+}
+"""Everything else (``ptlab.pipeline``, ``ptlab.devices``, ``ptlab.distributed``, ``ptlab.cli``, the entry points) sits
+above these and may import them; nothing here may import the pipeline, the CLI or the launchers."""
+
+
+def package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def allowed(source: str, target: str) -> bool:
+    """Whether ``source`` may import ``target``: within its own package always; below the pipeline by ``LAYERS``;
+    the report and the CLI only from themselves (and the CLI's entry points)."""
+    if package_of(source) == package_of(target):
+        return True
+    if package_of(target) in ("ptlab.report", "ptlab.cli"):
+        return package_of(source) in ("ptlab.cli", "ptlab.__main__")
+    rule = LAYERS.get(package_of(source))
+    return rule is None or any(target == p or target.startswith(p + ".") for p in rule)
+
+
+def test_every_import_follows_the_layer_table() -> None:
+    """docs/design.md's table, checked on the import graph (imports inside functions count): tracking is a leaf
+    that imports nothing from config, engines or the pipeline; checks does not import tracking; the report never
+    imports the pipeline."""
+    bad = sorted(f"{source} -> {target}" for source, targets in import_graph().items() for target in targets
+                 if target != "ptlab" and not allowed(source, target))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_table_is_the_design_documents() -> None:
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    for package in LAYERS:
+        assert f"`{package}`" in text, package

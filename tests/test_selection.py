@@ -63,16 +63,22 @@ def test_bn_scale_reads_the_following_batchnorm_and_names_a_missing_one() -> Non
         choose("bn_scale", torch.zeros(4, 3, 3, 3), 2, layer="conv1")
 
 
-def test_a_plain_selector_function_still_registers() -> None:
-    from ptlab.transfer.selection import SELECTIONS
+def test_a_registered_strategy_class_plans_its_choice() -> None:
+    from ptlab.transfer.selection import SELECTIONS, SelectionStrategy
 
-    SELECTIONS.add("test_last_two", lambda units, k, generator: torch.arange(units.shape[0])[-k:])
+    class LastK(SelectionStrategy):
+        name = "test_last_k"
+
+        def indices(self, context):
+            return torch.arange(context.units.shape[0])[-context.k:]
+
+    SELECTIONS.add("test_last_k", LastK)
     try:
         model = toy_problem()[0]
-        plan = transfer_parameters(model, model, 0.5, "test_last_two")
-        assert [row.indices for row in plan] == [[3, 4, 5]] * 2 and plan[0].strategy == "test_last_two"
+        plan = transfer_parameters(model, model, 0.5, "test_last_k")
+        assert [row.indices for row in plan] == [[3, 4, 5]] * 2 and plan[0].strategy == "test_last_k"
     finally:
-        SELECTIONS._entries.pop("test_last_two")
+        SELECTIONS._entries.pop("test_last_k")
 
 
 def test_random_keeps_the_seeded_rule() -> None:

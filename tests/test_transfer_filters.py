@@ -7,7 +7,7 @@ import torch
 from ptlab.data import FullBatchDataModule
 from ptlab.models import TwoLayerReLUCNN
 from ptlab.modules import FullBatchGD
-from ptlab.transfer import ParameterTransfer, count_for, get_selector, transfer_parameters
+from ptlab.transfer import ParameterTransfer, Transfer, build_strategy, count_for, transfer_parameters
 
 
 def make_pair(width=10, d=6, seed=0):
@@ -40,14 +40,14 @@ def test_copied_filters_equal_source_and_the_rest_keep_the_fresh_init(selection,
 def test_selection_strategies_pick_the_documented_filters():
     source, _, _ = make_pair()
     gen = torch.Generator().manual_seed(0)
-    assert get_selector("first")(source.weight[0], 3, gen).tolist() == [0, 1, 2]
+    assert build_strategy("first")(source.weight[0], 3, gen).tolist() == [0, 1, 2]
     norms = source.weight[0].norm(dim=1)
-    assert get_selector("largest_norm")(source.weight[0], 3, gen).tolist() == sorted(norms.topk(3).indices.tolist())
-    a = get_selector("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
-    b = get_selector("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
+    assert build_strategy("largest_norm")(source.weight[0], 3, gen).tolist() == sorted(norms.topk(3).indices.tolist())
+    a = build_strategy("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
+    b = build_strategy("random")(source.weight[0], 4, torch.Generator().manual_seed(1)).tolist()
     assert a == b and len(set(a)) == 4
     with pytest.raises(ValueError, match="transfer.selection='best' is not allowed: must be one of random"):
-        get_selector("best")
+        build_strategy("best")
 
 
 def test_shape_mismatch_is_rejected_with_one_line():
@@ -60,7 +60,7 @@ def test_shape_mismatch_is_rejected_with_one_line():
 def test_callback_transfers_before_the_first_step():
     source, target, fresh = make_pair()
     x, y = torch.randn(4, 2, 6), torch.tensor([1.0, -1.0, 1.0, -1.0])
-    callback = ParameterTransfer(source, alpha=0.5, selection="random", seed=11)
+    callback = ParameterTransfer(Transfer(source, 0.5, "random", 11))
     module = FullBatchGD(target, lr=0.0)  # lr 0: the weights after fit are the weights after transfer
     trainer = pl.Trainer(max_steps=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])

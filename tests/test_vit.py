@@ -18,7 +18,7 @@ import torch
 from ptlab.config import ConfigError, validate
 from ptlab.models import WeightsError, create_vit
 from ptlab.seeding import torch_seed
-from ptlab.transfer import ParameterTransfer, ViTLayerTransfer, find_adapter, transfer_parameters
+from ptlab.transfer import ParameterTransfer, Transfer, ViTLayerTransfer, find_adapter, transfer_parameters
 from ptlab.transfer.vit import block_indices
 
 SMALL_VIT = {"img_size": 32, "patch_size": 4}
@@ -175,7 +175,7 @@ def test_vit_pair_gets_the_layer_adapter() -> None:
 def test_paper_blocks_and_embeddings_equal_the_source_the_rest_its_fresh_init() -> None:
     source = trained_like(narrow(num_classes=10, seed=1))
     target, fresh = narrow(num_classes=3, seed=2), narrow(num_classes=3, seed=2)
-    callback = ParameterTransfer(source, alpha=0.25, layers=[9, 10, 11])
+    callback = ParameterTransfer(Transfer(source, 0.25, options={"layers": [9, 10, 11]}))
     callback.on_fit_start(FRESH_FIT, SimpleNamespace(model=target))
 
     for i in range(12):
@@ -285,7 +285,7 @@ def test_layer_options_reach_the_adapter_through_the_config(make_cfg) -> None:
     assert adapter_options(make_cfg().transfer) == {}
     source = trained_like(narrow(seed=1))
     target, fresh = narrow(seed=2), narrow(seed=2)
-    callback = ParameterTransfer(source, alpha=cfg.transfer.alpha, **options)
+    callback = ParameterTransfer(Transfer(source, cfg.transfer.alpha, options=options))
     callback.on_fit_start(FRESH_FIT, SimpleNamespace(model=target))
     assert [r.target for r in callback.plan if r.target.startswith("blocks.") and r.copied] == [
         "blocks.0", "blocks.1", "blocks.2"]

@@ -54,7 +54,7 @@ class LightningEngine:
         module = FullBatchGD(stage.model, lr=stage.lr, eval_sets={"test": (stage.test.x, stage.test.y)},
                              eval_every=stage.eval_every)
         callbacks: list[Any] = []
-        transfer = ParameterTransfer(transfer=stage.transfer) if stage.transfer is not None else None
+        transfer = ParameterTransfer(stage.transfer) if stage.transfer is not None else None
         if transfer is not None:
             callbacks.append(transfer)
         callbacks += [SignalNoiseDecomposition(stage.directions, stage.train.noise, stage.train.y,

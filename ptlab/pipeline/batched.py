@@ -67,9 +67,11 @@ from ptlab.pipeline.record import (cell_name, final_metrics, open_pipeline, pipe
                                    record_pipeline, record_trained, theory_fields, used_params)
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
-from ptlab.tracking.base import PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker, flatten
+from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
 from ptlab.tracking.bulk import BulkRunWriter
 from ptlab.tracking.faults import prepare_sqlite_store
+from ptlab.tracking.grid import RESULTS, grid_rows
+from ptlab.utils import flatten
 from ptlab.tracking.mlflow import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -115,14 +117,10 @@ def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
 
 TRACKING_LAYOUTS = ("auto", "runs", "grid")
 """``hydra.launcher.tracking``: a run per cell below ``grid_threshold`` cells and the grid layout above (auto)."""
-RESULTS = "results.parquet"
-"""The grid run's results table (one row per finished cell)."""
 SUMMARIES = "summaries.jsonl"
 """The grid run's summaries: a line per finished cell, its ``summary.json`` (``_grid_summaries``)."""
 FAILURES = "failures.json"
 """The grid run's failed cells: job, cell name and the error line."""
-GRID_TAG = "ptlab.grid_key"
-"""A grid row's identity: its template and value overrides (the report keeps the latest row of each)."""
 
 
 class _Template:
@@ -548,7 +546,7 @@ def _grid_table(cells: list[GridCell]) -> Any:
         frame = pd.concat([frame, pd.DataFrame(extra)], axis=1)
         frame["tags.ptlab.seed"] = frame.get("params.seed", str(template.resolved["seed"]))
         frame["tags.ptlab.cell"] = [cell.name for cell in group]
-        frame[f"tags.{GRID_TAG}"] = [cell.key for cell in group]
+        frame[f"tags.{GRID_KEY_TAG}"] = [cell.key for cell in group]
         frame["position"] = [cell.position for cell in group]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True).sort_values("position").drop(columns="position").reset_index(drop=True)
@@ -582,14 +580,13 @@ def finished_grid_keys(tracking_uri: str, experiment_name: str) -> set[str]:
     """The grid keys of every row that the experiment's grid runs hold (each row is a finished cell)."""
     from mlflow.tracking import MlflowClient
 
-    from ptlab.report.grid import grid_rows
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return set()
     rows = grid_rows(client, experiment.experiment_id)
-    return set() if rows.empty else set(rows[f"tags.{GRID_TAG}"])
+    return set() if rows.empty else set(rows[f"tags.{GRID_KEY_TAG}"])
 
 
 def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],

@@ -54,6 +54,7 @@ from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed, torch_seed
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.adapters import PlanRow, find_adapter
+from ptlab.transfer.apply import Transfer
 from ptlab.transfer.callback import ParameterTransfer
 from ptlab.transfer.options import adapter_options
 from ptlab.transfer.selection import SelectionInputs, build_strategy
@@ -198,9 +199,10 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         if cfg.train.upstream_epochs > 0:
             _, results["upstream"] = fit_image_stage(cfg, tracker, "upstream", upstream, tasks.task1,
                                                      cfg.train.upstream_epochs)
-        transfer = ParameterTransfer(upstream, alpha=cfg.transfer.alpha, selection=cfg.transfer.selection,
-                                     seed=derive_seed(cfg.seed, "selection"), inputs=selection_inputs(cfg, tasks.task2),
-                                     **adapter_options(cfg.transfer))
+        transfer = ParameterTransfer(Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection,
+                                              derive_seed(cfg.seed, "selection"),
+                                              options=adapter_options(cfg.transfer),
+                                              inputs=selection_inputs(cfg, tasks.task2)))
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)

@@ -20,9 +20,10 @@ from typing import Any
 from ptlab.config import IMAGE_TRAIN_KEYS, SYNTHETIC_TRAIN_KEYS
 from ptlab.engines.base import STAGES, StageResult
 from ptlab.errors import DivergenceError
-from ptlab.pipeline.resume import CONFIG_HASH_TAG
+from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.theory import TheoryPrediction
-from ptlab.tracking.base import NOTE_TAG, NullTracker, Tracker, flatten
+from ptlab.tracking.base import NOTE_TAG, NullTracker, Tracker
+from ptlab.utils import flatten
 
 
 ENVIRONMENT_KEYS = ("logger.", "cache.", "resume.", "devices.", "hydra", "trainer.", "experiment")

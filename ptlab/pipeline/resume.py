@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from ptlab.distributed import is_global_zero
 from ptlab.tracking.base import STAGE_TAG
 
+from ptlab.tracking.base import CONFIG_HASH_TAG
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-CONFIG_HASH_TAG = "ptlab.config_hash"
 RESUMED_TAG = "ptlab.resumed_from"
 IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory")
 """Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it)."""

@@ -7,8 +7,8 @@ Names load lazily (``ptlab.lazy``): ``NullTracker`` and ``MemoryTracker`` need n
 from ptlab.lazy import lazy_exports
 
 _EXPORTS = {
-    **{name: "ptlab.tracking.base" for name in ("Tracker", "NullTracker", "MemoryTracker", "flatten", "STAGE_TAG")},
-    **{name: "ptlab.tracking.mlflow" for name in ("MLflowTracker", "PipelineTracker", "make_tracker",
+    **{name: "ptlab.tracking.base" for name in ("Tracker", "NullTracker", "MemoryTracker", "STAGE_TAG")},
+    **{name: "ptlab.tracking.mlflow" for name in ("MLflowTracker", "make_tracker",
                                                    "resolve_tracking_uri")},
     "BufferedMLFlowLogger": "ptlab.tracking.lightning",
     "BulkRunWriter": "ptlab.tracking.bulk",

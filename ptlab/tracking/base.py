@@ -21,6 +21,10 @@ STAGE_TAG = "ptlab.stage"
 CELL_TAG = "ptlab.cell"
 NOTE_TAG = "mlflow.note.content"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+CONFIG_HASH_TAG = "ptlab.config_hash"
+"""A pipeline's config hash (``ptlab.pipeline.resume.hash_resolved``): what resume and the report key runs by."""
+GRID_KEY_TAG = "ptlab.grid_key"
+"""A grid row's identity (``ptlab.pipeline.batched.grid_key``): the report keeps the latest row of each."""
 RUN_NAME_TAG = "mlflow.runName"
 
 Curves = Mapping[str, Sequence[tuple[int, float]]]
@@ -33,18 +37,6 @@ def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())
     return uri
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:

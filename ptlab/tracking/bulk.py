@@ -25,7 +25,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_USER
 from mlflow.utils.uri import append_to_uri_path
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.faults import tracking_write
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag

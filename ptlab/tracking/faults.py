@@ -8,7 +8,7 @@
   deadlock), with exponential backoff and jitter. WAL needs a local disk: for jobs on several
   machines, use an MLflow server (``logger.tracking_uri=http://host:5000``) instead of a shared file.
 - Kills: ``signals_as_interrupt`` turns SIGTERM (``kill``, SLURM preemption or time limit) and
-  SIGINT (Ctrl-C) into a ``Terminated`` exception, a ``KeyboardInterrupt``, so ``PipelineTracker``
+  SIGINT (Ctrl-C) into a ``Terminated`` exception, a ``KeyboardInterrupt``, so ``MLflowTracker``
   marks the runs KILLED, instead of the process dying with its runs left RUNNING.
 """
 

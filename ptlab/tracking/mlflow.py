@@ -20,12 +20,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
-                                 child_name, curve_points, flatten, resolve_tracking_uri)
+                                 child_name, curve_points, resolve_tracking_uri)
 from ptlab.tracking.faults import RetryingClient, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
+from ptlab.utils import flatten
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -207,7 +208,4 @@ def make_tracker(kind: str, tracking_uri: str = "", experiment_name: str = "defa
         return NullTracker()
     return MLflowTracker(tracking_uri, experiment_name, run_name, artifact_location, tags)
 
-
-PipelineTracker = MLflowTracker
-"""The former name of ``MLflowTracker``."""
 

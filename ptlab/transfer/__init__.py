@@ -13,6 +13,7 @@ _EXPORTS = {
     "TwoLayerCNNFilters": "ptlab.transfer.adapters",
     "find_adapter": "ptlab.transfer.adapters",
     "ParameterTransfer": "ptlab.transfer.callback",
+    "Transfer": "ptlab.transfer.apply",
     "transfer_parameters": "ptlab.transfer.apply",
     "adapter_options": "ptlab.transfer.options",
     "CNNFilterTransfer": "ptlab.transfer.conv",
@@ -23,7 +24,6 @@ _EXPORTS = {
     "SelectionStrategy": "ptlab.transfer.selection",
     "build_strategy": "ptlab.transfer.selection",
     "count_for": "ptlab.transfer.selection",
-    "get_selector": "ptlab.transfer.selection",
     "ViTLayerTransfer": "ptlab.transfer.vit",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -352,24 +352,7 @@ class Task2Alignment(SelectionStrategy):
         return signal - self.noise_weight * noise
 
 
-class FunctionSelection(SelectionStrategy):
-    """A plain ``select(units, k, generator)`` function registered in ``SELECTIONS`` (the interface before
-    strategies were classes); it may read the weights, so the gram engine refuses it."""
-
-    needs = frozenset({"weights"})
-
-    def __init__(self, function: Selector, name: str) -> None:
-        self.function, self.registered = function, name
-
-    @property
-    def label(self) -> str:
-        return self.registered
-
-    def indices(self, context: SelectionContext) -> Tensor:
-        return self.function(context.units, context.k, context.generator)
-
-
-SELECTIONS: Registry[type[SelectionStrategy] | Selector] = Registry("transfer.selection")
+SELECTIONS: Registry[type[SelectionStrategy]] = Registry("transfer.selection")
 for _strategy in (Random, First, LargestNorm, L1, BNScale, GeometricMedian, Uniform, Taylor, Activation, Fisher,
                   Signal, Task2Alignment):
     SELECTIONS.add(_strategy.name, _strategy)
@@ -378,8 +361,7 @@ for _strategy in (Random, First, LargestNorm, L1, BNScale, GeometricMedian, Unif
 def strategy_class(spec: Any) -> type[SelectionStrategy]:
     """The class a ``transfer.selection`` value names: a registered name, or a node's ``_target_``."""
     if isinstance(spec, str):
-        entry = SELECTIONS.get(spec)
-        return entry if isinstance(entry, type) and issubclass(entry, SelectionStrategy) else FunctionSelection
+        return SELECTIONS.get(spec)
     from hydra.utils import get_class
 
     return get_class(str(spec["_target_"]))
@@ -393,9 +375,7 @@ def build_strategy(spec: Any) -> SelectionStrategy:
     if isinstance(spec, str) and spec.startswith("{"):
         spec = json.loads(spec)
     if isinstance(spec, str):
-        entry = SELECTIONS.get(spec)
-        return entry() if isinstance(entry, type) and issubclass(entry, SelectionStrategy) else \
-            FunctionSelection(entry, spec)
+        return SELECTIONS.get(spec)()
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -427,8 +407,3 @@ def selection_label(spec: Any) -> str:
         return spec
     cls = strategy_class(json.loads(spec) if isinstance(spec, str) else spec)
     return getattr(cls, "name", "") or cls.__name__
-
-
-def get_selector(spec: Any) -> SelectionStrategy:
-    """The selection strategy of ``spec`` (``UnknownName``, a ``ValueError``, listing the names)."""
-    return build_strategy(spec)

@@ -1,4 +1,4 @@
-"""Reading the grid layout of a batched sweep (``ptlab.pipeline.batched``): the results tables of an
+"""Reading back the grid layout of a batched sweep (``ptlab.pipeline.batched``): the results tables of an
 experiment's finished grid runs, as rows in the columns ``ptlab.report.runs.load_pipelines`` returns for a run
 per cell, so that a report reads both layouts the same way."""
 
@@ -10,10 +10,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ptlab.tracking.mlflow import STAGE_TAG
+from ptlab.tracking.base import GRID_KEY_TAG, STAGE_TAG
 
 RESULTS = "results.parquet"
-GRID_KEY = "tags.ptlab.grid_key"
+"""The grid run's results table (one row per finished cell)."""
+GRID_KEY = f"tags.{GRID_KEY_TAG}"
 
 
 def grid_rows(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
