@@ -222,6 +222,18 @@ def main() -> None:
         print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED",
               file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    finally:
+        print_sweep_answers()
+
+
+def print_sweep_answers() -> None:
+    """Each sweep this process ran ends with its answer (``ptlab.sweep_summary``), whatever its outcome."""
+    from ptlab.sweep_summary import SweepSummary, sweep_answer
+
+    while SweepSummary.started:
+        sweep_dir, tracking_uri, experiment = SweepSummary.started.pop(0)
+        if sweep_dir.is_dir():
+            print(sweep_answer(sweep_dir, tracking_uri, experiment))
 
 
 __all__ = ["CONFIG_DIR", "compose_config", "hydra_main", "main", "preflight"]

@@ -185,7 +185,7 @@ def allowed(source: str, target: str) -> bool:
     if package_of(source) == package_of(target):
         return True
     if package_of(target) in ("ptlab.report", "ptlab.cli"):
-        return package_of(source) in ("ptlab.cli", "ptlab.__main__")
+        return package_of(source) in ("ptlab.cli", "ptlab.__main__", "ptlab.sweep_summary")
     rule = LAYERS.get(package_of(source))
     return rule is None or any(target == p or target.startswith(p + ".") for p in rule)
 

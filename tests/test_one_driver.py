@@ -102,6 +102,9 @@ def test_a_diverged_cell_fails_as_a_single_run_does(tmp_path: Path, layout: str)
         summaries = [json.loads(x)["summary"] for x in (tmp_path / "div" / "summaries.jsonl").read_text().splitlines()]
     assert len(summaries) == 1
     assert all(summaries[0][stage]["train_loss"] is not None for stage in ("upstream", "transfer", "scratch"))
+    # the sweep still ends with its answer: the table of what finished, the counts, the report command
+    assert "1 cells finished, 0 skipped (already finished), 1 failed" in done.stdout
+    assert "report: python -m ptlab.report div --tracking-uri" in done.stdout
 
 
 def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
@@ -122,6 +125,9 @@ def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
     wider = sweep(tmp_path, "g", "task.u_norm=0.0,2.0", "seed=0,1,2", layout="grid")
     assert wider.returncode == 0, wider.stderr[-3000:]
     assert "skipped 4 of 6 cells" in wider.stdout
+    assert "2 cells finished, 4 skipped (already finished), 0 failed" in wider.stdout
+    table = (tmp_path / "g" / "sweep_summary.md").read_text()
+    assert "| task.u_norm   | n   |" in table and table.count("| 1   |") == 2  # one new seed in each setting
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("g").experiment_id
     grids = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid'")

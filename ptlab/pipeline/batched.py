@@ -484,6 +484,7 @@ class GridCell:
     name: str
     cell: GramCell
     key: str
+    overrides: list[str]
     theory: TheoryPrediction | None = None
     outcome: CellOutcome | None = None
 
@@ -568,12 +569,13 @@ def _grid_theory(cells: list[GridCell]) -> None:
 def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -> None:
     """``summaries.jsonl``: a line per finished cell, ``{"job", "cell", "summary"}``, the summary being what
     ``summary.json`` holds for the same config run alone (``pipeline_summary``), its ``mlflow`` entry the grid
-    run's."""
+    run's; ``overrides`` are the job's."""
     with path.open("w") as out:
         for cell in cells:
             summary = pipeline_summary(cell.outcome.stages, cell.cell.seed, cell.template.choices,  # type: ignore[union-attr]
                                        cell.theory, mlflow=mlflow)
-            out.write(json.dumps({"job": cell.position, "cell": cell.name, "summary": summary}, allow_nan=False) + "\n")
+            out.write(json.dumps({"job": cell.position, "cell": cell.name, "overrides": cell.overrides,
+                                  "summary": summary}, allow_nan=False) + "\n")
 
 
 def finished_grid_keys(tracking_uri: str, experiment_name: str) -> set[str]:
@@ -606,7 +608,7 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
         template, parsed, values = _grid_job(composer, list(overrides), checked)
         cell = template.cell(values)
         name = cell_name([o.input_line for o in parsed], cell.seed)
-        cells.append(GridCell(position, template, values, name, cell, grid_key(template, name)))
+        cells.append(GridCell(position, template, values, name, cell, grid_key(template, name), list(overrides)))
     first = cells[0].template
     logger = first.resolved["logger"]
     uri = resolve_tracking_uri(logger["tracking_uri"]) if logger["kind"] != "none" else None
@@ -617,6 +619,8 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     if len(todo) < len(cells):
         print(f"ptlab: skipped {len(cells) - len(todo)} of {len(cells)} cells: a grid run of the experiment already "
               "holds them (resume.skip_finished)")
+        first.sweep_dir.mkdir(parents=True, exist_ok=True)
+        (first.sweep_dir / "skipped.json").write_text(json.dumps({"cells": len(cells) - len(todo)}))
     _grid_theory(todo)
     composed = time.perf_counter()
     workers = torch.get_num_threads() if workers is None else workers
