@@ -179,6 +179,36 @@ def test_command_lines_against_the_server(server: tuple[str, Path], tmp_path: Pa
     assert table["transfer_test_acc_mean"].iloc[0] == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["runs", "grid"])
+def test_batched_sweep_into_the_server(server: tuple[str, Path], tmp_path: Path, layout: str) -> None:
+    """The batched gram launcher writes through MLflow's public client when the store is a server: every run ends
+    FINISHED, children point at their parent, the curves, summaries and grid table arrive, and a rerun resumes."""
+    url, _ = server
+    experiment = f"remote_batched_{layout}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL, "seed=0,1",
+            f"hydra.launcher.tracking={layout}", "hydra.launcher.grid_samples=1", f"logger.experiment_name={experiment}",
+            f"logger.tracking_uri={url}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(url)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    assert runs and all(run.info.status == "FINISHED" for run in runs)
+    parents = [r for r in runs if r.data.tags["ptlab.stage"] in ("pipeline", "grid_sample")]
+    assert len(parents) == (2 if layout == "runs" else 1)
+    for parent in parents:
+        children = child_runs(client, experiment_id, parent.info.run_id)
+        assert set(children) == STAGES
+        assert len(client.get_metric_history(children["scratch"].info.run_id, "train/loss")) >= 1
+        assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    if layout == "grid":
+        (grid,) = [r for r in runs if r.data.tags["ptlab.stage"] == "grid"]
+        assert {"results.parquet", "summaries.jsonl"} <= {a.path for a in client.list_artifacts(grid.info.run_id)}
+    again = run_cli(args, tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 skipped (already finished)" in again.stdout
+
+
 def test_unreachable_server_is_a_one_line_error(make_cfg: Callable[..., DictConfig], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

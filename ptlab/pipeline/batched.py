@@ -12,7 +12,7 @@ training; the curves it draws are in every child run). What changes is the cost:
   template's resolved container with its values set (about 5 ms a job instead of ~250 ms).
 - Training: all cells run through ``ptlab.engines.gram.iter_chunks``, batched by shape, in
   single-threaded worker processes (``workers``, default: torch's thread count).
-- Tracking: pipelines are recorded in a ``MemoryTracker`` and written with ``BulkRunWriter`` per chunk. ``history``
+- Tracking: pipelines are recorded in a ``MemoryTracker`` and written per chunk by ``run_writer``'s writer (direct SQL rows into a local SQLite store, MLflow's public client into any other). ``history``
   sets how many curve points go to MLflow: ``full`` (every point, as a single run logs them), ``eval``
   (the eval steps) or ``last`` (the last point of every curve: same metric names, one point each).
 
@@ -68,7 +68,7 @@ from ptlab.pipeline.record import (cell_name, final_metrics, open_pipeline, pipe
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
-from ptlab.tracking.bulk import BulkRunWriter
+from ptlab.tracking.bulk import RunWriter, run_writer
 from ptlab.tracking.faults import prepare_sqlite_store
 from ptlab.tracking.grid import RESULTS, grid_rows
 from ptlab.utils import flatten
@@ -90,7 +90,7 @@ class SweepJob:
     cell: GramCell
     digest: str
     tracker: MemoryTracker | None = None
-    writer: BulkRunWriter | None = None
+    writer: RunWriter | None = None
     theory: TheoryPrediction | None = None
     summary: dict[str, Any] | None = None
     error: DivergenceError | None = None
@@ -340,7 +340,7 @@ class _Jobs:
 
 
 def _build_job(template: _Template, index: int, overrides: list[str], parsed: list[Override], values: list[Override],
-               writers: dict[tuple, BulkRunWriter], finished: dict[tuple, dict[str, Any]]) -> SweepJob:
+               writers: dict[tuple, RunWriter], finished: dict[tuple, dict[str, Any]]) -> SweepJob:
     """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
     cfg, resolved, output_dir, run_name = template.job(index, parsed, values)
     job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved,
@@ -354,7 +354,7 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
         uri = resolve_tracking_uri(logger["tracking_uri"])
         if logger.get("sqlite_wal", True):
             prepare_sqlite_store(uri)
-        writers[key] = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
+        writers[key] = run_writer(uri, logger["experiment_name"], logger.get("artifact_location"))
         finished[key] = finished_runs(uri, logger["experiment_name"])
     run = finished[key].get(job.digest) if template.skip_finished else None
     if run is not None:
@@ -382,7 +382,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
                            grid_samples)
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
-    writers: dict[tuple, BulkRunWriter] = {}
+    writers: dict[tuple, RunWriter] = {}
     finished: dict[tuple, dict[str, Any]] = {}
     pending: list[SweepJob] = []
     others: list[tuple[int, list[str]]] = []
@@ -412,7 +412,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
         workers = torch.get_num_threads() if workers is None else workers
         for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
             mark = time.perf_counter()
-            by_writer: dict[int, tuple[BulkRunWriter, list[MemoryTracker]]] = {}
+            by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
                 job.summary = track_pipeline(job, result, history)
@@ -639,7 +639,7 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     run_id = None
     if uri is not None:
-        writer = BulkRunWriter(uri, logger["experiment_name"], logger.get("artifact_location"))
+        writer = run_writer(uri, logger["experiment_name"], logger.get("artifact_location"))
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
@@ -711,7 +711,7 @@ def pd_unique(column: Any) -> list[str]:
     return list(dict.fromkeys(column.tolist()))
 
 
-def _track_samples(composer: _Jobs, writer: BulkRunWriter, job_overrides: Sequence[Sequence[str]],
+def _track_samples(composer: _Jobs, writer: RunWriter, job_overrides: Sequence[Sequence[str]],
                    picks: list[GridCell], initial_job_idx: int, grid_run_id: str) -> None:
     """The sampled cells as full pipeline runs (stage children, every curve point) under the grid run; each is
     rebuilt from its full config, which must give the grid's cell."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from time import time
 from types import TracebackType
@@ -144,8 +144,8 @@ class NullTracker:
 class RecordedRun:
     """One run held in memory: tags, params, metric points and artifacts (name -> bytes)."""
 
-    def __init__(self, name: str, tags: Mapping[str, str]) -> None:
-        self.run_id = uuid.uuid4().hex
+    def __init__(self, name: str, tags: Mapping[str, str], run_id: str | None = None) -> None:
+        self.run_id = run_id or uuid.uuid4().hex
         self.name = name
         self.tags: dict[str, str] = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
         self.params: dict[str, str] = {}
@@ -161,17 +161,21 @@ class RecordedRun:
 
 
 class MemoryTracker:
-    """A pipeline's runs recorded in memory, run ids fixed at creation; ``BulkRunWriter`` stores them.
+    """A pipeline's runs recorded in memory, run ids fixed at creation; ``BulkRunWriter`` or ``ApiRunWriter`` stores
+    them.
 
-    ``child_tags`` are added to every child run (what MLflow's context adds to a run: user, source)."""
+    ``child_tags`` are added to every child run (what MLflow's context adds to a run: user, source); ``new_run_id``
+    (name, tags) -> id gives each run its id when it opens (the store's, for a writer that cannot choose ids)."""
 
     def __init__(self, tracking_uri: str = "", experiment_id: str = "", run_name: str = "pipeline",
-                 tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None) -> None:
+                 tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None,
+                 new_run_id: Callable[[str, Mapping[str, str]], str] | None = None) -> None:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.tags = dict(tags or {})
         self.child_tags = dict(child_tags or {})
+        self.new_run_id = new_run_id
         self.tags.setdefault(CELL_TAG, run_name)
-        self.parent = RecordedRun(run_name, {STAGE_TAG: "pipeline", **self.tags})
+        self.parent = self._open(run_name, {STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = self.parent.run_id
         self.stages: dict[str, RecordedRun] = {}
         self.children: dict[str, str] = {}
@@ -196,9 +200,12 @@ class MemoryTracker:
     def runs(self) -> list[RecordedRun]:
         return [self.parent, *self.stages.values()]
 
+    def _open(self, name: str, tags: Mapping[str, str]) -> RecordedRun:
+        return RecordedRun(name, tags, self.new_run_id(name, tags) if self.new_run_id is not None else None)
+
     def start_stage(self, stage: str) -> None:
-        run = RecordedRun(child_name(stage, self.parent.name), {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage,
-                                  **self.tags})
+        run = self._open(child_name(stage, self.parent.name),
+                         {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
         self.stages[stage] = run
         self.children[stage] = run.run_id
 

@@ -26,12 +26,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 from mlflow.utils.uri import append_to_uri_path
 
 from ptlab.errors import ConfigError
+from ptlab.tracking.api_writer import ApiRunWriter
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.faults import tracking_write
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
-                                create_engine, is_database_uri, metric_rows)
+                                create_engine, is_database_uri, metric_rows, tables_checked)
 
 
 class BulkRunWriter:
@@ -111,3 +112,18 @@ class BulkRunWriter:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(content)
             get_artifact_repository(artifact_uri).log_artifacts(tmp)
+
+
+RunWriter = BulkRunWriter | ApiRunWriter
+"""What writes a batched sweep's recorded pipelines (``tracker``, ``write``, ``experiment_id``, ``context_tags``)."""
+
+
+def run_writer(tracking_uri: str, experiment_name: str, artifact_location: str | None = None) -> RunWriter:
+    """The writer for a batched sweep's store: direct SQL rows (``BulkRunWriter``) only for a local SQLite file whose
+    MLflow tables are the ones ptlab checked; MLflow's public client (``ApiRunWriter``) for a tracking server, another
+    database, a file store or another MLflow version."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and tables_checked():
+        return BulkRunWriter(uri, experiment_name, artifact_location)
+    return ApiRunWriter(uri, experiment_name, artifact_location)
+

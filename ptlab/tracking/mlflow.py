@@ -24,7 +24,7 @@ from ptlab.errors import ConfigError
 from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
                                  child_name, curve_points, resolve_tracking_uri)
 from ptlab.tracking.faults import RetryingClient, tracking_write
-from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
+from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.utils import flatten
 
@@ -157,7 +157,7 @@ class MLflowTracker:
         if not points:
             return
         run_id = self.run_id(stage)
-        if is_database_uri(self.tracking_uri):
+        if is_database_uri(self.tracking_uri) and tables_checked():
             self._writer = self._writer or MetricWriter(self.tracking_uri)
             try:
                 self._writer.write(run_id, points)

@@ -50,6 +50,15 @@ def check_tables(tables: tuple[Any, ...] = TABLES) -> None:
                                f"ptlab writes {expected}); ptlab was tested with mlflow{TESTED_MLFLOW}")
 
 
+def tables_checked() -> bool:
+    """Whether this MLflow's tables are the ones written here (else ptlab writes through MLflow's public client)."""
+    try:
+        check_tables()
+    except RuntimeError:
+        return False
+    return True
+
+
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 MAX_FLOAT = 1.7976931348623157e308
 
