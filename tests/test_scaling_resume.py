@@ -98,3 +98,28 @@ def test_two_identical_sweeps_started_together_run_each_config_once(tmp_path: Pa
     assert len(parents) == 3 and {r.info.status for r in parents} == {"FINISHED"}
     assert len({r.data.tags["ptlab.config_hash"] for r in parents}) == 3
     assert sum(out.count("ptlab: skipped") for out, _ in outputs) == 3
+
+
+def test_one_pipeline_per_config_per_store_whatever_the_cache_dir(tmp_path: Path) -> None:
+    """The one-config lock lives beside the SQLite store: a sweep with another ``cache.dir`` meets the lock a live
+    process holds for the same config and store (here it gives up after ``cache.lock_timeout``), while another store
+    takes other locks."""
+    from filelock import FileLock
+
+    from ptlab.pipeline.resume import config_hash
+    from ptlab.pipeline.run import lock_dir
+
+    from tests.conftest import SMALL, compose_config, run_cli
+
+    store = tmp_path / "shared.db"
+    overrides = [*SMALL, f"logger.tracking_uri=sqlite:///{store}"]
+    digest = config_hash(compose_config(overrides))
+    assert lock_dir(f"sqlite:///{store}", tmp_path / "a") == lock_dir(f"sqlite:///{store}", tmp_path / "b")
+    assert lock_dir(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "a") != lock_dir(f"sqlite:///{store}", tmp_path / "a")
+    folder = lock_dir(f"sqlite:///{store}", tmp_path / "a")
+    folder.mkdir(parents=True)
+    with FileLock(str(folder / f"{digest}.lock")):
+        done = run_cli(["-m", *overrides, f"cache.dir={tmp_path / 'b'}", "cache.lock_timeout=1",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cache.lock_timeout=1.0: another process ran this config longer" in done.stderr

@@ -9,6 +9,7 @@ summary.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,11 +98,25 @@ def mlflow_view_line(tracking_uri: str, experiment_id: str) -> str:
             f"{result_view_url(experiment_id)}")
 
 
+def lock_dir(tracking_uri: str, cache: Path) -> Path:
+    """Where the one-config locks of a store live: beside a SQLite store's file (``<file>.locks``), so that every
+    process writing that store meets the same locks whatever its ``cache.dir``; under ``cache`` for any other store
+    (a tracking server's processes on one machine share it through ``cache.dir``)."""
+    from ptlab.tracking.faults import sqlite_path
+    from ptlab.tracking.mlflow import resolve_tracking_uri
+
+    path = sqlite_path(resolve_tracking_uri(tracking_uri))
+    if path is not None:
+        return path.parent / f"{path.name}.locks"
+    digest = hashlib.sha256(resolve_tracking_uri(tracking_uri).encode()).hexdigest()[:16]
+    return cache / "locks" / digest
+
+
 @contextlib.contextmanager
 def config_lock(cfg: DictConfig, digest: str, context: JobContext) -> Iterator[None]:
-    """Where finished configs are skipped (a multirun), one process at a time runs a config: a second
-    sweep that reaches a cell another live process is running waits for it, then skips it. The lock is
-    a file under ``<cache.dir>/locks/``, released by the OS if its process dies."""
+    """Where finished configs are skipped (a multirun), one process at a time runs a config of a store: a second
+    sweep that reaches a cell another live process is running waits for it, then skips it. The lock is a file in
+    ``lock_dir``, released by the OS if its process dies."""
     if not should_skip_finished(cfg, context.multirun) or not is_global_zero():
         yield
         return
@@ -109,7 +124,7 @@ def config_lock(cfg: DictConfig, digest: str, context: JobContext) -> Iterator[N
 
     from ptlab.pipeline.cache import cache_dir
 
-    folder = cache_dir(cfg, context.start_dir) / "locks"
+    folder = lock_dir(cfg.logger.tracking_uri, cache_dir(cfg, context.start_dir))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(folder / f"{digest}.lock"), timeout=cfg.cache.lock_timeout):
