@@ -228,12 +228,18 @@ def main() -> None:
 
 def print_sweep_answers() -> None:
     """Each sweep this process ran ends with its answer (``ptlab.sweep_summary``), whatever its outcome."""
-    from ptlab.sweep_summary import SweepSummary, sweep_answer
+    from ptlab.sweep_summary import SweepSummary, log_answer, sweep_answer
 
     while SweepSummary.started:
         sweep_dir, tracking_uri, experiment = SweepSummary.started.pop(0)
-        if sweep_dir.is_dir():
-            print(sweep_answer(sweep_dir, tracking_uri, experiment))
+        if not sweep_dir.is_dir():
+            continue
+        print(sweep_answer(sweep_dir, tracking_uri, experiment))
+        if tracking_uri and experiment:
+            try:
+                log_answer(sweep_dir, tracking_uri, experiment)
+            except Exception as err:  # the table is printed and in the sweep dir; the store may be what failed
+                print(f"ptlab: the sweep's table was not logged to MLflow: {str(err).splitlines()[0]}", file=sys.stderr)
 
 
 __all__ = ["CONFIG_DIR", "compose_config", "hydra_main", "main", "preflight"]

@@ -169,6 +169,25 @@ def sweep_answer(sweep_dir: Path, tracking_uri: str | None, experiment: str | No
     return "\n".join(lines)
 
 
+def log_answer(sweep_dir: Path, tracking_uri: str, experiment: str) -> str | None:
+    """The sweep's table as the artifact of a run of its experiment (tag ``ptlab.stage=sweep``, named for the sweep
+    dir); its run id, or ``None`` when the experiment does not exist (nothing was tracked)."""
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.tracking.base import STAGE_TAG
+    from ptlab.tracking.mlflow import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    run = client.create_run(found.experiment_id, run_name=f"sweep {sweep_dir.name}",
+                            tags={STAGE_TAG: "sweep", "ptlab.sweep_dir": str(sweep_dir)})
+    client.log_artifact(run.info.run_id, str(sweep_dir / TABLE))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 class SweepSummary(Callback):
     """Hydra callback: remembers each multirun's sweep dir and tracking target (``started``), for ``ptlab.cli`` to
     print the sweep's answer when it ends. Only the process that runs the sweeper calls it."""

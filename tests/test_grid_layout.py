@@ -34,7 +34,8 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
     grid_runs = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid'")
     assert len(grid_runs) == 1 and grid_runs[0].info.status == "FINISHED"
     grid_id = grid_runs[0].info.run_id
-    assert sorted(a.path for a in client.list_artifacts(grid_id)) == ["grid_heatmap.png", "results.parquet"]
+    assert sorted(a.path for a in client.list_artifacts(grid_id)) == ["grid_heatmap.png", "results.parquet",
+                                                                   "summaries.jsonl"]
     assert (tmp_path / "sweep" / "grid_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline'")
     samples = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid_sample'")

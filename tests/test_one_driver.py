@@ -132,3 +132,5 @@ def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name("g").experiment_id
     grids = client.search_runs([experiment], "tags.`ptlab.stage` = 'grid'")
     assert sorted(int(r.data.metrics["grid/cells"]) for r in grids) == [2, 4]
+    sweeps = client.search_runs([experiment], "tags.`ptlab.stage` = 'sweep'", order_by=["attributes.start_time DESC"])
+    assert len(sweeps) == 3 and [a.path for a in client.list_artifacts(sweeps[0].info.run_id)] == ["sweep_summary.md"]
