@@ -28,8 +28,15 @@ strings MLflow stores, the parent's final ``metrics.*``, ``tags.ptlab.seed``, ``
 ``grid_samples`` sampled cells recorded in full (a pipeline run with its stage children and full curves,
 tagged ``ptlab.stage=grid_sample`` under the grid run). Cells are built from the job's value overrides
 without a config per job (each distinct override value is applied and validated once and changes its
-``GramCell`` fields); the theory's prediction, ``summary.json`` per job and the resume skip are left
-out; the sweep dir gets ``results.parquet`` and the heatmap too.
+``GramCell`` fields). Each row carries the theory's params and metrics (computed once per config minus the seed);
+``summaries.jsonl`` holds each finished cell's ``summary.json`` (the single run's, ``pipeline_summary``); cells that
+a grid run of the experiment already holds are skipped (``resume.skip_finished``); the sweep dir gets the table,
+the summaries and the heatmap too.
+
+**Failures** are the single run's: a cell whose loss is not finite (``GramResult.divergence``) is tracked FAILED in
+the run-per-cell layout (``record_trained`` raises where its stage starts) and listed in ``failures.json`` in the
+grid layout (whose run then ends FAILED); the other cells are kept, and the sweep ends with the first error's line
+and exit 1 (``raise_failures``).
 """
 
 from __future__ import annotations
