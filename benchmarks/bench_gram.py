@@ -46,8 +46,7 @@ from omegaconf import DictConfig, open_dict
 
 from ptlab.cli import CONFIG_DIR, quiet_lightning
 from ptlab.data import SyntheticTransferData
-from ptlab.engines import gram
-from ptlab.engines.gram import GramCell, iter_chunks, run_cells
+from ptlab.engines.gram import GramCell, GramResult, iter_chunks, run_cells
 from ptlab.pipeline import run_pipeline, synthetic
 from ptlab.pipeline.synthetic import make_data
 from ptlab.tracking import NullTracker
@@ -80,7 +79,7 @@ def timed_pipeline(overrides: list[str], out: Path) -> float:
 
 def stages_only(cfg: DictConfig, drawn: SyntheticTransferData) -> float:
     """Seconds of ``run_synthetic`` (models, the three stages, the transfer) on data drawn beforehand."""
-    with mock.patch.object(synthetic, "make_data", lambda _: drawn), mock.patch.object(gram, "make_data", lambda _: drawn):
+    with mock.patch.object(synthetic, "make_data", lambda _: drawn):
         start = time.perf_counter()
         synthetic.run_synthetic(cfg, NullTracker())
         return time.perf_counter() - start
@@ -325,7 +324,7 @@ def fig2_cells(seeds: int) -> list[GramCell]:
     return cells
 
 
-def final_test_acc(result: gram.GramResult) -> float:
+def final_test_acc(result: GramResult) -> float:
     return result.stages["transfer"].final["test_acc"]
 
 

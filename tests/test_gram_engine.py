@@ -10,17 +10,24 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
-from ptlab.engines import gram
-from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, reconstruct_weights, run_cells
+from ptlab.engines.gram import (
+    DECOMPOSITION_NAMES,
+    GramCell,
+    batching,
+    draws,
+    kernel,
+    reconstruct_weights,
+    run_cells,
+)
 from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.batched import reads_swept_key
 from ptlab.pipeline.resume import config_hash
-from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
 from ptlab.seeding import derive_seed
+from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.transfer import transfer_parameters
 
 from .conftest import SMALL, compose_config, run_cli
@@ -84,14 +91,14 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
         assert torch.equal(getattr(a, name).y, getattr(b, name).y)
 
 
-@pytest.mark.parametrize(("shared_gram", "block_bytes"), [(False, gram.STEP_BLOCK_BYTES), (True, gram.STEP_BLOCK_BYTES),
+@pytest.mark.parametrize(("shared_gram", "block_bytes"), [(False, batching.STEP_BLOCK_BYTES), (True, batching.STEP_BLOCK_BYTES),
                                                         (True, 1)], ids=["per_cell_gram", "shared_noise_gram", "cell_blocks"])
 def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_bytes: int, monkeypatch) -> None:
     """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
     gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block, and
     with the groups cut into one-cell step blocks)."""
-    monkeypatch.setattr(gram, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
-    monkeypatch.setattr(gram, "STEP_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
+    monkeypatch.setattr(batching, "STEP_BLOCK_BYTES", block_bytes)
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]
@@ -108,7 +115,7 @@ def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, monkeypatch
     cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3")
     cell = GramCell.from_config(cfg)
     together = run_cells([cell], record_coefficients=True)[0]
-    monkeypatch.setattr(gram, "EVAL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(kernel, "EVAL_BLOCK_BYTES", 1)
     alone = run_cells([cell], record_coefficients=True)[0]
     for stage in ("upstream", "transfer", "scratch"):
         a, b = together.stages[stage], alone.stages[stage]
@@ -251,10 +258,10 @@ def test_reads_swept_key(interpolation: str, keys: list[str], reads: bool) -> No
 
 def test_step_blocks_cut_large_groups_evenly(monkeypatch) -> None:
     """Groups above the step budget are cut into near-equal parts sharing their tensors; small ones are packed."""
-    monkeypatch.setattr(gram, "STEP_BLOCK_BYTES", 800)
+    monkeypatch.setattr(batching, "STEP_BLOCK_BYTES", 800)
     shared = {"gram2": torch.zeros(1)}
-    groups = [gram._Group(list(range(20)), shared), gram._Group([20, 21], {}), gram._Group([22, 23, 24], {})]
-    blocks = list(gram.step_blocks(groups, cell_bytes=100))  # 8 cells a block
+    groups = [draws._Group(list(range(20)), shared), draws._Group([20, 21], {}), draws._Group([22, 23, 24], {})]
+    blocks = list(batching.step_blocks(groups, cell_bytes=100))  # 8 cells a block
     assert [[len(g.cells) for g in block] for block in blocks] == [[7], [7], [6, 2], [3]]
     assert all(g.tensors is shared for block in blocks[:2] for g in block)
     assert [i for block in blocks for g in block for i in g.cells] == list(range(25))

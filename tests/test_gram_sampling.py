@@ -11,8 +11,7 @@ import torch
 
 from ptlab.config import ConfigError, validate
 from ptlab.data.gram_sampling import bartlett_wishart
-from ptlab.engines import gram
-from ptlab.engines.gram import GramCell
+from ptlab.engines.gram import GramCell, draws
 
 KEYS = ("gram1", "gram2", "mix", "start1", "start2", "up_start2", "norm2_1", "norm2_2", "cross2", "test_start2")
 """Every block of the Gram matrix the stages read (and two of the test products)."""
@@ -22,7 +21,7 @@ def entries(cell: GramCell, seeds: range) -> dict[str, np.ndarray]:
     """Each block of ``_prepare_group``'s tensors over ``seeds``: (len(seeds), entries)."""
     out: dict[str, list[np.ndarray]] = {key: [] for key in KEYS}
     for seed in seeds:
-        tensors = gram._prepare_group(dataclasses.replace(cell, seed=seed), [0]).tensors
+        tensors = draws._prepare_group(dataclasses.replace(cell, seed=seed), [0]).tensors
         for key in KEYS:
             out[key].append(tensors[key].double().flatten().numpy())
     return {key: np.stack(value) for key, value in out.items()}
@@ -91,7 +90,7 @@ def test_cost_does_not_grow_with_d(make_cfg) -> None:
     timings = {}
     for d in (1000, 10_000_000):
         started = time.perf_counter()
-        tensors = gram._prepare_group(dataclasses.replace(cell, d=d), [0]).tensors
+        tensors = draws._prepare_group(dataclasses.replace(cell, d=d), [0]).tensors
         timings[d] = time.perf_counter() - started
         assert torch.isfinite(tensors["gram2"]).all()
     assert timings[10_000_000] < 10 * timings[1000] + 0.05

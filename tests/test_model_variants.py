@@ -11,9 +11,8 @@ from torch import Tensor
 
 from ptlab.config import TOY_ACTIVATIONS, TOY_INITS, TOY_REDUCTIONS, ToyCNNSchema
 from ptlab.data import FullBatchDataModule
-from ptlab.engines import gram
 from ptlab.engines.base import Stage
-from ptlab.engines.gram import GramCell, GramEngine, reconstruct_weights, run_cells
+from ptlab.engines.gram import GramCell, GramEngine, kernel, reconstruct_weights, run_cells
 from ptlab.models.two_layer_cnn import ACTIVATIONS, INITS, REDUCTIONS, ModelForm, TwoLayerReLUCNN
 from ptlab.modules import FullBatchGD, sign_accuracy
 from ptlab.pipeline.synthetic import build_model, make_data
@@ -80,7 +79,7 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
     """Every stage of the batched gram engine (upstream, transfer with its copied filters and biases,
     scratch) rebuilds to plain GD's weights and biases, with plain GD's test accuracy; with the response
     update by each cell's patch Gram matrix and by the data group's shared noise block."""
-    monkeypatch.setattr(gram, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
+    monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
     cfg = variant_cfg
     result = run_cells([GramCell.from_config(cfg)])[0]
     data = make_data(cfg)

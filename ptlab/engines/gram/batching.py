@@ -1,0 +1,271 @@
+"""Batching and scheduling: many cells (pipeline configs) trained as few batched tensor programs.
+
+Cells with equal shapes (N1, N2, n_test, m, steps, model form) run as one batched tensor program whatever their
+``d``; cells that differ only in the signal norms (``u_norm``, ``v_norm``) or in ``lr``, ``alpha`` and ``selection``
+share one draw of data and inits (the data stream does not depend on the signal norms) and one set of Gram matrices.
+A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell, then
+transfer and scratch in one downstream batch) and cut back into per-cell results; chunks run in forked worker
+processes. ``run_cells`` / ``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ptlab.data.synthetic import DTYPES
+from ptlab.engines.gram.cell import GramCell
+from ptlab.engines.gram.draws import _Group, _prepare_group
+from ptlab.engines.gram.kernel import _train_stage, eval_steps, torch_threads
+from ptlab.engines.gram.results import GramResult, GramStage
+from ptlab.seeding import derive_seed
+from ptlab.transfer.adapters import TwoLayerCNNFilters
+from ptlab.transfer.selection import SelectionInputs, SignalView, build_strategy
+
+STEP_BLOCK_BYTES = 3 << 19
+"""About the step state (responses of the filters to the patches) of the cells run as one program, 1.5 MiB: on
+2 cores, blocks of 10-20 fig2 cells (0.6-1.3 MiB) trained at 93-95 GFLOP/s, 40 cells at 78, 60 at 71 (the
+steps stream the state through the caches several times a step)."""
+
+
+def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> dict[str, SignalView]:
+    """The synthetic strategies' view of the upstream filters, by plan layer, from their responses (2m, 3 + N2)
+    to the task-2 vectors ``[b_u, b_v1, b_v2, xi_1..]``: ``<w, u>``, and per sample ``<w, x1_i>`` (the signal
+    patch ``c_i (u + v2)``) and ``<w, xi_i>``."""
+    r = responses.double().view(2, cell.width, -1)
+    views = {}
+    for j, label in enumerate(TwoLayerCNNFilters.OUTPUTS):
+        universal = cell.u_norm * r[j, :, 0]
+        signal = universal + cell.v_norm * r[j, :, 2]
+        patches = torch.stack([signal[:, None] * c2.double()[None], r[j, :, 3:]], dim=-1)
+        views[f"weight[{label}]"] = SignalView(universal, patches, y2.double())
+    return views
+
+
+def _plan(cell: GramCell, upstream_norms: Tensor, views: dict[str, SignalView] | None = None,
+          ) -> tuple[list[dict[str, Any]], Tensor]:
+    """The transfer plan of ``TwoLayerCNNFilters`` for this cell and the mask (2, m) of copied filters.
+
+    The plan sees the upstream filters through their norms (``largest_norm``), their responses to task 2
+    (``views``: ``signal``, ``task2_alignment``) or not at all, so it is made on (2, m, 1) stand-ins
+    holding the norms, with the Lightning path's generator seed (``check_gram_engine`` refuses the rest).
+    """
+    stand_in = SimpleNamespace(weight=upstream_norms[..., None])
+    generator = torch.Generator().manual_seed(derive_seed(cell.seed, "selection"))
+    select = build_strategy(cell.selection).bind(None, SelectionInputs(signal=views or {}))
+    rows = TwoLayerCNNFilters().plan(stand_in, stand_in, cell.alpha, select, generator)
+    mask = torch.zeros(upstream_norms.shape, dtype=torch.bool)
+    for j, row in enumerate(rows):
+        mask[j, row.indices] = True
+    return [row.as_dict() for row in rows], mask
+
+
+def _stack(groups: list[_Group], key: str) -> Tensor:
+    return torch.stack([g.tensors[key] for g in groups])
+
+
+def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
+              dtype: torch.dtype) -> Tensor:
+    return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
+
+
+def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients: bool, eval_threads: int = 1,
+               ) -> list[tuple[int, GramResult]]:
+    """Run every cell of ``groups`` (one shape) as one batched program; pads groups to equal size."""
+    first = cells[groups[0].cells[0]]
+    dtype = DTYPES[first.dtype]
+    size = max(len(g.cells) for g in groups)
+    layout = [g.cells + [g.cells[0]] * (size - len(g.cells)) for g in groups]
+    width, filters = first.width, 2 * first.width
+    lr = _per_cell(cells, layout, lambda c: [c.lr], dtype)[..., 0]
+    norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype)
+    zero = torch.zeros_like(norms[..., :1])
+    signal1 = torch.cat([norms[..., :2], zero], dim=-1)  # u + v1 along (b_u, b_v1, b_v2)
+    signal2 = torch.cat([norms[..., :1], zero, norms[..., 2:]], dim=-1)  # u + v2
+
+    def expand(key: str) -> Tensor:
+        value = _stack(groups, key)
+        return value[:, None].expand(value.shape[0], size, *value.shape[1:])
+
+    upstream_out = plans = masks = None
+    if first.transfer:
+        upstream_out = _train_stage(
+            expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
+            _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
+            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
+            eval_threads, first.upstream_form, expand("bias1") if first.upstream_form.bias else None)
+        upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
+        up = upstream_out.coefficients.view(len(groups), size * filters, -1)
+        carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
+        plans, mask_list = [], []
+        for g, row in enumerate(layout):
+            for c, index in enumerate(row):
+                cell = cells[index]
+                views = (_signal_views(cell, carried_start[g, c], groups[g].tensors["y2"], groups[g].tensors["c2"])
+                         if build_strategy(cell.selection).needs & {"oracle", "task2"} else None)
+                plan, mask = _plan(cell, upstream_norms[g, c], views)
+                plans.append(plan)
+                mask_list.append(mask)
+        masks = torch.stack(mask_list).view(len(groups), size, filters)
+        carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
+            len(groups), size, filters, -1)
+        pick = masks[..., None]
+        start = torch.cat([torch.where(pick, carried_start, expand("start2")), expand("start2")], dim=1)
+        test_start = torch.cat([torch.where(pick, carried_test, expand("test_start2")), expand("test_start2")], dim=1)
+        norm2 = torch.cat([torch.where(masks, upstream_out.norm2, expand("norm2_2")), expand("norm2_2")], dim=1)
+        bias_start = None
+        if first.model_form.bias:
+            bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
+        twice = (lambda x: torch.cat([x, x], dim=1))
+        downstream = _train_stage(
+            start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
+            _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
+            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads, first.model_form,
+            bias_start)
+    else:
+        downstream = _train_stage(
+            expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
+            _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
+            _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
+            record_coefficients, eval_threads, first.model_form, expand("bias2") if first.model_form.bias else None)
+
+    def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
+              transferred: Tensor) -> GramStage:
+        out = outputs[key]
+        bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
+        steps = first.upstream_steps if key == "upstream" else first.downstream_steps
+        return GramStage(
+            name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
+            train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
+            signal=signal, noise=noise, transferred=transferred, bias=bias,
+            trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
+
+    outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
+    loss_np = {k: v.loss.double().numpy() for k, v in outputs.items()}
+    train_np = {k: v.train_acc.double().numpy() for k, v in outputs.items()}
+    test_np = {k: v.test_acc.double().numpy() for k, v in outputs.items()}
+    decomposition_np = {k: v.decomposition.double().numpy() for k, v in outputs.items()}
+    results: list[tuple[int, GramResult]] = []
+    no_mask = torch.zeros(2, width, dtype=torch.bool)
+    for g, group in enumerate(groups):
+        for c, index in enumerate(group.cells):
+            stages: dict[str, GramStage] = {}
+            down = downstream.coefficients[g].view(-1, 2, width, downstream.coefficients.shape[-1])
+            plan = None
+            if upstream_out is not None:
+                up = upstream_out.coefficients[g, c].view(2, width, -1)
+                mask = masks[g, c].view(2, width)
+                plan = plans[g * size + c]
+                stages["upstream"] = stage("upstream", "upstream", g, c, up[..., :3].clone(),
+                                           {1: up[..., 3:].clone()}, no_mask)
+                carried = mask[..., None].to(dtype)
+                stages["transfer"] = stage("transfer", "downstream", g, c, down[c, ..., :3] + carried * up[..., :3],
+                                           {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()}, mask)
+                scratch_index = size + c
+            else:
+                scratch_index = c
+            stages["scratch"] = stage("scratch", "downstream", g, scratch_index, down[scratch_index, ..., :3].clone(),
+                                      {2: down[scratch_index, ..., 3:].clone()}, no_mask)
+            results.append((index, GramResult(cells[index], stages, plan)))
+    return results
+
+
+def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None],
+              ) -> list[tuple[int, Any]]:
+    """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process; with a
+    ``summarize`` function, each result is replaced by what it returns (in the worker, so that only that comes
+    back: a worker's tensors cross to the parent one shared-memory segment each).
+
+    The d-space products and the evaluations use torch's threads; the steps run on one: they are many
+    small tensor operations, which lose more to the threads' synchronisation than they gain."""
+    cells, groups, record_coefficients, summarize = spec
+    prepared = [_prepare_group(cells[g[0]], g) for g in groups]
+    threads = torch.get_num_threads()
+    results: list[tuple[int, GramResult]] = []
+    with torch_threads(1):
+        for block in step_blocks(prepared, state_bytes(cells[groups[0][0]])):
+            results.extend(_run_chunk(cells, block, record_coefficients, eval_threads=threads))
+    return results if summarize is None else [(k, summarize(result)) for k, result in results]
+
+
+def state_bytes(cell: GramCell) -> int:
+    """Bytes of one cell's step state (the responses of its filters to the patches of its largest stage)."""
+    downstream = (2 if cell.transfer else 1) * (cell.n2 + 2)
+    return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * DTYPES[cell.dtype].itemsize
+
+
+def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]:
+    """The groups of a chunk in blocks of about ``STEP_BLOCK_BYTES`` of step state, each run as one program: groups
+    larger than that are cut into near-equal parts that share their data (at least one cell a block)."""
+    cap = max(1, STEP_BLOCK_BYTES // cell_bytes)
+    pieces = []
+    for group in groups:
+        parts = -(-len(group.cells) // cap)
+        size = -(-len(group.cells) // parts)
+        pieces += [_Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
+    block: list[_Group] = []
+    size = 0
+    for piece in pieces:
+        if block and size + len(piece.cells) > cap:
+            yield block
+            block, size = [], 0
+        block.append(piece)
+        size += len(piece.cells)
+    if block:
+        yield block
+
+
+def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
+                workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
+                ) -> Iterator[list[tuple[int, Any]]]:
+    """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
+
+    Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
+    whole groups of one shape, up to about ``max_cells`` cells (at least one group). With ``workers``
+    > 1, chunks run in that many forked single-threaded processes: a chunk's steps are many small
+    tensor operations, which scale across processes far better than across intra-op threads (whose
+    per-operation synchronisation stalls whenever another program shares the cores).
+    """
+    cells = list(cells)
+    by_shape: dict[tuple, dict[tuple, list[int]]] = {}
+    for index, cell in enumerate(cells):
+        by_shape.setdefault(cell.shape_key, {}).setdefault(cell.data_key, []).append(index)
+    chunks: list[list[list[int]]] = []
+    for data_groups in by_shape.values():
+        chunk: list[list[int]] = []
+        for indices in sorted(data_groups.values(), key=len):
+            if chunk and (sum(map(len, chunk)) + len(indices)) > max_cells:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(indices)
+        if chunk:
+            chunks.append(chunk)
+    specs = []
+    for chunk in chunks:
+        flat = [index for group in chunk for index in group]
+        position = {index: k for k, index in enumerate(flat)}
+        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
+                             summarize)))
+    if workers > 1 and len(specs) > 1:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(specs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
+                yield [(flat[k], result) for k, result in out]
+    else:
+        for flat, spec in specs:
+            yield [(flat[k], result) for k, result in _run_spec(spec)]
+
+
+def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
+              workers: int = 1) -> list[GramResult]:
+    """Every cell's result, in the order of ``cells``."""
+    out: list[GramResult | None] = [None] * len(cells)
+    for chunk in iter_chunks(cells, max_cells, record_coefficients, workers):
+        for index, result in chunk:
+            out[index] = result
+    return out  # type: ignore[return-value]

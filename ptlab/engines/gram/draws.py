@@ -1,0 +1,179 @@
+"""A data group's draw: data and inits of a cell, as the gram engine sees them (Gram matrices and products).
+
+The data, inits and transfer plan come from the same functions and seed streams as the Lightning path; everything
+d-dimensional is one product of the rows ``[basis; xi of both tasks; upstream init; downstream init]``, done once
+per data draw. Response-space test sets (``task.test_space=response``) and gram sampling (``task.sampling=gram``,
+``DRAWS``) replace the d-space draws of a cell by draws of the same law from its Gram matrix, so a cell's cost no
+longer grows with ``d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ptlab.data.gram_sampling import GaussianBlock, sample_gram
+from ptlab.data.synthetic import (
+    DTYPES,
+    PatchData,
+    ResponseTestSet,
+    make_synthetic_data,
+    response_test_set,
+    sample_labels,
+)
+from ptlab.engines.gram.cell import GramCell
+from ptlab.models.two_layer_cnn import ModelForm, TwoLayerReLUCNN
+from ptlab.seeding import derive_seed, torch_seed
+
+
+@dataclass
+class _Group:
+    """One draw of data and inits with every product the stages need (d-space work done once)."""
+
+    cells: list[int]
+    tensors: dict[str, Tensor]
+
+
+def _seeded_cnn(cell: GramCell, init_std: float, init: str, form: ModelForm, stream: str) -> tuple[Tensor, Tensor | None]:
+    """The init filters (2m, d) and biases (2m,) or None the Lightning path draws for ``stream``
+    (``ptlab.models.build_model``)."""
+    with torch_seed(derive_seed(cell.seed, stream)):
+        model = TwoLayerReLUCNN(cell.d, cell.width, init_std, init=init, bias=form.bias)
+    dtype = DTYPES[cell.dtype]
+    bias = None if model.bias is None else model.bias.detach().to(dtype).reshape(-1)
+    return model.weight.detach().to(dtype).reshape(-1, cell.d), bias
+
+
+def _test_products(test: PatchData | ResponseTestSet, rows: Tensor | None, inner: Tensor, index: Tensor) -> Tensor:
+    """Inner products (K, n_test) of ``rows`` (``rows[:3]`` the unit signal basis) with the test noise patches:
+    computed from the patches in d-space, or drawn in response space from the rows' Gram matrix (``inner``
+    restricted to ``index``), with nothing of size d."""
+    if isinstance(test, PatchData):
+        return rows @ test.noise.T
+    block = inner[index][:, index]
+    return test.responses(block, block[:, :3]).T.to(inner.dtype)
+
+
+@dataclass
+class _Draw:
+    """A cell's data and inits as the engine sees them: the Gram matrix ``inner`` of the rows [task-1 vectors
+    (b_u, b_v1, b_v2, xi_1..xi_N1); task-2 vectors; upstream init (2m); downstream init (2m)] (the task-1 and
+    upstream rows only with transfer), the rows' products with the test noise, labels, init biases."""
+
+    inner: Tensor
+    sizes: tuple[int, int, int, int]
+    test1: Tensor | None
+    test2: Tensor
+    labels: dict[str, Tensor]
+    biases: dict[str, Tensor]
+
+
+def _draw_dspace(cell: GramCell) -> _Draw:
+    """Everything drawn in R^d by the functions and seed streams of the Lightning path."""
+    data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
+                               v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
+                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
+                               project_noise=cell.project_noise, signal_position=cell.signal_position,
+                               test_space=cell.test_space)
+    basis_t = data.directions.basis.T.to(DTYPES[cell.dtype])
+    task2 = torch.cat([basis_t, data.task2_train.noise])
+    downstream, downstream_bias = _seeded_cnn(cell, cell.init_std, cell.init, cell.model_form, "downstream")
+    labels = {"y2": data.task2_train.y, "c2": data.task2_train.clean_y,
+              "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y}
+    biases = {} if downstream_bias is None else {"bias2": downstream_bias}
+    if not cell.transfer:
+        rows = torch.cat([task2, downstream])
+        inner = rows @ rows.T
+        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+        return _Draw(inner, (0, len(task2), 0, len(downstream)), None, test2, labels, biases)
+    task1 = torch.cat([basis_t, data.task1_train.noise])
+    upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form,
+                                          "upstream")
+    if upstream_bias is not None:
+        biases["bias1"] = upstream_bias
+    labels.update({"y1": data.task1_train.y, "c1": data.task1_train.clean_y,
+                   "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y})
+    rows = torch.cat([task1, task2, upstream, downstream])
+    inner = rows @ rows.T
+    p1, p2, fm = len(task1), len(task2), len(upstream)
+    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
+    test1 = _test_products(data.task1_test, torch.cat([task1, upstream]), inner, index1)
+    test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+    return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases)
+
+
+def _draw_gram(cell: GramCell) -> _Draw:
+    """The same law without anything of size d (``task.sampling=gram``, Gaussian inits): the labels from the
+    data streams (equal to the d-space path's), the Gram matrix from ``sample_gram`` (its own ``"gram"``
+    stream), the init biases N(0, sigma_0^2) from the init streams, the test sets in response space."""
+    dtype, data_seed = DTYPES[cell.dtype], derive_seed(cell.seed, "data")
+
+    def gen(part: str) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(data_seed, part))
+
+    fm = 2 * cell.width
+    tasks = [(1, cell.n1, cell.sigma_p1), (2, cell.n2, cell.sigma_p2)] if cell.transfer else [(2, cell.n2, cell.sigma_p2)]
+    labels: dict[str, Tensor] = {}
+    tests: dict[int, ResponseTestSet] = {}
+    for task, n, sigma in tasks:
+        labels[f"y{task}"], labels[f"c{task}"] = sample_labels(n, cell.label_noise, gen(f"task{task}_train"), dtype)
+        tests[task] = response_test_set(cell.n_test, sigma, cell.label_noise, gen(f"task{task}_test"), dtype,
+                                        cell.project_noise)
+        labels[f"ty{task}"], labels[f"tc{task}"] = tests[task].y, tests[task].clean_y
+    inits = [("upstream", cell.upstream_init_std, cell.upstream_form)] if cell.transfer else []
+    inits.append(("downstream", cell.init_std, cell.model_form))
+    blocks = [GaussianBlock(n, sigma, cell.project_noise) for _, n, sigma in tasks]
+    blocks += [GaussianBlock(fm, std, False) for _, std, _ in inits]
+    compact = sample_gram(cell.d, blocks, np.random.default_rng(derive_seed(data_seed, "gram")))
+    # rows [b; xi1; b; xi2; up; down] as indices into the compact [b; xi1; xi2; up; down]
+    counts = [b.count for b in blocks]
+    starts = np.cumsum([3, *counts])
+
+    def span(k: int) -> Tensor:
+        return torch.arange(int(starts[k]), int(starts[k]) + counts[k])
+
+    order = torch.cat([*(torch.cat([torch.arange(3), span(k)]) for k in range(len(tasks))),
+                       *(span(k) for k in range(len(tasks), len(blocks)))])
+    inner = compact[order][:, order].to(dtype)
+    biases = {}
+    for name, std, form in inits:
+        if form.bias:
+            key = "bias1" if name == "upstream" else "bias2"
+            generator = torch.Generator().manual_seed(derive_seed(cell.seed, name))
+            biases[key] = (std * torch.randn(fm, generator=generator, dtype=torch.float64)).to(dtype)
+    p2 = 3 + cell.n2
+    if not cell.transfer:
+        return _Draw(inner, (0, p2, 0, fm), None, _test_products(tests[2], None, inner, torch.arange(len(inner))),
+                     labels, biases)
+    p1 = 3 + cell.n1
+    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
+    return _Draw(inner, (p1, p2, fm, fm), _test_products(tests[1], None, inner, index1),
+                 _test_products(tests[2], None, inner, torch.arange(len(inner))), labels, biases)
+
+
+DRAWS: dict[str, Callable[[GramCell], _Draw]] = {"dspace": _draw_dspace, "gram": _draw_gram}
+"""``task.sampling`` -> how a cell's data and inits are drawn."""
+
+
+def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
+    """One draw of a data key's data and inits, cut into the blocks the stages read."""
+    draw = DRAWS[cell.sampling](cell)
+    inner, (p1, p2, fu, fd) = draw.inner, draw.sizes
+    cuts = np.cumsum([0, p1, p2, fu, fd])
+    s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
+    test2 = draw.test2
+    t: dict[str, Tensor] = {**draw.labels, **draw.biases,
+                            "gram2": inner[s2, s2], "cross2": test2[s2], "start2": inner[sd, s2], "test_start2": test2[sd],
+                            "norm2_2": inner[sd, sd].diagonal().clone()}
+    if cell.transfer:
+        test1 = draw.test1
+        t.update({
+            "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
+            "norm2_1": inner[su, su].diagonal().clone(),
+            "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
+        })
+    return _Group(cell_indices, {k: v.to(DTYPES[cell.dtype]).contiguous() for k, v in t.items()})

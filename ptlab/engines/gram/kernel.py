@@ -1,0 +1,248 @@
+"""The GD step program of the gram engine: full-batch GD of a batch of cells in coefficient space.
+
+Gradient descent moves a filter only along the training patches, so during a stage on task k every
+filter is ``w(0) + sum_a C_a b_a + sum_i C_i xi_i``: its stage-start weight plus coefficients along the
+unit signal directions ``b_u, b_v1, b_v2`` (the columns of ``Directions.basis``) and along the task's
+training noise patches ``xi_i``. Everything GD needs is an inner product of a filter with those
+vectors, ``R = <w, [b; xi]>``, and a step changes it by ``dC @ G`` with ``G`` the Gram matrix of
+``[b; xi]``: O(m N^2) per step instead of O(m N d). Test patches need the cross Gram matrix with the
+training vectors once; transfer needs the upstream vectors' inner products with the task-2 vectors.
+
+The arithmetic is the Lightning path's (``FullBatchGD``: logistic loss mean, ``f = F_{+1} - F_{-1}``,
+ReLU on both patches, torch's softplus gradient with its threshold, torchmetrics' accuracy) done in a
+different order, so float64 results agree with plain GD to rounding. The model variants of
+``ptlab.models.two_layer_cnn`` (bias, activation, reductions) change the step as docs/design.md section 3 says.
+The kernel knows nothing of configs, data draws or transfer: it takes tensors and returns tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptlab.models.two_layer_cnn import ModelForm
+from ptlab.modules.decomposition import PREFIX as DECOMPOSITION_PREFIX
+from ptlab.modules.decomposition import SIGNALS
+
+SOFTPLUS_THRESHOLD = 20.0
+"""``torch.nn.functional.softplus``'s default: above it the loss is linear and its slope exactly 1."""
+DECOMPOSITION_NAMES = (
+    *(f"{DECOMPOSITION_PREFIX}signal_{name}_{stat}" for name in SIGNALS for stat in ("max", "mean")),
+    f"{DECOMPOSITION_PREFIX}noise_max", f"{DECOMPOSITION_PREFIX}noise_mean",
+    f"{DECOMPOSITION_PREFIX}filter_norm_mean",
+)
+"""The signal/noise decomposition metrics of ``ptlab.modules.decomposition``, in the order computed here."""
+SHARED_GRAM_SAMPLES = 64
+"""From this many training samples a stage's response update multiplies by the data group's noise Gram block once
+(a product per group) instead of by each cell's patch Gram matrix: 15-20% faster at N = 200 (fig2's upstream), slower
+at N = 20 (kou2023), where a step is many small operations."""
+EVAL_BLOCK_BYTES = 64 << 20
+"""About the most memory the test-set evaluation of a batch of eval steps takes."""
+
+
+def eval_steps(steps: int, eval_every: int) -> list[int]:
+    """Steps where ``FullBatchGD`` records accuracies: 0, eval_every, ... below ``steps``, then ``steps``."""
+    return [*range(0, steps, eval_every), steps]
+
+
+def _accuracy(margin: Tensor, y: Tensor) -> Tensor:
+    """``sign_accuracy`` (torchmetrics' ``binary_accuracy``, threshold 0.5) along the last dimension:
+    a row of margins that all lie in [0, 1] is read as probabilities, any other row goes through a
+    sigmoid; the quotient is taken in float32 as torchmetrics does."""
+    in_unit = ((margin >= 0) & (margin <= 1)).all(dim=-1, keepdim=True)
+    probability = torch.where(in_unit, margin, torch.sigmoid(margin))
+    correct = ((probability > 0.5) == (y > 0)).sum(dim=-1)
+    return correct.to(torch.float32) / torch.tensor(float(margin.shape[-1]), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block (a decorator too)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class _StageOutput:
+    loss: Tensor
+    train_acc: Tensor
+    test_acc: Tensor
+    decomposition: Tensor
+    coefficients: Tensor
+    norm2: Tensor
+    trajectory: Tensor | None
+    bias: Tensor | None = None
+
+
+def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
+                 y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
+                 signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
+                 eval_threads: int = 1, form: ModelForm = ModelForm(), bias_start: Tensor | None = None,
+                 ) -> _StageOutput:
+    """Full-batch GD of a batch of cells in coefficient space.
+
+    Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
+    xi_1..xi_N]. ``start`` (G, C, Fm, P) = <w(0), vector>; ``test_start`` (G, C, Fm, n_test) = <w(0), test
+    noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
+    x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
+    ``signal_coefficients`` (G, C, 3): the task signal s = u + v_k along the unit directions;
+    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C). ``form`` is the network's (activation,
+    reductions, bias); with a bias, ``bias_start`` (G, C, Fm) holds the stage-start biases b, every response
+    enters the activation as ``R + b``, and b moves by the sum over patches of the responses' step.
+
+    The steps run on the K = N + 2 patches GD actually sees, [xi_1..xi_N, +s, -s] (each cell its own s),
+    so that one step is a dozen tensor operations whatever the batch: responses ``R = <w, patch>``,
+    ``f = (sign / m) relu(R) A`` with ``A`` (K, N) placing each sample's two patches, the loss slope
+    per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``. Coefficients are summed
+    step by step and mapped back to [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of
+    -s). The eval steps only keep a copy of the state; the test set and the decomposition are computed
+    for several eval steps at once, on ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory
+    this takes).
+    """
+    groups, cells, filters, vectors = start.shape
+    width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
+    patches, batch = n_train + 2, groups * cells
+    dtype = start.dtype
+    sign = torch.cat([torch.ones(width, dtype=dtype), -torch.ones(width, dtype=dtype)])
+    # [xi; +s; -s] = embed @ [b; xi], per cell: (G, C, K, P)
+    embed = torch.zeros(groups, cells, patches, vectors, dtype=dtype)
+    embed[:, :, :n_train, 3:] = torch.eye(n_train, dtype=dtype)
+    embed[:, :, n_train, :3] = signal_coefficients
+    embed[:, :, n_train + 1, :3] = -signal_coefficients
+    patch_gram = (embed @ gram[:, None] @ embed.transpose(-1, -2)).view(batch, patches, patches)
+    # With many noise patches (SHARED_GRAM_SAMPLES), their block of the Gram matrix, the data group's and the same for
+    # all its cells, takes one product per group in the response update, (C Fm, N) x (N, N); the two signal patches'
+    # rows and columns, which differ by cell, take thin products per cell (the noise-to-signal columns are skipped
+    # when all zero, as for noise projected off the signals in the gram sampling). With few, one product per cell.
+    shared = n_train >= SHARED_GRAM_SAMPLES
+    if shared:
+        noise_gram = gram[:, 3:, 3:].contiguous()
+        signal_rows = patch_gram[:, n_train:].contiguous()  # (C G, 2, K)
+        noise_to_signal = patch_gram[:, :n_train, n_train:].contiguous()  # (C G, N, 2)
+        coupled = bool(noise_to_signal.any())
+    response = start @ embed.transpose(-1, -2)  # (G, C, Fm, K): R = <w, patch>
+    start_response = response.clone()
+    coefficients = torch.zeros_like(response)
+    # Sample i sees its noise patch and the signal patch of its clean label: f_i = h_i + h_{+s or -s}, with
+    # h = (sign/m) relu(R) per patch; a patch's loss slope is its samples' d loss / d f_i = -y_i sigmoid(-y_i f_i) / N.
+    clean_plus = (clean > 0)[:, None, :]
+    by_clean = torch.stack([clean > 0, clean < 0], dim=-1).to(dtype)  # (G, N, 2): the signal patch of each sample
+    loss_weight = (-y / n_train)[:, None, :]
+    per_patch = torch.empty(groups, cells, patches, dtype=dtype)
+    negative_labels = -y[:, None, :]
+    divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
+    plain = form.is_paper_relu
+    bias = None if bias_start is None else bias_start.clone()
+    signs_over_m = (sign / divisor * factor).expand(batch, 1, filters)
+    # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
+    output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
+    by_output_shape = (groups, cells, 2, width, patches)
+    one = torch.ones((), dtype=dtype)
+    positive = torch.empty_like(response)
+    batch_response, batch_positive = response.view(batch, filters, patches), positive.view(batch, filters, patches)
+    group_noise_response = response.view(groups, cells * filters, patches)[..., :n_train]
+    group_noise_positive = positive.view(groups, cells * filters, patches)[..., :n_train]
+    checkpoints = eval_steps(steps, eval_every)
+    exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype)  # -y f, every step
+    train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32)
+    test_acc = torch.empty_like(train_acc)
+    decomposition = torch.empty(groups, cells, len(checkpoints), len(DECOMPOSITION_NAMES), dtype=dtype)
+    trajectory: list[Tensor] | None = [] if record_coefficients else None
+    test_start = test_start.reshape(groups, 1, cells * filters, n_test)
+    positive_test_clean = (test_clean > 0)[:, None, None, :]
+    own_plus = (y > 0)[:, None, None, None, :]
+    per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
+    block = max(1, EVAL_BLOCK_BYTES // per_eval_bytes)
+    pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []  # (eval index, coefficients, response, h, bias)
+
+    def to_base(ext: Tensor) -> Tensor:
+        """Coefficients along the patches (..., K) -> along [b_u, b_v1, b_v2, xi] (..., P); ``ext`` (G, E, C, Fm, K)."""
+        along_s = (ext[..., n_train] - ext[..., n_train + 1])[..., None]
+        return torch.cat([along_s * signal_coefficients[:, None, :, None, :], ext[..., :n_train]], dim=-1)
+
+    @torch_threads(eval_threads)
+    def evaluate() -> None:
+        """Accuracies and decomposition of the pending eval steps, in one batch (E of them)."""
+        index = [item[0] for item in pending]
+        ext, resp, h = (torch.stack([item[k] for item in pending], dim=1) for k in (1, 2, 3))  # (G, E, ...)
+        evals = len(index)
+        margin = (exponents[[checkpoints[i] for i in index]] * negative_labels).transpose(0, 1)  # (G, E, C, N)
+        train_acc[..., index] = _accuracy(margin, y[:, None, None, :]).transpose(1, 2)
+        base = to_base(ext)
+        flat = base.view(groups, evals * cells * filters, vectors)
+        test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test).add_(test_start)
+        if plain:
+            test_response.clamp_min_(0)
+        else:
+            if bias is not None:
+                biases = torch.stack([item[4] for item in pending], dim=1).view(groups, evals, cells * filters, 1)
+                test_response.add_(biases)
+            test_response = sigma(test_response)
+        test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
+        test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
+            positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
+        test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
+        along_basis = start[:, None, ..., :3] + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
+        learned = sign[:, None] * along_basis * signal_norms[:, None, :, None, :]  # j <w, a>, a in u, v1, v2
+        by_output = resp[..., :n_train].view(groups, evals, cells, 2, width, n_train)
+        own = torch.where(own_plus, by_output[:, :, :, 0], by_output[:, :, :, 1])  # <w_{y_i, r}, xi_i>
+        norms = (norm2_start[:, None] + (ext * (resp + start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
+        decomposition[:, :, index] = torch.cat([
+            torch.stack([learned.amax(3), learned.mean(3)], dim=-1).flatten(-2),
+            own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None], norms.mean(-1, keepdim=True),
+        ], dim=-1).transpose(1, 2)
+        if trajectory is not None:
+            trajectory.extend(base.unbind(1))
+        pending.clear()
+
+    evaluation = 0
+    for step in range(steps + 1):
+        if plain:
+            torch.clamp_min(response, 0, out=positive)
+        else:
+            pre = response if bias is None else response + bias[..., None]
+            positive.copy_(sigma(pre))
+        h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
+        f = h[..., :n_train] + torch.where(clean_plus, h[..., n_train, None], h[..., n_train + 1, None])
+        exponent = torch.mul(f, negative_labels, out=exponents[step])  # -y f
+        if step == checkpoints[evaluation]:
+            pending.append((evaluation, coefficients.clone(), response.clone(), h,
+                            None if bias is None else bias.clone()))
+            evaluation += 1
+            if len(pending) == block or step == steps:
+                evaluate()
+        if step == steps:
+            break
+        # softplus' gradient: the sigmoid, exactly 1 above softplus' threshold
+        slope = torch.where(exponent > SOFTPLUS_THRESHOLD, one, torch.sigmoid(exponent))
+        torch.mul(slope, loss_weight, out=per_patch[..., :n_train])
+        torch.bmm(per_patch[..., :n_train], by_clean, out=per_patch[..., n_train:])
+        step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
+        if plain:
+            positive.sign_()  # relu's derivative
+        else:
+            positive.copy_(sigma.derivative(pre))
+        positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if bias is not None:
+            bias.add_(positive.sum(-1))
+        if shared:
+            group_noise_response.baddbmm_(group_noise_positive, noise_gram)
+            batch_response.baddbmm_(batch_positive[..., n_train:], signal_rows)
+            if coupled:
+                batch_response[..., n_train:].baddbmm_(batch_positive[..., :n_train], noise_to_signal)
+        else:
+            batch_response.baddbmm_(batch_positive, patch_gram)
+        coefficients.add_(positive)
+    loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
+    norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
+    return _StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
+                        torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)

@@ -1,0 +1,149 @@
+"""What the gram engine returns: a cell's trained stages (curves, final numbers, the filters' coefficients), their
+curves in ``FullBatchGD`` form, the d-space weights rebuilt from the coefficients, and the divergence check every
+layout (single run, batched sweep, grid) reports a diverged stage with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ptlab.engines.base import StageResult
+from ptlab.engines.gram.cell import GramCell
+from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES
+from ptlab.errors import DivergenceError
+
+HISTORIES = ("full", "eval", "last")
+
+
+@dataclass
+class GramStage:
+    """One trained stage of one cell: curves, final numbers and the filters' coefficients.
+
+    The final filters are ``init + signal @ basis.T + sum_k noise[k] @ xi_k`` with ``basis`` the
+    unit directions of u, v1, v2 (``Directions.basis``, (d, 3)), ``xi_k`` the training noise patches
+    of task k, and ``init`` the stage's initial filters: the upstream init for the upstream stage and for
+    the ``transferred`` filters of the transfer stage, the downstream init otherwise.
+    """
+
+    name: str
+    steps: int
+    eval_steps: list[int]
+    loss: np.ndarray
+    train_acc: np.ndarray
+    test_acc: np.ndarray
+    decomposition: np.ndarray
+    signal: Tensor
+    noise: dict[int, Tensor]
+    transferred: Tensor
+    trajectory: Tensor | None = None
+    bias: Tensor | None = None
+    """The final biases (2, m), for a model with a bias."""
+    """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
+    updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
+
+    @property
+    def final(self) -> dict[str, float]:
+        """``FullBatchGD.final``: the loss and accuracies of the final model."""
+        return {"train_loss": float(self.loss[-1]), "train_acc": float(self.train_acc[-1]),
+                "test_acc": float(self.test_acc[-1])}
+
+    def metrics_by_step(self, history: str = "full") -> dict[int, dict[str, float]]:
+        """Curve points grouped by step, as ``FullBatchGD.log_curves`` sends them; ``history`` keeps every
+        point (``full``), the eval steps only (``eval``) or the last point of each curve (``last``)."""
+        if history not in HISTORIES:
+            raise ValueError(f"history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
+        loss_steps = {"full": range(self.steps + 1), "eval": self.eval_steps, "last": [self.steps]}[history]
+        by_step: dict[int, dict[str, float]] = {step: {"train/loss": float(self.loss[step])} for step in loss_steps}
+        points = range(len(self.eval_steps)) if history != "last" else [len(self.eval_steps) - 1]
+        for index in points:
+            row = by_step.setdefault(self.eval_steps[index], {})
+            row["train/acc"] = float(self.train_acc[index])
+            row["test/acc"] = float(self.test_acc[index])
+            row.update(zip(DECOMPOSITION_NAMES, map(float, self.decomposition[index])))
+        return by_step
+
+    @property
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """Every curve in ``FullBatchGD.curves`` form: name -> [(step, value)]."""
+        return self.curves_for("full")
+
+    def curves_for(self, history: str) -> dict[str, list[tuple[int, float]]]:
+        """The curves ``history`` keeps (see ``metrics_by_step``), name -> [(step, value)]."""
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for step, metrics in sorted(self.metrics_by_step(history).items()):
+            for key, value in metrics.items():
+                curves.setdefault(key, []).append((step, value))
+        return curves
+
+    def result(self, history: str = "full", plan: list[Any] | None = None,
+               model: torch.nn.Module | None = None) -> StageResult:
+        """The stage as the ``Engine`` interface returns it."""
+        return StageResult(self.name, model, self.final, self.curves_for(history), plan, self.steps)
+
+
+@dataclass
+class GramResult:
+    """A cell's stages (``upstream`` absent without transfer) and its transfer plan."""
+
+    cell: GramCell
+    stages: dict[str, GramStage]
+    plan: list[dict[str, Any]] | None
+
+    def stage_results(self, history: str = "full") -> dict[str, StageResult]:
+        """Every stage as the ``Engine`` interface returns it (no models: the weights stay coefficients)."""
+        return {name: stage.result(history, self.plan_rows if name == "transfer" else None)
+                for name, stage in self.stages.items()}
+
+    def divergence(self) -> DivergenceError | None:
+        """The error of the first stage (in training order) whose loss is not finite, else ``None``."""
+        for stage in self.stages.values():
+            error = divergence(stage.name, stage.loss, self.cell.lr)
+            if error is not None:
+                return error
+        return None
+
+    @property
+    def plan_rows(self) -> list[Any] | None:
+        """The transfer plan as ``PlanRow`` s."""
+        from ptlab.transfer.adapters import PlanRow
+
+        return None if self.plan is None else [PlanRow(**row) for row in self.plan]
+
+
+def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[int, Tensor],
+                        upstream_init: Tensor | None, downstream_init: Tensor) -> Tensor:
+    """The stage's final filters (2, m, d) in d-space, from its coefficients (see ``GramStage``)."""
+    if stage.name == "upstream":
+        init = upstream_init
+    elif upstream_init is None:
+        init = downstream_init
+    else:
+        init = torch.where(stage.transferred[..., None], upstream_init, downstream_init)
+    weight = init.to(stage.signal.dtype) + stage.signal @ basis.to(stage.signal.dtype).T
+    for task, coefficients in stage.noise.items():
+        weight = weight + coefficients @ noise_patches[task].to(coefficients.dtype)
+    return weight
+
+
+def divergence(stage: str, loss: Tensor | np.ndarray, lr: float) -> DivergenceError | None:
+    """The ``DivergenceError`` of a stage whose loss curve has a non-finite step (the first one), else ``None``:
+    the single run, the batched sweep and the grid all report a diverged stage with this line."""
+    loss = torch.as_tensor(loss)
+    bad = (~torch.isfinite(loss)).nonzero()
+    if not len(bad):
+        return None
+    step = int(bad[0, -1])
+    return DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., step]):g}; "
+                           f"lower train.lr (now {lr:g})", stage=stage)
+
+
+def check_loss(stage: str, loss: Tensor, lr: float) -> None:
+    """Raise ``divergence``'s error, if any."""
+    error = divergence(stage, loss, lr)
+    if error is not None:
+        raise error
