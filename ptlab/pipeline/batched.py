@@ -101,6 +101,7 @@ class SweepJob:
     theory: TheoryPrediction | None = None
     summary: dict[str, Any] | None = None
     error: DivergenceError | None = None
+    written: bool = False
 
 
 class _Attrs(dict):
@@ -414,11 +415,36 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
         print(f"ptlab: skipped {skipped} of {len(job_overrides)} jobs: their config already FINISHED "
               "(resume.skip_finished)")
 
-    tracked = 0.0
+    try:
+        _train_and_track(pending, returns, max_cells, history, progress, workers)
+    except BaseException as err:
+        _abandon(pending, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    for index, overrides in others:
+        returns[index] = _run_basic(hydra_context, task_function, config, index, overrides)
+    if pending:
+        log.info("ptlab gram sweep: %d cells in %.1f s (configs %.1f s)", len(pending), time.perf_counter() - started,
+                 composed - started)
+    raise_failures([job.error for job in pending if job.error is not None], len(job_overrides))
+    return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
+
+
+def _abandon(jobs: list[SweepJob], status: str) -> None:
+    """End the runs of the jobs a stopped sweep did not write (where the store already holds them)."""
+    by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
+    for job in jobs:
+        if job.tracker is not None and not job.written:
+            by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
+    for writer, trackers in by_writer.values():
+        writer.abandon(trackers, status)
+
+
+def _train_and_track(pending: list[SweepJob], returns: dict[int, JobReturn], max_cells: int, history: str,
+                     progress: bool, workers: int | None) -> None:
+    """Train the pending jobs in chunks and track each chunk as it comes back."""
     with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=not progress or not pending) as bar:
         workers = torch.get_num_threads() if workers is None else workers
         for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
-            mark = time.perf_counter()
             by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
@@ -429,15 +455,9 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
                     by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
             for writer, trackers in by_writer.values():
                 writer.write(trackers)
-            tracked += time.perf_counter() - mark
+            for position, _ in chunk:
+                pending[position].written = True
             bar.update(len(chunk))
-    for index, overrides in others:
-        returns[index] = _run_basic(hydra_context, task_function, config, index, overrides)
-    if pending:
-        log.info("ptlab gram sweep: %d cells in %.1f s (configs %.1f s, summaries and tracking %.1f s)",
-                 len(pending), time.perf_counter() - started, composed - started, tracked)
-    raise_failures([job.error for job in pending if job.error is not None], len(job_overrides))
-    return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
 
 
 def raise_failures(errors: Sequence[BaseException], total: int) -> None:

@@ -78,3 +78,11 @@ class ApiRunWriter:
                 self.client.log_artifacts(run.run_id, tmp)
         status = run.status if run.status != "RUNNING" else "FINISHED"
         self.client.set_terminated(run.run_id, status, end_time=run.end_ms)
+
+    def abandon(self, trackers: Iterable[MemoryTracker], status: str = "KILLED") -> None:
+        """End the runs of pipelines that will not be written (the sweep was stopped): they exist in the store, so
+        they are marked ``status`` rather than left RUNNING."""
+        with tracking_write():
+            for tracker in trackers:
+                for run in tracker.runs():
+                    self.client.set_terminated(run.run_id, status)

@@ -94,6 +94,9 @@ class BulkRunWriter:
             self._write_artifacts(artifact_uri, texts)
         return len(runs)
 
+    def abandon(self, trackers: Iterable[MemoryTracker], status: str = "KILLED") -> None:
+        """Nothing to end: this writer creates a pipeline's runs only when it writes them."""
+
     @staticmethod
     def _write_artifacts(artifact_uri: str, files: Mapping[str, bytes]) -> None:
         """Local artifact stores get the files written in place (what their repository's copy would leave);

@@ -5,12 +5,11 @@ Cells with equal shapes (N1, N2, n_test, m, steps, model form) run as one batche
 share one draw of data and inits (the data stream does not depend on the signal norms) and one set of Gram matrices.
 A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell, then
 transfer and scratch in one downstream batch) and cut back into per-cell results; chunks run in forked worker
-processes. ``run_cells`` / ``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
+processes (``ptlab.engines.gram.workers``: they die with the sweep). ``run_cells`` / ``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +22,7 @@ from ptlab.engines.gram.cell import GramCell
 from ptlab.engines.gram.draws import _Group, _prepare_group
 from ptlab.engines.gram.kernel import _train_stage, eval_steps, torch_threads
 from ptlab.engines.gram.results import GramResult, GramStage
+from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
 from ptlab.transfer.selection import SelectionInputs, SignalView, build_strategy
@@ -252,8 +252,7 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
         specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
                              summarize)))
     if workers > 1 and len(specs) > 1:
-        context = multiprocessing.get_context("fork")
-        with context.Pool(min(workers, len(specs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with worker_pool(min(workers, len(specs))) as pool:
             for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
                 yield [(flat[k], result) for k, result in out]
     else:

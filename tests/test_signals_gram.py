@@ -1,0 +1,102 @@
+"""Signals to a batched gram sweep with worker processes: SIGTERM and SIGINT end it within 30 s with 143 / 130,
+nothing left RUNNING, no worker alive, no traceback; SIGKILL of the parent takes its workers with it; a sweep that
+ends normally prints no traceback either."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+
+pytestmark = pytest.mark.slow
+
+SWEEP = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.workers=2",
+         "hydra.launcher.max_cells=2", "task.d=300", "task.n1=200", "task.n2=40", "task.n_test=200",
+         "train.upstream_steps=3000", "train.downstream_steps=1500", "model.width=40", "seed=range(0,12)"]
+"""Twelve one-cell chunks of several seconds each on two workers: a sweep that is still training when signalled."""
+
+
+def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "ptlab", *SWEEP, f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+                             f"hydra.sweep.dir={tmp_path}/sweep", *extra], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return any(_pgid(pid) == pgid for pid in _pids())
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(stat[2]) if stat[0] != "Z" else None
+
+
+def wait_for_workers(process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the sweep's two workers exist (training has started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = [pid for pid in _pids() if _pgid(pid) == process.pid and pid != process.pid]
+        if len(members) >= 2:
+            time.sleep(2)
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    raise AssertionError("the sweep's workers never started")
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_ends_the_sweep_cleanly(tmp_path: Path, signum: int, code: int) -> None:
+    process = start(tmp_path)
+    wait_for_workers(process)
+    os.kill(process.pid, signum)
+    sent = time.monotonic()
+    out, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert process.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    deadline = time.monotonic() + 10
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(process.pid)
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    found = client.get_experiment_by_name("default")
+    running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+    assert not running
+
+
+def test_sigkill_of_the_parent_takes_its_workers(tmp_path: Path) -> None:
+    process = start(tmp_path)
+    wait_for_workers(process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(process.pid)
+
+
+def test_a_sweep_that_ends_normally_prints_no_traceback(tmp_path: Path) -> None:
+    process = start(tmp_path, "train.upstream_steps=50", "train.downstream_steps=20", "seed=0,1,2,3")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "Terminated" not in err
+    assert "4 cells finished, 0 skipped (already finished), 0 failed" in out
