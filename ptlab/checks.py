@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
 from ptlab.models.name_check import check_model_name
-from ptlab.tracking.base import flatten
+from ptlab.utils import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 """Tracking URI schemes MLflow 3 stores accept (its file store ``./mlruns`` is refused)."""

@@ -33,7 +33,7 @@ from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.paths import config_dir
-from ptlab.tracking.base import flatten
+from ptlab.utils import flatten
 
 register_configs()
 

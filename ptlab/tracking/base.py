@@ -17,6 +17,8 @@ from time import time
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from ptlab.utils import flatten as flatten  # re-exported: the pipeline imports it from here
+
 STAGE_TAG = "ptlab.stage"
 CELL_TAG = "ptlab.cell"
 NOTE_TAG = "mlflow.note.content"
@@ -33,18 +35,6 @@ def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())
     return uri
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
