@@ -54,8 +54,9 @@ def result_view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (or restored) if needed, with the ``RESULT_VIEW`` of its
-    runs table; safe when jobs race to create it."""
+    """The id of experiment ``name``, created if needed, with the ``RESULT_VIEW`` of its runs table; safe when
+    jobs race to create it. A deleted experiment is a ``ConfigError`` (restoring it silently would bring its
+    deleted runs back)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -67,7 +68,10 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         else:
             experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
+        from ptlab.store_checks import restore_hint
+
+        raise ConfigError(f"logger.experiment_name={name!r} is not allowed: that experiment is deleted; "
+                          f"{restore_hint(experiment.experiment_id, str(client.tracking_uri))}")
     if SHARED_VIEW_TAG + RESULT_VIEW not in experiment.tags:
         view = {"selectedColumns": list(RESULT_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
         client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW_TAG + RESULT_VIEW, as_json(view))
