@@ -32,7 +32,7 @@ CIFAR_FILES = {
 }
 """Folder, train and test files, label key, meta file and class-name key of torchvision's CIFAR readers."""
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-"""Lightning's accelerator names (its ``AcceleratorRegistry`` plus ``gpu`` and ``auto``; a test checks them)."""
+"""Lightning's accelerator names (its ``ACCELERATOR_REGISTRY`` plus ``gpu`` and ``auto``; a test checks them)."""
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_GROUPS = ("task", "noise", "model", "upstream_model", "train")
 """Config groups whose floats reach tensors (``theory``, ``cache``, ``resume`` are Python floats)."""
@@ -118,9 +118,11 @@ def unreadable_image(path: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: float) -> LabelCounts:
+def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: float, shown: str = "") -> LabelCounts:
     """An image folder's classes as torchvision's ``ImageFolder`` finds them (every subfolder a class, the
-    files with an image suffix below it), each file's header read, split as ``load_image_folder`` splits."""
+    files with an image suffix below it), each file's header read, split as ``load_image_folder`` splits.
+    ``shown``: ``task.root`` as the config gives it (for messages)."""
+    shown = shown or str(root)
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     labels: list[int] = []
     empty = []
@@ -132,11 +134,11 @@ def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: floa
         for file in files:
             problem = unreadable_image(file)
             if problem:
-                raise ConfigError(f"task.root={str(root)!r} is not allowed: {file.relative_to(root)} is not a "
+                raise ConfigError(f"task.root={shown!r} is not allowed: {file.relative_to(root)} is not a "
                                   f"readable image ({problem}); remove or replace it")
         labels += [index] * len(files)
     if empty:
-        raise ConfigError(f"task.root={str(root)!r} is not allowed: class folder(s) {', '.join(empty)} hold no image "
+        raise ConfigError(f"task.root={shown!r} is not allowed: class folder(s) {', '.join(empty)} hold no image "
                           f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
     train, test = _stratified_counts(labels, len(classes), test_fraction, split_seed, "task.test_fraction")
     return LabelCounts(train, test, tuple(classes))
@@ -148,7 +150,8 @@ def label_counts(task: Any, start: Path | None = None) -> LabelCounts | None:
         return digits_counts(float(task.test_fraction), int(task.split_seed))
     if task.name == "image_folder":
         root = _root(task.root, start)
-        return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime)
+        return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime,
+                             str(task.root))
     root = _root(task.data_dir, start)
     folder = root / CIFAR_FILES[task.name][0]
     if not folder.is_dir():
