@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -47,3 +47,129 @@ def test_a_signal_to_the_report_ends_its_run_killed(make_cfg, tracking_uri: str,
     [report] = client.search_runs([experiment.experiment_id], "tags.`ptlab.stage` = 'report'")
     assert report.info.status == "KILLED"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+def test_a_tracking_server_that_is_down_fails_the_first_write_fast_with_one_line() -> None:
+    """Past the preflight (``run_pipeline`` from Python): MLflow's retries are bounded (ptlab's defaults of its
+    HTTP environment variables), the error is one ``StoreError`` line."""
+    from ptlab.errors import StoreError
+    from ptlab.tracking.base import HTTP_REQUEST_DEFAULTS
+    from ptlab.tracking.mlflow import MLflowTracker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StoreError) as raised:
+        with MLflowTracker(f"http://127.0.0.1:{port}", "down", "run"):
+            pass
+    took = time.monotonic() - started
+    assert took < 30, took
+    assert "\n" not in str(raised.value) and "the tracking store failed, the server does not answer" in str(raised.value)
+    assert {name: os.environ[name] for name in HTTP_REQUEST_DEFAULTS} == HTTP_REQUEST_DEFAULTS
+
+
+class _Silent(BaseHTTPRequestHandler):
+    """A server that accepts connections and never answers (a hung tracking server)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        time.sleep(60)
+
+    do_POST = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_hung_tracking_server_fails_within_the_bounded_time() -> None:
+    """Each try waits MLFLOW_HTTP_REQUEST_TIMEOUT (5 s), three tries: about 15-20 s, not MLflow's 120 s x 8."""
+    from ptlab.errors import StoreError
+    from ptlab.tracking.mlflow import MLflowTracker
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError, match="the server does not answer"):
+            with MLflowTracker(f"http://127.0.0.1:{server.server_address[1]}", "hung", "run"):
+                pass
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert 5 <= took < 30, took
+
+
+def test_store_faults_are_recognised_in_real_errors(tmp_path: Path) -> None:
+    import errno
+    import sqlite3
+
+    from ptlab.tracking.faults import store_fault
+
+    (tmp_path / "junk.db").write_bytes(os.urandom(4096))
+    with pytest.raises(sqlite3.DatabaseError) as raised:
+        sqlite3.connect(tmp_path / "junk.db").execute("SELECT * FROM sqlite_master")
+    assert store_fault(raised.value) == "its file is not a SQLite database"
+    assert store_fault(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "its disk is full"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "disk")
+        except OSError as err:
+            raise RuntimeError("wrapped") from err
+    except RuntimeError as err:
+        assert store_fault(err) == "its disk is full"
+    assert store_fault(ValueError("a bug")) is None
+
+
+FULL_DISK = """
+import os, sys
+from mlflow.tracking import MlflowClient
+from ptlab.errors import StoreError
+from ptlab.tracking.faults import prepare_sqlite_store
+from ptlab.tracking.mlflow import MLflowTracker
+disk, leave = sys.argv[1], int(sys.argv[2])
+uri = f"sqlite:///{disk}/mlflow.db"
+client = MlflowClient(uri)
+if leave < 0:  # the next command, another process
+    with MLflowTracker(uri, "full", "next"):
+        pass
+    print("AFTER", sorted(r.info.status for r in client.search_runs([client.get_experiment_by_name("full").experiment_id])))
+    sys.exit(0)
+prepare_sqlite_store(uri)
+tracker = MLflowTracker(uri, "full", "run", artifact_location=f"file://{disk}/art")
+try:
+    with tracker:
+        tracker.start_stage("upstream")
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(f"{disk}/fill", "wb") as handle:
+            handle.write(b"x" * max(free - leave, 0))
+        tracker.log_params({f"p{i}": "v" * 500 for i in range(2000)})
+except StoreError as err:
+    print("ERROR", str(err).count(chr(10)), str(err))
+os.remove(f"{disk}/fill")
+print("STATUS", sorted(r.info.status for r in client.search_runs([tracker.experiment_id])))
+"""
+
+
+@pytest.mark.parametrize(("leave", "status"), [(256 << 10, ["FAILED", "FAILED"]), (0, ["RUNNING", "RUNNING"])])
+def test_a_full_store_disk_gives_one_line_and_no_run_left_running(tmp_path: Path, leave: int,
+                                                                  status: list[str]) -> None:
+    """A 3 MB tmpfs holds the store (needs ``unshare --mount``, root): with a little space left the runs end FAILED
+    at once; with none they cannot be written, and the next command on the store marks them FAILED."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK)
+    command = (f"mount -t tmpfs -o size=3M tmpfs {disk} && {sys.executable} {script} {disk} {leave} && "
+               f"{sys.executable} {script} {disk} -1")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if done.returncode != 0 and "mount" in done.stderr and "ERROR" not in done.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["ERROR"].startswith("0 logger.tracking_uri=") and "its disk is full" in lines["ERROR"]
+    assert lines["STATUS"] == str(status)
+    assert lines["AFTER"] == "['FAILED', 'FAILED', 'FINISHED']"
