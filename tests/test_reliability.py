@@ -121,6 +121,25 @@ def test_store_faults_are_recognised_in_real_errors(tmp_path: Path) -> None:
     assert store_fault(ValueError("a bug")) is None
 
 
+def on_small_disk(tmp_path: Path, code: str, runs: list[list[str]], size: str = "3M") -> subprocess.CompletedProcess:
+    """Run ``code`` (a script taking the disk's path, then each of ``runs``' arguments, one process each) with a
+    ``size`` tmpfs mounted at ``tmp_path/disk`` in a mount namespace of its own; skips where that is not allowed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    command = f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 99; " + " && ".join(
+        f"{sys.executable} {script} {disk} {' '.join(args)}" for args in runs)
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if done.returncode == 99 or (done.returncode and "unshare:" in done.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 FULL_DISK = """
 import os, sys
 from mlflow.tracking import MlflowClient
@@ -156,20 +175,51 @@ def test_a_full_store_disk_gives_one_line_and_no_run_left_running(tmp_path: Path
                                                                   status: list[str]) -> None:
     """A 3 MB tmpfs holds the store (needs ``unshare --mount``, root): with a little space left the runs end FAILED
     at once; with none they cannot be written, and the next command on the store marks them FAILED."""
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    script = tmp_path / "full.py"
-    script.write_text(FULL_DISK)
-    command = (f"mount -t tmpfs -o size=3M tmpfs {disk} && {sys.executable} {script} {disk} {leave} && "
-               f"{sys.executable} {script} {disk} -1")
-    done = subprocess.run(["unshare", "--mount", "sh", "-c", command], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    if done.returncode != 0 and "mount" in done.stderr and "ERROR" not in done.stdout:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = on_small_disk(tmp_path, FULL_DISK, [[str(leave)], ["-1"]])
     lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
     assert lines["ERROR"].startswith("0 logger.tracking_uri=") and "its disk is full" in lines["ERROR"]
     assert lines["STATUS"] == str(status)
     assert lines["AFTER"] == "['FAILED', 'FAILED', 'FINISHED']"
+
+
+def test_a_cache_entry_that_is_a_folder_is_retrained(tmp_path: Path) -> None:
+    import torch
+
+    from ptlab.pipeline.cache import CacheEntry, UpstreamCache, spec_key
+
+    cache = UpstreamCache(tmp_path)
+    spec = {"stage": "test"}
+    (cache.path(spec_key(spec)) / "inner").mkdir(parents=True)
+    calls = []
+
+    def create() -> CacheEntry:
+        calls.append(1)
+        return CacheEntry({"w": torch.arange(3.0)}, {"final": {"acc": 1.0}}, {})
+
+    entry, hit = cache.get_or_create(spec, create)
+    assert not hit and calls == [1] and cache.path(spec_key(spec)).is_file()
+    again, hit = cache.get_or_create(spec, create)
+    assert hit and calls == [1] and torch.equal(again.state_dict["w"], torch.arange(3.0))
+
+
+FULL_CACHE = """
+import logging, os, sys
+import torch
+from ptlab.pipeline.cache import CacheEntry, UpstreamCache
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+disk = sys.argv[1]
+cache = UpstreamCache(disk)
+free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+with open(f"{disk}/fill", "wb") as handle:
+    handle.write(b"x" * free)
+entry, hit = cache.get_or_create({"stage": "test"}, lambda: CacheEntry({"w": torch.ones(100000)}, {"final": {}}, {}))
+print("TRAINED", hit, float(entry.state_dict["w"].sum()), sorted(os.listdir(disk)))
+"""
+
+
+def test_a_full_cache_disk_keeps_the_trained_upstream(tmp_path: Path) -> None:
+    done = on_small_disk(tmp_path, FULL_CACHE, [[]], size="1M")
+    assert "TRAINED False 100000.0" in done.stdout, done.stdout + done.stderr[-2000:]
+    left = done.stdout.strip().split(" ", 3)[3]
+    assert ".tmp" not in left and ".ptc'" not in left, left  # no half-written entry left
+    assert "ptlab cache: could not store" in done.stderr and "going on without caching it" in done.stderr
