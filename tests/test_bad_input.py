@@ -144,9 +144,12 @@ def test_a_live_process_is_not_vanished() -> None:
     from ptlab.tracking.stale import is_vanished, process_tag
 
     assert not is_vanished(process_tag())
-    host, pid, ticks, boot = process_tag().split(":")
-    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}")  # the pid reused by another process
-    assert not is_vanished(f"another-host:{pid}:{ticks}:{boot}")
+    host, pid, ticks, boot, namespace = process_tag().split(":")
+    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}:{namespace}")  # the pid reused by another process
+    assert not is_vanished(f"another-host:{pid}:{ticks}:{boot}:{namespace}")
+    assert not is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}:1")  # another PID namespace: not judged
+    assert is_vanished(f"{host}:{pid}:{ticks}:another-boot:1")  # a process of an earlier boot
+    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}")  # a tag of an older ptlab (no namespace)
 
 
 @pytest.mark.parametrize(("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130)])

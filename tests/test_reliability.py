@@ -223,3 +223,52 @@ def test_a_full_cache_disk_keeps_the_trained_upstream(tmp_path: Path) -> None:
     left = done.stdout.strip().split(" ", 3)[3]
     assert ".tmp" not in left and ".ptc'" not in left, left  # no half-written entry left
     assert "ptlab cache: could not store" in done.stderr and "going on without caching it" in done.stderr
+
+
+LIVE_RUN = """
+import sys, time
+from ptlab.tracking.mlflow import MLflowTracker
+with MLflowTracker(sys.argv[1], "live", "run"):
+    print("open", flush=True)
+    time.sleep(120)
+"""
+
+
+def _unshare_pid() -> list[str]:
+    """``unshare --pid --fork --mount-proc`` where this machine permits it, else skip."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid not permitted here: {probe.stderr.strip()[:200]}")
+    return ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+@pytest.mark.parametrize("inside", ["run", "marker"])
+def test_stale_marking_never_hits_a_live_run_of_another_pid_namespace(tmp_path: Path, inside: str) -> None:
+    """A live run opened in one PID namespace is left RUNNING by ``python -m ptlab.tracking.stale`` in another
+    (the run inside and the marker outside, and the other way round); once its process is gone, a marker in its
+    namespace (here: the host's) marks it FAILED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = tmp_path / "live.py"
+    script.write_text(LIVE_RUN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    prefix = _unshare_pid()
+    live = subprocess.Popen([*(prefix if inside == "run" else []), sys.executable, str(script), uri],
+                            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert live.stdout.readline().strip() == "open"
+        marker = [*(prefix if inside == "marker" else []), sys.executable, "-m", "ptlab.tracking.stale",
+                  "--tracking-uri", uri]
+        done = subprocess.run(marker, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "marked 0 vanished run(s)" in done.stdout
+        client = MlflowClient(uri)
+        [run] = client.search_runs([client.get_experiment_by_name("live").experiment_id])
+        assert run.info.status == "RUNNING"
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait()
+    if inside == "marker":  # the run was the host's: a host marker now sees its process gone
+        done = subprocess.run(marker[len(prefix):], capture_output=True, text=True, env=env, timeout=120)
+        assert "marked 1 vanished run(s)" in done.stdout, done.stdout + done.stderr[-2000:]
