@@ -272,3 +272,56 @@ def test_stale_marking_never_hits_a_live_run_of_another_pid_namespace(tmp_path: 
     if inside == "marker":  # the run was the host's: a host marker now sees its process gone
         done = subprocess.run(marker[len(prefix):], capture_output=True, text=True, env=env, timeout=120)
         assert "marked 1 vanished run(s)" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+class _BasicAuth(BaseHTTPRequestHandler):
+    """MLflow's REST answers behind basic auth (alice / secret): 401 without the user, else the experiment
+    lookup's 404 RESOURCE_DOES_NOT_EXIST (an experiment to be created), an empty experiment search."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        import base64
+        import json
+
+        good = "Basic " + base64.b64encode(b"alice:secret").decode()
+        if self.headers.get("Authorization") != good:
+            code, body = 401, {"error_code": "UNAUTHENTICATED"}
+        elif "experiments/search" in self.path:
+            code, body = 200, {"experiments": []}
+        else:
+            code, body = 404, {"error_code": "RESOURCE_DOES_NOT_EXIST"}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_preflight_sends_mlflows_credentials_and_refuses_a_401(tmp_path: Path, monkeypatch) -> None:
+    """The probe sends MLFLOW_TRACKING_USERNAME/PASSWORD as MLflow's client does; without them: exit 2, one line,
+    nothing written. docker/check_runs.py --refused passes against the same server."""
+    from ptlab.store_checks import check_http_store
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BasicAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        done = run_cli([*SMALL, f"logger.tracking_uri={url}"], cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.strip() == (
+            f"ptlab: logger.tracking_uri='{url}' is not allowed: the server refused the credentials (HTTP 401); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), done.stderr
+        assert list(tmp_path.iterdir()) == []
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+        check_http_store(url, "new")  # accepted: the experiment does not exist yet
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "docker" / "check_runs.py"),
+                               "--refused", url], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("HTTP 401") == 2
+    finally:
+        server.shutdown()
