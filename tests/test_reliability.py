@@ -325,3 +325,94 @@ def test_the_preflight_sends_mlflows_credentials_and_refuses_a_401(tmp_path: Pat
         assert done.stdout.count("HTTP 401") == 2
     finally:
         server.shutdown()
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on ``root``'s SQLite store (the same store each time it is started)."""
+    from tests.test_remote_tracking import wait_until_healthy
+
+    log = root / f"server-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
+               "--artifacts-destination", str(root / "artifacts")]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
+    return process
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_command_closes_the_runs(
+        tmp_path: Path) -> None:
+    """The server is SIGKILLed while a Lightning pipeline trains; the pipeline's next write fails and it exits 1
+    with one line within 30 s of that write (MLflow's own defaults: about 8 minutes); its runs stay RUNNING on
+    the server (it cannot be told), and the next command, once the server is back, marks them FAILED."""
+    from tests.test_remote_tracking import free_port, stop_process_group
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=4000", "train.eval_every=400",
+            "hydra.run.dir=out", "cache.dir=cache", f"logger.tracking_uri={url}", "logger.experiment_name=dies"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    pipeline = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    client = MlflowClient(url)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and pipeline.poll() is None:
+            experiment = client.get_experiment_by_name("dies")
+            if experiment and len(client.search_runs([experiment.experiment_id])) >= 2:
+                break
+            time.sleep(1)
+        assert pipeline.poll() is None, pipeline.communicate()[1][-2000:]
+        stop_process_group(server)
+        killed = time.monotonic()
+        _, stderr = pipeline.communicate(timeout=600)
+        took = time.monotonic() - killed
+        lines = stderr.strip().splitlines()
+        assert pipeline.returncode == 1, stderr[-3000:]
+        assert lines[-1].startswith(f"ptlab: logger.tracking_uri='{url}': the tracking store failed, the server does "
+                                    "not answer"), stderr[-3000:]
+        assert "Traceback" not in stderr
+        print(f"exit {took:.1f} s after the server died")
+        assert took < 90, took  # the next write (a metric flush) plus at most about 20 s of bounded retries
+        server = start_server(tmp_path, port)
+        assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"RUNNING"}
+        done = run_cli([*SMALL, f"logger.tracking_uri={url}", "logger.experiment_name=dies", "hydra.run.dir=next",
+                        "cache.dir=cache"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs = client.search_runs([experiment.experiment_id])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert sum(r.data.tags.get("ptlab.error") == "process vanished" for r in runs) >= 2
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+        stop_process_group(server)
+
+
+FULL_RUN_DIR = """
+import os, subprocess, sys
+disk = sys.argv[1]
+free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+with open(f"{disk}/fill", "wb") as handle:
+    handle.write(b"x" * (free - (1 << 20)))
+done = subprocess.run([sys.executable, "-m", "ptlab", "task.d=300", f"hydra.run.dir={disk}/out",
+                       f"logger.tracking_uri=sqlite:///{sys.argv[2]}/mlflow.db", f"cache.dir={sys.argv[2]}/cache"],
+                      capture_output=True, text=True)
+print("EXIT", done.returncode)
+print("ERR", done.stderr.strip())
+print("LEFT", sorted(os.listdir(disk)), sorted(os.listdir(sys.argv[2])))
+"""
+
+
+def test_an_output_folder_on_a_full_disk_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = on_small_disk(tmp_path, FULL_RUN_DIR, [[str(elsewhere)]], size="8M")
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["EXIT"] == "2", done.stdout
+    assert lines["ERR"].startswith(f"ptlab: hydra.run.dir='{tmp_path / 'disk' / 'out'}' is not allowed: ")
+    assert "is on a disk with 1.0 MB free (at least 16.0 MB needed)" in lines["ERR"] and "\n" not in lines["ERR"]
+    assert lines["LEFT"] == "['fill'] []"
