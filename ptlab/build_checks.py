@@ -105,6 +105,31 @@ def cifar_counts(name: str, root: Path, stamp: float) -> LabelCounts:
     return LabelCounts(counts[0], counts[1], names)
 
 
+CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+"""What torchvision's CIFAR readers download (``CIFAR10.url``, ``CIFAR100.url``; a test checks they agree)."""
+DOWNLOAD_PROBE_S = 5.0
+
+
+def check_download(name: str, timeout: float = DOWNLOAD_PROBE_S) -> None:
+    """``task.download=true`` with the files absent: the download address answers (one HEAD request)."""
+    import urllib.error
+    import urllib.request
+
+    url = CIFAR_URLS[name]
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()  # noqa: S310
+    except urllib.error.HTTPError as err:
+        if err.code < 400 or err.code == 405:  # it answers; HEAD may be refused where GET is served
+            return
+        raise ConfigError(f"task.download=True is not allowed: {url} answers HTTP {err.code}; put the extracted "
+                          f"{name.upper()} python version in task.data_dir") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"task.download=True is not allowed: {url} cannot be reached within {timeout:g} s "
+                          f"({reason}); put the extracted {name.upper()} python version in task.data_dir") from None
+
+
 def unreadable_image(path: Path) -> str | None:
     """Why PIL cannot read ``path``'s header (format, size), or ``None``; the pixels are not decoded."""
     from PIL import Image, UnidentifiedImageError

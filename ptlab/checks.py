@@ -219,11 +219,18 @@ def check_data(task: Any, start: Path | None = None) -> None:
         check_image_folder(task, start)
         return
     folder = CIFAR_FOLDERS.get(task.get("name"))
-    if folder is None or task.get("download"):
+    if folder is None:
         return
     root = Path(task.data_dir).expanduser()
     root = root if root.is_absolute() else (start or Path.cwd()) / root
-    if not (root / folder).is_dir() or not any((root / folder).iterdir()):
+    present = (root / folder).is_dir() and any((root / folder).iterdir())
+    if task.get("download"):
+        if not present:
+            from ptlab.build_checks import check_download
+
+            check_download(task.name)
+        return
+    if not present:
         raise ConfigError(f"task.data_dir={str(task.data_dir)!r} is not allowed: no {folder}/ in {root} (put the "
                           f"extracted {task.name.upper()} python version there, or set task.download=true)")
 

@@ -78,6 +78,8 @@ BAD = [
     ([*FOLDER, "task.root=BROKEN"], "is not a readable image (UnidentifiedImageError"),
     ([*FOLDER, "task.task2_classes=[ant,eel]"], "task.task2_classes=['ant', 'eel'] is not allowed: eel not among"),
     ([*FOLDER, "task.n2=100"], "task.n2=100 is not allowed: it needs 50 training images of class ant"),
+    (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=nothing_here", "task.download=true"],
+     "task.download=True is not allowed: https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     # transfer and models
     ([*D, "transfer=layers"], "transfer=layers is not allowed with upstream_model=resnet18: whole-block transfer "
                               "needs vision transformers"),
@@ -138,9 +140,11 @@ BAD = [
 @pytest.mark.parametrize(("overrides", "message"), BAD,
                          ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD])
 def test_what_a_config_builds_is_checked_before_anything_is_written(tmp_path: Path, overrides: list[str],
-                                                                    message: str) -> None:
+                                                                    message: str, monkeypatch) -> None:
     make_fixtures(tmp_path)
     port = str(closed_port())
+    for name in ("https_proxy", "HTTPS_PROXY"):  # the download probe fails the same way online and offline
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     stamps = {name: (tmp_path / name).stat().st_mtime_ns for name in ("other.db", "random.db")}
     flags = [o for i, o in enumerate(overrides) if o.startswith("-") or overrides[i - 1] == "--config-dir"]
@@ -194,12 +198,15 @@ def test_light_lists_agree_with_the_libraries() -> None:
     from lightning_fabric.accelerators import ACCELERATOR_REGISTRY
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from ptlab.build_checks import ACCELERATORS, IMAGE_EXTENSIONS
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    from ptlab.build_checks import ACCELERATORS, CIFAR_URLS, IMAGE_EXTENSIONS
     from ptlab.cli import LAUNCHER_HISTORIES, LAUNCHER_TRACKING
     from ptlab.engines.gram import HISTORIES
     from ptlab.pipeline.batched import TRACKING_LAYOUTS
 
     assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
+    assert CIFAR_URLS == {"cifar10": CIFAR10.url, "cifar100": CIFAR100.url}
     assert set(ACCELERATORS) == {"auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators()}
     assert LAUNCHER_HISTORIES == HISTORIES and LAUNCHER_TRACKING == TRACKING_LAYOUTS
 
