@@ -70,6 +70,9 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
                 raise ConfigError(f"logger.experiment_name={experiment_name!r} is not allowed: that experiment is "
                                   f"deleted in {path.name}; {restore_hint(str(row[0]), uri)}")
     except sqlite3.DatabaseError as err:
+        if "malformed" in str(err):
+            raise _refuse(uri, f"{path} is a damaged SQLite database ({err}); restore it from a backup or use a "
+                               "new file") from None
         raise _refuse(uri, f"{path} is not a readable SQLite database ({err})") from None
     finally:
         connection.close()

@@ -61,6 +61,22 @@ def make_fixtures(tmp: Path) -> None:
     (tmp / "my_conf" / "experiment" / "mine.yaml").write_text("# @package _global_\ntransfer:\n  alpha: 1.5\n")
 
 
+def write_zeroed_store(path: Path) -> None:
+    """An MLflow store with runs, whose pages after the first two are zeroed (as a crashed disk leaves them)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{path}")
+    experiment = client.create_experiment("zeroed", artifact_location=path.with_suffix("").as_uri())
+    for i in range(20):
+        run = client.create_run(experiment)
+        client.log_param(run.info.run_id, "p", "x" * 2000)
+        client.set_terminated(run.info.run_id)
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[2 * page:] = bytes(len(data) - 2 * page)
+    path.write_bytes(bytes(data))
+
+
 GPU_HERE = torch.cuda.is_available()
 
 BAD = [
@@ -108,6 +124,7 @@ BAD = [
     (["logger.tracking_uri=sqlite:///other.db"], "is a SQLite database of something else (tables invoices), not an "
                                                  "MLflow store"),
     (["logger.tracking_uri=sqlite:///random.db"], "is not a readable SQLite database (file is not a database)"),
+    (["logger.tracking_uri=sqlite:///zeroed.db"], "is a damaged SQLite database"),
     (["logger.tracking_uri=postgresql://ptlab@127.0.0.1/ptlab"], "is not allowed: its database driver (the Python "
                                                                  "module"),
     (["logger.tracking_uri=http://127.0.0.1:PORT"], "is not allowed: no MLflow server answered within 5 s"),
@@ -142,11 +159,13 @@ BAD = [
 def test_what_a_config_builds_is_checked_before_anything_is_written(tmp_path: Path, overrides: list[str],
                                                                     message: str, monkeypatch) -> None:
     make_fixtures(tmp_path)
+    if "logger.tracking_uri=sqlite:///zeroed.db" in overrides:
+        write_zeroed_store(tmp_path / "zeroed.db")
     port = str(closed_port())
     for name in ("https_proxy", "HTTPS_PROXY"):  # the download probe fails the same way online and offline
         monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    stamps = {name: (tmp_path / name).stat().st_mtime_ns for name in ("other.db", "random.db")}
+    stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.db")}
     flags = [o for i, o in enumerate(overrides) if o.startswith("-") or overrides[i - 1] == "--config-dir"]
     args = [o.replace("PORT", port) for o in overrides if o not in flags]
     store = [] if any(a.startswith("logger.tracking_uri=") for a in args) else [
