@@ -2,27 +2,56 @@
 
 Usage: check_runs.py URL EXPERIMENT TOTAL. Passes when EXPERIMENT holds TOTAL runs, all FINISHED,
 among them exactly one pipeline parent (tag ``ptlab.stage=pipeline``) with its three stage runs
-as children. Standard library only: it runs on the host, outside the images.
+as children. Requests carry MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD as basic auth, as
+MLflow's client does. ``check_runs.py --refused URL``: passes when the server answers 401 to a request
+without credentials and to one with a wrong password. Standard library only: it runs on the host,
+outside the images.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 
-def call(url: str, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def credentials(user: str | None = None, password: str | None = None) -> dict[str, str]:
+    """The basic-auth header of the environment's MLflow credentials (or of those given)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "") if user is None else user
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "") if password is None else password
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} if user else {}
+
+
+def call(url: str, endpoint: str, body: dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None) -> dict[str, Any]:
     """One REST call: GET with query parameters when ``body`` is None, else POST of JSON."""
+    headers = credentials() if headers is None else headers
     if body is None:
-        request = urllib.request.Request(url + endpoint)
+        request = urllib.request.Request(url + endpoint, headers=headers)
     else:
         request = urllib.request.Request(url + endpoint, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **headers})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+def refused(url: str) -> None:
+    """Without credentials and with a wrong password, the REST API answers 401."""
+    endpoint = "/api/2.0/mlflow/experiments/search?max_results=1"
+    for headers in ({}, credentials(password="wrong")):
+        try:
+            call(url, endpoint, headers=headers)
+        except urllib.error.HTTPError as err:
+            assert err.code == 401, f"HTTP {err.code} without valid credentials, expected 401"
+            print(f"refused ({'no' if not headers else 'wrong'} credentials): HTTP {err.code}")
+            continue
+        raise AssertionError(f"the server answered {endpoint} {'without' if not headers else 'with wrong'} credentials")
+    call(url, endpoint)  # and with the right ones it answers
 
 
 def tags(run: dict[str, Any]) -> dict[str, str]:
@@ -46,4 +75,7 @@ def main(url: str, experiment: str, total: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "--refused":
+        refused(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -45,8 +45,15 @@ step() {
 
 podman() { "${SUDO[@]}" env CONTAINERS_CONF="$CACHE/containers.conf" \
     CONTAINERS_REGISTRIES_CONF="$CACHE/registries.conf" podman "$@"; }
+# The secrets compose refuses to start without (docker/env.example), made up for this run.
+secret() { python3 -c "import secrets; print(secrets.token_hex(16))"; }
+export POSTGRES_PASSWORD MLFLOW_TRACKING_USERNAME=ptlab-test MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+POSTGRES_PASSWORD=$(secret) MLFLOW_TRACKING_PASSWORD=$(secret) MLFLOW_FLASK_SERVER_SECRET_KEY=$(secret)
 compose() { "${SUDO[@]}" env CONTAINERS_CONF="$CACHE/containers.conf" \
     CONTAINERS_REGISTRIES_CONF="$CACHE/registries.conf" MLFLOW_PORT="$PORT" \
+    POSTGRES_PASSWORD="$POSTGRES_PASSWORD" MLFLOW_TRACKING_USERNAME="$MLFLOW_TRACKING_USERNAME" \
+    MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_FLASK_SERVER_SECRET_KEY" \
     "$CACHE/venv/bin/podman-compose" -f "$REPO/docker/compose.yaml" "$@"; }
 
 install_tools() {
@@ -172,7 +179,7 @@ network() { podman network ls --format '{{.Name}}' | grep -x "${PROJECT}_default
 # service's GPU reservation cannot start on a machine without one.
 trainer() {
     podman run --rm --network "$(network)" -v "${PROJECT}_ptlab-workspace:/workspace" \
-        -e MLFLOW_HTTP_REQUEST_MAX_RETRIES=3 "$@"
+        -e MLFLOW_HTTP_REQUEST_MAX_RETRIES=3 -e MLFLOW_TRACKING_USERNAME -e MLFLOW_TRACKING_PASSWORD "$@"
 }
 
 # The trainer's workspace volume, labelled as `compose run trainer` would create it, so `down -v` removes it.
@@ -186,6 +193,12 @@ pipeline_run() {
     workspace_volume
     trainer "$IMAGE" trainer=cpu logger.tracking_uri=http://mlflow:5000 \
         "logger.experiment_name=$EXPERIMENT" "${SMALL[@]}"
+}
+
+# The server refuses a request without credentials (401) and with wrong ones, and is bound to loopback.
+auth_refused() {
+    python3 "$REPO/docker/check_runs.py" --refused "http://127.0.0.1:$PORT"
+    podman port "$(container mlflow)" | tee /dev/stderr | grep -q "127.0.0.1:$PORT"
 }
 
 # One parent and three FINISHED children in the server (REST API), in PostgreSQL, on the volume.
@@ -231,6 +244,7 @@ step cuda-check cuda_check
 step project-image project_image
 step ptlab-help ptlab_help
 step stack-up stack_up
+step auth-refused auth_refused
 step pipeline-run pipeline_run
 step check-runs check_runs
 step report report

@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ptlab.build_checks import check_built
 from ptlab.errors import ConfigError
 from ptlab.models.name_check import check_model_name
+from ptlab.store_checks import (MEMORY_NAMES, check_artifact_location, check_database_driver, check_http_store,
+                                check_sqlite_store)
 from ptlab.utils import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 """Tracking URI schemes MLflow 3 stores accept (its file store ``./mlruns`` is refused)."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+MIN_FREE_BYTES = 16 << 20
+"""Free disk space a folder ptlab writes to (outputs, store, cache) must have."""
 MEMORY_FRACTION = 0.8
 """A synthetic config may plan for at most this share of the machine's memory."""
 
@@ -69,13 +76,19 @@ def check_memory(cfg: DictConfig, available: int | None = None) -> None:
     available = machine_memory() if available is None else available
     if available <= 0:
         return
-    needs = synthetic_bytes(cfg.task, cfg.model.width, cfg.upstream_model.get("width", cfg.model.width),
-                            cfg.train.dtype)
-    total = needs["task.d"]
+    upstream_width = cfg.upstream_model.get("width", cfg.model.width)
+    needs = synthetic_bytes(cfg.task, cfg.model.width, upstream_width, cfg.train.dtype)
+    if cfg.engine.get("name") == "gram":
+        from ptlab.build_checks import gram_engine_bytes
+
+        needs["task.n1"] = gram_engine_bytes(cfg.task, cfg.model.width, upstream_width, cfg.train.dtype)
+    parts = {**needs, "task.d": needs["task.d"] - needs["model.width"]}  # the samples apart from the filters
+    total = sum(parts.values())
     if total > MEMORY_FRACTION * available:
-        key = "model.width" if needs["model.width"] > total / 2 else "task.d"
-        value = cfg.model.width if key == "model.width" else cfg.task.d
-        raise ConfigError(f"{key}={value} is not allowed: the synthetic data and models need about {_size(total)}, "
+        key = max(parts, key=parts.get)
+        value = OmegaConf.select(cfg, key)
+        what = "the gram engine's N x N matrices" if key == "task.n1" else "the synthetic data and models"
+        raise ConfigError(f"{key}={value} is not allowed: {what} need about {_size(total)}, "
                           f"this machine has {_size(available)}")
 
 
@@ -119,13 +132,26 @@ def check_folder(key: str, value: str | Path, start: Path | None = None) -> None
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = (start or Path.cwd()) / path
-    problem = _writable_dir(path)
+    problem = _writable_dir(path) or _too_full(path)
     if problem:
         raise ConfigError(f"{key}={str(value)!r} is not allowed: {path} {problem}")
 
 
-def check_tracking_uri(uri: str, start: Path | None = None) -> None:
-    """A tracking URI MLflow 3 can open, whose SQLite file can be written."""
+def _too_full(path: Path) -> str | None:
+    """Why the disk of ``path`` (or of its first existing parent) is too full to write to, or ``None``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    return f"is on a disk with {_size(free)} free (at least {_size(MIN_FREE_BYTES)} needed)" \
+        if free < MIN_FREE_BYTES else None
+
+
+def check_tracking_uri(uri: str, start: Path | None = None, experiment_name: str | None = None) -> None:
+    """A tracking URI MLflow 3 can open, whose SQLite file can be written (``ptlab.store_checks``: an MLflow
+    store, not damaged, ``experiment_name`` not deleted; a server that answers; a driver that imports)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: must start with one of "
@@ -137,34 +163,33 @@ def check_tracking_uri(uri: str, start: Path | None = None) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: a SQLite store is sqlite:///<file> "
                               "(relative) or sqlite:////<absolute file>")
         path = Path(uri[len(prefix):])
+        if path.name in MEMORY_NAMES:
+            check_sqlite_store(uri, path, experiment_name)
         path = path if path.is_absolute() else (start or Path.cwd()) / path
         if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
             raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: {path} is not a writable file")
-        problem = _writable_dir(path.parent)
+        problem = _writable_dir(path.parent) or _too_full(path.parent)
         if problem:
             raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: its folder {path.parent} {problem}")
+        check_sqlite_store(uri, path, experiment_name)
+    elif scheme in ("http", "https"):
+        check_http_store(uri, experiment_name)
+    elif scheme in DATABASE_SCHEMES:
+        check_database_driver(uri)
 
 
-def check_weights(key: str, weights_path: str | None) -> None:
-    """A named weights file exists and reads as a state dict with ``torch.load(weights_only=True)``."""
+def check_weights(key: str, model: Any) -> None:
+    """A named weights file (``model.weights_path``, any suffix) exists, reads as a state dict, and shares at
+    least one tensor with the model (``ptlab.models.weights``; imports torch only when a file is named)."""
+    weights_path = model.get("weights_path") if hasattr(model, "get") else model
     if not weights_path:
         return
-    path = Path(weights_path).expanduser()
+    path = Path(str(weights_path)).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: no such file")
-    if path.suffix == ".safetensors":
-        return
-    import torch  # only when a weights file is named
+    from ptlab.models.weights import check_weights_fit
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: not a PyTorch state dict "
-                          f"({type(err).__name__})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ConfigError(f"{key}.weights_path={weights_path!r} is not allowed: not a state dict "
-                          f"(a {type(state).__name__})")
+    check_weights_fit(key, model)
 
 
 def check_image_folder(task: Any, start: Path | None = None) -> None:
@@ -194,20 +219,29 @@ def check_data(task: Any, start: Path | None = None) -> None:
         check_image_folder(task, start)
         return
     folder = CIFAR_FOLDERS.get(task.get("name"))
-    if folder is None or task.get("download"):
+    if folder is None:
         return
     root = Path(task.data_dir).expanduser()
     root = root if root.is_absolute() else (start or Path.cwd()) / root
-    if not (root / folder).is_dir() or not any((root / folder).iterdir()):
+    present = (root / folder).is_dir() and any((root / folder).iterdir())
+    if task.get("download"):
+        if not present:
+            from ptlab.build_checks import check_download
+
+            check_download(task.name)
+        return
+    if not present:
         raise ConfigError(f"task.data_dir={str(task.data_dir)!r} is not allowed: no {folder}/ in {root} (put the "
                           f"extracted {task.name.upper()} python version there, or set task.download=true)")
 
 
 def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Path | None = None,
                 output_key: str = "hydra.run.dir") -> None:
-    """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files."""
+    """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files;
+    then what the config builds (``ptlab.build_checks``)."""
     if cfg.logger.kind == "mlflow":
-        check_tracking_uri(str(cfg.logger.tracking_uri), start)
+        check_tracking_uri(str(cfg.logger.tracking_uri), start, str(cfg.logger.experiment_name))
+        check_artifact_location(cfg.logger.get("artifact_location"), start)
     if cfg.cache.enabled:
         check_folder("cache.dir", cfg.cache.dir, start)
     if output_dir is not None:
@@ -215,4 +249,5 @@ def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Pa
     check_data(cfg.task, start)
     for key in ("model", "upstream_model"):
         check_model_name(key, cfg[key])
-        check_weights(key, cfg[key].get("weights_path"))
+        check_weights(key, cfg[key])
+    check_built(cfg, start)

@@ -9,9 +9,13 @@ bad-input error answer in about a second.
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import itertools
+import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -48,13 +52,23 @@ def _single_valued(override: Override, value: str) -> str:
     return f"{PREFIXES[override.type]}{override.key_or_group}{package}={value}"
 
 
-def job_override_sets(overrides: list[str]) -> list[list[str]]:
-    """Override lists that together use every value of every sweep once (not the full product)."""
+MAX_JOBS_CHECKED = 1000
+"""A sweep of up to this many jobs has every job checked by the preflight; a larger one every value of every
+swept key once (a job per value, not the whole product)."""
+
+
+def job_override_sets(overrides: list[str], every_job: bool = False) -> list[list[str]]:
+    """Override lists that together use every value of every sweep once; with ``every_job``, one per job of
+    the sweep (the product of the swept values, in the order of Hydra's basic sweeper) when it has at most
+    ``MAX_JOBS_CHECKED`` jobs."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [(o, list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override()]
     if not sweeps:
         return [fixed]
+    if every_job and math.prod(len(values) for _, values in sweeps) <= MAX_JOBS_CHECKED:
+        return [fixed + [_single_valued(o, value) for (o, _), value in zip(sweeps, combination)]
+                for combination in itertools.product(*(values for _, values in sweeps))]
     longest = max(len(values) for _, values in sweeps)
     return [fixed + [_single_valued(o, values[min(i, len(values) - 1)]) for o, values in sweeps]
             for i in range(longest)]
@@ -88,11 +102,49 @@ def describe_error(err: BaseException, known_keys: list[str] | None = None) -> s
     return " ".join(str(err).split("\n\n")[0].split())
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where Hydra reads the config: the primary folder (``--config-path``), an extra folder searched first
+    (``--config-dir``) and the primary config's name (``--config-name``), as ``@hydra.main`` would."""
+
+    primary: str = CONFIG_DIR
+    extra: str | None = None
+    name: str = "config"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ConfigSource:
+        primary = CONFIG_DIR
+        if args.config_path:
+            primary = str(Path(args.config_path) if Path(args.config_path).is_absolute()
+                          else Path(__file__).parent / args.config_path)
+        extra = None
+        if args.config_dir:
+            extra = str(Path(args.config_dir).absolute())
+            if not Path(extra).is_dir():
+                raise ConfigError(f"--config-dir={args.config_dir} is not allowed: no such folder ({extra})")
+        return cls(primary, extra, args.config_name or "config")
+
+
+_SOURCE = [ConfigSource()]
+"""The config source ``_compose`` reads (the preflight sets it from the command line)."""
+
+
 def _compose(overrides: list[str]) -> DictConfig:
+    from hydra._internal.hydra import Hydra  # private, as in hydra.initialize_config_dir: --config-dir needs it
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    source = _SOURCE[0]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=True)
+        if source.extra is None:
+            with initialize_config_dir(config_dir=source.primary, version_base="1.3"):
+                return compose(source.name, overrides=overrides, return_hydra_config=True)
+        search_path = create_config_search_path(source.primary)
+        search_path.prepend(provider="command-line", path=f"file://{source.extra}",
+                            anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="ptlab", config_search_path=search_path)
+        return compose(source.name, overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
 
@@ -152,15 +204,82 @@ def job_configs(jobs: list[list[str]], multirun: bool) -> Iterator[tuple[DictCon
         yield cfg, output_dir
 
 
+FREE_FORM_KEYS = ("hydra.", "trainer.", "model.options.", "upstream_model.options.", "transfer.selection.")
+"""Where ``+key=value`` may add a key the schema does not list: Lightning's Trainer arguments, a library
+model's constructor options, a selection strategy's options (checked when the strategy is built)."""
+
+
+def check_sweep_flag(parsed: list[Override], multirun: bool) -> None:
+    """A swept value (``a=1,2``) needs ``-m``."""
+    if multirun:
+        return
+    for override in parsed:
+        if override.is_sweep_override():
+            raise ConfigError(f"{override.input_line} is a sweep: add -m to run one job per value (a list value "
+                              f"is written in brackets: {override.key_or_group}=[...])")
+
+
+def check_added_keys(parsed: list[Override], composed: DictConfig) -> None:
+    """``+key=value``/``++key=value`` name a key of the config (or a free-form node, ``FREE_FORM_KEYS``): an added
+    misspelled key would be logged as a param and change nothing."""
+    added = [o for o in parsed if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
+             and "/" not in o.key_or_group and o.key_or_group not in composed.hydra.runtime.choices
+             and not o.key_or_group.startswith(FREE_FORM_KEYS)]
+    if not added:
+        return
+    base = _compose([o.input_line for o in parsed if o not in added and not o.is_sweep_override()])
+    known = config_keys(OmegaConf.masked_copy(base, [k for k in base if k != "hydra"]))
+    for override in added:
+        if override.key_or_group not in known:
+            raise ConfigError(f"{override.input_line} is not allowed: {override.key_or_group} is not a key of the "
+                              f"config (+ adds a key, but the schema does not know this one)"
+                              f"{closest_key(override.key_or_group, known)}")
+
+
+LAUNCHER_HISTORIES = ("full", "eval", "last")
+LAUNCHER_TRACKING = ("auto", "runs", "grid")
+"""``hydra.launcher.history`` and ``hydra.launcher.tracking`` of ``hydra/launcher=ptlab_gram``
+(``ptlab.engines.gram.HISTORIES``, ``ptlab.pipeline.batched.TRACKING_LAYOUTS``, which import torch; a test
+checks the lists agree)."""
+
+
+def check_launcher(launcher: DictConfig) -> None:
+    """The options of the ptlab_gram launcher (``hydra_plugins.ptlab_gram_launcher``) and joblib's ``n_jobs``."""
+    target = str(launcher.get("_target_", ""))
+
+    def check(key: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"hydra.launcher.{key}={launcher.get(key)!r} is not allowed: must be {allowed}")
+
+    if target.endswith("PtlabGramLauncher"):
+        check("history", launcher.get("history") in LAUNCHER_HISTORIES, "one of " + ", ".join(LAUNCHER_HISTORIES))
+        check("tracking", launcher.get("tracking") in LAUNCHER_TRACKING, "one of " + ", ".join(LAUNCHER_TRACKING))
+        check("max_cells", launcher.get("max_cells", 1) >= 1, ">= 1 (cells per batched chunk)")
+        check("workers", launcher.get("workers") is None or launcher.get("workers") >= 1, "null or >= 1")
+        check("grid_threshold", launcher.get("grid_threshold", 0) >= 0, ">= 0")
+        check("grid_samples", launcher.get("grid_samples", 0) >= 0, ">= 0")
+    elif target.endswith("JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs")
+        check("n_jobs", n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0),
+              "a number of parallel jobs >= 1, or -1 for one per CPU core (-2: all but one)")
+
+
 def preflight(argv: list[str]) -> str | None:
-    """Compose and validate the config of every sweep value in ``argv``; the error line, or ``None``."""
+    """Compose and validate the config of every job of ``argv`` (every sweep value, and every job of a sweep
+    of up to ``MAX_JOBS_CHECKED``), and check what each builds; the error line, or ``None``."""
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
-            or args.config_dir or args.config_name:
+    if args.help or args.hydra_help or args.info or args.shell_completion:
         return None
     try:
+        _SOURCE[0] = ConfigSource.from_args(args)
+        parser = OverridesParser.create()
+        check_sweep_flag(parser.parse_overrides(list(args.overrides)), args.multirun)
         overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
-        for cfg, output_dir in job_configs(job_override_sets(overrides), args.multirun):
+        jobs = job_override_sets(overrides, every_job=True)
+        first = _compose(jobs[0])
+        check_launcher(first.hydra.launcher)
+        check_added_keys(parser.parse_overrides(jobs[0]), first)
+        for cfg, output_dir in job_configs(jobs, args.multirun):
             validate(cfg)
             check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir")
     except OverrideParseException as err:

@@ -307,7 +307,8 @@ class LoggerSchema:
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("mlflow", "none"))
-        _check(bool(self.experiment_name), "experiment_name", "a non-empty string", self.experiment_name)
+        _check(bool(str(self.experiment_name).strip()), "experiment_name", "a name that is not blank",
+               self.experiment_name)
 
 
 DTYPES = ("float32", "float64")

@@ -1,8 +1,14 @@
-"""The errors ptlab reports as one line: a config that cannot run, a stage that diverged."""
+"""The errors ptlab reports as one line: a config that cannot run, a store that failed, a stage that diverged."""
 
 
 class ConfigError(ValueError):
     """A config value outside its allowed range; the message names the full key."""
+
+
+class StoreError(ConfigError):
+    """The tracking store failed while in use (a server that stopped answering, a full disk, a damaged file);
+    one line naming ``logger.tracking_uri`` and what failed. A ``ConfigError`` so that every command that reports
+    those as one line reports this too."""
 
 
 class DivergenceError(RuntimeError):

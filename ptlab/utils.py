@@ -1,4 +1,4 @@
-"""Small helpers every layer may use (standard library only)."""
+"""Small helpers every layer may use (they import nothing of ptlab)."""
 
 from __future__ import annotations
 

@@ -72,16 +72,17 @@ def test_bad_input_stops_before_anything_is_tracked(tmp_path: Path, overrides: l
 def test_a_state_dict_file_is_accepted_as_weights(tmp_path: Path) -> None:
     from ptlab.checks import check_weights
 
-    torch.save({"weight": torch.zeros(2)}, tmp_path / "w.pth")
-    check_weights("model", str(tmp_path / "w.pth"))
+    torch.save({"fc.bias": torch.zeros(2), "other": torch.zeros(3)}, tmp_path / "w.pth")  # one tensor fits
+    check_weights("model", {"_target_": "ptlab.models.build_torchvision_cnn", "arch": "resnet18", "width": 0.25,
+                            "weights_path": str(tmp_path / "w.pth")})
 
 
 def test_a_run_whose_loss_is_not_finite_fails_with_one_line(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "noise.sigma_p1=1e39", "hydra.run.dir=out",
+    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "noise.sigma_p1=1e30", "hydra.run.dir=out",
                     "cache.dir=cache"], cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == ("ptlab: stage upstream diverged at step 0: the loss is nan; "
+    assert done.stderr.strip().splitlines()[-1] == ("ptlab: stage upstream diverged at step 1: the loss is nan; "
                                                      "lower train.lr (now 0.01)")
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
@@ -143,9 +144,12 @@ def test_a_live_process_is_not_vanished() -> None:
     from ptlab.tracking.stale import is_vanished, process_tag
 
     assert not is_vanished(process_tag())
-    host, pid, ticks, boot = process_tag().split(":")
-    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}")  # the pid reused by another process
-    assert not is_vanished(f"another-host:{pid}:{ticks}:{boot}")
+    host, pid, ticks, boot, namespace = process_tag().split(":")
+    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}:{namespace}")  # the pid reused by another process
+    assert not is_vanished(f"another-host:{pid}:{ticks}:{boot}:{namespace}")
+    assert not is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}:1")  # another PID namespace: not judged
+    assert is_vanished(f"{host}:{pid}:{ticks}:another-boot:1")  # a process of an earlier boot
+    assert is_vanished(f"{host}:{pid}:{int(ticks) + 1}:{boot}")  # a tag of an older ptlab (no namespace)
 
 
 @pytest.mark.parametrize(("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130)])

@@ -45,8 +45,12 @@ def instruction(path: Path, name: str) -> list[str]:
     return [args for key, args in dockerfile_instructions(path) if key == name]
 
 
+class ComposeRefuses(ValueError):
+    """Compose's ``${VAR:?message}`` with VAR unset or empty: it stops with ``message``."""
+
+
 def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
-    """Compose's ``${VAR:-default}`` / ``${VAR}`` substitution (``$$`` is a literal ``$``)."""
+    """Compose's ``${VAR:-default}`` / ``${VAR:?message}`` / ``${VAR}`` substitution (``$$`` is a literal ``$``)."""
     env = env or {}
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
@@ -54,13 +58,29 @@ def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
         return [interpolate(v, env) for v in value]
     if not isinstance(value, str):
         return value
-    pattern = re.compile(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}")
-    return pattern.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1)) or (m.group(2) or ""), value)
+    pattern = re.compile(r"\$\$|\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, kind, text = match.groups()
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise ComposeRefuses(f"required variable {name} is missing a value: {text}")
+        return text or ""
+
+    return pattern.sub(substitute, value)
+
+
+SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "MLFLOW_TRACKING_USERNAME": "alice",
+           "MLFLOW_TRACKING_PASSWORD": "mlflow-secret", "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-secret"}
+"""What docker/.env must set (docker/env.example lists them without values)."""
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return interpolate(yaml.safe_load((DOCKER / "compose.yaml").read_text()))
+    return interpolate(yaml.safe_load((DOCKER / "compose.yaml").read_text()), SECRETS)
 
 
 def option(command: list[str], flag: str) -> str:
@@ -243,7 +263,7 @@ def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose:
     assert option(command, "--host") == "0.0.0.0"
     assert option(command, "--port") == str(TRACKING_PORT)
     assert f"mlflow:{TRACKING_PORT}" in option(command, "--allowed-hosts").split(",")
-    assert any(port.endswith(f":{TRACKING_PORT}") for port in mlflow["ports"])
+    assert mlflow["ports"] == [f"127.0.0.1:{TRACKING_PORT}:{TRACKING_PORT}"]
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert mlflow["image"].endswith("-full"), "the -full image carries psycopg2 for the postgresql:// store"
 
@@ -264,7 +284,38 @@ def test_trainer_builds_the_image_logs_to_the_server_and_reserves_a_gpu(compose:
 
 def test_compose_overrides_reach_the_services() -> None:
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    custom = interpolate(raw, {"POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050"})
+    custom = interpolate(raw, {**SECRETS, "POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050", "MLFLOW_BIND": "0.0.0.0"})
     assert ":s3cret@postgres" in option(custom["services"]["mlflow"]["command"], "--backend-store-uri")
     assert custom["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
-    assert custom["services"]["mlflow"]["ports"] == ["5050:5000"]
+    assert custom["services"]["mlflow"]["ports"] == ["0.0.0.0:5050:5000"]  # every interface: an explicit opt-in
+
+
+def test_the_server_requires_a_user_and_has_no_default_secret(compose: dict[str, Any]) -> None:
+    """MLflow's basic-auth app with the admin from docker/.env; the trainer logs in with the same user."""
+    mlflow, trainer = compose["services"]["mlflow"], compose["services"]["trainer"]
+    assert option(mlflow["command"], "--app-name") == "basic-auth"
+    env = mlflow["environment"]
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == ("alice", "mlflow-secret")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "csrf-secret"
+    assert named_mounts(mlflow).get("mlflow-auth") == "/mlauth"
+    mounts = {entry.split(":")[1]: entry.split(":")[0] for entry in mlflow["volumes"] if entry.startswith(".")}
+    ini = (DOCKER / mounts[env["MLFLOW_AUTH_CONFIG_PATH"]]).read_text()
+    settings = dict(line.split(" = ", 1) for line in ini.splitlines() if " = " in line and not line.startswith("#"))
+    assert settings["database_uri"].startswith("sqlite:////mlauth/") and "admin_password" not in settings
+    assert settings["default_permission"] == "NO_PERMISSIONS"
+    assert trainer["environment"] == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "mlflow-secret"}
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing: str) -> None:
+    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    with pytest.raises(ComposeRefuses, match=f"required variable {missing} is missing a value: set {missing} in "
+                                             "docker/.env"):
+        interpolate(raw, {name: value for name, value in SECRETS.items() if name != missing})
+    assert re.search(rf"^{missing}=$", (DOCKER / "env.example").read_text(), re.MULTILINE)
+
+
+def test_no_secret_has_a_default_in_compose() -> None:
+    text = (DOCKER / "compose.yaml").read_text()
+    assert not re.findall(r"\$\{\w*(?:PASSWORD|SECRET)\w*:-", text)
+    assert "docker/.env" in (REPO / ".gitignore").read_text().splitlines()

@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torchvision.models import ResNet, VGG
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -37,6 +36,7 @@ from torchvision.models.vgg import make_layers
 
 from ptlab.errors import ConfigError
 from ptlab.models.names import PTLAB_CNNS
+from ptlab.models.weights import read_state_dict
 from ptlab.models.stem import adapt_stem
 
 RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
@@ -106,8 +106,10 @@ def load_matching_weights(model: nn.Module, weights_path: str) -> list[str]:
     path = Path(weights_path)
     if not path.is_file():
         raise ConfigError(f"weights_path={weights_path!r} is not allowed: must be an existing state_dict file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    try:
+        state = read_state_dict(path)
+    except ValueError as err:
+        raise ConfigError(f"weights_path={weights_path!r} is not allowed: {err}") from None
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)

@@ -7,7 +7,8 @@ and size, the spec) followed by a ``torch.save`` payload. It is written to a tem
 same folder and moved into place with ``os.replace`` (atomic on POSIX), so a reader sees either no
 entry or a whole one. A ``filelock`` beside the entry makes parallel jobs that miss at the same time
 train it once: the first trains and stores, the others wait and then load. A load re-hashes the
-payload; a truncated or corrupt entry is reported, deleted and retrained, never used.
+payload; a truncated or corrupt entry is reported, deleted and retrained, never used; so is a folder where an
+entry belongs. An entry that cannot be written (a full disk) is logged and skipped: the trained upstream is used.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -114,6 +116,10 @@ class UpstreamCache:
     def load(self, key: str) -> CacheEntry | None:
         """The verified entry of ``key``; ``None`` when absent. A corrupt entry is deleted (and logged)."""
         path = self.path(key)
+        if path.exists() and not path.is_file():  # a folder (or another non-file) where the entry belongs
+            log.warning("ptlab cache: %s is not a file; removing it and training again", path.name)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            return None
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -174,7 +180,11 @@ class UpstreamCache:
             if entry is not None:
                 return entry, True
             entry = create()
-            self.store(key, entry, spec)
+            try:
+                self.store(key, entry, spec)
+            except OSError as err:  # a full or read-only disk: the trained upstream is kept, uncached
+                log.warning("ptlab cache: could not store %s (%s); going on without caching it",
+                            self.path(key).name, err)
         return entry, False
 
 

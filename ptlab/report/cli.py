@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ptlab.report.registry import renderer_for
 from ptlab.report.runs import ReportError, load_pipelines
+from ptlab.errors import Terminated
 from ptlab.tracking import make_tracker
+from ptlab.tracking.faults import signals_as_interrupt
 
 
 def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_dir: str | Path | None = None,
@@ -69,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default: reports/EXPERIMENT)")
     args = parser.parse_args(argv)
     try:
-        paths = make_report(args.experiment, args.tracking_uri, args.out)
+        with signals_as_interrupt():  # SIGTERM/SIGINT: the report run ends KILLED, exit 143/130 (as the pipeline)
+            paths = make_report(args.experiment, args.tracking_uri, args.out)
     except ReportError as err:
         print(f"ptlab.report: {err}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"ptlab.report: stopped by {err}; its MLflow run is marked KILLED", file=sys.stderr)
+        return err.exit_code
     for path in paths:
         print(path)
     return 0

@@ -10,12 +10,15 @@ is spelled out in each of them, so a misspelled call is an ``AttributeError``, n
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from time import time
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
+
+from ptlab.utils import flatten as flatten  # re-exported: the pipeline imports it from here
 
 STAGE_TAG = "ptlab.stage"
 CELL_TAG = "ptlab.cell"
@@ -31,8 +34,24 @@ Curves = Mapping[str, Sequence[tuple[int, float]]]
 """Metric curves: name -> [(step, value)]."""
 
 
+HTTP_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+"""MLflow's HTTP client settings (its documented environment variables) that ptlab sets when they are unset: 3
+tries, 1 s and 2 s apart, 5 s each, so a tracking server that is down or stops answering fails a call within
+about 20 s (MLflow's own defaults retry for about 4 minutes). Set the variables to change them."""
+
+
+def bound_http_requests() -> None:
+    """Set ``HTTP_REQUEST_DEFAULTS`` where the environment does not set them (MLflow reads them per request)."""
+    for name, value in HTTP_REQUEST_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute against ``cwd`` (default: the current directory)."""
+    """Make a relative ``sqlite:///file.db`` absolute against ``cwd`` (default: the current directory); for an
+    HTTP store, bound MLflow's retries first (``bound_http_requests``)."""
+    if uri.startswith(("http://", "https://")):
+        bound_http_requests()
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import random
 import signal
@@ -28,11 +29,14 @@ from typing import Any
 
 from filelock import FileLock
 
-from ptlab.errors import Terminated
+from ptlab.errors import StoreError, Terminated
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+"""MLflow logs every SQL error of its store with a traceback before raising it; ptlab reports the raised error (a
+store fault as one ``StoreError`` line), so that log would only repeat it over dozens of lines."""
 
 LOCKED_MESSAGES = ("database is locked", "database table is locked")
 SQLITE_PREFIX = "sqlite:///"
@@ -70,15 +74,61 @@ def tracking_write(raise_deferred: bool | None = True) -> Iterator[None]:
             raise Terminated(f"signal {name}")
 
 
-def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2) -> Callable[..., Any]:
+STORE_FAULTS = {
+    "database or disk is full": "its disk is full",
+    "no space left on device": "its disk is full",
+    "database disk image is malformed": "its SQLite file is damaged",
+    "file is not a database": "its file is not a SQLite database",
+    "disk i/o error": "a disk I/O error",
+    "unable to open database file": "its database file cannot be opened",
+    "max retries exceeded": "the server does not answer",
+    "connection refused": "the server does not answer",
+    "connection aborted": "the server does not answer",
+    "read timed out": "the server does not answer",
+    "failed to establish a new connection": "the server does not answer",
+}
+"""Markers of a store that failed (lower-case text of the error or its causes) and what they mean."""
+UNREACHABLE = "the server does not answer"
+
+
+def store_fault(err: BaseException | None) -> str | None:
+    """What failed when ``err`` (or an exception it was raised from) is a store fault, else ``None``."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, StoreError):
+            return str(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return STORE_FAULTS["no space left on device"]
+        text = str(err).lower()
+        for marker, meaning in STORE_FAULTS.items():
+            if marker in text:
+                return meaning
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def store_error(err: BaseException, tracking_uri: str = "") -> StoreError:
+    """One line for a store fault: the store, what failed, the first line of the error, and who cleans up."""
+    if isinstance(err, StoreError):
+        return err
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
+    where = f"logger.tracking_uri={tracking_uri!r}: " if tracking_uri else ""
+    return StoreError(f"{where}the tracking store failed, {store_fault(err)} ({type(err).__name__}: {first}); runs "
+                      "this command left RUNNING are marked FAILED by the next ptlab command on this store")
+
+
+def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2,
+                 tracking_uri: str = "") -> Callable[..., Any]:
     """``call`` retried on ``is_locked_error`` up to ``attempts`` times, sleeping ~0.2, 0.4, 0.8 ... s;
-    each attempt is a ``tracking_write``."""
+    each attempt is a ``tracking_write``. A store fault (``store_fault``) is raised as one-line ``StoreError``."""
     def retrying(*args: Any, **kwargs: Any) -> Any:
         for attempt in range(attempts):
             try:
                 with tracking_write():
                     return call(*args, **kwargs)
             except Exception as err:
+                if store_fault(err) and not is_locked_error(err):
+                    raise store_error(err, tracking_uri) from err
                 if not is_locked_error(err) or attempt == attempts - 1:
                     raise
                 delay = base_delay * 2 ** attempt * (1 + random.random())
@@ -96,7 +146,8 @@ class RetryingClient:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._client, name)
-        return with_retries(value, self._attempts) if callable(value) else value
+        uri = str(getattr(self._client, "tracking_uri", ""))
+        return with_retries(value, self._attempts, tracking_uri=uri) if callable(value) else value
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -113,16 +164,21 @@ def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
     path = sqlite_path(tracking_uri)
     if path is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=300):
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
-        connection = sqlite3.connect(path, timeout=60)
-        try:
-            mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-            if wal and mode.lower() != "wal":
-                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        finally:
-            connection.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=300):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+            connection = sqlite3.connect(path, timeout=60)
+            try:
+                mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+                if wal and mode.lower() != "wal":
+                    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            finally:
+                connection.close()
+    except Exception as err:
+        if store_fault(err):
+            raise store_error(err, tracking_uri) from err
+        raise
     return str(mode).lower()
 
 

@@ -7,6 +7,7 @@ tables in one transaction (``ptlab.tracking.sql``), else through ``log_batch`` i
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +24,12 @@ from sqlalchemy.exc import IntegrityError
 from ptlab.errors import ConfigError
 from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
                                  child_name, curve_points, resolve_tracking_uri)
-from ptlab.tracking.faults import RetryingClient, tracking_write
+from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.utils import flatten
+
+log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -55,8 +58,9 @@ def result_view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (or restored) if needed, with the ``RESULT_VIEW`` of its
-    runs table; safe when jobs race to create it."""
+    """The id of experiment ``name``, created if needed, with the ``RESULT_VIEW`` of its runs table; safe when
+    jobs race to create it. A deleted experiment is a ``ConfigError`` (restoring it silently would bring its
+    deleted runs back)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -68,7 +72,10 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         else:
             experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
+        from ptlab.store_checks import restore_hint
+
+        raise ConfigError(f"logger.experiment_name={name!r} is not allowed: that experiment is deleted; "
+                          f"{restore_hint(experiment.experiment_id, str(client.tracking_uri))}")
     if SHARED_VIEW_TAG + RESULT_VIEW not in experiment.tags:
         view = {"selectedColumns": list(RESULT_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
         client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW_TAG + RESULT_VIEW, as_json(view))
@@ -113,21 +120,48 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        """Close every open run: FINISHED, KILLED (a signal) or FAILED. Each write is tried on its own (the
+        statuses first, the error tag last), so one failed write leaves no other run RUNNING; a server that
+        stopped answering is not asked again (the next command marks the runs FAILED, ``mark_vanished``). A store
+        fault, in the block or while closing, is raised as one-line ``StoreError``."""
+        fault = None if exc is None or isinstance(exc, KeyboardInterrupt) else store_fault(exc)
+        failed: list[BaseException] = []
         # One shielded block: a second signal (Ctrl-C twice, a group-wide SIGTERM) cannot stop it half-way.
         with tracking_write(raise_deferred=exc_type is None):
             if exc_type is None:
                 status = "FINISHED"
             else:
                 status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-                self.client.set_tag(self.parent_run_id, "ptlab.error", f"{exc_type.__name__}: {exc}"[:5000])
-            for run_id in self.children.values():
-                child_status = self.client.get_run(run_id).info.status
-                if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
-                    self.client.set_terminated(run_id, status)
-            self.client.set_terminated(self.parent_run_id, status)
+            if fault is None or UNREACHABLE not in fault:
+                self._close_runs(status, f"{exc_type.__name__}: {exc}"[:5000] if exc_type else None, failed)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if fault is not None:
+            raise store_error(exc, self.tracking_uri) from exc
+        if failed:
+            log.warning("ptlab: %d tracking write(s) failed while closing the runs: %s", len(failed), failed[0])
+            if exc_type is None:
+                raise store_error(failed[0], self.tracking_uri) from failed[0]
+
+    def _close_runs(self, status: str, error: str | None, failed: list[BaseException]) -> None:
+        """Set the status of the open children and the parent, then the parent's error tag; a write that fails
+        is appended to ``failed`` and the others are still tried."""
+        def attempt(call: Any, *args: Any) -> Any:
+            try:
+                return call(*args)
+            except Exception as err:  # noqa: BLE001 - collected; the caller reports the first
+                failed.append(err)
+                return None
+
+        for run_id in self.children.values():
+            run = attempt(self.client.get_run, run_id)
+            child_status = run.info.status if run is not None else "RUNNING"
+            if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
+                attempt(self.client.set_terminated, run_id, status)
+        attempt(self.client.set_terminated, self.parent_run_id, status)
+        if error is not None:
+            attempt(self.client.set_tag, self.parent_run_id, "ptlab.error", error)
 
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""

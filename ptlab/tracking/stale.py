@@ -1,11 +1,15 @@
 """Runs left RUNNING by a process that is gone (SIGKILL, a crashed node) are marked FAILED.
 
-Every run ptlab opens carries ``ptlab.process`` = ``host:pid:start ticks:boot id`` (the process's
-start time from ``/proc``, so a reused pid is not mistaken for the original). Any ptlab command that
-opens an experiment calls ``mark_vanished``: a RUNNING run of this host whose process no longer
-exists, or is another process now, becomes FAILED with ``ptlab.error=process vanished``. Runs of other
-hosts are left alone (their processes cannot be seen from here). ``python -m ptlab.tracking.stale``
-does the same on demand for every experiment of a store.
+Every run ptlab opens carries ``ptlab.process`` = ``host:pid:start ticks:boot id:pid namespace``: the process's
+start time from ``/proc`` (so a reused pid is not mistaken for the original) and the inode of its PID namespace
+(``/proc/self/ns/pid``: containers and ``unshare --pid`` have their own, and the same pid there is another
+process). Any ptlab command that opens an experiment calls ``mark_vanished``: a RUNNING run whose process this
+process can see, on this host, in its own PID namespace and since the same boot, and which no longer exists or is
+another process now, becomes FAILED with ``ptlab.error=process vanished``. Runs of other hosts, other PID
+namespaces (other containers sharing the hostname), or a process whose ``/proc`` shows another namespace's pids,
+are left alone: their processes cannot be seen from here. Tags of older ptlab versions (four fields, no
+namespace) are judged as before, by host, pid, start time and boot. ``python -m ptlab.tracking.stale`` does the
+same on demand for every experiment of a store.
 """
 
 from __future__ import annotations
@@ -39,21 +43,40 @@ def _boot_id() -> str:
         return ""
 
 
+def pid_namespace() -> str:
+    """The inode of this process's PID namespace (``""`` where ``/proc`` does not tell)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def proc_shows_own_namespace() -> bool:
+    """Whether ``/proc`` shows this process's PID namespace (false under ``unshare --pid`` without
+    ``--mount-proc``: its pids are the parent namespace's, so none can be judged)."""
+    try:
+        return int(os.readlink("/proc/self")) == os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
 @cache
 def process_tag() -> str:
-    """This process as ``host:pid:start ticks:boot id``."""
+    """This process as ``host:pid:start ticks:boot id:pid namespace``."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or ''}:{_boot_id()}"
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or ''}:{_boot_id()}:{pid_namespace()}"
 
 
 def is_vanished(tag: str) -> bool:
-    """Whether the process a ``ptlab.process`` tag names is known to be gone (same host only)."""
+    """Whether the process a ``ptlab.process`` tag names is known to be gone (same host and PID namespace only)."""
     parts = tag.split(":")
-    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) not in (4, 5) or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return False
-    _, pid, ticks, boot = parts
-    if boot and boot != _boot_id():
+    _, pid, ticks, boot = parts[:4]
+    if boot and boot != _boot_id():  # the host rebooted since: every process of then is gone
         return True
+    if len(parts) == 5 and (parts[4] != pid_namespace() or not parts[4] or not proc_shows_own_namespace()):
+        return False
     current = _start_ticks(int(pid))
     return current is None or (bool(ticks) and current != ticks)
 
