@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
 from ptlab.checks import check_paths
-from ptlab.config import ConfigError, is_value_override, register_configs, validate
+from ptlab.config import ConfigError, check_trainer_overrides, is_value_override, register_configs, validate
 from ptlab.errors import DivergenceError
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
@@ -160,6 +160,7 @@ def preflight(argv: list[str]) -> str | None:
             or args.config_dir or args.config_name:
         return None
     try:
+        check_trainer_overrides(list(args.overrides))
         overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
         for cfg, output_dir in job_configs(job_override_sets(overrides), args.multirun):
             validate(cfg)
