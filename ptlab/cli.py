@@ -10,6 +10,7 @@ bad-input error answer in about a second.
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.paths import config_dir
+from ptlab.progress import start_line
 from ptlab.tracking.base import flatten
 
 register_configs()
@@ -183,6 +185,7 @@ def _default_keys() -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
+    logging.getLogger("ptlab").info(start_line(cfg))  # before torch loads: the job's first sign of life
     from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
