@@ -47,10 +47,29 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+SPLITS = ("train", "test", "val")
+RENAMED_PREFIXES = {"decomp": "signal_noise", "final": "summary"}
+
+
+def metric_name(key: str) -> str:
+    """The MLflow name of a metric: MLflow's run page groups charts by the name's first ``/`` part and orders
+    the groups by name, so ``train/loss`` and ``test/loss`` are stored as ``loss/train`` and ``loss/test`` (one
+    group, ``acc`` and ``loss`` first), the filters' decomposition ``decomp/*`` as ``signal_noise/*`` and a
+    stage's final numbers ``final/*`` as ``summary/*`` after them, Lightning's ``lr-SGD`` as ``optimizer/lr-SGD``."""
+    head, sep, tail = key.partition("/")
+    if sep and head in SPLITS and "/" not in tail:
+        return f"{tail}/{head}"
+    if sep and head in RENAMED_PREFIXES:
+        return f"{RENAMED_PREFIXES[head]}/{tail}"
+    if key.startswith("lr-"):
+        return f"optimizer/{key}"
+    return key
+
+
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
-    """``curves`` as (key, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms, so
-    that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
-    return [(key, float(value), stamp + int(step), int(step)) for key, points in curves.items()
+    """``curves`` as (MLflow name, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms,
+    so that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
+    return [(metric_name(key), float(value), stamp + int(step), int(step)) for key, points in curves.items()
             for step, value in points]
 
 
@@ -171,7 +190,8 @@ class RecordedRun:
 class MemoryTracker:
     """A pipeline's runs recorded in memory, run ids fixed at creation; ``BulkRunWriter`` stores them.
 
-    ``child_tags`` are added to every child run (what MLflow's context adds to a run: user, source)."""
+    ``child_tags`` are added to the parent and every child run (what MLflow's context adds to a run: user, source,
+    git commit)."""
 
     def __init__(self, tracking_uri: str = "", experiment_id: str = "", run_name: str = "pipeline",
                  tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None) -> None:
@@ -179,7 +199,7 @@ class MemoryTracker:
         self.tags = dict(tags or {})
         self.child_tags = dict(child_tags or {})
         self.tags.setdefault(CELL_TAG, run_name)
-        self.parent = RecordedRun(run_name, {STAGE_TAG: "pipeline", **self.tags})
+        self.parent = RecordedRun(run_name, {**self.child_tags, STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = self.parent.run_id
         self.stages: dict[str, RecordedRun] = {}
         self.children: dict[str, str] = {}
@@ -221,7 +241,7 @@ class MemoryTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
         stamp = int(time() * 1000)
-        self.run(stage).metrics.extend((k, float(v), stamp, step) for k, v in metrics.items())
+        self.run(stage).metrics.extend((metric_name(k), float(v), stamp, step) for k, v in metrics.items())
 
     def log_curves(self, curves: Curves, stage: str | None = None) -> None:
         self.run(stage).metrics.extend(curve_points(curves, int(time() * 1000)))
