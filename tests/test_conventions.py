@@ -39,8 +39,8 @@ def test_plus_trainer_max_epochs_exits_2_with_one_line_before_anything_runs(tmp_
     result = run_cli(["+trainer.max_epochs=1"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "ptlab: trainer.max_epochs=1 is not allowed: ptlab sets it for each stage; use train.upstream_epochs "
-        "and train.downstream_epochs (image tasks) or train.upstream_steps and train.downstream_steps (synthetic)"]
+        ("ptlab: trainer.max_epochs=1 is not allowed: ptlab sets it for each stage; use train.upstream_epochs "
+         "and train.downstream_epochs (image tasks) or train.upstream_steps and train.downstream_steps (synthetic)")]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 

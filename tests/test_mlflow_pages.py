@@ -38,7 +38,7 @@ def test_a_pipelines_pages_in_mlflow(make_cfg, tmp_path, tracking_uri):
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "acc/test")]
     assert steps == sorted(steps) and len(steps) > 2
     parent = runs["pipeline"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     for run in runs.values():
         assert run.data.tags["mlflow.source.git.commit"] == commit
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
