@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import itertools
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -30,13 +31,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
+import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
 from ptlab.checks import check_paths
-from ptlab.config import ConfigError, is_value_override, register_configs, validate
+from ptlab.config import ConfigError, check_trainer_overrides, is_value_override, register_configs, validate
 from ptlab.errors import DivergenceError
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.paths import config_dir
+from ptlab.progress import start_line
 from ptlab.utils import flatten
 
 register_configs()
@@ -274,6 +277,7 @@ def preflight(argv: list[str]) -> str | None:
         _SOURCE[0] = ConfigSource.from_args(args)
         parser = OverridesParser.create()
         check_sweep_flag(parser.parse_overrides(list(args.overrides)), args.multirun)
+        check_trainer_overrides(list(args.overrides))
         overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
         jobs = job_override_sets(overrides, every_job=True)
         first = _compose(jobs[0])
@@ -300,6 +304,7 @@ def _default_keys() -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
+    logging.getLogger("ptlab").info(start_line(cfg))  # before torch loads: the job's first sign of life
     from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
@@ -322,8 +327,30 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return best["test_acc"] if best else None
 
 
+COMPLETION_HELP = """ptlab: --shell-completion needs a command: install=bash, uninstall=bash or query=bash
+  bash: eval "$(ptlab -sc install=bash)"   (add the line to ~/.bashrc to keep it)
+  zsh:  autoload -U bashcompinit && bashcompinit && eval "$(ptlab -sc install=bash)"   (in ~/.zshrc)"""
+
+
+def _as_ptlab_command(argv: list[str]) -> int | None:
+    """Name the program ``ptlab`` in Hydra's help and completion (``python -m ptlab`` would say
+    ``__main__.py`` and bind completion to ``python``); 0 after printing how to install completion when
+    ``--shell-completion`` has no command (Hydra raises a traceback there); else ``None``."""
+    args = get_args_parser().parse_args(argv)
+    if not (args.help or args.hydra_help or args.shell_completion):
+        return None
+    sys.argv[0] = "ptlab"  # only these pages: a run keeps argv for Lightning's DDP re-launch
+    if args.shell_completion and not any(o.partition("=")[0] in ("install", "uninstall", "query")
+                                         for o in args.overrides):
+        print(COMPLETION_HELP)
+        return 0
+    return None
+
+
 def main() -> None:
-    """``python -m ptlab [-m] [overrides]``: preflight, then Hydra."""
+    """``ptlab [-m] [overrides]`` (also ``python -m ptlab``): preflight, then Hydra."""
+    if _as_ptlab_command(sys.argv[1:]) == 0:
+        return
     error = preflight(sys.argv[1:])
     if error:
         print(f"ptlab: {error}", file=sys.stderr)

@@ -482,6 +482,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
     _check_model_fits_task(cfg)
+    check_trainer(cfg)
     check_selection(cfg)
     if cfg.engine.get("name") == "gram":
         check_gram_engine(cfg)
@@ -491,6 +492,37 @@ def validate(cfg: DictConfig) -> None:
 
 
 SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"
+
+_LENGTH = ("train.upstream_epochs and train.downstream_epochs (image tasks) or train.upstream_steps and "
+           "train.downstream_steps (synthetic)")
+_EVAL = "train.eval_every_epochs (image tasks) or train.eval_every (synthetic)"
+STAGE_TRAINER_KEYS = {
+    "max_epochs": _LENGTH, "min_epochs": _LENGTH, "max_steps": _LENGTH, "min_steps": _LENGTH,
+    "precision": "train.precision (image tasks) or train.dtype (synthetic)",
+    "check_val_every_n_epoch": _EVAL, "val_check_interval": _EVAL, "log_every_n_steps": _EVAL,
+    "limit_val_batches": _EVAL, "logger": "logger=mlflow or logger=none",
+    "callbacks": "a transfer/selection strategy or a registered callback in code, not the trainer config",
+}
+"""Lightning ``Trainer`` arguments ptlab sets for each stage (``trainer.*`` would be overridden), and ptlab's key
+for each; every other ``trainer.*`` key reaches the Trainer as given."""
+PROGRESS_BAR = "train.progress_bar (image tasks) or engine.progress_bar (synthetic)"
+
+
+def check_trainer_overrides(overrides: list[str]) -> None:
+    """Refuse a command-line ``trainer.<key>=...`` that ptlab sets for each stage, naming ptlab's key."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        name = key.partition(".")[2] if key.startswith("trainer.") else ""
+        pointer = PROGRESS_BAR if name == "enable_progress_bar" else STAGE_TRAINER_KEYS.get(name)
+        if pointer:
+            raise ConfigError(f"trainer.{name}={value} is not allowed: ptlab sets it for each stage; use {pointer}")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """``check_trainer_overrides`` for keys a config file (a preset) puts into ``trainer``."""
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, DictConfig):
+        check_trainer_overrides([f"trainer.{key}={trainer[key]}" for key in trainer if key in STAGE_TRAINER_KEYS])
 
 
 def is_value_override(override: Override, config: DictConfig) -> bool:

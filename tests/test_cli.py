@@ -73,7 +73,8 @@ def test_preset_sweeps_are_checked_with_their_own_params():
 
 
 def test_a_model_that_does_not_fit_the_task_is_rejected():
-    assert "model=toy_cnn is not allowed with task=digits: must be an image model" in preflight(["task=digits"])
+    assert ("model=toy_cnn is not allowed with task=digits: must be an image model"
+            in preflight(["task=digits", "model=toy_cnn"]))
     assert "is not allowed with task=synthetic: must be toy_cnn" in preflight(["model=resnet18"])
     assert preflight(["task=digits", "+pair=vgg16_small_vgg11_small"]) is None
 

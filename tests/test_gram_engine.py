@@ -185,7 +185,7 @@ def test_sweep_through_cli(tmp_path: Path) -> None:
     assert sorted(runs["params.task.d"].astype(int).unique()) == [50, 80]
     assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")) == [str(i) for i in range(8)]
     transfer_run = next(c for c in children if c.data.tags["ptlab.stage"] == "transfer")
-    history = client.get_metric_history(transfer_run.info.run_id, "test/acc")
+    history = client.get_metric_history(transfer_run.info.run_id, "acc/test")
     assert [m.step for m in history] == list(range(0, 30, 10)) + [30]
     first = runs[(runs["params.task.d"] == "50") & (runs["params.task.u_norm"] == "0.0") & (runs["params.seed"] == "0")]
     job = compose_config(["engine=gram", *SMALL, "task.d=50", "task.u_norm=0.0", "seed=0"])

@@ -44,7 +44,7 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sample.info.run_id}'")
         assert sorted(c.data.tags["ptlab.stage"] for c in children) == ["scratch", "transfer", "upstream"]
         scratch = next(c for c in children if c.data.tags["ptlab.stage"] == "scratch")
-        assert len(client.get_metric_history(scratch.info.run_id, "train/loss")) == 31  # every step
+        assert len(client.get_metric_history(scratch.info.run_id, "loss/train")) == 31  # every step
     runs = load_pipelines(uri, "grid")
     assert len(runs) == 8 and (runs["run_id"] == grid_id).all()
     assert (tmp_path / "sweep" / "results.parquet").is_file()

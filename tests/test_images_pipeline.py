@@ -45,9 +45,9 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
     transfer_run = children["transfer"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(transfer_run)}
     assert {"transfer_plan.json", "transfer_plan.md"} <= artifacts
-    curve = client.get_metric_history(transfer_run, "test/acc")
+    curve = client.get_metric_history(transfer_run, "acc/test")
     assert len(curve) == 2  # one point per epoch (eval_every_epochs=1)
-    assert children["transfer"].data.metrics["final/test_acc"] == summary["transfer"]["test_acc"]
+    assert children["transfer"].data.metrics["summary/test_acc"] == summary["transfer"]["test_acc"]
 
     paths = make_report("table1_tiny", tracking_uri, tmp_path / "report", log_to_mlflow=False)
     table = (tmp_path / "report" / "table1_tiny.md").read_text()

@@ -145,8 +145,8 @@ def test_memory_tracker_keeps_binary_artifacts_and_statuses(tmp_path: Path) -> N
             tracker.log_artifact(png)
             raise RuntimeError("boom")
     assert tracker.parent.artifacts["figure.png"] == png.read_bytes()
-    assert [(k, v, s) for k, v, _, s in tracker.stages["upstream"].metrics] == [("train/loss", 1.0, 0),
-                                                                                ("train/loss", 0.5, 1)]
+    assert [(k, v, s) for k, v, _, s in tracker.stages["upstream"].metrics] == [("loss/train", 1.0, 0),
+                                                                                ("loss/train", 0.5, 1)]
     assert {name: run.status for name, run in tracker.stages.items()} == {"upstream": "FINISHED", "transfer": "FAILED"}
     assert tracker.parent.status == "FAILED" and tracker.parent.tags["ptlab.error"] == "RuntimeError: boom"
 

@@ -75,9 +75,9 @@ def test_mlflow_holds_one_parent_with_three_children(make_cfg, tmp_path, trackin
     assert {"config.yaml", "summary.json"} <= artifacts
     transfer_run = next(r for r in children if r.data.tags["ptlab.stage"] == "transfer")
     assert "transfer_plan.json" in {a.path for a in client.list_artifacts(transfer_run.info.run_id)}
-    history = client.get_metric_history(transfer_run.info.run_id, "train/loss")
+    history = client.get_metric_history(transfer_run.info.run_id, "loss/train")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(31))
-    assert transfer_run.data.metrics["final/test_acc"] == pytest.approx(summary["transfer"]["test_acc"])
+    assert transfer_run.data.metrics["summary/test_acc"] == pytest.approx(summary["transfer"]["test_acc"])
 
 
 def test_transfer_none_trains_only_scratch(make_cfg, tmp_path, tracking_uri):

@@ -199,7 +199,7 @@ def test_batched_sweep_into_the_server(server: tuple[str, Path], tmp_path: Path,
     for parent in parents:
         children = child_runs(client, experiment_id, parent.info.run_id)
         assert set(children) == STAGES
-        assert len(client.get_metric_history(children["scratch"].info.run_id, "train/loss")) >= 1
+        assert len(client.get_metric_history(children["scratch"].info.run_id, "loss/train")) >= 1
         assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     if layout == "grid":
         (grid,) = [r for r in runs if r.data.tags["ptlab.stage"] == "grid"]

@@ -25,7 +25,7 @@ def test_ddp_spawn_on_two_cpu_processes_equals_one_process(make_cfg, tracking_ur
     assert parent.data.params["trainer.strategy"] == "ddp_spawn"
     (scratch,) = client.search_runs([parent.info.experiment_id], "tags.`ptlab.stage` = 'scratch'")
     assert scratch.info.status == "FINISHED"
-    assert scratch.data.metrics["final/test_acc"] == single["scratch"]["test_acc"]
+    assert scratch.data.metrics["summary/test_acc"] == single["scratch"]["test_acc"]
 
 
 def test_ddp_under_multirun_switches_to_ddp_spawn(make_cfg) -> None:

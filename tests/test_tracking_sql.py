@@ -66,9 +66,9 @@ def test_buffered_logger_writes_curves_to_the_tables_of_a_database_store(tmp_pat
     for step in range(2500):
         logger.log_metrics({"train/loss": 1.0 / (step + 1), "tag": "not a number"}, step=step)
     logger.finalize("success")
-    history = MlflowClient(uri).get_metric_history(logger.run_id, "train/loss")
+    history = MlflowClient(uri).get_metric_history(logger.run_id, "loss/train")  # ptlab.tracking.base.metric_name
     assert sorted(m.step for m in history) == list(range(2500))
-    assert MlflowClient(uri).get_run(logger.run_id).data.metrics == {"train/loss": 1.0 / 2500}
+    assert MlflowClient(uri).get_run(logger.run_id).data.metrics == {"loss/train": 1.0 / 2500}
 
 
 @pytest.mark.parametrize(("uri", "expected"), [

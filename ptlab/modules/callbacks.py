@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 
 from ptlab.data.synthetic import Directions
 from ptlab.modules.decomposition import decomposition_metrics
 
 FINAL_PREFIX = "ptlab_final/"
+log = logging.getLogger("ptlab")
 
 
 class SignalNoiseDecomposition(pl.Callback):
@@ -61,21 +66,72 @@ def restore_final(trainer: pl.Trainer, module: pl.LightningModule) -> None:
 
 class StageProgressBar(TQDMProgressBar):
     """Lightning's progress bar labelled with the pipeline stage and the epoch total:
-    ``transfer: epoch 2/30`` instead of three identical ``Epoch 1`` bars."""
+    ``transfer: epoch 2/30`` instead of three identical ``Epoch 1`` bars, without Lightning's ``v_num``.
+
+    Off a terminal (stdout a file or a pipe) no bar is drawn: a log line says where training is when it
+    starts and then at most every ``every_s`` seconds (``transfer: epoch 2/30, 12.3 s``), so a log file
+    holds a few lines per stage instead of a bar redrawn at every step (3,240 redraws, 266 KB, for a
+    10 s run before)."""
 
     unit = "it"
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, every_s: float = 10.0, lines: bool | None = None) -> None:
+        """``lines``: log lines instead of a bar (default: when stdout is not a terminal)."""
         super().__init__()
-        self.stage = stage
+        self.stage, self.every_s = stage, every_s
+        self.lines = not sys.stdout.isatty() if lines is None else lines
+        self._started = self._last = 0.0
 
     def description(self, trainer: pl.Trainer) -> str:
         return f"{self.stage}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+    def position(self, trainer: pl.Trainer) -> str:
+        """Where training is, for a log line."""
+        return self.description(trainer)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def _bar(self, make: Any) -> Tqdm:
+        return Tqdm(disable=True) if self.lines else make()
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._bar(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self) -> Tqdm:
+        return self._bar(super().init_train_tqdm)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._bar(super().init_validation_tqdm)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return self._bar(super().init_test_tqdm)
+
+    def init_predict_tqdm(self) -> Tqdm:
+        return self._bar(super().init_predict_tqdm)
+
+    def _log_line(self, trainer: pl.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.lines and trainer.is_global_zero and (force or now - self._last >= self.every_s):
+            self._last = now
+            log.info("%s, %.1f s", self.position(trainer), now - self._started)
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._started = time.monotonic()
+        self._last = -float("inf")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(self.description(trainer))
         self.train_progress_bar.unit = self.unit
+        self._log_line(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer, *args)
+        self._log_line(trainer)
 
 
 class StepProgressBar(StageProgressBar):
@@ -85,3 +141,6 @@ class StepProgressBar(StageProgressBar):
 
     def description(self, trainer: pl.Trainer) -> str:
         return f"{self.stage}: GD step"
+
+    def position(self, trainer: pl.Trainer) -> str:
+        return f"{self.stage}: GD step {trainer.global_step}/{trainer.max_steps}"

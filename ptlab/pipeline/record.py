@@ -30,13 +30,28 @@ ENVIRONMENT_KEYS = ("logger.", "cache.", "resume.", "devices.", "hydra", "traine
 """Override keys that say where or how a cell runs, not what it is (left out of its name)."""
 
 
+MODEL_ROLES = {"upstream_model": "upstream", "model": "downstream"}
+
+
 def cell_name(overrides: Sequence[str], seed: int) -> str:
     """A short name for what makes this cell itself: its overrides without the environment ones, each
-    key shortened to its last part (``task.u_norm=0.0 seed=1``  ->  ``u_norm=0.0 seed=1``)."""
+    key shortened to its last part (``task.u_norm=0.0 seed=1``  ->  ``u_norm=0.0 seed=1``); where the
+    upstream model is set apart from the downstream one, their keys say which is which
+    (``upstream_model.name=resnet34d model.name=resnet18d``  ->  ``upstream=resnet34d downstream=resnet18d``)."""
     parts = []
+    keys = [override.lstrip("+~").partition("=")[0] for override in overrides]
+    two_models = any(key.split(".", 1)[0] == "upstream_model" for key in keys)
+    named = {key.split(".", 1)[0] for key in keys if key.endswith((".name", ".arch"))}
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or key.startswith(ENVIRONMENT_KEYS):
+            continue
+        group, _, leaf = key.partition(".")
+        if two_models and group in MODEL_ROLES:  # say which model is which: "upstream=resnet34d downstream=resnet18d"
+            if not leaf and group in named:  # "model=timm model.name=resnet18d": the name says more
+                continue
+            role = MODEL_ROLES[group]
+            parts.append(f"{role}={value}" if leaf in ("", "name", "arch") else f"{role}.{leaf}={value}")
             continue
         parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     if not any(part.startswith("seed=") for part in parts):
@@ -45,8 +60,10 @@ def cell_name(overrides: Sequence[str], seed: int) -> str:
 
 
 def pipeline_tags(seed: int, digest: str, choices: Mapping[str, str]) -> dict[str, str]:
-    """The tags of a pipeline's parent run (and its children)."""
-    return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest, **{f"ptlab.choice.{k}": v for k, v in choices.items()}}
+    """The tags of a pipeline's parent run (and its children): the group choices in one ``ptlab.choices`` tag
+    (``engine=gram task=synthetic ...``), not a tag each, so the run page's tags stay a line or two."""
+    return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest,
+            "ptlab.choices": " ".join(f"{k}={v}" for k, v in choices.items())}
 
 
 def used_params(resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,9 +97,9 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
 
 def theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, float]]:
     """The theory's prediction as a pipeline's params (``theory.<label>``) and metrics (``theory/<number>``, the
-    finite ones): what a run logs and what a grid row holds."""
+    finite ones, rounded for display): what a run logs and what a grid row holds."""
     return ({f"theory.{k}": v for k, v in theory.labels().items()},
-            {f"theory/{k}": v for k, v in theory.metrics().items() if math.isfinite(v)})
+            {f"theory/{k}": exact(v) for k, v in theory.metrics().items() if math.isfinite(v)})
 
 
 def record_stage(tracker: Tracker, result: StageResult) -> None:
@@ -120,12 +137,12 @@ def record_trained(tracker: Tracker, stages: Mapping[str, StageResult], error: D
 
 
 def exact(value: float) -> float:
-    """A number computed in float32 (an accuracy: correct / n) as the decimal it stands for, so that MLflow
-    shows 0.909, not 0.9089999794960022; other numbers unchanged."""
+    """A final number as MLflow and summary.json show it: a float32 one (an accuracy: correct / n) as the decimal
+    it stands for (0.909, not 0.9089999794960022), any other float to 6 significant digits (an image accuracy
+    41/45 as 0.911111, not 0.9111111111111111)."""
     if isinstance(value, float) and math.isfinite(value):
         single = struct.unpack("f", struct.pack("f", value))[0]
-        if single == value:
-            return float(f"{value:.7g}")
+        return float(f"{value:.7g}") if single == value else float(f"{value:.6g}")
     return value
 
 
@@ -179,7 +196,7 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
         "tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
         "parent_run_id": tracker.parent_run_id})
     tracker.log_metrics(final_metrics(stages))
-    tracker.set_tags({NOTE_TAG: f"```\n{format_table(summary)}\n```"})
+    tracker.set_tags({NOTE_TAG: description(summary)})
     text = json.dumps(summary, indent=2, allow_nan=False)
     if write_file:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,12 +230,27 @@ def format_table(summary: Mapping[str, Any]) -> str:
             lines.append(f"{stage:<10}{result['train_acc']:>11.4f}{result['test_acc']:>10.4f}")
     if summary.get("transfer") and summary.get("scratch"):
         gain = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
-        lines.append(f"transfer - scratch test accuracy: {gain:+.4f}")
+        lines.append(f"transfer - scratch test accuracy: {100 * gain:+.2f} points")
     theory = summary.get("theory")
     if theory:
         lines.append(f"theory: {theory['predicted']} (d / D* = {_number(theory['d_over_threshold'])}, "
                      f"Gamma = {_number(theory['gamma'])})")
     return "\n".join(lines)
+
+
+def description(summary: Mapping[str, Any]) -> str:
+    """The parent run's MLflow description (markdown): a first line with the gain in points and the theory's
+    prediction (MLflow shows the first lines before "Show more"), then the stage table."""
+    lines = []
+    transfer, scratch, theory = summary.get("transfer"), summary.get("scratch"), summary.get("theory")
+    if transfer and scratch:
+        gain = 100 * (transfer["test_acc"] - scratch["test_acc"])
+        lines.append(f"**transfer - scratch: {gain:+.1f} points** (test accuracy {100 * transfer['test_acc']:.1f}% "
+                     f"vs {100 * scratch['test_acc']:.1f}%)")
+    if theory:
+        lines.append(f"**theory: {theory['predicted']}** (d / D* = {_number(theory['d_over_threshold'])}, "
+                     f"Gamma = {_number(theory['gamma'])})")
+    return "  \n".join(lines) + f"\n\n```\n{format_table(summary)}\n```"
 
 
 def _number(value: float | None) -> str:

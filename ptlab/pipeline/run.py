@@ -84,7 +84,6 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | 
     print(format_table(summary))
     if cfg.logger.kind == "mlflow" and not context.multirun:
         print(mlflow_view_line(cfg.logger.tracking_uri, summary["mlflow"]["experiment_id"]))
-    log.info("%s: %s", cell_name(context.overrides, cfg.seed), " | ".join(format_table(summary).splitlines()[1:]))
     return summary
 
 

@@ -39,7 +39,7 @@ def calibrate_main(argv: list[str]) -> int:
     """``calibrate EXPERIMENT... [--write FILE]``: fit, print the agreement, write the tables and the YAML."""
     from ptlab.report.calibrate import agreement_text, calibrate, constants_yaml, load_cells, write_outputs
 
-    parser = argparse.ArgumentParser(prog="python -m ptlab.report calibrate",
+    parser = argparse.ArgumentParser(prog="ptlab-report calibrate",
                                      description="Fit the theory's constants to synthetic experiments.")
     parser.add_argument("experiments", nargs="+", help="MLflow experiment names (e.g. fig1a fig1b fig1c fig2)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
         return calibrate_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m ptlab.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ptlab-report", description=__doc__)
     parser.add_argument("experiment", help="MLflow experiment name (the preset, e.g. fig1a_small)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
     parser.add_argument("--out", default=None, help="output directory (default: reports/EXPERIMENT)")

@@ -110,8 +110,8 @@ def _errorbar(ax, table: pd.DataFrame, x: str, metric: str, **style) -> None:
 
 def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: str,
                 others: Sequence[str] = ()) -> Figure:
-    """Left: test accuracy with transfer and from scratch (mean, std bars); right: their paired gap
-    (transfer - scratch on the same seed) with its 95% t interval as a band. A pair of lines per
+    """Left: test accuracy with transfer and from scratch (mean, std bars); right: their paired gap in points
+    (transfer - scratch on the same seed, x 100) with its 95% t interval as a band. A pair of lines per
     combination of the ``others`` columns."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     acc_ax, gain_ax = fig.subplots(1, 2)
@@ -122,13 +122,14 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
             f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) + ")"
         _errorbar(acc_ax, group, x, "transfer_test_acc", label=f"transfer{suffix}")
         _errorbar(acc_ax, group, x, "scratch_test_acc", label=f"scratch{suffix}", linestyle="--")
-        line, = gain_ax.plot(group[x], group["transfer_gain_mean"], marker="o", label=f"transfer - scratch{suffix}")
+        line, = gain_ax.plot(group[x], 100 * group["transfer_gain_mean"], marker="o",
+                             label=f"transfer - scratch{suffix}")
         if "transfer_gain_ci_low" in group:
-            gain_ax.fill_between(group[x], group["transfer_gain_ci_low"], group["transfer_gain_ci_high"],
+            gain_ax.fill_between(group[x], 100 * group["transfer_gain_ci_low"], 100 * group["transfer_gain_ci_high"],
                                  color=line.get_color(), alpha=0.2, linewidth=0)
     gain_ax.axhline(0.0, color="black", linewidth=0.8)
     acc_ax.set_ylabel("downstream test accuracy")
-    gain_ax.set_ylabel("transfer - scratch")
+    gain_ax.set_ylabel("transfer - scratch (points)")
     for ax in (acc_ax, gain_ax):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

@@ -30,7 +30,7 @@ TASK_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits
 
 
 def accuracy_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch ``test/acc`` of the transfer and scratch child runs of ``runs``' pipelines:
+    """Per-epoch ``acc/test`` of the transfer and scratch child runs of ``runs``' pipelines:
     columns task, stage, seed, epoch, acc (empty when no child logged a curve)."""
     client = MlflowClient(mlflow.get_tracking_uri())
     rows = []
@@ -43,7 +43,7 @@ def accuracy_curves(runs: pd.DataFrame) -> pd.DataFrame:
             if stage not in STAGES:
                 continue
             epochs = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "epoch")}
-            for point in client.get_metric_history(child.info.run_id, "test/acc"):
+            for point in client.get_metric_history(child.info.run_id, "acc/test"):
                 rows.append({"task": parent[TASK], "stage": stage, "seed": parent.get("params.seed"),
                              "epoch": epochs.get(point.step, point.step) + 1, "acc": point.value})
     return pd.DataFrame(rows, columns=["task", "stage", "seed", "epoch", "acc"])

@@ -58,10 +58,29 @@ def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
     return uri
 
 
+SPLITS = ("train", "test", "val")
+RENAMED_PREFIXES = {"decomp": "signal_noise", "final": "summary"}
+
+
+def metric_name(key: str) -> str:
+    """The MLflow name of a metric: MLflow's run page groups charts by the name's first ``/`` part and orders
+    the groups by name, so ``train/loss`` and ``test/loss`` are stored as ``loss/train`` and ``loss/test`` (one
+    group, ``acc`` and ``loss`` first), the filters' decomposition ``decomp/*`` as ``signal_noise/*`` and a
+    stage's final numbers ``final/*`` as ``summary/*`` after them, Lightning's ``lr-SGD`` as ``optimizer/lr-SGD``."""
+    head, sep, tail = key.partition("/")
+    if sep and head in SPLITS and "/" not in tail:
+        return f"{tail}/{head}"
+    if sep and head in RENAMED_PREFIXES:
+        return f"{RENAMED_PREFIXES[head]}/{tail}"
+    if key.startswith("lr-"):
+        return f"optimizer/{key}"
+    return key
+
+
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
-    """``curves`` as (key, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms, so
-    that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
-    return [(key, float(value), stamp + int(step), int(step)) for key, points in curves.items()
+    """``curves`` as (MLflow name, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms,
+    so that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
+    return [(metric_name(key), float(value), stamp + int(step), int(step)) for key, points in curves.items()
             for step, value in points]
 
 
@@ -183,8 +202,9 @@ class MemoryTracker:
     """A pipeline's runs recorded in memory, run ids fixed at creation; ``BulkRunWriter`` or ``ApiRunWriter`` stores
     them.
 
-    ``child_tags`` are added to every child run (what MLflow's context adds to a run: user, source); ``new_run_id``
-    (name, tags) -> id gives each run its id when it opens (the store's, for a writer that cannot choose ids)."""
+    ``child_tags`` are added to the parent and every child run (what MLflow's context adds to a run: user, source,
+    git commit); ``new_run_id`` (name, tags) -> id gives each run its id when it opens (the store's, for a writer
+    that cannot choose ids)."""
 
     def __init__(self, tracking_uri: str = "", experiment_id: str = "", run_name: str = "pipeline",
                  tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None,
@@ -194,7 +214,7 @@ class MemoryTracker:
         self.child_tags = dict(child_tags or {})
         self.new_run_id = new_run_id
         self.tags.setdefault(CELL_TAG, run_name)
-        self.parent = self._open(run_name, {STAGE_TAG: "pipeline", **self.tags})
+        self.parent = self._open(run_name, {**self.child_tags, STAGE_TAG: "pipeline", **self.tags})
         self.parent_run_id = self.parent.run_id
         self.stages: dict[str, RecordedRun] = {}
         self.children: dict[str, str] = {}
@@ -239,7 +259,7 @@ class MemoryTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
         stamp = int(time() * 1000)
-        self.run(stage).metrics.extend((k, float(v), stamp, step) for k, v in metrics.items())
+        self.run(stage).metrics.extend((metric_name(k), float(v), stamp, step) for k, v in metrics.items())
 
     def log_curves(self, curves: Curves, stage: str | None = None) -> None:
         self.run(stage).metrics.extend(curve_points(curves, int(time() * 1000)))

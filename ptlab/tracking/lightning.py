@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from sqlalchemy.exc import IntegrityError
 
+from ptlab.tracking.base import metric_name
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri
 
 MAX_METRICS_PER_BATCH = 1000
@@ -29,7 +30,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = int(time() * 1000)
-        self._pending.extend((k, float(v), stamp, step or 0) for k, v in metrics.items() if not isinstance(v, str))
+        self._pending.extend((metric_name(k), float(v), stamp, step or 0) for k, v in metrics.items()
+                             if not isinstance(v, str))
         if len(self._pending) >= 10 * MAX_METRICS_PER_BATCH:
             self.flush()
 

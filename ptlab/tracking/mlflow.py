@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ptlab.errors import ConfigError
 from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
-                                 child_name, curve_points, resolve_tracking_uri)
+                                 child_name, curve_points, metric_name, resolve_tracking_uri)
 from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
@@ -50,21 +50,46 @@ RESULT_VIEW = "ptlab"
 RESULT_COLUMNS = ("metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`", "metrics.`transfer_gain`",
                   "params.`theory.predicted`")
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
+WORKFLOW = "machine_learning"
 
 
 def result_view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI address of an experiment's runs table with the result columns shown."""
-    return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULT_VIEW}"
+    """The MLflow UI address of an experiment's runs table with the result columns shown, in MLflow 3's "Model
+    training" mode (``workflowType=machine_learning``; the UI otherwise opens on its GenAI pages, whatever the
+    experiment's ``mlflow.experimentKind``)."""
+    return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULT_VIEW}&workflowType={WORKFLOW}"
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+ML_EXPERIMENT = "custom_model_development"
+"""MLflow 3's UI opens an experiment tagged ``mlflow.experimentKind=custom_model_development`` on its runs (the
+"Model training" side), not on the GenAI overview of traces and evaluations."""
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def provenance_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` plus what MLflow's context adds to a run (``mlflow.user``, ``mlflow.source.name``, ``.type``, the
+    git commit of the started file), with the git commit of ptlab's own checkout where the started file is in
+    none (the ``ptlab`` console script lives in the virtual environment's ``bin``)."""
+    resolved = resolve_tags(dict(tags))
+    if GIT_COMMIT_TAG not in resolved:
+        from mlflow.utils.git_utils import get_git_commit
+
+        commit = get_git_commit(str(Path(__file__).resolve().parent))
+        if commit:
+            resolved[GIT_COMMIT_TAG] = commit
+    return resolved
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created if needed, with the ``RESULT_VIEW`` of its runs table; safe when
-    jobs race to create it. A deleted experiment is a ``ConfigError`` (restoring it silently would bring its
-    deleted runs back)."""
+    """The id of experiment ``name``, created if needed, as an ML (not GenAI) experiment with the ``RESULT_VIEW``
+    of its runs table; safe when jobs race to create it. A deleted experiment is a ``ConfigError`` (restoring it
+    silently would bring its deleted runs back)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            experiment_id = client.create_experiment(name, artifact_location=artifact_location)
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND_TAG: ML_EXPERIMENT})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -114,7 +139,7 @@ class MLflowTracker:
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
         with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
             run = self.client.create_run(self.experiment_id, run_name=self.run_name,
-                                         tags={STAGE_TAG: "pipeline", **self.tags})
+                                         tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags}))
             self.parent_run_id = run.info.run_id
         return self
 
@@ -164,8 +189,8 @@ class MLflowTracker:
             attempt(self.client.set_tag, self.parent_run_id, "ptlab.error", error)
 
     def start_stage(self, stage: str) -> None:
-        """Create the child run of ``stage`` with the tags MLflow's context adds (user, source)."""
-        tags = resolve_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
+        """Create the child run of ``stage`` with the tags MLflow's context adds (user, source, git commit)."""
+        tags = provenance_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
         with tracking_write():  # the run's id is recorded before a held signal is raised
             run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags)
             self.children[stage] = run.info.run_id
@@ -215,7 +240,7 @@ class MLflowTracker:
     def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
         """Log a set of numbers in one batch."""
         stamp = int(time() * 1000)
-        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        items = [Metric(metric_name(k), float(v), stamp, step) for k, v in metrics.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id(stage), metrics=items[start:start + MAX_METRICS_PER_BATCH])
 
