@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned as a pair: a torchvision beside a mismatched torch fails to import.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test venv
+.PHONY: run test venv lint
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 # Extra Hydra overrides: make run ARGS="transfer.alpha=0.25 seed=1"
 run: venv
 	$(PY) -m ptlab $(ARGS)
+
+# ruff: lint and format, as CI runs them (make lint; ruff format . to apply the format)
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Extra pytest arguments: make test ARGS="-m slow"
 test: venv
