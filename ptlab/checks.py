@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptlab.build_checks import check_built
 from ptlab.errors import ConfigError
+from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder
 from ptlab.models.name_check import check_model_name
 from ptlab.store_checks import (MEMORY_NAMES, check_artifact_location, check_database_driver, check_http_store,
                                 check_sqlite_store)
@@ -29,7 +28,6 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 """Tracking URI schemes MLflow 3 stores accept (its file store ``./mlruns`` is refused)."""
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-MIN_FREE_BYTES = 16 << 20
 """Free disk space a folder ptlab writes to (outputs, store, cache) must have."""
 MEMORY_FRACTION = 0.8
 """A synthetic config may plan for at most this share of the machine's memory."""
@@ -61,14 +59,6 @@ def synthetic_bytes(task: Any, width: int, upstream_width: int, dtype: str) -> d
     return {"task.d": samples + filters, "model.width": filters}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
-
-
 def check_memory(cfg: DictConfig, available: int | None = None) -> None:
     """A synthetic config whose data and models would not fit in memory stops here, naming the key."""
     if cfg.task.get("name") != "synthetic":
@@ -96,57 +86,6 @@ def check_values(cfg: DictConfig) -> None:
     """The checks on values alone (no file system): finiteness and memory."""
     check_finite(cfg)
     check_memory(cfg)
-
-
-def _can_write_in(folder: Path) -> bool:
-    """Whether a folder can be made in ``folder`` (tried: permission bits do not tell for root)."""
-    try:
-        probe = tempfile.mkdtemp(prefix=".ptlab-probe-", dir=folder)
-    except OSError:
-        return False
-    os.rmdir(probe)
-    return True
-
-
-def _writable_dir(path: Path) -> str | None:
-    """Why ``path`` cannot be (created as) a writable folder, or ``None``. Creates nothing that stays."""
-    path = path.expanduser()
-    if path.exists():
-        if not path.is_dir():
-            return "is a file, not a folder"
-        return None if _can_write_in(path) else "is not writable"
-    parent = path.parent
-    while not parent.exists():
-        if parent == parent.parent:
-            return "has no existing parent folder"
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot be created: {parent} is a file"
-    return None if _can_write_in(parent) else f"cannot be created under {parent}"
-
-
-def check_folder(key: str, value: str | Path, start: Path | None = None) -> None:
-    """``key``'s folder exists as a writable folder or can be created."""
-    if not str(value):
-        raise ConfigError(f"{key}='' is not allowed: must be a folder path")
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = (start or Path.cwd()) / path
-    problem = _writable_dir(path) or _too_full(path)
-    if problem:
-        raise ConfigError(f"{key}={str(value)!r} is not allowed: {path} {problem}")
-
-
-def _too_full(path: Path) -> str | None:
-    """Why the disk of ``path`` (or of its first existing parent) is too full to write to, or ``None``."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return None
-    return f"is on a disk with {_size(free)} free (at least {_size(MIN_FREE_BYTES)} needed)" \
-        if free < MIN_FREE_BYTES else None
 
 
 def check_tracking_uri(uri: str, start: Path | None = None, experiment_name: str | None = None) -> None:

@@ -27,3 +27,9 @@ class Terminated(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 130 if "SIGINT" in str(self) else 143
+
+
+def restore_hint(experiment_id: str, uri: str) -> str:
+    """How to get a deleted MLflow experiment back, or around it (the end of a one-line error)."""
+    return (f"restore it (mlflow experiments restore --experiment-id {experiment_id} with MLFLOW_TRACKING_URI={uri}) "
+            "or pick another logger.experiment_name")

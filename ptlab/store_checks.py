@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, restore_hint
 
 MLFLOW_TABLES = frozenset({"experiments", "runs", "alembic_version"})
 """Tables every MLflow SQL store has (a SQLite file with tables but not these belongs to something else)."""
@@ -33,11 +33,6 @@ MEMORY_NAMES = ("", ":memory:")
 
 def _refuse(uri: str, why: str) -> ConfigError:
     return ConfigError(f"logger.tracking_uri={uri!r} is not allowed: {why}")
-
-
-def restore_hint(experiment_id: str, uri: str) -> str:
-    return (f"restore it (mlflow experiments restore --experiment-id {experiment_id} with MLFLOW_TRACKING_URI={uri}) "
-            "or pick another logger.experiment_name")
 
 
 def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> None:
@@ -138,7 +133,7 @@ def check_artifact_location(location: str | None, start: Path | None = None) -> 
     """A local ``logger.artifact_location`` (a path or ``file://``) is a writable folder or can be made one."""
     if not location:
         return
-    from ptlab.checks import check_folder
+    from ptlab.folder_checks import check_folder
 
     parsed = urllib.parse.urlparse(location)
     if parsed.scheme == "file":

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, restore_hint
 from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
                                  child_name, curve_points, metric_name, resolve_tracking_uri)
 from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
@@ -97,8 +97,6 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         else:
             experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
-        from ptlab.store_checks import restore_hint
-
         raise ConfigError(f"logger.experiment_name={name!r} is not allowed: that experiment is deleted; "
                           f"{restore_hint(experiment.experiment_id, str(client.tracking_uri))}")
     if SHARED_VIEW_TAG + RESULT_VIEW not in experiment.tags:
