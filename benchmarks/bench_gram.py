@@ -202,8 +202,8 @@ def matmul_peak(threads: int = 2, size: int = 2048, repeats: int = 5) -> dict[st
 
 
 def training_flops(cell: GramCell) -> float:
-    """Multiply-add FLOPs of a cell's GD steps in the gram engine (``_train_stage``): per step and model, the
-    response update (2 Fm K^2), the margins (2 Fm K + 2 K N) and the per-patch slopes (2 N K), with
+    """Multiply-add FLOPs of a cell's GD steps in the gram engine (``train_stage_batch``): per step and model,
+    the response update (2 Fm K^2), the margins (2 Fm K + 2 K N) and the per-patch slopes (2 N K), with
     Fm = 2m filters and K = N + 2 patches; the downstream batch trains transfer and scratch."""
     def stage(n: int, steps: int) -> float:
         fm, k = 2 * cell.width, n + 2

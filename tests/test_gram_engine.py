@@ -260,8 +260,40 @@ def test_step_blocks_cut_large_groups_evenly(monkeypatch) -> None:
     """Groups above the step budget are cut into near-equal parts sharing their tensors; small ones are packed."""
     monkeypatch.setattr(batching, "STEP_BLOCK_BYTES", 800)
     shared = {"gram2": torch.zeros(1)}
-    groups = [draws._Group(list(range(20)), shared), draws._Group([20, 21], {}), draws._Group([22, 23, 24], {})]
+    groups = [draws.Group(list(range(20)), shared), draws.Group([20, 21], {}), draws.Group([22, 23, 24], {})]
     blocks = list(batching.step_blocks(groups, cell_bytes=100))  # 8 cells a block
     assert [[len(g.cells) for g in block] for block in blocks] == [[7], [7], [6, 2], [3]]
     assert all(g.tensors is shared for block in blocks[:2] for g in block)
     assert [i for block in blocks for g in block for i in g.cells] == list(range(25))
+
+
+def stage_inputs(groups: int = 1, cells: int = 2, filters: int = 4, n: int = 3, n_test: int = 5,
+                 **changes: Tensor) -> kernel.StageInputs:
+    """A kernel input of zero filters (every response 0) of the given shapes; ``changes`` replace tensors."""
+    p = 3 + n
+    tensors = dict(start=torch.zeros(groups, cells, filters, p),
+                   test_start=torch.zeros(groups, cells, filters, n_test),
+                   norm2_start=torch.zeros(groups, cells, filters), gram=torch.eye(p).expand(groups, p, p),
+                   cross=torch.zeros(groups, p, n_test), y=torch.tensor([[1.0, -1.0, 1.0][:n]] * groups),
+                   clean=torch.ones(groups, n), test_y=torch.ones(groups, n_test),
+                   test_clean=torch.ones(groups, n_test), signal_coefficients=torch.zeros(groups, cells, 3),
+                   signal_norms=torch.ones(groups, cells, 3), lr=torch.full((groups, cells), 0.1))
+    return kernel.StageInputs(**{**tensors, **changes}, steps=4, eval_every=2)
+
+
+def test_kernel_takes_one_stage_inputs_and_rejects_a_tensor_of_the_wrong_shape() -> None:
+    """Zero filters stay zero under ReLU GD (relu'(0) = 0): the loss is log 2 at every step, the
+    coefficients 0; a tensor whose shape disagrees with ``start`` and the labels is named with the shape it
+    must have."""
+    out = kernel.train_stage_batch(stage_inputs())
+    assert out.loss.shape == (1, 2, 5) and out.train_acc.shape == out.test_acc.shape == (1, 2, 3)
+    assert out.decomposition.shape == (1, 2, 3, len(DECOMPOSITION_NAMES))
+    assert out.coefficients.shape == (1, 2, 4, 6)
+    torch.testing.assert_close(out.loss, torch.full((1, 2, 5), float(torch.log(torch.tensor(2.0)))))
+    assert not out.coefficients.any() and out.trajectory is None and out.bias is None
+    with pytest.raises(ValueError, match=r"StageInputs.cross has shape \(1, 6, 4\): must be \(1, 6, 5\)"):
+        stage_inputs(cross=torch.zeros(1, 6, 4))
+    with pytest.raises(ValueError, match=r"StageInputs.lr has shape \(2,\): must be \(1, 2\)"):
+        stage_inputs(lr=torch.full((2,), 0.1))
+    with pytest.raises(ValueError, match=r"StageInputs.start has shape \(1, 2, 4, 7\): must be \(G, C, 2m"):
+        stage_inputs(start=torch.zeros(1, 2, 4, 7), gram=torch.eye(7)[None], cross=torch.zeros(1, 7, 5))

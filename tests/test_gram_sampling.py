@@ -18,10 +18,10 @@ KEYS = ("gram1", "gram2", "mix", "start1", "start2", "up_start2", "norm2_1", "no
 
 
 def entries(cell: GramCell, seeds: range) -> dict[str, np.ndarray]:
-    """Each block of ``_prepare_group``'s tensors over ``seeds``: (len(seeds), entries)."""
+    """Each block of ``prepare_group``'s tensors over ``seeds``: (len(seeds), entries)."""
     out: dict[str, list[np.ndarray]] = {key: [] for key in KEYS}
     for seed in seeds:
-        tensors = draws._prepare_group(dataclasses.replace(cell, seed=seed), [0]).tensors
+        tensors = draws.prepare_group(dataclasses.replace(cell, seed=seed), [0]).tensors
         for key in KEYS:
             out[key].append(tensors[key].double().flatten().numpy())
     return {key: np.stack(value) for key, value in out.items()}
@@ -90,7 +90,7 @@ def test_cost_does_not_grow_with_d(make_cfg) -> None:
     timings = {}
     for d in (1000, 10_000_000):
         started = time.perf_counter()
-        tensors = draws._prepare_group(dataclasses.replace(cell, d=d), [0]).tensors
+        tensors = draws.prepare_group(dataclasses.replace(cell, d=d), [0]).tensors
         timings[d] = time.perf_counter() - started
         assert torch.isfinite(tensors["gram2"]).all()
     assert timings[10_000_000] < 10 * timings[1000] + 0.05

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ptlab.data.synthetic import DTYPES
 from ptlab.engines.gram.cell import GramCell
-from ptlab.engines.gram.draws import _Group, _prepare_group
-from ptlab.engines.gram.kernel import _train_stage, eval_steps, torch_threads
+from ptlab.engines.gram.draws import Group, prepare_group
+from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramResult, GramStage
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
@@ -65,7 +65,7 @@ def _plan(cell: GramCell, upstream_norms: Tensor, views: dict[str, SignalView] |
     return [row.as_dict() for row in rows], mask
 
 
-def _stack(groups: list[_Group], key: str) -> Tensor:
+def _stack(groups: list[Group], key: str) -> Tensor:
     return torch.stack([g.tensors[key] for g in groups])
 
 
@@ -74,7 +74,7 @@ def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[G
     return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
 
 
-def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients: bool, eval_threads: int = 1,
+def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
                ) -> list[tuple[int, GramResult]]:
     """Run every cell of ``groups`` (one shape) as one batched program; pads groups to equal size."""
     first = cells[groups[0].cells[0]]
@@ -92,13 +92,21 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         value = _stack(groups, key)
         return value[:, None].expand(value.shape[0], size, *value.shape[1:])
 
+    def task_inputs(task: int) -> dict[str, Tensor]:
+        """The data groups' tensors of a stage on task ``task``: Gram matrix, test products, labels."""
+        keys = {"gram": "gram", "cross": "cross", "y": "y", "clean": "c", "test_y": "ty", "test_clean": "tc"}
+        return {name: _stack(groups, f"{key}{task}") for name, key in keys.items()}
+
+    schedule: dict[str, Any] = {"eval_every": first.eval_every, "record_coefficients": record_coefficients,
+                "eval_threads": eval_threads}
+
     upstream_out = plans = masks = None
     if first.transfer:
-        upstream_out = _train_stage(
-            expand("start1"), expand("test_start1"), expand("norm2_1"), _stack(groups, "gram1"),
-            _stack(groups, "cross1"), _stack(groups, "y1"), _stack(groups, "c1"), _stack(groups, "ty1"),
-            _stack(groups, "tc1"), signal1, norms, lr, first.upstream_steps, first.eval_every, record_coefficients,
-            eval_threads, first.upstream_form, expand("bias1") if first.upstream_form.bias else None)
+        upstream_out = train_stage_batch(StageInputs(
+            start=expand("start1"), test_start=expand("test_start1"), norm2_start=expand("norm2_1"),
+            **task_inputs(1), signal_coefficients=signal1, signal_norms=norms, lr=lr,
+            steps=first.upstream_steps, **schedule, form=first.upstream_form,
+            bias_start=expand("bias1") if first.upstream_form.bias else None))
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
         up = upstream_out.coefficients.view(len(groups), size * filters, -1)
         carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
@@ -121,18 +129,20 @@ def _run_chunk(cells: list[GramCell], groups: list[_Group], record_coefficients:
         bias_start = None
         if first.model_form.bias:
             bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
-        twice = (lambda x: torch.cat([x, x], dim=1))
-        downstream = _train_stage(
-            start, test_start, norm2, _stack(groups, "gram2"), _stack(groups, "cross2"), _stack(groups, "y2"),
-            _stack(groups, "c2"), _stack(groups, "ty2"), _stack(groups, "tc2"), twice(signal2), twice(norms),
-            twice(lr), first.downstream_steps, first.eval_every, record_coefficients, eval_threads, first.model_form,
-            bias_start)
+
+        def twice(x: Tensor) -> Tensor:  # transfer, then scratch
+            return torch.cat([x, x], dim=1)
+
+        downstream = train_stage_batch(StageInputs(
+            start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
+            signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
+            steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start))
     else:
-        downstream = _train_stage(
-            expand("start2"), expand("test_start2"), expand("norm2_2"), _stack(groups, "gram2"),
-            _stack(groups, "cross2"), _stack(groups, "y2"), _stack(groups, "c2"), _stack(groups, "ty2"),
-            _stack(groups, "tc2"), signal2, norms, lr, first.downstream_steps, first.eval_every,
-            record_coefficients, eval_threads, first.model_form, expand("bias2") if first.model_form.bias else None)
+        downstream = train_stage_batch(StageInputs(
+            start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
+            **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
+            steps=first.downstream_steps, **schedule, form=first.model_form,
+            bias_start=expand("bias2") if first.model_form.bias else None))
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
@@ -184,7 +194,7 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
     The d-space products and the evaluations use torch's threads; the steps run on one: they are many
     small tensor operations, which lose more to the threads' synchronisation than they gain."""
     cells, groups, record_coefficients, summarize = spec
-    prepared = [_prepare_group(cells[g[0]], g) for g in groups]
+    prepared = [prepare_group(cells[g[0]], g) for g in groups]
     threads = torch.get_num_threads()
     results: list[tuple[int, GramResult]] = []
     with torch_threads(1):
@@ -199,7 +209,7 @@ def state_bytes(cell: GramCell) -> int:
     return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * DTYPES[cell.dtype].itemsize
 
 
-def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]:
+def step_blocks(groups: list[Group], cell_bytes: int) -> Iterator[list[Group]]:
     """The groups of a chunk in blocks of about ``STEP_BLOCK_BYTES`` of step state, each run as one program: groups
     larger than that are cut into near-equal parts that share their data (at least one cell a block)."""
     cap = max(1, STEP_BLOCK_BYTES // cell_bytes)
@@ -207,8 +217,8 @@ def step_blocks(groups: list[_Group], cell_bytes: int) -> Iterator[list[_Group]]
     for group in groups:
         parts = -(-len(group.cells) // cap)
         size = -(-len(group.cells) // parts)
-        pieces += [_Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
-    block: list[_Group] = []
+        pieces += [Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
+    block: list[Group] = []
     size = 0
     for piece in pieces:
         if block and size + len(piece.cells) > cap:

@@ -31,7 +31,7 @@ from ptlab.seeding import derive_seed, torch_seed
 
 
 @dataclass
-class _Group:
+class Group:
     """One draw of data and inits with every product the stages need (d-space work done once)."""
 
     cells: list[int]
@@ -159,7 +159,7 @@ DRAWS: dict[str, Callable[[GramCell], _Draw]] = {"dspace": _draw_dspace, "gram":
 """``task.sampling`` -> how a cell's data and inits are drawn."""
 
 
-def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
+def prepare_group(cell: GramCell, cell_indices: list[int]) -> Group:
     """One draw of a data key's data and inits, cut into the blocks the stages read."""
     draw = DRAWS[cell.sampling](cell)
     inner, (p1, p2, fu, fd) = draw.inner, draw.sizes
@@ -176,4 +176,4 @@ def _prepare_group(cell: GramCell, cell_indices: list[int]) -> _Group:
             "norm2_1": inner[su, su].diagonal().clone(),
             "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
         })
-    return _Group(cell_indices, {k: v.to(DTYPES[cell.dtype]).contiguous() for k, v in t.items()})
+    return Group(cell_indices, {k: v.to(DTYPES[cell.dtype]).contiguous() for k, v in t.items()})

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ptlab.data.synthetic import ResponseTestSet
 from ptlab.engines.base import Stage, StageResult
-from ptlab.engines.gram.kernel import _train_stage, eval_steps, torch_threads
+from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramStage, check_loss
 from ptlab.modules.decomposition import SIGNALS
 
@@ -51,13 +51,15 @@ class GramEngine:
         bias = None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(dtype)
         threads = torch.get_num_threads()
         with torch_threads(1):
-            out = _train_stage(
-                one(filters @ rows.T), one(test_start), one((filters * filters).sum(-1)),
-                (rows @ rows.T)[None], cross[None], stage.train.y.to(dtype)[None],
-                stage.train.clean_y.to(dtype)[None], stage.test.y.to(dtype)[None], stage.test.clean_y.to(dtype)[None],
-                torch.tensor([[signal]], dtype=dtype), torch.tensor([[norms]], dtype=dtype),
-                torch.tensor([[stage.lr]], dtype=dtype), stage.steps, stage.eval_every, False, eval_threads=threads,
-                form=model.form, bias_start=bias)
+            out = train_stage_batch(StageInputs(
+                start=one(filters @ rows.T), test_start=one(test_start),
+                norm2_start=one((filters * filters).sum(-1)), gram=(rows @ rows.T)[None], cross=cross[None],
+                y=stage.train.y.to(dtype)[None], clean=stage.train.clean_y.to(dtype)[None],
+                test_y=stage.test.y.to(dtype)[None], test_clean=stage.test.clean_y.to(dtype)[None],
+                signal_coefficients=torch.tensor([[signal]], dtype=dtype),
+                signal_norms=torch.tensor([[norms]], dtype=dtype), lr=torch.tensor([[stage.lr]], dtype=dtype),
+                steps=stage.steps, eval_every=stage.eval_every, eval_threads=threads, form=model.form,
+                bias_start=bias))
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():

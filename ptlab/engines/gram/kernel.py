@@ -71,43 +71,115 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@dataclass
-class _StageOutput:
-    loss: Tensor
-    train_acc: Tensor
-    test_acc: Tensor
-    decomposition: Tensor
-    coefficients: Tensor
-    norm2: Tensor
-    trajectory: Tensor | None
-    bias: Tensor | None = None
-
-
-def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: Tensor, cross: Tensor,
-                 y: Tensor, clean: Tensor, test_y: Tensor, test_clean: Tensor, signal_coefficients: Tensor,
-                 signal_norms: Tensor, lr: Tensor, steps: int, eval_every: int, record_coefficients: bool,
-                 eval_threads: int = 1, form: ModelForm = ModelForm(), bias_start: Tensor | None = None,
-                 ) -> _StageOutput:
-    """Full-batch GD of a batch of cells in coefficient space.
+@dataclass(frozen=True)
+class StageInputs:
+    """One stage of a batch of cells, as the kernel reads it.
 
     Shapes: ``G`` data groups of ``C`` cells, ``Fm = 2m`` filters, ``P = 3 + N`` vectors [b_u, b_v1, b_v2,
-    xi_1..xi_N]. ``start`` (G, C, Fm, P) = <w(0), vector>; ``test_start`` (G, C, Fm, n_test) = <w(0), test
-    noise>; ``norm2_start`` (G, C, Fm) = |w(0)|^2; ``gram`` (G, P, P); ``cross`` (G, P, n_test) = vectors
-    x test noise; labels ``y``/``clean`` (G, N), ``test_y``/``test_clean`` (G, n_test);
-    ``signal_coefficients`` (G, C, 3): the task signal s = u + v_k along the unit directions;
-    ``signal_norms`` (G, C, 3): |u|, |v1|, |v2|; ``lr`` (G, C). ``form`` is the network's (activation,
-    reductions, bias); with a bias, ``bias_start`` (G, C, Fm) holds the stage-start biases b, every response
-    enters the activation as ``R + b``, and b moves by the sum over patches of the responses' step.
+    xi_1..xi_N] (N training samples), ``n_test`` test samples. The kernel reads the tensors and writes none.
+    """
+
+    start: Tensor
+    """(G, C, Fm, P): <w(0), vector>, the stage-start filters' inner products with the vectors."""
+    test_start: Tensor
+    """(G, C, Fm, n_test): <w(0), test noise>."""
+    norm2_start: Tensor
+    """(G, C, Fm): |w(0)|^2."""
+    gram: Tensor
+    """(G, P, P): the vectors' Gram matrix, one per data group."""
+    cross: Tensor
+    """(G, P, n_test): vectors x test noise."""
+    y: Tensor
+    """(G, N): the training labels (+-1, label noise included)."""
+    clean: Tensor
+    """(G, N): the clean training labels, which pick each sample's signal patch (+s or -s)."""
+    test_y: Tensor
+    """(G, n_test): the test labels."""
+    test_clean: Tensor
+    """(G, n_test): the clean test labels."""
+    signal_coefficients: Tensor
+    """(G, C, 3): the task signal s = u + v_k along the unit directions."""
+    signal_norms: Tensor
+    """(G, C, 3): |u|, |v1|, |v2|."""
+    lr: Tensor
+    """(G, C): each cell's learning rate."""
+    steps: int
+    """GD steps of the stage."""
+    eval_every: int
+    """Accuracies and the decomposition are recorded at ``eval_steps(steps, eval_every)``."""
+    record_coefficients: bool = False
+    """Keep the coefficients at every eval step (``StageOutput.trajectory``)."""
+    eval_threads: int = 1
+    """torch threads for the evaluations (the steps run on the caller's)."""
+    form: ModelForm = ModelForm()
+    """The network's activation, reductions and bias."""
+    bias_start: Tensor | None = None
+    """(G, C, Fm): the stage-start biases b, with a bias (``form.bias``), else ``None``."""
+
+    def __post_init__(self) -> None:
+        """``ValueError`` naming the first tensor whose shape disagrees with ``start``'s and the labels'."""
+        groups, cells, filters, vectors = self.start.shape
+        n_train, n_test = self.y.shape[-1], self.test_y.shape[-1]
+        expected = {"test_start": (groups, cells, filters, n_test), "norm2_start": (groups, cells, filters),
+                    "gram": (groups, vectors, vectors), "cross": (groups, vectors, n_test),
+                    "y": (groups, n_train), "clean": (groups, n_train), "test_y": (groups, n_test),
+                    "test_clean": (groups, n_test), "signal_coefficients": (groups, cells, 3),
+                    "signal_norms": (groups, cells, 3), "lr": (groups, cells)}
+        if self.bias_start is not None:
+            expected["bias_start"] = (groups, cells, filters)
+        for name, shape in expected.items():
+            actual = tuple(getattr(self, name).shape)
+            if actual != shape:
+                raise ValueError(f"StageInputs.{name} has shape {actual}: must be {shape} "
+                                 f"(start is (G, C, Fm, P) = {tuple(self.start.shape)}, N = {n_train})")
+        if vectors != 3 + n_train or filters % 2:
+            raise ValueError(f"StageInputs.start has shape {tuple(self.start.shape)}: must be "
+                             f"(G, C, 2m, 3 + N) with N = {n_train} training samples")
+
+
+@dataclass
+class StageOutput:
+    """A trained stage of a batch of cells (``E`` eval steps, ``T`` = steps)."""
+
+    loss: Tensor
+    """(G, C, T + 1): the mean logistic loss at every step."""
+    train_acc: Tensor
+    """(G, C, E): float32, as torchmetrics computes it."""
+    test_acc: Tensor
+    """(G, C, E)."""
+    decomposition: Tensor
+    """(G, C, E, len(DECOMPOSITION_NAMES))."""
+    coefficients: Tensor
+    """(G, C, Fm, P): the stage's updates along [b_u, b_v1, b_v2, xi]."""
+    norm2: Tensor
+    """(G, C, Fm): the final |w|^2."""
+    trajectory: Tensor | None
+    """(G, C, E, Fm, P) coefficients at the eval steps, with ``record_coefficients``."""
+    bias: Tensor | None = None
+    """(G, C, Fm): the final biases, with a bias."""
+
+
+def train_stage_batch(inputs: StageInputs) -> StageOutput:
+    """Full-batch GD of a batch of cells in coefficient space (shapes: ``StageInputs``).
+
+    ``form`` is the network's (activation, reductions, bias); with a bias every response enters the
+    activation as ``R + b``, and b moves by the sum over patches of the responses' step.
 
     The steps run on the K = N + 2 patches GD actually sees, [xi_1..xi_N, +s, -s] (each cell its own s),
     so that one step is a dozen tensor operations whatever the batch: responses ``R = <w, patch>``,
     ``f = (sign / m) relu(R) A`` with ``A`` (K, N) placing each sample's two patches, the loss slope
-    per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``. Coefficients are summed
-    step by step and mapped back to [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of
-    -s). The eval steps only keep a copy of the state; the test set and the decomposition are computed
-    for several eval steps at once, on ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory
-    this takes).
+    per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``: 2 (2m) K^2 FLOPs a step and
+    cell for that product, the rest is elementwise. Coefficients are summed step by step and mapped back to
+    [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of -s). The eval steps only keep a copy
+    of the state; the test set and the decomposition are computed for several eval steps at once, on
+    ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory this takes).
     """
+    start, test_start, norm2_start, gram, cross = (inputs.start, inputs.test_start, inputs.norm2_start,
+                                                   inputs.gram, inputs.cross)
+    y, clean, test_y, test_clean = inputs.y, inputs.clean, inputs.test_y, inputs.test_clean
+    signal_coefficients, signal_norms, lr = inputs.signal_coefficients, inputs.signal_norms, inputs.lr
+    steps, eval_every, record_coefficients = inputs.steps, inputs.eval_every, inputs.record_coefficients
+    eval_threads, form, bias_start = inputs.eval_threads, inputs.form, inputs.bias_start
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
     patches, batch = n_train + 2, groups * cells
@@ -244,5 +316,5 @@ def _train_stage(start: Tensor, test_start: Tensor, norm2_start: Tensor, gram: T
         coefficients.add_(positive)
     loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
     norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
-    return _StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                        torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)
+    return StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
+                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)
