@@ -48,6 +48,7 @@ from ptlab.cli import CONFIG_DIR, quiet_lightning
 from ptlab.data import SyntheticTransferData
 from ptlab.engines.gram import GramCell, GramResult, iter_chunks, run_cells
 from ptlab.pipeline import run_pipeline, synthetic
+from ptlab.pipeline.run import make_engine
 from ptlab.pipeline.synthetic import make_data
 from ptlab.tracking import NullTracker
 
@@ -81,7 +82,7 @@ def stages_only(cfg: DictConfig, drawn: SyntheticTransferData) -> float:
     """Seconds of ``run_synthetic`` (models, the three stages, the transfer) on data drawn beforehand."""
     with mock.patch.object(synthetic, "make_data", lambda _: drawn):
         start = time.perf_counter()
-        synthetic.run_synthetic(cfg, NullTracker())
+        synthetic.run_synthetic(cfg, make_engine(cfg), NullTracker())
         return time.perf_counter() - start
 
 
