@@ -14,6 +14,7 @@ import difflib
 import itertools
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -305,6 +306,9 @@ def _default_keys() -> list[str]:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
     logging.getLogger("ptlab").info(start_line(cfg))  # before torch loads: the job's first sign of life
+    from ptlab.processes import bind_sweep_worker
+
+    bind_sweep_worker()
     from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
@@ -359,7 +363,9 @@ def main() -> None:
         hydra_main()
         return
     from ptlab.errors import Terminated
-    from ptlab.processes import forward_stop_signals
+    from ptlab.processes import SWEEP_PID_ENV, forward_stop_signals
+
+    os.environ[SWEEP_PID_ENV] = str(os.getpid())  # the sweep's workers die with this process
 
     try:
         with forward_stop_signals():

@@ -11,6 +11,7 @@ elsewhere nothing is forwarded.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -19,6 +20,29 @@ from pathlib import Path
 from types import FrameType
 
 from ptlab.errors import Terminated
+
+
+PR_SET_PDEATHSIG = 1
+SWEEP_PID_ENV = "PTLAB_SWEEP_PID"
+"""Set by the sweep's parent (``ptlab.cli``): its workers find their parent by it and die with it."""
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``); exit at once if the
+    parent already has. Elsewhere nothing happens."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def bind_sweep_worker() -> None:
+    """In a worker process of a sweep (a joblib/loky worker started by the sweep's parent), die with the parent: a
+    SIGKILL of the sweep then leaves no worker running cells for nobody (and their resource trackers, left without
+    users, clean up and exit)."""
+    parent = os.environ.get(SWEEP_PID_ENV)
+    if parent and int(parent) != os.getpid() and os.getppid() == int(parent):
+        die_with_parent(int(parent))
 
 
 def descendants(pid: int) -> list[int]:

@@ -50,6 +50,13 @@ def _pgid(pid: int) -> int | None:
     return int(stat[2]) if stat[0] != "Z" else None
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def wait_for_workers(process: subprocess.Popen, timeout: float = 120) -> None:
     """Until the sweep's two workers exist (training has started)."""
     deadline = time.monotonic() + timeout
@@ -100,3 +107,29 @@ def test_a_sweep_that_ends_normally_prints_no_traceback(tmp_path: Path) -> None:
     assert process.returncode == 0, err[-2000:]
     assert "Traceback" not in err and "Terminated" not in err
     assert "4 cells finished, 0 skipped (already finished), 0 failed" in out
+
+
+def test_sigkill_of_a_joblib_sweep_takes_its_workers(tmp_path: Path) -> None:
+    """The joblib launcher's loky workers bind to the sweep's parent (``ptlab.processes.bind_sweep_worker``): a
+    SIGKILL of the parent leaves no worker, no resource tracker and no new semaphore in /dev/shm."""
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ptlab", "-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2", "engine=lightning",
+         "task.d=200", "task.n1=100", "task.n2=20", "train.upstream_steps=3000", "train.downstream_steps=1000",
+         "model.width=8", "seed=0,1,2,3", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+         f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len([pid for pid in _pids() if _pgid(pid) == process.pid and b"popen_loky_posix" in _cmdline(pid)]) < 2:
+        assert time.monotonic() < deadline and process.poll() is None, "the loky workers never started"
+        time.sleep(0.5)
+    time.sleep(10)  # the workers are inside their pipelines
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(process.pid)
+    if shm:
+        assert not {name for name in set(os.listdir("/dev/shm")) - shm if name.startswith(("sem.", "loky"))}

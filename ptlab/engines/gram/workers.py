@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -23,16 +22,7 @@ from types import FrameType
 import torch
 
 from ptlab.errors import Terminated
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent ends; exit at once if the parent already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
+from ptlab.processes import die_with_parent
 
 
 def _init_worker(parent: int) -> None:
