@@ -167,7 +167,7 @@ def query(uri, experiment, expected, log):
     images = seconds = 0.0
     for r in runs:
         parent = parents.get(r.data.tags.get("mlflow.parentRunId"))
-        epochs = r.data.metrics.get("final/epochs")
+        epochs = r.data.metrics.get("summary/epochs")  # final/epochs as MLflow stores it (metric_name)
         if parent is None or epochs is None or not r.info.end_time:
             continue
         stage = r.data.tags.get("ptlab.stage", r.info.run_name or "")

@@ -152,8 +152,8 @@ def test_pipeline_and_report_through_the_server(
     # The report reads the pipeline back from the server and stores its files there.
     paths = make_report("remote", url, tmp_path / "report")
     (table,) = [pd.read_csv(p) for p in paths if p.suffix == ".csv"]
-    assert table["transfer_test_acc_count"].tolist() == [1]
-    assert table["transfer_test_acc_mean"].iloc[0] == remote["transfer"]["test_acc"]
+    assert table["n"].tolist() == [1]  # seeds per cell (ptlab.report.generic.cell_stats)
+    assert table["transfer_acc"].iloc[0] == remote["transfer"]["test_acc"]
     (report_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`ptlab.stage` = 'report'")
     assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} == {
         f"report/{p.name}" for p in paths}
@@ -174,9 +174,9 @@ def test_command_lines_against_the_server(server: tuple[str, Path], tmp_path: Pa
                    module="ptlab.report", timeout=120)
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(tmp_path / "report" / f"{experiment}.csv")
-    assert table["transfer_test_acc_count"].tolist() == [2]
+    assert table["n"].tolist() == [2]
     expected = sum(s["transfer"]["test_acc"] for s in summaries) / 2
-    assert table["transfer_test_acc_mean"].iloc[0] == pytest.approx(expected, abs=1e-12)
+    assert table["transfer_acc"].iloc[0] == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["runs", "grid"])

@@ -56,6 +56,8 @@ def test_two_swept_keys_give_a_heatmap_of_the_gain_in_points(store, tmp_path):
     assert {p.name for p in paths} == {"any_sweep.md", "any_sweep.csv", "any_sweep.png", "any_sweep.pdf"}
     runs = load_pipelines(uri, "any_sweep")
     assert len(runs) == 18 and sweep_keys(runs) == [ALPHA, U_NORM]
+    for column in ("tags.mlflow.user", "tags.mlflow.source.name", "tags.mlflow.source.git.commit"):
+        assert runs[column].notna().all()  # the batched sweep's parents carry what its children carry
     want = expected_gains(runs, [ALPHA, U_NORM])
     table = pd.read_csv(tmp_path / "any_sweep.csv")
     assert list(table["n"]) == [3] * 6

@@ -78,11 +78,12 @@ def decomposition_metrics(weight: Tensor, directions: Directions, noise: Tensor,
 
 
 FIGURE_PANELS = (
-    ("signal_u_max", r"universal signal: max $j\langle w, u\rangle$"),
-    ("signal_v_max", r"task signal: max $j\langle w, v_k\rangle$"),
-    ("noise_max", r"noise: max $\langle w_{y_i}, \xi_i\rangle$"),
-    ("noise_mean", r"noise: mean $\langle w_{y_i}, \xi_i\rangle$"),
+    ("signal_u_max", r"universal signal", r"$\max_{j,r}\ j\langle w_{j,r}, u\rangle$"),
+    ("signal_v_max", r"task signal", r"$\max_{j,r}\ j\langle w_{j,r}, v_k\rangle$"),
+    ("noise_max", r"noise memorised (max)", r"$\max_{r,i}\ \langle w_{y_i,r}, \xi_i\rangle$"),
+    ("noise_mean", r"noise memorised (mean)", r"$\mathrm{mean}_{r,i}\ \langle w_{y_i,r}, \xi_i\rangle$"),
 )
+"""Per panel: the curve's key, the panel's title and its y label (the quantity, with the indices it runs over)."""
 STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
 
 
@@ -103,15 +104,16 @@ def decomposition_figure(curves_by_stage: Mapping[str, Mapping[str, Sequence[tup
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.2))  # fixed margins: a layout engine would double the drawing time
-    axes = fig.subplots(1, len(FIGURE_PANELS), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.16, top=0.8,
-                                                                wspace=0.3))
-    for ax, (key, label) in zip(axes, FIGURE_PANELS):
+    axes = fig.subplots(1, len(FIGURE_PANELS), gridspec_kw=dict(left=0.06, right=0.99, bottom=0.16, top=0.8,
+                                                                wspace=0.45))
+    for ax, (key, label, quantity) in zip(axes, FIGURE_PANELS):
         for stage, curves in curves_by_stage.items():
             points = _panel_curve(curves, key, stage)
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=stage)
         ax.set_title(label, fontsize=9)
+        ax.set_ylabel(quantity, fontsize=9)
         ax.set_xlabel("GD step")
         ax.grid(alpha=0.3)
     labelled = [ax for ax in axes if ax.lines]
