@@ -16,11 +16,10 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.tracking.context.registry import resolve_tags
 
 from ptlab.tracking.base import MemoryTracker, RecordedRun
 from ptlab.tracking.faults import tracking_write
-from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
+from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
@@ -36,7 +35,7 @@ class ApiRunWriter:
         location = artifact_location or default_artifact_location(self.tracking_uri, experiment_name)
         self.experiment_id = get_or_create_experiment(self.client, experiment_name, location)
         mark_vanished(self.client, [self.experiment_id])
-        self.context_tags = {k: str(v) for k, v in resolve_tags({}).items()}
+        self.context_tags = {k: str(v) for k, v in provenance_tags({}).items()}
         """What MLflow's context adds to a run (user, source); resolved once."""
 
     def _create(self, name: str, tags: Mapping[str, str]) -> str:

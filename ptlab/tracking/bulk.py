@@ -21,7 +21,6 @@ from urllib.request import url2pathname
 from mlflow.entities import LifecycleStage, RunStatus, SourceType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
-from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_USER
 from mlflow.utils.uri import append_to_uri_path
 
@@ -30,7 +29,7 @@ from ptlab.tracking.api_writer import ApiRunWriter
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.faults import tracking_write
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
-from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, resolve_tracking_uri
+from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
                                 create_engine, is_database_uri, metric_rows, tables_checked)
 
@@ -49,7 +48,7 @@ class BulkRunWriter:
         self.experiment_id = get_or_create_experiment(client, experiment_name, location)
         mark_vanished(client, [self.experiment_id])
         self.artifact_root = client.get_experiment(self.experiment_id).artifact_location
-        self.context_tags = {k: str(v) for k, v in resolve_tags({}).items()}
+        self.context_tags = {k: str(v) for k, v in provenance_tags({}).items()}
         """What ``MLFlowLogger`` adds to a child run (user, source); resolved once."""
         check_tables()
         self.engine = create_engine(self.tracking_uri)
