@@ -441,8 +441,9 @@ def _abandon(jobs: list[SweepJob], status: str) -> None:
 
 def _train_and_track(pending: list[SweepJob], returns: dict[int, JobReturn], max_cells: int, history: str,
                      progress: bool, workers: int | None) -> None:
-    """Train the pending jobs in chunks and track each chunk as it comes back."""
-    with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=not progress or not pending) as bar:
+    """Train the pending jobs in chunks and track each chunk as it comes back (a progress bar on a terminal only:
+    tqdm's ``disable=None``)."""
+    with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
         workers = torch.get_num_threads() if workers is None else workers
         for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
             by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
@@ -651,7 +652,7 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     _grid_theory(todo)
     composed = time.perf_counter()
     workers = torch.get_num_threads() if workers is None else workers
-    with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=not progress or not todo) as bar:
+    with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
         for chunk in iter_chunks([cell.cell for cell in todo], max_cells, workers=workers, summarize=CellOutcome.of):
             for index, outcome in chunk:
                 todo[index].outcome = outcome
