@@ -114,7 +114,7 @@ def report(label: str, seconds: dict[str, float]) -> None:
 
 
 def load() -> str:
-    return "load %.1f" % os.getloadavg()[0]
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 def cli(args: list[str], cwd: Path) -> float:
@@ -197,7 +197,7 @@ def matmul_peak(threads: int = 2, size: int = 2048, repeats: int = 5) -> dict[st
     out = {}
     for dtype in (torch.float32, torch.float64):
         a, b = torch.rand(size, size, dtype=dtype), torch.rand(size, size, dtype=dtype)
-        out[str(dtype).removeprefix("torch.")] = 2 * size ** 3 / best(lambda: a @ b, repeats) / 1e9
+        out[str(dtype).removeprefix("torch.")] = 2 * size ** 3 / best(lambda a=a, b=b: a @ b, repeats) / 1e9
     torch.set_num_threads(previous)
     return out
 

@@ -67,7 +67,7 @@ def write_zeroed_store(path: Path) -> None:
 
     client = MlflowClient(f"sqlite:///{path}")
     experiment = client.create_experiment("zeroed", artifact_location=path.with_suffix("").as_uri())
-    for i in range(20):
+    for _ in range(20):
         run = client.create_run(experiment)
         client.log_param(run.info.run_id, "p", "x" * 2000)
         client.set_terminated(run.info.run_id)

@@ -43,7 +43,7 @@ def expected_gains(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     for key in keys:
         frame[key] = pd.to_numeric(frame[key])
     rows = []
-    for values, group in frame.groupby(keys, sort=True):
+    for _, group in frame.groupby(keys, sort=True):
         low, high = stats.t.interval(0.95, len(group) - 1, loc=group["gain"].mean(), scale=stats.sem(group["gain"])) \
             if group["gain"].std() > 0 else (group["gain"].mean(),) * 2
         rows.append({"n": len(group), "gain": group["gain"].mean(), "low": low, "high": high})

@@ -46,7 +46,7 @@ def build_timm_model(name: str, num_classes: int, pretrained: bool = False, weig
         else:
             left = load_matching_weights(model, weights_path)
             if left:
-                warnings.warn(f"{arch}: {len(left)} tensors not in {weights_path} (kept at init), e.g. {left[:3]}")
+                warnings.warn(f"{arch}: {len(left)} tensors not in {weights_path} (kept at init), e.g. {left[:3]}", stacklevel=2)
     else:
         try:
             model = timm.create_model(arch, pretrained=pretrained, **kwargs)

@@ -161,5 +161,5 @@ def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0, weigh
     if weights_path:
         left = load_matching_weights(model, weights_path)
         if left:
-            warnings.warn(f"{arch}: {len(left)} tensors not in {weights_path} (kept at init), e.g. {left[:3]}")
+            warnings.warn(f"{arch}: {len(left)} tensors not in {weights_path} (kept at init), e.g. {left[:3]}", stacklevel=2)
     return model
