@@ -353,7 +353,8 @@ def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_comm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=4000", "train.eval_every=400",
+    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=400", "train.downstream_steps=400",
+            "train.eval_every=100",
             "hydra.run.dir=out", "cache.dir=cache", f"logger.tracking_uri={url}", "logger.experiment_name=dies"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     pipeline = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
@@ -376,8 +377,8 @@ def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_comm
         assert lines[-1].startswith(f"ptlab: logger.tracking_uri='{url}': the tracking store failed, the server does "
                                     "not answer"), stderr[-3000:]
         assert "Traceback" not in stderr
-        print(f"exit {took:.1f} s after the server died")
-        assert took < 90, took  # the next write (a metric flush) plus at most about 20 s of bounded retries
+        print(f"exit {took:.1f} s after the server died: {lines[-1]}")
+        assert took < 60, took  # the next write (the stage's end, seconds away) plus about 20 s of bounded retries
         server = start_server(tmp_path, port)
         assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"RUNNING"}
         done = run_cli([*SMALL, f"logger.tracking_uri={url}", "logger.experiment_name=dies", "hydra.run.dir=next",
