@@ -90,6 +90,7 @@ BAD = [
     ([*D, "task.k=9"], "task.k=9 is not allowed: must be in [1, 8]"),
     ([*D, "task.n_test=100000"], "task.n_test=100000 is not allowed: it needs"),
     (["-m", *D, "task.k=7,9"], "task.k=9 is not allowed: must be in [1, 8]"),
+    (["-m", *D, "task.k=9,2", "task.task2_classes=[3],[3,5]"], "task.k=9 is not allowed: must be in [1, 8]"),  # a pair
     ([*FOLDER, "task.root=HOLE"], "task.root='HOLE' is not allowed: class folder(s) dog hold no image"),
     ([*FOLDER, "task.root=BROKEN"], "is not a readable image (UnidentifiedImageError"),
     ([*FOLDER, "task.task2_classes=[ant,eel]"], "task.task2_classes=['ant', 'eel'] is not allowed: eel not among"),
