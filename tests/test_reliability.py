@@ -420,3 +420,34 @@ def test_an_output_folder_on_a_full_disk_is_refused_before_anything_is_written(t
     assert lines["ERR"].startswith(f"ptlab: hydra.run.dir='{tmp_path / 'disk' / 'out'}' is not allowed: ")
     assert "is on a disk with 1.0 MB free (at least 16.0 MB needed)" in lines["ERR"] and "\n" not in lines["ERR"]
     assert lines["LEFT"] == "['fill'] []"
+
+
+FULL_BULK = """
+import os, sys
+from ptlab.errors import StoreError
+from ptlab.tracking.bulk import BulkRunWriter
+disk = sys.argv[1]
+writer = BulkRunWriter(f"sqlite:///{disk}/mlflow.db", "bulk", artifact_location=f"file://{disk}/art")
+trackers = []
+for cell in range(50):
+    with writer.tracker(f"cell {cell}", {"ptlab.stage": "pipeline"}) as tracker:
+        tracker.log_params({f"p{i}": "v" * 400 for i in range(100)})
+    trackers.append(tracker)
+free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+with open(f"{disk}/fill", "wb") as handle:
+    handle.write(b"x" * free)
+try:
+    writer.write(trackers)
+except StoreError as err:
+    print("ERROR", str(err).count(chr(10)), str(err))
+os.remove(f"{disk}/fill")
+import sqlite3
+print("ROWS", sqlite3.connect(f"{disk}/mlflow.db").execute("SELECT count(*) FROM runs").fetchone()[0])
+"""
+
+
+def test_a_full_disk_under_the_batched_sweeps_bulk_writer_is_one_line_and_writes_no_run(tmp_path: Path) -> None:
+    done = on_small_disk(tmp_path, FULL_BULK, [[]], size="3M")
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["ERROR"].startswith("0 logger.tracking_uri=") and "its disk is full" in lines["ERROR"], done.stdout
+    assert lines["ROWS"] == "0"  # one transaction: no run half-written, none RUNNING
