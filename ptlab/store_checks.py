@@ -133,16 +133,3 @@ def check_database_driver(uri: str) -> None:
                            "here; install it or use another store") from None
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
         raise _refuse(uri, str(err).splitlines()[0]) from None
-
-
-def check_artifact_location(location: str | None, start: Path | None = None) -> None:
-    """A local ``logger.artifact_location`` (a path or ``file://``) is a writable folder or can be made one."""
-    if not location:
-        return
-    from ptlab.checks import check_folder
-
-    parsed = urllib.parse.urlparse(location)
-    if parsed.scheme == "file":
-        check_folder("logger.artifact_location", urllib.parse.unquote(parsed.path), start)
-    elif not parsed.scheme or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
-        check_folder("logger.artifact_location", location, start)
