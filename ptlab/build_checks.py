@@ -63,7 +63,8 @@ def _stratified_counts(labels: Sequence[int], classes: int, test_fraction: float
 
     y = np.asarray(labels)
     try:
-        train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=y)
+        train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed,
+                                       stratify=y)
     except ValueError as err:
         raise ConfigError(f"{key}={test_fraction} is not allowed for these {len(y)} images: "
                           f"{str(err).splitlines()[0]}") from None
@@ -118,7 +119,7 @@ def check_download(name: str, timeout: float = DOWNLOAD_PROBE_S) -> None:
 
     url = CIFAR_URLS[name]
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()  # noqa: S310
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code < 400 or err.code == 405:  # it answers; HEAD may be refused where GET is served
             return
@@ -136,10 +137,10 @@ def unreadable_image(path: Path) -> str | None:
 
     try:
         with Image.open(path) as image:
-            image.size  # noqa: B018 - parsed from the header
+            width, height = image.size  # parsed from the header
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
-    return None
+    return None if width and height else f"an image of {width} x {height} pixels"
 
 
 @functools.lru_cache(maxsize=8)
@@ -268,7 +269,7 @@ def check_image_task(task: Any, seed: int, start: Path | None = None) -> None:
         raise ConfigError(f"task.k={k} is not allowed: must be in [1, {len(rest)}] (the classes outside "
                           "task.task2_classes)")
     n2 = int(task.n2)
-    n1 = int(math.floor(float(task.n1_ratio) * n2 + 0.5))
+    n1 = math.floor(float(task.n1_ratio) * n2 + 0.5)
     check_sample("task.n2", n2, task2, counts.train, counts, "training")
     if task1 is None:
         share = -(-n1 // k)
@@ -287,7 +288,8 @@ def is_vit(model: Any) -> bool | None:
     if target == TIMM_FACTORY:
         import timm  # only for transfer checks on a model=timm config
 
-        return str(model.get("name")) in {name for module in TIMM_VIT_MODULES for name in timm.list_models(module=module)}
+        vits = {name for module in TIMM_VIT_MODULES for name in timm.list_models(module=module)}
+        return str(model.get("name")) in vits
     if target in (None, "ptlab.models.TwoLayerReLUCNN"):
         return None
     return False
@@ -321,7 +323,8 @@ def check_trainer(cfg: Any) -> None:
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ACCELERATORS:
-        raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: must be one of {', '.join(ACCELERATORS)}")
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: must be one of "
+                          f"{', '.join(ACCELERATORS)}")
     image = cfg.task.name != "synthetic"
     precision = str(cfg.train.precision) if image else "32-true"
     gpus = None

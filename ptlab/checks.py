@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +21,7 @@ from ptlab.build_checks import check_built
 from ptlab.errors import ConfigError
 from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder
 from ptlab.models.name_check import check_model_name
-from ptlab.store_checks import (MEMORY_NAMES, check_artifact_location, check_database_driver, check_http_store,
-                                check_sqlite_store)
+from ptlab.store_checks import MEMORY_NAMES, check_database_driver, check_http_store, check_sqlite_store
 from ptlab.utils import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -115,6 +115,17 @@ def check_tracking_uri(uri: str, start: Path | None = None, experiment_name: str
         check_http_store(uri, experiment_name)
     elif scheme in DATABASE_SCHEMES:
         check_database_driver(uri)
+
+
+def check_artifact_location(location: str | None, start: Path | None = None) -> None:
+    """A local ``logger.artifact_location`` (a path or ``file://``) is a writable folder or can be made one."""
+    if not location:
+        return
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        check_folder("logger.artifact_location", unquote(parsed.path), start)
+    elif not parsed.scheme or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
+        check_folder("logger.artifact_location", location, start)
 
 
 def check_weights(key: str, model: Any) -> None:

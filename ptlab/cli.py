@@ -291,6 +291,8 @@ def preflight(argv: list[str]) -> str | None:
         return f"could not read the overrides: {str(err).splitlines()[0]}"
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
         return describe_error(err, _default_keys())
+    finally:
+        _SOURCE[0] = ConfigSource()  # compose_config and the next preflight read the repository's conf/ again
     return None
 
 

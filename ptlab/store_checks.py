@@ -86,12 +86,13 @@ def check_http_store(uri: str, experiment_name: str | None, timeout: float = PRO
     """One request to the server: it answers as MLflow, accepts the credentials, and the experiment is not
     deleted."""
     name = experiment_name or "default"
-    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{urllib.parse.urlencode({'experiment_name': name})}"
+    query = urllib.parse.urlencode({"experiment_name": name})
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
     request = urllib.request.Request(url, headers=_auth_headers())
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true")
-    context = ssl._create_unverified_context() if insecure and uri.startswith("https") else None  # noqa: S323
+    context = ssl._create_unverified_context() if insecure and uri.startswith("https") else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             body = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
@@ -127,16 +128,3 @@ def check_database_driver(uri: str) -> None:
                            "here; install it or use another store") from None
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
         raise _refuse(uri, str(err).splitlines()[0]) from None
-
-
-def check_artifact_location(location: str | None, start: Path | None = None) -> None:
-    """A local ``logger.artifact_location`` (a path or ``file://``) is a writable folder or can be made one."""
-    if not location:
-        return
-    from ptlab.folder_checks import check_folder
-
-    parsed = urllib.parse.urlparse(location)
-    if parsed.scheme == "file":
-        check_folder("logger.artifact_location", urllib.parse.unquote(parsed.path), start)
-    elif not parsed.scheme or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
-        check_folder("logger.artifact_location", location, start)

@@ -284,7 +284,8 @@ def test_trainer_builds_the_image_logs_to_the_server_and_reserves_a_gpu(compose:
 
 def test_compose_overrides_reach_the_services() -> None:
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    custom = interpolate(raw, {**SECRETS, "POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050", "MLFLOW_BIND": "0.0.0.0"})
+    custom = interpolate(raw, {**SECRETS, "POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050",
+                               "MLFLOW_BIND": "0.0.0.0"})
     assert ":s3cret@postgres" in option(custom["services"]["mlflow"]["command"], "--backend-store-uri")
     assert custom["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
     assert custom["services"]["mlflow"]["ports"] == ["0.0.0.0:5050:5000"]  # every interface: an explicit opt-in

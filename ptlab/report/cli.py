@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ptlab.errors import Terminated
 from ptlab.report.registry import renderer_for
 from ptlab.report.runs import ReportError, load_pipelines
-from ptlab.errors import Terminated
 from ptlab.tracking import make_tracker
 from ptlab.tracking.faults import signals_as_interrupt
 

@@ -18,7 +18,7 @@ from time import time
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-from ptlab.utils import flatten as flatten  # re-exported: the pipeline imports it from here
+from ptlab.utils import flatten  # noqa: F401 - re-exported: the pipeline imports it from here
 
 STAGE_TAG = "ptlab.stage"
 CELL_TAG = "ptlab.cell"

@@ -27,7 +27,7 @@ from mlflow.utils.uri import append_to_uri_path
 from ptlab.errors import ConfigError
 from ptlab.tracking.api_writer import ApiRunWriter
 from ptlab.tracking.base import MemoryTracker
-from ptlab.tracking.faults import tracking_write
+from ptlab.tracking.faults import store_error, store_fault, tracking_write
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
 from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
@@ -62,7 +62,12 @@ class BulkRunWriter:
         """Store every run of ``trackers`` (rows in one transaction, then artifacts); returns the run count.
         A signal that arrives meanwhile is raised once rows and artifacts are all written."""
         with tracking_write():
-            return self._write(trackers)
+            try:
+                return self._write(trackers)
+            except Exception as err:
+                if store_fault(err):  # a full disk, a damaged file: one line (the runs' rows are all or none)
+                    raise store_error(err, self.tracking_uri) from err
+                raise
 
     def _write(self, trackers: Iterable[MemoryTracker]) -> int:
         runs, tags, params, metrics, latest = [], [], [], [], []
