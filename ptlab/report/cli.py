@@ -2,6 +2,9 @@
 
 ``python -m ptlab.report calibrate EXPERIMENT...``: fit the theory's constants to those experiments'
 runs and print the outcome agreement on held-out cells (ptlab.report.calibrate).
+
+``python -m ptlab.report design --seed S --cells N --out FILE``: draw a random design over a box
+(``ptlab.design``) as a cells file for ``hydra.sweeper.cells``.
 """
 
 from __future__ import annotations
@@ -59,8 +62,35 @@ def calibrate_main(argv: list[str]) -> int:
     return 0
 
 
+def design_main(argv: list[str]) -> int:
+    """``design --seed S --cells N [--seeds K] [--box FILE] --out FILE``: write a random design's cells file."""
+    from ptlab.design import DesignError, design_yaml, draw_design, load_box
+
+    parser = argparse.ArgumentParser(prog="python -m ptlab.report design",
+                                     description="Draw cells at random over a box, each with its own run seeds.")
+    parser.add_argument("--seed", type=int, required=True, help="the design's seed (also sets its run seeds)")
+    parser.add_argument("--cells", type=int, required=True, help="number of cells")
+    parser.add_argument("--seeds", type=int, default=16, help="run seeds a cell (default: %(default)s)")
+    parser.add_argument("--box", default="conf/design/calibration.yaml", help="box file (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the cells file to write")
+    args = parser.parse_args(argv)
+    try:
+        box = load_box(args.box)
+        design = draw_design(box, args.seed, args.cells, args.seeds)
+    except (DesignError, OSError) as err:
+        print(f"ptlab: {err}", file=sys.stderr)
+        return 2
+    command = (f"python -m ptlab.report design --seed {args.seed} --cells {args.cells} --seeds {args.seeds} "
+               f"--box {args.box}")
+    Path(args.out).write_text(design_yaml(design, box, args.seed, args.seeds, command))
+    print(args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["design"]:
+        return design_main(argv[1:])
     if argv[:1] == ["calibrate"]:
         return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ptlab.report", description=__doc__)
