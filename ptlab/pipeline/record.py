@@ -73,6 +73,10 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
     if theory is not None:
         tracker.log_params({f"theory.{k}": v for k, v in theory.labels().items()})
         tracker.log_metrics({f"theory/{k}": v for k, v in theory.metrics().items() if math.isfinite(v)})
+    if theory is not None and theory.prediction is not None:  # the fitted phase model's (ptlab.phase)
+        tracker.log_params({f"prediction.{k}": v for k, v in theory.prediction.items() if isinstance(v, str)})
+        tracker.log_metrics({f"prediction/{k}": float(v) for k, v in theory.prediction.items()
+                             if not isinstance(v, str) and math.isfinite(v)})
 
 
 def record_stage(tracker: Tracker, result: StageResult) -> None:
@@ -153,6 +157,7 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
            for name in STAGES},
         **(extra or {}),
         **({"theory": theory.as_dict()} if theory is not None else {}),
+        **({"prediction": theory.prediction} if theory is not None and theory.prediction is not None else {}),
         "seed": seed,
         "choices": dict(choices),
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
