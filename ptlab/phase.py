@@ -134,7 +134,7 @@ class PhaseModel:
             **{f"p_{c}": round(float(p), 6) for c, p in zip(self.classes, probabilities)},
             "gain": round(gain, 4), "gain_low": round(gain - half, 4), "gain_high": round(gain + half, 4),
             "model": self.name,
-            "held_out_agreement": float(held.get("agreement", math.nan)),
+            "held_out_agreement": float(held["agreement"]) if "agreement" in held else None,
         }
 
     def as_dict(self) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def text(result: dict[str, Any]) -> str:
         lines.append("phase model: none (no conf/phase_model.yaml)")
     else:
         lines.append(f"phase model: {p['outcome']}, gain {p['gain']:+.2f} points [{p['gain_low']:+.2f}, "
-                     f"{p['gain_high']:+.2f}]; {p['model']}, held-out agreement {p['held_out_agreement']:.1%}")
+                     f"{p['gain_high']:+.2f}]; {p['model']}, held-out agreement "
+                     + ("unknown" if p["held_out_agreement"] is None else f"{p['held_out_agreement']:.1%}"))
     return "\n".join(lines)
 
 

@@ -76,7 +76,7 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
     if theory is not None and theory.prediction is not None:  # the fitted phase model's (ptlab.phase)
         tracker.log_params({f"prediction.{k}": v for k, v in theory.prediction.items() if isinstance(v, str)})
         tracker.log_metrics({f"prediction/{k}": float(v) for k, v in theory.prediction.items()
-                             if not isinstance(v, str) and math.isfinite(v)})
+                             if isinstance(v, (int, float)) and math.isfinite(v)})
 
 
 def record_stage(tracker: Tracker, result: StageResult) -> None:
