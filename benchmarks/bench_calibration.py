@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--plan", type=int, default=400, help="cells to extrapolate to (default: %(default)s)")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         design = Path(tmp) / "design.yaml"
@@ -51,7 +51,7 @@ def main() -> int:
         done = subprocess.run([sys.executable, "-m", "ptlab", "-m", "experiment=calibration",
                                f"hydra.sweeper.cells={design}", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db",
                                f"hydra.sweep.dir={tmp}/sweep", f"cache.dir={tmp}/cache"],
-                              cwd=tmp, env=env, capture_output=True, text=True)
+                              cwd=tmp, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:

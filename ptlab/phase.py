@@ -21,8 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from ptlab.theory import (Setting, condition_4_1_ratio, divide, gamma, scratch_threshold, signal_ratio,
-                          source_strength, target_signal_norm, threshold_term)
+from ptlab.theory import (
+    Setting,
+    condition_4_1_ratio,
+    divide,
+    gamma,
+    scratch_threshold,
+    signal_ratio,
+    source_strength,
+    target_signal_norm,
+    threshold_term,
+)
 
 FEATURES = ("log_d_over_threshold", "log_d_over_scratch_threshold", "log_gamma", "universal_fraction",
             "log_source_strength", "log_negative_transfer_ratio", "alpha", "log_n1_over_n2",

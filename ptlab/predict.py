@@ -15,6 +15,9 @@ import math
 import sys
 from typing import Any
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from ptlab.errors import ConfigError
 
 
@@ -46,13 +49,13 @@ def text(result: dict[str, Any]) -> str:
     setting = ", ".join(f"{k}={_number(v)}" for k, v in result["setting"].items())
     lines = [
         f"setting: {setting}",
-        f"theory: {t['predicted']} (rule: {t['rule']}); transfer {t['transfer_regime']} (d / D* = "
-        f"{_number(t['d_over_threshold'])}), scratch {t['scratch_regime']} (d / (N2 S2^4 / s2^4) = "
-        f"{_number(t['d_over_scratch_threshold'])})",
-        f"  Gamma = {_number(t['gamma'])}, S2^2 / U^2 = {_number(t['signal_ratio'])}, alpha N1 s2^2 / (N2 s1^2) = "
-        f"{_number(t['source_strength'])}, negative-transfer chain: {t['negative_transfer_condition']}",
-        f"  Condition 4.1 (d >= max(n^2, n S^2 / s^2)): {'holds' if t['condition_4_1'] else 'broken'} "
-        f"(ratio {_number(t['condition_4_1_ratio'])})",
+        (f"theory: {t['predicted']} (rule: {t['rule']}); transfer {t['transfer_regime']} (d / D* = "
+         f"{_number(t['d_over_threshold'])}), scratch {t['scratch_regime']} (d / (N2 S2^4 / s2^4) = "
+         f"{_number(t['d_over_scratch_threshold'])})"),
+        (f"  Gamma = {_number(t['gamma'])}, S2^2 / U^2 = {_number(t['signal_ratio'])}, alpha N1 s2^2 / (N2 s1^2) = "
+         f"{_number(t['source_strength'])}, negative-transfer chain: {t['negative_transfer_condition']}"),
+        (f"  Condition 4.1 (d >= max(n^2, n S^2 / s^2)): {'holds' if t['condition_4_1'] else 'broken'} "
+         f"(ratio {_number(t['condition_4_1_ratio'])})"),
     ]
     if p is None:
         lines.append("phase model: none (no conf/phase_model.yaml)")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ptlab: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # a Hydra composition error: one line, as the main CLI prints it
+    except (HydraException, OmegaConfBaseException) as err:  # a composition error: one line, as ptlab's CLI says it
         from ptlab.cli import describe_error
 
         print(f"ptlab: {describe_error(err)}", file=sys.stderr)

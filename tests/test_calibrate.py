@@ -11,13 +11,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from tests.conftest import run_cli
 
 from ptlab.phase import load
-from ptlab.report.calibrate import (FIT, HELD_OUT, PHASE, THEORY, add_thresholds, calibrate, cell_table,
-                                    constants_yaml, fit_constants, score, wilson_interval)
+from ptlab.report.calibrate import (
+    FIT,
+    HELD_OUT,
+    PHASE,
+    THEORY,
+    add_thresholds,
+    calibrate,
+    cell_table,
+    constants_yaml,
+    fit_constants,
+    score,
+    wilson_interval,
+)
 from ptlab.report.runs import one_run_per_seed, seed_stats
 from ptlab.theory import scratch_threshold, target_signal_norm, threshold_term
+from tests.conftest import run_cli
 
 BASE = {"params.task.n1": "200", "params.task.n2": "20", "params.task.v_norm": "2.0", "params.noise.sigma_p1": "1.0",
         "params.noise.sigma_p2": "1.0", "params.transfer.alpha": "0.5", "params.transfer.kind": "filters"}

@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tests.conftest import REPO, SMALL, run_cli
 
-from ptlab.design import SEED_STRIDE, DesignError, Range, draw_design, load_box, parse_box, read_cells
+from ptlab.design import (
+    SEED_STRIDE,
+    DesignError,
+    Range,
+    draw_design,
+    load_box,
+    parse_box,
+    read_cells,
+)
+from tests.conftest import REPO, SMALL, run_cli
 
 BOX = load_box(REPO / "conf" / "design" / "calibration.yaml")
 

@@ -34,10 +34,28 @@ import pandas as pd
 
 from ptlab.phase import FEATURES, PhaseModel, feature_matrix
 from ptlab.report.runs import GAIN, ReportError, load_pipelines, seed_stats
-from ptlab.report.synthetic import NEAR_OPTIMAL_ACCURACY, SCRATCH, TRANSFER, BoundaryFit, fit_boundary
-from ptlab.theory import (NEGATIVE_TRANSFER, NO_DIFFERENCE, TRANSFER_HELPS, UNDETERMINED, Setting,
-                          TheoryConstants, gamma, negative_transfer_ratio, predict, scratch_threshold,
-                          source_strength, target_signal_norm, threshold_term)
+from ptlab.report.synthetic import (
+    NEAR_OPTIMAL_ACCURACY,
+    SCRATCH,
+    TRANSFER,
+    BoundaryFit,
+    fit_boundary,
+)
+from ptlab.theory import (
+    NEGATIVE_TRANSFER,
+    NO_DIFFERENCE,
+    TRANSFER_HELPS,
+    UNDETERMINED,
+    Setting,
+    TheoryConstants,
+    gamma,
+    negative_transfer_ratio,
+    predict,
+    scratch_threshold,
+    source_strength,
+    target_signal_norm,
+    threshold_term,
+)
 
 OUTCOME_OF_VERDICT = {"better": TRANSFER_HELPS, "no detectable difference": NO_DIFFERENCE,
                       "worse": NEGATIVE_TRANSFER}
@@ -423,8 +441,8 @@ def report_text(result: Calibration, dropped: int = 0) -> str:
              f"{'near' if key.startswith('c1') else 'sub'}-optimal boundary: {b.agreeing}/{b.cells} fit cells agree)"
              for key, b in result.boundaries.items()]
     fit_cells = int((result.cells["split"] == FIT).sum())
-    lines += [f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g}, c_ratio = {c.c_ratio:.4g} (Proposition 4.4: "
-              f"{result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome)"]
+    lines.append(f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g}, c_ratio = {c.c_ratio:.4g} (Proposition 4.4: "
+                 f"{result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome)")
     if dropped:
         lines.append(f"left out: {dropped} cells with fewer than {MIN_SEEDS} seeds")
     lines.append(f"phase model: {result.phase.name}; 5-fold CV agreement on the fit cells: "
