@@ -107,3 +107,18 @@ def test_predict_cli_and_a_run_log_the_same_prediction(fitted, tmp_path: Path, t
     assert cli.returncode == 0 and json.loads(cli.stdout)["prediction"] == expected
     bad = run_cli(["theory.phase_model=/no/such/file.yaml"], tmp_path, module="ptlab.predict")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("ptlab: theory.phase_model=")
+
+
+def test_a_batched_gram_sweep_logs_the_same_prediction(fitted, tmp_path: Path, tracking_uri: str) -> None:
+    model, _ = fitted
+    path = tmp_path / "phase.yaml"
+    save(model, path)
+    done = run_cli(["-m", *SMALL, "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
+                    "task.u_norm=0.0,1.5", f"theory.phase_model={path}", f"logger.tracking_uri={tracking_uri}",
+                    f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
+    assert len(summaries) == 2
+    for summary, u in zip(summaries, (0.0, 1.5)):
+        setting = Setting(d=200, n1=40, n2=10, u_norm=u, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.5)
+        assert summary["prediction"] == model.predict(setting)
