@@ -170,3 +170,10 @@ def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path,
     assert model.provenance["box"]["task.n1"] == 40
     assert main(["calibrate", "--fit", "no_such_experiment", "--tracking-uri", tracking_uri]) == 2
     assert main(["calibrate", "--fit", "fit_design", "--held-out", "fit_design", "--tracking-uri", tracking_uri]) == 2
+    # A design run again under another name shares its run seeds: it cannot be held out.
+    done = run_cli(["-m", "experiment=calibration", f"hydra.sweeper.cells={tmp_path / 'd1.yaml'}", *TINY,
+                    "transfer.alpha=0.3", f"logger.tracking_uri={tracking_uri}", "logger.experiment_name=again",
+                    f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'again'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["calibrate", "--fit", "fit_design", "--held-out", "again", "--min-seeds", "3",
+                 "--tracking-uri", tracking_uri, "--out", str(out)]) == 2

@@ -371,13 +371,22 @@ def calibrate(cells: pd.DataFrame, provenance: dict | None = None) -> Calibratio
 
 def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
                min_seeds: int = MIN_SEEDS) -> tuple[pd.DataFrame, int]:
-    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds."""
+    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds.
+    Held-out runs must share no run seed with fit runs (no common random numbers across the split)."""
     overlap = set(fit) & set(held_out)
     if overlap:
         raise ReportError(f"experiment(s) {', '.join(sorted(overlap))} both fit and held out: a held-out cell "
                           "must never be fitted")
-    tables = [cell_table(load_pipelines(tracking_uri, e), e, split)
-              for split, names in ((FIT, fit), (HELD_OUT, held_out)) for e in names]
+    tables, seeds = [], {FIT: set(), HELD_OUT: set()}
+    for split, names in ((FIT, fit), (HELD_OUT, held_out)):
+        for name in names:
+            runs = load_pipelines(tracking_uri, name)
+            seeds[split] |= set(runs["params.seed"].astype(str)) if "params.seed" in runs else set()
+            tables.append(cell_table(runs, name, split))
+    shared = seeds[FIT] & seeds[HELD_OUT]
+    if shared:
+        raise ReportError(f"{len(shared)} run seeds (e.g. {sorted(shared, key=str)[0]}) occur in both fit and held-out "
+                          "runs: held-out cells must not share data with fit cells (draw them with another design seed)")
     cells = pd.concat(tables, ignore_index=True)
     enough = cells["n_seeds"] >= min_seeds
     return cells[enough].reset_index(drop=True), int((~enough).sum())
