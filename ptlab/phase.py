@@ -1,10 +1,11 @@
 """The fitted phase model: the measured outcome of transfer against scratch predicted from the theory's
 dimensionless quantities (docs/theory.md).
 
-``features(setting)`` turns a synthetic setting into the quantities of ``FEATURES`` (logarithms base 10,
-clipped to ``[-CLIP, CLIP]`` so that ``u = 0``'s infinite ratios stay finite). A ``PhaseModel`` holds either a
-multinomial logistic regression (standardised features, one linear score per class, softmax) or a
-shallow decision tree, plus a linear model of the paired gain in points with an interval from its
+``features`` turns a setting's theory quantities into those of ``FEATURES`` (logarithms base 10, clipped
+to ``[-CLIP, CLIP]`` so that ``u = 0``'s infinite ratios stay finite); ``ptlab.theory.phase_features``
+does it for a ``Setting`` (``ptlab.theory`` imports this module, not the reverse). A ``PhaseModel`` holds
+either a multinomial logistic regression (standardised features, one linear score per class, softmax)
+or a shallow decision tree, plus a linear model of the paired gain in points with an interval from its
 cross-validated residuals; ``conf/phase_model.yaml`` stores one with its provenance (written by
 ``python -m ptlab.report calibrate --write-phase``). Evaluating a model needs numpy and PyYAML only: no
 torch, sklearn or MLflow, so ``python -m ptlab.predict`` answers in well under a second.
@@ -20,18 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from ptlab.theory import (
-    Setting,
-    condition_4_1_ratio,
-    divide,
-    gamma,
-    scratch_threshold,
-    signal_ratio,
-    source_strength,
-    target_signal_norm,
-    threshold_term,
-)
 
 FEATURES = ("log_d_over_threshold", "log_d_over_scratch_threshold", "log_gamma", "universal_fraction",
             "log_source_strength", "log_negative_transfer_ratio", "alpha", "log_n1_over_n2",
@@ -52,29 +41,25 @@ def _log(value: float) -> float:
     return float(min(max(math.log10(value), -CLIP), CLIP)) if math.isfinite(value) else CLIP
 
 
-def features(setting: Setting) -> dict[str, float]:
-    """The ``FEATURES`` of one setting (module docstring)."""
-    s = setting
-    s2 = target_signal_norm(s.u_norm, s.v_norm)
-    d_star = threshold_term(s.alpha, s.n1, s.n2, s.u_norm, s2, s.sigma_p1, s.sigma_p2)
-    strength = source_strength(s.alpha, s.n1, s.n2, s.sigma_p1, s.sigma_p2)
-    fraction = divide(1.0, signal_ratio(s.u_norm, s2))
+def features(theory: Mapping[str, Any], alpha: float, n1: int, n2: int) -> dict[str, float]:
+    """The ``FEATURES`` of one setting from its theory quantities (``TheoryPrediction.as_dict()``: they do
+    not depend on the theory's constants) and alpha, N1, N2 (module docstring)."""
+    fraction = 1.0 / theory["signal_ratio"] if theory["signal_ratio"] else math.inf
     return {
-        "log_d_over_threshold": _log(divide(s.d, d_star)),
-        "log_d_over_scratch_threshold": _log(divide(s.d, scratch_threshold(s.n2, s2, s.sigma_p2))),
-        "log_gamma": _log(gamma(s.alpha, s.n1, s.u_norm, s.sigma_p1, s.sigma_p2, s.d)),
-        "universal_fraction": 0.0 if math.isnan(fraction) else float(fraction),
-        "log_source_strength": _log(strength),
-        "log_negative_transfer_ratio": _log(divide(signal_ratio(s.u_norm, s2), strength)),
-        "alpha": float(s.alpha),
-        "log_n1_over_n2": _log(divide(s.n1, s.n2)),
-        "log_condition_4_1_ratio": _log(condition_4_1_ratio(s)),
+        "log_d_over_threshold": _log(theory["d_over_threshold"]),
+        "log_d_over_scratch_threshold": _log(theory["d_over_scratch_threshold"]),
+        "log_gamma": _log(theory["gamma"]),
+        "universal_fraction": 0.0 if math.isnan(fraction) or math.isinf(fraction) else float(fraction),
+        "log_source_strength": _log(theory["source_strength"]),
+        "log_negative_transfer_ratio": _log(theory["negative_transfer_ratio"]),
+        "alpha": float(alpha),
+        "log_n1_over_n2": _log(n1 / n2),
+        "log_condition_4_1_ratio": _log(theory["condition_4_1_ratio"]),
     }
 
 
-def feature_matrix(settings: Sequence[Setting], names: Sequence[str] = FEATURES) -> np.ndarray:
-    """One row of ``features`` per setting, columns in the order of ``names``."""
-    rows = [features(s) for s in settings]
+def feature_matrix(rows: Sequence[Mapping[str, float]], names: Sequence[str] = FEATURES) -> np.ndarray:
+    """One row per ``features`` mapping, columns in the order of ``names``."""
     return np.array([[row[n] for n in names] for row in rows], dtype=float).reshape(len(rows), len(names))
 
 
@@ -130,10 +115,10 @@ class PhaseModel:
         x = np.atleast_2d(np.asarray(x, float))
         return self._standard(x, self.gain) @ np.asarray(self.gain["coef"], float) + float(self.gain["intercept"])
 
-    def predict(self, setting: Setting) -> dict[str, Any]:
-        """The entry a run logs as ``prediction``: outcome, class probabilities, the gain in points with its
-        95% interval, the model's name and its held-out agreement."""
-        x = feature_matrix([setting], self.features)
+    def predict(self, row: Mapping[str, float]) -> dict[str, Any]:
+        """The entry a run logs as ``prediction`` for one ``features`` mapping: outcome, class probabilities,
+        the gain in points with its 95% interval, the model's name and its held-out agreement."""
+        x = feature_matrix([row], self.features)
         probabilities = self.probabilities(x)[0]
         gain = float(self.predict_gain(x)[0])
         half = float(self.gain["interval_half_width"])
@@ -186,9 +171,9 @@ def resolve_path(path: str | Path = PHASE_MODEL_FILE) -> Path:
     return file if file.is_absolute() else Path(config_dir()) / file
 
 
-def phase_prediction(setting: Setting, path: str | Path | None = None) -> dict[str, Any] | None:
+def phase_prediction(row: Mapping[str, float], path: str | Path | None = None) -> dict[str, Any] | None:
     """``PhaseModel.predict`` of the model at ``path`` (default ``conf/phase_model.yaml``); None when there is none."""
     file = Path(path) if path is not None else resolve_path()
     if not file.is_file():
         return None
-    return load(file).predict(setting)
+    return load(file).predict(row)

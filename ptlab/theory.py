@@ -248,9 +248,19 @@ def constants_from_config(cfg: Any) -> TheoryConstants:
 def predict_from_config(cfg: Any) -> TheoryPrediction:
     """``predict`` for a composed ptlab config, with the prediction of the phase model named by
     ``theory.phase_model`` attached (``prediction``; None when that is "" or names no file)."""
-    from ptlab.phase import phase_prediction, resolve_path
+    from ptlab.phase import features, phase_prediction, resolve_path
 
     setting = setting_from_config(cfg)
     theory = predict_setting(setting, constants_from_config(cfg))
     path = (cfg.get("theory") or {}).get("phase_model", "phase_model.yaml")
-    return replace(theory, prediction=phase_prediction(setting, resolve_path(path)) if path else None)
+    if not path:
+        return theory
+    row = features(theory.as_dict(), setting.alpha, setting.n1, setting.n2)
+    return replace(theory, prediction=phase_prediction(row, resolve_path(path)))
+
+
+def phase_features(setting: Setting) -> dict[str, float]:
+    """The phase model's inputs (``ptlab.phase.FEATURES``) for one setting."""
+    from ptlab.phase import features
+
+    return features(predict_setting(setting).as_dict(), setting.alpha, setting.n1, setting.n2)

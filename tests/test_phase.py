@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptlab.phase import FEATURES, PhaseModel, feature_matrix, features, load, save
-from ptlab.report.calibrate import FIT, fit_phase_model, settings_of
-from ptlab.theory import Setting
+from ptlab.phase import FEATURES, PhaseModel, feature_matrix, load, save
+from ptlab.report.calibrate import FIT, features_of, fit_phase_model
+from ptlab.theory import Setting, phase_features
 from tests.conftest import REPO, SMALL, run_cli
 from tests.test_calibrate import two_designs
 
@@ -22,7 +22,7 @@ BASE = Setting(d=1000, n1=200, n2=20, u_norm=2.0, v_norm=2.0, sigma_p1=1.0, sigm
 
 
 def test_features_hand_values() -> None:
-    f = features(BASE)
+    f = phase_features(BASE)
     # D* = 185600 / 70, scratch threshold 20 * 64 = 1280, Gamma = 0.25 * 200 * 16 / 1000 = 0.8,
     # strength 0.5 * 200 / 20 = 5, S2^2 / U^2 = 2 -> ratio 0.4; U^2 / S2^2 = 0.5; condition 4.1: 1000 / 200^2.
     assert f["log_d_over_threshold"] == pytest.approx(math.log10(1000 * 70 / 185600))
@@ -37,28 +37,29 @@ def test_features_hand_values() -> None:
 
 
 def test_no_universal_signal_gives_finite_clipped_features() -> None:
-    f = features(Setting(1000, 200, 20, 0.0, 2.0, 1.0, 1.0, 0.5))
+    f = phase_features(Setting(1000, 200, 20, 0.0, 2.0, 1.0, 1.0, 0.5))
     assert f["log_gamma"] == -6.0 and f["log_negative_transfer_ratio"] == 6.0 and f["universal_fraction"] == 0.0
     assert all(math.isfinite(v) for v in f.values())
 
 
 @pytest.fixture(scope="module")
-def fitted() -> tuple[PhaseModel, list[Setting]]:
+def fitted() -> tuple[PhaseModel, np.ndarray]:
     cells = two_designs()
     model, _ = fit_phase_model(cells[cells["split"] == FIT], {"command": "test"})
-    return model, settings_of(cells)
+    return model, features_of(cells)
 
 
 def test_the_phase_model_round_trips_through_its_file(fitted, tmp_path: Path) -> None:
-    model, settings = fitted
+    model, x = fitted
     path = tmp_path / "phase.yaml"
     save(model, path, "# a comment\n")
     again = load(path)
-    x = feature_matrix(settings)
     assert again == model
     np.testing.assert_array_equal(again.probabilities(x), model.probabilities(x))
     np.testing.assert_array_equal(again.predict_gain(x), model.predict_gain(x))
-    assert again.predict(settings[0]) == model.predict(settings[0])
+    row = phase_features(BASE)
+    assert again.predict(row) == model.predict(row)
+    assert feature_matrix([row]).shape == (1, len(FEATURES))
     assert np.allclose(model.probabilities(x).sum(axis=1), 1.0)
 
 
@@ -85,7 +86,7 @@ def test_predict_cli_and_a_run_log_the_same_prediction(fitted, tmp_path: Path, t
     overrides = [*SMALL, "task.u_norm=0.7", "transfer.alpha=0.4", f"theory.phase_model={path}",
                  f"logger.tracking_uri={tracking_uri}", f"cache.dir={tmp_path / 'cache'}"]
     setting = Setting(d=200, n1=40, n2=10, u_norm=0.7, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.4)
-    expected = model.predict(setting)
+    expected = model.predict(phase_features(setting))
     probe = ("import json, sys; from ptlab.predict import prediction_for; r = prediction_for(sys.argv[1:]); "
              "print(json.dumps([r['prediction'], r['theory'], 'torch' in sys.modules, 'mlflow' in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", probe, *overrides], cwd=REPO, capture_output=True, text=True, check=False)
@@ -121,4 +122,4 @@ def test_a_batched_gram_sweep_logs_the_same_prediction(fitted, tmp_path: Path, t
     assert len(summaries) == 2
     for summary, u in zip(summaries, (0.0, 1.5)):
         setting = Setting(d=200, n1=40, n2=10, u_norm=u, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.5)
-        assert summary["prediction"] == model.predict(setting)
+        assert summary["prediction"] == model.predict(phase_features(setting))

@@ -50,6 +50,7 @@ from ptlab.theory import (
     TheoryConstants,
     gamma,
     negative_transfer_ratio,
+    phase_features,
     predict,
     scratch_threshold,
     source_strength,
@@ -119,6 +120,11 @@ def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.Data
     keep = ["experiment", "cell", "split", *INPUTS, "n_seeds", "transfer_acc", "scratch_acc", "gain",
             "gain_ci_low", "gain_ci_high", "verdict", "measured"]
     return table[keep]
+
+
+def features_of(cells: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndarray:
+    """The phase model's feature matrix of the cells."""
+    return feature_matrix([phase_features(s) for s in settings_of(cells)], names)
 
 
 def settings_of(cells: pd.DataFrame) -> list[Setting]:
@@ -232,7 +238,7 @@ def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None) -> tuple[
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import KFold, cross_val_predict
 
-    x = feature_matrix(settings_of(fit))
+    x = features_of(fit)
     labels = fit["measured"].to_numpy(dtype=object).astype(str)
     scores = cross_validated(x, labels)
     best = max(range(len(PHASE_CANDIDATES)), key=lambda i: (round(scores.get(f"{PHASE_CANDIDATES[i][0]}:"
@@ -359,8 +365,9 @@ def calibrate(cells: pd.DataFrame, provenance: dict | None = None) -> Calibratio
     constants, boundaries, agreeing = fit_constants(fit)
     phase, cv = fit_phase_model(fit, provenance)
     cells[THEORY] = predicted_outcomes(cells, constants)
-    cells[PHASE] = phase.predict_outcomes(feature_matrix(settings_of(cells), phase.features))
-    cells["phase_gain"] = phase.predict_gain(feature_matrix(settings_of(cells), phase.features))
+    x = features_of(cells, phase.features)
+    cells[PHASE] = phase.predict_outcomes(x)
+    cells["phase_gain"] = phase.predict_gain(x)
     for name, rule in baselines().items():
         cells[name] = rule(cells)
     predictors = [PHASE, THEORY, *baselines()]
@@ -385,7 +392,7 @@ def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
             tables.append(cell_table(runs, name, split))
     shared = seeds[FIT] & seeds[HELD_OUT]
     if shared:
-        raise ReportError(f"{len(shared)} run seeds (e.g. {sorted(shared, key=str)[0]}) occur in both fit and held-out "
+        raise ReportError(f"{len(shared)} run seeds (e.g. {min(shared, key=str)}) occur in both fit and held-out "
                           "runs: held-out cells must not share data with fit cells (draw them with another design seed)")
     cells = pd.concat(tables, ignore_index=True)
     enough = cells["n_seeds"] >= min_seeds
