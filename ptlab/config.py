@@ -375,14 +375,26 @@ class TheorySchema:
     c1_prime: float = 1.0
     c3_prime: float = 1.0
     c4: float = 1.0
-    # Proposition 4.4's "Gamma is large": transfer helps when scratch is sub-optimal and Gamma >= c_gamma.
+    # Proposition 4.4's "Gamma is large": transfer helps when scratch is not near-optimal, transfer is not
+    # sub-optimal and Gamma >= c_gamma.
     c_gamma: float = 1.0
+    # The first inequality of the negative-transfer chain: S2^2 / U^2 >= c_ratio * alpha N1 s2^2 / (N2 s1^2).
+    c_ratio: float = 1.0
+    # The fitted phase model (ptlab.phase) whose prediction runs log beside the theory: a YAML file, relative
+    # to the config folder unless absolute; "" logs none.
+    phase_model: str = "phase_model.yaml"
     # Where the values came from (a calibration's preset, seeds, date and agreement; see conf/theory/).
     source: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma"):
+        for key in ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma", "c_ratio"):
             _positive(key, getattr(self, key))
+        if self.phase_model not in ("", "phase_model.yaml"):
+            from ptlab.paths import config_dir
+
+            path = Path(self.phase_model)
+            _check((path if path.is_absolute() else Path(config_dir()) / path).is_file(), "phase_model",
+                   "a phase model file (absolute, or relative to the config folder) or ''", self.phase_model)
 
 
 @dataclass

@@ -10,7 +10,16 @@ orthogonal), ``s1 = sigma_p1``, ``s2 = sigma_p2``.
   i.e. the scratch threshold is ``N2 S2^4 / s2^4`` in units of d.
 - ``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` (Proposition 4.4): with scratch not near-optimal, ``Gamma >= C_gamma``
   means transfer lifts the error to near-optimal.
-- Negative transfer (Proposition 4.4): ``S2^2 / U^2 >= alpha N1 s2^2 / (N2 s1^2) >= C4``.
+- Negative transfer (Proposition 4.4): ``S2^2 / U^2 >= C_ratio alpha N1 s2^2 / (N2 s1^2)`` and
+  ``alpha N1 s2^2 / (N2 s1^2) >= C4`` (a constant on each inequality of the paper's chain).
+- Condition 4.1 (the theorems' assumptions): ``d >= max(n^2, n S^2 / s^2)`` up to constants and logs,
+  for both tasks (``S = ||u + v||``, the v's have one norm); shown beside the label, never used by it.
+
+The outcome (``predict_outcome``) is derived only where the statements determine it, in this order:
+the negative-transfer chain (negative_transfer); one model near-optimal and the other sub-optimal
+(Theorems 4.2 and 4.3: transfer_helps or negative_transfer); Proposition 4.4's Gamma rule where scratch
+is not near-optimal and Theorem 4.2 does not call transfer sub-optimal (transfer_helps); both
+near-optimal, i.e. both at the Bayes error (no_difference); anything else is ``undetermined``.
 
 The constants are unknown; they are parameters (``conf/theory``: the paper's 1s, or values fitted by
 ``python -m ptlab.report calibrate``). Edge cases never raise: ``alpha = 0``
@@ -24,7 +33,7 @@ threshold); a zero noise level is read as the limit ``s -> 0``: ``D*`` is ``inf`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ptlab.config import TheorySchema
@@ -107,56 +116,91 @@ def regime(d: float, threshold: float, c_near: float = 1.0, c_sub: float = 1.0) 
 TheoryConstants = TheorySchema
 """The unknown constants of Theorems 4.2, 4.3 and Proposition 4.4 (the config schema; ``conf/theory/``
 holds the paper's uncalibrated 1s and the values fitted by ``python -m ptlab.report calibrate``)."""
-CONSTANT_KEYS = ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma")
+CONSTANT_KEYS = ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma", "c_ratio")
+
+RULE_CHAIN, RULE_REGIMES, RULE_GAMMA, RULE_BOTH_NEAR, RULE_NONE = (
+    "negative_transfer_chain", "regimes", "gamma", "both_near_optimal", "none")
+"""Which statement set the outcome (``TheoryPrediction.rule``)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The inputs of the theory for one synthetic config (alpha is 0 without transfer)."""
+
+    d: int
+    n1: int
+    n2: int
+    u_norm: float
+    v_norm: float
+    sigma_p1: float
+    sigma_p2: float
+    alpha: float
+
+
+def condition_4_1_ratio(setting: Setting) -> float:
+    """``d / max(n^2, n S1^2 / s1^2, n S2^2 / s2^2)``: Condition 4.1 asks for >= 1 (up to constants and
+    logarithms); ``S1 = S2`` here as both tasks' v has the norm ``v_norm``."""
+    n = max(setting.n1, setting.n2)
+    s = target_signal_norm(setting.u_norm, setting.v_norm)
+    need = max(n ** 2, n * divide(s ** 2, setting.sigma_p1 ** 2), n * divide(s ** 2, setting.sigma_p2 ** 2))
+    return divide(setting.d, need)
 
 
 @dataclass(frozen=True)
 class TheoryPrediction:
-    """Every theory quantity of one config and the predicted outcome of transfer against scratch."""
+    """Every theory quantity of one config and the predicted outcome of transfer against scratch.
+
+    ``prediction`` is the fitted phase model's (``ptlab.phase``), carried beside the theory; it is not
+    one of the theory's fields (``as_dict``, ``metrics`` and ``labels`` leave it out)."""
 
     n: int
     threshold_term: float
     d_over_threshold: float
     scratch_threshold: float
+    d_over_scratch_threshold: float
     gamma: float
     signal_ratio: float
     source_strength: float
     negative_transfer_ratio: float
+    condition_4_1_ratio: float
+    condition_4_1: bool
     transfer_regime: str
     scratch_regime: str
     negative_transfer_condition: bool
+    rule: str
     predicted: str
+    prediction: dict[str, Any] | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "prediction"}
 
     def metrics(self) -> dict[str, float]:
         """The numeric fields (booleans as 0/1), for MLflow metrics."""
-        return {k: float(v) for k, v in asdict(self).items() if not isinstance(v, str)}
+        return {k: float(v) for k, v in self.as_dict().items() if not isinstance(v, str)}
 
     def labels(self) -> dict[str, str]:
         """The categorical fields, for MLflow params."""
-        return {k: v for k, v in asdict(self).items() if isinstance(v, str)}
+        return {k: v for k, v in self.as_dict().items() if isinstance(v, str)}
+
+
+def outcome_and_rule(transfer_regime: str, scratch_regime: str, negative_condition: bool,
+                     gamma_large: bool = False) -> tuple[str, str]:
+    """The outcome and the statement that sets it (module docstring: the order of the rules)."""
+    if negative_condition:
+        return NEGATIVE_TRANSFER, RULE_CHAIN
+    if {transfer_regime, scratch_regime} == {NEAR_OPTIMAL, SUB_OPTIMAL}:
+        return (TRANSFER_HELPS if transfer_regime == NEAR_OPTIMAL else NEGATIVE_TRANSFER), RULE_REGIMES
+    if gamma_large and scratch_regime != NEAR_OPTIMAL and transfer_regime != SUB_OPTIMAL:
+        return TRANSFER_HELPS, RULE_GAMMA
+    if transfer_regime == scratch_regime == NEAR_OPTIMAL:
+        return NO_DIFFERENCE, RULE_BOTH_NEAR
+    return UNDETERMINED, RULE_NONE
 
 
 def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool,
                     gamma_large: bool = False) -> str:
-    """Transfer helps / no difference / negative transfer / undetermined.
-
-    Proposition 4.4 first: its negative-transfer condition wins, then its positive part (scratch not
-    near-optimal, ``d > c1' N2 S2^4 / s2^4``, and ``Gamma >= C_gamma``: transfer helps); otherwise the two regimes are compared:
-    near-optimal with transfer and sub-optimal without helps, the reverse hurts, equal regimes make
-    no difference, and a regime between the constants leaves the outcome undetermined.
-    """
-    if negative_condition:
-        return NEGATIVE_TRANSFER
-    if gamma_large and scratch_regime != NEAR_OPTIMAL:
-        return TRANSFER_HELPS
-    if UNDETERMINED in (transfer_regime, scratch_regime):
-        return UNDETERMINED
-    if transfer_regime == scratch_regime:
-        return NO_DIFFERENCE
-    return TRANSFER_HELPS if transfer_regime == NEAR_OPTIMAL else NEGATIVE_TRANSFER
+    """Transfer helps / no difference / negative transfer / undetermined (``outcome_and_rule``)."""
+    return outcome_and_rule(transfer_regime, scratch_regime, negative_condition, gamma_large)[0]
 
 
 def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: float, sigma_p2: float,
@@ -167,25 +211,56 @@ def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: fl
     scratch = scratch_threshold(n2, s2_norm, sigma_p2)
     strength = source_strength(alpha, n1, n2, sigma_p1, sigma_p2)
     ratio = negative_transfer_ratio(alpha, n1, n2, u_norm, s2_norm, sigma_p1, sigma_p2)
-    negative = ratio >= 1 and strength >= constants.c4
+    negative = ratio >= constants.c_ratio and strength >= constants.c4
     transfer_regime = regime(d, d_star, constants.c1, constants.c3)
     scratch_regime = regime(d, scratch, constants.c1_prime, constants.c3_prime)
     big_gamma = gamma(alpha, n1, u_norm, sigma_p1, sigma_p2, d)
+    outcome, rule = outcome_and_rule(transfer_regime, scratch_regime, negative, big_gamma >= constants.c_gamma)
+    condition = condition_4_1_ratio(Setting(d, n1, n2, u_norm, v_norm, sigma_p1, sigma_p2, alpha))
     return TheoryPrediction(
         n=max(n1, n2), threshold_term=d_star, d_over_threshold=divide(d, d_star), scratch_threshold=scratch,
-        gamma=big_gamma, signal_ratio=signal_ratio(u_norm, s2_norm),
-        source_strength=strength, negative_transfer_ratio=ratio, transfer_regime=transfer_regime,
-        scratch_regime=scratch_regime, negative_transfer_condition=negative,
-        predicted=predict_outcome(transfer_regime, scratch_regime, negative, big_gamma >= constants.c_gamma))
+        d_over_scratch_threshold=divide(d, scratch), gamma=big_gamma, signal_ratio=signal_ratio(u_norm, s2_norm),
+        source_strength=strength, negative_transfer_ratio=ratio, condition_4_1_ratio=condition,
+        condition_4_1=bool(condition >= 1), transfer_regime=transfer_regime, scratch_regime=scratch_regime,
+        negative_transfer_condition=negative, rule=rule, predicted=outcome)
+
+
+def predict_setting(setting: Setting, constants: TheoryConstants = TheoryConstants()) -> TheoryPrediction:
+    """``predict`` for a ``Setting``."""
+    return predict(**asdict(setting), constants=constants)
+
+
+def setting_from_config(cfg: Any) -> Setting:
+    """The theory's inputs of a composed ptlab config (``task``, ``noise``, ``transfer``); without
+    transfer (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model."""
+    alpha = cfg.transfer.alpha if cfg.transfer.kind != "none" else 0.0
+    return Setting(d=int(cfg.task.d), n1=int(cfg.task.n1), n2=int(cfg.task.n2), u_norm=float(cfg.task.u_norm),
+                   v_norm=float(cfg.task.v_norm), sigma_p1=float(cfg.noise.sigma_p1),
+                   sigma_p2=float(cfg.noise.sigma_p2), alpha=float(alpha))
+
+
+def constants_from_config(cfg: Any) -> TheoryConstants:
+    """The theory constants of a config's ``theory`` node (the schema's 1s where it has none)."""
+    theory = cfg.get("theory") or {}
+    return TheoryConstants(**{k: float(theory[k]) for k in CONSTANT_KEYS if k in theory})
 
 
 def predict_from_config(cfg: Any) -> TheoryPrediction:
-    """``predict`` for a composed ptlab config (``task``, ``noise``, ``transfer``, optional ``theory``).
+    """``predict`` for a composed ptlab config, with the prediction of the phase model named by
+    ``theory.phase_model`` attached (``prediction``; None when that is "" or names no file)."""
+    from ptlab.phase import features, phase_prediction, resolve_path
 
-    Without transfer (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model.
-    """
-    alpha = cfg.transfer.alpha if cfg.transfer.kind != "none" else 0.0
-    theory = cfg.get("theory") or {}
-    constants = TheoryConstants(**{k: float(theory[k]) for k in CONSTANT_KEYS if k in theory})
-    return predict(d=cfg.task.d, n1=cfg.task.n1, n2=cfg.task.n2, u_norm=cfg.task.u_norm, v_norm=cfg.task.v_norm,
-                   sigma_p1=cfg.noise.sigma_p1, sigma_p2=cfg.noise.sigma_p2, alpha=alpha, constants=constants)
+    setting = setting_from_config(cfg)
+    theory = predict_setting(setting, constants_from_config(cfg))
+    path = (cfg.get("theory") or {}).get("phase_model", "phase_model.yaml")
+    if not path:
+        return theory
+    row = features(theory.as_dict(), setting.alpha, setting.n1, setting.n2)
+    return replace(theory, prediction=phase_prediction(row, resolve_path(path)))
+
+
+def phase_features(setting: Setting) -> dict[str, float]:
+    """The phase model's inputs (``ptlab.phase.FEATURES``) for one setting."""
+    from ptlab.phase import features
+
+    return features(predict_setting(setting).as_dict(), setting.alpha, setting.n1, setting.n2)

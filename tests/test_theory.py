@@ -11,10 +11,13 @@ from ptlab.theory import (
     NEAR_OPTIMAL,
     SUB_OPTIMAL,
     UNDETERMINED,
+    Setting,
     TheoryConstants,
+    condition_4_1_ratio,
     divide,
     gamma,
     negative_transfer_ratio,
+    outcome_and_rule,
     predict,
     predict_from_config,
     regime,
@@ -110,9 +113,15 @@ def test_predicted_outcomes() -> None:
     # A wide band between the constants leaves the transfer regime open.
     wide = predict(u_norm=2.0, **{**BASE, "d": 2000}, constants=TheoryConstants(c1=0.5, c3=2.0))
     assert (wide.transfer_regime, wide.predicted) == (UNDETERMINED, "undetermined")
-    # A large C4 switches the negative-transfer condition off.
+    # A large C4 switches the negative-transfer condition off; both models sub-optimal (1000 > 91.4 and
+    # 1000 > 320): the theorems say nothing about which is worse.
     off = predict(u_norm=0.0, **BASE, constants=TheoryConstants(c4=10.0))
-    assert not off.negative_transfer_condition and off.predicted == "no_difference"
+    assert not off.negative_transfer_condition and off.predicted == "undetermined" and off.rule == "none"
+    # At u = 0 the chain's first ratio is inf: no c_ratio switches it off.
+    assert predict(u_norm=0.0, **BASE, constants=TheoryConstants(c_ratio=1e9)).negative_transfer_condition
+    # ||u|| = 1: S2^2 / U^2 = 5, strength 5, ratio 1: the chain holds at c_ratio = 1, not at 1.01.
+    assert predict(u_norm=1.0, **BASE).negative_transfer_condition
+    assert not predict(u_norm=1.0, **BASE, constants=TheoryConstants(c_ratio=1.01)).negative_transfer_condition
     # No signal and no noise at all: undefined, but no crash.
     empty = predict(u_norm=0.0, **{**BASE, "v_norm": 0.0, "sigma_p2": 0.0})
     assert math.isnan(empty.threshold_term) and empty.predicted == "undetermined"
@@ -120,7 +129,7 @@ def test_predicted_outcomes() -> None:
 
 def test_prediction_splits_into_metrics_and_labels() -> None:
     prediction = predict(u_norm=2.0, **BASE)
-    assert set(prediction.labels()) == {"transfer_regime", "scratch_regime", "predicted"}
+    assert set(prediction.labels()) == {"transfer_regime", "scratch_regime", "rule", "predicted"}
     assert prediction.metrics()["negative_transfer_condition"] == 0.0
     assert {"threshold_term", "gamma", "negative_transfer_ratio", "predicted"} <= set(prediction.as_dict())
 
@@ -148,12 +157,51 @@ def test_a_large_gamma_makes_transfer_help_while_scratch_is_not_near_optimal() -
 
     plain = at()
     assert plain.gamma == pytest.approx(0.00625)
-    assert (plain.transfer_regime, plain.scratch_regime, plain.predicted) == (SUB_OPTIMAL, SUB_OPTIMAL, "no_difference")
-    assert at(c_gamma=0.006).predicted == "transfer_helps"
-    assert at(c_gamma=0.007).predicted == "no_difference"
-    # Scratch near-optimal (c1' * 500 >= 8000): Proposition 4.4's positive part does not apply.
+    assert (plain.transfer_regime, plain.scratch_regime, plain.predicted) == (SUB_OPTIMAL, SUB_OPTIMAL, "undetermined")
+    # Theorem 4.2 calls transfer sub-optimal (8000 >= 285.7): the Gamma rule does not override it.
+    assert at(c_gamma=0.006).predicted == "undetermined"
+    # c3 = 30: transfer between the constants (285.7 < 8000 < 8571), so the Gamma rule decides.
+    assert at(c_gamma=0.006, c3=30.0).transfer_regime == UNDETERMINED
+    assert (at(c_gamma=0.006, c3=30.0).predicted, at(c_gamma=0.006, c3=30.0).rule) == ("transfer_helps", "gamma")
+    assert at(c_gamma=0.007, c3=30.0).predicted == "undetermined"
+    # Scratch near-optimal (c1' * 500 >= 8000), transfer sub-optimal: the theorems say transfer hurts.
     near = at(c_gamma=0.006, c1_prime=16.0, c3_prime=16.0)
-    assert near.scratch_regime == NEAR_OPTIMAL and near.predicted == "negative_transfer"
+    assert near.scratch_regime == NEAR_OPTIMAL and (near.predicted, near.rule) == ("negative_transfer", "regimes")
     # The negative-transfer condition (ratio 1 >= 1, strength 5 >= c4) wins over a large Gamma.
     negative = at(c_gamma=0.006, c4=1.0)
     assert negative.negative_transfer_condition and negative.predicted == "negative_transfer"
+
+
+@pytest.mark.parametrize(("transfer", "scratch", "chain", "big_gamma", "expected"), [
+    (NEAR_OPTIMAL, SUB_OPTIMAL, False, False, ("transfer_helps", "regimes")),
+    (SUB_OPTIMAL, NEAR_OPTIMAL, False, True, ("negative_transfer", "regimes")),
+    (NEAR_OPTIMAL, NEAR_OPTIMAL, False, False, ("no_difference", "both_near_optimal")),
+    (SUB_OPTIMAL, SUB_OPTIMAL, False, False, ("undetermined", "none")),
+    (SUB_OPTIMAL, SUB_OPTIMAL, False, True, ("undetermined", "none")),
+    (UNDETERMINED, SUB_OPTIMAL, False, True, ("transfer_helps", "gamma")),
+    (UNDETERMINED, UNDETERMINED, False, True, ("transfer_helps", "gamma")),
+    (UNDETERMINED, NEAR_OPTIMAL, False, True, ("undetermined", "none")),
+    (NEAR_OPTIMAL, UNDETERMINED, False, False, ("undetermined", "none")),
+    (NEAR_OPTIMAL, SUB_OPTIMAL, True, True, ("negative_transfer", "negative_transfer_chain")),
+])
+def test_outcome_rules(transfer: str, scratch: str, chain: bool, big_gamma: bool, expected: tuple) -> None:
+    assert outcome_and_rule(transfer, scratch, chain, big_gamma) == expected
+
+
+def test_condition_4_1_is_shown_beside_the_label() -> None:
+    # n = 200: n^2 = 40000; n S2^2 / s^2 = 200 * 8 = 1600 -> ratio d / 40000.
+    at_base = predict(u_norm=2.0, **BASE)
+    assert at_base.condition_4_1_ratio == pytest.approx(1000 / 40000) and not at_base.condition_4_1
+    assert predict(u_norm=2.0, **{**BASE, "d": 40000}).condition_4_1
+    # s2 = 0.1: n S2^2 / s2^2 = 200 * 8 / 0.01 = 160000 > n^2.
+    noisy = predict(u_norm=2.0, **{**BASE, "d": 80000, "sigma_p2": 0.1})
+    assert noisy.condition_4_1_ratio == pytest.approx(0.5)
+    assert condition_4_1_ratio(Setting(40000, 200, 20, 2.0, 2.0, 1.0, 1.0, 0.5)) == pytest.approx(1.0)
+
+
+def test_the_prediction_rides_beside_the_theory_fields() -> None:
+    from dataclasses import replace
+
+    theory = replace(predict(u_norm=2.0, **BASE), prediction={"outcome": "transfer_helps"})
+    assert "prediction" not in theory.as_dict() and "prediction" not in theory.metrics()
+    assert theory.prediction == {"outcome": "transfer_helps"}

@@ -97,9 +97,15 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
 
 def theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, float]]:
     """The theory's prediction as a pipeline's params (``theory.<label>``) and metrics (``theory/<number>``, the
-    finite ones, rounded for display): what a run logs and what a grid row holds."""
-    return ({f"theory.{k}": v for k, v in theory.labels().items()},
-            {f"theory/{k}": exact(v) for k, v in theory.metrics().items() if math.isfinite(v)})
+    finite ones, rounded for display), and the fitted phase model's (``prediction.*``, ``ptlab.phase``): what a run
+    logs and what a grid row holds."""
+    params: dict[str, Any] = {f"theory.{k}": v for k, v in theory.labels().items()}
+    metrics = {f"theory/{k}": exact(v) for k, v in theory.metrics().items() if math.isfinite(v)}
+    if theory.prediction is not None:
+        params.update({f"prediction.{k}": v for k, v in theory.prediction.items() if isinstance(v, str)})
+        metrics.update({f"prediction/{k}": float(v) for k, v in theory.prediction.items()
+                        if isinstance(v, (int, float)) and math.isfinite(v)})
+    return params, metrics
 
 
 def record_stage(tracker: Tracker, result: StageResult) -> None:
@@ -214,6 +220,7 @@ def pipeline_summary(stages: Mapping[str, StageResult], seed: int, choices: Mapp
            for name in STAGES},
         **(extra or {}),
         **({"theory": theory.as_dict()} if theory is not None else {}),
+        **({"prediction": theory.prediction} if theory is not None and theory.prediction is not None else {}),
         "seed": seed,
         "choices": dict(choices),
         "mlflow": dict(mlflow or {}),

@@ -1,19 +1,23 @@
-"""Fitting the theory's unknown constants to measured runs, and scoring the fit on held-out cells.
+"""Fitting the theory's constants and the phase model on one random design, scoring both on another.
 
-``python -m ptlab.report calibrate fig1a fig1b fig1c fig2`` (docs/design.md section 2, "Calibration"):
+``python -m ptlab.report calibrate --fit EXP... --held-out EXP...`` (docs/theory.md):
 
 1. Cells. Each experiment's finished pipelines are grouped by their whole config minus the seed
-   (``seed_stats``); a cell's measured outcome is its paired verdict (transfer - scratch on the same
-   seed, 95% t interval): better / no detectable difference / worse.
-2. Split. The cells of every experiment are split like a checkerboard over the ranks of its swept
-   values (sum of ranks even: fit, odd: held out), so both halves cover the whole grid.
-3. Fit, on the fit half only, each constant to the statement it belongs to: ``c1`` of Theorem 4.2 so
-   that "transfer error within 0.01 of the Bayes error" agrees best with ``d <= c1 D*``, ``c3`` so that
-   "transfer error >= 0.1" agrees best with ``d >= c3 D*``; ``c1'``, ``c3'`` of Theorem 4.3 the same way
-   from the scratch accuracies against ``N2 S2^4 / s2^4``; then Proposition 4.4's ``C_gamma`` (transfer helps when scratch is sub-optimal and ``Gamma >= C_gamma``)
-   and ``C4`` (negative transfer), each so that the predicted outcome agrees best with the verdicts.
-4. Score: on the held-out half, the fraction of cells whose predicted outcome equals the verdict,
-   per experiment.
+   (``seed_stats``); a cell's measured outcome is its paired verdict as every report computes it
+   (transfer - scratch on the same seed, 95% t interval, no minimum effect): better / no detectable
+   difference / worse. Cells with fewer than ``min_seeds`` seeds (an interrupted sweep) are left out.
+2. Split by experiment: the ``--fit`` experiments (one random design) fit, the ``--held-out`` ones (a
+   design drawn with another seed, ``ptlab.design``) only score. No cell of a preset grid is held out.
+3. Fit, on the fit cells only: ``c1``, ``c3`` of Theorem 4.2 so that "transfer error within 0.01 of the
+   Bayes error" agrees best with ``d <= c1 D*`` and "transfer error >= 0.1" with ``d >= c3 D*``; ``c1'``,
+   ``c3'`` of Theorem 4.3 the same way from the scratch accuracies; then Proposition 4.4's ``c_gamma``,
+   ``c4`` and ``c_ratio`` so that the predicted outcome agrees best with the verdicts. And the phase
+   model (``ptlab.phase``): a multinomial logistic regression or a shallow tree, whichever scores best
+   in 5-fold cross-validation on the fit cells, plus a linear model of the gain.
+4. Score every predictor on the held-out cells: agreement with a Wilson 95% interval, the confusion
+   matrix, negative-transfer precision and recall; predictors: the phase model, the theory with the
+   fitted constants and with unit constants, and the baselines "always helps" and "helps iff ||u|| > 0,
+   else negative transfer".
 """
 
 from __future__ import annotations
@@ -21,21 +25,44 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ptlab.phase import FEATURES, PhaseModel, feature_matrix
 from ptlab.report.runs import GAIN, ReportError, load_pipelines, seed_stats
-from ptlab.report.synthetic import NEAR_OPTIMAL_ACCURACY, SCRATCH, TRANSFER, BoundaryFit, fit_boundary
-from ptlab.theory import (NEGATIVE_TRANSFER, NO_DIFFERENCE, TRANSFER_HELPS, TheoryConstants, gamma, predict,
-                          scratch_threshold, source_strength, target_signal_norm, threshold_term)
+from ptlab.report.synthetic import (
+    NEAR_OPTIMAL_ACCURACY,
+    SCRATCH,
+    TRANSFER,
+    BoundaryFit,
+    fit_boundary,
+)
+from ptlab.theory import (
+    NEGATIVE_TRANSFER,
+    NO_DIFFERENCE,
+    TRANSFER_HELPS,
+    UNDETERMINED,
+    Setting,
+    TheoryConstants,
+    gamma,
+    negative_transfer_ratio,
+    phase_features,
+    predict,
+    scratch_threshold,
+    source_strength,
+    target_signal_norm,
+    threshold_term,
+)
 
 OUTCOME_OF_VERDICT = {"better": TRANSFER_HELPS, "no detectable difference": NO_DIFFERENCE,
                       "worse": NEGATIVE_TRANSFER}
 """The theory's outcome label that a paired verdict measures."""
+CLASSES = (TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER)
+PREDICTED_LABELS = (*CLASSES, UNDETERMINED)
 
 INPUTS = {"d": "params.task.d", "n1": "params.task.n1", "n2": "params.task.n2", "u_norm": "params.task.u_norm",
           "v_norm": "params.task.v_norm", "sigma_p1": "params.noise.sigma_p1", "sigma_p2": "params.noise.sigma_p2",
@@ -45,11 +72,29 @@ INPUTS = {"d": "params.task.d", "n1": "params.task.n1", "n2": "params.task.n2", 
 FIT, HELD_OUT = "fit", "held-out"
 NEAR_OPTIMAL_MARGIN = 0.01
 """Near Bayes-optimal: a test error at most this much above the Bayes error (the label noise)."""
+MIN_SEEDS = 16
+CONFIDENCE = 0.95
+PHASE_CANDIDATES = (("logistic", 0.1), ("logistic", 1.0), ("logistic", 10.0), ("logistic", 100.0),
+                    ("tree", 2), ("tree", 3), ("tree", 4))
+"""The phase models compared by cross-validation on the fit cells: (kind, C or depth)."""
 
 
-def cell_table(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
+def wilson_interval(agreeing: int, cells: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``agreeing / cells`` (nan for no cells)."""
+    from scipy.stats import norm
+
+    if cells <= 0:
+        return math.nan, math.nan
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = agreeing / cells
+    centre = (p + z * z / (2 * cells)) / (1 + z * z / cells)
+    half = z / (1 + z * z / cells) * math.sqrt(p * (1 - p) / cells + z * z / (4 * cells * cells))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.DataFrame:
     """One row per cell (config minus seed) of a synthetic experiment: the theory's inputs, the seed
-    statistics, the measured outcome and the fit / held-out split."""
+    statistics, the measured outcome and the ``split`` the experiment belongs to."""
     runs = runs if INPUTS["label_noise"] in runs.columns else runs.assign(**{INPUTS["label_noise"]: "0.0"})
     missing = [c for c in [*INPUTS.values(), TRANSFER, SCRATCH, GAIN] if c not in runs.columns]
     if missing:
@@ -64,8 +109,7 @@ def cell_table(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
         table["alpha"] = 0.0
     table["experiment"] = experiment
     table["measured"] = table["verdict"].map(OUTCOME_OF_VERDICT)
-    ranks = sum((table[c].rank(method="dense").astype(int) - 1 for c in swept), start=pd.Series(0, index=table.index))
-    table["split"] = np.where(ranks % 2 == 0, FIT, HELD_OUT)
+    table["split"] = split
     table["transfer_acc"] = table[f"{TRANSFER}_mean"]
     table["scratch_acc"] = table[f"{SCRATCH}_mean"]
     table["n_seeds"] = table[f"{GAIN}_count"].astype(int)
@@ -78,19 +122,30 @@ def cell_table(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
     return table[keep]
 
 
+def features_of(cells: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndarray:
+    """The phase model's feature matrix of the cells."""
+    return feature_matrix([phase_features(s) for s in settings_of(cells)], names)
+
+
+def settings_of(cells: pd.DataFrame) -> list[Setting]:
+    return [Setting(int(r.d), int(r.n1), int(r.n2), float(r.u_norm), float(r.v_norm), float(r.sigma_p1),
+                    float(r.sigma_p2), float(r.alpha)) for r in cells.itertuples()]
+
+
 def add_thresholds(cells: pd.DataFrame) -> pd.DataFrame:
-    """``D*`` (Theorem 4.2), the scratch threshold (Theorem 4.3) and the source strength per cell."""
+    """``D*`` (Theorem 4.2), the scratch threshold (Theorem 4.3), Gamma, the source strength and the
+    negative-transfer ratio per cell."""
     cells = cells.copy()
-    s2 = [target_signal_norm(u, v) for u, v in zip(cells["u_norm"], cells["v_norm"])]
-    cells["threshold_term"] = [threshold_term(a, int(n1), int(n2), u, s, p1, p2) for a, n1, n2, u, s, p1, p2 in
-                               zip(cells["alpha"], cells["n1"], cells["n2"], cells["u_norm"], s2,
-                                   cells["sigma_p1"], cells["sigma_p2"])]
-    cells["scratch_threshold"] = [scratch_threshold(int(n2), s, p2) for n2, s, p2 in
-                                  zip(cells["n2"], s2, cells["sigma_p2"])]
-    cells["gamma"] = [gamma(a, int(n1), u, p1, p2, int(d)) for a, n1, u, p1, p2, d in
-                      zip(cells["alpha"], cells["n1"], cells["u_norm"], cells["sigma_p1"], cells["sigma_p2"], cells["d"])]
-    cells["source_strength"] = [source_strength(a, int(n1), int(n2), p1, p2) for a, n1, n2, p1, p2 in
-                                zip(cells["alpha"], cells["n1"], cells["n2"], cells["sigma_p1"], cells["sigma_p2"])]
+    rows = list(zip(cells["d"], cells["n1"], cells["n2"], cells["u_norm"], cells["v_norm"], cells["sigma_p1"],
+                    cells["sigma_p2"], cells["alpha"]))
+    s2 = [target_signal_norm(u, v) for _, _, _, u, v, *_ in rows]
+    cells["threshold_term"] = [threshold_term(a, int(n1), int(n2), u, s, p1, p2)
+                               for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)]
+    cells["scratch_threshold"] = [scratch_threshold(int(n2), s, p2) for (_, _, n2, _, _, _, p2, _), s in zip(rows, s2)]
+    cells["gamma"] = [gamma(a, int(n1), u, p1, p2, int(d)) for d, n1, _, u, _, p1, p2, a in rows]
+    cells["source_strength"] = [source_strength(a, int(n1), int(n2), p1, p2) for _, n1, n2, _, _, p1, p2, a in rows]
+    cells["negative_transfer_ratio"] = [negative_transfer_ratio(a, int(n1), int(n2), u, s, p1, p2)
+                                        for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)]
     return cells
 
 
@@ -105,29 +160,11 @@ def _agreement(cells: pd.DataFrame, constants: TheoryConstants) -> int:
     return int((np.array(predicted_outcomes(cells, constants), dtype=object) == measured).sum())
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Fitted constants, the regime boundary fit of each of c1, c3, c1_prime, c3_prime, and every cell
-    with its prediction."""
-
-    constants: TheoryConstants
-    boundaries: dict[str, BoundaryFit]
-    outcome_agreeing: int
-    cells: pd.DataFrame
-
-    def agreement(self) -> pd.DataFrame:
-        """Per experiment and split: cells, agreeing cells and their fraction."""
-        grouped = self.cells.groupby(["experiment", "split"], sort=True)["agrees"]
-        table = grouped.agg(cells="count", agreeing="sum").reset_index()
-        table["agreement"] = table["agreeing"] / table["cells"]
-        return table
-
-
 def fit_constant(cells: pd.DataFrame, base: TheoryConstants, key: str, values: pd.Series) -> tuple[float, int]:
     """The value of constant ``key`` whose predicted outcomes agree best with the measured ones. The
     prediction only changes where the constant crosses one of the cells' ``values`` (Gamma for
-    ``c_gamma``, the source strength for ``c4``), so one candidate per interval between them is tried
-    (ties go to the largest: the theory's "large constant")."""
+    ``c_gamma``, the source strength for ``c4``, the negative-transfer ratio for ``c_ratio``), so one
+    candidate per interval between them is tried (ties go to the largest: the theory's "large constant")."""
     finite = np.unique(values[np.isfinite(values) & (values > 0)])
     candidates = [*(finite[:1] / 2), *np.sqrt(finite[:-1] * finite[1:]), *(finite[-1:] * 2)]
     if not candidates:
@@ -148,79 +185,302 @@ def _regime_fits(cells: pd.DataFrame, threshold: str, accuracy: str) -> tuple[Bo
     return near, sub
 
 
-def calibrate(cells: pd.DataFrame) -> Calibration:
-    """Fit the constants on the ``fit`` cells (module docstring) and predict every cell."""
-    cells = add_thresholds(cells)
-    fit = cells[(cells["split"] == FIT) & cells["measured"].notna()]
-    if fit.empty:
-        raise ReportError("no fit cell has a paired verdict: calibration needs at least 2 seeds per cell")
+def fit_constants(fit: pd.DataFrame) -> tuple[TheoryConstants, dict[str, BoundaryFit], int]:
+    """The theory's constants fitted to the ``fit`` cells (module docstring, step 3), the regime boundary
+    fits, and how many fit cells the fitted outcome rule agrees with."""
     transfer_near, transfer_sub = _regime_fits(fit, "threshold_term", "transfer_acc")
     scratch_cells = fit.drop_duplicates(["d", "scratch_threshold", "scratch_acc"])
     scratch_near, scratch_sub = _regime_fits(scratch_cells, "scratch_threshold", "scratch_acc")
-    base = TheoryConstants(c1=transfer_near.c, c3=transfer_sub.c, c1_prime=scratch_near.c, c3_prime=scratch_sub.c)
+    base = TheoryConstants(c1=transfer_near.c, c3=max(transfer_sub.c, transfer_near.c),
+                           c1_prime=scratch_near.c, c3_prime=max(scratch_sub.c, scratch_near.c))
     c_gamma, _ = fit_constant(fit, replace(base, c4=math.inf), "c_gamma", fit["gamma"])
-    c4, agreeing = fit_constant(fit, replace(base, c_gamma=c_gamma), "c4", fit["source_strength"])
-    constants = replace(base, c_gamma=c_gamma, c4=c4)
-    cells["predicted"] = predicted_outcomes(cells, constants)
-    cells["agrees"] = cells["predicted"] == cells["measured"]
-    return Calibration(constants, {"c1": transfer_near, "c3": transfer_sub, "c1_prime": scratch_near,
-                                   "c3_prime": scratch_sub}, agreeing, cells)
+    constants = replace(base, c_gamma=c_gamma)
+    agreeing = _agreement(fit, constants)
+    for _ in range(2):  # the chain's two constants, each given the other
+        c4, agreeing = fit_constant(fit, constants, "c4", fit["source_strength"])
+        constants = replace(constants, c4=c4)
+        c_ratio, agreeing = fit_constant(fit, constants, "c_ratio", fit["negative_transfer_ratio"])
+        constants = replace(constants, c_ratio=c_ratio)
+    boundaries = {"c1": transfer_near, "c3": transfer_sub, "c1_prime": scratch_near, "c3_prime": scratch_sub}
+    return constants, boundaries, agreeing
 
 
-def load_cells(experiments: Sequence[str], tracking_uri: str) -> pd.DataFrame:
-    """The cells of every experiment, one table."""
-    return pd.concat([cell_table(load_pipelines(tracking_uri, e), e) for e in experiments], ignore_index=True)
+# ---- the phase model ---------------------------------------------------------------------------------
+
+def _phase_estimator(kind: str, knob: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    if kind == "logistic":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=knob, max_iter=5000))
+    return DecisionTreeClassifier(max_depth=int(knob), min_samples_leaf=3, random_state=0)
 
 
-def constants_yaml(result: Calibration, experiments: Sequence[str], today: dt.date | None = None) -> str:
+def cross_validated(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Cross-validated agreement of each of ``PHASE_CANDIDATES`` on the fit cells: 5 stratified folds (fewer
+    when a class has fewer cells); empty when there are too few cells or classes to cross-validate."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    counts = pd.Series(labels).value_counts()
+    if len(counts) < 2 or counts.min() < 2:
+        return {}
+    folds = StratifiedKFold(n_splits=int(min(5, counts.min())), shuffle=True, random_state=0)
+    return {f"{kind}:{knob:g}": float(cross_val_score(_phase_estimator(kind, knob), x, labels, cv=folds).mean())
+            for kind, knob in PHASE_CANDIDATES}
+
+
+def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None) -> tuple[PhaseModel, dict[str, float]]:
+    """The phase model (module docstring) fitted to the fit cells, and every candidate's cross-validated
+    agreement. The gain model is a ridge regression of the gain in points; its 95% interval is the 95th
+    percentile of the absolute cross-validated residuals."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    x = features_of(fit)
+    labels = fit["measured"].to_numpy(dtype=object).astype(str)
+    scores = cross_validated(x, labels)
+    best = max(range(len(PHASE_CANDIDATES)), key=lambda i: (round(scores.get(f"{PHASE_CANDIDATES[i][0]}:"
+                                                                              f"{PHASE_CANDIDATES[i][1]:g}", 0), 9),
+                                                             -abs(i - 1)))  # no CV: logistic, C = 1
+    kind, knob = PHASE_CANDIDATES[best]
+    if len(set(labels)) == 1:  # one measured outcome: a constant model
+        kind, knob = "logistic", 1.0
+        params = {"C": knob, "mean": x.mean(axis=0).tolist(), "scale": [1.0] * x.shape[1],
+                  "coef": [[0.0] * x.shape[1]], "intercept": [0.0]}
+        classes = (str(labels[0]),)
+    else:
+        estimator = _phase_estimator(kind, knob).fit(x, labels)
+    if len(set(labels)) == 1:
+        pass
+    elif kind == "logistic":
+        scaler, logistic = estimator[0], estimator[-1]
+        classes = tuple(str(c) for c in logistic.classes_)
+        coef, intercept = logistic.coef_, logistic.intercept_
+        if len(classes) == 2:  # sklearn keeps one score for two classes: the second's against the first
+            coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        params = {"C": knob, "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
+                  "coef": np.round(coef, 8).tolist(), "intercept": np.round(intercept, 8).tolist()}
+    else:
+        tree = estimator.tree_
+        classes = tuple(str(c) for c in estimator.classes_)
+        params = {"max_depth": int(knob), "feature": tree.feature.tolist(), "threshold": tree.threshold.tolist(),
+                  "left": tree.children_left.tolist(), "right": tree.children_right.tolist(),
+                  "value": np.round(tree.value[:, 0, :], 8).tolist(),
+                  "importances": dict(zip(FEATURES, np.round(estimator.feature_importances_, 6).tolist()))}
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    standard = (x - mean) / scale
+    points = fit["gain"].to_numpy(float) * 100
+    ridge = Ridge(alpha=1.0)
+    if len(points) >= 2:
+        folds = KFold(min(5, len(points)), shuffle=True, random_state=0)
+        residuals = points - cross_val_predict(ridge, standard, points, cv=folds)
+    ridge.fit(standard, points)
+    if len(points) < 2:
+        residuals = points - ridge.predict(standard)
+    gain = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": np.round(ridge.coef_, 8).tolist(),
+            "intercept": float(ridge.intercept_), "interval_half_width": float(np.quantile(np.abs(residuals), 0.95)),
+            "cv_rmse": float(np.sqrt(np.mean(residuals ** 2)))}
+    name = f"{kind} ({'C' if kind == 'logistic' else 'depth'} {knob:g}) over {len(FEATURES)} theory quantities"
+    model = PhaseModel(name=name, kind=kind, features=FEATURES, classes=classes, params=params, gain=gain,
+                       provenance=dict(provenance or {}))
+    return model, scores
+
+
+# ---- scoring -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Score:
+    """One predictor on one set of cells."""
+
+    predictor: str
+    cells: int
+    agreeing: int
+    low: float
+    high: float
+    negative_precision: float
+    negative_recall: float
+    confusion: pd.DataFrame
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.cells if self.cells else math.nan
+
+
+def score(name: str, measured: Sequence[str], predicted: Sequence[str]) -> Score:
+    """Agreement (Wilson 95%), negative-transfer precision and recall, and the confusion matrix (rows:
+    measured, columns: predicted)."""
+    measured, predicted = np.asarray(measured, dtype=object), np.asarray(predicted, dtype=object)
+    agreeing = int((measured == predicted).sum())
+    low, high = wilson_interval(agreeing, len(measured))
+    said, was = predicted == NEGATIVE_TRANSFER, measured == NEGATIVE_TRANSFER
+    precision = float((said & was).sum() / said.sum()) if said.any() else math.nan
+    recall = float((said & was).sum() / was.sum()) if was.any() else math.nan
+    confusion = pd.crosstab(pd.Categorical(measured, categories=CLASSES),
+                            pd.Categorical(predicted, categories=PREDICTED_LABELS), dropna=False)
+    confusion.index.name, confusion.columns.name = "measured", "predicted"
+    return Score(name, len(measured), agreeing, low, high, precision, recall, confusion)
+
+
+def baselines() -> dict[str, Callable[[pd.DataFrame], list[str]]]:
+    """The baselines: always helps; helps iff ||u|| > 0, else negative transfer; the theory at unit constants."""
+    return {
+        "always helps": lambda cells: [TRANSFER_HELPS] * len(cells),
+        "helps iff ||u|| > 0": lambda cells: [TRANSFER_HELPS if u > 0 else NEGATIVE_TRANSFER for u in cells["u_norm"]],
+        "theory, unit constants": lambda cells: predicted_outcomes(cells, TheoryConstants()),
+    }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted constants and phase model, every cell with every predictor's label, and the scores."""
+
+    constants: TheoryConstants
+    boundaries: dict[str, BoundaryFit]
+    outcome_agreeing: int
+    phase: PhaseModel
+    phase_cv: dict[str, float]
+    cells: pd.DataFrame
+    scores: dict[str, dict[str, Score]]
+
+    def agreement(self) -> pd.DataFrame:
+        """Per split and predictor: cells, agreeing, agreement, its Wilson interval, negative precision/recall."""
+        return pd.DataFrame([{"split": split, "predictor": s.predictor, "cells": s.cells, "agreeing": s.agreeing,
+                              "agreement": s.agreement, "wilson_low": s.low, "wilson_high": s.high,
+                              "negative_precision": s.negative_precision, "negative_recall": s.negative_recall}
+                             for split, by_name in self.scores.items() for s in by_name.values()])
+
+
+PHASE, THEORY = "phase model", "theory, fitted constants"
+
+
+def calibrate(cells: pd.DataFrame, provenance: dict | None = None) -> Calibration:
+    """Fit the constants and the phase model on the ``fit`` cells and score every predictor on both splits."""
+    cells = add_thresholds(cells[cells["measured"].notna()].reset_index(drop=True))
+    fit = cells[cells["split"] == FIT]
+    if fit.empty:
+        raise ReportError("no fit cell has a paired verdict: calibration needs fit cells with >= 2 seeds")
+    constants, boundaries, agreeing = fit_constants(fit)
+    phase, cv = fit_phase_model(fit, provenance)
+    cells[THEORY] = predicted_outcomes(cells, constants)
+    x = features_of(cells, phase.features)
+    cells[PHASE] = phase.predict_outcomes(x)
+    cells["phase_gain"] = phase.predict_gain(x)
+    for name, rule in baselines().items():
+        cells[name] = rule(cells)
+    predictors = [PHASE, THEORY, *baselines()]
+    scores = {split: {p: score(p, group["measured"], group[p]) for p in predictors}
+              for split, group in cells.groupby("split", sort=True)}
+    return Calibration(constants, boundaries, agreeing, phase, cv, cells, scores)
+
+
+def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
+               min_seeds: int = MIN_SEEDS) -> tuple[pd.DataFrame, int]:
+    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds.
+    Held-out runs must share no run seed with fit runs (no common random numbers across the split)."""
+    overlap = set(fit) & set(held_out)
+    if overlap:
+        raise ReportError(f"experiment(s) {', '.join(sorted(overlap))} both fit and held out: a held-out cell "
+                          "must never be fitted")
+    tables, seeds = [], {FIT: set(), HELD_OUT: set()}
+    for split, names in ((FIT, fit), (HELD_OUT, held_out)):
+        for name in names:
+            runs = load_pipelines(tracking_uri, name)
+            seeds[split] |= set(runs["params.seed"].astype(str)) if "params.seed" in runs else set()
+            tables.append(cell_table(runs, name, split))
+    shared = seeds[FIT] & seeds[HELD_OUT]
+    if shared:
+        raise ReportError(f"{len(shared)} run seeds (e.g. {min(shared, key=str)}) occur in both fit and held-out "
+                          "runs: held-out cells must not share data with fit cells (draw them with another design seed)")
+    cells = pd.concat(tables, ignore_index=True)
+    enough = cells["n_seeds"] >= min_seeds
+    return cells[enough].reset_index(drop=True), int((~enough).sum())
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.0%}"
+
+
+def agreement_lines(result: Calibration) -> list[str]:
+    lines = []
+    for split, by_name in result.scores.items():
+        lines.append(f"{split} cells ({next(iter(by_name.values())).cells}): agreement with the measured verdict")
+        for s in by_name.values():
+            lines.append(f"  {s.predictor:<26} {s.agreeing:>4}/{s.cells:<4} = {s.agreement:6.1%} "
+                         f"[{s.low:.1%}, {s.high:.1%}]  negative precision {_percent(s.negative_precision)}, "
+                         f"recall {_percent(s.negative_recall)}")
+    return lines
+
+
+def constants_yaml(result: Calibration, command: str, today: dt.date | None = None) -> str:
     """A ``conf/theory/*.yaml`` file holding the fitted constants and where they came from."""
     c = result.constants
-    agreement = result.agreement()
-    held = agreement[agreement["split"] == HELD_OUT]
-    seeds = sorted(set(int(n) for n in result.cells["n_seeds"]))
     day = (today or dt.date.today()).isoformat()
-    per_preset = ", ".join(f"{r.experiment} {r.agreeing}/{r.cells}" for r in held.itertuples())
-    source = (f"fitted {day} by `python -m ptlab.report calibrate {' '.join(experiments)}` on the fit half of "
-              f"{len(result.cells)} cells ({'/'.join(map(str, seeds))} seeds each); held-out agreement {per_preset}")
+    fit_cells = int((result.cells["split"] == FIT).sum())
+    held = result.scores.get(HELD_OUT, {}).get(THEORY)
+    held_text = (f"held-out agreement {held.agreeing}/{held.cells} = {held.agreement:.1%} "
+                 f"(Wilson 95% [{held.low:.1%}, {held.high:.1%}])") if held else "no held-out cells"
     fits = "; ".join(f"{key} {b.agreeing}/{b.cells} cells (any value in [{b.c_low:.4g}, {b.c_high:.4g}))"
                      for key, b in result.boundaries.items())
+    source = f"fitted {day} by `{command}` on {fit_cells} random-design cells; {held_text}"
     lines = [
-        "# Theory constants fitted to measured runs (docs/design.md section 2, Calibration).",
-        f"# Refit: python -m ptlab -m experiment=<each preset> && python -m ptlab.report calibrate {' '.join(experiments)} "
-        "--write conf/theory/calibrated.yaml",
+        "# Theory constants fitted to random-design runs (docs/theory.md).",
+        f"# Refit: {command}",
         f"# Regime boundaries agree with the fit cells: {fits}.",
-        f"# c_gamma and c4: {result.outcome_agreeing} fit cells agree on the outcome.",
-        "# Held-out outcome agreement: " + "; ".join(f"{r.experiment} {r.agreeing}/{r.cells} = {r.agreement:.0%}"
-                                                   for r in held.itertuples()),
-        f"c1: {c.c1:.6g}",
-        f"c3: {c.c3:.6g}",
-        f"c1_prime: {c.c1_prime:.6g}",
-        f"c3_prime: {c.c3_prime:.6g}",
-        f"c4: {c.c4:.6g}",
-        f"c_gamma: {c.c_gamma:.6g}",
+        f"# c_gamma, c4 and c_ratio: {result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome.",
+        *(f"# {line}" for line in agreement_lines(result)),
+        *(f"{key}: {getattr(c, key):.6g}" for key in ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma", "c_ratio")),
         f"source: {json.dumps(source)}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def agreement_text(result: Calibration) -> str:
-    """The fitted constants and the agreement per experiment and split, as printable lines."""
+def importance_lines(model: PhaseModel) -> list[str]:
+    """What carries the signal: the logistic coefficients per class (standardised features) or the tree's
+    importances."""
+    if model.kind == "tree":
+        ranked = sorted(model.params["importances"].items(), key=lambda kv: -kv[1])
+        return [f"  {name:<32} importance {value:.3f}" for name, value in ranked]
+    coef = np.asarray(model.params["coef"])
+    order = np.argsort(-np.abs(coef).max(axis=0))
+    header = "  " + " " * 32 + "".join(f"{c:>20}" for c in model.classes)
+    return [header, *(f"  {model.features[i]:<32}" + "".join(f"{v:>20.3f}" for v in coef[:, i]) for i in order)]
+
+
+def report_text(result: Calibration, dropped: int = 0) -> str:
+    """The fitted constants, the phase model with its cross-validation and coefficients, and every
+    predictor's agreement, as printable lines."""
     c = result.constants
     lines = [f"{key} = {getattr(c, key):.4g} ({'transfer' if key in ('c1', 'c3') else 'scratch'} "
              f"{'near' if key.startswith('c1') else 'sub'}-optimal boundary: {b.agreeing}/{b.cells} fit cells agree)"
              for key, b in result.boundaries.items()]
-    lines += [f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g} (Proposition 4.4: {result.outcome_agreeing} fit cells "
-              "agree on the outcome)",
-             "outcome agreement (predicted vs the paired verdict):"]
-    for r in result.agreement().itertuples():
-        lines.append(f"  {r.experiment:<12} {r.split:<9} {r.agreeing:>4}/{r.cells:<4} = {r.agreement:.1%}")
+    fit_cells = int((result.cells["split"] == FIT).sum())
+    lines.append(f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g}, c_ratio = {c.c_ratio:.4g} (Proposition 4.4: "
+                 f"{result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome)")
+    if dropped:
+        lines.append(f"left out: {dropped} cells with fewer than {MIN_SEEDS} seeds")
+    lines.append(f"phase model: {result.phase.name}; 5-fold CV agreement on the fit cells: "
+                 + ", ".join(f"{k} {v:.1%}" for k, v in result.phase_cv.items()))
+    lines += importance_lines(result.phase)
+    lines.append(f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
+                 f"+-{result.phase.gain['interval_half_width']:.2f} points")
+    lines += agreement_lines(result)
+    for split, by_name in result.scores.items():
+        for name in (PHASE, THEORY):
+            lines.append(f"confusion matrix, {name}, {split} (rows measured, columns predicted):")
+            lines += ["  " + line for line in by_name[name].confusion.to_string().splitlines()]
     return "\n".join(lines)
 
 
-def write_outputs(result: Calibration, out_dir: Path) -> list[Path]:
-    """``cells.csv`` (every cell, its split, measurement and prediction) and ``agreement.csv``."""
+def write_outputs(result: Calibration, out_dir: Path, text: str) -> list[Path]:
+    """``calibration_cells.csv`` (every cell, its split, measurement and every predictor's label),
+    ``calibration_agreement.csv`` and ``calibration.txt`` (``report_text``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells, agreement = out_dir / "calibration_cells.csv", out_dir / "calibration_agreement.csv"
+    cells, agreement, report = (out_dir / "calibration_cells.csv", out_dir / "calibration_agreement.csv",
+                                out_dir / "calibration.txt")
     result.cells.to_csv(cells, index=False)
     result.agreement().to_csv(agreement, index=False)
-    return [cells, agreement]
+    report.write_text(text + "\n")
+    return [cells, agreement, report]

@@ -60,9 +60,9 @@ def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
 
 
 GAIN = "metrics.transfer_gain"
-RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.logger.", "params.cache.", "params.resume.",
+RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.prediction.", "params.logger.", "params.cache.", "params.resume.",
                           "params.devices.", "params.trainer.")
-"""Params that say where or how a pipeline ran (or what the theory predicts from the others)."""
+"""Params that say where or how a pipeline ran (or what the theory and the phase model predict from the others)."""
 CONFIDENCE = 0.95
 
 
