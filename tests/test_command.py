@@ -39,6 +39,7 @@ def test_console_scripts_name_the_hydra_app_and_the_report():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["ptlab"] == "ptlab.cli:main"
     assert scripts["ptlab-report"] == "ptlab.report.cli:main"
+    assert scripts["ptlab-predict"] == "ptlab.predict:main"
     result = subprocess.run([sys.executable, "-m", "ptlab.report", "--help"], capture_output=True, text=True,
                             env=_env(), cwd=REPO, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.startswith("usage: ptlab-report ")
