@@ -35,15 +35,17 @@ def _open(path: Path) -> BinaryIO:
 
 
 def _header(handle: BinaryIO, path: Path) -> tuple[int, ...]:
+    """The sizes of an IDX header (errors name the file, not its folder: the caller names the folder)."""
+    name = path.name
     head = handle.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0:
-        raise IDXError(f"{path} is not an IDX file (its magic number does not start with two zero bytes)")
+        raise IDXError(f"{name} is not an IDX file (its magic number does not start with two zero bytes)")
     if head[2] != UBYTE:
-        raise IDXError(f"{path} holds IDX type 0x{head[2]:02x}, not uint8 (0x08)")
+        raise IDXError(f"{name} holds IDX type 0x{head[2]:02x}, not uint8 (0x08)")
     ndim = head[3]
     sizes = handle.read(4 * ndim)
     if len(sizes) < 4 * ndim:
-        raise IDXError(f"{path} ends inside its IDX header")
+        raise IDXError(f"{name} ends inside its IDX header")
     return struct.unpack(f">{ndim}I", sizes)
 
 
@@ -54,7 +56,7 @@ def read_idx_header(path: str | Path) -> tuple[int, ...]:
         with _open(path) as handle:
             return _header(handle, path)
     except (OSError, EOFError) as err:
-        raise IDXError(f"{path} cannot be read: {err}") from None
+        raise IDXError(f"{path.name} cannot be read: {err}") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -65,10 +67,10 @@ def read_idx(path: str | Path) -> np.ndarray:
             shape = _header(handle, path)
             data = handle.read()
     except (OSError, EOFError) as err:
-        raise IDXError(f"{path} cannot be read: {err}") from None
+        raise IDXError(f"{path.name} cannot be read: {err}") from None
     count = int(np.prod(shape)) if shape else 0
     if len(data) < count:
-        raise IDXError(f"{path} holds {len(data)} bytes of data, its header {shape} needs {count}")
+        raise IDXError(f"{path.name} holds {len(data)} bytes of data, its header {shape} needs {count}")
     return np.frombuffer(data, dtype=np.uint8, count=count).reshape(shape)
 
 
@@ -101,9 +103,9 @@ def check_idx_files(files: dict[str, Path]) -> None:
     for role, path in files.items():
         shape = read_idx_header(path)
         if len(shape) != NDIM[role]:
-            raise IDXError(f"{path} declares shape {shape}, expected {NDIM[role]} dimensions")
+            raise IDXError(f"{path.name} declares shape {shape}, expected {NDIM[role]} dimensions")
         shapes[role] = shape
     for split in ("train", "test"):
         if shapes[f"{split}_x"][0] != shapes[f"{split}_y"][0]:
-            raise IDXError(f"{files[split + '_x']} holds {shapes[split + '_x'][0]} images but "
-                           f"{files[split + '_y']} holds {shapes[split + '_y'][0]} labels")
+            raise IDXError(f"{files[split + '_x'].name} holds {shapes[split + '_x'][0]} images but "
+                           f"{files[split + '_y'].name} holds {shapes[split + '_y'][0]} labels")
