@@ -140,3 +140,25 @@ def test_real_fashion_mnist_pipeline_through_the_cli(tmp_path: Path) -> None:
                    cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "transfer - scratch test accuracy" in done.stdout
+
+
+def test_fashion_presets_compose_as_their_comments_say(make_cfg) -> None:
+    from ptlab.config import validate
+    from tests.conftest import REPO
+
+    for pair, arch in (("resnet34_small_resnet18_small", "resnet18"), ("vgg16_small_vgg11_small", "vgg11")):
+        cfg = make_cfg("experiment=table1_fashion", f"+pair={pair}", small=False)
+        validate(cfg)
+        assert (cfg.model.arch, cfg.model.width, cfg.upstream_model.width) == (arch, 0.125, 0.125)
+        assert (cfg.task.name, list(cfg.task.task2_classes), cfg.task.n2, cfg.task.n_test) == (
+            "fashion_mnist", [0, 6], 64, 1000)
+    sweep = OmegaConf.load(REPO / "conf" / "experiment" / "table1_fashion.yaml").hydra.sweeper.params
+    assert list(sweep) == ["seed", "+pair", "task.n1_ratio"]  # seed-major
+    assert sweep["seed"] == "range(20)" and sweep["task.n1_ratio"] == "1,2,4,8"
+    fig3 = make_cfg("experiment=fig3_fashion", "+pair=vgg16_small_vgg11_small", small=False)
+    assert (fig3.task.n1_ratio, fig3.noise.sigma_p1, fig3.model.width) == (4.0, 0.0, 0.125)
+    fig4 = make_cfg("experiment=fig4_fashion", small=False)
+    validate(fig4)
+    assert (fig4.model.name, fig4.model.depth, fig4.model.options.embed_dim, fig4.task.image_size) == (
+        "deit_tiny", 12, 64, 28)
+    assert list(fig4.transfer.layers) == [9, 10, 11] and fig4.task.n1_ratio == 10
