@@ -92,7 +92,7 @@ def test_trend_is_the_t_interval_of_per_seed_ols_slopes(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["table1_trend.md", "table1_trend.csv", "table1_trend_trend.csv",
                                        "table1_trend.png"]
     text = paths[0].read_text()
-    assert f"slope of the gain on log2(N1/N2) {mean:+.2f} points [{mean - half:+.2f}, {mean + half:+.2f}]" in text
+    assert f"slope of the gain on log2(N1/N2) {mean:+.3f} points [{mean - half:+.3f}, {mean + half:+.3f}]" in text
     assert "n=3 seeds): increasing" in text
 
 

@@ -123,8 +123,8 @@ def labelled(table: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
 
 def trend_text(trend: pd.DataFrame, name: str) -> str:
     """One line per group: the slope with its interval, seeds and verdict."""
-    return "\n".join(f"- {row[name]}: slope of the gain on {row['x']} {row['slope']:+.2f} points "
-                     f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] (95% t interval over n={row['seeds']} "
+    return "\n".join(f"- {row[name]}: slope of the gain on {row['x']} {row['slope']:+.3f} points "
+                     f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] (95% t interval over n={row['seeds']} "
                      f"seeds): {row['verdict']}" for _, row in trend.iterrows())
 
 
@@ -137,7 +137,8 @@ def draw_gain(ax: Axes, cells: pd.DataFrame, x: str, trend: pd.Series | None, la
     ax.fill_between(xs, 100 * cells[f"{GAIN}_ci_low"], 100 * cells[f"{GAIN}_ci_high"], color=color, alpha=0.2)
     if trend is not None:
         ax.plot(xs, trend["intercept"] + trend["slope"] * transform(xs), linestyle=":", color=color,
-                label=f"slope {trend['slope']:+.2f} [{trend['ci_low']:+.2f}, {trend['ci_high']:+.2f}]")
+                label=f"slope {trend['slope']:+.3f} [{trend['ci_low']:+.3f}, {trend['ci_high']:+.3f}] "
+                f"(n={trend['seeds']}): {trend['verdict']}")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.grid(alpha=0.3)
 
@@ -210,8 +211,9 @@ def render_fig3(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
         ax.grid(alpha=0.3)
         ax.legend()
         match = trend[trend[PAIR] == pair]
-        draw_gain(gain_ax, group, SIGMA, match.iloc[0] if len(match) == 1 else None,
-                  f"gain (n={int(group[f'{GAIN}_count'].min())}-{int(group[f'{GAIN}_count'].max())} seeds)",
+        low, high = int(group[f"{GAIN}_count"].min()), int(group[f"{GAIN}_count"].max())
+        seeds = f"{low}" if low == high else f"{low}-{high}"
+        draw_gain(gain_ax, group, SIGMA, match.iloc[0] if len(match) == 1 else None, f"mean gain (n={seeds} seeds)",
                   lambda x: x, "C2")
         gain_ax.set_xlabel(r"task-2 noise $\sigma_{p,2}$ (0-255 pixels)")
         gain_ax.set_ylabel("transfer - scratch (points)")
