@@ -17,12 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ptlab.data.idx import (
-    IDXError,
-    check_idx_files,
-    fashion_missing_message,
-    find_idx_files,
-)
+from ptlab.data.idx import IDXError, check_idx_files, fashion_missing_message, find_idx_files
 from ptlab.errors import ConfigError
 from ptlab.models.name_check import check_model_name
 from ptlab.tracking.base import flatten

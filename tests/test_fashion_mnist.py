@@ -15,13 +15,7 @@ from omegaconf import OmegaConf
 
 from ptlab.checks import check_data
 from ptlab.config import ConfigError
-from ptlab.data.idx import (
-    IDXError,
-    check_idx_files,
-    find_idx_files,
-    read_idx,
-    read_idx_header,
-)
+from ptlab.data.idx import IDXError, check_idx_files, find_idx_files, read_idx, read_idx_header
 from ptlab.data.images import PIXEL_MAX, load_fashion_mnist, make_image_tasks
 from ptlab.pipeline import run_pipeline
 from tests.conftest import run_cli

@@ -27,13 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ptlab.report.generic import write_table
-from ptlab.report.runs import (
-    ReportError,
-    one_run_per_seed,
-    paired_ci,
-    seed_stats,
-    swept_params,
-)
+from ptlab.report.runs import ReportError, one_run_per_seed, paired_ci, seed_stats, swept_params
 
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
 RATIO, SIGMA = "params.task.n1_ratio", "params.noise.sigma_p2"
