@@ -94,7 +94,7 @@ def render_fig4(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
     bars.set_ylabel("downstream test accuracy (%)")
     bars.set_ylim(0, 115)
     bars.set_title("final accuracy, mean ± std (paired gain [95% t])", fontsize=9)
-    bars.legend(loc="lower right")
+    bars.legend(loc="upper right", fontsize=8)
 
     markers = {task: TASK_MARKERS[i % len(TASK_MARKERS)] for i, task in enumerate(sorted(curves["task"].unique()))} \
         if not curves.empty else {}
