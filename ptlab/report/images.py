@@ -45,7 +45,7 @@ def with_pairs(runs: pd.DataFrame, needed: list[str]) -> pd.DataFrame:
     missing = [c for c in columns if c not in runs.columns]
     if missing:
         raise ReportError(f"runs lack {', '.join(missing)}: "
-                          "not image transfer pipelines (task=cifar10|cifar100|digits)")
+                          "not image transfer pipelines (task=cifar10|cifar100|digits|fashion_mnist)")
     width = {side: runs.get(f"params.{side}.width", pd.Series("1.0", index=runs.index))
              for side in ("upstream_model", "model")}
     pair = (_label(runs["params.upstream_model.arch"], width["upstream_model"]) + " -> "
