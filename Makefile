@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned as a pair: a torchvision beside a mismatched torch fails to import.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test venv lint
+.PHONY: run test venv lint data
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# Fashion-MNIST for the *_fashion presets: Debian's dataset-fashion-mnist (the four IDX files in
+# /usr/share/datasets/fashion-mnist); needs root or sudo. Elsewhere: task.download=true.
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		{ $$(test "$$(id -u)" = 0 || echo sudo) apt-get update && \
+		  $$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y dataset-fashion-mnist; }
 
 # Extra Hydra overrides: make run ARGS="transfer.alpha=0.25 seed=1"
 run: venv

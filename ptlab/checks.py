@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.build_checks import check_built
+from ptlab.data.idx import IDXError, check_idx_files, fashion_missing_message, find_idx_files
 from ptlab.errors import ConfigError
 from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder
 from ptlab.models.name_check import check_model_name
@@ -163,10 +164,29 @@ def check_image_folder(task: Any, start: Path | None = None) -> None:
                               f"not among the class folders of {root_value} ({', '.join(classes)})")
 
 
+def check_fashion_mnist(task: Any, start: Path | None = None) -> None:
+    """Fashion-MNIST's four IDX files are in ``task.data_dir`` (or its ``FashionMNIST/raw``) with sound headers
+    (magic numbers and sizes only; the images are not read), unless ``task.download`` may fetch them."""
+    root = Path(str(task.data_dir)).expanduser()
+    root = root if root.is_absolute() else (start or Path.cwd()) / root
+    files = find_idx_files(root)
+    if files is None:
+        if task.get("download"):
+            return
+        raise ConfigError(fashion_missing_message(task.data_dir))
+    try:
+        check_idx_files(files)
+    except IDXError as err:
+        raise ConfigError(f"task.data_dir={str(task.data_dir)!r} is not allowed: {err}") from None
+
+
 def check_data(task: Any, start: Path | None = None) -> None:
     """The files of an image task are where ``task.data_dir`` (``task.root``) says (unless it may download them)."""
     if task.get("name") == "image_folder":
         check_image_folder(task, start)
+        return
+    if task.get("name") == "fashion_mnist":
+        check_fashion_mnist(task, start)
         return
     folder = CIFAR_FOLDERS.get(task.get("name"))
     if folder is None:

@@ -129,7 +129,7 @@ class ToyCNNSchema:
         _one_of("patch_reduction", self.patch_reduction, TOY_REDUCTIONS)
 
 
-IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder")
+IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder", "fashion_mnist")
 
 
 @dataclass
@@ -171,6 +171,20 @@ class DigitsTaskSchema(ImageTaskSchema):
         _check(self.image_size >= 8, "image_size", ">= 8", self.image_size)
         _check(0 < self.test_fraction < 1, "test_fraction", "in (0, 1)", self.test_fraction)
         _nonnegative("split_seed", self.split_seed)
+
+
+@dataclass
+class FashionMNISTTaskSchema(ImageTaskSchema):
+    """Fashion-MNIST's IDX files from ``data_dir`` (official split), resized to ``image_size``, 3 channels."""
+
+    name: str = "fashion_mnist"
+    data_dir: str = "/usr/share/datasets/fashion-mnist"
+    task2_classes: list[int] = field(default_factory=lambda: [0, 6])
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.image_size >= 8, "image_size", ">= 8", self.image_size)
 
 
 @dataclass
@@ -458,7 +472,7 @@ class PtlabSchema:
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema,
-             "image_folder": ImageFolderTaskSchema},
+             "image_folder": ImageFolderTaskSchema, "fashion_mnist": FashionMNISTTaskSchema},
     "noise": {"gaussian": NoiseSchema},
     "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},

@@ -59,3 +59,33 @@ def write_cifar100(root: Path, per_class_train: int = 2, per_class_test: int = 1
     _dump(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
                             "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     return written
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) in the IDX format: ``00 00 08 <ndim>``, the sizes as big-endian uint32, the data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_fashion_mnist(folder: Path, per_class_train: int = 6, per_class_test: int = 3, seed: int = 0,
+                        gz: bool = True) -> dict[str, np.ndarray]:
+    """The four Fashion-MNIST IDX files (gzipped as Debian ships them, or extracted as torchvision keeps
+    them) with random 28x28 images, 10 classes; returns what was written by role."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, per_class, prefix in (("train", per_class_train, "train"), ("test", per_class_test, "t10k")):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        for role, name, array in ((f"{split}_x", f"{prefix}-images-idx3-ubyte", images),
+                                  (f"{split}_y", f"{prefix}-labels-idx1-ubyte", labels)):
+            data = idx_bytes(array)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+            written[role] = array
+    return written

@@ -24,6 +24,10 @@ BAD = [
     (["model.width=1000000000000"], "model.width=1000000000000 is not allowed: the synthetic data"),
     (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=missing_data"],
      "task.data_dir='missing_data' is not allowed: no cifar-10-batches-py/"),
+    (["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=missing_fashion"],
+     "task.data_dir='missing_fashion' is not allowed: no Fashion-MNIST IDX files"),
+    (["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=BAD_IDX"],
+     "task.data_dir='BAD_IDX' is not allowed: train-images-idx3-ubyte is not an IDX file"),
     ([*IMAGE, "model.weights_path=nope.pth"], "model.weights_path='nope.pth' is not allowed: no such file"),
     ([*IMAGE, "upstream_model.weights_path=GARBAGE"], "upstream_model.weights_path='GARBAGE' is not allowed: not a "),
     (["cache.dir=A_FILE"], "cache.dir='A_FILE' is not allowed"),
@@ -57,6 +61,10 @@ def test_bad_input_stops_before_anything_is_tracked(tmp_path: Path, overrides: l
     (tmp_path / "A_FILE").write_text("not a folder")
     (tmp_path / "GARBAGE").write_bytes(b"\x00not a torch file")
     (tmp_path / "EMPTY" / "cat").mkdir(parents=True)  # a class folder without images
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # Fashion-MNIST's four files, not in the IDX format
+        (tmp_path / "BAD_IDX").mkdir(exist_ok=True)
+        (tmp_path / "BAD_IDX" / name).write_bytes(b"\x08\x03 not IDX")
     before = sorted(p.name for p in tmp_path.iterdir())
     flags = [o for o in overrides if o == "-m"]
     store = f"logger.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"

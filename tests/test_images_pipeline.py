@@ -51,7 +51,7 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
 
     paths = make_report("table1_tiny", tracking_uri, tmp_path / "report", log_to_mlflow=False)
     table = (tmp_path / "report" / "table1_tiny.md").read_text()
-    assert {p.name for p in paths} == {"table1_tiny.md", "table1_tiny.csv"}
+    assert {p.name for p in paths} == {"table1_tiny.md", "table1_tiny.csv", "table1_tiny_trend.csv", "table1_tiny.png"}
     assert "vgg16 (x0.25) -> vgg11 (x0.25)" in table and "N1/N2=2" in table
 
 

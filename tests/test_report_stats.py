@@ -58,3 +58,51 @@ def test_table1_gives_a_row_per_config_with_n_and_ci(tmp_path: Path) -> None:
     text = (tmp_path / "table1_test.md").read_text()
     assert "(downstream_epochs=2)" in text and "(downstream_epochs=3)" in text
     assert "n=2" in text and "n=1" in text
+
+
+def trend_runs() -> pd.DataFrame:
+    """Table 1 rows of one pair: gains (points) per seed at N1/N2 = 1, 2, 4, 8 (log2: 0, 1, 2, 3)."""
+    gains = {0: [0, 2, 3, 5], 1: [5, 7, 9, 11], 2: [2, 4, 6, 8], 3: [2, 2]}  # seed 3 lacks N1/N2 = 4, 8
+    rows = []
+    for seed, points in gains.items():
+        for ratio, gain in zip((1, 2, 4, 8), points):
+            rows.append({"params.upstream_model.arch": "vgg16", "params.model.arch": "vgg11",
+                         "params.task.n1_ratio": str(ratio), "params.seed": str(seed),
+                         "metrics.transfer_test_acc": 0.6 + gain / 100, "metrics.scratch_test_acc": 0.6})
+    return pipelines(rows)
+
+
+def test_trend_is_the_t_interval_of_per_seed_ols_slopes(tmp_path: Path) -> None:
+    import numpy as np
+
+    from ptlab.report.images import render_table1, seed_slopes, trend_table, with_pairs
+
+    runs = with_pairs(trend_runs(), ["params.task.n1_ratio"])
+    slopes = seed_slopes(runs, ["pair"], "params.task.n1_ratio", np.log2)
+    # seed 0: x = 0..3, y = 0, 2, 3, 5: sum (x - 1.5)(y - 2.5) = 8, sum (x - 1.5)^2 = 5 -> 1.6; seeds 1, 2: 2, 2
+    assert slopes["slope"].tolist() == pytest.approx([1.6, 2.0, 2.0])
+    assert slopes["seed"].tolist() == ["0", "1", "2"]  # seed 3 (two of four cells) is left out
+    trend = trend_table(runs, ["pair"], "params.task.n1_ratio", np.log2, "log2(N1/N2)").iloc[0]
+    mean, sd = (1.6 + 2 + 2) / 3, float(np.std([1.6, 2.0, 2.0], ddof=1))
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2}
+    assert trend["slope"] == pytest.approx(mean) and trend["seeds"] == 3
+    assert trend["ci_low"] == pytest.approx(mean - half) and trend["ci_high"] == pytest.approx(mean + half)
+    assert mean - half > 0 and trend["verdict"] == "increasing"  # 1.87 +- 0.57
+    paths = render_table1(trend_runs(), "table1_trend", tmp_path)
+    assert [p.name for p in paths] == ["table1_trend.md", "table1_trend.csv", "table1_trend_trend.csv",
+                                       "table1_trend.png"]
+    text = paths[0].read_text()
+    assert f"slope of the gain on log2(N1/N2) {mean:+.3f} points [{mean - half:+.3f}, {mean + half:+.3f}]" in text
+    assert "n=3 seeds): increasing" in text
+
+
+def test_trend_verdict_without_a_trend() -> None:
+    import numpy as np
+
+    from ptlab.report.images import trend_table, with_pairs
+
+    runs = trend_runs()
+    runs = runs[runs["params.seed"].isin(["0", "1"])].copy()
+    runs.loc[runs["params.seed"] == "1", "metrics.transfer_gain"] *= -1  # slopes 1.6 and -2
+    trend = trend_table(with_pairs(runs, []), ["pair"], "params.task.n1_ratio", np.log2, "x").iloc[0]
+    assert trend["slope"] == pytest.approx(-0.2) and trend["verdict"] == "no detectable trend"

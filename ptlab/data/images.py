@@ -22,6 +22,12 @@ Protocol, the same for every data set:
 - Image folder: torchvision's ``ImageFolder`` over ``task.root`` (one subfolder per class, classes named
   by folder, so ``task2_classes``/``task1_classes`` are folder names); images converted to RGB,
   resized to ``task.image_size`` and split like digits (stratified ``test_fraction``, ``split_seed``).
+- Fashion-MNIST: the four IDX files (28x28 grey, 60,000 train / 10,000 test, 10 classes) read with
+  numpy over gzip (``ptlab.data.idx``) from ``task.data_dir`` (by default Debian's
+  ``/usr/share/datasets/fashion-mnist``, or torchvision's ``FashionMNIST/raw`` below it, which
+  ``task.download=true`` fills through torchvision); the official train/test split. Like digits, images
+  are resized bilinearly to ``task.image_size`` (32: the VGGs' five stride-2 steps) and repeated to 3
+  channels, so the torchvision models run unchanged.
 - CIFAR: read with torchvision's loaders from ``task.data_dir``, downloaded only when
   ``task.download=true``. Files are checked for presence (torchvision's per-file md5 check is left
   out, so a subset written in the same format loads through the same code).
@@ -141,6 +147,36 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = False) -> RawIm
 
     return RawImages(tensor(train.data), torch.tensor(train.targets), tensor(test.data), torch.tensor(test.targets),
                      num_classes=len(train.classes))
+
+
+@functools.lru_cache(maxsize=2)
+def load_fashion_mnist(data_dir: str, image_size: int = 32, download: bool = False) -> RawImages:
+    """Fashion-MNIST on the 0-255 scale, resized to ``image_size``, 3 channels, the official split
+    (cached per process: sweep jobs share it; callers only index it, never write to it)."""
+    from ptlab.data.idx import FASHION_CLASSES, IDXError, fashion_missing_message, find_idx_files, read_idx
+
+    files = find_idx_files(data_dir)
+    if files is None and download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(root=str(data_dir), train=True, download=True)
+        files = find_idx_files(data_dir)
+    if files is None:
+        raise ConfigError(fashion_missing_message(data_dir))
+    try:
+        arrays = {role: read_idx(path) for role, path in files.items()}
+    except IDXError as err:
+        raise ConfigError(f"task.data_dir={str(data_dir)!r} is not allowed: {err}") from None
+
+    def images(pixels: np.ndarray) -> Tensor:
+        x = torch.from_numpy(pixels.copy()).float()[:, None]
+        if x.shape[-1] != image_size or x.shape[-2] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        return x.clamp(0.0, PIXEL_MAX).expand(-1, 3, -1, -1)  # a view: one stored channel, copied when indexed
+
+    return RawImages(images(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)),
+                     images(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)),
+                     num_classes=len(FASHION_CLASSES))
 
 
 @functools.lru_cache(maxsize=4)
@@ -269,6 +305,8 @@ def load_raw(task: DictConfig) -> RawImages:
         return load_image_folder(task.root, task.image_size, task.test_fraction, task.split_seed)
     if task.name == "digits":
         return load_digits_images(task.image_size, task.test_fraction, task.split_seed)
+    if task.name == "fashion_mnist":
+        return load_fashion_mnist(str(task.data_dir), task.image_size, task.download)
     return load_cifar(task.name, task.data_dir, task.download)
 
 

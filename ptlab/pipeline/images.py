@@ -1,4 +1,4 @@
-"""The image pipeline (task=cifar10|cifar100|digits): upstream on task 1 -> transfer -> task 2, beside scratch.
+"""The image pipeline (every image task): upstream on task 1 -> transfer -> task 2, beside scratch.
 
 Reusable API (any ``nn.Module`` classifier, e.g. a timm ViT, plugs in through Hydra ``instantiate``):
 

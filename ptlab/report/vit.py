@@ -4,7 +4,9 @@ Experiments ``fig4*``: for each downstream task (CIFAR-10, CIFAR-100, or digits)
 accuracy with the inherited blocks and from scratch, mean ± std over seeds, beside the mean of the
 paired per-seed gains (left panel, bars), and the test-accuracy curves of both downstream trainings
 over the fine-tuning epochs, averaged over seeds (right panel, from the ``transfer`` and ``scratch``
-child runs). Files: ``<experiment>.png``/``.pdf`` and the table ``<experiment>.csv``/``.md``.
+child runs, with the 95% t band over seeds where there are two or more). The bar panel states the paired
+gain with its 95% t interval, n and verdict. Files: ``<experiment>.png``/``.pdf`` and the table
+``<experiment>.csv``/``.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from ptlab.report.generic import write_table
-from ptlab.report.runs import ReportError, seed_stats
+from ptlab.report.runs import ReportError, paired_ci, seed_stats
 from ptlab.tracking.mlflow import STAGE_TAG
 
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
@@ -26,7 +28,7 @@ TASK = "params.task.name"
 STAGES = {"transfer": "VanillaLG (blocks inherited)", "scratch": "scratch"}
 STAGE_COLORS = {"transfer": "C0", "scratch": "C1"}
 TASK_MARKERS = ("o", "s", "^", "D")
-TASK_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits"}
+TASK_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits", "fashion_mnist": "Fashion-MNIST"}
 
 
 def accuracy_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -85,24 +87,29 @@ def render_fig4(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
                  capsize=4, label=label, color=STAGE_COLORS[stage])
     for i, row in table.iterrows():
         top = max(row["transfer_acc_mean"], row["scratch_acc_mean"])
-        bars.annotate(f"{row['gain_mean']:+.1f}", (x[i], top), xytext=(0, 8), textcoords="offset points",
-                      ha="center")
+        ci = "" if pd.isna(row["gain_ci_low"]) else f" [{row['gain_ci_low']:+.1f}, {row['gain_ci_high']:+.1f}]"
+        bars.annotate(f"{row['gain_mean']:+.1f}{ci}\nn={int(row['seeds'])}: {row['verdict']}", (x[i], top),
+                      xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8)
     bars.set_xticks(x, table["task"])
     bars.set_ylabel("downstream test accuracy (%)")
-    bars.set_ylim(0, 105)
-    bars.set_title("final accuracy (gain over scratch)")
-    bars.legend(loc="lower right")
+    bars.set_ylim(0, 115)
+    bars.set_title("final accuracy, mean ± std (paired gain [95% t])", fontsize=9)
+    bars.legend(loc="upper right", fontsize=8)
 
     markers = {task: TASK_MARKERS[i % len(TASK_MARKERS)] for i, task in enumerate(sorted(curves["task"].unique()))} \
         if not curves.empty else {}
     for (task, stage), group in curves.groupby(["task", "stage"], sort=True):
-        mean = group.groupby("epoch")["acc"].mean()
+        by_epoch = group.groupby("epoch")["acc"]
+        mean = by_epoch.mean()
         lines.plot(mean.index, 100 * mean.values, marker=markers[task], markersize=3,
                    linestyle="-" if stage == "transfer" else "--", color=STAGE_COLORS[stage],
                    label=f"{TASK_LABELS.get(task, task)}: {stage}")
+        band = by_epoch.apply(lambda acc: paired_ci(acc)).apply(pd.Series)
+        if len(band) and band.notna().all().all():
+            lines.fill_between(band.index, 100 * band[0], 100 * band[1], color=STAGE_COLORS[stage], alpha=0.15)
     lines.set_xlabel("fine-tuning epoch")
     lines.set_ylabel("downstream test accuracy (%)")
-    lines.set_title("test accuracy during fine-tuning")
+    lines.set_title("test accuracy during fine-tuning (95% t bands)", fontsize=9)
     lines.grid(alpha=0.3)
     if not curves.empty:
         lines.legend(fontsize=8)
