@@ -106,6 +106,21 @@ def cifar_counts(name: str, root: Path, stamp: float) -> LabelCounts:
     return LabelCounts(counts[0], counts[1], names)
 
 
+def fashion_counts(data_dir: Path) -> LabelCounts | None:
+    """Fashion-MNIST's labels per class, read from its two label files (70,000 bytes); ``None`` when the files are
+    missing (the data check says so in one line)."""
+    from ptlab.data.idx import FASHION_CLASSES, find_idx_files, read_idx
+
+    files = find_idx_files(data_dir)
+    if files is None:
+        return None
+    counts = []
+    for split in ("train", "test"):
+        labels = read_idx(files[f"{split}_y"])
+        counts.append(tuple(int((labels == c).sum()) for c in range(len(FASHION_CLASSES))))
+    return LabelCounts(counts[0], counts[1], FASHION_CLASSES)
+
+
 CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
 """What torchvision's CIFAR readers download (``CIFAR10.url``, ``CIFAR100.url``; a test checks they agree)."""
@@ -179,6 +194,8 @@ def label_counts(task: Any, start: Path | None = None) -> LabelCounts | None:
         return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime,
                              str(task.root))
     root = _root(task.data_dir, start)
+    if task.name == "fashion_mnist":
+        return fashion_counts(root)
     folder = root / CIFAR_FILES[task.name][0]
     if not folder.is_dir():
         return None

@@ -115,12 +115,12 @@ def test_preflight_does_not_import_torch() -> None:
 
 
 def test_pipeline_on_fashion_files(make_cfg, tmp_path: Path) -> None:
-    write_fashion_mnist(tmp_path / "fm")
+    write_fashion_mnist(tmp_path / "fm", per_class_test=4)
     cfg = make_cfg("experiment=table1_fashion", "+pair=vgg16_small_vgg11_small", f"task.data_dir={tmp_path / 'fm'}",
-                   "task.n2=6", "task.n1_ratio=2", "task.n_test=4", "train.upstream_epochs=1",
+                   "task.n2=6", "task.n1_ratio=2", "task.n_test=8", "train.upstream_epochs=1",
                    "train.downstream_epochs=1", small=False)
     summary = run_pipeline(cfg, tmp_path / "out")
-    assert summary["data"]["n2"] == 6 and summary["data"]["n1"] == 12 and summary["data"]["n2_test"] == 4
+    assert summary["data"]["n2"] == 6 and summary["data"]["n1"] == 12 and summary["data"]["n2_test"] == 8
     assert summary["data"]["task1_classes"] == [1, 2, 3, 4, 5, 7, 8, 9]
     for stage in ("upstream", "transfer", "scratch"):
         assert 0.0 <= summary[stage]["test_acc"] <= 1.0

@@ -160,13 +160,14 @@ LAYERS: dict[str, set[str]] = {
     "ptlab.models": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.folder_checks": {"ptlab.errors"},
     "ptlab.store_checks": {"ptlab.errors", "ptlab.folder_checks"},
-    "ptlab.build_checks": {"ptlab.errors", "ptlab.seeding", "ptlab.utils"},
+    "ptlab.build_checks": {"ptlab.errors", "ptlab.seeding", "ptlab.utils", "ptlab.data.idx"},
+    "ptlab.phase": {"ptlab.paths"}, "ptlab.design": set(),
     "ptlab.checks": {"ptlab.errors", "ptlab.utils", "ptlab.registry", "ptlab.paths", "ptlab.models.name_check",
                      "ptlab.models.weights", "ptlab.folder_checks", "ptlab.store_checks", "ptlab.build_checks",
                      "ptlab.data.idx"},
     "ptlab.config": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.paths", "ptlab.checks",
                      "ptlab.transfer.selection"},
-    "ptlab.theory": {"ptlab.config", "ptlab.errors", "ptlab.paths"},
+    "ptlab.theory": {"ptlab.config", "ptlab.errors", "ptlab.paths", "ptlab.phase"},
     "ptlab.data": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding", "ptlab.config"},
     "ptlab.transfer": {"ptlab.models", "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.modules": {"ptlab.data", "ptlab.models", "ptlab.errors", "ptlab.lazy", "ptlab.seeding"},
@@ -174,7 +175,7 @@ LAYERS: dict[str, set[str]] = {
                       "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.config", "ptlab.processes"},
     "ptlab.tracking": {"ptlab.errors", "ptlab.lazy", "ptlab.utils", "ptlab.paths"},
     "ptlab.report": {"ptlab.tracking", "ptlab.registry", "ptlab.errors", "ptlab.lazy", "ptlab.paths", "ptlab.theory",
-                     "ptlab.utils", "ptlab.config"},
+                     "ptlab.utils", "ptlab.config", "ptlab.phase", "ptlab.design"},
 }
 """Everything else (``ptlab.pipeline``, ``ptlab.devices``, ``ptlab.distributed``, ``ptlab.cli``, the entry points) sits
 above these and may import them; nothing here may import the pipeline, the CLI or the launchers."""
@@ -190,7 +191,7 @@ def allowed(source: str, target: str) -> bool:
     if package_of(source) == package_of(target):
         return True
     if package_of(target) in ("ptlab.report", "ptlab.cli"):
-        return package_of(source) in ("ptlab.cli", "ptlab.__main__", "ptlab.sweep_summary")
+        return package_of(source) in ("ptlab.cli", "ptlab.__main__", "ptlab.sweep_summary", "ptlab.predict")
     rule = LAYERS.get(package_of(source))
     return rule is None or any(target == p or target.startswith(p + ".") for p in rule)
 
