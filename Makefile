@@ -26,10 +26,9 @@ data:
 run: venv
 	$(PY) -m ptlab $(ARGS)
 
-# ruff: lint and format, as CI runs them (make lint; ruff format . to apply the format)
+# ruff's lint, as CI runs it (the rules are in pyproject.toml)
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 # Extra pytest arguments: make test ARGS="-m slow"
 test: venv

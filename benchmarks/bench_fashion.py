@@ -5,7 +5,8 @@ preset's config with the overrides of a few representative cells, runs each pipe
 ``run_pipeline`` (the real data, models, Lightning and an MLflow SQLite store under a temporary
 folder, the upstream cache in a fresh folder there: Figure 3's cells share one upstream per seed as in
 the sweep), and reports the process CPU time and the wall time per pipeline. The preset's cost is the
-sum over its cells for one seed times the number of seeds. Python start-up and imports are not included (they are paid once per sweep).
+sum over its cells for one seed times the number of seeds. Python start-up and imports are not included
+(they are paid once per sweep).
 
 ``--scratch`` prints the scratch test accuracy of each pipeline (the pilot that fixes N2: scratch,
 never the gain, is looked at). Run from the repo root with one thread:

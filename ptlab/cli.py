@@ -22,11 +22,11 @@ from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # private: the only way to parse argv exactly as @hydra.main will
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
-from hydra._internal.utils import get_args_parser  # private: the only way to parse argv exactly as @hydra.main will
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -35,10 +35,10 @@ import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver 
 import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
 from ptlab.checks import check_paths
 from ptlab.config import ConfigError, check_trainer_overrides, is_value_override, register_configs, validate
-from ptlab.errors import DivergenceError
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
+from ptlab.errors import DivergenceError
 from ptlab.paths import config_dir
 from ptlab.progress import start_line
 from ptlab.utils import flatten

@@ -22,8 +22,6 @@ from ptlab.errors import ConfigError
 from ptlab.transfer.selection import SELECTIONS, build_strategy, selection_label, strategy_class
 
 
-
-
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: must be {allowed}")

@@ -21,7 +21,6 @@ from types import FrameType
 
 from ptlab.errors import Terminated
 
-
 PR_SET_PDEATHSIG = 1
 SWEEP_PID_ENV = "PTLAB_SWEEP_PID"
 """Set by the sweep's parent (``ptlab.cli``): its workers find their parent by it and die with it."""

@@ -1,7 +1,8 @@
 """Test helpers for the scaling tests: an injected fault, and a worker that races for a cache entry.
 
 ``FaultTrainer`` is a real Lightning ``Trainer`` selected with ``trainer._target_=...`` (and the
-Lightning engine); it fails one ``transfer`` fit (the fit with a ``ParameterTransfer`` callback) per marker file (path in ``PTLAB_TEST_FAULT_MARKER``; the file's text says how:
+Lightning engine); it fails one ``transfer`` fit (the fit with a ``ParameterTransfer`` callback) per marker file
+(path in ``PTLAB_TEST_FAULT_MARKER``; the file's text says how:
 ``raise``, ``raise@<epoch>`` or ``sigterm``). The marker is claimed by deleting it, so across parallel jobs exactly one
 fit fails, and a re-run (marker gone, same config) succeeds.
 """

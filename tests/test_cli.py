@@ -4,7 +4,6 @@ import json
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from omegaconf import OmegaConf
 
 from ptlab.cli import compose_job, job_configs, job_override_sets, preflight

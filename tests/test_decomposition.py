@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 

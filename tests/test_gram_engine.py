@@ -170,7 +170,8 @@ def test_sweep_through_cli(tmp_path: Path) -> None:
     """``-m`` with the batched launcher: one FINISHED parent (with its three children) per cell, the
     report reads them, each job dir has its summary.json."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=eval", *SMALL,
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
+            "hydra.launcher.history=eval", *SMALL,
             "task.d=50,80", "task.u_norm=0.0,2.0", "seed=0,1", f"logger.tracking_uri={uri}",
             "logger.experiment_name=gram_sweep", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = run_cli(args, cwd=tmp_path)
@@ -197,7 +198,8 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
     """A sweep job written by the batched launcher has the tags, params, metrics and artifacts of the same
     config run alone through ``run_pipeline`` (engine=gram)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=full", *SMALL, "task.d=50",
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
+            "hydra.launcher.history=full", *SMALL, "task.d=50",
             f"logger.tracking_uri={uri}", "logger.experiment_name=batched", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,11 +4,10 @@ renderers checked against hand-computed numbers."""
 from __future__ import annotations
 
 import json
-
-import pytest
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -38,7 +37,8 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
 
     client = MlflowClient(tracking_uri)
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
-    assert parent.data.metrics["transfer_gain"] == pytest.approx(summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"], abs=1e-7)
+    gain = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
+    assert parent.data.metrics["transfer_gain"] == pytest.approx(gain, abs=1e-7)
     children = {run.data.tags["ptlab.stage"]: run for run in client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     assert set(children) == {"upstream", "transfer", "scratch"}

@@ -108,7 +108,6 @@ def test_one_pipeline_per_config_per_store_whatever_the_cache_dir(tmp_path: Path
 
     from ptlab.pipeline.resume import config_hash
     from ptlab.pipeline.run import lock_dir
-
     from tests.conftest import SMALL, compose_config, run_cli
 
     store = tmp_path / "shared.db"

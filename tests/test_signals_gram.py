@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-
 pytestmark = pytest.mark.slow
 
 SWEEP = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.workers=2",

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 import pytorch_lightning as pl
 import torch
 

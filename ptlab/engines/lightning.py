@@ -45,8 +45,7 @@ class LightningEngine:
 
     def train_stage(self, stage: Stage) -> StageResult:
         from ptlab.data.full_batch import FullBatchDataModule
-        from ptlab.modules.callbacks import (FinalToMainProcess, SignalNoiseDecomposition, StepProgressBar,
-                                             restore_final)
+        from ptlab.modules.callbacks import FinalToMainProcess, SignalNoiseDecomposition, StepProgressBar, restore_final
         from ptlab.modules.full_batch_gd import FullBatchGD
         from ptlab.transfer.callback import ParameterTransfer
 

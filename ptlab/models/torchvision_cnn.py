@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torchvision.models import ResNet, VGG
+from torchvision.models import VGG, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs as VGG_LAYOUTS
 from torchvision.models.vgg import make_layers
 
 from ptlab.errors import ConfigError
 from ptlab.models.names import PTLAB_CNNS
-from ptlab.models.weights import read_state_dict
 from ptlab.models.stem import adapt_stem
+from ptlab.models.weights import read_state_dict
 
 RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),

@@ -30,8 +30,6 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from ptlab.errors import ConfigError
 from ptlab.models.names import DEIT_MODELS
 
-
-
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
 

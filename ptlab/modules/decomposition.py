@@ -19,7 +19,6 @@ until a figure is drawn.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
 from typing import TYPE_CHECKING
 
 import torch

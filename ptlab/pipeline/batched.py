@@ -12,7 +12,8 @@ training; the curves it draws are in every child run). What changes is the cost:
   template's resolved container with its values set (about 5 ms a job instead of ~250 ms).
 - Training: all cells run through ``ptlab.engines.gram.iter_chunks``, batched by shape, in
   single-threaded worker processes (``workers``, default: torch's thread count).
-- Tracking: pipelines are recorded in a ``MemoryTracker`` and written per chunk by ``run_writer``'s writer (direct SQL rows into a local SQLite store, MLflow's public client into any other). ``history``
+- Tracking: pipelines are recorded in a ``MemoryTracker`` and written per chunk by ``run_writer``'s writer (direct
+  SQL rows into a local SQLite store, MLflow's public client into any other). ``history``
   sets how many curve points go to MLflow: ``full`` (every point, as a single run logs them), ``eval``
   (the eval steps) or ``last`` (the last point of every curve: same metric names, one point each).
 
@@ -65,21 +66,30 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
 from ptlab.config import ConfigError, is_value_override, validate
+from ptlab.engines.base import StageResult
 from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
+from ptlab.errors import DivergenceError
 from ptlab.pipeline.grid_figure import FIGURE as GRID_FIGURE
 from ptlab.pipeline.grid_figure import grid_heatmap
-from ptlab.errors import DivergenceError
-from ptlab.engines.base import StageResult
-from ptlab.pipeline.record import (cell_name, final_metrics, open_pipeline, pipeline_summary, pipeline_tags,
-                                   record_pipeline, record_trained, theory_fields, used_params)
+from ptlab.pipeline.record import (
+    cell_name,
+    final_metrics,
+    open_pipeline,
+    pipeline_summary,
+    pipeline_tags,
+    record_pipeline,
+    record_trained,
+    theory_fields,
+    used_params,
+)
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
 from ptlab.tracking.bulk import RunWriter, run_writer
 from ptlab.tracking.faults import prepare_sqlite_store
 from ptlab.tracking.grid import RESULTS, grid_rows
-from ptlab.utils import flatten
 from ptlab.tracking.mlflow import resolve_tracking_uri
+from ptlab.utils import flatten
 
 log = logging.getLogger(__name__)
 

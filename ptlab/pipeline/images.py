@@ -44,9 +44,9 @@ from tabulate import tabulate
 from torch import nn
 
 from ptlab.config import ConfigError
+from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
 from ptlab.engines.base import StageResult
 from ptlab.engines.lightning import quiet_lightning
-from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
 from ptlab.modules.callbacks import StageProgressBar
 from ptlab.modules.image_classifier import ImageClassifier
 from ptlab.pipeline.checkpoints import stage_checkpointing

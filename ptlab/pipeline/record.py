@@ -20,11 +20,9 @@ from typing import Any
 from ptlab.config import IMAGE_TRAIN_KEYS, SYNTHETIC_TRAIN_KEYS
 from ptlab.engines.base import STAGES, StageResult
 from ptlab.errors import DivergenceError
-from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.theory import TheoryPrediction
-from ptlab.tracking.base import NOTE_TAG, NullTracker, Tracker
+from ptlab.tracking.base import CONFIG_HASH_TAG, NOTE_TAG, NullTracker, Tracker
 from ptlab.utils import flatten
-
 
 ENVIRONMENT_KEYS = ("logger.", "cache.", "resume.", "devices.", "hydra", "trainer.", "experiment")
 """Override keys that say where or how a cell runs, not what it is (left out of its name)."""

@@ -15,16 +15,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.distributed import is_global_zero
-from ptlab.tracking.base import STAGE_TAG
-
-from ptlab.tracking.base import CONFIG_HASH_TAG
+from ptlab.tracking.base import CONFIG_HASH_TAG, STAGE_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

@@ -45,8 +45,16 @@ def calibrate_main(argv: list[str]) -> int:
     from dataclasses import replace
 
     from ptlab.phase import save
-    from ptlab.report.calibrate import (HELD_OUT, MIN_SEEDS, PHASE, calibrate, constants_yaml, load_cells,
-                                        report_text, write_outputs)
+    from ptlab.report.calibrate import (
+        HELD_OUT,
+        MIN_SEEDS,
+        PHASE,
+        calibrate,
+        constants_yaml,
+        load_cells,
+        report_text,
+        write_outputs,
+    )
 
     parser = argparse.ArgumentParser(prog="ptlab-report calibrate",
                                      description="Fit the theory's constants and the phase model to one random "

@@ -23,8 +23,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ptlab.report.runs import RUN_ENVIRONMENT_PARAMS  # noqa: F401 - re-exported
-from ptlab.report.runs import GAIN, one_run_per_seed, paired_ci, seed_stats, swept_params
+from ptlab.report.runs import (
+    GAIN,
+    RUN_ENVIRONMENT_PARAMS,  # noqa: F401 - re-exported
+    one_run_per_seed,
+    paired_ci,
+    seed_stats,
+    swept_params,
+)
 
 TRANSFER, SCRATCH, PREDICTED = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "params.theory.predicted"
 STAGE_METRICS = ["metrics.upstream_test_acc", TRANSFER, SCRATCH, GAIN]

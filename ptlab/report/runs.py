@@ -10,9 +10,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ptlab.tracking.grid import with_grid_rows
 from ptlab.tracking import resolve_tracking_uri
 from ptlab.tracking.base import CONFIG_HASH_TAG
+from ptlab.tracking.grid import with_grid_rows
 from ptlab.tracking.mlflow import STAGE_TAG
 from ptlab.tracking.stale import mark_vanished
 

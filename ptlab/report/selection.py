@@ -6,7 +6,8 @@ strategy's gain over random on seed s is its transfer test accuracy minus random
 share the data, both inits and everything else, so the difference is the strategy's alone. The table gives
 the mean gain, its 95% t interval (``paired_ci``), n (paired seeds) and the verdict; where the ``signal``
 oracle ran (the synthetic model) also each strategy's paired gap to it and the share of the oracle's gain
-over random that it reaches (only where the oracle's own gain has a CI above 0; elsewhere the share is noise). Files: ``<experiment>.md`` (one ranked table per setting, with the winners) and
+over random that it reaches (only where the oracle's own gain has a CI above 0; elsewhere the share is noise).
+Files: ``<experiment>.md`` (one ranked table per setting, with the winners) and
 ``<experiment>.csv`` (one row per setting and strategy).
 """
 

@@ -28,10 +28,21 @@ from ptlab.errors import ConfigError
 from ptlab.tracking.api_writer import ApiRunWriter
 from ptlab.tracking.base import MemoryTracker
 from ptlab.tracking.faults import store_error, store_fault, tracking_write
-from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
-from ptlab.tracking.sql import (DATABASE_SCHEMES, SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag, check_tables,
-                                create_engine, is_database_uri, metric_rows, tables_checked)
+from ptlab.tracking.sql import (
+    DATABASE_SCHEMES,
+    SqlLatestMetric,
+    SqlMetric,
+    SqlParam,
+    SqlRun,
+    SqlTag,
+    check_tables,
+    create_engine,
+    is_database_uri,
+    metric_rows,
+    tables_checked,
+)
+from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
 
 class BulkRunWriter:

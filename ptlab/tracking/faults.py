@@ -28,10 +28,10 @@ from types import FrameType
 from typing import Any
 
 from filelock import FileLock
-
-from ptlab.errors import StoreError, Terminated
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from ptlab.errors import StoreError, Terminated
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

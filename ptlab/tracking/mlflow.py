@@ -22,12 +22,22 @@ from mlflow.tracking.context.registry import resolve_tags
 from sqlalchemy.exc import IntegrityError
 
 from ptlab.errors import ConfigError, restore_hint
-from ptlab.tracking.base import (CELL_TAG, NOTE_TAG, PARENT_RUN_TAG, STAGE_TAG, Curves, NullTracker, as_json,
-                                 child_name, curve_points, metric_name, resolve_tracking_uri)
+from ptlab.tracking.base import (
+    CELL_TAG,
+    NOTE_TAG,
+    PARENT_RUN_TAG,
+    STAGE_TAG,
+    Curves,
+    NullTracker,
+    as_json,
+    child_name,
+    curve_points,
+    metric_name,
+    resolve_tracking_uri,
+)
 from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
-from ptlab.utils import flatten
 
 log = logging.getLogger(__name__)
 

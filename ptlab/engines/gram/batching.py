@@ -5,7 +5,8 @@ Cells with equal shapes (N1, N2, n_test, m, steps, model form) run as one batche
 share one draw of data and inits (the data stream does not depend on the signal norms) and one set of Gram matrices.
 A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell, then
 transfer and scratch in one downstream batch) and cut back into per-cell results; chunks run in forked worker
-processes (``ptlab.engines.gram.workers``: they die with the sweep). ``run_cells`` / ``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
+processes (``ptlab.engines.gram.workers``: they die with the sweep). ``run_cells`` / ``iter_chunks`` serve the
+batched sweep (``ptlab.pipeline.batched``).
 """
 
 from __future__ import annotations
