@@ -15,7 +15,7 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -108,6 +108,13 @@ def forward_stop_signals(grace: float = 30.0) -> Iterator[None]:
         stop_descendants(signum, grace)
         raise Terminated(f"signal {signal.Signals(signum).name}")
 
+    with stop_signal_handler(handle):
+        yield
+
+
+@contextlib.contextmanager
+def stop_signal_handler(handle: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handle`` for SIGTERM and SIGINT within the block; the previous handlers after it."""
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield

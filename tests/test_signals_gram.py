@@ -37,6 +37,14 @@ def group_alive(pgid: int) -> bool:
     return any(_pgid(pid) == pgid for pid in _pids())
 
 
+def gone(pgid: int, timeout: float) -> bool:
+    """Whether every process of the group has ended within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not group_alive(pgid)
+
+
 def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -79,10 +87,7 @@ def test_a_stop_signal_ends_the_sweep_cleanly(tmp_path: Path, signum: int, code:
     assert time.monotonic() - sent < 30
     assert process.returncode == code, err[-2000:]
     assert "Traceback" not in err and "Traceback" not in out
-    deadline = time.monotonic() + 10
-    while group_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not group_alive(process.pid)
+    assert gone(process.pid, 10)
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     found = client.get_experiment_by_name("default")
     running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
@@ -94,10 +99,7 @@ def test_sigkill_of_the_parent_takes_its_workers(tmp_path: Path) -> None:
     wait_for_workers(process)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate(timeout=30)
-    deadline = time.monotonic() + 10
-    while group_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not group_alive(process.pid)
+    assert gone(process.pid, 10)
 
 
 def test_a_sweep_that_ends_normally_prints_no_traceback(tmp_path: Path) -> None:
@@ -126,9 +128,6 @@ def test_sigkill_of_a_joblib_sweep_takes_its_workers(tmp_path: Path) -> None:
     time.sleep(10)  # the workers are inside their pipelines
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while group_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not group_alive(process.pid)
+    assert gone(process.pid, 20)
     if shm:
         assert not {name for name in set(os.listdir("/dev/shm")) - shm if name.startswith(("sem.", "loky"))}

@@ -22,7 +22,7 @@ from types import FrameType
 import torch
 
 from ptlab.errors import Terminated
-from ptlab.processes import die_with_parent
+from ptlab.processes import die_with_parent, stop_signal_handler
 
 
 def _init_worker(parent: int) -> None:
@@ -42,12 +42,8 @@ def stop_signals_raise() -> Iterator[None]:
     def handle(signum: int, frame: FrameType | None) -> None:
         raise Terminated(f"signal {signal.Signals(signum).name}")
 
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signal_handler(handle):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
