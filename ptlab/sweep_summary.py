@@ -22,8 +22,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-ENVIRONMENT_PREFIXES = ("logger.", "cache.", "resume.", "devices.", "hydra", "trainer.", "experiment", "seed")
-"""Override keys that say where or how a cell runs, or which seed: not part of a setting."""
+from ptlab.pipeline.record import ENVIRONMENT_KEYS
+
+ENVIRONMENT_PREFIXES = (*ENVIRONMENT_KEYS, "seed")
+"""Override keys that say where or how a cell runs (``record.ENVIRONMENT_KEYS``), or which seed: not part of a
+setting."""
 TABLE = "sweep_summary.md"
 """The table's file in the sweep dir (and the sweep run's artifact)."""
 

@@ -206,6 +206,6 @@ def test_every_import_follows_the_layer_table() -> None:
 
 
 def test_the_layer_table_is_the_design_documents() -> None:
-    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    text = (PACKAGE.parent / "docs/design.md").read_text()
     for package in LAYERS:
         assert f"`{package}`" in text, package

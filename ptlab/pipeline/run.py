@@ -104,10 +104,11 @@ def lock_dir(tracking_uri: str, cache: Path) -> Path:
     from ptlab.tracking.faults import sqlite_path
     from ptlab.tracking.mlflow import resolve_tracking_uri
 
-    path = sqlite_path(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    path = sqlite_path(uri)
     if path is not None:
         return path.parent / f"{path.name}.locks"
-    digest = hashlib.sha256(resolve_tracking_uri(tracking_uri).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return cache / "locks" / digest
 
 
