@@ -27,6 +27,7 @@ RENDERERS.add("fig3", "ptlab.report.images:render_fig3")
 RENDERERS.add("fig4", "ptlab.report.vit:render_fig4")
 RENDERERS.add("selection", "ptlab.report.selection:render_selection")
 RENDERERS.add("kou2023", "ptlab.report.kou2023:render_kou2023")
+RENDERERS.add("study", "ptlab.report.study:render_study")
 
 
 def register(prefix: str) -> Callable[[Renderer], Renderer]:
