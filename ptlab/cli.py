@@ -308,7 +308,7 @@ def _default_keys() -> list[str]:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Run the pipeline of the composed config; returns the transfer test accuracy (for sweepers)."""
     logging.getLogger("ptlab").info(start_line(cfg))  # before torch loads: the job's first sign of life
-    from ptlab.processes import bind_sweep_worker
+    from ptlab.processes import bind_sweep_worker, exit_quietly_on_stop
 
     bind_sweep_worker()
     from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
@@ -325,9 +325,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"ptlab: {err}") from None
     except Terminated as err:
         print(f"ptlab: stopped by {err}; its MLflow runs are marked KILLED", file=sys.stderr)
+        exit_quietly_on_stop()
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         print("ptlab: stopped by SIGINT (Ctrl-C); its MLflow runs are marked KILLED", file=sys.stderr)
+        exit_quietly_on_stop()
         raise SystemExit(130) from None
     best = summary.get("transfer") or summary.get("scratch")
     return best["test_acc"] if best else None

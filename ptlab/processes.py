@@ -44,6 +44,26 @@ def bind_sweep_worker() -> None:
         die_with_parent(int(parent))
 
 
+def in_sweep_worker() -> bool:
+    """Whether this process is a worker that a sweep's parent started (not the parent, not a single run)."""
+    parent = os.environ.get(SWEEP_PID_ENV)
+    return bool(parent) and int(parent) != os.getpid()
+
+
+def exit_at_once(signum: int, frame: FrameType | None) -> None:
+    """A stop-signal handler: exit with the shell's code for ``signum`` (143, 130) without unwinding."""
+    os._exit(128 + signum)
+
+
+def exit_quietly_on_stop() -> None:
+    """In a sweep worker whose job a stop signal ended: a later SIGTERM/SIGINT (the parent repeats them until its
+    workers are gone) exits at once, instead of raising ``KeyboardInterrupt`` wherever the worker is (inside a
+    garbage-collection callback it prints an "Exception ignored" traceback). Outside a sweep worker nothing changes."""
+    if in_sweep_worker():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, exit_at_once)
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children first), from ``/proc``."""
     parents: dict[int, list[int]] = {}
@@ -79,15 +99,17 @@ def _signal(pids: list[int], signum: int) -> None:
 
 
 def stop_descendants(signum: int, grace: float = 30.0, poll: float = 1.0) -> int:
-    """Send ``signum`` to every descendant until none is left (at most ``grace`` s), then SIGKILL; returns
-    how many were killed."""
+    """Send ``signum`` to every descendant that does not ignore it until none is left (at most ``grace`` s), then
+    SIGKILL; returns how many were killed. The resource trackers of multiprocessing and loky, which ignore it, are
+    left to exit when the parent closes their pipe: killed, the parent's shutdown would start a new one and it would
+    print a ``KeyError`` traceback for every semaphore it never saw registered."""
     me = os.getpid()
     deadline = time.monotonic() + grace
     while (alive := [p for p in descendants(me) if not ignores(p, signum)]) and time.monotonic() < deadline:
         _signal(alive, signum)
         time.sleep(poll)
         _reap()
-    alive = descendants(me)
+    alive = [p for p in descendants(me) if not ignores(p, signum)]  # a resource tracker exits with its last user
     _signal(alive, signal.SIGKILL)
     _reap()
     return len(alive)

@@ -173,7 +173,7 @@ LAYERS: dict[str, set[str]] = {
     "ptlab.modules": {"ptlab.data", "ptlab.models", "ptlab.errors", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.engines": {"ptlab.data", "ptlab.models", "ptlab.modules", "ptlab.transfer", "ptlab.seeding",
                       "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.config", "ptlab.processes"},
-    "ptlab.tracking": {"ptlab.errors", "ptlab.lazy", "ptlab.utils", "ptlab.paths"},
+    "ptlab.tracking": {"ptlab.errors", "ptlab.lazy", "ptlab.utils", "ptlab.paths", "ptlab.processes"},
     "ptlab.report": {"ptlab.tracking", "ptlab.registry", "ptlab.errors", "ptlab.lazy", "ptlab.paths", "ptlab.theory",
                      "ptlab.utils", "ptlab.config", "ptlab.phase", "ptlab.design"},
 }

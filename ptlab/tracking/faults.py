@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ptlab.errors import StoreError, Terminated
+from ptlab.processes import exit_at_once, in_sweep_worker
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -204,6 +205,8 @@ def signals_as_interrupt() -> Iterator[None]:
 
     def handle(signum: int, frame: FrameType | None) -> None:
         _Signals.received.append(signal.Signals(signum).name)
+        if len(_Signals.received) > 1:  # the first one's Terminated is unwinding (and marking the runs): let it
+            return
         if _Writes.depth > 0:  # inside a store write: raised when the write is done (tracking_write)
             _Writes.deferred = _Signals.received[-1]
             return
@@ -215,8 +218,9 @@ def signals_as_interrupt() -> Iterator[None]:
             yield
     finally:
         _Writes.deferred = None  # a reused worker's next job starts clean
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stopped_worker = bool(_Signals.received) and in_sweep_worker()
+        for signum, handler in previous.items():  # a stopped sweep worker: exit_quietly_on_stop's handler at once
+            signal.signal(signum, exit_at_once if stopped_worker else handler)
 
 
 @contextlib.contextmanager
