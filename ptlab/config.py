@@ -562,6 +562,25 @@ def is_value_override(override: Override, config: DictConfig) -> bool:
     return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
 
 
+GRAM_DEVICES = ("cpu", "cuda", "auto")
+"""``engine.device`` of ``engine=gram`` (null: follow the trainer, ``gram_device``)."""
+
+
+def gram_device(cfg: Any) -> str:
+    """Where ``engine=gram`` trains, one of ``GRAM_DEVICES``: ``engine.device`` as given, or with ``engine.device=null``
+    the trainer's accelerator (``trainer=gpu``: cuda; ``auto``: auto; else cpu). ``cfg``: a ``DictConfig`` or a
+    resolved config read by attribute."""
+    trainer = cfg.get("trainer")
+    return device_choice(cfg.engine.get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
+
+
+def device_choice(device: str | None, accelerator: str | None) -> str:
+    """``gram_device`` from ``engine.device`` and ``trainer.accelerator`` (``None``: cpu)."""
+    if device is not None:
+        return str(device)
+    return "cuda" if accelerator in ("gpu", "cuda") else "auto" if accelerator == "auto" else "cpu"
+
+
 def check_gram_engine(cfg: Any) -> None:
     """What ``engine=gram`` runs: the synthetic task's two-layer CNNs, filter transfer (or none) between equal
     widths; ``ConfigError`` naming the key otherwise. ``cfg``: a ``DictConfig`` or a resolved config read
@@ -569,6 +588,10 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.task.name != "synthetic":
         raise ConfigError(f"task={cfg.task.name} is not allowed with engine=gram: must be synthetic "
                           "(or engine=lightning)")
+    device = cfg.engine.get("device")
+    if device is not None and device not in GRAM_DEVICES:
+        raise ConfigError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)} "
+                          "(or null: follow the trainer, trainer=gpu is cuda)")
     for key in ("model", "upstream_model"):
         target = cfg[key].get("_target_")
         if target != SYNTHETIC_MODEL:
