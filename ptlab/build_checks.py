@@ -332,10 +332,30 @@ def _model_name(model: Any) -> str:
     return str(model.get("arch", model.get("name", model.get("_target_", "?"))))
 
 
-def check_trainer(cfg: Any) -> None:
+def check_gram_device(cfg: Any) -> None:
+    """``engine=gram`` on cuda (``engine.device=cuda``, or ``trainer=gpu`` with ``engine.device=null``) needs a
+    visible CUDA GPU here (torch imported only then)."""
+    from ptlab.config import gram_device
+
+    if gram_device(cfg) != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        device = cfg.engine.get("device")
+        key = (f"engine.device={device!r}" if device is not None
+               else f"trainer.accelerator={cfg.trainer.get('accelerator')!r} (engine.device=null follows it)")
+        raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible here; use engine.device=cpu or auto "
+                          "(or hydra.launcher.executor=submitit_slurm to train on the cluster's GPUs)")
+
+
+def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
     """Lightning's accelerator names, a GPU (or MPS, TPU) that is there, and a precision the device runs
-    (Lightning would run ``16-mixed`` on a CPU as ``bf16-mixed``, so the logged value would not be what ran)."""
+    (Lightning would run ``16-mixed`` on a CPU as ``bf16-mixed``, so the logged value would not be what ran);
+    for ``engine=gram``, ``check_gram_device`` unless the jobs train elsewhere (``gpu_elsewhere``: SLURM)."""
     if cfg.engine.get("name") == "gram":
+        if not gpu_elsewhere:
+            check_gram_device(cfg)
         return
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
@@ -408,10 +428,11 @@ def gram_engine_bytes(task: Any, width: int, upstream_width: int, dtype: str) ->
     return (blocks + responses) * size
 
 
-def check_built(cfg: Any, start: Path | None = None) -> None:
-    """Every check of this module that applies to ``cfg``."""
+def check_built(cfg: Any, start: Path | None = None, gpu_elsewhere: bool = False) -> None:
+    """Every check of this module that applies to ``cfg`` (``gpu_elsewhere``: the gram engine's jobs run on other
+    machines, whose GPUs are not checked here)."""
     check_float32(cfg)
     check_transfer_models(cfg)
-    check_trainer(cfg)
+    check_trainer(cfg, gpu_elsewhere)
     if cfg.task.name != "synthetic":
         check_image_task(cfg.task, int(cfg.seed), start)

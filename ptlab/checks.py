@@ -206,9 +206,10 @@ def check_data(task: Any, start: Path | None = None) -> None:
 
 
 def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Path | None = None,
-                output_key: str = "hydra.run.dir") -> None:
+                output_key: str = "hydra.run.dir", gpu_elsewhere: bool = False) -> None:
     """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files;
-    then what the config builds (``ptlab.build_checks``)."""
+    then what the config builds (``ptlab.build_checks``; ``gpu_elsewhere``: the gram engine trains on a cluster's
+    machines, their GPUs are not checked here)."""
     if cfg.logger.kind == "mlflow":
         check_tracking_uri(str(cfg.logger.tracking_uri), start, str(cfg.logger.experiment_name))
         check_artifact_location(cfg.logger.get("artifact_location"), start)
@@ -220,4 +221,4 @@ def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Pa
     for key in ("model", "upstream_model"):
         check_model_name(key, cfg[key])
         check_weights(key, cfg[key])
-    check_built(cfg, start)
+    check_built(cfg, start, gpu_elsewhere)

@@ -148,6 +148,16 @@ BAD = [
      "hydra.launcher.n_jobs=0 is not allowed"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
      "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'"),
+    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
+     "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
+    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
+      "seed=0,1"], "hydra.launcher.submitit={'timeout_min': 'x', "),
+    # the gram engine's device
+    ([*S, "engine.device=tpu"], "engine.device='tpu' is not allowed: must be one of cpu, cuda, auto"),
+    pytest.param([*S, "engine.device=cuda"], "engine.device='cuda' is not allowed: no CUDA GPU is visible here",
+                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
+    pytest.param([*S, "trainer=gpu"], "trainer.accelerator='gpu' (engine.device=null follows it) is not allowed: no CUDA",
+                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
     # the same under --config-dir
     (["--config-dir", "my_conf", "transfer.alpha=1.5"], "transfer.alpha=1.5 is not allowed"),
     (["--config-dir", "my_conf", *D, "task.k=9"], "task.k=9 is not allowed"),
