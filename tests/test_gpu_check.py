@@ -23,7 +23,8 @@ from tests.conftest import REPO
 
 CHECK = REPO / "benchmarks" / "gpu_check.sh"
 WHEELHOUSE = REPO / "benchmarks" / "gpu_wheelhouse.sh"
-STEPS = ["table1_cifar", "table1_digits", "sweep_digits", "deit_layers", "throughput_b16", "throughput_b32"]
+STEPS = ["table1_cifar", "table1_digits", "sweep_digits", "deit_layers", "gram_sweep", "gram_cuda_tests",
+         "throughput_b16", "throughput_b32"]
 
 
 def parse_table(stdout: str) -> dict[str, dict[str, str]]:
@@ -78,6 +79,7 @@ def test_gpu_check_cpu_end_to_end() -> None:
     for name in STEPS[:4]:
         assert int(rows[name]["FINISHED"]) >= 1 and rows[name]["images/s"] != "-", rows[name]
     assert int(rows["sweep_digits"]["FINISHED"]) >= 4 * 3  # 4 parents, each with transfer and scratch
+    assert int(rows["gram_sweep"]["FINISHED"]) >= 4 * 4  # 4 parents, each with upstream, transfer and scratch
     assert "gpu_check: OK (cpu mode" in done.stdout
 
 
