@@ -82,15 +82,16 @@ def closure(wheel: str, image_list: str, python: str, out: str) -> None:
     print(f"gpu_wheelhouse: {len(need)} distributions the image lacks: {', '.join(sorted(need))}")
 
 
-def problems(folder: str | Path, image_list: str | Path, python: str) -> tuple[list[str], int, int]:
+def problems(folder: str | Path, image_list: str | Path, python: str) -> tuple[list[str], int, int, list[str]]:
     """What would not resolve (every requirement of every wheel met by the wheelhouse or the image; each wheel's
-    Requires-Python by the target's), the requirements checked and the wheels read."""
+    Requires-Python by the target's), the requirements checked, the wheels read, and the version ranges left to the
+    machine (on image distributions the list names without a version)."""
     have, env = image(image_list), environment(python)
     wheels = {}
     for path in Path(folder).glob("*.whl"):
         meta = wheel_metadata(path)
         wheels[norm(meta["Name"])] = (meta["Version"], meta, path.name)
-    found, checked = [], 0
+    found, checked, unversioned = [], 0, set()
     for name, (_, meta, file) in sorted(wheels.items(), key=lambda item: item[0]):
         spec = meta.get("Requires-Python")
         if spec and Version(python) not in SpecifierSet(spec):
@@ -105,18 +106,21 @@ def problems(folder: str | Path, image_list: str | Path, python: str) -> tuple[l
                 known = have[dep]
                 if known is not None and not req.specifier.contains(known, prereleases=True):
                     found.append(f"{name} needs {req}, the image has {known}")
+                elif known is None and str(req.specifier):
+                    unversioned.add(f"{dep}{req.specifier}")
             else:
                 found.append(f"{name} needs {req}: neither in the wheelhouse nor in the image")
-    return found, checked, len(wheels)
+    return found, checked, len(wheels), sorted(unversioned)
 
 
 def check(folder: str, image_list: str, python: str) -> None:
     """Exit non-zero naming what would not resolve (``problems``), else print one line."""
-    found, checked, wheels = problems(folder, image_list, python)
+    found, checked, wheels, unversioned = problems(folder, image_list, python)
     if found:
         sys.exit("gpu_wheelhouse: the install would not resolve:\n  " + "\n  ".join(found))
     print(f"gpu_wheelhouse: resolves: {checked} requirements of {wheels} wheels, each met by the wheelhouse or "
-          f"the image (versions checked where the image list has them)")
+          f"the image (versions checked where the image list has them; {len(unversioned)} ranges on image "
+          f"distributions listed without a version are left to pip there: {', '.join(unversioned)})")
 
 
 if __name__ == "__main__":

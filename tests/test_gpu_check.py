@@ -134,11 +134,11 @@ def test_wheelhouse_resolution_check_names_what_is_missing(tmp_path: Path) -> No
     fake_wheel(tmp_path, "ptlab", "0.1.0", ["torch>=2.2", "mlflow<3.18,>=3.17", "tomli; python_version < '3.11'"])
     fake_wheel(tmp_path, "mlflow", "3.17.2", ["pandas<3", "sqlalchemy>=2", "pywin32; sys_platform == 'win32'"])
     fake_wheel(tmp_path, "sqlalchemy", "2.1.9", [])
-    assert tools.problems(tmp_path, image, "3.12") == ([], 4, 3)
+    assert tools.problems(tmp_path, image, "3.12") == ([], 4, 3, ["pandas<3"])
     image.write_text("torch==2.1.0\n")
     (tmp_path / "sqlalchemy-2.1.9-py3-none-any.whl").unlink()
     fake_wheel(tmp_path, "sqlalchemy", "1.4.0", [])
-    found, _, _ = tools.problems(tmp_path, image, "3.12")
+    found, _, _, _ = tools.problems(tmp_path, image, "3.12")
     assert found == ["mlflow needs pandas<3: neither in the wheelhouse nor in the image",
                      "mlflow needs sqlalchemy>=2, the wheelhouse has 1.4.0",
                      "ptlab needs torch>=2.2, the image has 2.1.0"]

@@ -222,3 +222,7 @@ def test_sigterm_to_the_sweep_cancels_its_jobs(tmp_path: Path) -> None:
     while job_processes(folder) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert job_processes(folder) == []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stopped")
+    runs = client.search_runs([experiment.experiment_id]) if experiment is not None else []
+    assert all(run.info.status != "RUNNING" for run in runs), [(run.info.run_name, run.info.status) for run in runs]

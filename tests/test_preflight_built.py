@@ -230,14 +230,16 @@ def test_light_lists_agree_with_the_libraries() -> None:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from ptlab.build_checks import ACCELERATORS, CIFAR_URLS, IMAGE_EXTENSIONS
-    from ptlab.cli import LAUNCHER_HISTORIES, LAUNCHER_TRACKING
+    from ptlab.cli import LAUNCHER_EXECUTORS, LAUNCHER_HISTORIES, LAUNCHER_TRACKING
     from ptlab.engines.gram import HISTORIES
+    from ptlab.engines.gram.workers import SUBMITIT_EXECUTORS
     from ptlab.pipeline.batched import TRACKING_LAYOUTS
 
     assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
     assert CIFAR_URLS == {"cifar10": CIFAR10.url, "cifar100": CIFAR100.url}
     assert set(ACCELERATORS) == {"auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators()}
     assert LAUNCHER_HISTORIES == HISTORIES and LAUNCHER_TRACKING == TRACKING_LAYOUTS
+    assert LAUNCHER_EXECUTORS == ("pool", *SUBMITIT_EXECUTORS)
 
 
 def test_the_checks_do_not_import_torch_or_tracking_for_a_plain_config() -> None:
