@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,11 +332,28 @@ def _model_name(model: Any) -> str:
     return str(model.get("arch", model.get("name", model.get("_target_", "?"))))
 
 
+GRAM_DEVICES = ("cpu", "cuda", "auto")
+"""``engine.device`` of ``engine=gram`` (null: follow the trainer, ``gram_device``)."""
+
+
+def gram_device(cfg: Any) -> str:
+    """Where ``engine=gram`` trains, one of ``GRAM_DEVICES``: ``engine.device`` as given, or with ``engine.device=null``
+    the trainer's accelerator (``trainer=gpu``: cuda; ``auto``: auto; else cpu). ``cfg``: a ``DictConfig`` or a
+    resolved config read by attribute."""
+    trainer = cfg.get("trainer")
+    return device_choice(cfg.engine.get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
+
+
+def device_choice(device: str | None, accelerator: str | None) -> str:
+    """``gram_device`` from ``engine.device`` and ``trainer.accelerator`` (``None``: cpu)."""
+    if device is not None:
+        return str(device)
+    return "cuda" if accelerator in ("gpu", "cuda") else "auto" if accelerator == "auto" else "cpu"
+
+
 def check_gram_device(cfg: Any) -> None:
     """``engine=gram`` on cuda (``engine.device=cuda``, or ``trainer=gpu`` with ``engine.device=null``) needs a
     visible CUDA GPU here (torch imported only then)."""
-    from ptlab.config import gram_device
-
     if gram_device(cfg) != "cuda":
         return
     import torch

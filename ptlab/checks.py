@@ -17,7 +17,12 @@ from urllib.parse import unquote, urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from ptlab.build_checks import check_built
+from ptlab.build_checks import (  # noqa: F401 - ptlab.config reads the gram engine's devices from here
+    GRAM_DEVICES,
+    check_built,
+    device_choice,
+    gram_device,
+)
 from ptlab.data.idx import IDXError, check_idx_files, fashion_missing_message, find_idx_files
 from ptlab.errors import ConfigError
 from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder

@@ -17,7 +17,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import MISSING, DictConfig, OmegaConf, ValueNode
 
-from ptlab.checks import check_values
+from ptlab.checks import (  # noqa: F401 - the gram engine's devices, defined with the preflight's GPU check
+    GRAM_DEVICES,
+    check_values,
+    device_choice,
+    gram_device,
+)
 from ptlab.errors import ConfigError
 from ptlab.transfer.selection import SELECTIONS, build_strategy, selection_label, strategy_class
 
@@ -560,25 +565,6 @@ def is_value_override(override: Override, config: DictConfig) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
-
-
-GRAM_DEVICES = ("cpu", "cuda", "auto")
-"""``engine.device`` of ``engine=gram`` (null: follow the trainer, ``gram_device``)."""
-
-
-def gram_device(cfg: Any) -> str:
-    """Where ``engine=gram`` trains, one of ``GRAM_DEVICES``: ``engine.device`` as given, or with ``engine.device=null``
-    the trainer's accelerator (``trainer=gpu``: cuda; ``auto``: auto; else cpu). ``cfg``: a ``DictConfig`` or a
-    resolved config read by attribute."""
-    trainer = cfg.get("trainer")
-    return device_choice(cfg.engine.get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
-
-
-def device_choice(device: str | None, accelerator: str | None) -> str:
-    """``gram_device`` from ``engine.device`` and ``trainer.accelerator`` (``None``: cpu)."""
-    if device is not None:
-        return str(device)
-    return "cuda" if accelerator in ("gpu", "cuda") else "auto" if accelerator == "auto" else "cpu"
 
 
 def check_gram_engine(cfg: Any) -> None:

@@ -291,7 +291,7 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
     if chunk_map is not None:
         for out, (flat, _) in zip(chunk_map(_run_spec, [spec for _, spec in specs]), specs):
             yield [(flat[k], result) for k, result in out]
-    elif workers > 1 and len(specs) > 1 and all(resolve_device(cell.device).type == "cpu" for cell in cells):
+    elif workers > 1 and len(specs) > 1 and all(resolve_device(d).type == "cpu" for d in {c.device for c in cells}):
         with worker_pool(min(workers, len(specs))) as pool:
             for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
                 yield [(flat[k], result) for k, result in out]
