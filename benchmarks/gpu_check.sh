@@ -12,6 +12,10 @@
 #                   --cpu: n_jobs=2)
 #   deit_layers     a fig4_digits-style DeiT-Small layer-transfer cell at 224 px, random init
 #                   (--cpu: DeiT-Tiny at 32 px, patch 8)
+#   gram_sweep      a 4-cell batched sweep of the gram engine (hydra/launcher=ptlab_gram) with
+#                   engine.device=cuda (--cpu: cpu)
+#   gram_cuda_tests the gram engine's exactness tests parametrised over the device, their cuda cases
+#                   (pytest -k cuda, from the image's pytest; --cpu: all skipped)
 #   throughput_bN   benchmarks/bench_image_throughput.py at batch 128 and 256 (--cpu: 16 and 32)
 # Then a table: step, status, seconds, images/s (training images per second of stage wall time, from
 # the store; the Lightning module's rate for the benchmark), runs FINISHED, runs RUNNING (must be 0),
@@ -162,7 +166,8 @@ def query(uri, experiment, expected, log):
     status = [r.info.status for r in runs]
     finished, running = status.count("FINISHED"), status.count("RUNNING")
     other = len(status) - finished - running
-    parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    parents = {r.info.run_id: r for r in runs  # pipelines: top-level runs, but a sweep's own summary run
+               if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("ptlab.stage") != "sweep"}
     pipelines = sum(1 for r in parents.values() if r.info.status == "FINISHED")
     images = seconds = 0.0
     for r in runs:
@@ -220,6 +225,7 @@ if [ "$CPU" = 1 ]; then
         upstream_model.patch_size=8 task.image_size=32 task.n1_ratio=2 train.upstream_epochs=1
         train.downstream_epochs=1 train.warmup_epochs=0 train.batch_size=16)
   BENCH=(--arch resnet18 --width 0.25 --images 64 --epochs 2 --repeats 1 --device cpu)
+  GRAM=(engine.device=cpu)
   BATCHES=(16 32)
 else
   TRAINER=(trainer=gpu train.precision=bf16-mixed)
@@ -232,6 +238,7 @@ else
         upstream_model.img_size=224 upstream_model.patch_size=16 task.image_size=32 train.upstream_epochs=3
         train.downstream_epochs=3 train.warmup_epochs=1 train.batch_size=64)
   BENCH=(--arch resnet18 --width 1.0 --images 16384 --epochs 3 --repeats 1 --device cuda)
+  GRAM=(engine.device=cuda)
   BATCHES=(128 256)
 fi
 common() {  # overrides every pipeline step shares: the store, the cache, outputs under $WORK
@@ -283,6 +290,10 @@ step sweep_digits 4 "$PY" -m ptlab -m hydra/launcher=ptlab_joblib "${SWEEP[@]}" 
   transfer.alpha=0.25,0.5,0.75,1.0 $(common sweep_digits)
 step deit_layers 1 "$PY" "$TOOLS" run -m ptlab experiment=fig4_digits "${DEIT[@]}" "${TRAINER[@]}" \
   $(common deit_layers)
+step gram_sweep 4 "$PY" -m ptlab -m engine=gram hydra/launcher=ptlab_gram hydra/sweeper=ptlab_batched \
+  task.u_norm=0.0,2.0 seed=0,1 "${GRAM[@]}" $(common gram_sweep)
+step gram_cuda_tests 0 "$PY" -m pytest -q -p no:cacheprovider -k cuda "$ROOT/tests/test_gram_devices.py" \
+  "$ROOT/tests/test_gram_engine.py" "$ROOT/tests/test_response_space.py" "$ROOT/tests/test_one_driver.py"
 for b in "${BATCHES[@]}"; do
   step "throughput_b$b" 0 "$PY" "$TOOLS" run "$ROOT/benchmarks/bench_image_throughput.py" "${BENCH[@]}" --batch-size "$b"
 done

@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# A wheelhouse for a GPU machine that has torch and torchvision but no package registry: ptlab's own
-# wheel (built like .ci/wheel_check.sh: from a copy of the working tree, no build isolation) plus a
-# wheel of every distribution ptlab needs, at the version installed in $VENV, EXCEPT torch,
-# torchvision and what only they pull in (triton, nvidia-*, sympy, networkx, ...). The list is the
-# dependency closure of ptlab over $VENV's installed metadata, not descending into torch/torchvision;
-# sdist-only packages (antlr4-python3-runtime==4.9.3, needed by hydra-core) are built into wheels.
-# Install it on the GPU machine with: bash benchmarks/gpu_check.sh --wheelhouse OUT_DIR
+# A wheelhouse holding only what the GPU machine lacks, so that benchmarks/gpu_check.sh --wheelhouse can
+# install ptlab there with no package registry: ptlab's own wheel (built like .ci/wheel_check.sh: from a
+# copy of the working tree, no build isolation) plus the dependency closure of its requirements, taken
+# at the versions installed in $VENV, that stops at every distribution the machine's image already holds
+# (--image: benchmarks/gpu_image_packages.txt, with torch, torchvision, numpy, pandas, pyarrow, scipy,
+# scikit-learn, matplotlib, pytorch-lightning, timm, torchmetrics, ...): hydra-core, omegaconf,
+# antlr4-python3-runtime (sdist only: built into a wheel), mlflow with mlflow-skinny, mlflow-tracing and
+# their own dependencies, the Hydra launcher plugins, submitit. Requirement markers are read for the
+# target (Python --python-version on Linux x86_64); binary wheels come from `pip download --no-deps
+# --only-binary=:all: --python-version X.Y --platform TAG...`, a distribution without one is built with
+# `pip wheel --no-deps`. Nothing of torch's is fetched.
 #
-# Usage: bash benchmarks/gpu_wheelhouse.sh OUT_DIR [--exclude NAME[,NAME...]]
-#                                          [--python-version X.Y] [--platform TAG]...
-#   --exclude         leave these distributions out (ones the GPU machine already has, to save space;
-#                     the install there then needs them present in its system site-packages)
-#   --python-version  the GPU machine's Python, when it differs from $VENV's: binary wheels are then
-#                     fetched with `pip download --only-binary=:all:` for that Python and --platform
-#   --platform        pip platform tag(s) for that case (default manylinux2014_x86_64 and
-#                     manylinux_2_28_x86_64, manylinux_2_17_x86_64)
-# Prints one line per step, the 10 largest wheels and the total size (the goal: under 64 MiB).
+# Then two checks, each failing the script: every requirement of every wheel (markers for the target)
+# is met by a wheel of the wheelhouse or by the image list (its version checked where the list has
+# one: ptlab's torch>=... against the image's torch), so `pip install --no-index --find-links OUT ptlab`
+# in a venv made with --system-site-packages there resolves; and the total size is at most --max-mib.
+#
+# Usage: bash benchmarks/gpu_wheelhouse.sh OUT_DIR [--image FILE] [--python-version X.Y]
+#                                          [--platform TAG]... [--max-mib N]
+#   --image           the image's distributions, a name (or name==version) a line, # comments
+#                     (default benchmarks/gpu_image_packages.txt)
+#   --python-version  the GPU machine's Python (default 3.12)
+#   --platform        pip platform tag(s) (default manylinux2014_x86_64, manylinux_2_17_x86_64,
+#                     manylinux_2_28_x86_64)
+#   --max-mib         the size limit in MiB (default 60)
+# Prints one line per step, the 10 largest wheels, `du -sh` of OUT_DIR and the total.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${VENV:-.venv}"
@@ -25,26 +34,31 @@ PY="$VENV/bin/python"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_wheelhouse: $*" >&2; exit 1; }
 
-OUT="" EXCLUDE="" TARGET_PY="" PLATFORMS=()
+OUT="" IMAGE="$ROOT/benchmarks/gpu_image_packages.txt" TARGET_PY="3.12" MAX_MIB=60 PLATFORMS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --exclude) [ $# -ge 2 ] || die "--exclude needs a value"; EXCLUDE="$EXCLUDE,$2"; shift 2 ;;
+    --image) [ $# -ge 2 ] || die "--image needs a file"; IMAGE="$2"; shift 2 ;;
     --python-version) [ $# -ge 2 ] || die "--python-version needs a value"; TARGET_PY="$2"; shift 2 ;;
     --platform) [ $# -ge 2 ] || die "--platform needs a value"; PLATFORMS+=("$2"); shift 2 ;;
+    --max-mib) [ $# -ge 2 ] || die "--max-mib needs a value"; MAX_MIB="$2"; shift 2 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [ -z "$OUT" ] || die "one OUT_DIR only (got '$OUT' and '$1')"; OUT="$1"; shift ;;
   esac
 done
 [ -n "$OUT" ] || { usage >&2; die "OUT_DIR is required"; }
 [ -x "$PY" ] || die "no python at $PY (run \`make venv\` first)"
+[ -f "$IMAGE" ] || die "no image list at $IMAGE"
+[ ${#PLATFORMS[@]} -gt 0 ] || PLATFORMS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64)
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 case "$OUT/" in "$ROOT"/*) die "OUT_DIR $OUT is inside the repository; pick a folder outside it" ;; esac
+[ -z "$(ls -A "$OUT")" ] || die "OUT_DIR $OUT is not empty (the size and resolution checks read every wheel in it)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/ptlab-wheelhouse.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 START=$SECONDS
+PLAT_ARGS=(); for p in "${PLATFORMS[@]}"; do PLAT_ARGS+=(--platform "$p"); done
 
 # 1. ptlab's wheel from a copy of the tracked and untracked-not-ignored files (no build/ or
 #    egg-info written into the repository).
@@ -59,93 +73,45 @@ for name in filter(None, listed.decode().split("\0")):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, dest / name)
 EOF
-rm -f "$OUT"/ptlab-*.whl
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" "$WORK/src" >"$WORK/ptlab.log" 2>&1 \
   || { tail -n 20 "$WORK/ptlab.log" >&2; die "pip wheel of ptlab failed"; }
 echo "gpu_wheelhouse: ptlab wheel: $(cd "$OUT" && ls ptlab-*.whl)"
 
-# 2. The pinned closure of ptlab's requirements in $VENV, split into pure-Python (py3-none-any as
-#    installed) and binary distributions; plus setuptools (see below).
-"$PY" - "$EXCLUDE" "$WORK" <<'EOF' || die "could not list ptlab's installed dependencies"
-import importlib.metadata as md, re, sys
-from pathlib import Path
-from packaging.requirements import Requirement
+# 2. What the machine lacks: the closure of the wheel's requirements over $VENV's installed metadata, with
+#    markers for the target, not descending into what the image holds.
+TOOLS="$ROOT/benchmarks/gpu_wheelhouse_tools.py"
+"$PY" "$TOOLS" closure "$(ls "$OUT"/ptlab-*.whl)" "$IMAGE" "$TARGET_PY" "$WORK/need.txt"
 
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-exclude = {norm(n) for n in sys.argv[1].split(",") if n.strip()}
-work = Path(sys.argv[2])
-dists = {norm(d.metadata["Name"]): d for d in md.distributions()}
-# torch/torchvision come from the GPU machine; what only they need is not followed.
-stop = {"torch", "torchvision"}
-seen, todo, missing = set(), ["ptlab"], []
-while todo:
-    name = todo.pop()
-    if name in seen:
-        continue
-    seen.add(name)
-    if name in stop:
-        continue
-    for line in dists[name].requires or []:
-        req = Requirement(line)
-        if req.marker and not req.marker.evaluate({"extra": ""}):
-            continue
-        dep = norm(req.name)
-        (todo.append(dep) if dep in dists else missing.append(dep))
-if missing:
-    sys.exit(f"not installed in the venv: {', '.join(sorted(set(missing)))}")
-# setuptools too: torch requires setuptools>=77, and a fresh venv (Python <= 3.11) seeds an older one
-# that shadows the machine's, so pip would need a newer one from here.
-names = sorted((seen | ({"setuptools"} & dists.keys())) - stop - {"ptlab"} - exclude)
-pure, binary = [], []
-for name in names:
-    dist = dists[name]
-    wheel = dist.read_text("WHEEL") or ""
-    tags = [l.split(":", 1)[1].strip() for l in wheel.splitlines() if l.startswith("Tag:")]
-    is_pure = bool(tags) and all(t.endswith("-none-any") for t in tags)
-    (pure if is_pure else binary).append(f"{dist.metadata['Name']}=={dist.version}")
-(work / "pure.txt").write_text("".join(f"{p}\n" for p in pure))
-(work / "binary.txt").write_text("".join(f"{b}\n" for b in binary))
-print(f"gpu_wheelhouse: {len(names)} dependencies ({len(pure)} pure-Python, {len(binary)} binary)"
-      + (f"; excluded: {', '.join(sorted(exclude))}" if exclude else ""))
-EOF
-
-# 3. Wheels: pip wheel resolves from pip's cache or the registry and builds sdist-only packages
-#    (antlr4-python3-runtime) into wheels; for another Python, binary wheels come from pip download.
-if [ -s "$WORK/pure.txt" ]; then
-  "$PY" -m pip wheel -q --no-deps -w "$OUT" -r "$WORK/pure.txt" >"$WORK/pure.log" 2>&1 \
-    || { tail -n 20 "$WORK/pure.log" >&2; die "pip wheel of the pure-Python dependencies failed"; }
-fi
-if [ -s "$WORK/binary.txt" ]; then
-  if [ -n "$TARGET_PY" ] || [ ${#PLATFORMS[@]} -gt 0 ]; then
-    [ ${#PLATFORMS[@]} -gt 0 ] || PLATFORMS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64)
-    TARGET_PY="${TARGET_PY:-$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
-    PLAT_ARGS=(); for p in "${PLATFORMS[@]}"; do PLAT_ARGS+=(--platform "$p"); done
-    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PY" "${PLAT_ARGS[@]}" \
-      -d "$OUT" -r "$WORK/binary.txt" >"$WORK/binary.log" 2>&1 \
-      || { tail -n 20 "$WORK/binary.log" >&2; die "pip download of the binary dependencies for Python $TARGET_PY failed"; }
-  else
-    "$PY" -m pip wheel -q --no-deps -w "$OUT" -r "$WORK/binary.txt" >"$WORK/binary.log" 2>&1 \
-      || { tail -n 20 "$WORK/binary.log" >&2; die "pip wheel of the binary dependencies failed"; }
+# 3. Their wheels for the target: binary (or pure) wheels from pip download, else built from the sdist.
+BUILT=()
+while read -r spec; do
+  [ -n "$spec" ] || continue
+  if ! "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PY" "${PLAT_ARGS[@]}" \
+      -d "$OUT" "$spec" >"$WORK/download.log" 2>&1; then
+    "$PY" -m pip wheel -q --no-deps -w "$OUT" "$spec" >"$WORK/wheel.log" 2>&1 \
+      || { tail -n 20 "$WORK/download.log" "$WORK/wheel.log" >&2; die "no wheel of $spec for Python $TARGET_PY"; }
+    BUILT+=("$spec")
   fi
-fi
-cat "$WORK/pure.txt" "$WORK/binary.txt" >"$OUT/requirements-wheelhouse.txt"
+done <"$WORK/need.txt"
+[ ${#BUILT[@]} -eq 0 ] || echo "gpu_wheelhouse: built from sdists: ${BUILT[*]}"
+cp "$WORK/need.txt" "$OUT/requirements-wheelhouse.txt"
 
-# 4. What it holds: nothing of torch's, the largest wheels, the total.
+# 4. Checks: nothing of torch's, the install resolves, the size.
 if ls "$OUT" | grep -Eiq '^(torch|torchvision|triton|nvidia)[-_]'; then
   die "the wheelhouse holds torch/torchvision/triton/nvidia wheels: $(ls "$OUT" | grep -Ei '^(torch|torchvision|triton|nvidia)[-_]' | tr '\n' ' ')"
 fi
-"$PY" - "$OUT" <<'EOF'
+"$PY" "$TOOLS" check "$OUT" "$IMAGE" "$TARGET_PY"
+"$PY" - "$OUT" "$MAX_MIB" <<'EOF'
 import sys
 from pathlib import Path
 wheels = sorted(Path(sys.argv[1]).glob("*.whl"), key=lambda p: -p.stat().st_size)
-total = sum(p.stat().st_size for p in wheels)
+total, limit = sum(p.stat().st_size for p in wheels), float(sys.argv[2])
 print("gpu_wheelhouse: largest wheels:")
 for p in wheels[:10]:
     print(f"  {p.stat().st_size / 2**20:8.1f} MiB  {p.name}")
-verdict = ("under the 64 MiB goal" if total < 64 * 2**20
-           else "OVER the 64 MiB goal (drop what the GPU machine already has with --exclude)")
-print(f"gpu_wheelhouse: {len(wheels)} wheels, total {total / 2**20:.1f} MiB ({verdict}): {sys.argv[1]}")
+print(f"gpu_wheelhouse: {len(wheels)} wheels, total {total / 2**20:.1f} MiB (limit {limit:g} MiB)")
+if total > limit * 2**20:
+    sys.exit(f"gpu_wheelhouse: OVER the {limit:g} MiB limit")
 EOF
+echo "gpu_wheelhouse: du -sh: $(du -sh "$OUT" | cut -f1)"
 echo "gpu_wheelhouse: done in $((SECONDS - START))s"

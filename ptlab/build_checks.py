@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,10 +332,47 @@ def _model_name(model: Any) -> str:
     return str(model.get("arch", model.get("name", model.get("_target_", "?"))))
 
 
-def check_trainer(cfg: Any) -> None:
+GRAM_DEVICES = ("cpu", "cuda", "auto")
+"""``engine.device`` of ``engine=gram`` (null: follow the trainer, ``gram_device``)."""
+
+
+def gram_device(cfg: Any) -> str:
+    """Where ``engine=gram`` trains, one of ``GRAM_DEVICES``: ``engine.device`` as given, or with ``engine.device=null``
+    the trainer's accelerator (``trainer=gpu``: cuda; ``auto``: auto; else cpu). ``cfg``: a ``DictConfig`` or a
+    resolved config read by attribute."""
+    trainer = cfg.get("trainer")
+    return device_choice(cfg.engine.get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
+
+
+def device_choice(device: str | None, accelerator: str | None) -> str:
+    """``gram_device`` from ``engine.device`` and ``trainer.accelerator`` (``None``: cpu)."""
+    if device is not None:
+        return str(device)
+    return "cuda" if accelerator in ("gpu", "cuda") else "auto" if accelerator == "auto" else "cpu"
+
+
+def check_gram_device(cfg: Any) -> None:
+    """``engine=gram`` on cuda (``engine.device=cuda``, or ``trainer=gpu`` with ``engine.device=null``) needs a
+    visible CUDA GPU here (torch imported only then)."""
+    if gram_device(cfg) != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        device = cfg.engine.get("device")
+        key = (f"engine.device={device!r}" if device is not None
+               else f"trainer.accelerator={cfg.trainer.get('accelerator')!r} (engine.device=null follows it)")
+        raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible here; use engine.device=cpu or auto "
+                          "(or hydra.launcher.executor=submitit_slurm to train on the cluster's GPUs)")
+
+
+def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
     """Lightning's accelerator names, a GPU (or MPS, TPU) that is there, and a precision the device runs
-    (Lightning would run ``16-mixed`` on a CPU as ``bf16-mixed``, so the logged value would not be what ran)."""
+    (Lightning would run ``16-mixed`` on a CPU as ``bf16-mixed``, so the logged value would not be what ran);
+    for ``engine=gram``, ``check_gram_device`` unless the jobs train elsewhere (``gpu_elsewhere``: SLURM)."""
     if cfg.engine.get("name") == "gram":
+        if not gpu_elsewhere:
+            check_gram_device(cfg)
         return
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
@@ -408,10 +445,11 @@ def gram_engine_bytes(task: Any, width: int, upstream_width: int, dtype: str) ->
     return (blocks + responses) * size
 
 
-def check_built(cfg: Any, start: Path | None = None) -> None:
-    """Every check of this module that applies to ``cfg``."""
+def check_built(cfg: Any, start: Path | None = None, gpu_elsewhere: bool = False) -> None:
+    """Every check of this module that applies to ``cfg`` (``gpu_elsewhere``: the gram engine's jobs run on other
+    machines, whose GPUs are not checked here)."""
     check_float32(cfg)
     check_transfer_models(cfg)
-    check_trainer(cfg)
+    check_trainer(cfg, gpu_elsewhere)
     if cfg.task.name != "synthetic":
         check_image_task(cfg.task, int(cfg.seed), start)

@@ -17,7 +17,12 @@ from urllib.parse import unquote, urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from ptlab.build_checks import check_built
+from ptlab.build_checks import (  # noqa: F401 - ptlab.config reads the gram engine's devices from here
+    GRAM_DEVICES,
+    check_built,
+    device_choice,
+    gram_device,
+)
 from ptlab.data.idx import IDXError, check_idx_files, fashion_missing_message, find_idx_files
 from ptlab.errors import ConfigError
 from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder
@@ -206,9 +211,10 @@ def check_data(task: Any, start: Path | None = None) -> None:
 
 
 def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Path | None = None,
-                output_key: str = "hydra.run.dir") -> None:
+                output_key: str = "hydra.run.dir", gpu_elsewhere: bool = False) -> None:
     """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files;
-    then what the config builds (``ptlab.build_checks``)."""
+    then what the config builds (``ptlab.build_checks``; ``gpu_elsewhere``: the gram engine trains on a cluster's
+    machines, their GPUs are not checked here)."""
     if cfg.logger.kind == "mlflow":
         check_tracking_uri(str(cfg.logger.tracking_uri), start, str(cfg.logger.experiment_name))
         check_artifact_location(cfg.logger.get("artifact_location"), start)
@@ -220,4 +226,4 @@ def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Pa
     for key in ("model", "upstream_model"):
         check_model_name(key, cfg[key])
         check_weights(key, cfg[key])
-    check_built(cfg, start)
+    check_built(cfg, start, gpu_elsewhere)

@@ -242,6 +242,9 @@ def check_added_keys(parsed: list[Override], composed: DictConfig) -> None:
 
 LAUNCHER_HISTORIES = ("full", "eval", "last")
 LAUNCHER_TRACKING = ("auto", "runs", "grid")
+LAUNCHER_EXECUTORS = ("pool", "submitit_local", "submitit_slurm")
+"""``hydra.launcher.executor`` of ``hydra/launcher=ptlab_gram``: where the chunks train (``pool``: forked workers
+here; submitit's local or SLURM executor: one job a chunk; ``ptlab.engines.gram.workers.SUBMITIT_EXECUTORS``)."""
 """``hydra.launcher.history`` and ``hydra.launcher.tracking`` of ``hydra/launcher=ptlab_gram``
 (``ptlab.engines.gram.HISTORIES``, ``ptlab.pipeline.batched.TRACKING_LAYOUTS``, which import torch; a test
 checks the lists agree)."""
@@ -262,10 +265,39 @@ def check_launcher(launcher: DictConfig) -> None:
         check("workers", launcher.get("workers") is None or launcher.get("workers") >= 1, "null or >= 1")
         check("grid_threshold", launcher.get("grid_threshold", 0) >= 0, ">= 0")
         check("grid_samples", launcher.get("grid_samples", 0) >= 0, ">= 0")
+        check("executor", launcher.get("executor", "pool") in LAUNCHER_EXECUTORS,
+              "one of " + ", ".join(LAUNCHER_EXECUTORS) + " (where the chunks train)")
+        if launcher.get("executor", "pool") != "pool":
+            check_submitit_options(launcher.get("submitit") or {})
     elif target.endswith("JoblibLauncher"):
         n_jobs = launcher.get("n_jobs")
         check("n_jobs", n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0),
               "a number of parallel jobs >= 1, or -1 for one per CPU core (-2: all but one)")
+
+
+def check_submitit_options(options: DictConfig) -> None:
+    """``hydra.launcher.submitit.*`` (but ``folder``) are parameters that ``submitit.AutoExecutor.update_parameters``
+    takes (checked by submitit itself, on its debug executor in a temporary folder)."""
+    import tempfile
+
+    import submitit
+
+    parameters = {key: OmegaConf.to_container(options[key], resolve=True) if isinstance(options[key], DictConfig)
+                  else options[key] for key in options if key != "folder"}
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            submitit.AutoExecutor(folder=folder, cluster="debug").update_parameters(**parameters)
+        except (NameError, AssertionError, ValueError, TypeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"hydra.launcher.submitit={parameters} is not allowed: {first} (submitit's "
+                              "AutoExecutor parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb, "
+                              "slurm_partition, ...)") from None
+
+
+def gpu_elsewhere(launcher: DictConfig) -> bool:
+    """Whether the gram launcher trains on a cluster's machines (``executor=submitit_slurm``): the GPU that
+    ``engine.device=cuda`` needs is checked there, not here."""
+    return str(launcher.get("_target_", "")).endswith("PtlabGramLauncher") and launcher.get("executor") == "submitit_slurm"
 
 
 def preflight(argv: list[str]) -> str | None:
@@ -284,9 +316,11 @@ def preflight(argv: list[str]) -> str | None:
         first = _compose(jobs[0])
         check_launcher(first.hydra.launcher)
         check_added_keys(parser.parse_overrides(jobs[0]), first)
+        elsewhere = gpu_elsewhere(first.hydra.launcher) if args.multirun else False
         for cfg, output_dir in job_configs(jobs, args.multirun):
             validate(cfg)
-            check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir")
+            check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir",
+                        gpu_elsewhere=elsewhere)
     except OverrideParseException as err:
         return f"could not read the overrides: {str(err).splitlines()[0]}"
     except (HydraException, OmegaConfBaseException, ConfigError) as err:

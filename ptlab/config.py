@@ -17,7 +17,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import MISSING, DictConfig, OmegaConf, ValueNode
 
-from ptlab.checks import check_values
+from ptlab.checks import (  # noqa: F401 - the gram engine's devices, defined with the preflight's GPU check
+    GRAM_DEVICES,
+    check_values,
+    device_choice,
+    gram_device,
+)
 from ptlab.errors import ConfigError
 from ptlab.transfer.selection import SELECTIONS, build_strategy, selection_label, strategy_class
 
@@ -569,6 +574,10 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.task.name != "synthetic":
         raise ConfigError(f"task={cfg.task.name} is not allowed with engine=gram: must be synthetic "
                           "(or engine=lightning)")
+    device = cfg.engine.get("device")
+    if device is not None and device not in GRAM_DEVICES:
+        raise ConfigError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)} "
+                          "(or null: follow the trainer, trainer=gpu is cuda)")
     for key in ("model", "upstream_model"):
         target = cfg[key].get("_target_")
         if target != SYNTHETIC_MODEL:

@@ -31,6 +31,7 @@ from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.transfer import transfer_parameters
 
 from .conftest import SMALL, compose_config, run_cli
+from .gram_devices import DEVICES
 
 STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
 
@@ -51,10 +52,11 @@ def plain_gd(weight: Tensor, x: Tensor, y: Tensor, lr: float, steps: int) -> Ten
     return weight.detach()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_float64_matches_plain_gd(make_cfg, alpha: float) -> None:
+def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
     cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
-                   "transfer.selection=largest_norm")
+                   "transfer.selection=largest_norm", f"engine.device={device}")
     result = run_cells([GramCell.from_config(cfg)])[0]
     data = make_data(cfg)
     upstream_init = build_model(cfg.upstream_model, cfg, "upstream").weight.detach()
@@ -93,13 +95,15 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
 
 @pytest.mark.parametrize(("shared_gram", "block_bytes"), [(False, batching.STEP_BLOCK_BYTES), (True, batching.STEP_BLOCK_BYTES),
                                                         (True, 1)], ids=["per_cell_gram", "shared_noise_gram", "cell_blocks"])
-def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_bytes: int, monkeypatch) -> None:
-    """A batch of cells of different d and norms, run in two worker processes, gives each cell what it
-    gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block, and
-    with the groups cut into one-cell step blocks)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_bytes: int, device: str, monkeypatch) -> None:
+    """A batch of cells of different d and norms, run in two worker processes (in this process on a GPU), gives each
+    cell what it gets alone (with the response update by each cell's patch Gram matrix and by the group's noise block,
+    and with the groups cut into one-cell step blocks)."""
     monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
     monkeypatch.setattr(batching, "STEP_BLOCK_BYTES", block_bytes)
-    cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}")
+    monkeypatch.setattr(batching, "GPU_STEP_BLOCK_BYTES", block_bytes)
+    cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}", f"engine.device={device}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
     cells = [GramCell.from_config(cfg) for cfg in cfgs]
     batched = run_cells(cells, max_cells=3, workers=2)
@@ -110,9 +114,10 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
             assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
 
 
-def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, monkeypatch) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, device: str, monkeypatch) -> None:
     """Eval steps evaluated one at a time (a 1-byte block) give the curves and coefficients of the default."""
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3")
+    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3", f"engine.device={device}")
     cell = GramCell.from_config(cfg)
     together = run_cells([cell], record_coefficients=True)[0]
     monkeypatch.setattr(kernel, "EVAL_BLOCK_BYTES", 1)
@@ -131,12 +136,15 @@ def child_metrics(client: MlflowClient, experiment_id: str) -> dict[str, dict[st
                                            for key in run.data.metrics} for run in runs}
 
 
-def test_same_tracking_as_lightning(make_cfg, tmp_path: Path) -> None:
-    """engine=gram logs the metrics Lightning logs, at the same steps, with the same values (float64)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_tracking_as_lightning(make_cfg, tmp_path: Path, device: str) -> None:
+    """engine=gram logs the metrics Lightning logs, at the same steps, with the same values (float64; the gram
+    engine on ``device``, Lightning on the CPU)."""
     assert set(DECOMPOSITION_NAMES) == set(METRIC_NAMES)
     summaries, metrics = {}, {}
     for engine in ("lightning", "gram"):
-        cfg = make_cfg(f"engine={engine}", "train.dtype=float64", "task.label_noise=0.1", "cache.enabled=false",
+        on = [f"engine.device={device}"] if engine == "gram" else []
+        cfg = make_cfg(f"engine={engine}", "train.dtype=float64", "task.label_noise=0.1", "cache.enabled=false", *on,
                        "train.upstream_steps=25", "train.downstream_steps=12", "train.eval_every=5",
                        f"logger.experiment_name={engine}")
         summaries[engine] = run_pipeline(cfg, tmp_path / engine)

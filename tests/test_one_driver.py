@@ -16,6 +16,7 @@ from ptlab.pipeline import run_pipeline
 from ptlab.theory import predict_from_config
 
 from .conftest import SMALL, compose_config, run_cli
+from .gram_devices import DEVICES
 
 BATCHED = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched"]
 FLOAT32_TOLERANCE = 64 * 2.0 ** -23
@@ -51,10 +52,11 @@ def sweep(tmp_path: Path, name: str, *overrides: str, layout: str = "runs") -> A
                     f"logger.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}", *overrides], cwd=tmp_path)
 
 
-def test_single_batched_and_grid_give_the_same_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_batched_and_grid_give_the_same_summary(tmp_path: Path, device: str) -> None:
     """summary.json of a single run, of the batched launcher's job dir and of the grid's summaries.jsonl line agree
-    (the mlflow entry aside: each names its own runs)."""
-    cell = ["task.u_norm=1.0", "seed=3"]
+    (the mlflow entry aside: each names its own runs), on any device."""
+    cell = ["task.u_norm=1.0", "seed=3", f"engine.device={device}"]
     single = run_pipeline(compose_config([f"logger.tracking_uri=sqlite:///{tmp_path / 'single.db'}", *SMALL,
                                           f"cache.dir={tmp_path / 'cache'}", "engine=gram", *cell]), tmp_path / "one")
     done = sweep(tmp_path, "batched", *cell)

@@ -148,6 +148,16 @@ BAD = [
      "hydra.launcher.n_jobs=0 is not allowed"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
      "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'"),
+    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
+     "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
+    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
+      "seed=0,1"], "hydra.launcher.submitit={'timeout_min': 'x', "),
+    # the gram engine's device
+    ([*S, "engine.device=tpu"], "engine.device='tpu' is not allowed: must be one of cpu, cuda, auto"),
+    pytest.param([*S, "engine.device=cuda"], "engine.device='cuda' is not allowed: no CUDA GPU is visible here",
+                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
+    pytest.param([*S, "trainer=gpu"], "trainer.accelerator='gpu' (engine.device=null follows it) is not allowed: no CUDA",
+                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
     # the same under --config-dir
     (["--config-dir", "my_conf", "transfer.alpha=1.5"], "transfer.alpha=1.5 is not allowed"),
     (["--config-dir", "my_conf", *D, "task.k=9"], "task.k=9 is not allowed"),
@@ -220,14 +230,16 @@ def test_light_lists_agree_with_the_libraries() -> None:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from ptlab.build_checks import ACCELERATORS, CIFAR_URLS, IMAGE_EXTENSIONS
-    from ptlab.cli import LAUNCHER_HISTORIES, LAUNCHER_TRACKING
+    from ptlab.cli import LAUNCHER_EXECUTORS, LAUNCHER_HISTORIES, LAUNCHER_TRACKING
     from ptlab.engines.gram import HISTORIES
+    from ptlab.engines.gram.workers import SUBMITIT_EXECUTORS
     from ptlab.pipeline.batched import TRACKING_LAYOUTS
 
     assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
     assert CIFAR_URLS == {"cifar10": CIFAR10.url, "cifar100": CIFAR100.url}
     assert set(ACCELERATORS) == {"auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators()}
     assert LAUNCHER_HISTORIES == HISTORIES and LAUNCHER_TRACKING == TRACKING_LAYOUTS
+    assert LAUNCHER_EXECUTORS == ("pool", *SUBMITIT_EXECUTORS)
 
 
 def test_the_checks_do_not_import_torch_or_tracking_for_a_plain_config() -> None:

@@ -14,6 +14,8 @@ from ptlab.engines.gram import GramCell, run_cells
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.synthetic import make_data
 
+from .gram_devices import DEVICES
+
 
 def rows_and_law(project: bool, sigma: float) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Rows M = [unit basis; 5 random vectors] in R^30, the d-space noise law's covariance of M xi, the basis."""
@@ -45,10 +47,11 @@ def test_sampled_responses_have_the_formula_covariance(project: bool) -> None:
         assert drawn[:, :3].abs().max().item() < 1e-6
 
 
-def test_labels_equal_the_dspace_test_set(make_cfg) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_equal_the_dspace_test_set(make_cfg, device: str) -> None:
     """The response-space test set draws its labels as the d-space one does: the same labels, the same
-    training, the same trained weights (only the test noise is drawn differently)."""
-    cfgs = [make_cfg(f"task.test_space={space}", "task.label_noise=0.2", "train.dtype=float64")
+    training, the same trained weights (only the test noise is drawn differently), on any device."""
+    cfgs = [make_cfg(f"task.test_space={space}", "task.label_noise=0.2", "train.dtype=float64", f"engine.device={device}")
             for space in ("dspace", "response")]
     dspace, response = run_cells([GramCell.from_config(cfg) for cfg in cfgs])
     # The two cells share a batched program but not a group: the same arithmetic may run in another BLAS kernel,

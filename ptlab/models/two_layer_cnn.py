@@ -68,7 +68,8 @@ class LeakyReLU(Activation):
         return F.leaky_relu(z, self.negative_slope)
 
     def derivative(self, z: Tensor) -> Tensor:
-        return torch.where(z > 0, torch.ones((), dtype=z.dtype), torch.full((), self.negative_slope, dtype=z.dtype))
+        return torch.where(z > 0, torch.ones((), dtype=z.dtype, device=z.device),
+                           torch.full((), self.negative_slope, dtype=z.dtype, device=z.device))
 
 
 REDUCTIONS = {"sum": torch.sum, "mean": torch.mean}

@@ -19,6 +19,11 @@ training; the curves it draws are in every child run). What changes is the cost:
 
 Jobs that are not ``engine=gram`` synthetic pipelines run one by one as Hydra's basic launcher runs them.
 
+**Executors** (``hydra.launcher.executor``): the chunks train in forked workers here (``pool``), or as submitit jobs,
+one a chunk, on this machine (``submitit_local``) or a SLURM cluster (``submitit_slurm``); only the training moves:
+composition, tracking and the sweep's files stay in this process, so the numbers and the runs are the pool's
+(docs/scaling.md). A chunk trains on its cells' ``engine.device``.
+
 **Grid layout** (``hydra.launcher.tracking``: ``auto``, ``runs`` or ``grid``). A run per cell stops scaling
 at a few thousand cells (a parent and three children, a Hydra subdir and a ``summary.json`` each). Above
 ``grid_threshold`` cells (``auto``; ``grid`` forces it, ``runs`` forbids it) the sweep is recorded as one
@@ -67,7 +72,9 @@ from tqdm import tqdm
 
 from ptlab.config import ConfigError, is_value_override, validate
 from ptlab.engines.base import StageResult
-from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks, run_cells
+from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks
+from ptlab.engines.gram.batching import ChunkMap
+from ptlab.engines.gram.workers import submitit_map
 from ptlab.errors import DivergenceError
 from ptlab.pipeline.grid_figure import FIGURE as GRID_FIGURE
 from ptlab.pipeline.grid_figure import grid_heatmap
@@ -387,9 +394,11 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
 def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
                    job_overrides: Sequence[Sequence[str]], initial_job_idx: int, max_cells: int = 60,
                    history: str = "last", progress: bool = True, workers: int | None = None,
-                   tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5) -> list[JobReturn]:
+                   tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5, executor: str = "pool",
+                   submitit: dict[str, Any] | None = None) -> list[JobReturn]:
     """Run the jobs of one sweep batch: ``engine=gram`` synthetic ones batched, the others one by one; above
-    ``grid_threshold`` jobs (or with ``tracking=grid``) in the grid layout (module docstring)."""
+    ``grid_threshold`` jobs (or with ``tracking=grid``) in the grid layout (module docstring); the chunks train where
+    ``executor`` says (``chunk_map``)."""
     if history not in HISTORIES:
         raise ConfigError(f"hydra.launcher.history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
     if tracking not in TRACKING_LAYOUTS:
@@ -397,7 +406,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
                           f"{', '.join(TRACKING_LAYOUTS)}")
     if tracking == "grid" or (tracking == "auto" and len(job_overrides) > grid_threshold):
         return launch_grid(hydra_context, config, job_overrides, initial_job_idx, max_cells, progress, workers,
-                           grid_samples)
+                           grid_samples, executor, submitit)
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
     writers: dict[tuple, RunWriter] = {}
@@ -426,7 +435,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
               "(resume.skip_finished)")
 
     try:
-        _train_and_track(pending, returns, max_cells, history, progress, workers)
+        _train_and_track(pending, returns, max_cells, history, progress, workers, executor, submitit or {})
     except BaseException as err:
         _abandon(pending, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
@@ -450,12 +459,14 @@ def _abandon(jobs: list[SweepJob], status: str) -> None:
 
 
 def _train_and_track(pending: list[SweepJob], returns: dict[int, JobReturn], max_cells: int, history: str,
-                     progress: bool, workers: int | None) -> None:
+                     progress: bool, workers: int | None, executor: str = "pool", submitit: dict[str, Any] | None = None,
+                     ) -> None:
     """Train the pending jobs in chunks and track each chunk as it comes back (a progress bar on a terminal only:
     tqdm's ``disable=None``)."""
     with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
         workers = torch.get_num_threads() if workers is None else workers
-        for chunk in iter_chunks([job.cell for job in pending], max_cells, workers=workers):
+        cells = [job.cell for job in pending]
+        for chunk in iter_chunks(cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells)):
             by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
@@ -629,9 +640,27 @@ def finished_grid_keys(tracking_uri: str, experiment_name: str) -> set[str]:
     return set() if rows.empty else set(rows[f"tags.{GRID_KEY_TAG}"])
 
 
+def chunk_map(executor: str, options: dict[str, Any], cells: Sequence[GramCell]) -> ChunkMap | None:
+    """How the chunks of ``cells`` run (``hydra.launcher.executor``): ``None`` for the pool, else submitit jobs with
+    ``options`` (``hydra.launcher.submitit``). ``gpus_per_node: null`` asks for what the cells' device needs: on
+    SLURM one GPU a job for cuda (none otherwise: ``auto`` there means the CPU unless the partition gives GPUs); locally
+    the visible GPUs for cuda or auto (submitit hides them from a job that asks for none)."""
+    if executor == "pool":
+        return None
+    options = dict(options)
+    folder = options.pop("folder")
+    if options.get("gpus_per_node") is None:
+        devices = {cell.device for cell in cells}
+        if executor == "submitit_slurm":
+            options["gpus_per_node"] = 1 if "cuda" in devices else 0
+        else:
+            options["gpus_per_node"] = torch.cuda.device_count() if devices & {"cuda", "auto"} else 0
+    return submitit_map(executor, folder, options)
+
+
 def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int, max_cells: int, progress: bool, workers: int | None, samples: int,
-                ) -> list[JobReturn]:
+                executor: str = "pool", submitit: dict[str, Any] | None = None) -> list[JobReturn]:
     """Run a sweep in the grid layout (module docstring): train every cell not yet in a grid run of the experiment,
     write the results table and the summaries to one grid run (and the sweep dir) and ``samples`` sampled cells in
     full under it. A diverged cell is left out of the table and ends the sweep as ``raise_failures`` says."""
@@ -663,7 +692,9 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     composed = time.perf_counter()
     workers = torch.get_num_threads() if workers is None else workers
     with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
-        for chunk in iter_chunks([cell.cell for cell in todo], max_cells, workers=workers, summarize=CellOutcome.of):
+        cells_todo = [cell.cell for cell in todo]
+        for chunk in iter_chunks(cells_todo, max_cells, workers=workers, summarize=CellOutcome.of,
+                                 chunk_map=chunk_map(executor, submitit or {}, cells_todo)):
             for index, outcome in chunk:
                 todo[index].outcome = outcome
             bar.update(len(chunk))
@@ -713,7 +744,7 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
             picks = sorted(np.random.default_rng(0).choice(len(finished), size=min(samples, len(finished)),
                                                            replace=False)) if finished else []
             _track_samples(composer, writer, job_overrides, [finished[int(p)] for p in picks], initial_job_idx,
-                           run_id)
+                           run_id, executor, submitit or {})
             if errors:
                 client.set_tag(run_id, "ptlab.error", f"{errors[0]} ({len(errors)} of {len(todo)} cells failed)")
             client.set_terminated(run_id, "FAILED" if errors else "FINISHED")
@@ -750,9 +781,10 @@ def pd_unique(column: Any) -> list[str]:
 
 
 def _track_samples(composer: _Jobs, writer: RunWriter, job_overrides: Sequence[Sequence[str]],
-                   picks: list[GridCell], initial_job_idx: int, grid_run_id: str) -> None:
+                   picks: list[GridCell], initial_job_idx: int, grid_run_id: str, executor: str = "pool",
+                   submitit: dict[str, Any] | None = None) -> None:
     """The sampled cells as full pipeline runs (stage children, every curve point) under the grid run; each is
-    rebuilt from its full config, which must give the grid's cell."""
+    rebuilt from its full config, which must give the grid's cell, and trained again where the grid's were."""
     sampled: list[SweepJob] = []
     for pick in picks:
         overrides = list(job_overrides[pick.position])
@@ -764,7 +796,12 @@ def _track_samples(composer: _Jobs, writer: RunWriter, job_overrides: Sequence[S
         if job.cell != pick.cell:
             raise RuntimeError(f"grid cell {pick.position} differs from its full config's cell: {job.cell} vs {pick.cell}")
         sampled.append(job)
-    for job, result in zip(sampled, run_cells([job.cell for job in sampled])):
+    cells = [job.cell for job in sampled]
+    results: list[Any] = [None] * len(cells)
+    for chunk in iter_chunks(cells, chunk_map=chunk_map(executor, submitit or {}, cells)):
+        for index, result in chunk:
+            results[index] = result
+    for job, result in zip(sampled, results):
         track_pipeline(job, result, "full")
         job.tracker.set_tags({STAGE_TAG: "grid_sample", PARENT_RUN_TAG: grid_run_id})
     writer.write([job.tracker for job in sampled])

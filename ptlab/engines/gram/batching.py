@@ -5,13 +5,18 @@ Cells with equal shapes (N1, N2, n_test, m, steps, model form) run as one batche
 share one draw of data and inits (the data stream does not depend on the signal norms) and one set of Gram matrices.
 A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell, then
 transfer and scratch in one downstream batch) and cut back into per-cell results; chunks run in forked worker
-processes (``ptlab.engines.gram.workers``: they die with the sweep). ``run_cells`` / ``iter_chunks`` serve the
-batched sweep (``ptlab.pipeline.batched``).
+processes (``ptlab.engines.gram.workers``: they die with the sweep) or as submitit jobs (``ChunkMap``: one chunk a
+job, on this machine or a SLURM cluster). ``run_cells`` / ``iter_chunks`` serve the batched sweep
+(``ptlab.pipeline.batched``).
+
+Devices: a chunk trains on its cells' device (``GramCell.device``, resolved in the process that runs the chunk, so a
+SLURM job finds its node's GPU); the data are drawn on the CPU (``draws``), the transfer plan is made on the CPU from
+the upstream stage's norms and responses, and every result comes back on the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ptlab.data.synthetic import DTYPES
-from ptlab.engines.gram.cell import GramCell
+from ptlab.engines.gram.cell import GramCell, resolve_device
 from ptlab.engines.gram.draws import Group, prepare_group
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
-from ptlab.engines.gram.results import GramResult, GramStage
+from ptlab.engines.gram.results import GramResult, GramStage, on_cpu
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
@@ -32,6 +37,12 @@ STEP_BLOCK_BYTES = 3 << 19
 """About the step state (responses of the filters to the patches) of the cells run as one program, 1.5 MiB: on
 2 cores, blocks of 10-20 fig2 cells (0.6-1.3 MiB) trained at 93-95 GFLOP/s, 40 cells at 78, 60 at 71 (the
 steps stream the state through the caches several times a step)."""
+GPU_STEP_BLOCK_BYTES = 1 << 30
+"""On a GPU a step's operations are launches whatever their size: blocks as large as the chunk (``max_cells`` bounds
+its memory) up to 1 GiB of step state."""
+ChunkMap = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
+"""How a sweep's chunks run elsewhere: ``map(function, specs)`` gives ``function(spec)`` of each spec, in order
+(``ptlab.engines.gram.workers.submitit_map``)."""
 
 
 def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> dict[str, SignalView]:
@@ -71,20 +82,22 @@ def _stack(groups: list[Group], key: str) -> Tensor:
 
 
 def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
-              dtype: torch.dtype) -> Tensor:
-    return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
+              dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype, device=device)
 
 
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
                ) -> list[tuple[int, GramResult]]:
-    """Run every cell of ``groups`` (one shape) as one batched program; pads groups to equal size."""
+    """Run every cell of ``groups`` (one shape) as one batched program on the groups' device; pads groups to equal
+    size; the results are on the CPU."""
     first = cells[groups[0].cells[0]]
     dtype = DTYPES[first.dtype]
+    device = groups[0].tensors["gram2"].device
     size = max(len(g.cells) for g in groups)
     layout = [g.cells + [g.cells[0]] * (size - len(g.cells)) for g in groups]
     width, filters = first.width, 2 * first.width
-    lr = _per_cell(cells, layout, lambda c: [c.lr], dtype)[..., 0]
-    norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype)
+    lr = _per_cell(cells, layout, lambda c: [c.lr], dtype, device)[..., 0]
+    norms = _per_cell(cells, layout, lambda c: [c.u_norm, c.v_norm, c.v_norm], dtype, device)
     zero = torch.zeros_like(norms[..., :1])
     signal1 = torch.cat([norms[..., :2], zero], dim=-1)  # u + v1 along (b_u, b_v1, b_v2)
     signal2 = torch.cat([norms[..., :1], zero, norms[..., 2:]], dim=-1)  # u + v2
@@ -108,19 +121,22 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
             **task_inputs(1), signal_coefficients=signal1, signal_norms=norms, lr=lr,
             steps=first.upstream_steps, **schedule, form=first.upstream_form,
             bias_start=expand("bias1") if first.upstream_form.bias else None))
-        upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width)
+        # the plan is made on the CPU (its selection generator's), from the norms and responses brought back
+        upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width).cpu()
         up = upstream_out.coefficients.view(len(groups), size * filters, -1)
         carried_start = expand("up_start2") + torch.bmm(up, _stack(groups, "mix")).view(len(groups), size, filters, -1)
+        carried_cpu = carried_start.cpu()
         plans, mask_list = [], []
         for g, row in enumerate(layout):
             for c, index in enumerate(row):
                 cell = cells[index]
-                views = (_signal_views(cell, carried_start[g, c], groups[g].tensors["y2"], groups[g].tensors["c2"])
+                views = (_signal_views(cell, carried_cpu[g, c], groups[g].tensors["y2"].cpu(),
+                                       groups[g].tensors["c2"].cpu())
                          if build_strategy(cell.selection).needs & {"oracle", "task2"} else None)
                 plan, mask = _plan(cell, upstream_norms[g, c], views)
                 plans.append(plan)
                 mask_list.append(mask)
-        masks = torch.stack(mask_list).view(len(groups), size, filters)
+        masks = torch.stack(mask_list).view(len(groups), size, filters).to(device)
         carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
             len(groups), size, filters, -1)
         pick = masks[..., None]
@@ -156,6 +172,9 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
             signal=signal, noise=noise, transferred=transferred, bias=bias,
             trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
 
+    downstream = on_cpu(downstream)
+    if upstream_out is not None:
+        upstream_out, masks = on_cpu(upstream_out), masks.cpu()
     outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
     loss_np = {k: v.loss.double().numpy() for k, v in outputs.items()}
     train_np = {k: v.train_acc.double().numpy() for k, v in outputs.items()}
@@ -193,13 +212,16 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
     back: a worker's tensors cross to the parent one shared-memory segment each).
 
     The d-space products and the evaluations use torch's threads; the steps run on one: they are many
-    small tensor operations, which lose more to the threads' synchronisation than they gain."""
+    small tensor operations, which lose more to the threads' synchronisation than they gain. The chunk trains on
+    its cells' device, resolved here (``resolve_device``)."""
     cells, groups, record_coefficients, summarize = spec
-    prepared = [prepare_group(cells[g[0]], g) for g in groups]
+    device = resolve_device(cells[groups[0][0]].device)
+    prepared = [prepare_group(cells[g[0]], g, device) for g in groups]
     threads = torch.get_num_threads()
     results: list[tuple[int, GramResult]] = []
+    block_bytes = None if device.type == "cpu" else GPU_STEP_BLOCK_BYTES
     with torch_threads(1):
-        for block in step_blocks(prepared, state_bytes(cells[groups[0][0]])):
+        for block in step_blocks(prepared, state_bytes(cells[groups[0][0]]), block_bytes):
             results.extend(_run_chunk(cells, block, record_coefficients, eval_threads=threads))
     return results if summarize is None else [(k, summarize(result)) for k, result in results]
 
@@ -210,10 +232,11 @@ def state_bytes(cell: GramCell) -> int:
     return 2 * cell.width * max(cell.n1 + 2 if cell.transfer else 0, downstream) * DTYPES[cell.dtype].itemsize
 
 
-def step_blocks(groups: list[Group], cell_bytes: int) -> Iterator[list[Group]]:
-    """The groups of a chunk in blocks of about ``STEP_BLOCK_BYTES`` of step state, each run as one program: groups
-    larger than that are cut into near-equal parts that share their data (at least one cell a block)."""
-    cap = max(1, STEP_BLOCK_BYTES // cell_bytes)
+def step_blocks(groups: list[Group], cell_bytes: int, block_bytes: int | None = None) -> Iterator[list[Group]]:
+    """The groups of a chunk in blocks of about ``block_bytes`` (``STEP_BLOCK_BYTES`` when ``None``) of step state, each
+    run as one program: groups larger than that are cut into near-equal parts that share their data (at least one
+    cell a block)."""
+    cap = max(1, (STEP_BLOCK_BYTES if block_bytes is None else block_bytes) // cell_bytes)
     pieces = []
     for group in groups:
         parts = -(-len(group.cells) // cap)
@@ -233,14 +256,17 @@ def step_blocks(groups: list[Group], cell_bytes: int) -> Iterator[list[Group]]:
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
                 workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
-                ) -> Iterator[list[tuple[int, Any]]]:
+                chunk_map: ChunkMap | None = None) -> Iterator[list[tuple[int, Any]]]:
     """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
     whole groups of one shape, up to about ``max_cells`` cells (at least one group). With ``workers``
     > 1, chunks run in that many forked single-threaded processes: a chunk's steps are many small
     tensor operations, which scale across processes far better than across intra-op threads (whose
-    per-operation synchronisation stalls whenever another program shares the cores).
+    per-operation synchronisation stalls whenever another program shares the cores). With ``chunk_map``
+    (``ChunkMap``), the chunks run through it instead (submitit jobs, one a chunk; ``workers`` does not apply). Cells
+    on a GPU run in this process whatever ``workers`` (one device; a forked worker cannot use CUDA once its parent
+    has).
     """
     cells = list(cells)
     by_shape: dict[tuple, dict[tuple, list[int]]] = {}
@@ -262,7 +288,10 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
         position = {index: k for k, index in enumerate(flat)}
         specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
                              summarize)))
-    if workers > 1 and len(specs) > 1:
+    if chunk_map is not None:
+        for out, (flat, _) in zip(chunk_map(_run_spec, [spec for _, spec in specs]), specs):
+            yield [(flat[k], result) for k, result in out]
+    elif workers > 1 and len(specs) > 1 and all(resolve_device(d).type == "cpu" for d in {c.device for c in cells}):
         with worker_pool(min(workers, len(specs))) as pool:
             for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
                 yield [(flat[k], result) for k, result in out]

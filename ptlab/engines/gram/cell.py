@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
-from ptlab.config import check_gram_engine
+from ptlab.config import check_gram_engine, gram_device
 from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.transfer.selection import spec_key
 
@@ -50,6 +51,8 @@ class GramCell:
     test_space: str = "dspace"
     sampling: str = "dspace"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
+    device: str = "cpu"
+    """``ptlab.config.gram_device``: cpu, cuda or auto (``resolve_device`` where the cell trains)."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -72,13 +75,14 @@ class GramCell:
             upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
-            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")))
+            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
+            device=gram_device(cfg))
 
     @property
     def shape_key(self) -> tuple:
-        """Cells with equal shape keys run in one batched tensor program."""
+        """Cells with equal shape keys run in one batched tensor program (on one device)."""
         return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form)
+                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form, self.device)
 
     @property
     def data_key(self) -> tuple:
@@ -86,6 +90,16 @@ class GramCell:
         return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
                 self.init_std, self.upstream_init_std, self.init, self.upstream_init, self.project_noise,
                 self.signal_position, self.test_space, self.sampling)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """The torch device of a ``GramCell.device`` in this process: ``auto`` is cuda where a GPU is visible;
+    ``RuntimeError`` for cuda without one (the preflight refuses that before anything is tracked)."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("engine.device='cuda': no CUDA GPU is visible in this process")
+    return torch.device("cuda")
 
 
 def model_form(model_cfg: Any) -> ModelForm:

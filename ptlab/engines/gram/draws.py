@@ -5,6 +5,11 @@ d-dimensional is one product of the rows ``[basis; xi of both tasks; upstream in
 per data draw. Response-space test sets (``task.test_space=response``) and gram sampling (``task.sampling=gram``,
 ``DRAWS``) replace the d-space draws of a cell by draws of the same law from its Gram matrix, so a cell's cost no
 longer grows with ``d``.
+
+Devices: every draw comes from the CPU generators of the named seed streams (``ptlab.seeding``), so a cell's data and
+inits are the same numbers on every device; the d-space products (``rows @ rows.T``, the test products) run on the
+cell's device, response-space draws on the CPU (their generator) from the Gram block brought back, and the group's
+tensors end on the device (``prepare_group``).
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ def _test_products(test: PatchData | ResponseTestSet, rows: Tensor | None, inner
     computed from the patches in d-space, or drawn in response space from the rows' Gram matrix (``inner``
     restricted to ``index``), with nothing of size d."""
     if isinstance(test, PatchData):
-        return rows @ test.noise.T
-    block = inner[index][:, index]
-    return test.responses(block, block[:, :3]).T.to(inner.dtype)
+        return rows @ test.noise.to(rows.device).T
+    block = inner[index][:, index].cpu()  # drawn from the test set's CPU generator, whatever the device
+    return test.responses(block, block[:, :3]).T.to(device=inner.device, dtype=inner.dtype)
 
 
 @dataclass
@@ -72,8 +77,9 @@ class _Draw:
     biases: dict[str, Tensor]
 
 
-def _draw_dspace(cell: GramCell) -> _Draw:
-    """Everything drawn in R^d by the functions and seed streams of the Lightning path."""
+def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
+    """Everything drawn in R^d by the functions and seed streams of the Lightning path (on the CPU), the products
+    on ``device``."""
     data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
                                v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
                                sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
@@ -86,9 +92,9 @@ def _draw_dspace(cell: GramCell) -> _Draw:
               "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y}
     biases = {} if downstream_bias is None else {"bias2": downstream_bias}
     if not cell.transfer:
-        rows = torch.cat([task2, downstream])
+        rows = torch.cat([task2, downstream]).to(device)
         inner = rows @ rows.T
-        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+        test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
         return _Draw(inner, (0, len(task2), 0, len(downstream)), None, test2, labels, biases)
     task1 = torch.cat([basis_t, data.task1_train.noise])
     upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form,
@@ -97,19 +103,20 @@ def _draw_dspace(cell: GramCell) -> _Draw:
         biases["bias1"] = upstream_bias
     labels.update({"y1": data.task1_train.y, "c1": data.task1_train.clean_y,
                    "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y})
-    rows = torch.cat([task1, task2, upstream, downstream])
+    rows = torch.cat([task1, task2, upstream, downstream]).to(device)
     inner = rows @ rows.T
     p1, p2, fm = len(task1), len(task2), len(upstream)
-    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
-    test1 = _test_products(data.task1_test, torch.cat([task1, upstream]), inner, index1)
-    test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows)))
+    index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)]).to(device)
+    test1 = _test_products(data.task1_test, torch.cat([task1, upstream]).to(device), inner, index1)
+    test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
     return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases)
 
 
-def _draw_gram(cell: GramCell) -> _Draw:
+def _draw_gram(cell: GramCell, device: torch.device) -> _Draw:
     """The same law without anything of size d (``task.sampling=gram``, Gaussian inits): the labels from the
     data streams (equal to the d-space path's), the Gram matrix from ``sample_gram`` (its own ``"gram"``
-    stream), the init biases N(0, sigma_0^2) from the init streams, the test sets in response space."""
+    stream), the init biases N(0, sigma_0^2) from the init streams, the test sets in response space: all of it
+    small and drawn on the CPU (``prepare_group`` moves it to ``device``)."""
     dtype, data_seed = DTYPES[cell.dtype], derive_seed(cell.seed, "data")
 
     def gen(part: str) -> torch.Generator:
@@ -155,13 +162,15 @@ def _draw_gram(cell: GramCell) -> _Draw:
                  _test_products(tests[2], None, inner, torch.arange(len(inner))), labels, biases)
 
 
-DRAWS: dict[str, Callable[[GramCell], _Draw]] = {"dspace": _draw_dspace, "gram": _draw_gram}
+DRAWS: dict[str, Callable[[GramCell, torch.device], _Draw]] = {"dspace": _draw_dspace, "gram": _draw_gram}
 """``task.sampling`` -> how a cell's data and inits are drawn."""
 
 
-def prepare_group(cell: GramCell, cell_indices: list[int]) -> Group:
-    """One draw of a data key's data and inits, cut into the blocks the stages read."""
-    draw = DRAWS[cell.sampling](cell)
+def prepare_group(cell: GramCell, cell_indices: list[int], device: torch.device | None = None) -> Group:
+    """One draw of a data key's data and inits, cut into the blocks the stages read, on ``device`` (the CPU when
+    ``None``)."""
+    device = torch.device("cpu") if device is None else device
+    draw = DRAWS[cell.sampling](cell, device)
     inner, (p1, p2, fu, fd) = draw.inner, draw.sizes
     cuts = np.cumsum([0, p1, p2, fu, fd])
     s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
@@ -176,4 +185,4 @@ def prepare_group(cell: GramCell, cell_indices: list[int]) -> Group:
             "norm2_1": inner[su, su].diagonal().clone(),
             "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
         })
-    return Group(cell_indices, {k: v.to(DTYPES[cell.dtype]).contiguous() for k, v in t.items()})
+    return Group(cell_indices, {k: v.to(device=device, dtype=DTYPES[cell.dtype]).contiguous() for k, v in t.items()})

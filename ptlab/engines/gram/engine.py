@@ -1,17 +1,21 @@
 """``GramEngine``: the gram engine behind the ``Engine`` interface of ``ptlab.engines.base`` (one ``Stage`` at a
-time, its model's weights read once and written back)."""
+time, its model's weights read once and written back). The stage's data and model stay on the CPU; the products and
+the steps run on the engine's device, and what comes back (weights, curves) is on the CPU."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ptlab.config import GRAM_DEVICES, device_choice
 from ptlab.data.synthetic import ResponseTestSet
 from ptlab.engines.base import Stage, StageResult
+from ptlab.engines.gram.cell import resolve_device
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
-from ptlab.engines.gram.results import GramStage, check_loss
+from ptlab.engines.gram.results import GramStage, check_loss, on_cpu
 from ptlab.modules.decomposition import SIGNALS
 
 
@@ -20,27 +24,34 @@ class GramEngine:
     weights are read once (after the stage's transfer is applied), the steps touch only the Gram
     matrix of the stage's training vectors, and the trained weights are written back into the model."""
 
-    def __init__(self, name: str = "gram", trainer: Any = None) -> None:
-        """``trainer`` (the trainer group) does not apply: the gram engine runs on the CPU in this process."""
+    def __init__(self, name: str = "gram", trainer: Any = None, device: str | None = None) -> None:
+        """``device``: ``engine.device`` (cpu, cuda, auto; ``None`` follows ``trainer``'s accelerator,
+        ``ptlab.config.gram_device``); the trainer group does not apply otherwise."""
         self.name = name
+        choice = device_choice(device, trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
+        if choice not in GRAM_DEVICES:
+            raise ValueError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)}")
+        self.device = resolve_device(choice)
 
     def train_stage(self, stage: Stage) -> StageResult:
         model = stage.model
         plan = stage.transfer.apply(model) if stage.transfer is not None else None
         weight = model.weight.detach()
-        dtype = weight.dtype
-        filters = weight.reshape(-1, weight.shape[-1])  # (2m, d)
+        dtype, device = weight.dtype, self.device
+        filters = weight.reshape(-1, weight.shape[-1]).to(device)  # (2m, d)
         directions = stage.directions
-        rows = torch.cat([directions.basis.T.to(dtype), stage.train.noise.to(dtype)])  # [b_u, b_v1, b_v2; xi]
+        basis_t, noise = directions.basis.T.to(device=device, dtype=dtype), stage.train.noise.to(device=device, dtype=dtype)
+        rows = torch.cat([basis_t, noise])  # [b_u, b_v1, b_v2; xi]
         if isinstance(stage.test, ResponseTestSet):
-            # one draw for [w(0); b; xi] jointly: the filters' responses and the rows' cross products
-            both = torch.cat([directions.basis.T.to(dtype), filters, stage.train.noise.to(dtype)])
-            inner = both @ both.T
-            drawn = stage.test.responses(inner, inner[:, :3]).T.to(dtype)
+            # one draw for [w(0); b; xi] jointly, from the test set's CPU generator: the filters' responses and the
+            # rows' cross products
+            both = torch.cat([basis_t, filters, noise])
+            inner = (both @ both.T).cpu()
+            drawn = stage.test.responses(inner, inner[:, :3]).T.to(device=device, dtype=dtype)
             fm = filters.shape[0]
             test_start, cross = drawn[3:3 + fm], torch.cat([drawn[:3], drawn[3 + fm:]])
         else:
-            test_noise = stage.test.noise.to(dtype)
+            test_noise = stage.test.noise.to(device=device, dtype=dtype)
             test_start, cross = filters @ test_noise.T, rows @ test_noise.T
         norms = [float(torch.linalg.vector_norm(getattr(directions, name).double())) for name in SIGNALS]
         signal = [norms[0], norms[1] if stage.task == 1 else 0.0, norms[2] if stage.task == 2 else 0.0]
@@ -48,24 +59,32 @@ class GramEngine:
         def one(t: Tensor) -> Tensor:  # a single cell in a single group: (1, 1, ...)
             return t[None, None]
 
-        bias = None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(dtype)
+        bias = (None if getattr(model, "bias", None) is None
+                else model.bias.detach().reshape(1, 1, -1).to(device=device, dtype=dtype))
+
+        def on_device(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = train_stage_batch(StageInputs(
                 start=one(filters @ rows.T), test_start=one(test_start),
                 norm2_start=one((filters * filters).sum(-1)), gram=(rows @ rows.T)[None], cross=cross[None],
-                y=stage.train.y.to(dtype)[None], clean=stage.train.clean_y.to(dtype)[None],
-                test_y=stage.test.y.to(dtype)[None], test_clean=stage.test.clean_y.to(dtype)[None],
-                signal_coefficients=torch.tensor([[signal]], dtype=dtype),
-                signal_norms=torch.tensor([[norms]], dtype=dtype), lr=torch.tensor([[stage.lr]], dtype=dtype),
+                y=on_device(stage.train.y)[None], clean=on_device(stage.train.clean_y)[None],
+                test_y=on_device(stage.test.y)[None], test_clean=on_device(stage.test.clean_y)[None],
+                signal_coefficients=torch.tensor([[signal]], dtype=dtype, device=device),
+                signal_norms=torch.tensor([[norms]], dtype=dtype, device=device),
+                lr=torch.tensor([[stage.lr]], dtype=dtype, device=device),
                 steps=stage.steps, eval_every=stage.eval_every, eval_threads=threads, form=model.form,
                 bias_start=bias))
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
-            model.weight.copy_((filters + coefficients @ rows).view_as(weight))
+            model.weight.copy_((filters + coefficients @ rows).view_as(weight))  # copy_ brings it to the CPU
             if out.bias is not None:
                 model.bias.copy_(out.bias[0, 0].view_as(model.bias))
+        out = on_cpu(out)
+        coefficients = out.coefficients[0, 0]
         width = weight.shape[1]
         trained = GramStage(
             name=stage.name, steps=stage.steps, eval_steps=eval_steps(stage.steps, stage.eval_every),

@@ -57,7 +57,7 @@ def _accuracy(margin: Tensor, y: Tensor) -> Tensor:
     in_unit = ((margin >= 0) & (margin <= 1)).all(dim=-1, keepdim=True)
     probability = torch.where(in_unit, margin, torch.sigmoid(margin))
     correct = ((probability > 0.5) == (y > 0)).sum(dim=-1)
-    return correct.to(torch.float32) / torch.tensor(float(margin.shape[-1]), dtype=torch.float32)
+    return correct.to(torch.float32) / torch.tensor(float(margin.shape[-1]), dtype=torch.float32, device=margin.device)
 
 
 @contextlib.contextmanager
@@ -183,11 +183,11 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
     patches, batch = n_train + 2, groups * cells
-    dtype = start.dtype
-    sign = torch.cat([torch.ones(width, dtype=dtype), -torch.ones(width, dtype=dtype)])
+    dtype, device = start.dtype, start.device
+    sign = torch.cat([torch.ones(width, dtype=dtype, device=device), -torch.ones(width, dtype=dtype, device=device)])
     # [xi; +s; -s] = embed @ [b; xi], per cell: (G, C, K, P)
-    embed = torch.zeros(groups, cells, patches, vectors, dtype=dtype)
-    embed[:, :, :n_train, 3:] = torch.eye(n_train, dtype=dtype)
+    embed = torch.zeros(groups, cells, patches, vectors, dtype=dtype, device=device)
+    embed[:, :, :n_train, 3:] = torch.eye(n_train, dtype=dtype, device=device)
     embed[:, :, n_train, :3] = signal_coefficients
     embed[:, :, n_train + 1, :3] = -signal_coefficients
     patch_gram = (embed @ gram[:, None] @ embed.transpose(-1, -2)).view(batch, patches, patches)
@@ -209,25 +209,25 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     clean_plus = (clean > 0)[:, None, :]
     by_clean = torch.stack([clean > 0, clean < 0], dim=-1).to(dtype)  # (G, N, 2): the signal patch of each sample
     loss_weight = (-y / n_train)[:, None, :]
-    per_patch = torch.empty(groups, cells, patches, dtype=dtype)
+    per_patch = torch.empty(groups, cells, patches, dtype=dtype, device=device)
     negative_labels = -y[:, None, :]
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
     bias = None if bias_start is None else bias_start.clone()
     signs_over_m = (sign / divisor * factor).expand(batch, 1, filters)
     # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
-    output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype))[..., None, None]
+    output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype, device=device))[..., None, None]
     by_output_shape = (groups, cells, 2, width, patches)
-    one = torch.ones((), dtype=dtype)
+    one = torch.ones((), dtype=dtype, device=device)
     positive = torch.empty_like(response)
     batch_response, batch_positive = response.view(batch, filters, patches), positive.view(batch, filters, patches)
     group_noise_response = response.view(groups, cells * filters, patches)[..., :n_train]
     group_noise_positive = positive.view(groups, cells * filters, patches)[..., :n_train]
     checkpoints = eval_steps(steps, eval_every)
-    exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype)  # -y f, every step
-    train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32)
+    exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype, device=device)  # -y f, every step
+    train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32, device=device)
     test_acc = torch.empty_like(train_acc)
-    decomposition = torch.empty(groups, cells, len(checkpoints), len(DECOMPOSITION_NAMES), dtype=dtype)
+    decomposition = torch.empty(groups, cells, len(checkpoints), len(DECOMPOSITION_NAMES), dtype=dtype, device=device)
     trajectory: list[Tensor] | None = [] if record_coefficients else None
     test_start = test_start.reshape(groups, 1, cells * filters, n_test)
     positive_test_clean = (test_clean > 0)[:, None, None, :]

@@ -4,6 +4,7 @@ layout (single run, batched sweep, grid) reports a diverged stage with."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,17 @@ from torch import Tensor
 
 from ptlab.engines.base import StageResult
 from ptlab.engines.gram.cell import GramCell
-from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES
+from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES, StageOutput
 from ptlab.errors import DivergenceError
 
 HISTORIES = ("full", "eval", "last")
+
+
+def on_cpu(out: StageOutput) -> StageOutput:
+    """A trained stage's outputs on the CPU, where results go to the pipeline and tracking (the same tensors when
+    they are there)."""
+    return dataclasses.replace(out, **{f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(out)
+                                       if isinstance(getattr(out, f.name), Tensor)})
 
 
 @dataclass
