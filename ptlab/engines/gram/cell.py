@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from ptlab.config import check_gram_engine
 from ptlab.models.two_layer_cnn import ModelForm
+from ptlab.modules.regularizers import Regularizer
 from ptlab.transfer.selection import spec_key
 
 
@@ -50,6 +51,8 @@ class GramCell:
     test_space: str = "dspace"
     sampling: str = "dspace"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
+    regularizer: Regularizer = Regularizer()
+    """The transfer stage's regulariser: per cell in the batched program, so in neither key."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -72,7 +75,8 @@ class GramCell:
             upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
-            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")))
+            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
+            regularizer=Regularizer.from_config(cfg.get("regularizer")))
 
     @property
     def shape_key(self) -> tuple:

@@ -13,6 +13,7 @@ from ptlab.engines.base import Stage, StageResult
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramStage, check_loss
 from ptlab.modules.decomposition import SIGNALS
+from ptlab.modules.regularizers import Regularizer
 
 
 class GramEngine:
@@ -49,6 +50,9 @@ class GramEngine:
             return t[None, None]
 
         bias = None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(dtype)
+        regularizer = stage.regularizer if stage.transfer is not None and plan else None
+        inherited = (stage.transfer.inherited(model, plan).row_mask("weight", filters.shape[0])
+                     if regularizer is not None and regularizer.active else None)
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = train_stage_batch(StageInputs(
@@ -59,11 +63,12 @@ class GramEngine:
                 signal_coefficients=torch.tensor([[signal]], dtype=dtype),
                 signal_norms=torch.tensor([[norms]], dtype=dtype), lr=torch.tensor([[stage.lr]], dtype=dtype),
                 steps=stage.steps, eval_every=stage.eval_every, eval_threads=threads, form=model.form,
-                bias_start=bias))
+                bias_start=bias, **regularizer_inputs(regularizer, inherited, stage.steps, dtype)))
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
-            model.weight.copy_((filters + coefficients @ rows).view_as(weight))
+            start = filters if out.scale is None else out.scale[0, 0, :, None] * filters
+            model.weight.copy_((start + coefficients @ rows).view_as(weight))
             if out.bias is not None:
                 model.bias.copy_(out.bias[0, 0].view_as(model.bias))
         width = weight.shape[1]
@@ -74,3 +79,24 @@ class GramEngine:
             signal=coefficients[:, :3].reshape(2, width, 3), noise={stage.task: coefficients[:, 3:].reshape(2, width, -1)},
             transferred=torch.zeros(2, width, dtype=torch.bool))
         return trained.result(plan=plan, model=model)
+
+
+def regularizer_inputs(regularizer: Regularizer | None, inherited: Tensor | None, steps: int,
+                       dtype: torch.dtype) -> dict[str, Tensor]:
+    """The ``StageInputs`` fields of one cell's regulariser (``ptlab.modules.regularizers``) over its filters, with
+    ``inherited`` (2m,) the filters the transfer copied; no fields (no regulariser) for ``None``."""
+    if regularizer is None or inherited is None or not regularizer.active:
+        return {}
+    return {key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps, dtype).items()}
+
+
+def filter_regularizer(regularizer: Regularizer, inherited: Tensor, steps: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A regulariser as per-filter tensors (shapes (Fm,), ``scale_until`` ()): ``step_scale``, ``scale_until``,
+    ``decay``, ``anchored`` (see ``StageInputs``). Neutral values (multiplier 1, kappa 0) do nothing, exactly."""
+    one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
+    multiplier = torch.tensor(regularizer.multiplier(0), dtype=dtype)
+    until = regularizer.k if regularizer.name == "freeze" else (steps if regularizer.name == "lr_scale" else 0)
+    lam = torch.tensor(regularizer.anchor_coefficient, dtype=dtype)
+    decay = torch.tensor(regularizer.decay_coefficient, dtype=dtype)
+    return {"step_scale": torch.where(inherited, multiplier, one), "scale_until": torch.tensor(min(until, steps)),
+            "decay": torch.where(inherited, lam, decay), "anchored": torch.where(inherited, one, zero)}
