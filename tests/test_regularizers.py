@@ -365,3 +365,49 @@ def test_cli_refuses_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "ptlab: regularizer.k=-3 is not allowed: must be >= 0"
     assert not list(tmp_path.iterdir()) or not any(p.name in ("mlruns", "mlflow.db") for p in tmp_path.iterdir())
+
+
+def test_config_hash_of_regularizer_none_is_unchanged() -> None:
+    """``regularizer=none`` hashes as a config without the group (finished runs of earlier versions stay found);
+    any other regulariser changes the hash."""
+    from omegaconf import OmegaConf
+
+    from ptlab.pipeline.resume import hash_resolved
+
+    resolved = OmegaConf.to_container(compose_config([]), resolve=True)
+    assert resolved["regularizer"] == {"name": "none"}
+    without = {k: v for k, v in resolved.items() if k != "regularizer"}
+    assert hash_resolved(resolved) == hash_resolved(without)
+    l2sp = OmegaConf.to_container(compose_config(["regularizer=l2sp"]), resolve=True)
+    assert hash_resolved(l2sp) != hash_resolved(resolved)
+
+
+@pytest.mark.slow
+def test_batched_sweep_honours_the_regularizer(make_cfg, tmp_path: Path) -> None:
+    """The batched gram sweep (``hydra/launcher=ptlab_gram hydra/sweeper=ptlab_batched``) over ``regularizer.lam``:
+    each cell logs the regulariser's params, its summary.json carries it, and the l2sp cell equals the same config
+    run alone through ``run_pipeline`` (the single-stage gram engine) while lam=0 differs from it."""
+    import json
+
+    from ptlab.pipeline import run_pipeline
+    from ptlab.report.runs import load_pipelines
+
+    from .conftest import SMALL
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL,
+            "train.dtype=float64", "regularizer=l2sp", "regularizer.lam=0.0,2.0", "regularizer.decay=0.0",
+            f"logger.tracking_uri={uri}", "logger.experiment_name=reg", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = load_pipelines(uri, "reg")
+    assert sorted(runs["params.regularizer.lam"]) == ["0.0", "2.0"] and set(runs["params.regularizer.name"]) == {"l2sp"}
+    summaries = {json.loads(p.read_text())["transfer"]["regularizer"]["lam"]: json.loads(p.read_text())
+                 for p in (tmp_path / "sweep").glob("*/summary.json")}
+    single = run_pipeline(make_cfg("engine=gram", "train.dtype=float64", "regularizer=l2sp", "regularizer.lam=2.0",
+                                   "regularizer.decay=0.0"), tmp_path / "single")
+    assert single["transfer"]["regularizer"] == {"name": "l2sp", "lam": 2.0, "decay": 0.0}
+    assert summaries[2.0]["transfer"]["train_loss"] == pytest.approx(single["transfer"]["train_loss"], rel=1e-9)
+    assert summaries[2.0]["transfer"]["test_acc"] == single["transfer"]["test_acc"]
+    assert summaries[0.0]["transfer"]["train_loss"] != pytest.approx(single["transfer"]["train_loss"], rel=1e-6)
+    assert summaries[0.0]["scratch"] == summaries[2.0]["scratch"]
