@@ -115,6 +115,7 @@ class FineTuning:
             if mask is None:
                 term = decay * parameter.square().sum()
             else:
+                mask, value = mask.to(parameter.device), value.to(parameter.device)
                 term = (lam * ((parameter - value).square() * mask).sum()
                         + decay * (parameter.square() * ~mask).sum())
             total = term if total is None else total + term
@@ -137,6 +138,7 @@ class FineTuning:
         m, before = saved
         masked = [(parameter, mask) for parameter, mask, _ in self.parameters if mask is not None]
         for (parameter, mask), old in zip(masked, before):
+            mask = mask.to(parameter.device)
             if m == 0.0:
                 parameter.copy_(torch.where(mask, old, parameter))
                 inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper or the torch optimizer

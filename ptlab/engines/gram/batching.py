@@ -21,7 +21,7 @@ from torch import Tensor
 from ptlab.data.synthetic import DTYPES
 from ptlab.engines.gram.cell import GramCell
 from ptlab.engines.gram.draws import Group, prepare_group
-from ptlab.engines.gram.engine import filter_regularizer
+from ptlab.engines.gram.engine import drop_neutral, filter_regularizer
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramResult, GramStage
 from ptlab.engines.gram.workers import worker_pool
@@ -89,7 +89,8 @@ def _regularizers(cells: list[GramCell], layout: list[list[int]], masks: Tensor,
               for key in per_cell[0][0]}
     neutral = {"step_scale": torch.ones_like(fields["step_scale"]), "scale_until": torch.zeros_like(fields["scale_until"]),
                "decay": torch.zeros_like(fields["decay"]), "anchored": torch.zeros_like(fields["anchored"])}
-    return {key: torch.cat([fields[key], neutral[key]], dim=1) for key in fields}
+    both = {key: torch.cat([fields[key], neutral[key]], dim=1) for key in fields}
+    return drop_neutral(both)
 
 
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,

@@ -87,7 +87,19 @@ def regularizer_inputs(regularizer: Regularizer | None, inherited: Tensor | None
     ``inherited`` (2m,) the filters the transfer copied; no fields (no regulariser) for ``None``."""
     if regularizer is None or inherited is None or not regularizer.active:
         return {}
-    return {key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps, dtype).items()}
+    return drop_neutral({key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps,
+                                                                                       dtype).items()})
+
+
+def drop_neutral(fields: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``fields`` without the step multiplier when it is 1 wherever it applies, and without the penalty when every
+    kappa is 0 (the kernel then skips that work; the result is the same bit for bit)."""
+    out = dict(fields)
+    if bool(((out["step_scale"] == 1) | (out["scale_until"] <= 0)[..., None]).all()):
+        del out["step_scale"], out["scale_until"]
+    if not bool(out["decay"].any()):
+        del out["decay"], out["anchored"]
+    return out
 
 
 def filter_regularizer(regularizer: Regularizer, inherited: Tensor, steps: int, dtype: torch.dtype) -> dict[str, Tensor]:
