@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ptlab.config import validate
 from ptlab.engines.base import Stage
-from ptlab.engines.gram import GramCell, GramEngine, reconstruct_weights, run_cells
+from ptlab.engines.gram import DECOMPOSITION_NAMES, GramCell, GramEngine, reconstruct_weights, run_cells
 from ptlab.engines.lightning import LightningEngine
 from ptlab.errors import ConfigError
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
@@ -194,6 +194,10 @@ def test_gram_engine_equals_lightning_with_bias(make_cfg, name: str) -> None:
     assert relative(lightning_stage.model.bias.detach(), bias) < TOLERANCE
     assert gram.final["test_acc"] == lightning.final["test_acc"]
     assert gram.final["train_loss"] == pytest.approx(lightning.final["train_loss"], rel=1e-9)
+    # the signal/noise decomposition at every eval step (with l2sp's decay the fresh filters' init shrinks: a(t))
+    for name in DECOMPOSITION_NAMES:
+        got, want = [v for _, v in gram.curves[name]], [v for _, v in lightning.curves[name]]
+        assert got == pytest.approx(want, rel=1e-7, abs=1e-12), name
 
 
 def test_frozen_filters_bit_identical_for_k_steps_then_moving(make_cfg) -> None:
