@@ -415,3 +415,15 @@ def test_batched_sweep_honours_the_regularizer(make_cfg, tmp_path: Path) -> None
     assert summaries[2.0]["transfer"]["test_acc"] == single["transfer"]["test_acc"]
     assert summaries[0.0]["transfer"]["train_loss"] != pytest.approx(single["transfer"]["train_loss"], rel=1e-6)
     assert summaries[0.0]["scratch"] == summaries[2.0]["scratch"]
+
+
+def test_option_lists_agree() -> None:
+    """The torch-free list in ``ptlab.config``, the modules' list, the schemas and ``conf/regularizer`` name the same
+    options."""
+    from ptlab.config import GROUP_SCHEMAS
+    from ptlab.config import REGULARIZERS as CONFIG_NAMES
+    from ptlab.modules.regularizers import REGULARIZERS
+    from ptlab.paths import config_dir
+
+    options = sorted(p.stem for p in (Path(config_dir()) / "regularizer").glob("*.yaml"))
+    assert sorted(CONFIG_NAMES) == sorted(REGULARIZERS) == sorted(GROUP_SCHEMAS["regularizer"]) == options
