@@ -311,6 +311,60 @@ class ViTSchema(TimmSchema):
                "pretrained", self.weights_path)
 
 
+REGULARIZERS = ("none", "l2sp", "freeze", "lr_scale")
+"""The ``regularizer`` group's options (``ptlab.modules.regularizers``, docs/design.md section 8)."""
+
+
+@dataclass
+class RegularizerSchema:
+    """No regulariser on the inherited units (``regularizer=none``)."""
+
+    name: str = "none"
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, REGULARIZERS)
+
+
+@dataclass
+class L2SPSchema(RegularizerSchema):
+    """``lam * ||w - w_inherited||^2`` on the inherited units, ``decay * ||w||^2`` on the transfer model's others
+    (``decay: null``: ``lam``)."""
+
+    name: str = "l2sp"
+    lam: float = 0.01
+    decay: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _nonnegative("lam", self.lam)
+        if self.decay is not None:
+            _nonnegative("decay", self.decay)
+
+
+@dataclass
+class FreezeSchema(RegularizerSchema):
+    """The inherited units fixed for the first ``k`` steps (synthetic) or epochs (image tasks)."""
+
+    name: str = "freeze"
+    k: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _nonnegative("k", self.k)
+
+
+@dataclass
+class LRScaleSchema(RegularizerSchema):
+    """The inherited units train at ``scale * lr``."""
+
+    name: str = "lr_scale"
+    scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _nonnegative("scale", self.scale)
+
+
 @dataclass
 class LoggerSchema:
     """MLflow tracking; ``kind: none`` turns tracking off."""
@@ -468,6 +522,7 @@ class PtlabSchema:
     model: Any = MISSING
     upstream_model: Any = MISSING
     transfer: Any = MISSING
+    regularizer: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
     engine: Any = MISSING
@@ -480,10 +535,11 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},
     "logger": {"logger": LoggerSchema},
+    "regularizer": {"none": RegularizerSchema, "l2sp": L2SPSchema, "freeze": FreezeSchema, "lr_scale": LRScaleSchema},
 }
 """Schemas by group and name; other modules add theirs before ``register_configs`` runs."""
 
-VALIDATED_KEYS = ("task", "noise", "model", "upstream_model", "transfer", "logger")
+VALIDATED_KEYS = ("task", "noise", "model", "upstream_model", "transfer", "regularizer", "logger")
 
 
 def register_configs() -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ptlab.data.synthetic import Directions, PatchData
+    from ptlab.modules.regularizers import Regularizer
     from ptlab.transfer.adapters import PlanRow
     from ptlab.transfer.apply import Transfer
 
@@ -31,6 +32,7 @@ class Stage:
     ``model`` is trained in place. ``transfer`` (the transfer stage) is applied to ``model`` before the
     first step. ``directions`` and ``task`` (1 or 2) say which signal the data carry; the engines
     record the signal/noise decomposition of the filters against them every ``eval_every`` steps.
+    ``regularizer`` (the transfer stage's, ``ptlab.modules.regularizers``) acts on the units ``transfer`` copies.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Stage:
     task: int
     transfer: Transfer | None = None
     dtype: str = "float32"
+    regularizer: Regularizer | None = None
 
 
 @dataclass

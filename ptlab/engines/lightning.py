@@ -51,7 +51,8 @@ class LightningEngine:
 
         quiet_lightning()
         module = FullBatchGD(stage.model, lr=stage.lr, eval_sets={"test": (stage.test.x, stage.test.y)},
-                             eval_every=stage.eval_every)
+                             eval_every=stage.eval_every,
+                             regularizer=stage.regularizer if stage.transfer is not None else None)
         callbacks: list[Any] = []
         transfer = ParameterTransfer(stage.transfer) if stage.transfer is not None else None
         if transfer is not None:

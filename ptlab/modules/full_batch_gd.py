@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_accuracy
 
 from ptlab.errors import DivergenceError
+from ptlab.modules.regularizers import FineTuning, Regularizer
 
 
 def logistic_loss(margin: Tensor, y: Tensor) -> Tensor:
@@ -26,13 +29,18 @@ class FullBatchGD(pl.LightningModule):
 
     Step ``t`` of the curves is the model after ``t`` updates: ``train/loss`` at every step, and
     ``train/acc`` and ``<name>/acc`` for each evaluation set every ``eval_every`` steps and at the end.
-    Curves are kept in memory and sent to the logger in one batch when training ends.
+    Curves are kept in memory and sent to the logger in one batch when training ends. ``regularizer`` (the
+    transfer stage's) acts on the units ``inherit`` names (``ptlab.modules.regularizers``): l2sp adds its penalty
+    to the loss that is differentiated (``train/loss`` stays the logistic loss), freeze and lr_scale scale the
+    inherited entries' step at step ``t``.
     """
 
     def __init__(self, model: nn.Module, lr: float, eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None,
-                 eval_every: int = 10) -> None:
+                 eval_every: int = 10, regularizer: Regularizer | None = None) -> None:
         super().__init__()
         self.model, self.lr, self.eval_every = model, lr, eval_every
+        self.regularizer = regularizer if regularizer is not None else Regularizer()
+        self.fine_tuning: FineTuning | None = None
         self.eval_names = list(eval_sets or {})
         for name, (x, y) in (eval_sets or {}).items():
             self.register_buffer(f"eval_{name}_x", x, persistent=False)
@@ -46,6 +54,21 @@ class FullBatchGD(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.lr)
+
+    @property
+    def wants_inherited(self) -> bool:
+        """Whether ``ParameterTransfer`` should hand over the inherited units (a regulariser is set)."""
+        return self.regularizer.active
+
+    def inherit(self, masks: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+        """Bind the regulariser to the units the transfer copied."""
+        self.fine_tuning = FineTuning(self.regularizer, self.model, masks, values)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        saved = self.fine_tuning.before_step(self.global_step) if self.fine_tuning is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.fine_tuning is not None:
+            self.fine_tuning.after_step(saved, optimizer)
 
     def on_train_start(self) -> None:
         self._losses, self.curves, self.final = [], {}, {}
@@ -75,7 +98,8 @@ class FullBatchGD(pl.LightningModule):
         if batch_idx % self.eval_every == 0:
             with torch.no_grad():
                 self._record({"train/acc": sign_accuracy(margin, y), **self.evaluate()}, batch_idx)
-        return loss
+        penalty = self.fine_tuning.penalty() if self.fine_tuning is not None else None
+        return loss if penalty is None else loss + penalty
 
     def on_train_end(self) -> None:
         x, y = self.trainer.train_dataloader.dataset[0]

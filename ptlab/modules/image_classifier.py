@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from ptlab.modules.regularizers import FineTuning, Regularizer
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
 
@@ -28,7 +30,7 @@ class ImageClassifier(pl.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, lr: float = 0.05, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 5e-4, scheduler: str = "cosine",
                  input_size: int | None = None, channels_last: bool = True, warmup_epochs: int = 0,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, regularizer: Regularizer | None = None) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer={optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
@@ -41,6 +43,24 @@ class ImageClassifier(pl.LightningModule):
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.regularizer = regularizer if regularizer is not None else Regularizer()
+        self.fine_tuning: FineTuning | None = None
+
+    @property
+    def wants_inherited(self) -> bool:
+        """Whether ``ParameterTransfer`` should hand over the inherited units (a regulariser is set)."""
+        return self.regularizer.active
+
+    def inherit(self, masks: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+        """Bind the regulariser (``ptlab.modules.regularizers``) to the units the transfer copied: l2sp adds its
+        penalty to the loss, freeze and lr_scale scale the inherited entries' step in epoch ``current_epoch``."""
+        self.fine_tuning = FineTuning(self.regularizer, self.model, masks, values)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        saved = self.fine_tuning.before_step(self.current_epoch) if self.fine_tuning is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.fine_tuning is not None:
+            self.fine_tuning.after_step(saved, optimizer)
 
     @property
     def _use_channels_last(self) -> bool:
@@ -66,7 +86,11 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
+        penalty = self.fine_tuning.penalty() if self.fine_tuning is not None else None
+        if penalty is None:
+            return loss
+        self.log("train/penalty", penalty.detach(), on_step=False, on_epoch=True, batch_size=len(y))
+        return loss + penalty
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

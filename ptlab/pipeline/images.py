@@ -49,6 +49,7 @@ from ptlab.engines.base import StageResult
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.modules.callbacks import StageProgressBar
 from ptlab.modules.image_classifier import ImageClassifier
+from ptlab.modules.regularizers import Regularizer
 from ptlab.pipeline.checkpoints import stage_checkpointing
 from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed, torch_seed
@@ -104,13 +105,15 @@ def precision_for(cfg: DictConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def make_classifier(cfg: DictConfig, model: nn.Module, num_classes: int) -> ImageClassifier:
-    """The ``ImageClassifier`` of ``model`` with the optimiser settings of ``train.*``."""
+def make_classifier(cfg: DictConfig, model: nn.Module, num_classes: int,
+                    regularizer: Regularizer | None = None) -> ImageClassifier:
+    """The ``ImageClassifier`` of ``model`` with the optimiser settings of ``train.*`` (and the transfer stage's
+    ``regularizer``)."""
     train = cfg.train
     return ImageClassifier(model, num_classes, lr=train.lr, optimizer=train.optimizer, momentum=train.momentum,
                            weight_decay=train.weight_decay, scheduler=train.scheduler,
                            warmup_epochs=train.warmup_epochs, label_smoothing=train.label_smoothing,
-                           input_size=model_input_size(model))
+                           input_size=model_input_size(model), regularizer=regularizer)
 
 
 def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Module,
@@ -118,7 +121,8 @@ def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Mod
                     ) -> tuple[ImageClassifier, StageResult]:
     """Train ``model`` on ``task`` for ``epochs`` epochs as the child run ``stage``; return the module and
     the tracked stage. Transfer and scratch share the ``downstream`` batch order."""
-    module = make_classifier(cfg, model, task.num_classes)
+    regularizer = Regularizer.from_config(cfg.get("regularizer")) if stage == "transfer" else None
+    module = make_classifier(cfg, model, task.num_classes, regularizer)
     order = "upstream" if stage == "upstream" else "downstream"
     data = ImageDataModule(task.train, task.test, cfg.train.batch_size, seed=image_seed(cfg.seed, f"batches/{order}"),
                            pin_memory=on_gpu(cfg))
@@ -211,6 +215,7 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         copied = sum(row.copied for row in transfer.plan)
         tracker.log_metrics({"transfer/filters_copied": copied,
                              "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
+        results["transfer"].extra["regularizer"] = Regularizer.from_config(cfg.get("regularizer")).as_dict()
         del upstream
     scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
     _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)

@@ -31,8 +31,11 @@ IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory")
 
 
 def hash_resolved(resolved: dict[str, Any]) -> str:
-    """SHA-256 of a resolved config container minus ``IGNORED_KEYS``; ``trainer.devices`` counts, not indices."""
+    """SHA-256 of a resolved config container minus ``IGNORED_KEYS``; ``trainer.devices`` counts, not indices;
+    ``regularizer=none`` left out, so a config hashes as it did before the regularizer group existed."""
     kept = {k: v for k, v in resolved.items() if k not in ("hydra", *IGNORED_KEYS)}
+    if kept.get("regularizer") == {"name": "none"}:
+        del kept["regularizer"]
     trainer = kept.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
         kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}

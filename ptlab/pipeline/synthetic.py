@@ -16,6 +16,7 @@ from torch import nn
 from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_data
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
+from ptlab.modules.regularizers import Regularizer
 from ptlab.pipeline.cache import cached_upstream
 from ptlab.pipeline.record import record_stage, record_trained
 from ptlab.seeding import derive_seed
@@ -89,12 +90,14 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
     data = make_data(cfg)
     train = cfg.train
 
+    regularizer = Regularizer.from_config(cfg.get("regularizer"))
+
     def stage(name: str, model: nn.Module, task: int, transfer: Transfer | None = None) -> Stage:
         part_train, part_test = ((data.task1_train, data.task1_test) if task == 1
                                  else (data.task2_train, data.task2_test))
         steps = train.upstream_steps if name == "upstream" else train.downstream_steps
         return Stage(name, model, part_train, part_test, steps, train.lr, train.eval_every, data.directions, task,
-                     transfer, train.dtype)
+                     transfer, train.dtype, regularizer if transfer is not None else None)
 
     stages: dict[str, StageResult] = {}
     if cfg.transfer.kind != "none":
@@ -105,6 +108,7 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
                             inputs=selection_inputs(data))
         stages["transfer"] = train_and_record(engine, tracker, stage(
             "transfer", build_model(cfg.model, cfg, "downstream"), 2, transfer))
+        stages["transfer"].extra["regularizer"] = regularizer.as_dict()
     stages["scratch"] = train_and_record(engine, tracker, stage("scratch", build_model(cfg.model, cfg, "downstream"), 2))
     return stages, {}
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter, find_adapter
+from ptlab.transfer.inherited import InheritedUnits, inherited_units
 from ptlab.transfer.selection import SelectionInputs, build_strategy
 
 
@@ -56,3 +57,7 @@ class Transfer:
         """Copy the planned units into ``target`` in place; return the plan."""
         return transfer_parameters(self.source, target, self.alpha, self.selection,
                                    torch.Generator().manual_seed(self.seed), self._adapter(target), self.inputs)
+
+    def inherited(self, target: nn.Module, plan: list[PlanRow]) -> InheritedUnits:
+        """Which entries of ``target`` ``plan`` copies and their inherited values (``ptlab.transfer.inherited``)."""
+        return inherited_units(self._adapter(target), self.source, target, plan)

@@ -13,7 +13,8 @@ class ParameterTransfer(pl.Callback):
 
     The rest of the downstream model keeps its fresh init. ``transfer`` says what is inherited (the same
     object the gram engine applies directly); the plan (which layer and units went where) is kept in
-    ``self.plan`` for logging.
+    ``self.plan`` for logging. A module with a fine-tuning regulariser (``wants_inherited``) gets the inherited
+    units through its ``inherit`` (also on resume: the values come from the upstream model, not the checkpoint).
     """
 
     def __init__(self, transfer: Transfer) -> None:
@@ -25,5 +26,8 @@ class ParameterTransfer(pl.Callback):
         target = pl_module.model
         if trainer.ckpt_path:  # resumed: the checkpoint holds the transferred, partly trained weights
             self.plan = self.transfer.plan(target)
-            return
-        self.plan = self.transfer.apply(target)
+        else:
+            self.plan = self.transfer.apply(target)
+        if getattr(pl_module, "wants_inherited", False):
+            units = self.transfer.inherited(target, self.plan)
+            pl_module.inherit(units.masks, units.values)

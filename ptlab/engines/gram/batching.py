@@ -26,6 +26,7 @@ from torch import Tensor
 from ptlab.data.synthetic import DTYPES
 from ptlab.engines.gram.cell import GramCell, resolve_device
 from ptlab.engines.gram.draws import Group, prepare_group
+from ptlab.engines.gram.engine import drop_neutral, filter_regularizer
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramResult, GramStage, on_cpu
 from ptlab.engines.gram.workers import worker_pool
@@ -84,6 +85,23 @@ def _stack(groups: list[Group], key: str) -> Tensor:
 def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
               dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype, device=device)
+
+
+def _regularizers(cells: list[GramCell], layout: list[list[int]], masks: Tensor, steps: int, dtype: torch.dtype,
+                  ) -> dict[str, Tensor]:
+    """The downstream batch's regulariser fields of ``StageInputs``: each transfer cell's (``filter_regularizer``
+    on its copied filters ``masks`` (G, C, Fm)), then neutral values for the scratch cells (the baseline is never
+    regularised); none at all when no cell of the batch has an active regulariser."""
+    if not any(cells[index].regularizer.active for row in layout for index in row):
+        return {}
+    per_cell = [[filter_regularizer(cells[index].regularizer, masks[g, c], steps, dtype) for c, index in enumerate(row)]
+                for g, row in enumerate(layout)]
+    fields = {key: torch.stack([torch.stack([cell[key] for cell in row]) for row in per_cell])
+              for key in per_cell[0][0]}
+    neutral = {"step_scale": torch.ones_like(fields["step_scale"]), "scale_until": torch.zeros_like(fields["scale_until"]),
+               "decay": torch.zeros_like(fields["decay"]), "anchored": torch.zeros_like(fields["anchored"])}
+    both = {key: torch.cat([fields[key], neutral[key]], dim=1).to(masks.device) for key in fields}
+    return drop_neutral(both)
 
 
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
@@ -153,7 +171,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         downstream = train_stage_batch(StageInputs(
             start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
             signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
-            steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start))
+            steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start,
+            **_regularizers(cells, layout, masks, first.downstream_steps, dtype)))
     else:
         downstream = train_stage_batch(StageInputs(
             start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
@@ -196,6 +215,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 carried = mask[..., None].to(dtype)
                 stages["transfer"] = stage("transfer", "downstream", g, c, down[c, ..., :3] + carried * up[..., :3],
                                            {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()}, mask)
+                if downstream.scale is not None:
+                    stages["transfer"].scale = downstream.scale[g, c].view(2, width).clone()
                 scratch_index = size + c
             else:
                 scratch_index = c

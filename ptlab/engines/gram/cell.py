@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from ptlab.config import check_gram_engine, gram_device
 from ptlab.models.two_layer_cnn import ModelForm
+from ptlab.modules.regularizers import Regularizer
 from ptlab.transfer.selection import spec_key
 
 
@@ -53,6 +54,8 @@ class GramCell:
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
     device: str = "cpu"
     """``ptlab.config.gram_device``: cpu, cuda or auto (``resolve_device`` where the cell trains)."""
+    regularizer: Regularizer = Regularizer()
+    """The transfer stage's regulariser: per cell in the batched program, so in neither key."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -76,7 +79,7 @@ class GramCell:
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
             test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
-            device=gram_device(cfg))
+            device=gram_device(cfg), regularizer=Regularizer.from_config(cfg.get("regularizer")))
 
     @property
     def shape_key(self) -> tuple:

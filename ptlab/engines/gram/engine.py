@@ -17,6 +17,7 @@ from ptlab.engines.gram.cell import resolve_device
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramStage, check_loss, on_cpu
 from ptlab.modules.decomposition import SIGNALS
+from ptlab.modules.regularizers import Regularizer
 
 
 class GramEngine:
@@ -65,6 +66,11 @@ class GramEngine:
         def on_device(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
 
+        regularizer = stage.regularizer if stage.transfer is not None and plan else None
+        inherited = (stage.transfer.inherited(model, plan).row_mask("weight", filters.shape[0])
+                     if regularizer is not None and regularizer.active else None)
+        regularized = {key: value.to(device) for key, value in
+                       regularizer_inputs(regularizer, inherited, stage.steps, dtype).items()}
         threads = torch.get_num_threads()
         with torch_threads(1):
             out = train_stage_batch(StageInputs(
@@ -76,11 +82,12 @@ class GramEngine:
                 signal_norms=torch.tensor([[norms]], dtype=dtype, device=device),
                 lr=torch.tensor([[stage.lr]], dtype=dtype, device=device),
                 steps=stage.steps, eval_every=stage.eval_every, eval_threads=threads, form=model.form,
-                bias_start=bias))
+                bias_start=bias, **regularized))
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
-            model.weight.copy_((filters + coefficients @ rows).view_as(weight))  # copy_ brings it to the CPU
+            start = filters if out.scale is None else out.scale[0, 0, :, None] * filters
+            model.weight.copy_((start + coefficients @ rows).view_as(weight))  # copy_ brings it to the CPU
             if out.bias is not None:
                 model.bias.copy_(out.bias[0, 0].view_as(model.bias))
         out = on_cpu(out)
@@ -93,3 +100,36 @@ class GramEngine:
             signal=coefficients[:, :3].reshape(2, width, 3), noise={stage.task: coefficients[:, 3:].reshape(2, width, -1)},
             transferred=torch.zeros(2, width, dtype=torch.bool))
         return trained.result(plan=plan, model=model)
+
+
+def regularizer_inputs(regularizer: Regularizer | None, inherited: Tensor | None, steps: int,
+                       dtype: torch.dtype) -> dict[str, Tensor]:
+    """The ``StageInputs`` fields of one cell's regulariser (``ptlab.modules.regularizers``) over its filters, with
+    ``inherited`` (2m,) the filters the transfer copied; no fields (no regulariser) for ``None``."""
+    if regularizer is None or inherited is None or not regularizer.active:
+        return {}
+    return drop_neutral({key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps,
+                                                                                       dtype).items()})
+
+
+def drop_neutral(fields: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``fields`` without the step multiplier when it is 1 wherever it applies, and without the penalty when every
+    kappa is 0 (the kernel then skips that work; the result is the same bit for bit)."""
+    out = dict(fields)
+    if bool(((out["step_scale"] == 1) | (out["scale_until"] <= 0)[..., None]).all()):
+        del out["step_scale"], out["scale_until"]
+    if not bool(out["decay"].any()):
+        del out["decay"], out["anchored"]
+    return out
+
+
+def filter_regularizer(regularizer: Regularizer, inherited: Tensor, steps: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A regulariser as per-filter tensors (shapes (Fm,), ``scale_until`` ()): ``step_scale``, ``scale_until``,
+    ``decay``, ``anchored`` (see ``StageInputs``). Neutral values (multiplier 1, kappa 0) do nothing, exactly."""
+    one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
+    multiplier = torch.tensor(regularizer.multiplier(0), dtype=dtype)
+    until = regularizer.k if regularizer.name == "freeze" else (steps if regularizer.name == "lr_scale" else 0)
+    lam = torch.tensor(regularizer.anchor_coefficient, dtype=dtype)
+    decay = torch.tensor(regularizer.decay_coefficient, dtype=dtype)
+    return {"step_scale": torch.where(inherited, multiplier, one), "scale_until": torch.tensor(min(until, steps)),
+            "decay": torch.where(inherited, lam, decay), "anchored": torch.where(inherited, one, zero)}

@@ -115,6 +115,17 @@ class StageInputs:
     """The network's activation, reductions and bias."""
     bias_start: Tensor | None = None
     """(G, C, Fm): the stage-start biases b, with a bias (``form.bias``), else ``None``."""
+    step_scale: Tensor | None = None
+    """(G, C, Fm): each filter's step multiplier (``regularizer=freeze`` 0, ``lr_scale`` its scale) at the steps below
+    ``scale_until``, 1 after; ``None``: 1 (no regulariser)."""
+    scale_until: Tensor | None = None
+    """(G, C): the step from which ``step_scale`` no longer applies (freeze's k); ``None``: it applies at every step."""
+    decay: Tensor | None = None
+    """(G, C, Fm): kappa, each filter's penalty kappa ||w - anchored w(0)||^2 on the loss (``regularizer=l2sp``);
+    ``None``: no penalty."""
+    anchored: Tensor | None = None
+    """(G, C, Fm): 1 where the penalty pulls a filter toward its stage-start value w(0) (an inherited filter), 0 where
+    toward 0 (weight decay); read with ``decay``."""
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the first tensor whose shape disagrees with ``start``'s and the labels'."""
@@ -127,6 +138,12 @@ class StageInputs:
                     "signal_norms": (groups, cells, 3), "lr": (groups, cells)}
         if self.bias_start is not None:
             expected["bias_start"] = (groups, cells, filters)
+        for name, shape in (("step_scale", (groups, cells, filters)), ("scale_until", (groups, cells)),
+                            ("decay", (groups, cells, filters)), ("anchored", (groups, cells, filters))):
+            if getattr(self, name) is not None:
+                expected[name] = shape
+        if (self.scale_until is not None and self.step_scale is None) or ((self.decay is None) != (self.anchored is None)):
+            raise ValueError("StageInputs: scale_until needs step_scale, and decay and anchored go together")
         for name, shape in expected.items():
             actual = tuple(getattr(self, name).shape)
             if actual != shape:
@@ -157,6 +174,9 @@ class StageOutput:
     """(G, C, E, Fm, P) coefficients at the eval steps, with ``record_coefficients``."""
     bias: Tensor | None = None
     """(G, C, Fm): the final biases, with a bias."""
+    scale: Tensor | None = None
+    """(G, C, Fm): with a penalty (``decay``), the final factor a of w(0) in ``w = a w(0) + coefficients . vectors``
+    (1 for a filter pulled toward w(0), shrinking for one decayed toward 0); ``None``: a = 1."""
 
 
 def train_stage_batch(inputs: StageInputs) -> StageOutput:
@@ -173,6 +193,11 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of -s). The eval steps only keep a copy
     of the state; the test set and the decomposition are computed for several eval steps at once, on
     ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory this takes).
+
+    Regularisers (docs/design.md section 8): ``step_scale`` multiplies a filter's step (and its bias's); the penalty
+    kappa ||w - phi w(0)||^2 (phi = ``anchored``) adds -2 lr kappa (w - phi w(0)) to the step. With
+    ``w = a w(0) + C . patches`` that is ``C <- (1 - 2 lr kappa) C``, ``a <- a - 2 lr kappa (a - phi)`` and
+    ``R <- R - 2 lr kappa (R - phi R(0))``, elementwise and exact (a stays 1 for phi = 1).
     """
     start, test_start, norm2_start, gram, cross = (inputs.start, inputs.test_start, inputs.norm2_start,
                                                    inputs.gram, inputs.cross)
@@ -180,6 +205,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     signal_coefficients, signal_norms, lr = inputs.signal_coefficients, inputs.signal_norms, inputs.lr
     steps, eval_every, record_coefficients = inputs.steps, inputs.eval_every, inputs.record_coefficients
     eval_threads, form, bias_start = inputs.eval_threads, inputs.form, inputs.bias_start
+    step_scale, scale_until = inputs.step_scale, inputs.scale_until
     groups, cells, filters, vectors = start.shape
     width, n_train, n_test = filters // 2, y.shape[-1], test_y.shape[-1]
     patches, batch = n_train + 2, groups * cells
@@ -214,6 +240,11 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
     bias = None if bias_start is None else bias_start.clone()
+    shrink = pull = scale = None
+    if inputs.decay is not None:
+        shrink = 2 * lr[..., None] * inputs.decay  # (G, C, Fm): 2 lr kappa
+        pull = inputs.anchored.to(dtype)
+        scale = torch.ones(groups, cells, filters, dtype=dtype, device=device)
     signs_over_m = (sign / divisor * factor).expand(batch, 1, filters)
     # the step of a filter of output +1 / -1 per unit of d loss / d patch: (G, C, 2, 1, 1)
     output_step = ((-lr / divisor * factor)[..., None] * torch.tensor([1.0, -1.0], dtype=dtype, device=device))[..., None, None]
@@ -234,7 +265,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     own_plus = (y > 0)[:, None, None, None, :]
     per_eval_bytes = batch * filters * max(n_test, 2 * patches) * start.element_size()
     block = max(1, EVAL_BLOCK_BYTES // per_eval_bytes)
-    pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []  # (eval index, coefficients, response, h, bias)
+    # (eval index, coefficients, response, h, bias, scale)
+    pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
 
     def to_base(ext: Tensor) -> Tensor:
         """Coefficients along the patches (..., K) -> along [b_u, b_v1, b_v2, xi] (..., P); ``ext`` (G, E, C, Fm, K)."""
@@ -247,11 +279,16 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         index = [item[0] for item in pending]
         ext, resp, h = (torch.stack([item[k] for item in pending], dim=1) for k in (1, 2, 3))  # (G, E, ...)
         evals = len(index)
+        scales = None if scale is None else torch.stack([item[5] for item in pending], dim=1)  # (G, E, C, Fm)
         margin = (exponents[[checkpoints[i] for i in index]] * negative_labels).transpose(0, 1)  # (G, E, C, N)
         train_acc[..., index] = _accuracy(margin, y[:, None, None, :]).transpose(1, 2)
         base = to_base(ext)
         flat = base.view(groups, evals * cells * filters, vectors)
-        test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test).add_(test_start)
+        test_response = torch.bmm(flat, cross).view(groups, evals, cells * filters, n_test)
+        if scales is None:
+            test_response.add_(test_start)
+        else:
+            test_response.add_(scales.view(groups, evals, cells * filters, 1) * test_start)
         if plain:
             test_response.clamp_min_(0)
         else:
@@ -263,11 +300,16 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
             positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
         test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
-        along_basis = start[:, None, ..., :3] + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
+        start_basis = start[:, None, ..., :3] if scales is None else scales[..., None] * start[:, None, ..., :3]
+        along_basis = start_basis + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
         learned = sign[:, None] * along_basis * signal_norms[:, None, :, None, :]  # j <w, a>, a in u, v1, v2
         by_output = resp[..., :n_train].view(groups, evals, cells, 2, width, n_train)
         own = torch.where(own_plus, by_output[:, :, :, 0], by_output[:, :, :, 1])  # <w_{y_i, r}, xi_i>
-        norms = (norm2_start[:, None] + (ext * (resp + start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
+        if scales is None:
+            norms = (norm2_start[:, None] + (ext * (resp + start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
+        else:
+            norms = (scales.square() * norm2_start[:, None]
+                     + (ext * (resp + scales[..., None] * start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
         decomposition[:, :, index] = torch.cat([
             torch.stack([learned.amax(3), learned.mean(3)], dim=-1).flatten(-2),
             own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None], norms.mean(-1, keepdim=True),
@@ -288,7 +330,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         exponent = torch.mul(f, negative_labels, out=exponents[step])  # -y f
         if step == checkpoints[evaluation]:
             pending.append((evaluation, coefficients.clone(), response.clone(), h,
-                            None if bias is None else bias.clone()))
+                            None if bias is None else bias.clone(), None if scale is None else scale.clone()))
             evaluation += 1
             if len(pending) == block or step == steps:
                 evaluate()
@@ -304,6 +346,15 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         else:
             positive.copy_(sigma.derivative(pre))
         positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
+        if step_scale is not None:
+            multiplier = step_scale if scale_until is None else torch.where((step < scale_until)[..., None], step_scale, one)
+            positive.mul_(multiplier[..., None])
+        if shrink is not None:  # the penalty's part of the step, from the state before it
+            response.sub_(shrink[..., None] * (response - pull[..., None] * start_response))
+            coefficients.mul_(1 - shrink[..., None])
+            scale.sub_(shrink * (scale - pull))
+            if bias is not None:
+                bias.sub_(shrink * (bias - pull * bias_start))
         if bias is not None:
             bias.add_(positive.sum(-1))
         if shared:
@@ -315,6 +366,9 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
     loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
-    norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
+    if scale is None:
+        norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
+    else:
+        norm2 = scale.square() * norm2_start + (coefficients * (response + scale[..., None] * start_response)).sum(-1)
     return StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias)
+                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias, scale)

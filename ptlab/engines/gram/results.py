@@ -51,6 +51,9 @@ class GramStage:
     trajectory: Tensor | None = None
     bias: Tensor | None = None
     """The final biases (2, m), for a model with a bias."""
+    scale: Tensor | None = None
+    """(2, m): under a weight-decay penalty (``regularizer=l2sp``), the final factor of each filter's ``init`` (which
+    then enters the filters scaled); ``None``: 1."""
     """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
     updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
 
@@ -104,8 +107,11 @@ class GramResult:
 
     def stage_results(self, history: str = "full") -> dict[str, StageResult]:
         """Every stage as the ``Engine`` interface returns it (no models: the weights stay coefficients)."""
-        return {name: stage.result(history, self.plan_rows if name == "transfer" else None)
-                for name, stage in self.stages.items()}
+        results = {name: stage.result(history, self.plan_rows if name == "transfer" else None)
+                   for name, stage in self.stages.items()}
+        if "transfer" in results:
+            results["transfer"].extra["regularizer"] = self.cell.regularizer.as_dict()
+        return results
 
     def divergence(self) -> DivergenceError | None:
         """The error of the first stage (in training order) whose loss is not finite, else ``None``."""
@@ -132,7 +138,10 @@ def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[
         init = downstream_init
     else:
         init = torch.where(stage.transferred[..., None], upstream_init, downstream_init)
-    weight = init.to(stage.signal.dtype) + stage.signal @ basis.to(stage.signal.dtype).T
+    init = init.to(stage.signal.dtype)
+    if stage.scale is not None:
+        init = stage.scale[..., None].to(init) * init
+    weight = init + stage.signal @ basis.to(stage.signal.dtype).T
     for task, coefficients in stage.noise.items():
         weight = weight + coefficients @ noise_patches[task].to(coefficients.dtype)
     return weight
