@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ptlab.config import check_gram_engine
+from ptlab.config import check_gram_cells, check_gram_engine, scratch_length
 from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.transfer.selection import spec_key
 
@@ -49,7 +49,10 @@ class GramCell:
     signal_position: str = "fixed"
     test_space: str = "dspace"
     sampling: str = "dspace"
-    """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
+    control: str = "none"
+    """``transfer.control`` (none, or norm_matched: ``check_gram_cells`` refuses shuffled)."""
+    scratch_budget: str = "downstream"
+    """``train.scratch_budget``: downstream, or matched (scratch trains upstream + downstream steps)."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -58,6 +61,7 @@ class GramCell:
         ``snapshot`` (the resolved container of ``cfg``) is kept instead of ``cfg`` when ``cfg`` is about to
         change (a sweep re-uses one config object for many jobs)."""
         check_gram_engine(cfg)
+        check_gram_cells(cfg)
         transfer = cfg.transfer.kind == "filters"
         task, noise, train = cfg.task, cfg.noise, cfg.train
         return cfg_type(
@@ -72,13 +76,21 @@ class GramCell:
             upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
-            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")))
+            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
+            control=str(cfg.transfer.get("control", "none")) if transfer else "none",
+            scratch_budget=str(train.get("scratch_budget", "downstream")))
+
+    @property
+    def scratch(self) -> int:
+        """Steps of the scratch stage."""
+        return scratch_length(self.upstream_steps, self.downstream_steps, self.scratch_budget)
 
     @property
     def shape_key(self) -> tuple:
         """Cells with equal shape keys run in one batched tensor program."""
         return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form)
+                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form, self.control,
+                self.scratch)
 
     @property
     def data_key(self) -> tuple:
