@@ -235,7 +235,8 @@ class TimmSchema:
 
 TRANSFER_KINDS = ("none", "filters", "layers")
 CONTROLS = ("none", "norm_matched", "shuffled")
-"""``transfer.control`` (``ptlab.transfer.controls``): what replaces the inherited units after the copy."""
+"""``transfer.control``: what replaces the inherited units after the copy (``ptlab.transfer.controls.CONTROLS``, which
+imports torch; a test checks the lists agree)."""
 
 
 @dataclass

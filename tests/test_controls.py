@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ptlab import config
 from ptlab.config import ConfigError, validate
 from ptlab.engines.base import Stage
 from ptlab.engines.gram import GramCell, GramEngine, reconstruct_weights, run_cells
@@ -21,7 +22,7 @@ from ptlab.pipeline.run import make_engine
 from ptlab.pipeline.synthetic import build_model, make_data, run_synthetic
 from ptlab.seeding import derive_seed
 from ptlab.tracking.base import NullTracker
-from ptlab.transfer import Transfer
+from ptlab.transfer import Transfer, controls
 from ptlab.transfer.controls import apply_control
 from ptlab.transfer.conv import conv_units
 
@@ -122,6 +123,7 @@ def test_controls_on_conv_units_with_element_selection() -> None:
 
 
 def test_unknown_control_is_refused_by_the_function() -> None:
+    assert config.CONTROLS == controls.CONTROLS
     with pytest.raises(ValueError, match="must be one of none, norm_matched, shuffled"):
         apply_control("flipped", [], 0)
 

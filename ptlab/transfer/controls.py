@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ptlab.config import CONTROLS
 from ptlab.seeding import generator
+
+CONTROLS = ("none", "norm_matched", "shuffled")
+"""``transfer.control`` values (``ptlab.config.CONTROLS`` repeats them for the torch-free preflight; a test checks)."""
 
 
 @dataclass
