@@ -26,7 +26,7 @@ from ptlab.transfer import Transfer, controls
 from ptlab.transfer.controls import apply_control
 from ptlab.transfer.conv import conv_units
 
-from .conftest import run_cli
+from .conftest import SMALL, run_cli
 from .test_gram_engine import plain_gd
 from .test_images_pipeline import TINY
 
@@ -270,3 +270,25 @@ def test_image_pipeline_controls_and_matched_scratch(make_cfg, tmp_path: Path, t
     assert summary["scratch"]["epochs"] == 4 and summary["scratch"]["budget"] == "matched"
     run = MlflowClient(tracking_uri).get_run(summary["mlflow"]["parent_run_id"])
     assert run.data.params["transfer.control"] == "shuffled"
+
+
+@pytest.mark.slow
+def test_batched_sweep_runs_the_controls_and_matched_scratch(tmp_path: Path) -> None:
+    """``-m`` with the batched launcher over control x scratch budget: every job's summary says its control and its
+    scratch steps (the cells equal their single runs: test_gram_cells_of_mixed_controls_equal_their_single_runs)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL, "task.d=50",
+            "train.dtype=float64", "transfer.control=none,norm_matched", "train.scratch_budget=downstream,matched",
+            f"logger.tracking_uri={uri}", "logger.experiment_name=controls", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = set()
+    for path in (tmp_path / "sweep").glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        overrides = (path.parent / ".hydra" / "overrides.yaml").read_text()
+        control = "norm_matched" if "norm_matched" in overrides else "none"
+        budget = "matched" if "scratch_budget=matched" in overrides else "downstream"
+        assert summary["transfer"]["control"] == control and summary["scratch"]["budget"] == budget
+        assert summary["scratch"]["steps"] == (90 if budget == "matched" else 30)
+        seen.add((control, budget))
+    assert len(seen) == 4
