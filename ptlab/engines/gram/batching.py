@@ -6,8 +6,7 @@ share one draw of data and inits (the data stream does not depend on the signal 
 A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell and its
 control, then transfer and scratch in one downstream batch, two when a compute-matched scratch runs longer) and cut
 back into per-cell results; chunks run in forked worker processes (``ptlab.engines.gram.workers``: they die with the
-sweep). ``run_cells`` / ``iter_chunks`` serve the
-batched sweep (``ptlab.pipeline.batched``).
+sweep). ``run_cells`` / ``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
 """
 
 from __future__ import annotations

@@ -43,11 +43,12 @@ class GramStage:
     trajectory: Tensor | None = None
     bias: Tensor | None = None
     """The final biases (2, m), for a model with a bias."""
-    control: str = "none"
-    """``transfer.control`` of a transfer stage: other than none, the ``transferred`` filters started from the
-    control's vectors (norm_matched: random directions with the inherited norms), not from the upstream's."""
     """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
     updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
+    control: str = "none"
+    """``transfer.control`` of a transfer stage: other than none, the ``transferred`` filters started from the
+    control's vectors (norm_matched: random directions with the inherited norms), not from the upstream's, and the
+    stage's coefficients are its own updates only."""
 
     @property
     def final(self) -> dict[str, float]:
