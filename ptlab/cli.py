@@ -34,7 +34,14 @@ from omegaconf.errors import OmegaConfBaseException
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
 from ptlab.checks import check_paths
-from ptlab.config import ConfigError, check_trainer_overrides, is_value_override, register_configs, validate
+from ptlab.config import (
+    ConfigError,
+    check_gram_cells,
+    check_trainer_overrides,
+    is_value_override,
+    register_configs,
+    validate,
+)
 from ptlab.context import job_context
 from ptlab.distributed import multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
@@ -317,8 +324,11 @@ def preflight(argv: list[str]) -> str | None:
         check_launcher(first.hydra.launcher)
         check_added_keys(parser.parse_overrides(jobs[0]), first)
         elsewhere = gpu_elsewhere(first.hydra.launcher) if args.multirun else False
+        batched = args.multirun and str(first.hydra.launcher.get("_target_", "")).endswith("PtlabGramLauncher")
         for cfg, output_dir in job_configs(jobs, args.multirun):
             validate(cfg)
+            if batched and cfg.engine.get("name") == "gram" and cfg.task.name == "synthetic":
+                check_gram_cells(cfg)  # the batched sweep trains gram cells (what a single gram run allows may not be)
             check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir",
                         gpu_elsewhere=elsewhere)
     except OverrideParseException as err:

@@ -239,6 +239,9 @@ class TimmSchema:
 
 
 TRANSFER_KINDS = ("none", "filters", "layers")
+CONTROLS = ("none", "norm_matched", "shuffled")
+"""``transfer.control``: what replaces the inherited units after the copy (``ptlab.transfer.controls.CONTROLS``, which
+imports torch; a test checks the lists agree)."""
 
 
 @dataclass
@@ -249,9 +252,12 @@ class TransferSchema:
     alpha: float = 0.5
     # A strategy name (its default options) or a node with _target_ and options (conf/transfer/selection).
     selection: Any = "random"
+    # What the inherited units hold after the copy (ptlab.transfer.controls): none | norm_matched | shuffled.
+    control: str = "none"
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, TRANSFER_KINDS)
+        _one_of("control", self.control, CONTROLS)
         _check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
         if isinstance(self.selection, Mapping):
             _check(isinstance(self.selection.get("_target_"), str), "selection",
@@ -267,7 +273,8 @@ POSITIONS = ("last", "first", "random")
 class LayerTransferSchema(TransferSchema):
     """Whole-block transfer between ViTs (ptlab.transfer.vit): ``layers`` by index, or (``layers: null``)
     ``round(alpha * depth)`` blocks at ``position``; switches for the non-block parts (head always new).
-    Keys beyond kind/alpha/selection are passed to the transfer adapter."""
+    Keys beyond kind/alpha/selection/control are passed to the transfer adapter. ``control`` must be none: the
+    controls replace filters (one output channel each), and a block's tensors are not filters."""
 
     kind: str = "layers"
     alpha: float = 0.25
@@ -280,6 +287,8 @@ class LayerTransferSchema(TransferSchema):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.control == "none", "control", "none with transfer.kind=layers (the controls act on filters: use "
+               "transfer=filters with a CNN)", self.control)
         _one_of("position", self.position, POSITIONS)
         if self.layers is not None:
             _check(all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers), "layers",
@@ -393,6 +402,8 @@ IMAGE_TRAIN_KEYS = ("upstream_epochs", "downstream_epochs", "batch_size", "optim
 """``train.*`` keys only image pipelines read (the pipeline logs only the keys it reads)."""
 SYNTHETIC_TRAIN_KEYS = ("upstream_steps", "downstream_steps", "eval_every", "dtype")
 """``train.*`` keys only synthetic pipelines read."""
+SCRATCH_BUDGETS = ("downstream", "matched")
+"""``train.scratch_budget``: the scratch stage trains as long as the transfer stage, or upstream + downstream."""
 
 
 @dataclass
@@ -417,9 +428,13 @@ class TrainSchema:
     eval_every_epochs: int = 1
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    # The scratch stage's length: downstream (steps or epochs of the transfer stage) or matched (upstream +
+    # downstream: the compute of the transfer pipeline).
+    scratch_budget: str = "downstream"
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
+        _one_of("scratch_budget", self.scratch_budget, SCRATCH_BUDGETS)
         _positive("upstream_steps", self.upstream_steps)
         _positive("downstream_steps", self.downstream_steps)
         _positive("eval_every", self.eval_every)
@@ -435,6 +450,13 @@ class TrainSchema:
         _positive("eval_every_epochs", self.eval_every_epochs)
         _nonnegative("warmup_epochs", self.warmup_epochs)
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", self.label_smoothing)
+
+
+def scratch_length(upstream: int, downstream: int, budget: str) -> int:
+    """Steps (or epochs) of the scratch stage under ``train.scratch_budget``: ``downstream``, or ``matched``
+    (``upstream + downstream``, the compute of upstream and transfer training together)."""
+    _one_of("train.scratch_budget", budget, SCRATCH_BUDGETS)
+    return upstream + downstream if budget == "matched" else downstream
 
 
 @dataclass
@@ -652,6 +674,8 @@ def check_gram_engine(cfg: Any) -> None:
                           f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
                           "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
                           "or engine=lightning")
+    if cfg.task.get("test_space", "dspace") != "dspace" or cfg.task.get("sampling", "dspace") != "dspace":
+        check_gram_cells(cfg)
     if cfg.task.get("sampling", "dspace") == "gram":
         for key in ("model", "upstream_model"):
             if cfg[key].get("init", "normal") != "normal":
@@ -663,6 +687,23 @@ def check_gram_engine(cfg: Any) -> None:
     if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
         raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
                           f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
+
+
+def check_gram_cells(cfg: Any) -> None:
+    """What ``transfer.control`` the gram engine's cells (``run_cells``: the batched sweep, response-space tests, gram
+    sampling) run: ``norm_matched`` with d-space draws and test sets (the random directions' products with the
+    task-2 vectors are exact), not ``shuffled`` (a permutation needs the filters' d coordinates, which a cell holds
+    as responses). A single ``engine=gram`` run with d-space draws holds its filters in R^d and runs every control."""
+    control = cfg.transfer.get("control", "none") if cfg.transfer.kind == "filters" else "none"
+    spaces = (cfg.task.get("test_space", "dspace"), cfg.task.get("sampling", "dspace"))
+    if control == "shuffled":
+        raise ConfigError("transfer.control=shuffled is not allowed with the gram engine's batched cells "
+                          "(hydra/launcher=ptlab_gram, task.test_space=response, task.sampling=gram): it permutes "
+                          "the filters' d coordinates, which the gram engine holds as responses; use engine=lightning")
+    if control == "norm_matched" and spaces != ("dspace", "dspace"):
+        raise ConfigError(f"transfer.control=norm_matched is not allowed with engine=gram and task.test_space="
+                          f"{spaces[0]} task.sampling={spaces[1]}: must be dspace (its random directions are drawn "
+                          "in R^d), or use engine=lightning")
 
 
 GRAM_SELECTION_NEEDS = frozenset({"norms", "oracle", "task2"})

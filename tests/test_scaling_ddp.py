@@ -18,7 +18,7 @@ def test_ddp_spawn_on_two_cpu_processes_equals_one_process(make_cfg, tracking_ur
     single = run_pipeline(make_cfg("engine=lightning", "transfer=none", "logger=none"), tmp_path / "single")
     spawned = run_pipeline(make_cfg("transfer=none", *DDP_SPAWN_CPU), tmp_path / "ddp")
     assert spawned["scratch"] == single["scratch"]
-    assert set(spawned["scratch"]) == {"train_acc", "test_acc", "train_loss"}
+    assert set(spawned["scratch"]) == {"train_acc", "test_acc", "train_loss", "budget", "steps"}
     client = MlflowClient(tracking_uri)
     parent = client.get_run(spawned["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"

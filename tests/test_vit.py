@@ -19,6 +19,7 @@ from ptlab.config import ConfigError, validate
 from ptlab.models import WeightsError, create_vit
 from ptlab.seeding import torch_seed
 from ptlab.transfer import ParameterTransfer, Transfer, ViTLayerTransfer, find_adapter, transfer_parameters
+from ptlab.transfer.options import adapter_options
 from ptlab.transfer.vit import block_indices
 
 SMALL_VIT = {"img_size": 32, "patch_size": 4}
@@ -162,7 +163,8 @@ def test_layer_transfer_config_defaults_and_one_line_errors(make_cfg, tmp_path: 
 
 def test_filter_transfer_config_is_unchanged(make_cfg) -> None:
     cfg = make_cfg()
-    assert set(cfg.transfer) == {"kind", "alpha", "selection"}
+    assert set(cfg.transfer) == {"kind", "alpha", "selection", "control"}
+    assert adapter_options(cfg.transfer) == {}  # none of them reaches the filter adapter
     validate(cfg)
 
 

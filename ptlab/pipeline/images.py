@@ -27,7 +27,8 @@ Reusable API (any ``nn.Module`` classifier, e.g. a timm ViT, plugs in through Hy
 Budgets and optimisation come from ``train.*``: ``upstream_epochs``, ``downstream_epochs``,
 ``batch_size``, ``lr``, ``optimizer``, ``momentum``, ``weight_decay``, ``scheduler``, ``precision``
 (``auto``: bf16-mixed, else 16-mixed, on a GPU; 32-true on a CPU), ``progress_bar``,
-``eval_every_epochs``.
+``eval_every_epochs``; ``scratch_budget`` (``matched``: scratch trains upstream + downstream epochs).
+``transfer.control`` replaces the inherited filters after the copy (``ptlab.transfer.controls``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from tabulate import tabulate
 from torch import nn
 
-from ptlab.config import ConfigError
+from ptlab.config import ConfigError, scratch_length
 from ptlab.data.images import ImageDataModule, ImageTask, ImageTasks, image_seed, make_image_tasks
 from ptlab.engines.base import StageResult
 from ptlab.engines.lightning import quiet_lightning
@@ -206,7 +207,9 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         transfer = ParameterTransfer(Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection,
                                               derive_seed(cfg.seed, "selection"),
                                               options=adapter_options(cfg.transfer),
-                                              inputs=selection_inputs(cfg, tasks.task2)))
+                                              inputs=selection_inputs(cfg, tasks.task2),
+                                              control=cfg.transfer.get("control", "none"),
+                                              control_seed=derive_seed(cfg.seed, "control")))
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)
@@ -216,7 +219,10 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         tracker.log_metrics({"transfer/filters_copied": copied,
                              "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
         results["transfer"].extra["regularizer"] = Regularizer.from_config(cfg.get("regularizer")).as_dict()
+        results["transfer"].extra["control"] = cfg.transfer.get("control", "none")
         del upstream
     scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
-    _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)
+    epochs = scratch_length(cfg.train.upstream_epochs, cfg.train.downstream_epochs, cfg.train.scratch_budget)
+    _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, epochs)
+    results["scratch"].extra["budget"] = cfg.train.scratch_budget
     return results, extra

@@ -1,5 +1,8 @@
 """The synthetic pipeline: upstream on task 1 -> transfer on task 2 -> scratch on task 2 (paired).
 
+The transfer stage applies ``transfer.control`` to the inherited filters; the scratch stage trains
+``train.scratch_budget`` steps (downstream, or upstream + downstream: compute-matched).
+
 The stages are trained by the config's engine (``ptlab.engines``: Lightning or gram, one interface);
 this module decides what each stage trains and tracks each one as soon as it is done.
 """
@@ -13,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
+from ptlab.config import scratch_length
 from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_data
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
@@ -89,13 +93,14 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
         return run_whole_cell(cfg, tracker), {}
     data = make_data(cfg)
     train = cfg.train
+    scratch_steps = scratch_length(train.upstream_steps, train.downstream_steps, train.scratch_budget)
 
     regularizer = Regularizer.from_config(cfg.get("regularizer"))
 
     def stage(name: str, model: nn.Module, task: int, transfer: Transfer | None = None) -> Stage:
         part_train, part_test = ((data.task1_train, data.task1_test) if task == 1
                                  else (data.task2_train, data.task2_test))
-        steps = train.upstream_steps if name == "upstream" else train.downstream_steps
+        steps = {"upstream": train.upstream_steps, "transfer": train.downstream_steps}.get(name, scratch_steps)
         return Stage(name, model, part_train, part_test, steps, train.lr, train.eval_every, data.directions, task,
                      transfer, train.dtype, regularizer if transfer is not None else None)
 
@@ -105,10 +110,13 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
         stages["upstream"] = cached_upstream(cfg, engine.name, tracker, upstream, lambda: train_and_record(
             engine, tracker, stage("upstream", upstream, 1)))
         transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
-                            inputs=selection_inputs(data))
+                            inputs=selection_inputs(data), control=cfg.transfer.control,
+                            control_seed=derive_seed(cfg.seed, "control"))
         stages["transfer"] = train_and_record(engine, tracker, stage(
             "transfer", build_model(cfg.model, cfg, "downstream"), 2, transfer))
         stages["transfer"].extra["regularizer"] = regularizer.as_dict()
+        stages["transfer"].extra["control"] = cfg.transfer.control
     stages["scratch"] = train_and_record(engine, tracker, stage("scratch", build_model(cfg.model, cfg, "downstream"), 2))
+    stages["scratch"].extra.update(budget=train.scratch_budget, steps=scratch_steps)
     return stages, {}
 

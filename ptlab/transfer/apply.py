@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter, find_adapter
+from ptlab.transfer.controls import apply_control
 from ptlab.transfer.inherited import InheritedUnits, inherited_units
 from ptlab.transfer.selection import SelectionInputs, build_strategy
 
@@ -34,7 +35,7 @@ def transfer_parameters(source: nn.Module, target: nn.Module, alpha: float, sele
 class Transfer:
     """What a transfer stage inherits: ``alpha`` of ``source`` chosen by ``selection`` (a
     ``transfer.selection`` value) under ``seed``, from ``inputs`` (task-2 batches for data-driven
-    strategies); ``options`` go to the family's adapter (e.g. the ViT block switches)."""
+    strategies), then changed by ``control``; ``options`` go to the family's adapter (e.g. the ViT block switches)."""
 
     source: nn.Module
     alpha: float
@@ -43,6 +44,10 @@ class Transfer:
     adapter: TransferAdapter | None = None
     options: dict[str, Any] = field(default_factory=dict)
     inputs: SelectionInputs | None = None
+    control: str = "none"
+    """``transfer.control`` (``ptlab.transfer.controls``), applied to the inherited units after the copy, its draws
+    from the streams of ``control_seed``."""
+    control_seed: int = 0
 
     def _adapter(self, target: nn.Module) -> TransferAdapter:
         return self.adapter or find_adapter(self.source, target)(**self.options)
@@ -54,10 +59,20 @@ class Transfer:
                                           torch.Generator().manual_seed(self.seed))
 
     def apply(self, target: nn.Module) -> list[PlanRow]:
-        """Copy the planned units into ``target`` in place; return the plan."""
-        return transfer_parameters(self.source, target, self.alpha, self.selection,
-                                   torch.Generator().manual_seed(self.seed), self._adapter(target), self.inputs)
+        """Copy the planned units into ``target`` in place, then apply the control to them; return the plan."""
+        adapter = self._adapter(target)
+        plan = transfer_parameters(self.source, target, self.alpha, self.selection,
+                                   torch.Generator().manual_seed(self.seed), adapter, self.inputs)
+        self._control(adapter, target, plan)
+        return plan
+
+    def _control(self, adapter: TransferAdapter, target: nn.Module, plan: list[PlanRow]) -> None:
+        if self.control != "none":
+            apply_control(self.control, adapter.units(target, plan), self.control_seed)
 
     def inherited(self, target: nn.Module, plan: list[PlanRow]) -> InheritedUnits:
-        """Which entries of ``target`` ``plan`` copies and their inherited values (``ptlab.transfer.inherited``)."""
-        return inherited_units(self._adapter(target), self.source, target, plan)
+        """Which entries of ``target`` ``plan`` copies and the values the transfer gave them, the control's included
+        (``ptlab.transfer.inherited``)."""
+        adapter = self._adapter(target)
+        return inherited_units(adapter, self.source, target, plan,
+                               control=lambda model: self._control(adapter, model, plan))

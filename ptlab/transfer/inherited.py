@@ -10,6 +10,7 @@ blocks, and the embeddings its switches name), without a second reading of the p
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,8 +37,10 @@ class InheritedUnits:
 
 
 @torch.no_grad()
-def inherited_units(adapter: TransferAdapter, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> InheritedUnits:
-    """The masks and inherited values of ``target``'s parameters under ``plan`` (``target`` is not changed)."""
+def inherited_units(adapter: TransferAdapter, source: nn.Module, target: nn.Module, plan: list[PlanRow],
+                    control: Callable[[nn.Module], None] | None = None) -> InheritedUnits:
+    """The masks and inherited values of ``target``'s parameters under ``plan`` (``target`` is not changed); with
+    ``control`` (``transfer.control``), the values it gives the copied units, which are what training starts from."""
     ones, zeros, copied = copy.deepcopy(source), copy.deepcopy(target), copy.deepcopy(target)
     for tensor in ones.parameters():
         tensor.fill_(1)
@@ -45,6 +48,8 @@ def inherited_units(adapter: TransferAdapter, source: nn.Module, target: nn.Modu
         tensor.zero_()
     adapter.apply(ones, zeros, plan)
     adapter.apply(source, copied, plan)
+    if control is not None:
+        control(copied)
     units = InheritedUnits()
     for (name, marked), (_, value) in zip(zeros.named_parameters(), copied.named_parameters(), strict=True):
         mask = marked != 0

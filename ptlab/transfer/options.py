@@ -6,13 +6,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CALLBACK_KEYS = ("kind", "alpha", "selection")
+CALLBACK_KEYS = ("kind", "alpha", "selection", "control")
 """Keys ``ParameterTransfer`` takes itself; every other key of a transfer option is an adapter option."""
 
 
 def adapter_options(transfer: DictConfig) -> dict[str, Any]:
     """The keyword arguments of the adapter's constructor: the keys of ``transfer`` beyond
-    kind/alpha/selection, as plain Python values (``transfer=layers``: layers, position and the
+    kind/alpha/selection/control, as plain Python values (``transfer=layers``: layers, position and the
     embedding switches; ``transfer=filters``: none)."""
     options = OmegaConf.to_container(transfer, resolve=True)
     return {key: value for key, value in options.items() if key not in CALLBACK_KEYS}

@@ -3,11 +3,11 @@
 Cells with equal shapes (N1, N2, n_test, m, steps, model form) run as one batched tensor program whatever their
 ``d``; cells that differ only in the signal norms (``u_norm``, ``v_norm``) or in ``lr``, ``alpha`` and ``selection``
 share one draw of data and inits (the data stream does not depend on the signal norms) and one set of Gram matrices.
-A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell, then
-transfer and scratch in one downstream batch) and cut back into per-cell results; chunks run in forked worker
-processes (``ptlab.engines.gram.workers``: they die with the sweep) or as submitit jobs (``ChunkMap``: one chunk a
-job, on this machine or a SLURM cluster). ``run_cells`` / ``iter_chunks`` serve the batched sweep
-(``ptlab.pipeline.batched``).
+A chunk of such groups is drawn, cut into step blocks, trained (upstream, then the transfer plan of every cell and its
+control, then transfer and scratch in one downstream batch, two when a compute-matched scratch runs longer) and cut
+back into per-cell results; chunks run in forked worker processes (``ptlab.engines.gram.workers``: they die with the
+sweep) or as submitit jobs (``ChunkMap``: one chunk a job, on this machine or a SLURM cluster). ``run_cells`` /
+``iter_chunks`` serve the batched sweep (``ptlab.pipeline.batched``).
 
 Devices: a chunk trains on its cells' device (``GramCell.device``, resolved in the process that runs the chunk, so a
 SLURM job finds its node's GPU); the data are drawn on the CPU (``draws``), the transfer plan is made on the CPU from
@@ -132,7 +132,15 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
     schedule: dict[str, Any] = {"eval_every": first.eval_every, "record_coefficients": record_coefficients,
                 "eval_threads": eval_threads}
 
+    def scratch_stage() -> Any:
+        return train_stage_batch(StageInputs(
+            start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
+            **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
+            steps=first.scratch, **schedule, form=first.model_form,
+            bias_start=expand("bias2") if first.model_form.bias else None))
+
     upstream_out = plans = masks = None
+    scratch_out = None
     if first.transfer:
         upstream_out = train_stage_batch(StageInputs(
             start=expand("start1"), test_start=expand("test_start1"), norm2_start=expand("norm2_1"),
@@ -157,6 +165,9 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         masks = torch.stack(mask_list).view(len(groups), size, filters).to(device)
         carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
             len(groups), size, filters, -1)
+        if first.control == "norm_matched":  # random directions with the inherited filters' norms
+            scale = (upstream_out.norm2.clamp_min(0) / expand("ctl_norm2_2")).sqrt()[..., None]
+            carried_start, carried_test = scale * expand("ctl_start2"), scale * expand("ctl_test_start2")
         pick = masks[..., None]
         start = torch.cat([torch.where(pick, carried_start, expand("start2")), expand("start2")], dim=1)
         test_start = torch.cat([torch.where(pick, carried_test, expand("test_start2")), expand("test_start2")], dim=1)
@@ -168,33 +179,46 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         def twice(x: Tensor) -> Tensor:  # transfer, then scratch
             return torch.cat([x, x], dim=1)
 
-        downstream = train_stage_batch(StageInputs(
-            start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
-            signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
-            steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start,
-            **_regularizers(cells, layout, masks, first.downstream_steps, dtype)))
+        regularized = _regularizers(cells, layout, masks, first.downstream_steps, dtype)
+        if first.scratch == first.downstream_steps:
+            downstream = train_stage_batch(StageInputs(
+                start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
+                signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
+                steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start, **regularized))
+        else:  # a compute-matched scratch stage runs longer: transfer and scratch are two programs
+
+            def first_half(x: Tensor | None) -> Tensor | None:
+                return None if x is None else x[:, :size]
+
+            downstream = train_stage_batch(StageInputs(
+                start=start[:, :size], test_start=test_start[:, :size], norm2_start=norm2[:, :size], **task_inputs(2),
+                signal_coefficients=signal2, signal_norms=norms, lr=lr, steps=first.downstream_steps, **schedule,
+                form=first.model_form, bias_start=first_half(bias_start),
+                **{key: value[:, :size] for key, value in regularized.items()}))
+            scratch_out = scratch_stage()
     else:
-        downstream = train_stage_batch(StageInputs(
-            start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
-            **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
-            steps=first.downstream_steps, **schedule, form=first.model_form,
-            bias_start=expand("bias2") if first.model_form.bias else None))
+        scratch_out = downstream = scratch_stage()
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
               transferred: Tensor) -> GramStage:
         out = outputs[key]
         bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
-        steps = first.upstream_steps if key == "upstream" else first.downstream_steps
+        steps = {"upstream": first.upstream_steps, "scratch": first.scratch}.get(name, first.downstream_steps)
         return GramStage(
             name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
             train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
             signal=signal, noise=noise, transferred=transferred, bias=bias,
+            control=first.control if name == "transfer" else "none",
             trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
 
+    same = scratch_out is downstream
     downstream = on_cpu(downstream)
+    if scratch_out is not None:
+        scratch_out = downstream if same else on_cpu(scratch_out)
     if upstream_out is not None:
         upstream_out, masks = on_cpu(upstream_out), masks.cpu()
-    outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {})}
+    outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {}),
+               **({"scratch": scratch_out} if scratch_out is not None else {})}
     loss_np = {k: v.loss.double().numpy() for k, v in outputs.items()}
     train_np = {k: v.train_acc.double().numpy() for k, v in outputs.items()}
     test_np = {k: v.test_acc.double().numpy() for k, v in outputs.items()}
@@ -212,16 +236,19 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 plan = plans[g * size + c]
                 stages["upstream"] = stage("upstream", "upstream", g, c, up[..., :3].clone(),
                                            {1: up[..., 3:].clone()}, no_mask)
-                carried = mask[..., None].to(dtype)
+                # the inherited filters' start: the upstream's coefficients, or (a control) a vector of its own
+                carried = mask[..., None].to(dtype) * (first.control == "none")
                 stages["transfer"] = stage("transfer", "downstream", g, c, down[c, ..., :3] + carried * up[..., :3],
                                            {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()}, mask)
                 if downstream.scale is not None:
                     stages["transfer"].scale = downstream.scale[g, c].view(2, width).clone()
-                scratch_index = size + c
+                scratch_index = c if scratch_out is not None else size + c
             else:
                 scratch_index = c
-            stages["scratch"] = stage("scratch", "downstream", g, scratch_index, down[scratch_index, ..., :3].clone(),
-                                      {2: down[scratch_index, ..., 3:].clone()}, no_mask)
+            key = "scratch" if scratch_out is not None else "downstream"
+            mine = outputs[key].coefficients[g].view(-1, 2, width, outputs[key].coefficients.shape[-1])[scratch_index]
+            stages["scratch"] = stage("scratch", key, g, scratch_index, mine[..., :3].clone(), {2: mine[..., 3:].clone()},
+                                      no_mask)
             results.append((index, GramResult(cells[index], stages, plan)))
     return results
 

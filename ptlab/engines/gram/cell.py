@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ptlab.config import check_gram_engine, gram_device
+from ptlab.config import check_gram_cells, check_gram_engine, gram_device, scratch_length
 from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.modules.regularizers import Regularizer
 from ptlab.transfer.selection import spec_key
@@ -56,6 +56,10 @@ class GramCell:
     """``ptlab.config.gram_device``: cpu, cuda or auto (``resolve_device`` where the cell trains)."""
     regularizer: Regularizer = Regularizer()
     """The transfer stage's regulariser: per cell in the batched program, so in neither key."""
+    control: str = "none"
+    """``transfer.control`` (none, or norm_matched: ``check_gram_cells`` refuses shuffled)."""
+    scratch_budget: str = "downstream"
+    """``train.scratch_budget``: downstream, or matched (scratch trains upstream + downstream steps)."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -64,6 +68,7 @@ class GramCell:
         ``snapshot`` (the resolved container of ``cfg``) is kept instead of ``cfg`` when ``cfg`` is about to
         change (a sweep re-uses one config object for many jobs)."""
         check_gram_engine(cfg)
+        check_gram_cells(cfg)
         transfer = cfg.transfer.kind == "filters"
         task, noise, train = cfg.task, cfg.noise, cfg.train
         return cfg_type(
@@ -79,13 +84,21 @@ class GramCell:
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
             test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
-            device=gram_device(cfg), regularizer=Regularizer.from_config(cfg.get("regularizer")))
+            device=gram_device(cfg), regularizer=Regularizer.from_config(cfg.get("regularizer")),
+            control=str(cfg.transfer.get("control", "none")) if transfer else "none",
+            scratch_budget=str(train.get("scratch_budget", "downstream")))
+
+    @property
+    def scratch(self) -> int:
+        """Steps of the scratch stage."""
+        return scratch_length(self.upstream_steps, self.downstream_steps, self.scratch_budget)
 
     @property
     def shape_key(self) -> tuple:
         """Cells with equal shape keys run in one batched tensor program (on one device)."""
         return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form, self.device)
+                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form, self.device,
+                self.control, self.scratch)
 
     @property
     def data_key(self) -> tuple:

@@ -15,7 +15,7 @@ tensors end on the device (``prepare_group``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from ptlab.data.synthetic import (
 from ptlab.engines.gram.cell import GramCell
 from ptlab.models.two_layer_cnn import ModelForm, TwoLayerReLUCNN
 from ptlab.seeding import derive_seed, torch_seed
+from ptlab.transfer.adapters import TwoLayerCNNFilters
+from ptlab.transfer.controls import control_draw
 
 
 @dataclass
@@ -75,6 +77,25 @@ class _Draw:
     test2: Tensor
     labels: dict[str, Tensor]
     biases: dict[str, Tensor]
+    control: dict[str, Tensor] = field(default_factory=dict)
+    """``transfer.control=norm_matched``: the random directions' products with the task-2 vectors (``ctl_start2``),
+    with the task-2 test noise (``ctl_test_start2``) and their squared norms (``ctl_norm2_2``)."""
+
+
+def control_directions(cell: GramCell) -> Tensor:
+    """The (2m, d) float64 Gaussian draws of ``transfer.control=norm_matched``, one per filter, from the streams the
+    Lightning path draws them from (``ptlab.transfer.controls``: per output layer ``weight[+1]``, ``weight[-1]``)."""
+    seed = derive_seed(cell.seed, "control")
+    return torch.cat([control_draw(seed, "norm_matched", f"weight[{label}]", (cell.width, cell.d))
+                      for label in TwoLayerCNNFilters.OUTPUTS])
+
+
+def _control_products(cell: GramCell, task2: Tensor, test: PatchData) -> dict[str, Tensor]:
+    """``_Draw.control`` of a d-space draw: products of ``control_directions`` (float64) with the task-2 rows
+    ``[b_u, b_v1, b_v2; xi]`` and the test noise patches."""
+    directions = control_directions(cell)
+    return {"ctl_start2": directions @ task2.double().T, "ctl_test_start2": directions @ test.noise.double().T,
+            "ctl_norm2_2": (directions * directions).sum(-1)}
 
 
 def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
@@ -109,7 +130,8 @@ def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
     index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)]).to(device)
     test1 = _test_products(data.task1_test, torch.cat([task1, upstream]).to(device), inner, index1)
     test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
-    return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases)
+    control = _control_products(cell, task2, data.task2_test) if cell.control == "norm_matched" else {}
+    return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases, control)
 
 
 def _draw_gram(cell: GramCell, device: torch.device) -> _Draw:
@@ -184,5 +206,6 @@ def prepare_group(cell: GramCell, cell_indices: list[int], device: torch.device 
             "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
             "norm2_1": inner[su, su].diagonal().clone(),
             "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
+            **draw.control,
         })
     return Group(cell_indices, {k: v.to(device=device, dtype=DTYPES[cell.dtype]).contiguous() for k, v in t.items()})

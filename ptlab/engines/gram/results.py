@@ -56,6 +56,10 @@ class GramStage:
     then enters the filters scaled); ``None``: 1."""
     """With ``record_coefficients``: (len(eval_steps), 2, m, 3 + N) coefficients of the stage's own
     updates along [b_u, b_v1, b_v2, xi of the stage's task] at each eval step."""
+    control: str = "none"
+    """``transfer.control`` of a transfer stage: other than none, the ``transferred`` filters started from the
+    control's vectors (norm_matched: random directions with the inherited norms), not from the upstream's, and the
+    stage's coefficients are its own updates only."""
 
     @property
     def final(self) -> dict[str, float]:
@@ -111,6 +115,9 @@ class GramResult:
                    for name, stage in self.stages.items()}
         if "transfer" in results:
             results["transfer"].extra["regularizer"] = self.cell.regularizer.as_dict()
+            results["transfer"].extra["control"] = self.cell.control
+        results["scratch"].extra.update(budget=self.cell.scratch_budget,
+                                        steps=self.stages["scratch"].steps)
         return results
 
     def divergence(self) -> DivergenceError | None:
@@ -130,10 +137,15 @@ class GramResult:
 
 
 def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[int, Tensor],
-                        upstream_init: Tensor | None, downstream_init: Tensor) -> Tensor:
-    """The stage's final filters (2, m, d) in d-space, from its coefficients (see ``GramStage``)."""
+                        upstream_init: Tensor | None, downstream_init: Tensor, inherited: Tensor | None = None) -> Tensor:
+    """The stage's final filters (2, m, d) in d-space, from its coefficients (see ``GramStage``); ``inherited``: the
+    start filters (2, m, d) of a transfer stage with a control (the control's vectors at the transferred positions)."""
     if stage.name == "upstream":
         init = upstream_init
+    elif stage.control != "none":
+        if inherited is None:
+            raise ValueError(f"transfer.control={stage.control}: the transferred filters' start vectors are needed")
+        init = torch.where(stage.transferred[..., None], inherited.to(downstream_init), downstream_init)
     elif upstream_init is None:
         init = downstream_init
     else:
