@@ -49,6 +49,7 @@ from ptlab.engines.base import StageResult
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.modules.callbacks import StageProgressBar
 from ptlab.modules.image_classifier import ImageClassifier
+from ptlab.pipeline import transferability
 from ptlab.pipeline.checkpoints import stage_checkpointing
 from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed, torch_seed
@@ -203,6 +204,10 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
                                               derive_seed(cfg.seed, "selection"),
                                               options=adapter_options(cfg.transfer),
                                               inputs=selection_inputs(cfg, tasks.task2)))
+        if transferability.enabled(cfg):
+            extra["transferability"] = transferability.image_scores(
+                cfg, tracker, upstream, downstream, transfer.transfer, tasks.task2.train.x, tasks.task2.train.y,
+                "cuda" if on_gpu(cfg) else "cpu", model_input_size)
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)
@@ -213,5 +218,9 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
                              "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
         del upstream
     scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
+    if cfg.transfer.kind == "none" and transferability.enabled(cfg):
+        extra["transferability"] = transferability.image_scores(
+            cfg, tracker, None, scratch, None, tasks.task2.train.x, tasks.task2.train.y,
+            "cuda" if on_gpu(cfg) else "cpu", model_input_size)
     _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)
     return results, extra

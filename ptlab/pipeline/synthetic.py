@@ -16,6 +16,7 @@ from torch import nn
 from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_data
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
+from ptlab.pipeline import transferability
 from ptlab.pipeline.cache import cached_upstream
 from ptlab.pipeline.record import record_stage, record_trained
 from ptlab.seeding import derive_seed
@@ -83,7 +84,8 @@ def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> dict[str, StageResult]:
 
 
 def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
-    """Algorithms 1 and 2 on one seed; returns the trained stages (and no extra summary entries)."""
+    """Algorithms 1 and 2 on one seed; returns the trained stages and the ``transferability`` scores (taken after the
+    transfer, before downstream training; ``ptlab.pipeline.transferability``)."""
     if engine.name == "gram" and needs_whole_cell(cfg):
         return run_whole_cell(cfg, tracker), {}
     data = make_data(cfg)
@@ -97,14 +99,22 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
                      transfer, train.dtype)
 
     stages: dict[str, StageResult] = {}
+    extra: dict[str, Any] = {}
     if cfg.transfer.kind != "none":
         upstream = build_model(cfg.upstream_model, cfg, "upstream")
         stages["upstream"] = cached_upstream(cfg, engine.name, tracker, upstream, lambda: train_and_record(
             engine, tracker, stage("upstream", upstream, 1)))
         transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
                             inputs=selection_inputs(data))
-        stages["transfer"] = train_and_record(engine, tracker, stage(
-            "transfer", build_model(cfg.model, cfg, "downstream"), 2, transfer))
-    stages["scratch"] = train_and_record(engine, tracker, stage("scratch", build_model(cfg.model, cfg, "downstream"), 2))
-    return stages, {}
+        downstream = build_model(cfg.model, cfg, "downstream")
+        if transferability.enabled(cfg):
+            extra["transferability"] = transferability.synthetic_scores(
+                cfg, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y)
+        stages["transfer"] = train_and_record(engine, tracker, stage("transfer", downstream, 2, transfer))
+    scratch = build_model(cfg.model, cfg, "downstream")
+    if cfg.transfer.kind == "none" and transferability.enabled(cfg):
+        extra["transferability"] = transferability.synthetic_scores(
+            cfg, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y)
+    stages["scratch"] = train_and_record(engine, tracker, stage("scratch", scratch, 2))
+    return stages, extra
 
