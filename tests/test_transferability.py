@@ -156,7 +156,7 @@ def test_image_summary_carries_the_scores_taken_before_downstream_training(make_
     from ptlab.data.images import make_image_tasks
     from ptlab.pipeline import run_pipeline
     from ptlab.pipeline.images import build_image_model
-    from ptlab.pipeline.transferability import score_subset
+    from ptlab.transfer.transferability import score_subset
 
     cfg = make_cfg(*DIGITS, "transferability.max_samples=6", small=False)
     summary = run_pipeline(cfg, tmp_path / "out")
@@ -175,7 +175,7 @@ def test_image_summary_carries_the_scores_taken_before_downstream_training(make_
 
 
 def test_seeded_subset_is_deterministic_and_capped() -> None:
-    from ptlab.pipeline.transferability import score_subset
+    from ptlab.transfer.transferability import score_subset
 
     first, again = score_subset(100, 10, 3), score_subset(100, 10, 3)
     assert torch.equal(first, again) and len(first) == 10 and len(set(first.tolist())) == 10
@@ -208,3 +208,35 @@ def test_synthetic_scores_match_the_models_they_describe(make_cfg, engine: str) 
                  inputs=selection_inputs(data)).apply(fresh)
         assert scores["logme"] == pytest.approx(logme(fresh.hidden(x).flatten(1), y), rel=1e-9)
 
+
+
+@pytest.mark.parametrize("variant", [
+    [], ["transferability.max_samples=7", "model.bias=true", "model.activation=leaky_relu",
+         "model.patch_reduction=mean", "model.filter_reduction=sum"], ["transfer=none"]])
+def test_gram_cell_scores_from_responses_equal_the_dspace_models(make_cfg, variant: list[str]) -> None:
+    """The gram engine's scores (from the stage-start responses, the whole-cell and batched path) equal the d-space
+    pipeline's (from the models)."""
+    from ptlab.engines.gram import GramCell, run_cells
+    from ptlab.pipeline.run import make_engine
+    from ptlab.pipeline.synthetic import run_synthetic
+    from ptlab.tracking.base import NullTracker
+
+    cfg = make_cfg("logger=none", "cache.enabled=false", "train.dtype=float64", *variant)
+    _, extra = run_synthetic(cfg, make_engine(cfg), NullTracker())
+    gram = run_cells([GramCell.from_config(cfg)])[0].transferability
+    assert set(gram) == set(extra["transferability"])
+    assert set(gram) == ({"logme_scratch", "samples"} if variant == ["transfer=none"]
+                         else {"logme", "leep", "logme_scratch", "samples"})
+    for name, value in extra["transferability"].items():
+        assert gram[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_disabled_scores_are_absent(make_cfg) -> None:
+    from ptlab.engines.gram import GramCell, run_cells
+    from ptlab.pipeline.run import make_engine
+    from ptlab.pipeline.synthetic import run_synthetic
+    from ptlab.tracking.base import NullTracker
+
+    cfg = make_cfg("logger=none", "cache.enabled=false", "transferability.enabled=false")
+    assert run_synthetic(cfg, make_engine(cfg), NullTracker())[1] == {}
+    assert run_cells([GramCell.from_config(cfg)])[0].transferability is None

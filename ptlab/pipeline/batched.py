@@ -83,6 +83,7 @@ from ptlab.pipeline.record import (
     used_params,
 )
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
+from ptlab.pipeline.transferability import record_scores
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
 from ptlab.tracking.bulk import RunWriter, run_writer
@@ -299,7 +300,10 @@ def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str,
     try:
         with tracker:
             record_trained(tracker, stages, result.divergence())
-            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory)
+            extra = ({"transferability": record_scores(tracker, result.transferability)}
+                     if result.transferability is not None else None)
+            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory,
+                                      extra)
     except DivergenceError as err:
         job.error = err
     hydra_dir = job.output_dir / ".hydra"

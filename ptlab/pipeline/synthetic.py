@@ -71,23 +71,26 @@ def needs_whole_cell(cfg: DictConfig) -> bool:
     return cfg.task.get("test_space", "dspace") == "response" or cfg.task.get("sampling", "dspace") == "gram"
 
 
-def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> dict[str, StageResult]:
-    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache)."""
+def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
+    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache); the cell's
+    transferability scores, when it has them, as the summary's extra entry."""
     from ptlab.engines.gram import GramCell, run_cells
 
     started = time.perf_counter()
     result = run_cells([GramCell.from_config(cfg)])[0]
+    extra = ({"transferability": transferability.record_scores(tracker, result.transferability)}
+             if result.transferability is not None else {})
     stages = record_trained(tracker, result.stage_results(), result.divergence())
     log.info("pipeline trained as one gram cell in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()))
-    return stages
+    return stages, extra
 
 
 def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """Algorithms 1 and 2 on one seed; returns the trained stages and the ``transferability`` scores (taken after the
     transfer, before downstream training; ``ptlab.pipeline.transferability``)."""
     if engine.name == "gram" and needs_whole_cell(cfg):
-        return run_whole_cell(cfg, tracker), {}
+        return run_whole_cell(cfg, tracker)
     data = make_data(cfg)
     train = cfg.train
 

@@ -27,10 +27,9 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ptlab.seeding import derive_seed
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
-from ptlab.transfer.transferability import class_probabilities, leep, logme, penultimate_features
+from ptlab.transfer.transferability import class_probabilities, leep, logme, penultimate_features, score_subset
 
 log = logging.getLogger("ptlab")
 
@@ -40,15 +39,6 @@ def enabled(cfg: DictConfig) -> bool:
     return bool(cfg.get("transferability", {}).get("enabled", True))
 
 
-def score_subset(n: int, max_samples: int, seed: int) -> Tensor:
-    """The sorted indices of at most ``max_samples`` of ``n`` samples, drawn from the ``"transferability"`` stream of
-    ``seed`` (all of them when ``n <= max_samples``)."""
-    if n <= max_samples:
-        return torch.arange(n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "transferability")))
-    return order[:max_samples].sort().values
-
-
 def transferred_copy(model: nn.Module, transfer: Transfer) -> nn.Module:
     """A copy of the fresh ``model`` with ``transfer`` applied (the model itself is left fresh for its stage)."""
     target = copy.deepcopy(model)
@@ -56,11 +46,17 @@ def transferred_copy(model: nn.Module, transfer: Transfer) -> nn.Module:
     return target
 
 
+def record_scores(tracker: Tracker, scores: dict[str, float]) -> dict[str, Any]:
+    """Log ``scores`` (name -> value, and ``samples``) as ``transferability/<name>`` metrics; return them for the
+    summary. The gram engine's cells (``GramResult.transferability``) are recorded through here too."""
+    tracker.log_metrics({f"transferability/{name}": value for name, value in scores.items() if name != "samples"})
+    return dict(scores)
+
+
 def finish(tracker: Tracker, scores: dict[str, float], n: int, started: float) -> dict[str, Any]:
-    tracker.log_metrics({f"transferability/{name}": value for name, value in scores.items()})
     log.info("transferability on %d task-2 samples (%.1f s): %s", n, time.perf_counter() - started,
              ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
-    return {**scores, "samples": n}
+    return record_scores(tracker, {**scores, "samples": n})
 
 
 def image_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,

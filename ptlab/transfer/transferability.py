@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptlab.seeding import derive_seed
+
 MAX_ITERATIONS = 100
 """Fixed-point iterations of LogME at most (it converges in a handful: You et al. report fewer than 3 on average)."""
 TOLERANCE = 1e-6
@@ -149,6 +151,15 @@ def leep(source_probabilities: Any, labels: Any) -> float:
     conditional = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
     expected = np.sum(theta * conditional[index], axis=1)
     return float(np.mean(np.log(expected)))
+
+
+def score_subset(n: int, max_samples: int, seed: int) -> Tensor:
+    """The sorted indices of at most ``max_samples`` of ``n`` samples, drawn from the ``"transferability"`` stream of
+    ``seed`` (all of them when ``n <= max_samples``): the same subset for every model a pipeline scores."""
+    if n <= max_samples:
+        return torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "transferability")))
+    return order[:max_samples].sort().values
 
 
 def classifier_head(model: nn.Module) -> nn.Linear:

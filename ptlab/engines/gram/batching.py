@@ -23,6 +23,7 @@ from ptlab.engines.gram.cell import GramCell
 from ptlab.engines.gram.draws import Group, prepare_group
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramResult, GramStage
+from ptlab.engines.gram.scores import cell_scores
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
@@ -73,6 +74,31 @@ def _stack(groups: list[Group], key: str) -> Tensor:
 def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
               dtype: torch.dtype) -> Tensor:
     return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype)
+
+
+def _at(values: Tensor | None, group: int, cell: int) -> Tensor | None:
+    return None if values is None else values[group, cell]
+
+
+def _scores(cells: list[GramCell], groups: list[Group], layout: list[list[int]], signal: Tensor, start: Tensor,
+            bias: Tensor | None, upstream: Tensor | None = None, upstream_bias: Tensor | None = None,
+            ) -> dict[int, dict[str, float]]:
+    """Each cell's transferability scores from the downstream stage-start responses ``start`` (G, C, Fm, P), with
+    transfer (G, 2C, ...: transfer then scratch) from the upstream model's responses on task 2 too."""
+    size = len(layout[0])
+    out: dict[int, dict[str, float]] = {}
+    for g, group in enumerate(groups):
+        for c, index in enumerate(group.cells):
+            cell = cells[index]
+            if not cell.transferability:
+                continue
+            scratch = size + c if upstream is not None else c
+            out[index] = cell_scores(
+                cell.seed, cell.transferability_samples, signal[g, c], group.tensors["c2"], group.tensors["y2"],
+                cell.model_form, start[g, scratch], _at(bias, g, scratch),
+                transfer=start[g, c] if upstream is not None else None, transfer_bias=_at(bias, g, c),
+                upstream=_at(upstream, g, c), upstream_bias=_at(upstream_bias, g, c), upstream_form=cell.upstream_form)
+    return out
 
 
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
@@ -131,6 +157,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         if first.model_form.bias:
             bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
 
+        scores = _scores(cells, groups, layout, signal2, start, bias_start, carried_start, upstream_out.bias)
+
         def twice(x: Tensor) -> Tensor:  # transfer, then scratch
             return torch.cat([x, x], dim=1)
 
@@ -139,6 +167,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
             signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
             steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start))
     else:
+        scores = _scores(cells, groups, layout, signal2, expand("start2"),
+                         expand("bias2") if first.model_form.bias else None)
         downstream = train_stage_batch(StageInputs(
             start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
             **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
@@ -182,7 +212,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 scratch_index = c
             stages["scratch"] = stage("scratch", "downstream", g, scratch_index, down[scratch_index, ..., :3].clone(),
                                       {2: down[scratch_index, ..., 3:].clone()}, no_mask)
-            results.append((index, GramResult(cells[index], stages, plan)))
+            results.append((index, GramResult(cells[index], stages, plan, scores.get(index))))
     return results
 
 

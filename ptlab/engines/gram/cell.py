@@ -50,6 +50,10 @@ class GramCell:
     test_space: str = "dspace"
     sampling: str = "dspace"
     """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
+    transferability: bool = True
+    """``transferability.enabled``: score the cell before downstream training (``ptlab.engines.gram.scores``)."""
+    transferability_samples: int = 2000
+    """``transferability.max_samples``."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -72,7 +76,8 @@ class GramCell:
             upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
             upstream_init=str(cfg.upstream_model.get("init", "normal")),
             project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
-            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")))
+            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
+            **transferability_fields(cfg))
 
     @property
     def shape_key(self) -> tuple:
@@ -93,3 +98,10 @@ def model_form(model_cfg: Any) -> ModelForm:
     defaults = ModelForm()
     return ModelForm(**{key: type(getattr(defaults, key))(model_cfg.get(key, getattr(defaults, key)))
                         for key in ModelForm.__dataclass_fields__})
+
+
+def transferability_fields(cfg: Any) -> dict[str, Any]:
+    """``GramCell``'s ``transferability`` fields from the config's group (the schema's defaults where it is absent)."""
+    group = cfg.get("transferability") or {}
+    return {"transferability": bool(group.get("enabled", True)),
+            "transferability_samples": int(group.get("max_samples", 2000))}
