@@ -240,3 +240,17 @@ def test_disabled_scores_are_absent(make_cfg) -> None:
     cfg = make_cfg("logger=none", "cache.enabled=false", "transferability.enabled=false")
     assert run_synthetic(cfg, make_engine(cfg), NullTracker())[1] == {}
     assert run_cells([GramCell.from_config(cfg)])[0].transferability is None
+
+
+def test_bad_transferability_config_stops_with_one_line(tmp_path: Path) -> None:
+    from ptlab.cli import compose_config
+    from ptlab.config import ConfigError, validate
+
+    from .conftest import run_cli
+
+    with pytest.raises(ConfigError, match=r"^transferability.max_samples=1 is not allowed: must be an integer >= 2$"):
+        validate(compose_config(["transferability.max_samples=1"]))
+    done = run_cli(["transferability.max_samples=0", "logger=none"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "ptlab: transferability.max_samples=0 is not allowed: must be an integer >= 2"]
+    assert not any(tmp_path.iterdir())
