@@ -220,6 +220,7 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
         return out
 
     batched = layout("batched")
+    assert batched.pop("sweep")[3] == ["sweep_summary.md"]  # the sweep's answer (ptlab.sweep_summary), sweeps only
     assert batched == layout("single")
     parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id],
                                 "tags.`ptlab.stage` = 'pipeline'")[0]

@@ -207,7 +207,7 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         if transferability.enabled(cfg):
             extra["transferability"] = transferability.image_scores(
                 cfg, tracker, upstream, downstream, transfer.transfer, tasks.task2.train.x, tasks.task2.train.y,
-                "cuda" if on_gpu(cfg) else "cpu", model_input_size)
+                transferability.score_device(on_gpu(cfg)), model_input_size)
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)
@@ -221,6 +221,6 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
     if cfg.transfer.kind == "none" and transferability.enabled(cfg):
         extra["transferability"] = transferability.image_scores(
             cfg, tracker, None, scratch, None, tasks.task2.train.x, tasks.task2.train.y,
-            "cuda" if on_gpu(cfg) else "cpu", model_input_size)
+            transferability.score_device(on_gpu(cfg)), model_input_size)
     _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, cfg.train.downstream_epochs)
     return results, extra

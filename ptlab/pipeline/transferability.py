@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,11 @@ log = logging.getLogger("ptlab")
 def enabled(cfg: DictConfig) -> bool:
     """Whether the config asks for transferability scores (default: yes)."""
     return bool(cfg.get("transferability", {}).get("enabled", True))
+
+
+def score_device(gpu: bool) -> torch.device:
+    """Where the image models are scored: the rank's own GPU (``LOCAL_RANK`` under DDP) on a GPU run, else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
 
 
 def transferred_copy(model: nn.Module, transfer: Transfer) -> nn.Module:
@@ -60,7 +66,7 @@ def finish(tracker: Tracker, scores: dict[str, float], n: int, started: float) -
 
 
 def image_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
-                 transfer: Transfer | None, x: Tensor, y: Tensor, device: str,
+                 transfer: Transfer | None, x: Tensor, y: Tensor, device: torch.device,
                  model_input_size: Callable[[nn.Module], int | None]) -> dict[str, Any]:
     """The scores of an image pipeline on the task-2 training images ``x``, ``y`` (``upstream`` and ``transfer`` are
     ``None`` without transfer: then only ``logme_scratch``), each model fed at its ``model_input_size``."""
