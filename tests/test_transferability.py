@@ -254,3 +254,13 @@ def test_bad_transferability_config_stops_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "ptlab: transferability.max_samples=0 is not allowed: must be an integer >= 2"]
     assert not any(tmp_path.iterdir())
+
+
+def test_scores_leave_the_config_hash_alone() -> None:
+    """Scores do not change what is trained: a finished run of the same config is still recognised."""
+    from ptlab.cli import compose_config
+    from ptlab.pipeline.resume import config_hash
+
+    base = config_hash(compose_config([]))
+    assert config_hash(compose_config(["transferability.enabled=false", "transferability.max_samples=50"])) == base
+    assert config_hash(compose_config(["transfer.alpha=0.25"])) != base

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 RESUMED_TAG = "ptlab.resumed_from"
-IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory")
-"""Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it)."""
+IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory", "transferability")
+"""Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it; the
+transferability scores are read off the models, not trained into them)."""
 
 
 def hash_resolved(resolved: dict[str, Any]) -> str:
