@@ -264,3 +264,20 @@ def test_scores_leave_the_config_hash_alone() -> None:
     base = config_hash(compose_config([]))
     assert config_hash(compose_config(["transferability.enabled=false", "transferability.max_samples=50"])) == base
     assert config_hash(compose_config(["transfer.alpha=0.25"])) != base
+
+
+def test_head_features_are_timm_pre_logits_and_torchvision_pooled_features() -> None:
+    import timm
+
+    from ptlab.models.torchvision_cnn import build_torchvision_cnn
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = vit.eval().forward_head(vit.forward_features(x), pre_logits=True)
+    assert torch.allclose(penultimate_features(vit, x, batch_size=2), expected, atol=1e-5)
+    resnet = build_torchvision_cnn("resnet18", 4, width=0.25).eval()
+    with torch.no_grad():
+        body = nn.Sequential(*list(resnet.children())[:-1])
+        assert torch.allclose(penultimate_features(resnet, x), body(x).flatten(1), atol=1e-5)
