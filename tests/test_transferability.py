@@ -281,3 +281,14 @@ def test_head_features_are_timm_pre_logits_and_torchvision_pooled_features() -> 
     with torch.no_grad():
         body = nn.Sequential(*list(resnet.children())[:-1])
         assert torch.allclose(penultimate_features(resnet, x), body(x).flatten(1), atol=1e-5)
+
+
+def test_a_diverged_upstream_gives_nan_scores_not_an_error(make_cfg) -> None:
+    from ptlab.engines.gram import GramCell, run_cells
+    from ptlab.transfer.transferability import scored
+
+    assert np.isnan(scored(logme, torch.tensor([[np.nan], [1.0]]), [0, 1]))
+    result = run_cells([GramCell.from_config(make_cfg("noise.sigma_p1=1e30"))])[0]
+    assert result.divergence() is not None
+    scores = result.transferability
+    assert np.isnan(scores["logme"]) and np.isnan(scores["leep"]) and np.isfinite(scores["logme_scratch"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -30,7 +31,14 @@ from torch import Tensor, nn
 
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
-from ptlab.transfer.transferability import class_probabilities, leep, logme, penultimate_features, score_subset
+from ptlab.transfer.transferability import (
+    class_probabilities,
+    leep,
+    logme,
+    penultimate_features,
+    score_subset,
+    scored,
+)
 
 log = logging.getLogger("ptlab")
 
@@ -53,9 +61,11 @@ def transferred_copy(model: nn.Module, transfer: Transfer) -> nn.Module:
 
 
 def record_scores(tracker: Tracker, scores: dict[str, float]) -> dict[str, Any]:
-    """Log ``scores`` (name -> value, and ``samples``) as ``transferability/<name>`` metrics; return them for the
-    summary. The gram engine's cells (``GramResult.transferability``) are recorded through here too."""
-    tracker.log_metrics({f"transferability/{name}": value for name, value in scores.items() if name != "samples"})
+    """Log ``scores`` (name -> value, and ``samples``) as ``transferability/<name>`` metrics (a NaN score, of a
+    diverged model, is not logged); return them for the summary. The gram engine's cells
+    (``GramResult.transferability``) are recorded through here too."""
+    tracker.log_metrics({f"transferability/{name}": value for name, value in scores.items()
+                         if name != "samples" and math.isfinite(value)})
     return dict(scores)
 
 
@@ -80,9 +90,9 @@ def image_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | None, 
 
     scores: dict[str, float] = {}
     if transfer is not None and upstream is not None:
-        scores["logme"] = logme(features(transferred_copy(downstream, transfer)), y)
-        scores["leep"] = leep(class_probabilities(upstream, x, batch, model_input_size(upstream), device), y)
-    scores["logme_scratch"] = logme(features(downstream), y)
+        scores["logme"] = scored(logme, features(transferred_copy(downstream, transfer)), y)
+        scores["leep"] = scored(leep, class_probabilities(upstream, x, batch, model_input_size(upstream), device), y)
+    scores["logme_scratch"] = scored(logme, features(downstream), y)
     return finish(tracker, scores, len(x), started)
 
 
@@ -105,8 +115,8 @@ def synthetic_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | No
 
     scores: dict[str, float] = {}
     if transfer is not None and upstream is not None:
-        scores["logme"] = logme(features(transferred_copy(downstream, transfer)), y)
+        scores["logme"] = scored(logme, features(transferred_copy(downstream, transfer)), y)
         with torch.no_grad():
-            scores["leep"] = leep(two_patch_probabilities(upstream, x.to(upstream.weight.device)), y)
-    scores["logme_scratch"] = logme(features(downstream), y)
+            scores["leep"] = scored(leep, two_patch_probabilities(upstream, x.to(upstream.weight.device)), y)
+    scores["logme_scratch"] = scored(logme, features(downstream), y)
     return finish(tracker, scores, len(x), started)

@@ -153,6 +153,12 @@ def leep(source_probabilities: Any, labels: Any) -> float:
     return float(np.mean(np.log(expected)))
 
 
+def scored(score: Callable[[Any, Any], float], values: Tensor, labels: Any) -> float:
+    """``score(values, labels)``, or NaN where ``values`` are not finite: a diverged model's features; the pipeline
+    reports the divergence itself, and a summary writes the NaN as ``null``."""
+    return score(values, labels) if bool(torch.isfinite(values).all()) else float("nan")
+
+
 def score_subset(n: int, max_samples: int, seed: int) -> Tensor:
     """The sorted indices of at most ``max_samples`` of ``n`` samples, drawn from the ``"transferability"`` stream of
     ``seed`` (all of them when ``n <= max_samples``): the same subset for every model a pipeline scores."""

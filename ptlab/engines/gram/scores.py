@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ptlab.models.two_layer_cnn import ModelForm
-from ptlab.transfer.transferability import leep, logme, score_subset
+from ptlab.transfer.transferability import leep, logme, score_subset, scored
 
 
 def hidden_from_responses(start: Tensor, signal: Tensor, clean: Tensor, form: ModelForm,
@@ -41,7 +41,7 @@ def cell_scores(seed: int, max_samples: int, signal: Tensor, clean: Tensor, y: T
     """``logme`` (transfer stage start), ``leep`` (the trained upstream model's 2-class softmax, ``sigmoid`` of its
     margin) and ``logme_scratch`` (scratch stage start) on the seeded subset of at most ``max_samples`` task-2
     training samples, and ``samples``; ``transfer`` and ``upstream`` (responses as ``scratch``'s) ``None`` without
-    transfer."""
+    transfer. A diverged upstream gives NaN scores (``scored``); the cell reports its divergence."""
     keep = score_subset(len(y), max_samples, seed)
     clean, y = clean[keep], y[keep]
 
@@ -50,8 +50,8 @@ def cell_scores(seed: int, max_samples: int, signal: Tensor, clean: Tensor, y: T
 
     scores: dict[str, float] = {}
     if transfer is not None and upstream is not None:
-        scores["logme"] = logme(hidden(transfer, transfer_bias, form), y)
+        scores["logme"] = scored(logme, hidden(transfer, transfer_bias, form), y)
         margin = margin_from_hidden(hidden(upstream, upstream_bias, upstream_form or form), upstream_form or form)
-        scores["leep"] = leep(torch.stack([torch.sigmoid(-margin), torch.sigmoid(margin)], dim=1), y)
-    scores["logme_scratch"] = logme(hidden(scratch, scratch_bias, form), y)
+        scores["leep"] = scored(leep, torch.stack([torch.sigmoid(-margin), torch.sigmoid(margin)], dim=1), y)
+    scores["logme_scratch"] = scored(logme, hidden(scratch, scratch_bias, form), y)
     return {**scores, "samples": len(keep)}
