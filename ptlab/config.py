@@ -530,6 +530,18 @@ class DevicesSchema:
 
 
 @dataclass
+class TransferabilitySchema:
+    """LogME and LEEP after the transfer, before downstream training (ptlab.pipeline.transferability)."""
+
+    enabled: bool = True
+    # a seeded subset of at most this many task-2 training samples is scored
+    max_samples: int = 2000
+
+    def __post_init__(self) -> None:
+        _check(self.max_samples >= 2, "max_samples", "an integer >= 2", self.max_samples)
+
+
+@dataclass
 class PtlabSchema:
     """The top level; groups are typed by their own schemas."""
 
@@ -539,6 +551,7 @@ class PtlabSchema:
     cache: CacheSchema = field(default_factory=CacheSchema)
     resume: ResumeSchema = field(default_factory=ResumeSchema)
     devices: DevicesSchema = field(default_factory=DevicesSchema)
+    transferability: TransferabilitySchema = field(default_factory=TransferabilitySchema)
     task: Any = MISSING
     noise: Any = MISSING
     model: Any = MISSING
@@ -585,7 +598,7 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     _check(isinstance(cfg.get("engine"), DictConfig) and bool(cfg.engine.get("_target_")), "engine",
            "an option of conf/engine (lightning, gram) with a _target_", cfg.get("engine"))
-    for key in ("train", "theory", "cache", "resume", "devices", *VALIDATED_KEYS):
+    for key in ("train", "theory", "cache", "resume", "devices", "transferability", *VALIDATED_KEYS):
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
     _check_model_fits_task(cfg)

@@ -316,3 +316,18 @@ def test_a_regularizer_anchors_the_controlled_units(make_cfg, regularizer: str) 
     assert cell.stages["transfer"].final == pytest.approx(stages["gram"]["transfer"].final, rel=1e-7, abs=1e-12)
     plain_loss = [value for _, value in plain["transfer"].curves["train/loss"]]
     assert max(abs(a - b) for a, b in zip(loss, plain_loss)) > 1e-6  # the regulariser acted
+
+
+def test_a_control_changes_logme_not_leep(make_cfg) -> None:
+    """LEEP reads the trained upstream model, which a control does not touch; LogME reads the controlled units. In the
+    batched cells and in the single run alike."""
+    common = ["train.dtype=float64", "logger=none"]
+    cells = run_cells([GramCell.from_config(make_cfg(*common, f"transfer.control={c}")) for c in ("none", "norm_matched")])
+    plain, controlled = (cell.transferability for cell in cells)
+    assert controlled["leep"] == pytest.approx(plain["leep"], rel=1e-12)
+    assert controlled["logme_scratch"] == pytest.approx(plain["logme_scratch"], rel=1e-12)
+    assert abs(controlled["logme"] - plain["logme"]) > 1e-6
+    cfg = make_cfg(*common, "transfer.control=norm_matched", "engine=lightning")
+    single = run_synthetic(cfg, make_engine(cfg), NullTracker())[1]["transferability"]
+    assert single["leep"] == pytest.approx(plain["leep"], rel=1e-9)
+    assert single["logme"] == pytest.approx(controlled["logme"], rel=1e-9)

@@ -228,10 +228,13 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
         return out
 
     batched = layout("batched")
+    assert batched.pop("sweep")[3] == ["sweep_summary.md"]  # the sweep's answer (ptlab.sweep_summary), sweeps only
     assert batched == layout("single")
     parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id],
                                 "tags.`ptlab.stage` = 'pipeline'")[0]
     assert parent.data.metrics["transfer_test_acc"] == single["transfer"]["test_acc"]
+    for name in ("logme", "leep", "logme_scratch"):  # from the responses in the batch, from the models alone
+        assert parent.data.metrics[f"transferability/{name}"] == pytest.approx(single["transferability"][name], rel=1e-4)
 
 
 def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:

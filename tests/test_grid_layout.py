@@ -56,6 +56,8 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
             assert row[f"metrics.{stage}_test_acc"] == pytest.approx(alone.stages[stage].final["test_acc"], abs=1e-6)
         assert row["metrics.transfer_gain"] == pytest.approx(
             row["metrics.transfer_test_acc"] - row["metrics.scratch_test_acc"], abs=1e-9)
+        for name in ("logme", "leep", "logme_scratch"):
+            assert row[f"metrics.transferability/{name}"] == pytest.approx(alone.transferability[name], rel=1e-9)
     assert sorted(runs["params.task.d"].unique()) == ["50", "80"]
     assert runs["params.model.width"].unique().tolist() == ["8"]
 

@@ -122,3 +122,23 @@ def test_one_pipeline_per_config_per_store_whatever_the_cache_dir(tmp_path: Path
                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
     assert done.returncode == 1
     assert "cache.lock_timeout=1.0: another process ran this config longer" in done.stderr
+
+
+@pytest.mark.parametrize(("overrides", "digest"), [
+    ([], "0f28e9a10ce5e4780a7b7e4dcc03315eb9f9a70421647841224f2ca9bdedaaed"),
+    (["task.u_norm=0", "transfer.alpha=0.25"], "f8a8ab89b92729c38b369c0d09022556f47db3b611734d9c2e413b83509c7305"),
+    (["engine=lightning"], "2485e595f5322e503aa5fa2f09dc99b516cbe2eeb3de72e0e8589792c20082df"),
+    (["task=digits"], "be30d3c5a49d6d877c307bed1f04fc36266f1d8e206f17ba6b9a14afdaee93b5"),
+])
+def test_config_hashes_of_earlier_versions_still_match(overrides: list[str], digest: str) -> None:
+    """The hashes these configs had before the regularizer group, transfer.control, train.scratch_budget and
+    engine.device existed (commit 9652dd7): a key added later at its neutral value leaves the hash alone, so resume
+    still finds the finished runs of an existing store (``ptlab.pipeline.resume.NEUTRAL_DEFAULTS``)."""
+    from omegaconf import OmegaConf
+
+    from ptlab.cli import compose_config
+    from ptlab.pipeline.resume import hash_resolved
+
+    assert hash_resolved(OmegaConf.to_container(compose_config(overrides), resolve=True)) == digest
+    changed = compose_config([*overrides, "train.scratch_budget=matched"])
+    assert hash_resolved(OmegaConf.to_container(changed, resolve=True)) != digest

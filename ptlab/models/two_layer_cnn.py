@@ -144,15 +144,19 @@ class TwoLayerReLUCNN(nn.Module):
             if self.bias is not None:
                 nn.init.normal_(self.bias, mean=0.0, std=self.init_std)
 
-    def output_scores(self, x: Tensor) -> Tensor:
-        """``F_{+1}`` and ``F_{-1}`` for inputs ``x`` of shape (N, 2, d): returns (N, 2)."""
+    def hidden(self, x: Tensor) -> Tensor:
+        """The 2m hidden activations reduced over the patches, ``red_p sigma(<w_{j,r}, x_p> + b_{j,r})``, for inputs
+        ``x`` of shape (N, 2, d): returns (N, 2, m), the features the fixed second layer reads."""
         n, patches, d = x.shape
         pre = x.reshape(n * patches, d) @ self.weight.reshape(-1, d).T  # (N*P, 2m)
         if self.bias is not None:
             pre = pre + self.bias.reshape(-1)
         act = self.sigma(pre).reshape(n, patches, 2, self.width)
-        over_patches = REDUCTIONS[self.form.patch_reduction](act, dim=1)
-        return REDUCTIONS[self.form.filter_reduction](over_patches, dim=-1)
+        return REDUCTIONS[self.form.patch_reduction](act, dim=1)
+
+    def output_scores(self, x: Tensor) -> Tensor:
+        """``F_{+1}`` and ``F_{-1}`` for inputs ``x`` of shape (N, 2, d): returns (N, 2)."""
+        return REDUCTIONS[self.form.filter_reduction](self.hidden(x), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """The margin ``f(W; x)`` of shape (N,); the prediction is its sign."""

@@ -90,6 +90,7 @@ from ptlab.pipeline.record import (
     used_params,
 )
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
+from ptlab.pipeline.transferability import record_scores
 from ptlab.theory import TheoryPrediction, predict_from_config
 from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
 from ptlab.tracking.bulk import RunWriter, run_writer
@@ -306,7 +307,10 @@ def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str,
     try:
         with tracker:
             record_trained(tracker, stages, result.divergence())
-            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory)
+            extra = ({"transferability": record_scores(tracker, result.transferability)}
+                     if result.transferability is not None else None)
+            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory,
+                                      extra)
     except DivergenceError as err:
         job.error = err
     hydra_dir = job.output_dir / ".hydra"
@@ -546,6 +550,7 @@ class CellOutcome:
 
     stages: dict[str, StageResult]
     error: tuple[str, str | None] | None = None
+    transferability: dict[str, float] | None = None
 
     @staticmethod
     def of(result: GramResult) -> CellOutcome:
@@ -553,12 +558,18 @@ class CellOutcome:
         if error is not None:
             return CellOutcome({}, (str(error), error.stage))
         return CellOutcome({name: dataclasses.replace(stage, curves={}) for name, stage in
-                            result.stage_results("last").items()})
+                            result.stage_results("last").items()}, transferability=result.transferability)
 
     @property
     def finals(self) -> dict[str, float]:
-        """The parent run's final metrics (``record.final_metrics``)."""
-        return final_metrics(self.stages)
+        """The parent run's final metrics (``record.final_metrics``) and its ``transferability/*`` scores."""
+        scores = {f"transferability/{k}": v for k, v in (self.transferability or {}).items() if k != "samples"}
+        return {**final_metrics(self.stages), **scores}
+
+    @property
+    def extra(self) -> dict[str, Any] | None:
+        """The summary's ``transferability`` entry, when the cell has scores."""
+        return None if self.transferability is None else {"transferability": self.transferability}
 
 
 def grid_key(template: _Template, name: str) -> str:
@@ -622,7 +633,7 @@ def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -
     with path.open("w") as out:
         for cell in cells:
             summary = pipeline_summary(cell.outcome.stages, cell.cell.seed, cell.template.choices,  # type: ignore[union-attr]
-                                       cell.theory, mlflow=mlflow)
+                                       cell.theory, cell.outcome.extra, mlflow=mlflow)  # type: ignore[union-attr]
             out.write(json.dumps({"job": cell.position, "cell": cell.name, "overrides": cell.overrides,
                                   "summary": summary}, allow_nan=False) + "\n")
 

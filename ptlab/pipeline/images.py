@@ -51,6 +51,7 @@ from ptlab.engines.lightning import quiet_lightning
 from ptlab.modules.callbacks import StageProgressBar
 from ptlab.modules.image_classifier import ImageClassifier
 from ptlab.modules.regularizers import Regularizer
+from ptlab.pipeline import transferability
 from ptlab.pipeline.checkpoints import stage_checkpointing
 from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed, torch_seed
@@ -210,6 +211,10 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
                                               inputs=selection_inputs(cfg, tasks.task2),
                                               control=cfg.transfer.get("control", "none"),
                                               control_seed=derive_seed(cfg.seed, "control")))
+        if transferability.enabled(cfg):
+            extra["transferability"] = transferability.image_scores(
+                cfg, tracker, upstream, downstream, transfer.transfer, tasks.task2.train.x, tasks.task2.train.y,
+                transferability.score_device(on_gpu(cfg)), model_input_size)
         _, results["transfer"] = fit_image_stage(cfg, tracker, "transfer", downstream, tasks.task2,
                                                  cfg.train.downstream_epochs, [transfer])
         table = format_plan(transfer.plan)
@@ -222,6 +227,10 @@ def run_images(cfg: DictConfig, engine: Any, tracker: Tracker) -> tuple[dict[str
         results["transfer"].extra["control"] = cfg.transfer.get("control", "none")
         del upstream
     scratch = build_image_model(cfg.model, tasks.task2.num_classes, cfg, "downstream")
+    if cfg.transfer.kind == "none" and transferability.enabled(cfg):
+        extra["transferability"] = transferability.image_scores(
+            cfg, tracker, None, scratch, None, tasks.task2.train.x, tasks.task2.train.y,
+            transferability.score_device(on_gpu(cfg)), model_input_size)
     epochs = scratch_length(cfg.train.upstream_epochs, cfg.train.downstream_epochs, cfg.train.scratch_budget)
     _, results["scratch"] = fit_image_stage(cfg, tracker, "scratch", scratch, tasks.task2, epochs)
     results["scratch"].extra["budget"] = cfg.train.scratch_budget

@@ -26,21 +26,47 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 RESUMED_TAG = "ptlab.resumed_from"
-IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory")
-"""Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it)."""
+IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory", "transferability")
+"""Top-level keys that do not change what a pipeline computes (the theory's constants only relabel it; the
+transferability scores are read off the models, not trained into them)."""
+
+
+NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("regularizer",): {"name": "none"},
+    ("transfer", "control"): "none",
+    ("train", "scratch_budget"): "downstream",
+    ("engine", "device"): None,
+}
+"""Keys added after stores held finished runs, at the value that computes what the config computed before them: left
+out of the hash there, so a finished run is still found on resume (any other value changes the hash)."""
 
 
 def hash_resolved(resolved: dict[str, Any]) -> str:
-    """SHA-256 of a resolved config container minus ``IGNORED_KEYS``; ``trainer.devices`` counts, not indices;
-    ``regularizer=none`` left out, so a config hashes as it did before the regularizer group existed."""
+    """SHA-256 of a resolved config container minus ``IGNORED_KEYS`` and the ``NEUTRAL_DEFAULTS`` at their neutral
+    value; ``trainer.devices`` counts, not indices."""
     kept = {k: v for k, v in resolved.items() if k not in ("hydra", *IGNORED_KEYS)}
-    if kept.get("regularizer") == {"name": "none"}:
-        del kept["regularizer"]
+    for path, neutral in NEUTRAL_DEFAULTS.items():
+        *parents, leaf = path
+        node = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            if parents:
+                kept[parents[0]] = node = _without(kept[parents[0]], parents[1:], leaf)
+            else:
+                del kept[leaf]
     trainer = kept.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("devices"), list):
         kept["trainer"] = {**trainer, "devices": len(trainer["devices"])}
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _without(node: dict[str, Any], path: list[str], leaf: str) -> dict[str, Any]:
+    """A copy of ``node`` without ``leaf`` at ``path`` below it (the resolved container itself is left as it is)."""
+    if not path:
+        return {k: v for k, v in node.items() if k != leaf}
+    return {**node, path[0]: _without(node[path[0]], path[1:], leaf)}
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -21,6 +21,7 @@ from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_d
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
 from ptlab.modules.regularizers import Regularizer
+from ptlab.pipeline import transferability
 from ptlab.pipeline.cache import cached_upstream
 from ptlab.pipeline.record import record_stage, record_trained
 from ptlab.seeding import derive_seed
@@ -75,22 +76,26 @@ def needs_whole_cell(cfg: DictConfig) -> bool:
     return cfg.task.get("test_space", "dspace") == "response" or cfg.task.get("sampling", "dspace") == "gram"
 
 
-def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> dict[str, StageResult]:
-    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache)."""
+def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
+    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache); the cell's
+    transferability scores, when it has them, as the summary's extra entry."""
     from ptlab.engines.gram import GramCell, run_cells
 
     started = time.perf_counter()
     result = run_cells([GramCell.from_config(cfg)])[0]
+    extra = ({"transferability": transferability.record_scores(tracker, result.transferability)}
+             if result.transferability is not None else {})
     stages = record_trained(tracker, result.stage_results(), result.divergence())
     log.info("pipeline trained as one gram cell in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()))
-    return stages
+    return stages, extra
 
 
 def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
-    """Algorithms 1 and 2 on one seed; returns the trained stages (and no extra summary entries)."""
+    """Algorithms 1 and 2 on one seed; returns the trained stages and the ``transferability`` scores (taken after the
+    transfer, before downstream training; ``ptlab.pipeline.transferability``)."""
     if engine.name == "gram" and needs_whole_cell(cfg):
-        return run_whole_cell(cfg, tracker), {}
+        return run_whole_cell(cfg, tracker)
     data = make_data(cfg)
     train = cfg.train
     scratch_steps = scratch_length(train.upstream_steps, train.downstream_steps, train.scratch_budget)
@@ -105,6 +110,7 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
                      transfer, train.dtype, regularizer if transfer is not None else None)
 
     stages: dict[str, StageResult] = {}
+    extra: dict[str, Any] = {}
     if cfg.transfer.kind != "none":
         upstream = build_model(cfg.upstream_model, cfg, "upstream")
         stages["upstream"] = cached_upstream(cfg, engine.name, tracker, upstream, lambda: train_and_record(
@@ -112,11 +118,18 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
         transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
                             inputs=selection_inputs(data), control=cfg.transfer.control,
                             control_seed=derive_seed(cfg.seed, "control"))
-        stages["transfer"] = train_and_record(engine, tracker, stage(
-            "transfer", build_model(cfg.model, cfg, "downstream"), 2, transfer))
+        downstream = build_model(cfg.model, cfg, "downstream")
+        if transferability.enabled(cfg):
+            extra["transferability"] = transferability.synthetic_scores(
+                cfg, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y)
+        stages["transfer"] = train_and_record(engine, tracker, stage("transfer", downstream, 2, transfer))
         stages["transfer"].extra["regularizer"] = regularizer.as_dict()
         stages["transfer"].extra["control"] = cfg.transfer.control
-    stages["scratch"] = train_and_record(engine, tracker, stage("scratch", build_model(cfg.model, cfg, "downstream"), 2))
+    scratch = build_model(cfg.model, cfg, "downstream")
+    if cfg.transfer.kind == "none" and transferability.enabled(cfg):
+        extra["transferability"] = transferability.synthetic_scores(
+            cfg, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y)
+    stages["scratch"] = train_and_record(engine, tracker, stage("scratch", scratch, 2))
     stages["scratch"].extra.update(budget=train.scratch_budget, steps=scratch_steps)
-    return stages, {}
+    return stages, extra
 

@@ -29,6 +29,7 @@ from ptlab.engines.gram.draws import Group, prepare_group
 from ptlab.engines.gram.engine import drop_neutral, filter_regularizer
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.results import GramResult, GramStage, on_cpu
+from ptlab.engines.gram.scores import cell_scores
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
@@ -104,6 +105,31 @@ def _regularizers(cells: list[GramCell], layout: list[list[int]], masks: Tensor,
     return drop_neutral(both)
 
 
+def _at(values: Tensor | None, group: int, cell: int) -> Tensor | None:
+    return None if values is None else values[group, cell].cpu()
+
+
+def _scores(cells: list[GramCell], groups: list[Group], layout: list[list[int]], signal: Tensor, start: Tensor,
+            bias: Tensor | None, upstream: Tensor | None = None, upstream_bias: Tensor | None = None,
+            ) -> dict[int, dict[str, float]]:
+    """Each cell's transferability scores from the downstream stage-start responses ``start`` (G, C, Fm, P), with
+    transfer (G, 2C, ...: transfer then scratch) from the upstream model's responses on task 2 too."""
+    size = len(layout[0])
+    out: dict[int, dict[str, float]] = {}
+    for g, group in enumerate(groups):
+        for c, index in enumerate(group.cells):
+            cell = cells[index]
+            if not cell.transferability:
+                continue
+            scratch = size + c if upstream is not None else c
+            out[index] = cell_scores(  # on the CPU: a cell's scores are small numpy work
+                cell.seed, cell.transferability_samples, signal[g, c].cpu(), group.tensors["c2"].cpu(),
+                group.tensors["y2"].cpu(), cell.model_form, start[g, scratch].cpu(), _at(bias, g, scratch),
+                transfer=start[g, c].cpu() if upstream is not None else None, transfer_bias=_at(bias, g, c),
+                upstream=_at(upstream, g, c), upstream_bias=_at(upstream_bias, g, c), upstream_form=cell.upstream_form)
+    return out
+
+
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
                ) -> list[tuple[int, GramResult]]:
     """Run every cell of ``groups`` (one shape) as one batched program on the groups' device; pads groups to equal
@@ -165,6 +191,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         masks = torch.stack(mask_list).view(len(groups), size, filters).to(device)
         carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
             len(groups), size, filters, -1)
+        upstream_start = carried_start  # the trained upstream's responses (LEEP reads them), whatever the control
         if first.control == "norm_matched":  # random directions with the inherited filters' norms
             scale = (upstream_out.norm2.clamp_min(0) / expand("ctl_norm2_2")).sqrt()[..., None]
             carried_start, carried_test = scale * expand("ctl_start2"), scale * expand("ctl_test_start2")
@@ -175,6 +202,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         bias_start = None
         if first.model_form.bias:
             bias_start = torch.cat([torch.where(masks, upstream_out.bias, expand("bias2")), expand("bias2")], dim=1)
+
+        scores = _scores(cells, groups, layout, signal2, start, bias_start, upstream_start, upstream_out.bias)
 
         def twice(x: Tensor) -> Tensor:  # transfer, then scratch
             return torch.cat([x, x], dim=1)
@@ -197,6 +226,8 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 **{key: value[:, :size] for key, value in regularized.items()}))
             scratch_out = scratch_stage()
     else:
+        scores = _scores(cells, groups, layout, signal2, expand("start2"),
+                         expand("bias2") if first.model_form.bias else None)
         scratch_out = downstream = scratch_stage()
 
     def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
@@ -249,7 +280,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
             mine = outputs[key].coefficients[g].view(-1, 2, width, outputs[key].coefficients.shape[-1])[scratch_index]
             stages["scratch"] = stage("scratch", key, g, scratch_index, mine[..., :3].clone(), {2: mine[..., 3:].clone()},
                                       no_mask)
-            results.append((index, GramResult(cells[index], stages, plan)))
+            results.append((index, GramResult(cells[index], stages, plan, scores.get(index))))
     return results
 
 

@@ -60,6 +60,10 @@ class GramCell:
     """``transfer.control`` (none, or norm_matched: ``check_gram_cells`` refuses shuffled)."""
     scratch_budget: str = "downstream"
     """``train.scratch_budget``: downstream, or matched (scratch trains upstream + downstream steps)."""
+    transferability: bool = True
+    """``transferability.enabled``: score the cell before downstream training (``ptlab.engines.gram.scores``)."""
+    transferability_samples: int = 2000
+    """``transferability.max_samples``."""
 
     @classmethod
     def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
@@ -86,7 +90,7 @@ class GramCell:
             test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
             device=gram_device(cfg), regularizer=Regularizer.from_config(cfg.get("regularizer")),
             control=str(cfg.transfer.get("control", "none")) if transfer else "none",
-            scratch_budget=str(train.get("scratch_budget", "downstream")))
+            scratch_budget=str(train.get("scratch_budget", "downstream")), **transferability_fields(cfg))
 
     @property
     def scratch(self) -> int:
@@ -123,3 +127,10 @@ def model_form(model_cfg: Any) -> ModelForm:
     defaults = ModelForm()
     return ModelForm(**{key: type(getattr(defaults, key))(model_cfg.get(key, getattr(defaults, key)))
                         for key in ModelForm.__dataclass_fields__})
+
+
+def transferability_fields(cfg: Any) -> dict[str, Any]:
+    """``GramCell``'s ``transferability`` fields from the config's group (the schema's defaults where it is absent)."""
+    group = cfg.get("transferability") or {}
+    return {"transferability": bool(group.get("enabled", True)),
+            "transferability_samples": int(group.get("max_samples", 2000))}

@@ -103,11 +103,13 @@ class GramStage:
 
 @dataclass
 class GramResult:
-    """A cell's stages (``upstream`` absent without transfer) and its transfer plan."""
+    """A cell's stages (``upstream`` absent without transfer), its transfer plan and transferability scores."""
 
     cell: GramCell
     stages: dict[str, GramStage]
     plan: list[dict[str, Any]] | None
+    transferability: dict[str, float] | None = None
+    """The scores before downstream training (``ptlab.engines.gram.scores.cell_scores``), when the cell asks."""
 
     def stage_results(self, history: str = "full") -> dict[str, StageResult]:
         """Every stage as the ``Engine`` interface returns it (no models: the weights stay coefficients)."""
