@@ -90,6 +90,14 @@ def test_cells_carry_their_split_and_verdicts() -> None:
     assert set(cells.loc[cells["u_norm"] == 0.0, "measured"]) <= {"negative_transfer", "transfer_helps"}
 
 
+def test_cell_order_does_not_depend_on_the_column_order_of_the_runs() -> None:
+    runs = synthetic_runs()
+    shuffled = runs[list(reversed(runs.columns))].sample(frac=1.0, random_state=1)
+    a, b = cell_table(runs, "x"), cell_table(shuffled, "x")
+    assert a[["d", "u_norm", "gain", "measured"]].equals(b[["d", "u_norm", "gain", "measured"]])
+    assert list(a["d"]) == sorted(a["d"])
+
+
 def test_calibration_recovers_the_constants() -> None:
     cells = add_thresholds(two_designs())
     constants, boundaries, _ = fit_constants(cells[cells["split"] == FIT])

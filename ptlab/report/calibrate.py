@@ -127,7 +127,8 @@ def wilson_interval(agreeing: int, cells: int, confidence: float = CONFIDENCE) -
 
 def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.DataFrame:
     """One row per cell (config minus seed) of a synthetic experiment: the theory's inputs, the seed
-    statistics, the measured outcome and the ``split`` the experiment belongs to."""
+    statistics, the per-seed gains, the measured outcome and the ``split`` the experiment belongs to; rows sorted
+    by the inputs."""
     runs = runs if INPUTS["label_noise"] in runs.columns else runs.assign(**{INPUTS["label_noise"]: "0.0"})
     missing = [c for c in [*INPUTS.values(), TRANSFER, SCRATCH, GAIN] if c not in runs.columns]
     if missing:
@@ -155,7 +156,9 @@ def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.Data
         raise ReportError(f"experiment {experiment!r}: the per-seed gains do not match the cells' means")
     keep = ["experiment", "cell", "split", *INPUTS, "n_seeds", "transfer_acc", "scratch_acc", "gain",
             "gain_ci_low", "gain_ci_high", "verdict", "measured", "gains"]
-    return table[keep]
+    # Rows sorted by the theory's inputs: the cross-validation folds then do not depend on the column order
+    # in which MLflow returned the params.
+    return table[keep].sort_values([*INPUTS, "cell"], kind="stable").reset_index(drop=True)
 
 
 def _cell_gains(runs: pd.DataFrame, swept: list[str]) -> list[np.ndarray]:
