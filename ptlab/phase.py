@@ -5,7 +5,8 @@ dimensionless quantities (docs/theory.md).
 to ``[-CLIP, CLIP]`` so that ``u = 0``'s infinite ratios stay finite); ``ptlab.theory.phase_features``
 does it for a ``Setting`` (``ptlab.theory`` imports this module, not the reverse). A ``PhaseModel`` holds
 either a multinomial logistic regression (standardised features, one linear score per class, softmax)
-or a shallow decision tree, plus a linear model of the paired gain in points with an interval from its
+(optionally over the features and their pairwise products, ``params.pairs``) or a shallow decision
+tree, plus a linear model of the paired gain in points with an interval from its
 cross-validated residuals; ``conf/phase_model.yaml`` stores one with its provenance (written by
 ``python -m ptlab.report calibrate --write-phase``). Evaluating a model needs numpy and PyYAML only: no
 torch, sklearn or MLflow, so ``python -m ptlab.predict`` answers in well under a second.
@@ -28,6 +29,9 @@ FEATURES = ("log_d_over_threshold", "log_d_over_scratch_threshold", "log_gamma",
 """The phase model's inputs: ``log10`` of d / D*, d / (N2 S2^4 / s2^4), Gamma, alpha N1 s2^2 / (N2 s1^2) and
 the negative-transfer ratio; ``U^2 / S2^2`` (the share of the target signal that is universal, in [0, 1]);
 alpha; ``log10 N1 / N2``; ``log10`` of Condition 4.1's ratio."""
+EXTRA_FEATURES = ("log_d", "log_n2", "log_threshold_term", "log_scratch_threshold")
+"""Further inputs a model may use: ``log10`` of d, N2, D* and the scratch threshold N2 S2^4 / s2^4."""
+ALL_FEATURES = (*FEATURES, *EXTRA_FEATURES)
 CLIP = 6.0
 PHASE_MODEL_FILE = "phase_model.yaml"
 KINDS = ("logistic", "tree")
@@ -42,7 +46,7 @@ def _log(value: float) -> float:
 
 
 def features(theory: Mapping[str, Any], alpha: float, n1: int, n2: int) -> dict[str, float]:
-    """The ``FEATURES`` of one setting from its theory quantities (``TheoryPrediction.as_dict()``: they do
+    """The ``ALL_FEATURES`` of one setting from its theory quantities (``TheoryPrediction.as_dict()``: they do
     not depend on the theory's constants) and alpha, N1, N2 (module docstring)."""
     fraction = 1.0 / theory["signal_ratio"] if theory["signal_ratio"] else math.inf
     return {
@@ -55,12 +59,29 @@ def features(theory: Mapping[str, Any], alpha: float, n1: int, n2: int) -> dict[
         "alpha": float(alpha),
         "log_n1_over_n2": _log(n1 / n2),
         "log_condition_4_1_ratio": _log(theory["condition_4_1_ratio"]),
+        "log_d": _log(theory["d_over_scratch_threshold"] * theory["scratch_threshold"]),
+        "log_n2": _log(n2),
+        "log_threshold_term": _log(theory["threshold_term"]),
+        "log_scratch_threshold": _log(theory["scratch_threshold"]),
     }
 
 
 def feature_matrix(rows: Sequence[Mapping[str, float]], names: Sequence[str] = FEATURES) -> np.ndarray:
     """One row per ``features`` mapping, columns in the order of ``names``."""
     return np.array([[row[n] for n in names] for row in rows], dtype=float).reshape(len(rows), len(names))
+
+
+def all_pairs(count: int) -> list[list[int]]:
+    """Every pair ``[i, j]``, ``i < j``, of ``count`` features (``expand_pairs``)."""
+    return [[i, j] for i in range(count) for j in range(i + 1, count)]
+
+
+def expand_pairs(x: np.ndarray, pairs: Sequence[Sequence[int]]) -> np.ndarray:
+    """``x`` with one column appended per pair ``[i, j]``: the product of columns i and j (raw features)."""
+    x = np.atleast_2d(np.asarray(x, float))
+    if not len(pairs):
+        return x
+    return np.hstack([x, np.column_stack([x[:, int(i)] * x[:, int(j)] for i, j in pairs])])
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -83,9 +104,12 @@ class PhaseModel:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"phase model kind={self.kind}: one of {', '.join(KINDS)}")
-        unknown = set(self.features) - set(FEATURES)
+        unknown = set(self.features) - set(ALL_FEATURES)
         if unknown:
-            raise ValueError(f"phase model features {sorted(unknown)}: known are {', '.join(FEATURES)}")
+            raise ValueError(f"phase model features {sorted(unknown)}: known are {', '.join(ALL_FEATURES)}")
+        pairs = self.params.get("pairs", []) if self.kind == "logistic" else []
+        if any(len(p) != 2 or not all(0 <= int(i) < len(self.features) for i in p) for p in pairs):
+            raise ValueError(f"phase model pairs {pairs}: index pairs into its {len(self.features)} features")
 
     def _standard(self, x: np.ndarray, part: Mapping[str, Any]) -> np.ndarray:
         return (x - np.asarray(part["mean"], float)) / np.asarray(part["scale"], float)
@@ -94,6 +118,7 @@ class PhaseModel:
         """Class probabilities (columns in ``classes`` order) for a feature matrix ``x``."""
         x = np.atleast_2d(np.asarray(x, float))
         if self.kind == "logistic":
+            x = expand_pairs(x, self.params.get("pairs", []))
             scores = self._standard(x, self.params) @ np.asarray(self.params["coef"], float).T
             return _softmax(scores + np.asarray(self.params["intercept"], float))
         nodes = self.params

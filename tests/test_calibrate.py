@@ -12,21 +12,26 @@ import pandas as pd
 import pytest
 import yaml
 
-from ptlab.phase import load
+from ptlab.phase import ALL_FEATURES, load
 from ptlab.report.calibrate import (
     FIT,
     HELD_OUT,
     PHASE,
+    PHASE_CANDIDATES,
     THEORY,
+    Candidate,
     add_thresholds,
     calibrate,
     cell_table,
+    choose_candidate,
     constants_yaml,
     fit_constants,
+    noise_ceiling,
+    replicate_verdicts,
     score,
     wilson_interval,
 )
-from ptlab.report.runs import one_run_per_seed, seed_stats
+from ptlab.report.runs import one_run_per_seed, paired_ci, seed_stats, verdict
 from ptlab.theory import scratch_threshold, target_signal_norm, threshold_term
 from tests.conftest import run_cli
 
@@ -60,6 +65,10 @@ def synthetic_runs(seeds: int = 4, d_grid=D_GRID, u_grid=U_GRID) -> pd.DataFrame
     return frame
 
 
+FEW = (Candidate("logistic", 1.0), Candidate("pairs", 0.1, ALL_FEATURES), Candidate("tree", 3))
+"""A few candidates, one of each storable kind, so that the tests' cross-validation stays short."""
+
+
 def two_designs() -> pd.DataFrame:
     fit = cell_table(synthetic_runs(), "fit", FIT)
     held = cell_table(synthetic_runs(d_grid=[300, 600, 1200, 2400, 4800], u_grid=[0.0, 0.5, 1.5, 2.5]), "held", HELD_OUT)
@@ -71,10 +80,22 @@ def test_cells_carry_their_split_and_verdicts() -> None:
     assert (cells["split"] == FIT).sum() == 77 and (cells["split"] == HELD_OUT).sum() == 20
     assert set(cells["n_seeds"]) == {4}
     assert set(cells["measured"]) == {"transfer_helps", "no_difference", "negative_transfer"}
+    # Each cell keeps its per-seed paired gains (the noise ceiling resamples them), in seed_stats's order.
+    assert all(len(g) == 4 and g.mean() == pytest.approx(m) for g, m in zip(cells["gains"], cells["gain"]))
+    first = cells[(cells["d"] == 250) & (cells["u_norm"] == 0.0) & (cells["split"] == FIT)].iloc[0]["gains"]
+    np.testing.assert_allclose(first, 0.995 - 0.002 - 0.75 + 0.0002 * (np.arange(4) - 1.5), atol=1e-12)  # scratch sub-optimal
     # d = 2000, u = 2: transfer near-optimal (2000 <= 3 * 2651), scratch sub-optimal (2000 > 0.5 * 1280).
     row = cells[(cells["d"] == 2000) & (cells["u_norm"] == 2.0)].iloc[0]
     assert row["measured"] == "transfer_helps" and row["gain"] == pytest.approx(0.245)
     assert set(cells.loc[cells["u_norm"] == 0.0, "measured"]) <= {"negative_transfer", "transfer_helps"}
+
+
+def test_cell_order_does_not_depend_on_the_column_order_of_the_runs() -> None:
+    runs = synthetic_runs()
+    shuffled = runs[list(reversed(runs.columns))].sample(frac=1.0, random_state=1)
+    a, b = cell_table(runs, "x"), cell_table(shuffled, "x")
+    assert a[["d", "u_norm", "gain", "measured"]].equals(b[["d", "u_norm", "gain", "measured"]])
+    assert list(a["d"]) == sorted(a["d"])
 
 
 def test_calibration_recovers_the_constants() -> None:
@@ -86,8 +107,13 @@ def test_calibration_recovers_the_constants() -> None:
         assert getattr(constants, key) == fit.c
 
 
-def test_calibration_scores_every_predictor_on_the_held_out_cells() -> None:
-    result = calibrate(two_designs())
+@pytest.fixture(scope="module")
+def calibrated():
+    return calibrate(two_designs(), candidates=FEW)
+
+
+def test_calibration_scores_every_predictor_on_the_held_out_cells(calibrated) -> None:
+    result = calibrated
     held = result.scores[HELD_OUT]
     assert set(held) == {PHASE, THEORY, "always helps", "helps iff ||u|| > 0", "theory, unit constants"}
     cells = result.cells[result.cells["split"] == HELD_OUT]
@@ -119,8 +145,8 @@ def test_score_counts_confusion_precision_and_recall() -> None:
     assert result.confusion.to_numpy().sum() == 4
 
 
-def test_the_written_theory_config_composes_and_says_where_it_came_from(make_cfg) -> None:
-    result = calibrate(two_designs())
+def test_the_written_theory_config_composes_and_says_where_it_came_from(make_cfg, calibrated) -> None:
+    result = calibrated
     text = constants_yaml(result, "python -m ptlab.report calibrate --fit fit --held-out held")
     values = yaml.safe_load(text)
     assert values["c1"] == pytest.approx(result.constants.c1, rel=1e-5)
@@ -140,6 +166,57 @@ def test_a_seed_repeated_under_another_config_hash_counts_once() -> None:
     assert first["metrics.transfer_test_acc_mean"] == pytest.approx((0.1 + runs.iloc[1]["metrics.transfer_test_acc"]) / 2)
 
 
+def test_the_phase_model_is_the_best_storable_candidate_by_cross_validation(calibrated) -> None:
+    assert set(calibrated.phase_cv) == {c.key for c in FEW}
+    best = max(FEW, key=lambda c: calibrated.phase_cv[c.key])
+    assert calibrated.phase.name.startswith({"logistic": "logistic (C", "pairs": "logistic with pairwise",
+                                             "tree": "tree"}[best.kind])
+    scores = {"forest:4/9": 0.99, "logistic:1/9": 0.8, "tree:3/9": 0.8, "pairs:0.1/13": 0.79}
+    candidates = [Candidate("forest", 4), *FEW]
+    assert choose_candidate(scores, candidates) == Candidate("logistic", 1.0)  # never a reference; ties: earlier
+    assert choose_candidate({}, candidates) == Candidate("logistic", 1.0)
+    assert len({c.key for c in PHASE_CANDIDATES}) == len(PHASE_CANDIDATES) == 24
+    assert all(c.storable for c in PHASE_CANDIDATES) and not Candidate("boosting", 2).storable
+
+
+def test_replicate_verdicts_follow_the_reports_paired_t_rule() -> None:
+    gains = np.array([0.01, -0.004, 0.002, 0.006, 0.0, 0.003, -0.001, 0.008])
+    for method in ("bootstrap", "normal"):
+        verdicts = replicate_verdicts(gains, method, 50, np.random.default_rng(7))
+        rng = np.random.default_rng(7)
+        draws = (gains[rng.integers(0, 8, size=(50, 8))] if method == "bootstrap"
+                 else rng.normal(gains.mean(), gains.std(ddof=1), size=(50, 8)))
+        expected = [{"better": 1, "worse": -1}.get(verdict(*paired_ci(pd.Series(row)), 8), 0) for row in draws]
+        assert verdicts.tolist() == expected and len(set(expected)) > 1
+    with pytest.raises(ValueError, match="method=exact"):
+        replicate_verdicts(gains, "exact", 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="needs >= 2"):
+        replicate_verdicts(gains[:1], "normal", 10, np.random.default_rng(0))
+
+
+def test_noise_ceiling_is_one_for_huge_effects_and_the_t_coverage_for_none() -> None:
+    rng = np.random.default_rng(3)
+    huge = [rng.normal(sign * 0.2, 0.01, 16) for sign in (1, -1, 1, 1, -1)]
+    for method in ("bootstrap", "normal"):
+        result = noise_ceiling(huge, method, replicates=500)
+        assert result.ceiling == 1.0 and (result.low, result.high) == (1.0, 1.0) and result.cells == 5
+    # Zero mean gain: a normal replicate's t interval covers 0 with probability 0.95 exactly, so the
+    # oracle's best guess ("no difference") agrees 95% of the time; the bootstrap's replicates have a
+    # sd shrunk by sqrt(15/16) and coarser means, so a little less.
+    zero = [np.concatenate([d, -d]) for d in (rng.normal(0, 0.01, 8) for _ in range(20))]
+    normal = noise_ceiling(zero, "normal", replicates=4000)
+    assert normal.ceiling == pytest.approx(0.95, abs=0.006) and normal.low < normal.ceiling < normal.high
+    boot = noise_ceiling(zero, "bootstrap", replicates=4000)
+    assert 0.88 < boot.ceiling < 0.95
+    # Half huge, half zero: the mean of the cells' ceilings, reproducible from its seed.
+    mixed = noise_ceiling([*huge[:4], *zero[:4]], "normal", replicates=4000, seed=5)
+    assert mixed.ceiling == pytest.approx((4 + 4 * 0.95) / 8, abs=0.01)
+    again = noise_ceiling([*huge[:4], *zero[:4]], "normal", replicates=4000, seed=5)
+    assert np.array_equal(again.cell_ceilings, mixed.cell_ceilings) and (again.low, again.high) == (mixed.low, mixed.high)
+    with pytest.raises(ValueError, match="no cells"):
+        noise_ceiling([])
+
+
 TINY = ["model.width=4", "train.upstream_steps=20", "train.downstream_steps=10", "task.n_test=100"]
 
 
@@ -149,18 +226,22 @@ def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path,
     box = tmp_path / "box.yaml"
     box.write_text("box:\n  task.d: {low: 100, high: 400, scale: log, type: int}\n"
                    "  task.u_norm: {low: 0.0, high: 3.0, p_low: 0.3}\n  task.n1: 40\n")
-    for seed, name in ((1, "fit_design"), (2, "held_design")):
+    held_uri = f"sqlite:///{tmp_path / 'held.db'}"
+    for seed, name, uri in ((1, "fit_design", tracking_uri), (2, "held_design", held_uri)):
         design = tmp_path / f"d{seed}.yaml"
         assert main(["design", "--seed", str(seed), "--cells", "4", "--seeds", "3", "--box", str(box),
                      "--out", str(design)]) == 0
         done = run_cli(["-m", "experiment=calibration", f"hydra.sweeper.cells={design}", *TINY,
-                        f"logger.tracking_uri={tracking_uri}", f"logger.experiment_name={name}",
+                        f"logger.tracking_uri={uri}", f"logger.experiment_name={name}",
                         f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / name}"], tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
     out, phase = tmp_path / "cal", tmp_path / "phase.yaml"
     assert main(["calibrate", "--fit", "fit_design", "--held-out", "held_design", "--min-seeds", "3",
-                 "--tracking-uri", tracking_uri, "--out", str(out), "--box", str(box),
-                 "--write", str(tmp_path / "calibrated.yaml"), "--write-phase", str(phase)]) == 0
+                 "--tracking-uri", tracking_uri, "--held-out-tracking-uri", held_uri, "--out", str(out),
+                 "--box", str(box), "--ceiling", "--write", str(tmp_path / "calibrated.yaml"),
+                 "--write-phase", str(phase)]) == 0
+    text = (out / "calibration.txt").read_text()
+    assert "noise ceiling, held-out cells (4), bootstrap" in text and "noise ceiling, fit cells (4), normal" in text
     cells = pd.read_csv(out / "calibration_cells.csv")
     assert len(cells) == 8 and set(cells["n_seeds"]) == {3}
     assert list(cells["split"]).count("held-out") == 4

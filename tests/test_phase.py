@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptlab.phase import FEATURES, PhaseModel, feature_matrix, load, save
-from ptlab.report.calibrate import FIT, features_of, fit_phase_model
+from ptlab.phase import ALL_FEATURES, FEATURES, PhaseModel, all_pairs, expand_pairs, feature_matrix, load, save
+from ptlab.report.calibrate import FIT, Candidate, _phase_estimator, features_of, fit_phase_model
 from ptlab.theory import Setting, phase_features
 from tests.conftest import REPO, SMALL, run_cli
 from tests.test_calibrate import two_designs
@@ -33,7 +33,10 @@ def test_features_hand_values() -> None:
     assert f["universal_fraction"] == pytest.approx(0.5) and f["alpha"] == 0.5
     assert f["log_n1_over_n2"] == pytest.approx(1.0)
     assert f["log_condition_4_1_ratio"] == pytest.approx(math.log10(1000 / 40000))
-    assert list(f) == list(FEATURES)
+    assert f["log_d"] == pytest.approx(3.0) and f["log_n2"] == pytest.approx(math.log10(20))
+    assert f["log_threshold_term"] == pytest.approx(math.log10(185600 / 70))
+    assert f["log_scratch_threshold"] == pytest.approx(math.log10(1280))
+    assert list(f) == list(ALL_FEATURES) and list(ALL_FEATURES[:len(FEATURES)]) == list(FEATURES)
 
 
 def test_no_universal_signal_gives_finite_clipped_features() -> None:
@@ -42,11 +45,29 @@ def test_no_universal_signal_gives_finite_clipped_features() -> None:
     assert all(math.isfinite(v) for v in f.values())
 
 
+PAIRS = Candidate("pairs", 0.1, ALL_FEATURES)
+
+
 @pytest.fixture(scope="module")
 def fitted() -> tuple[PhaseModel, np.ndarray]:
+    """A logistic model over the 13 features and their pairwise products (the kind conf/phase_model.yaml holds)."""
     cells = two_designs()
-    model, _ = fit_phase_model(cells[cells["split"] == FIT], {"command": "test"})
-    return model, features_of(cells)
+    model, _ = fit_phase_model(cells[cells["split"] == FIT], {"command": "test"}, [PAIRS])
+    return model, features_of(cells, ALL_FEATURES)
+
+
+def test_the_stored_pairwise_model_predicts_what_sklearn_fitted(fitted) -> None:
+    model, x = fitted
+    cells = two_designs()
+    fit = cells[cells["split"] == FIT]
+    estimator = _phase_estimator(PAIRS).fit(features_of(fit, ALL_FEATURES), fit["measured"].astype(str))
+    assert model.features == ALL_FEATURES and len(model.params["pairs"]) == 13 * 12 // 2
+    assert tuple(estimator.classes_) == model.classes
+    np.testing.assert_allclose(model.probabilities(x), estimator.predict_proba(x), atol=1e-6)
+    row = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(expand_pairs(row, all_pairs(3)), [[1.0, 2.0, 3.0, 2.0, 3.0, 6.0]])
+    with pytest.raises(ValueError, match="pairs"):
+        PhaseModel(name="x", kind="logistic", features=("alpha",), classes=("a",), params={"pairs": [[0, 1]]}, gain={})
 
 
 def test_the_phase_model_round_trips_through_its_file(fitted, tmp_path: Path) -> None:

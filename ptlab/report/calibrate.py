@@ -12,12 +12,17 @@
    Bayes error" agrees best with ``d <= c1 D*`` and "transfer error >= 0.1" with ``d >= c3 D*``; ``c1'``,
    ``c3'`` of Theorem 4.3 the same way from the scratch accuracies; then Proposition 4.4's ``c_gamma``,
    ``c4`` and ``c_ratio`` so that the predicted outcome agrees best with the verdicts. And the phase
-   model (``ptlab.phase``): a multinomial logistic regression or a shallow tree, whichever scores best
-   in 5-fold cross-validation on the fit cells, plus a linear model of the gain.
+   model (``ptlab.phase``): the storable candidate of ``PHASE_CANDIDATES`` (multinomial logistic
+   regression, with or without pairwise products, or a shallow tree, over 9 or 13 features) with the
+   best agreement in 5 times repeated stratified 5-fold cross-validation on the fit cells, plus a linear
+   model of the gain. A random forest and gradient boosting can be cross-validated beside them as
+   references only (``REFERENCE_CANDIDATES``).
 4. Score every predictor on the held-out cells: agreement with a Wilson 95% interval, the confusion
    matrix, negative-transfer precision and recall; predictors: the phase model, the theory with the
    fitted constants and with unit constants, and the baselines "always helps" and "helps iff ||u|| > 0,
    else negative transfer".
+5. The noise ceiling (``noise_ceiling``): how often an oracle that knew each cell's mean gain could agree
+   with a 16-seed verdict, from replicate verdicts of every cell's own paired gains.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ptlab.phase import FEATURES, PhaseModel, feature_matrix
-from ptlab.report.runs import GAIN, ReportError, load_pipelines, seed_stats
+from ptlab.phase import ALL_FEATURES, FEATURES, PhaseModel, all_pairs, expand_pairs, feature_matrix
+from ptlab.report.runs import GAIN, ReportError, load_pipelines, one_run_per_seed, seed_stats
 from ptlab.report.synthetic import (
     NEAR_OPTIMAL_ACCURACY,
     SCRATCH,
@@ -74,9 +79,37 @@ NEAR_OPTIMAL_MARGIN = 0.01
 """Near Bayes-optimal: a test error at most this much above the Bayes error (the label noise)."""
 MIN_SEEDS = 16
 CONFIDENCE = 0.95
-PHASE_CANDIDATES = (("logistic", 0.1), ("logistic", 1.0), ("logistic", 10.0), ("logistic", 100.0),
-                    ("tree", 2), ("tree", 3), ("tree", 4))
-"""The phase models compared by cross-validation on the fit cells: (kind, C or depth)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A phase model to cross-validate: ``kind`` (logistic, pairs = logistic over the features and their
+    pairwise products, tree, and the references forest and boosting), its knob (C or depth) and features."""
+
+    kind: str
+    knob: float
+    features: tuple[str, ...] = FEATURES
+
+    @property
+    def storable(self) -> bool:
+        """Whether ``ptlab.phase.PhaseModel`` can hold it (the ensembles are references only)."""
+        return self.kind in ("logistic", "pairs", "tree")
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.knob:g}/{len(self.features)}"
+
+
+PHASE_CANDIDATES = tuple(Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES)
+                         for kind, knobs in (("logistic", (0.1, 1.0, 10.0, 100.0)), ("pairs", (0.01, 0.1, 1.0, 10.0)),
+                                             ("tree", (2, 3, 4, 5)))
+                         for knob in knobs)
+"""The phase models compared by cross-validation on the fit cells (docs/theory.md section 7); ties go to the
+earlier (simpler) candidate."""
+REFERENCE_CANDIDATES = tuple(Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES)
+                             for kind, knob in (("forest", 4), ("boosting", 2)))
+"""Ensembles cross-validated beside them as references (``calibrate --references``), never chosen."""
+CV_FOLDS, CV_REPEATS = 5, 5
 
 
 def wilson_interval(agreeing: int, cells: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -94,7 +127,8 @@ def wilson_interval(agreeing: int, cells: int, confidence: float = CONFIDENCE) -
 
 def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.DataFrame:
     """One row per cell (config minus seed) of a synthetic experiment: the theory's inputs, the seed
-    statistics, the measured outcome and the ``split`` the experiment belongs to."""
+    statistics, the per-seed gains, the measured outcome and the ``split`` the experiment belongs to; rows sorted
+    by the inputs."""
     runs = runs if INPUTS["label_noise"] in runs.columns else runs.assign(**{INPUTS["label_noise"]: "0.0"})
     missing = [c for c in [*INPUTS.values(), TRANSFER, SCRATCH, GAIN] if c not in runs.columns]
     if missing:
@@ -117,9 +151,27 @@ def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.Data
     table["gain_ci_low"], table["gain_ci_high"] = table[f"{GAIN}_ci_low"], table[f"{GAIN}_ci_high"]
     table["cell"] = table[swept].apply(
         lambda row: " ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()), axis=1) if swept else ""
+    table["gains"] = _cell_gains(runs, swept)
+    if not np.allclose([g.mean() for g in table["gains"]], table["gain"].to_numpy(float), equal_nan=True):
+        raise ReportError(f"experiment {experiment!r}: the per-seed gains do not match the cells' means")
     keep = ["experiment", "cell", "split", *INPUTS, "n_seeds", "transfer_acc", "scratch_acc", "gain",
-            "gain_ci_low", "gain_ci_high", "verdict", "measured"]
-    return table[keep]
+            "gain_ci_low", "gain_ci_high", "verdict", "measured", "gains"]
+    # Rows sorted by the theory's inputs: the cross-validation folds then do not depend on the column order
+    # in which MLflow returned the params.
+    return table[keep].sort_values([*INPUTS, "cell"], kind="stable").reset_index(drop=True)
+
+
+def _cell_gains(runs: pd.DataFrame, swept: list[str]) -> list[np.ndarray]:
+    """Each cell's paired gains, one per seed, in ``seed_stats``'s row order (the same grouping)."""
+    frame = one_run_per_seed(runs, swept)[[*swept, GAIN]].copy()
+    if not swept:
+        return [frame[GAIN].dropna().to_numpy(float)]
+    for column in swept:
+        try:
+            frame[column] = pd.to_numeric(frame[column])
+        except (TypeError, ValueError):
+            pass
+    return [group[GAIN].dropna().to_numpy(float) for _, group in frame.groupby(swept, sort=True, dropna=False)]
 
 
 def features_of(cells: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndarray:
@@ -207,68 +259,102 @@ def fit_constants(fit: pd.DataFrame) -> tuple[TheoryConstants, dict[str, Boundar
 
 # ---- the phase model ---------------------------------------------------------------------------------
 
-def _phase_estimator(kind: str, knob: float):
+def _phase_estimator(candidate: Candidate):
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
     from sklearn.tree import DecisionTreeClassifier
 
+    kind, knob = candidate.kind, candidate.knob
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=knob, max_iter=5000))
-    return DecisionTreeClassifier(max_depth=int(knob), min_samples_leaf=3, random_state=0)
+    if kind == "pairs":
+        pairs = all_pairs(len(candidate.features))
+        return make_pipeline(FunctionTransformer(expand_pairs, kw_args={"pairs": pairs}), StandardScaler(),
+                             LogisticRegression(C=knob, max_iter=20000))
+    if kind == "tree":
+        return DecisionTreeClassifier(max_depth=int(knob), min_samples_leaf=3, random_state=0)
+    if kind == "forest":
+        return RandomForestClassifier(n_estimators=300, max_depth=int(knob), min_samples_leaf=3, random_state=0)
+    if kind == "boosting":
+        return GradientBoostingClassifier(max_depth=int(knob), n_estimators=100, random_state=0)
+    raise ValueError(f"phase candidate kind={kind}: one of logistic, pairs, tree, forest, boosting")
 
 
-def cross_validated(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Cross-validated agreement of each of ``PHASE_CANDIDATES`` on the fit cells: 5 stratified folds (fewer
-    when a class has fewer cells); empty when there are too few cells or classes to cross-validate."""
+def _columns(candidate: Candidate) -> list[int]:
+    return [ALL_FEATURES.index(name) for name in candidate.features]
+
+
+def cross_validated(x: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate] = PHASE_CANDIDATES,
+                    repeats: int = CV_REPEATS) -> dict[str, float]:
+    """Cross-validated agreement of each candidate on the fit cells (``x``: the ``ALL_FEATURES`` columns):
+    the mean over ``repeats`` stratified 5-fold splits (seeds 0, 1, ...; fewer folds when a class has fewer
+    cells), the same splits for every candidate; empty when there are too few cells or classes."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     counts = pd.Series(labels).value_counts()
     if len(counts) < 2 or counts.min() < 2:
         return {}
-    folds = StratifiedKFold(n_splits=int(min(5, counts.min())), shuffle=True, random_state=0)
-    return {f"{kind}:{knob:g}": float(cross_val_score(_phase_estimator(kind, knob), x, labels, cv=folds).mean())
-            for kind, knob in PHASE_CANDIDATES}
+    splits = [StratifiedKFold(n_splits=int(min(CV_FOLDS, counts.min())), shuffle=True, random_state=seed)
+              for seed in range(repeats)]
+    return {c.key: float(np.mean([cross_val_score(_phase_estimator(c), x[:, _columns(c)], labels, cv=split).mean()
+                                  for split in splits])) for c in candidates}
 
 
-def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None) -> tuple[PhaseModel, dict[str, float]]:
+def choose_candidate(scores: dict[str, float], candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> Candidate:
+    """The storable candidate with the best cross-validated agreement (ties: the earlier); logistic with
+    C = 1 on ``FEATURES`` when nothing could be cross-validated."""
+    storable = [c for c in candidates if c.storable and c.key in scores]
+    if not storable:
+        return Candidate("logistic", 1.0, FEATURES)
+    return max(storable, key=lambda c: (round(scores[c.key], 9), -storable.index(c)))
+
+
+def _model_name(candidate: Candidate) -> str:
+    kind = {"logistic": "logistic (C {:g})", "pairs": "logistic with pairwise products (C {:g})",
+            "tree": "tree (depth {:g})"}[candidate.kind].format(candidate.knob)
+    return f"{kind} over {len(candidate.features)} theory quantities"
+
+
+def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None,
+                    candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> tuple[PhaseModel, dict[str, float]]:
     """The phase model (module docstring) fitted to the fit cells, and every candidate's cross-validated
-    agreement. The gain model is a ridge regression of the gain in points; its 95% interval is the 95th
-    percentile of the absolute cross-validated residuals."""
+    agreement. The gain model is a ridge regression of the gain in points on the chosen model's features;
+    its 95% interval is the 95th percentile of the absolute cross-validated residuals."""
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import KFold, cross_val_predict
 
-    x = features_of(fit)
+    x_all = features_of(fit, ALL_FEATURES)
     labels = fit["measured"].to_numpy(dtype=object).astype(str)
-    scores = cross_validated(x, labels)
-    best = max(range(len(PHASE_CANDIDATES)), key=lambda i: (round(scores.get(f"{PHASE_CANDIDATES[i][0]}:"
-                                                                              f"{PHASE_CANDIDATES[i][1]:g}", 0), 9),
-                                                             -abs(i - 1)))  # no CV: logistic, C = 1
-    kind, knob = PHASE_CANDIDATES[best]
+    scores = cross_validated(x_all, labels, candidates)
+    candidate = choose_candidate(scores, candidates)
     if len(set(labels)) == 1:  # one measured outcome: a constant model
-        kind, knob = "logistic", 1.0
-        params = {"C": knob, "mean": x.mean(axis=0).tolist(), "scale": [1.0] * x.shape[1],
+        candidate = Candidate("logistic", 1.0, FEATURES)
+    x = x_all[:, _columns(candidate)]
+    if len(set(labels)) == 1:
+        params = {"C": 1.0, "mean": x.mean(axis=0).tolist(), "scale": [1.0] * x.shape[1],
                   "coef": [[0.0] * x.shape[1]], "intercept": [0.0]}
         classes = (str(labels[0]),)
-    else:
-        estimator = _phase_estimator(kind, knob).fit(x, labels)
-    if len(set(labels)) == 1:
-        pass
-    elif kind == "logistic":
-        scaler, logistic = estimator[0], estimator[-1]
+    elif candidate.kind in ("logistic", "pairs"):
+        estimator = _phase_estimator(candidate).fit(x, labels)
+        scaler, logistic = estimator[-2], estimator[-1]
         classes = tuple(str(c) for c in logistic.classes_)
         coef, intercept = logistic.coef_, logistic.intercept_
         if len(classes) == 2:  # sklearn keeps one score for two classes: the second's against the first
             coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-        params = {"C": knob, "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
+        params = {"C": candidate.knob, "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
                   "coef": np.round(coef, 8).tolist(), "intercept": np.round(intercept, 8).tolist()}
+        if candidate.kind == "pairs":
+            params["pairs"] = all_pairs(len(candidate.features))
     else:
+        estimator = _phase_estimator(candidate).fit(x, labels)
         tree = estimator.tree_
         classes = tuple(str(c) for c in estimator.classes_)
-        params = {"max_depth": int(knob), "feature": tree.feature.tolist(), "threshold": tree.threshold.tolist(),
-                  "left": tree.children_left.tolist(), "right": tree.children_right.tolist(),
-                  "value": np.round(tree.value[:, 0, :], 8).tolist(),
-                  "importances": dict(zip(FEATURES, np.round(estimator.feature_importances_, 6).tolist()))}
+        params = {"max_depth": int(candidate.knob), "feature": tree.feature.tolist(),
+                  "threshold": tree.threshold.tolist(), "left": tree.children_left.tolist(),
+                  "right": tree.children_right.tolist(), "value": np.round(tree.value[:, 0, :], 8).tolist(),
+                  "importances": dict(zip(candidate.features, np.round(estimator.feature_importances_, 6).tolist()))}
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     standard = (x - mean) / scale
@@ -283,8 +369,8 @@ def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None) -> tuple[
     gain = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": np.round(ridge.coef_, 8).tolist(),
             "intercept": float(ridge.intercept_), "interval_half_width": float(np.quantile(np.abs(residuals), 0.95)),
             "cv_rmse": float(np.sqrt(np.mean(residuals ** 2)))}
-    name = f"{kind} ({'C' if kind == 'logistic' else 'depth'} {knob:g}) over {len(FEATURES)} theory quantities"
-    model = PhaseModel(name=name, kind=kind, features=FEATURES, classes=classes, params=params, gain=gain,
+    model = PhaseModel(name=_model_name(candidate), kind="tree" if candidate.kind == "tree" else "logistic",
+                       features=candidate.features, classes=classes, params=params, gain=gain,
                        provenance=dict(provenance or {}))
     return model, scores
 
@@ -356,14 +442,16 @@ class Calibration:
 PHASE, THEORY = "phase model", "theory, fitted constants"
 
 
-def calibrate(cells: pd.DataFrame, provenance: dict | None = None) -> Calibration:
-    """Fit the constants and the phase model on the ``fit`` cells and score every predictor on both splits."""
+def calibrate(cells: pd.DataFrame, provenance: dict | None = None,
+              candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> Calibration:
+    """Fit the constants and the phase model (chosen among ``candidates``) on the ``fit`` cells and score every
+    predictor on both splits."""
     cells = add_thresholds(cells[cells["measured"].notna()].reset_index(drop=True))
     fit = cells[cells["split"] == FIT]
     if fit.empty:
         raise ReportError("no fit cell has a paired verdict: calibration needs fit cells with >= 2 seeds")
     constants, boundaries, agreeing = fit_constants(fit)
-    phase, cv = fit_phase_model(fit, provenance)
+    phase, cv = fit_phase_model(fit, provenance, candidates)
     cells[THEORY] = predicted_outcomes(cells, constants)
     x = features_of(cells, phase.features)
     cells[PHASE] = phase.predict_outcomes(x)
@@ -377,8 +465,9 @@ def calibrate(cells: pd.DataFrame, provenance: dict | None = None) -> Calibratio
 
 
 def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
-               min_seeds: int = MIN_SEEDS) -> tuple[pd.DataFrame, int]:
-    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds.
+               min_seeds: int = MIN_SEEDS, held_out_uri: str | None = None) -> tuple[pd.DataFrame, int]:
+    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds
+    (held-out experiments are read from ``held_out_uri`` when given, else from ``tracking_uri``).
     Held-out runs must share no run seed with fit runs (no common random numbers across the split)."""
     overlap = set(fit) & set(held_out)
     if overlap:
@@ -387,7 +476,7 @@ def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
     tables, seeds = [], {FIT: set(), HELD_OUT: set()}
     for split, names in ((FIT, fit), (HELD_OUT, held_out)):
         for name in names:
-            runs = load_pipelines(tracking_uri, name)
+            runs = load_pipelines(held_out_uri if split == HELD_OUT and held_out_uri else tracking_uri, name)
             seeds[split] |= set(runs["params.seed"].astype(str)) if "params.seed" in runs else set()
             tables.append(cell_table(runs, name, split))
     shared = seeds[FIT] & seeds[HELD_OUT]
@@ -397,6 +486,73 @@ def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
     cells = pd.concat(tables, ignore_index=True)
     enough = cells["n_seeds"] >= min_seeds
     return cells[enough].reset_index(drop=True), int((~enough).sum())
+
+
+# ---- the noise ceiling ----------------------------------------------------------------------------------
+
+CEILING_METHODS = ("bootstrap", "normal")
+
+
+def replicate_verdicts(gains: np.ndarray, method: str, replicates: int, rng: np.random.Generator) -> np.ndarray:
+    """``replicates`` verdicts (+1 better, 0 no detectable difference, -1 worse) of the 95% paired t interval
+    on replicates of one cell's ``n`` paired gains: resampled with replacement (``bootstrap``) or drawn from a
+    normal with the gains' mean and sd (``normal``). Same rule as ``ptlab.report.runs.verdict``."""
+    from scipy import stats
+
+    gains = np.asarray(gains, float)
+    n = len(gains)
+    if n < 2:
+        raise ValueError(f"a cell with {n} gains: the paired t interval needs >= 2")
+    if method == "bootstrap":
+        draws = gains[rng.integers(0, n, size=(replicates, n))]
+    elif method == "normal":
+        draws = rng.normal(gains.mean(), gains.std(ddof=1), size=(replicates, n))
+    else:
+        raise ValueError(f"method={method}: one of {', '.join(CEILING_METHODS)}")
+    mean = draws.mean(axis=1)
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * draws.std(axis=1, ddof=1) / math.sqrt(n)
+    return np.where(mean - half > 0, 1, np.where(mean + half < 0, -1, 0))
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The noise ceiling of a set of cells: the mean over cells of each cell's ``cell_ceilings`` and a
+    bootstrap interval over cells."""
+
+    method: str
+    cells: int
+    ceiling: float
+    low: float
+    high: float
+    cell_ceilings: np.ndarray
+
+
+def noise_ceiling(gains_by_cell: Sequence[np.ndarray], method: str = "bootstrap", replicates: int = 2000,
+                  seed: int = 0, resamples: int = 2000) -> Ceiling:
+    """How often an oracle that knew each cell's mean gain (taken to be the observed one) could agree with
+    the cell's verdict: per cell, the largest of the three verdicts' frequencies over ``replicates``
+    replicate verdicts (``replicate_verdicts``); their mean over cells, with a 95% percentile interval over
+    ``resamples`` bootstrap resamples of the cells (seeded)."""
+    if not len(gains_by_cell):
+        raise ValueError("noise ceiling of no cells")
+    rng = np.random.default_rng(seed)
+    per_cell = np.array([np.bincount(replicate_verdicts(g, method, replicates, rng) + 1, minlength=3).max() / replicates
+                         for g in gains_by_cell])
+    means = per_cell[rng.integers(0, len(per_cell), size=(resamples, len(per_cell)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return Ceiling(method, len(per_cell), float(per_cell.mean()), float(low), float(high), per_cell)
+
+
+def ceiling_lines(cells: pd.DataFrame, replicates: int = 2000, seed: int = 0) -> list[str]:
+    """``noise_ceiling`` of every split (and experiment group) of ``cells`` by both methods, as printable lines."""
+    lines = []
+    for split, group in cells.groupby("split", sort=True):
+        for method in CEILING_METHODS:
+            c = noise_ceiling(list(group["gains"]), method, replicates, seed)
+            lines.append(f"noise ceiling, {split} cells ({c.cells}), {method}: {c.ceiling:.1%} "
+                         f"[{c.low:.1%}, {c.high:.1%}] (an oracle knowing each cell's mean gain; {replicates} "
+                         "replicate verdicts a cell)")
+    return lines
 
 
 def _percent(value: float) -> str:
@@ -444,9 +600,10 @@ def importance_lines(model: PhaseModel) -> list[str]:
         ranked = sorted(model.params["importances"].items(), key=lambda kv: -kv[1])
         return [f"  {name:<32} importance {value:.3f}" for name, value in ranked]
     coef = np.asarray(model.params["coef"])
+    names = [*model.features, *(f"{model.features[i]}*{model.features[j]}" for i, j in model.params.get("pairs", []))]
     order = np.argsort(-np.abs(coef).max(axis=0))
     header = "  " + " " * 32 + "".join(f"{c:>20}" for c in model.classes)
-    return [header, *(f"  {model.features[i]:<32}" + "".join(f"{v:>20.3f}" for v in coef[:, i]) for i in order)]
+    return [header, *(f"  {names[i]:<32}" + "".join(f"{v:>20.3f}" for v in coef[:, i]) for i in order)]
 
 
 def report_text(result: Calibration, dropped: int = 0) -> str:
@@ -480,7 +637,7 @@ def write_outputs(result: Calibration, out_dir: Path, text: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cells, agreement, report = (out_dir / "calibration_cells.csv", out_dir / "calibration_agreement.csv",
                                 out_dir / "calibration.txt")
-    result.cells.to_csv(cells, index=False)
+    result.cells.drop(columns=["gains"], errors="ignore").to_csv(cells, index=False)
     result.agreement().to_csv(agreement, index=False)
     report.write_text(text + "\n")
     return [cells, agreement, report]

@@ -49,7 +49,10 @@ def calibrate_main(argv: list[str]) -> int:
         HELD_OUT,
         MIN_SEEDS,
         PHASE,
+        PHASE_CANDIDATES,
+        REFERENCE_CANDIDATES,
         calibrate,
+        ceiling_lines,
         constants_yaml,
         load_cells,
         report_text,
@@ -62,6 +65,12 @@ def calibrate_main(argv: list[str]) -> int:
     parser.add_argument("--fit", nargs="+", required=True, help="MLflow experiments whose cells fit")
     parser.add_argument("--held-out", nargs="*", default=[], help="MLflow experiments whose cells only score")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
+    parser.add_argument("--held-out-tracking-uri", default=None, help="the store of the held-out experiments "
+                        "(default: --tracking-uri)")
+    parser.add_argument("--ceiling", action="store_true", help="also print each split's noise ceiling (how often "
+                        "an oracle knowing each cell's mean gain could agree with its verdict)")
+    parser.add_argument("--references", action="store_true", help="also cross-validate a random forest and "
+                        "gradient boosting beside the phase model's candidates (references only, never chosen)")
     parser.add_argument("--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out "
                         "(default: %(default)s)")
     parser.add_argument("--box", default="conf/design/calibration.yaml", help="the designs' box, recorded in the "
@@ -75,12 +84,15 @@ def calibrate_main(argv: list[str]) -> int:
     command = ("python -m ptlab.report calibrate --fit " + " ".join(args.fit)
                + (" --held-out " + " ".join(args.held_out) if args.held_out else ""))
     try:
-        cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds)
-        result = calibrate(cells)
+        cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds,
+                                    args.held_out_tracking_uri)
+        result = calibrate(cells, candidates=[*PHASE_CANDIDATES, *(REFERENCE_CANDIDATES if args.references else ())])
     except ReportError as err:
         print(f"ptlab.report calibrate: {err}", file=sys.stderr)
         return 2
     text = report_text(result, dropped)
+    if args.ceiling:
+        text += "\n" + "\n".join(ceiling_lines(result.cells))
     print(text)
     for path in write_outputs(result, Path(args.out), text):
         print(path)
