@@ -6,7 +6,8 @@ asks whether a score known before downstream training ranks the measured gain: f
 point) and over cells (seed means), each with a percentile bootstrap 95% interval (scipy.stats.bootstrap,
 pairs resampled, seeded). A score with a scratch reference (``logme`` beside ``logme_scratch``) also enters
 as its difference, since the gain itself is relative to scratch. Written: ``<experiment>_scores.csv|md`` and a
-scatter of each score against the gain (``<experiment>_scores.png|pdf``).
+scatter of each score against the gain (``<experiment>_scores.png|pdf``). With three swept keys or more, a gain heatmap
+over the first two for each combination of the others (``<experiment>_facet<i>.png|pdf``): arms are not pooled.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ptlab.report.generic import render_generic, sweep_keys
+from ptlab.report.generic import heatmap_figure, key_words, render_generic, sweep_keys
 from ptlab.report.runs import CONFIDENCE, GAIN
 
 SCORE_PREFIX = "metrics.transferability/"
@@ -108,19 +109,40 @@ def scatter_figure(runs: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
+def _save(figure: Figure, stem: Path) -> list[Path]:
+    paths = []
+    for suffix in ("png", "pdf"):
+        path = stem.with_name(f"{stem.name}.{suffix}")
+        figure.savefig(path, dpi=150)
+        paths.append(path)
+    return paths
+
+
+def facet_heatmaps(runs: pd.DataFrame, keys: Sequence[str], experiment: str, out_dir: Path) -> list[Path]:
+    """With three swept keys or more, the gain heatmap over the first two once per combination of the others
+    (``<experiment>_facet<i>``), instead of the generic figure's pooling over them: arms of a study are not pooled."""
+    paths: list[Path] = []
+    rest = list(keys[2:])
+    for i, (values, part) in enumerate(runs.groupby([runs[k].astype(str) for k in rest], sort=True)):
+        if part[keys[0]].nunique() < 1 or part[keys[1]].nunique() < 1:
+            continue
+        label = ", ".join(f"{key_words(k)} = {v}" for k, v in zip(rest, np.atleast_1d(values)))
+        paths += _save(heatmap_figure(part, keys[0], keys[1], f"{experiment} ({label})"), out_dir / f"{experiment}_facet{i}")
+    return paths
+
+
 def render_study(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
-    """The generic cell table and figure, then the scores' rank correlations with the gain and their scatter."""
+    """The generic cell table and figure (with three keys or more: a heatmap per combination of the others), then the
+    scores' rank correlations with the gain and their scatter."""
     paths = render_generic(runs, experiment, out_dir)
+    keys = sweep_keys(runs)
+    if len(keys) >= 3 and GAIN in runs.columns:
+        paths += facet_heatmaps(runs, keys, experiment, out_dir)
     if GAIN not in runs.columns or not score_columns(runs):
         return paths
-    table = correlation_table(runs, sweep_keys(runs))
+    table = correlation_table(runs, keys)
     csv, md = out_dir / f"{experiment}_scores.csv", out_dir / f"{experiment}_scores.md"
     table.to_csv(csv, index=False)
     md.write_text(_markdown(table))
     paths += [csv, md]
-    figure = scatter_figure(runs, experiment)
-    for suffix in ("png", "pdf"):
-        path = out_dir / f"{experiment}_scores.{suffix}"
-        figure.savefig(path, dpi=150)
-        paths.append(path)
-    return paths
+    return paths + _save(scatter_figure(runs, experiment), out_dir / f"{experiment}_scores")
