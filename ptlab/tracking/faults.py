@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ptlab.errors import StoreError, Terminated
+from ptlab.tracking.store_template import discard_template, new_store_from_template
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -159,15 +160,23 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
     """Create an SQLite tracking database's tables under a file lock (MLflow's own first-use set-up is
-    not safe when two jobs start on a new file at once) and, with ``wal``, switch it to WAL journaling
-    (once; kept in the file). Returns the journal mode in effect, ``None`` for a non-SQLite store."""
+    not safe when two jobs start on a new file at once; a new file is a copy of the pre-migrated template,
+    ``ptlab.tracking.store_template``) and, with ``wal``, switch it to WAL journaling (once; kept in the
+    file). Returns the journal mode in effect, ``None`` for a non-SQLite store."""
     path = sqlite_path(tracking_uri)
     if path is None:
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=300):
-            MlflowClient(tracking_uri).search_experiments(max_results=1)
+            from_template = (not path.exists() or path.stat().st_size == 0) and new_store_from_template(path)
+            try:
+                MlflowClient(tracking_uri).search_experiments(max_results=1)
+            except MlflowException:
+                if from_template:  # not at MLflow's head after all: drop the copy and the template (rebuilt next time)
+                    discard_template()
+                    path.unlink(missing_ok=True)
+                raise
             connection = sqlite3.connect(path, timeout=60)
             try:
                 mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
