@@ -49,8 +49,14 @@ def load() -> str:
     return "load " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+THREADS: list[int | None] = [None]
+"""``--threads``: OMP_NUM_THREADS of every timed process (None: torch's default, one per core)."""
+
+
 def env(templates: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "PTLAB_STORE_TEMPLATES": str(templates)}
+    threads = {"OMP_NUM_THREADS": str(THREADS[0])} if THREADS[0] else {}
+    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "PTLAB_STORE_TEMPLATES": str(templates),
+            **threads}
 
 
 def timed(cmd: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -78,38 +84,42 @@ def same_accuracies(ptlab: dict[str, dict[str, float]], plain: dict[str, dict[st
                for s in ptlab)
 
 
-def part_single(root: Path, rounds: int) -> None:
+def part_single(root: Path, rounds: int, before: str | None) -> None:
     print(f"\n(single) python -m ptlab (default config, new SQLite store) vs benchmarks/plain_loop.py, {rounds} rounds,"
-          " alternating, whole processes")
+          " alternating (the order rotated each round), whole processes"
+          + (f"; also this repository's commit {before} (git archive)" if before else ""))
     templates = root / "templates"
     environ = env(templates)
-    ptlab_cmd = [sys.executable, "-m", "ptlab"]
-    plain_cmd = [sys.executable, str(REPO / "benchmarks" / "plain_loop.py")]
-    cold, _ = timed(ptlab_cmd, root / "single" / "cold", environ)
+    commands = {"ptlab": ([sys.executable, "-m", "ptlab"], environ),
+                "plain": ([sys.executable, str(REPO / "benchmarks" / "plain_loop.py")], environ)}
+    if before:
+        tree = root / "before"
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", before], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        commands["before"] = ([sys.executable, "-m", "ptlab"], {**environ, "PYTHONPATH": str(tree)})
+    cold, _ = timed(commands["ptlab"][0], root / "single" / "cold", environ)
     print(f"    first run, building the store template: {cold:.2f} s   ({load()})")
+    names = list(commands)
     rows, ratios = [], []
     for k in range(rounds):
-        order = ("ptlab", "plain") if k % 2 == 0 else ("plain", "ptlab")
-        seconds = {}
-        for name in order:
+        seconds, finals = {}, {}
+        for name in names[k % len(names):] + names[:k % len(names)]:
             cwd = root / "single" / f"{name}{k}"
-            seconds[name], done = timed(ptlab_cmd if name == "ptlab" else plain_cmd, cwd, environ)
-            if name == "plain":
-                plain_final = json.loads(done.stdout.strip().splitlines()[-1])
-            else:
-                ptlab_result = ptlab_final(cwd)
-        equal = same_accuracies(ptlab_result, plain_final)
+            seconds[name], done = timed(*commands[name][:1], cwd, commands[name][1])
+            finals[name] = json.loads(done.stdout.strip().splitlines()[-1]) if name == "plain" else ptlab_final(cwd)
+        equal = same_accuracies(finals["ptlab"], finals["plain"])
         ratios.append(seconds["plain"] / seconds["ptlab"])
         rows.append(seconds)
-        print(f"    round {k + 1}: ptlab {seconds['ptlab']:.2f} s, plain {seconds['plain']:.2f} s, ratio "
-              f"{ratios[-1]:.2f}x, equal final accuracies: {equal}   ({load()})")
+        print(f"    round {k + 1}: " + ", ".join(f"{name} {seconds[name]:.2f} s" for name in names)
+              + f"; plain / ptlab {ratios[-1]:.2f}x, equal final accuracies: {equal}   ({load()})")
         if not equal:
-            print(f"      ptlab {ptlab_result}\n      plain {plain_final}")
-    median_ptlab = statistics.median(r["ptlab"] for r in rows)
-    median_plain = statistics.median(r["plain"] for r in rows)
+            print(f"      ptlab {finals['ptlab']}\n      plain {finals['plain']}")
+    medians = {name: statistics.median(r[name] for r in rows) for name in names}
     ratio = statistics.median(ratios)
-    print(f"    medians: ptlab {median_ptlab:.2f} s, plain loop {median_plain:.2f} s; median ratio {ratio:.2f}x "
-          f"(bar: >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
+    print("    medians: " + ", ".join(f"{name} {medians[name]:.2f} s" for name in names)
+          + f"; median of the per-round ratios plain / ptlab {ratio:.2f}x (bar: >= 1.5x: "
+          f"{'met' if ratio >= 1.5 else 'NOT met'})")
 
 
 IMPORT_PROBE = """
@@ -273,15 +283,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of: " + ", ".join(PARTS))
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the single part")
+    parser.add_argument("--before", default=None, help="a commit whose default run joins the single part's rounds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of the timed processes (default: unset, one thread per core)")
     args = parser.parse_args()
+    THREADS[0] = args.threads
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     root = Path(tempfile.mkdtemp(prefix="bench_speed_"))
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, {load()}; outputs under {root}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads "
+          f"{args.threads or 'default'}, {load()}; outputs under {root}")
     if "single" in parts:
-        part_single(root, args.rounds)
+        part_single(root, args.rounds, args.before)
     if "costs" in parts:
         part_costs(root)
     if "batch" in parts:
