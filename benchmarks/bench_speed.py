@@ -145,6 +145,17 @@ prepare_sqlite_store("sqlite:///" + sys.argv[1])
 print(f"{time.perf_counter() - start:.3f}")
 """
 
+COMPOSE_PROBE = """
+import time
+from ptlab.cli import _compose
+times = []
+for _ in range(4):
+    start = time.perf_counter()
+    _compose([])
+    times.append(time.perf_counter() - start)
+print(" ".join(f"{t:.3f}" for t in times))
+"""
+
 FIGURE_PROBE = """
 import sys, tempfile, time
 from pathlib import Path
@@ -190,6 +201,10 @@ def part_costs(root: Path) -> None:
                                          check=True, env={**environ, "PTLAB_STORE_TEMPLATES": templates_env}).stdout
         print(f"    new SQLite store (run {k + 1}): from the template {float(store['template']):.3f} s, by MLflow's "
               f"migrations {float(store['migrations']):.3f} s   ({load()})")
+    composes = subprocess.run([sys.executable, "-c", COMPOSE_PROBE], env=environ, capture_output=True, text=True,
+                              check=True).stdout.split()
+    print(f"    Hydra compositions of the default config in one process: {', '.join(composes)} s (a run composed 4 "
+          f"before this change: the preflight twice, @hydra.main twice; now once)   ({load()})")
     figure = [float(subprocess.run([sys.executable, "-c", FIGURE_PROBE], env=environ, capture_output=True, text=True,
                                    check=True).stdout) for _ in range(2)]
     print(f"    decomposition.png (matplotlib import, drawing, savefig): {figure[0]:.2f} s, {figure[1]:.2f} s   "
