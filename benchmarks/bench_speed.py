@@ -212,10 +212,8 @@ def part_costs(root: Path) -> None:
 
 
 def part_batch() -> None:
-    import torch
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import plain_loop
+    import torch
     from bench_gram import config
 
     from ptlab.engines.gram import GramCell, run_cells
@@ -244,8 +242,6 @@ def part_batch() -> None:
 
 def part_fig2(root: Path) -> None:
     import torch
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_gram import config, final_test_acc, matmul_peak, training_flops
 
     from ptlab.engines.gram import GramCell, iter_chunks
@@ -303,6 +299,8 @@ def main() -> None:
                         help="OMP_NUM_THREADS of the timed processes (default: unset, one thread per core)")
     args = parser.parse_args()
     THREADS[0] = args.threads
+    sys.stdout.reconfigure(line_buffering=True)  # each line out as soon as it is measured (parts are long)
+    sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # the in-process parts use this tree's ptlab
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
