@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
@@ -186,10 +187,12 @@ def with_preset_sweeps(overrides: list[str]) -> list[str]:
     return preset + overrides
 
 
-def job_configs(jobs: list[list[str]], multirun: bool) -> Iterator[tuple[DictConfig, str]]:
+def job_configs(jobs: list[list[str]], multirun: bool, first_composed: DictConfig | None = None
+                ) -> Iterator[tuple[DictConfig, str]]:
     """``compose_job`` of each override list; a list that differs from the first only in plain ``key=value``
     overrides (``is_value_override``) is the first one's config with those values set, without a Hydra compose
-    (about 0.25 s each: the 100 sweep values of kou2023 took about 15 s)."""
+    (about 0.25 s each: the 100 sweep values of kou2023 took about 15 s). ``first_composed``: ``_compose(jobs[0])``
+    when the caller has it already."""
     parser = OverridesParser.create()
     first: tuple[DictConfig, str, list[str]] | None = None  # composed (with hydra), output dir, non-value overrides
 
@@ -203,7 +206,8 @@ def job_configs(jobs: list[list[str]], multirun: bool) -> Iterator[tuple[DictCon
         if first is not None and others == first[2]:
             composed, output_dir = first[0], first[1]
         else:
-            composed, values = _compose(job), []
+            composed = first_composed if first is None and first_composed is not None else _compose(job)
+            values = []
             HydraConfig().set_config(composed)
             output_dir = str(composed.hydra.sweep.dir if multirun else composed.hydra.run.dir)
             if first is None:
@@ -310,9 +314,16 @@ def gpu_elsewhere(launcher: DictConfig) -> bool:
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate the config of every job of ``argv`` (every sweep value, and every job of a sweep
     of up to ``MAX_JOBS_CHECKED``), and check what each builds; the error line, or ``None``."""
+    return checked_config(argv)[0]
+
+
+def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
+    """``preflight``'s error line (or ``None``) and the first job's composed config, with its ``hydra`` node
+    (``None`` on an error or for a page such as ``--help``): a single run starts from it (``run_composed``)."""
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
-        return None
+        return None, None
+    first = None
     try:
         _SOURCE[0] = ConfigSource.from_args(args)
         parser = OverridesParser.create()
@@ -325,19 +336,19 @@ def preflight(argv: list[str]) -> str | None:
         check_added_keys(parser.parse_overrides(jobs[0]), first)
         elsewhere = gpu_elsewhere(first.hydra.launcher) if args.multirun else False
         batched = args.multirun and str(first.hydra.launcher.get("_target_", "")).endswith("PtlabGramLauncher")
-        for cfg, output_dir in job_configs(jobs, args.multirun):
+        for cfg, output_dir in job_configs(jobs, args.multirun, first):
             validate(cfg)
             if batched and cfg.engine.get("name") == "gram" and cfg.task.name == "synthetic":
                 check_gram_cells(cfg)  # the batched sweep trains gram cells (what a single gram run allows may not be)
             check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir",
                         gpu_elsewhere=elsewhere)
     except OverrideParseException as err:
-        return f"could not read the overrides: {str(err).splitlines()[0]}"
+        return f"could not read the overrides: {str(err).splitlines()[0]}", None
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
-        return describe_error(err, _default_keys())
+        return describe_error(err, _default_keys()), None
     finally:
         _SOURCE[0] = ConfigSource()  # compose_config and the next preflight read the repository's conf/ again
-    return None
+    return None, first
 
 
 def _default_keys() -> list[str]:
@@ -399,16 +410,61 @@ def _as_ptlab_command(argv: list[str]) -> int | None:
     return None
 
 
+def runs_composed(argv: list[str], composed: DictConfig | None) -> bool:
+    """Whether ``argv`` is one plain run (no ``-m``, no page such as ``--cfg``, the default config source) that
+    ``run_composed`` can start from the preflight's config."""
+    args = get_args_parser().parse_args(argv)
+    plain = not (args.multirun or args.cfg or args.info or args.resolve or args.package or args.experimental_rerun
+                 or args.config_path or args.config_dir or args.config_name)
+    return plain and composed is not None and composed.hydra.mode in (None, RunMode.RUN)
+
+
+def run_composed(cfg: DictConfig) -> None:
+    """Run the job of the preflight's composed config as ``@hydra.main`` runs one (``Hydra.run``: its callbacks,
+    then ``run_job``: the run folder, ``.hydra/``, the job's logging), without composing the config twice more
+    (``@hydra.main`` composes it to read ``hydra.mode``, then again to run it: about 0.3 s each)."""
+    from hydra._internal.callbacks import Callbacks  # private, as Hydra.run builds them
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path, run_and_report
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext
+
+    def run() -> None:
+        GlobalHydra.instance().clear()
+        hydra = Hydra.create_main_hydra2(task_name="ptlab", config_search_path=create_config_search_path(CONFIG_DIR))
+        try:
+            configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+            if cfg.hydra.mode is None:  # recorded in .hydra/hydra.yaml as @hydra.main records it
+                with read_write(cfg.hydra):
+                    cfg.hydra.mode = RunMode.RUN
+                    cfg.hydra.overrides.hydra.append("hydra.mode=RUN")
+            callbacks = Callbacks(cfg)
+            callbacks.on_run_start(config=cfg, config_name="config")
+            ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+                          task_function=hydra_main.__wrapped__, config=cfg, job_dir_key="hydra.run.dir",
+                          job_subdir_key=None, configure_logging=True)
+            callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+            _ = ret.return_value  # raises the job's exception, as Hydra.run does
+        finally:
+            GlobalHydra.instance().clear()
+
+    run_and_report(run)
+
+
 def main() -> None:
-    """``ptlab [-m] [overrides]`` (also ``python -m ptlab``): preflight, then Hydra."""
+    """``ptlab [-m] [overrides]`` (also ``python -m ptlab``): preflight, then Hydra (a plain run starts from the
+    preflight's composed config: ``run_composed``)."""
     if _as_ptlab_command(sys.argv[1:]) == 0:
         return
-    error = preflight(sys.argv[1:])
+    error, composed = checked_config(sys.argv[1:])
     if error:
         print(f"ptlab: {error}", file=sys.stderr)
         raise SystemExit(2)
     if not any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
-        hydra_main()
+        if runs_composed(sys.argv[1:], composed):
+            run_composed(composed)
+        else:
+            hydra_main()
         return
     from ptlab.errors import Terminated
     from ptlab.processes import SWEEP_PID_ENV, forward_stop_signals

@@ -384,6 +384,8 @@ class LoggerSchema:
     artifact_location: Optional[str] = None
     # SQLite stores only: WAL journaling so parallel jobs do not block each other (ptlab.tracking.faults).
     sqlite_wal: bool = True
+    # Draw decomposition.png (every stage's curves) on a synthetic pipeline's parent run: about 1 s a run.
+    figures: bool = False
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("mlflow", "none"))

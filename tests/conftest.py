@@ -23,6 +23,13 @@ SMALL = [
 """Overrides that make a synthetic pipeline take about a second."""
 
 
+@pytest.fixture(autouse=True, scope="session")
+def store_templates(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """New SQLite stores copy their pre-migrated template from a folder of this test session (subprocesses too),
+    not from the user's cache (``ptlab.tracking.store_template``)."""
+    os.environ.setdefault("PTLAB_STORE_TEMPLATES", str(tmp_path_factory.mktemp("store_templates")))
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store under tmp_path."""

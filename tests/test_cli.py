@@ -102,3 +102,42 @@ def test_sweep_values_reuse_one_composition() -> None:
 
 def test_a_bad_sweep_value_names_its_key_once() -> None:
     assert preflight(["-m", "task.d=50,abc"]) == "task.d: Value 'abc' of type 'str' could not be converted to Integer"
+
+
+def test_a_run_composes_its_config_once_and_writes_what_hydra_main_writes(tmp_path, monkeypatch):
+    """A plain run starts from the preflight's composition (``run_composed``); ``--config-name config`` takes
+    ``@hydra.main``'s own path (two more compositions): the same run folder, ``.hydra/`` files, log and results."""
+    import sys
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    import ptlab.cli
+
+    args = [*SMALL, "logger=none", "cache.enabled=false", "seed=2"]
+    counted = []
+    original = ConfigLoaderImpl.load_configuration
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration",
+                        lambda self, *a, **k: counted.append(1) or original(self, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ptlab", *args, "hydra.run.dir=composed"])
+    ptlab.cli.main()
+    assert len(counted) == 1
+    hydra_path = run_cli(["--config-name", "config", *args, "hydra.run.dir=hydra_main"], cwd=tmp_path)
+    assert hydra_path.returncode == 0, hydra_path.stderr[-2000:]
+
+    def written(folder: str) -> dict:
+        out = tmp_path / folder
+        hydra = OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra
+        summary = json.loads((out / "summary.json").read_text())
+        return {"config": OmegaConf.load(out / ".hydra" / "config.yaml"),
+                "overrides": OmegaConf.load(out / ".hydra" / "overrides.yaml"),
+                "hydra": {"mode": hydra.mode, "overrides": hydra.overrides.hydra[-1:], "job": hydra.job.name,
+                          "choices": hydra.runtime.choices, "callbacks": hydra.callbacks},
+                "log": [line.split(" - ", 1)[1] for line in (out / "ptlab.log").read_text().splitlines()
+                        if " - " in line and " done in " not in line],
+                "results": {stage: summary[stage]["test_acc"] for stage in ("upstream", "transfer", "scratch")}}
+
+    composed, hydra_main = written("composed"), written("hydra_main")
+    assert composed == hydra_main
+    assert list(composed["overrides"]) == args
+    assert composed["hydra"]["overrides"] == ["hydra.mode=RUN"] and composed["log"]

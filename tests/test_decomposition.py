@@ -84,7 +84,7 @@ def test_callback_records_every_eval_step_and_the_final_model() -> None:
 
 def test_pipeline_logs_decomposition_theory_and_figure(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("task.u_norm=2.0", "task.v_norm=2.0", "model.width=8", "train.upstream_steps=100",
-                   "transfer.alpha=0.5", "logger.experiment_name=decomp")
+                   "transfer.alpha=0.5", "logger.experiment_name=decomp", "logger.figures=true")
     summary = run_pipeline(cfg, tmp_path / "out")
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
@@ -93,6 +93,8 @@ def test_pipeline_logs_decomposition_theory_and_figure(make_cfg, tmp_path: Path)
     # MLflow shows 6 significant digits (record.exact)
     assert parent.data.metrics["theory/threshold_term"] == pytest.approx(summary["theory"]["threshold_term"], rel=1e-5)
     assert "decomposition.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    no_figure = run_pipeline(make_cfg("logger.experiment_name=decomp_off"), tmp_path / "off")  # the default
+    assert "decomposition.png" not in {a.path for a in client.list_artifacts(no_figure["mlflow"]["parent_run_id"])}
 
     children = {run.data.tags["ptlab.stage"]: run for run in client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}

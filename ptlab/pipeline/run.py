@@ -158,5 +158,6 @@ def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobCon
             from ptlab.pipeline.checkpoints import discard_checkpoints
 
             discard_checkpoints(cfg)
+        draw = synthetic and cfg.logger.get("figures", False)
         return record_pipeline(tracker, stages, output_dir, cfg.seed, context.choices, theory, extra,
-                               figure_title=figure_title(cfg) if synthetic else None, write_file=is_global_zero())
+                               figure_title=figure_title(cfg) if draw else None, write_file=is_global_zero())

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import random
 import signal
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -33,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from ptlab.errors import StoreError, Terminated
 from ptlab.processes import exit_at_once, in_sweep_worker
+from ptlab.tracking.store_template import discard_template, new_store_from_template
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -160,15 +163,26 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
     """Create an SQLite tracking database's tables under a file lock (MLflow's own first-use set-up is
-    not safe when two jobs start on a new file at once) and, with ``wal``, switch it to WAL journaling
-    (once; kept in the file). Returns the journal mode in effect, ``None`` for a non-SQLite store."""
+    not safe when two jobs start on a new file at once; a new file is a copy of the pre-migrated template,
+    ``ptlab.tracking.store_template``) and, with ``wal``, switch it to WAL journaling (once; kept in the
+    file). Returns the journal mode in effect, ``None`` for a non-SQLite store."""
     path = sqlite_path(tracking_uri)
     if path is None:
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=300):
-            MlflowClient(tracking_uri).search_experiments(max_results=1)
+            new = not path.exists() or path.stat().st_size == 0
+            from_template = new and new_store_from_template(path)
+            if new and not from_template:
+                migrate_aside(path)
+            try:
+                MlflowClient(tracking_uri).search_experiments(max_results=1)
+            except MlflowException:
+                if from_template:  # not at MLflow's head after all: drop the copy and the template (rebuilt next time)
+                    discard_template()
+                    path.unlink(missing_ok=True)
+                raise
             connection = sqlite3.connect(path, timeout=60)
             try:
                 mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
@@ -181,6 +195,18 @@ def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
             raise store_error(err, tracking_uri) from err
         raise
     return str(mode).lower()
+
+
+def migrate_aside(path: Path) -> None:
+    """MLflow's migrations of a new store, run on a file beside ``path`` that then replaces it: a run stopped during
+    the ~135 migrations (SQLite's schema changes are not one transaction) leaves no half-migrated store behind, which
+    MLflow could never open again ("duplicate column name")."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # MLflow caches by URI
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class _Signals:
