@@ -18,7 +18,7 @@ from torch import nn
 
 from ptlab.models.two_layer_cnn import TwoLayerReLUCNN
 from ptlab.registry import Registry
-from ptlab.transfer.controls import InheritedUnits
+from ptlab.transfer.controls import UnitBlock
 from ptlab.transfer.selection import Selector, choose, count_for
 
 
@@ -72,7 +72,7 @@ class TransferAdapter(ABC):
     def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
         """Copy the planned units from ``source`` into ``target`` in place."""
 
-    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[InheritedUnits]:
+    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[UnitBlock]:
         """The inherited units of ``target`` under ``plan``, for a ``transfer.control`` (``ptlab.transfer.controls``);
         ``ValueError`` for a family whose transfer has no filters."""
         raise ValueError(f"transfer.control is not defined for {type(self).__name__}: must be none")
@@ -112,9 +112,9 @@ class TwoLayerCNNFilters(TransferAdapter):
                 if source.bias is not None and target.bias is not None:
                     target.bias[j, idx] = source.bias[j, idx.to(source.bias.device)].to(target.bias)
 
-    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[InheritedUnits]:
+    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[UnitBlock]:
         """Filter ``w_{j,r}`` (d entries) of each copied position, per output j (the bias stays as copied)."""
-        return [InheritedUnits(row.target, target.weight.data[j], row.indices) for j, row in enumerate(plan)]
+        return [UnitBlock(row.target, target.weight.data[j], row.indices) for j, row in enumerate(plan)]
 
 
 ADAPTERS: Registry[type[TransferAdapter]] = Registry("transfer adapter")

@@ -33,7 +33,7 @@ CONTROLS = ("none", "norm_matched", "shuffled")
 
 
 @dataclass
-class InheritedUnits:
+class UnitBlock:
     """The inherited units of one layer: ``weight[rows]`` (restricted to ``weight[:, cols]`` when ``cols`` is set),
     ``weight`` the target's weight (or a view of it) with units along dim 0; ``name`` names the seed stream."""
 
@@ -65,7 +65,7 @@ def controlled(units: Tensor, draw: Tensor, control: str) -> Tensor:
 
 
 @torch.no_grad()
-def apply_control(control: str, units: list[InheritedUnits], seed: int) -> None:
+def apply_control(control: str, units: list[UnitBlock], seed: int) -> None:
     """Replace the inherited units in place as ``control`` says (``none``: nothing)."""
     if control not in CONTROLS:
         raise ValueError(f"transfer.control={control!r} is not allowed: must be one of {', '.join(CONTROLS)}")

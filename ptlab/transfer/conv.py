@@ -49,7 +49,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ptlab.transfer.adapters import PlanRow, TransferAdapter
-from ptlab.transfer.controls import InheritedUnits
+from ptlab.transfer.controls import UnitBlock
 from ptlab.transfer.selection import Choice, Selector, choose, count_for
 
 UNITS = (nn.Conv2d, nn.Linear)
@@ -397,12 +397,12 @@ class CNNFilterTransfer(TransferAdapter):
                 copy_rows(source_state[source_key], target_state[target_key], row, inputs)
 
 
-    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[InheritedUnits]:
+    def units(self, target: nn.Module, plan: list[PlanRow]) -> list[UnitBlock]:
         """Each copied output channel of a conv or linear unit: its weight entries over the copied input channels
         (all of them, kernel included, unless element selection copied only some); biases, followers and stream
         norms stay as copied."""
         targets = {unit.name: unit for unit in conv_units(target)}
-        return [InheritedUnits(row.target, targets[row.target].conv.weight.data, row.indices, row.input_indices)
+        return [UnitBlock(row.target, targets[row.target].conv.weight.data, row.indices, row.input_indices)
                 for row in plan if row.indices and row.target in targets]
 
 
