@@ -54,6 +54,9 @@ def test_correlation_table_over_runs_and_cells() -> None:
     assert table.loc[("logme", "runs"), "ci_low"] > 0.8  # the gain follows logme
     assert table.loc[("logme", "cells"), "spearman"] == pytest.approx(1.0)  # cell means in the same order
     assert table.loc[("leep", "runs"), "ci_low"] < 0 < table.loc[("leep", "runs"), "ci_high"]  # noise: no ranking
+    unset = runs.assign(**{"params.task.u_norm": runs["params.task.u_norm"].where(runs["params.task.u_norm"] == "2.0")})
+    cells = correlation_table(unset, ["params.transfer.control", "params.task.u_norm"]).set_index(["score", "level"])
+    assert cells.loc[("logme", "cells"), "n"] == 4  # a key left unset (NaN) in some cells is a value of its own
 
 
 def test_study_renderer_writes_the_score_table(tmp_path) -> None:

@@ -75,7 +75,7 @@ def correlation_table(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         levels = {"runs": frame}
         if keys:
             grouped = pd.concat([frame, runs.loc[frame.index, list(keys)].astype(str)], axis=1)
-            levels["cells"] = grouped.groupby(list(keys))[["score", "gain"]].mean()
+            levels["cells"] = grouped.groupby(list(keys), dropna=False)[["score", "gain"]].mean()  # NaN: a key unset
         for level, points in levels.items():
             rho, low, high = spearman_interval(points["score"], points["gain"])
             rows.append({"score": name, "level": level, "n": len(points), "spearman": rho,
@@ -85,7 +85,7 @@ def correlation_table(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     shown = table.assign(
-        spearman=table["spearman"].map("{:+.2f}".format),
+        spearman=[f"{rho:+.2f}" if np.isfinite(rho) else "undefined (a constant side)" for rho in table["spearman"]],
         interval=[f"[{low:+.2f}, {high:+.2f}]" if np.isfinite(low) else "" for low, high in
                   zip(table["ci_low"], table["ci_high"])],
     )[["score", "level", "n", "spearman", "interval"]]
