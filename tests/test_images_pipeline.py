@@ -42,6 +42,7 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
     children = {run.data.tags["ptlab.stage"]: run for run in client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     assert set(children) == {"upstream", "transfer", "scratch"}
+    assert {run.data.tags["ptlab.precision"] for run in children.values()} == {"32-true"}  # auto, resolved on a CPU
     transfer_run = children["transfer"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(transfer_run)}
     assert {"transfer_plan.json", "transfer_plan.md"} <= artifacts

@@ -72,7 +72,7 @@ def test_single_batched_and_grid_give_the_same_summary(tmp_path: Path, device: s
     same_summary(without_mlflow(single), without_mlflow(grid))
 
 
-@pytest.mark.parametrize("layout", ["runs", "grid"])
+@pytest.mark.parametrize("layout", ["runs", pytest.param("grid", marks=pytest.mark.slow)])  # grid: also slow (suite time)
 def test_a_diverged_cell_fails_as_a_single_run_does(tmp_path: Path, layout: str) -> None:
     """One cell of two diverges: the sweep exits non-zero with the single run's line, no summary holds a null loss,
     the diverged cell is FAILED (its runs, or the grid run that lists it) and the other cell is kept."""

@@ -179,7 +179,7 @@ def test_command_lines_against_the_server(server: tuple[str, Path], tmp_path: Pa
     assert table["transfer_acc"].iloc[0] == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["runs", "grid"])
+@pytest.mark.parametrize("layout", ["runs", pytest.param("grid", marks=pytest.mark.slow)])  # grid: also slow (suite time)
 def test_batched_sweep_into_the_server(server: tuple[str, Path], tmp_path: Path, layout: str) -> None:
     """The batched gram launcher writes through MLflow's public client when the store is a server: every run ends
     FINISHED, children point at their parent, the curves, summaries and grid table arrive, and a grid rerun resumes."""

@@ -98,6 +98,10 @@ def on_gpu(cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+PRECISION_TAG = "ptlab.precision"
+"""A stage run's tag: the precision Lightning trained it in, ``train.precision=auto`` resolved."""
+
+
 def precision_for(cfg: DictConfig) -> str:
     """``train.precision``, with ``auto`` resolved to mixed precision on a GPU and 32-true on a CPU."""
     if cfg.train.precision != "auto":
@@ -138,6 +142,7 @@ def fit_image_stage(cfg: DictConfig, tracker: Tracker, stage: str, model: nn.Mod
                                       enable_progress_bar=cfg.train.progress_bar, num_sanity_val_steps=0,
                                       log_every_n_steps=1, check_val_every_n_epoch=cfg.train.eval_every_epochs)
     trainer.fit(module, datamodule=data, ckpt_path=checkpointing.ckpt_path)
+    tracker.set_tags({PRECISION_TAG: str(trainer.precision)}, stage=stage)  # what ran (train.precision may say auto)
     train_eval = module.evaluate(data.eval_dataloader(task.train))
     test_eval = module.evaluate(data.eval_dataloader(task.test))
     final = {"train_acc": train_eval["acc"], "test_acc": test_eval["acc"], "train_loss": train_eval["loss"],
