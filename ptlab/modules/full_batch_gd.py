@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_accuracy
 
 from ptlab.errors import DivergenceError
-from ptlab.modules.regularizers import FineTuning, Regularizer
+from ptlab.modules.regularizers import FineTunedModule, Regularizer
 
 
 def logistic_loss(margin: Tensor, y: Tensor) -> Tensor:
@@ -24,7 +22,7 @@ def sign_accuracy(margin: Tensor, y: Tensor) -> float:
     return binary_accuracy(margin, (y > 0).long(), threshold=0.5).item()
 
 
-class FullBatchGD(pl.LightningModule):
+class FullBatchGD(FineTunedModule, pl.LightningModule):
     """Plain GD with step ``lr`` (no momentum, no weight decay) on ``model``'s margin ``f(x)``.
 
     Step ``t`` of the curves is the model after ``t`` updates: ``train/loss`` at every step, and
@@ -39,8 +37,7 @@ class FullBatchGD(pl.LightningModule):
                  eval_every: int = 10, regularizer: Regularizer | None = None) -> None:
         super().__init__()
         self.model, self.lr, self.eval_every = model, lr, eval_every
-        self.regularizer = regularizer if regularizer is not None else Regularizer()
-        self.fine_tuning: FineTuning | None = None
+        self.init_fine_tuning(regularizer)
         self.eval_names = list(eval_sets or {})
         for name, (x, y) in (eval_sets or {}).items():
             self.register_buffer(f"eval_{name}_x", x, persistent=False)
@@ -55,20 +52,9 @@ class FullBatchGD(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.lr)
 
-    @property
-    def wants_inherited(self) -> bool:
-        """Whether ``ParameterTransfer`` should hand over the inherited units (a regulariser is set)."""
-        return self.regularizer.active
-
-    def inherit(self, masks: dict[str, Tensor], values: dict[str, Tensor]) -> None:
-        """Bind the regulariser to the units the transfer copied."""
-        self.fine_tuning = FineTuning(self.regularizer, self.model, masks, values)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        saved = self.fine_tuning.before_step(self.global_step) if self.fine_tuning is not None else None
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.fine_tuning is not None:
-            self.fine_tuning.after_step(saved, optimizer)
+    def fine_tuning_clock(self) -> int:
+        """freeze's ``k`` counts GD steps."""
+        return self.global_step
 
     def on_train_start(self) -> None:
         self._losses, self.curves, self.final = [], {}, {}

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from ptlab.modules.regularizers import FineTuning, Regularizer
+from ptlab.modules.regularizers import FineTunedModule, Regularizer
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "constant")
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(FineTunedModule, pl.LightningModule):
     """Cross-entropy training of ``model`` (logits of shape (N, num_classes))."""
 
     def __init__(self, model: nn.Module, num_classes: int, lr: float = 0.05, optimizer: str = "sgd",
@@ -43,24 +43,11 @@ class ImageClassifier(pl.LightningModule):
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.regularizer = regularizer if regularizer is not None else Regularizer()
-        self.fine_tuning: FineTuning | None = None
+        self.init_fine_tuning(regularizer)
 
-    @property
-    def wants_inherited(self) -> bool:
-        """Whether ``ParameterTransfer`` should hand over the inherited units (a regulariser is set)."""
-        return self.regularizer.active
-
-    def inherit(self, masks: dict[str, Tensor], values: dict[str, Tensor]) -> None:
-        """Bind the regulariser (``ptlab.modules.regularizers``) to the units the transfer copied: l2sp adds its
-        penalty to the loss, freeze and lr_scale scale the inherited entries' step in epoch ``current_epoch``."""
-        self.fine_tuning = FineTuning(self.regularizer, self.model, masks, values)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        saved = self.fine_tuning.before_step(self.current_epoch) if self.fine_tuning is not None else None
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.fine_tuning is not None:
-            self.fine_tuning.after_step(saved, optimizer)
+    def fine_tuning_clock(self) -> int:
+        """freeze's ``k`` counts epochs."""
+        return self.current_epoch
 
     @property
     def _use_channels_last(self) -> bool:

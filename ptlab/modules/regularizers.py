@@ -148,3 +148,36 @@ class FineTuning:
                         tensor.masked_fill_(mask, 0)
             else:
                 parameter.copy_(torch.where(mask, old + m * (parameter - old), parameter))
+
+
+class FineTunedModule:
+    """A LightningModule mixin (listed before ``pl.LightningModule``): the transfer stage's ``regularizer`` on the
+    units ``inherit`` names (``ParameterTransfer`` hands them over when ``wants_inherited``); l2sp's penalty is the
+    module's to add to its loss (``fine_tuning.penalty()``), freeze and lr_scale act around every optimizer step,
+    counted in ``fine_tuning_clock()`` units (GD steps or epochs)."""
+
+    model: nn.Module
+
+    def init_fine_tuning(self, regularizer: Regularizer | None) -> None:
+        """Set the regulariser (``None``: none); call in ``__init__``."""
+        self.regularizer = regularizer if regularizer is not None else Regularizer()
+        self.fine_tuning: FineTuning | None = None
+
+    @property
+    def wants_inherited(self) -> bool:
+        """Whether ``ParameterTransfer`` should hand over the inherited units (a regulariser is set)."""
+        return self.regularizer.active
+
+    def inherit(self, masks: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+        """Bind the regulariser to the units the transfer copied."""
+        self.fine_tuning = FineTuning(self.regularizer, self.model, masks, values)
+
+    def fine_tuning_clock(self) -> int:
+        """What freeze's ``k`` counts, now."""
+        raise NotImplementedError
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        saved = self.fine_tuning.before_step(self.fine_tuning_clock()) if self.fine_tuning is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
+        if self.fine_tuning is not None:
+            self.fine_tuning.after_step(saved, optimizer)
