@@ -66,3 +66,25 @@ def test_study_renderer_writes_the_score_table(tmp_path) -> None:
     assert {"study_controls.md", "study_controls_scores.md", "study_controls_scores.png"} <= names
     text = (tmp_path / "study_controls_scores.md").read_text()
     assert "logme - logme_scratch" in text and "bootstrap interval" in text
+
+
+def test_options_of_some_arms_fold_into_the_arm_and_each_other_key_gets_a_facet(tmp_path) -> None:
+    """``regularizer.lam`` exists only beside l2sp: it joins the arm's label (``l2sp lam=0.1``), so the heatmaps are
+    arm x ||u||, one per alpha, and no arm is dropped as a NaN column."""
+    from ptlab.report.study import _fold_partial_keys, facet_heatmaps
+
+    rows = []
+    for arm, lam in (("none", None), ("l2sp", "0.01"), ("l2sp", "0.1"), ("freeze", None)):
+        for u in ("0.0", "2.0"):
+            for alpha in ("0.5", "1.0"):
+                for seed in range(3):
+                    rows.append({"params.regularizer.name": arm, "params.regularizer.lam": lam, "params.task.u_norm": u,
+                                 "params.transfer.alpha": alpha, "params.seed": str(seed),
+                                 "metrics.transfer_gain": 0.01 * seed})
+    runs = pd.DataFrame(rows)
+    keys = ["params.regularizer.name", "params.regularizer.lam", "params.task.u_norm", "params.transfer.alpha"]
+    folded, kept = _fold_partial_keys(runs, keys)
+    assert kept == ["params.regularizer.name", "params.task.u_norm", "params.transfer.alpha"]
+    assert sorted(set(folded["params.regularizer.name"])) == ["freeze", "l2sp lam=0.01", "l2sp lam=0.1", "none"]
+    paths = facet_heatmaps(runs, keys, "study_x", tmp_path)
+    assert sorted(p.name for p in paths if p.suffix == ".png") == ["study_x_facet0.png", "study_x_facet1.png"]

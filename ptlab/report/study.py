@@ -118,16 +118,32 @@ def _save(figure: Figure, stem: Path) -> list[Path]:
     return paths
 
 
+def _fold_partial_keys(runs: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Keys that some runs leave unset (``regularizer.lam`` beside ``regularizer=freeze``) are options of an arm: folded
+    into the first fully set key's label (``l2sp lam=0.1``), so an arm is one row of a heatmap, not a facet."""
+    partial = [k for k in keys if runs[k].isna().any() and runs[k].notna().any()]
+    whole = [k for k in keys if k not in partial]
+    if not partial or not whole:
+        return runs, list(keys)
+    arm = whole[0]
+    labels = [str(row[arm]) + "".join(f" {k.rsplit('.', 1)[-1]}={row[k]}" for k in partial if pd.notna(row[k]))
+              for _, row in runs.iterrows()]
+    return runs.assign(**{arm: labels}), whole
+
+
 def facet_heatmaps(runs: pd.DataFrame, keys: Sequence[str], experiment: str, out_dir: Path) -> list[Path]:
     """With three swept keys or more, the gain heatmap over the first two once per combination of the others
-    (``<experiment>_facet<i>``), instead of the generic figure's pooling over them: arms of a study are not pooled."""
+    (``<experiment>_facet<i>``), instead of the generic figure's pooling over them: arms of a study are not pooled
+    (options that only some arms have are folded into the arm's label first)."""
+    runs, keys = _fold_partial_keys(runs, keys)
+    if len(keys) < 3:
+        return _save(heatmap_figure(runs, keys[0], keys[1], experiment), out_dir / f"{experiment}_facet0") if len(
+            keys) == 2 else []
     paths: list[Path] = []
     rest = list(keys[2:])
     for i, (values, part) in enumerate(runs.groupby([runs[k].astype(str) for k in rest], sort=True)):
-        if part[keys[0]].nunique() < 1 or part[keys[1]].nunique() < 1:
-            continue
         label = ", ".join(f"{key_words(k)} = {v}" for k, v in zip(rest, np.atleast_1d(values)))
-        paths += _save(heatmap_figure(part, keys[0], keys[1], f"{experiment} ({label})"), out_dir / f"{experiment}_facet{i}")
+        paths += _save(heatmap_figure(part, keys[0], keys[1], f"{experiment}\n({label})"), out_dir / f"{experiment}_facet{i}")
     return paths
 
 
