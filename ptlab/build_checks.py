@@ -147,12 +147,14 @@ def check_download(name: str, timeout: float = DOWNLOAD_PROBE_S) -> None:
 
 
 def unreadable_image(path: Path) -> str | None:
-    """Why PIL cannot read ``path``'s header (format, size), or ``None``; the pixels are not decoded."""
+    """Why PIL cannot read ``path`` (its header: format, size; then ``verify``, which for PNG checks every chunk's
+    CRC, so truncated or damaged pixel data is caught without decoding it), or ``None``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             width, height = image.size  # parsed from the header
+            image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     return None if width and height else f"an image of {width} x {height} pixels"

@@ -49,6 +49,9 @@ def make_fixtures(tmp: Path) -> None:
     (tmp / "HOLE" / "dog" / "notes.txt").write_text("no image here")
     write_png_folder(tmp / "BROKEN", ("ant", "bee", "cat"))
     (tmp / "BROKEN" / "bee" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    write_png_folder(tmp / "DAMAGED", ("ant", "bee", "cat"))
+    whole = (tmp / "DAMAGED" / "cat" / "0.png").read_bytes()  # a valid header, then damaged pixel data
+    (tmp / "DAMAGED" / "cat" / "0.png").write_bytes(whole[:60] + bytes([whole[60] ^ 0xFF]) + whole[61:])
     (tmp / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     torch.save({"encoder.layer.weight": torch.zeros(3, 3)}, tmp / "foreign.pth")
     from safetensors.torch import save_file
@@ -94,6 +97,7 @@ BAD = [
     (["-m", *D, "task.k=9,2", "task.task2_classes=[3],[3,5]"], "task.k=9 is not allowed: must be in [1, 8]"),  # a pair
     ([*FOLDER, "task.root=HOLE"], "task.root='HOLE' is not allowed: class folder(s) dog hold no image"),
     ([*FOLDER, "task.root=BROKEN"], "is not a readable image (UnidentifiedImageError"),
+    ([*FOLDER, "task.root=DAMAGED"], "cat/0.png is not a readable image (SyntaxError"),
     ([*FOLDER, "task.task2_classes=[ant,eel]"], "task.task2_classes=['ant', 'eel'] is not allowed: eel not among"),
     ([*FOLDER, "task.n2=100"], "task.n2=100 is not allowed: it needs 50 training images of class ant"),
     (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=nothing_here", "task.download=true"],
