@@ -42,7 +42,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 from ptlab.cli import CONFIG_DIR, quiet_lightning
 from ptlab.data import SyntheticTransferData
@@ -50,6 +50,7 @@ from ptlab.engines.gram import GramCell, GramResult, iter_chunks, run_cells
 from ptlab.pipeline import run_pipeline, synthetic
 from ptlab.pipeline.run import make_engine
 from ptlab.pipeline.synthetic import make_data
+from ptlab.spec import PipelineSpec, parse
 from ptlab.tracking import NullTracker
 
 ENGINES = ("lightning", "gram")
@@ -58,7 +59,7 @@ GRID_U = [0.4 * i for i in range(10)]
 SEEDS = [0, 1]
 
 
-def config(overrides: list[str], tracking_uri: str) -> DictConfig:
+def config(overrides: list[str], tracking_uri: str) -> PipelineSpec:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"logger.tracking_uri={tracking_uri}", "cache.enabled=false", *overrides],
@@ -66,7 +67,7 @@ def config(overrides: list[str], tracking_uri: str) -> DictConfig:
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg
+    return parse(cfg)
 
 
 def timed_pipeline(overrides: list[str], out: Path) -> float:
@@ -78,7 +79,7 @@ def timed_pipeline(overrides: list[str], out: Path) -> float:
         return time.perf_counter() - start
 
 
-def stages_only(cfg: DictConfig, drawn: SyntheticTransferData) -> float:
+def stages_only(cfg: PipelineSpec, drawn: SyntheticTransferData) -> float:
     """Seconds of ``run_synthetic`` (models, the three stages, the transfer) on data drawn beforehand."""
     with mock.patch.object(synthetic, "make_data", lambda _: drawn):
         start = time.perf_counter()
@@ -174,10 +175,10 @@ def part_c(root: Path, workers: int | None) -> None:
         cfgs = [config(["logger=none", "engine=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "")
                 for i in range(20)]
         start = time.perf_counter()
-        run_cells([GramCell.from_config(cfg) for cfg in cfgs], max_cells=10, workers=workers)
+        run_cells([GramCell.from_spec(cfg) for cfg in cfgs], max_cells=10, workers=workers)
         batched_cell = (time.perf_counter() - start) / len(cfgs)
         start = time.perf_counter()
-        run_cells([GramCell.from_config(cfgs[0])])
+        run_cells([GramCell.from_spec(cfgs[0])])
         single = time.perf_counter() - start
         print(f"    {d:>6} {light:>34.2f} {batched_cell:>25.3f} {single:>12.3f}   ({load()})")
 
@@ -229,7 +230,7 @@ def part_f(workers: int | None) -> None:
     for d in (1000, 1_000_000):
         cfgs = [config(["logger=none", "engine=gram", "train.eval_every=100", "task.test_space=response",
                         "task.sampling=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "") for i in range(20)]
-        cells = [GramCell.from_config(cfg) for cfg in cfgs]
+        cells = [GramCell.from_spec(cfg) for cfg in cfgs]
         run_cells(cells[:1])
         start = time.perf_counter()
         run_cells(cells, max_cells=20, workers=workers)
@@ -287,7 +288,7 @@ def part_h(root: Path, peak: dict[str, float] | None, main_commit: str, seeds: i
     print(f"    this tree: {new_seconds:.1f} s: {launcher_line(new_err)}   ({load()})")
     speedup = main_seconds / new_seconds
     print(f"    speedup {speedup:.2f}x (bar: >= 3x: {'met' if speedup >= 3 else 'NOT met'})")
-    per_cell = training_flops(GramCell.from_config(config(["logger=none", "experiment=fig2"], "")))  # equal shapes
+    per_cell = training_flops(GramCell.from_spec(config(["logger=none", "experiment=fig2"], "")))  # equal shapes
     flops = per_cell * 400 * seeds
     print(f"    training FLOPs of the grid: {flops / 1e12:.2f} TFLOP ({per_cell / 1e9:.2f} GFLOP a cell)")
     cells = fig2_cells(seeds)
@@ -314,12 +315,12 @@ def fig2_cells(seeds: int) -> list[GramCell]:
     """The cells of ``experiment=fig2 seed=0..seeds-1 task.test_space=response task.sampling=gram``: one composed
     config's cell with the swept fields replaced (checked against composed configs at two corners)."""
     overrides = ["logger=none", "experiment=fig2", "task.test_space=response", "task.sampling=gram"]
-    base = GramCell.from_config(config(overrides, ""))
+    base = GramCell.from_spec(config(overrides, ""))
     norms = [round(0.2 * i, 1) for i in range(20)]
     cells = [dataclasses.replace(base, d=d, u_norm=u, seed=s)
              for d in range(500, 10500, 500) for u in norms for s in range(seeds)]
     for corner in (cells[0], cells[-1]):
-        composed = GramCell.from_config(config([*overrides, f"task.d={corner.d}", f"task.u_norm={corner.u_norm}",
+        composed = GramCell.from_spec(config([*overrides, f"task.d={corner.d}", f"task.u_norm={corner.u_norm}",
                                                 f"seed={corner.seed}"], ""))
         assert composed == corner, (composed, corner)
     return cells

@@ -15,9 +15,11 @@ import time
 
 import torch
 
-from ptlab.cli import compose_config, quiet_lightning
+from ptlab.cli import compose_spec, quiet_lightning
+from ptlab.engines.base import Stage
+from ptlab.engines.lightning import LightningEngine
 from ptlab.modules import logistic_loss, sign_accuracy
-from ptlab.pipeline.synthetic import NullTracker, build_model, fit_stage, make_data
+from ptlab.pipeline.synthetic import build_model, make_data
 
 
 def plain_fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor,
@@ -46,22 +48,25 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     quiet_lightning()
-    cfg = compose_config(["logger=none", "cache.enabled=false", *args.overrides])
-    data = make_data(cfg)
-    stages = [("upstream", cfg.upstream_model, data.task1_train, data.task1_test, cfg.train.upstream_steps),
-              ("scratch", cfg.model, data.task2_train, data.task2_test, cfg.train.downstream_steps)]
-    print(f"d={cfg.task.d} m={cfg.model.width} N1={cfg.task.n1} N2={cfg.task.n2} T1={cfg.train.upstream_steps} "
-          f"T2={cfg.train.downstream_steps} eval_every={cfg.train.eval_every} threads={torch.get_num_threads()}")
+    spec = compose_spec(["logger=none", "cache.enabled=false", "engine=lightning", *args.overrides])
+    data = make_data(spec)
+    train_cfg, task = spec.train, spec.task
+    stages = [("upstream", 1, data.task1_train, data.task1_test, train_cfg.upstream_steps),
+              ("downstream", 2, data.task2_train, data.task2_test, train_cfg.downstream_steps)]
+    print(f"d={task.d} m={spec.model.width} N1={task.n1} N2={task.n2} T1={train_cfg.upstream_steps} "
+          f"T2={train_cfg.downstream_steps} eval_every={train_cfg.eval_every} threads={torch.get_num_threads()}")
+    lightning = LightningEngine(trainer=dict(spec.trainer))
     best = {"lightning": float("inf"), "plain": float("inf")}
     for _ in range(args.repeats):
         for engine in ("plain", "lightning"):
             start = time.perf_counter()
-            for stage, model_cfg, train, test, steps in stages:
-                model = build_model(model_cfg, cfg, stage)
+            for stream, task_id, train, test, steps in stages:
+                model = build_model(spec, stream)
                 if engine == "plain":
-                    plain_fit(model, train.x, train.y, test.x, test.y, cfg.train.lr, steps, cfg.train.eval_every)
+                    plain_fit(model, train.x, train.y, test.x, test.y, train_cfg.lr, steps, train_cfg.eval_every)
                 else:
-                    fit_stage(cfg, NullTracker(), stage, model, train, test, steps)
+                    lightning.train_stage(Stage(stream, model, train, test, steps, train_cfg.lr, train_cfg.eval_every,
+                                                data.directions, task_id, dtype=train_cfg.dtype))
             best[engine] = min(best[engine], time.perf_counter() - start)
     ratio = best["lightning"] / best["plain"]
     print(f"plain loop: {best['plain']:.3f} s   Lightning: {best['lightning']:.3f} s   "

@@ -159,11 +159,11 @@ print(" ".join(f"{t:.3f}" for t in times))
 FIGURE_PROBE = """
 import sys, tempfile, time
 from pathlib import Path
-from ptlab.cli import compose_config, quiet_lightning
+from ptlab.cli import compose_spec, quiet_lightning
 from ptlab.pipeline.run import figure_title, make_engine
 from ptlab.pipeline.synthetic import run_synthetic
 from ptlab.tracking import NullTracker
-cfg = compose_config(["logger=none", "cache.enabled=false"])
+cfg = compose_spec(["logger=none", "cache.enabled=false"])
 stages, _ = run_synthetic(cfg, make_engine(cfg), NullTracker())
 start = time.perf_counter()
 from ptlab.modules.decomposition import decomposition_figure
@@ -221,10 +221,10 @@ def part_batch() -> None:
     print("\n(batch) 40 fig2 cells (d = 500, 1000, 1500, 2000 x ||u|| = 0.0, 0.4, ..., 3.6, seed 0, T1 = 800, T2 = 400,"
           " eval every 100): plain loop cell after cell vs gram run_cells, in this process "
           f"({torch.get_num_threads()} threads)")
-    base = GramCell.from_config(config(["logger=none", "experiment=fig2"], ""))
+    base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
     grid = [(d, round(0.4 * i, 1)) for d in (500, 1000, 1500, 2000) for i in range(10)]
     cells = [dataclasses.replace(base, d=d, u_norm=u, seed=0) for d, u in grid]
-    corner = GramCell.from_config(config(["logger=none", "experiment=fig2", "task.d=2000", "task.u_norm=3.6"], ""))
+    corner = GramCell.from_spec(config(["logger=none", "experiment=fig2", "task.d=2000", "task.u_norm=3.6"], ""))
     assert corner == cells[-1], (corner, cells[-1])
     run_cells(cells[:1])
     start = time.perf_counter()
@@ -256,7 +256,7 @@ def part_fig2(root: Path) -> None:
     after = matmul_peak(threads)["float32"]
     peak = max(before, after)
     print(f"    peak after: {after:.1f} GFLOP/s; the peak used: {peak:.1f}   ({load()})")
-    base = GramCell.from_config(config(["logger=none", "experiment=fig2"], ""))
+    base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
     cells = [dataclasses.replace(base, d=d, u_norm=round(0.2 * i, 1), seed=s)
              for d in range(500, 10500, 500) for i in range(20) for s in range(5)]
     flops = sum(training_flops(cell) for cell in cells)

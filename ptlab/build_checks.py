@@ -341,9 +341,9 @@ GRAM_DEVICES = ("cpu", "cuda", "auto")
 def gram_device(cfg: Any) -> str:
     """Where ``engine=gram`` trains, one of ``GRAM_DEVICES``: ``engine.device`` as given, or with ``engine.device=null``
     the trainer's accelerator (``trainer=gpu``: cuda; ``auto``: auto; else cpu). ``cfg``: a ``DictConfig`` or a
-    resolved config read by attribute."""
+    resolved config (read as a mapping)."""
     trainer = cfg.get("trainer")
-    return device_choice(cfg.engine.get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
+    return device_choice(cfg["engine"].get("device"), trainer.get("accelerator") if isinstance(trainer, Mapping) else None)
 
 
 def device_choice(device: str | None, accelerator: str | None) -> str:

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -50,6 +51,9 @@ from ptlab.errors import DivergenceError
 from ptlab.paths import config_dir
 from ptlab.progress import start_line
 from ptlab.utils import flatten
+
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
 
 register_configs()
 
@@ -176,6 +180,13 @@ def compose_job(overrides: list[str], multirun: bool = False) -> tuple[DictConfi
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config ``python -m ptlab <overrides>`` would run (for tests, benchmarks and notebooks)."""
     return compose_job(overrides)[0]
+
+
+def compose_spec(overrides: list[str]) -> PipelineSpec:
+    """The spec ``python -m ptlab <overrides>`` would run: ``compose_config`` parsed (``ConfigError`` on a bad value)."""
+    from ptlab.spec import parse
+
+    return parse(compose_config(overrides))
 
 
 def with_preset_sweeps(overrides: list[str]) -> list[str]:

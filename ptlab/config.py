@@ -9,7 +9,7 @@ builds the dataclasses (running ``__post_init__``) and re-raises the first failu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +44,16 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
     _check(value in options, key, "one of " + ", ".join(options), value)
 
 
+class Schema:
+    """Base of the schemas: an instance is read-only once ``ptlab.spec`` has parsed it (Hydra composes on the
+    classes, OmegaConf builds instances while it checks them)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}: a parsed spec is read-only")
+        object.__setattr__(self, name, value)
+
+
 SIGNAL_POSITIONS = ("fixed", "random")
 """``task.signal_position`` (``ptlab.data.synthetic.SIGNAL_POSITIONS``)."""
 TEST_SPACES = ("dspace", "response")
@@ -58,7 +68,7 @@ imports torch; a test checks the lists agree)."""
 
 
 @dataclass
-class SyntheticTaskSchema:
+class SyntheticTaskSchema(Schema):
     """The two-patch data model of docs/design.md section 1."""
 
     name: str = "synthetic"
@@ -94,7 +104,7 @@ class SyntheticTaskSchema:
 
 
 @dataclass
-class NoiseSchema:
+class NoiseSchema(Schema):
     """Noise-patch standard deviations of task 1 (source) and task 2 (target)."""
 
     sigma_p1: float = 1.0
@@ -106,7 +116,7 @@ class NoiseSchema:
 
 
 @dataclass
-class ToyCNNSchema:
+class ToyCNNSchema(Schema):
     """The paper's two-layer ReLU CNN: ``width`` filters per output, init N(0, init_std^2)."""
 
     _target_: str = "ptlab.models.TwoLayerReLUCNN"
@@ -136,7 +146,7 @@ IMAGE_TASKS = ("cifar10", "cifar100", "digits", "image_folder", "fashion_mnist")
 
 
 @dataclass
-class ImageTaskSchema:
+class ImageTaskSchema(Schema):
     """An image task pair (ptlab.data.images): task 2 is ``task2_classes``, task 1 is ``k`` other classes."""
 
     name: str = "cifar10"
@@ -206,7 +216,7 @@ class ImageFolderTaskSchema(DigitsTaskSchema):
 
 
 @dataclass
-class TorchvisionCNNSchema:
+class TorchvisionCNNSchema(Schema):
     """Any torchvision classification model (ptlab.models.torchvision_cnn). ``arch`` is checked against
     torchvision's own list when the model is built (the CLI's check does not import torchvision)."""
 
@@ -223,7 +233,7 @@ class TorchvisionCNNSchema:
 
 
 @dataclass
-class TimmSchema:
+class TimmSchema(Schema):
     """Any timm model (ptlab.models.timm_model); ``name`` is checked against ``timm.list_models()`` when
     the model is built."""
 
@@ -245,7 +255,7 @@ imports torch; a test checks the lists agree)."""
 
 
 @dataclass
-class TransferSchema:
+class TransferSchema(Schema):
     """What the downstream model inherits from the upstream model."""
 
     kind: str = "filters"
@@ -325,7 +335,7 @@ REGULARIZERS = ("none", "l2sp", "freeze", "lr_scale")
 
 
 @dataclass
-class RegularizerSchema:
+class RegularizerSchema(Schema):
     """No regulariser on the inherited units (``regularizer=none``)."""
 
     name: str = "none"
@@ -375,7 +385,7 @@ class LRScaleSchema(RegularizerSchema):
 
 
 @dataclass
-class LoggerSchema:
+class LoggerSchema(Schema):
     """MLflow tracking; ``kind: none`` turns tracking off."""
 
     kind: str = "mlflow"
@@ -409,7 +419,7 @@ SCRATCH_BUDGETS = ("downstream", "matched")
 
 
 @dataclass
-class TrainSchema:
+class TrainSchema(Schema):
     """Full-batch gradient descent budgets (docs/design.md section 1)."""
 
     lr: float = 0.01
@@ -462,7 +472,7 @@ def scratch_length(upstream: int, downstream: int, budget: str) -> int:
 
 
 @dataclass
-class TheorySchema:
+class TheorySchema(Schema):
     """The unknown constants of the paper's Theorems 4.2, 4.3 and Proposition 4.4 (ptlab.theory)."""
 
     c1: float = 1.0
@@ -493,7 +503,7 @@ class TheorySchema:
 
 
 @dataclass
-class CacheSchema:
+class CacheSchema(Schema):
     """The upstream cache (ptlab.pipeline.cache): one upstream training per distinct upstream config."""
 
     enabled: bool = True
@@ -509,7 +519,7 @@ RESUME_MODES = ("multirun", "always", "never")
 
 
 @dataclass
-class ResumeSchema:
+class ResumeSchema(Schema):
     """Skip a pipeline whose config already has a FINISHED parent run (ptlab.pipeline.resume)."""
 
     skip_finished: str = "multirun"
@@ -521,7 +531,7 @@ class ResumeSchema:
 
 
 @dataclass
-class DevicesSchema:
+class DevicesSchema(Schema):
     """One GPU per parallel sweep job (ptlab.devices)."""
 
     per_job: bool = True
@@ -532,7 +542,7 @@ class DevicesSchema:
 
 
 @dataclass
-class TransferabilitySchema:
+class TransferabilitySchema(Schema):
     """LogME and LEEP after the transfer, before downstream training (ptlab.pipeline.transferability)."""
 
     enabled: bool = True
@@ -544,7 +554,7 @@ class TransferabilitySchema:
 
 
 @dataclass
-class PtlabSchema:
+class PtlabSchema(Schema):
     """The top level; groups are typed by their own schemas."""
 
     seed: int = 0
@@ -660,14 +670,15 @@ def is_value_override(override: Override, config: DictConfig) -> bool:
     return isinstance(node, DictConfig) and isinstance(node._get_node(leaf, throw_on_missing_key=False), ValueNode)
 
 
-def check_gram_engine(cfg: Any) -> None:
+def check_gram_engine(cfg: Mapping[str, Any]) -> None:
     """What ``engine=gram`` runs: the synthetic task's two-layer CNNs, filter transfer (or none) between equal
-    widths; ``ConfigError`` naming the key otherwise. ``cfg``: a ``DictConfig`` or a resolved config read
-    by attribute."""
-    if cfg.task.name != "synthetic":
-        raise ConfigError(f"task={cfg.task.name} is not allowed with engine=gram: must be synthetic "
+    widths; ``ConfigError`` naming the key otherwise. ``cfg``: a ``DictConfig`` or a resolved config (read as a
+    mapping)."""
+    task, transfer, model, upstream = cfg["task"], cfg["transfer"], cfg["model"], cfg["upstream_model"]
+    if task["name"] != "synthetic":
+        raise ConfigError(f"task={task['name']} is not allowed with engine=gram: must be synthetic "
                           "(or engine=lightning)")
-    device = cfg.engine.get("device")
+    device = cfg["engine"].get("device")
     if device is not None and device not in GRAM_DEVICES:
         raise ConfigError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)} "
                           "(or null: follow the trainer, trainer=gpu is cuda)")
@@ -675,42 +686,45 @@ def check_gram_engine(cfg: Any) -> None:
         target = cfg[key].get("_target_")
         if target != SYNTHETIC_MODEL:
             raise ConfigError(f"{key}._target_={target!r} is not allowed with engine=gram: must be {SYNTHETIC_MODEL}")
-    strategy = cfg.trainer.get("strategy") if isinstance(cfg.get("trainer"), Mapping) else None
+    trainer = cfg.get("trainer")
+    strategy = trainer.get("strategy") if isinstance(trainer, Mapping) else None
     if strategy not in (None, "auto"):
         raise ConfigError(f"trainer.strategy={strategy!r} is not allowed with engine=gram (one CPU process, no "
                           "trainer): use engine=lightning")
-    if cfg.transfer.kind not in ("none", "filters"):
-        raise ConfigError(f"transfer.kind={cfg.transfer.kind!r} is not allowed with engine=gram: "
-                          "must be one of none, filters")
-    needs = selection_needs(cfg.transfer.selection) - GRAM_SELECTION_NEEDS if cfg.transfer.kind == "filters" else set()
+    kind = transfer["kind"]
+    if kind not in ("none", "filters"):
+        raise ConfigError(f"transfer.kind={kind!r} is not allowed with engine=gram: must be one of none, filters")
+    needs = selection_needs(transfer["selection"]) - GRAM_SELECTION_NEEDS if kind == "filters" else set()
     if needs:
-        raise ConfigError(f"transfer.selection={selection_label(cfg.transfer.selection)} is not allowed with "
+        raise ConfigError(f"transfer.selection={selection_label(transfer['selection'])} is not allowed with "
                           f"engine=gram: it reads the filters' {', '.join(sorted(needs))}, the gram engine holds "
                           f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
                           "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
                           "or engine=lightning")
-    if cfg.task.get("test_space", "dspace") != "dspace" or cfg.task.get("sampling", "dspace") != "dspace":
+    if task.get("test_space", "dspace") != "dspace" or task.get("sampling", "dspace") != "dspace":
         check_gram_cells(cfg)
-    if cfg.task.get("sampling", "dspace") == "gram":
+    if task.get("sampling", "dspace") == "gram":
         for key in ("model", "upstream_model"):
             if cfg[key].get("init", "normal") != "normal":
-                raise ConfigError(f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be normal "
-                                  "(the Wishart law holds for Gaussian inits)")
-    if cfg.transfer.kind == "filters" and bool(cfg.upstream_model.get("bias", False)) != bool(cfg.model.get("bias", False)):
-        raise ConfigError(f"upstream_model.bias={cfg.upstream_model.get('bias', False)} is not allowed with engine=gram "
-                          f"and filter transfer: must equal model.bias={cfg.model.get('bias', False)}")
-    if cfg.transfer.kind == "filters" and cfg.upstream_model.width != cfg.model.width:
-        raise ConfigError(f"upstream_model.width={cfg.upstream_model.width} is not allowed with engine=gram: filter "
-                          f"transfer needs equal weight shapes (2, m, d), must equal model.width={cfg.model.width}")
+                raise ConfigError(f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be "
+                                  "normal (the Wishart law holds for Gaussian inits)")
+    if kind == "filters" and bool(upstream.get("bias", False)) != bool(model.get("bias", False)):
+        raise ConfigError(f"upstream_model.bias={upstream.get('bias', False)} is not allowed with engine=gram "
+                          f"and filter transfer: must equal model.bias={model.get('bias', False)}")
+    if kind == "filters" and upstream["width"] != model["width"]:
+        raise ConfigError(f"upstream_model.width={upstream['width']} is not allowed with engine=gram: filter "
+                          f"transfer needs equal weight shapes (2, m, d), must equal model.width={model['width']}")
 
 
-def check_gram_cells(cfg: Any) -> None:
+def check_gram_cells(cfg: Mapping[str, Any]) -> None:
     """What ``transfer.control`` the gram engine's cells (``run_cells``: the batched sweep, response-space tests, gram
     sampling) run: ``norm_matched`` with d-space draws and test sets (the random directions' products with the
     task-2 vectors are exact), not ``shuffled`` (a permutation needs the filters' d coordinates, which a cell holds
-    as responses). A single ``engine=gram`` run with d-space draws holds its filters in R^d and runs every control."""
-    control = cfg.transfer.get("control", "none") if cfg.transfer.kind == "filters" else "none"
-    spaces = (cfg.task.get("test_space", "dspace"), cfg.task.get("sampling", "dspace"))
+    as responses). A single ``engine=gram`` run with d-space draws holds its filters in R^d and runs every control.
+    ``cfg``: a ``DictConfig`` or a resolved config."""
+    transfer, task = cfg["transfer"], cfg["task"]
+    control = transfer.get("control", "none") if transfer["kind"] == "filters" else "none"
+    spaces = (task.get("test_space", "dspace"), task.get("sampling", "dspace"))
     if control == "shuffled":
         raise ConfigError("transfer.control=shuffled is not allowed with the gram engine's batched cells "
                           "(hydra/launcher=ptlab_gram, task.test_space=response, task.sampling=gram): it permutes "

@@ -15,15 +15,21 @@ ends, or by the OS when its process dies. Nothing is claimed when
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
 
 GPU_ACCELERATORS = ("gpu", "cuda", "auto")
 
@@ -44,11 +50,11 @@ def slot_lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"ptlab-gpu-slots-{getpass.getuser()}"
 
 
-def wants_own_gpu(cfg: DictConfig, multirun: bool, visible_gpus: int) -> bool:
-    """Whether this job should claim a GPU of its own (see the module docstring)."""
-    trainer = cfg.trainer
+def wants_own_gpu(trainer: Mapping[str, Any], per_job: bool, multirun: bool, visible_gpus: int) -> bool:
+    """Whether this job (its ``trainer`` config, ``devices.per_job``) should claim a GPU of its own (see the module
+    docstring)."""
     pinned = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]) == 1
-    return (bool(cfg.devices.per_job) and multirun and str(trainer.get("accelerator")) in GPU_ACCELERATORS
+    return (bool(per_job) and multirun and str(trainer.get("accelerator")) in GPU_ACCELERATORS
             and trainer.get("devices") in (1, "1") and not pinned and visible_gpus > 1)
 
 
@@ -75,14 +81,14 @@ def claim_gpu(visible_gpus: int, jobs_per_gpu: int = 1, lock_dir: Path | None = 
 
 
 @contextlib.contextmanager
-def job_device(cfg: DictConfig, multirun: bool) -> Iterator[int | None]:
-    """Within the block, ``cfg.trainer.devices`` is ``[i]`` for the GPU this job claimed (yields ``i``),
-    or unchanged (yields ``None``) when the job does not claim one."""
+def job_device(spec: PipelineSpec, multirun: bool) -> Iterator[PipelineSpec]:
+    """Within the block, the job's spec: with ``trainer.devices=[i]`` for the GPU ``i`` this job claimed, or the
+    spec itself when the job does not claim one."""
     visible = gpu_count()
-    if not wants_own_gpu(cfg, multirun, visible):
-        yield None
+    if not wants_own_gpu(spec.trainer, spec.devices.per_job, multirun, visible):
+        yield spec
         return
-    with claim_gpu(visible, int(cfg.devices.jobs_per_gpu)) as gpu:
-        with open_dict(cfg):
-            cfg.trainer.devices = [gpu]
-        yield gpu
+    with claim_gpu(visible, int(spec.devices.jobs_per_gpu)) as gpu:
+        trainer = {**spec.trainer, "devices": [gpu]}
+        yield dataclasses.replace(spec, trainer=MappingProxyType(trainer),
+                                  resolved={**spec.resolved, "trainer": trainer})

@@ -25,16 +25,14 @@ def prediction_for(overrides: list[str]) -> dict[str, Any]:
     """``{"setting", "theory", "prediction"}`` of the config composed from ``overrides``."""
     from dataclasses import asdict
 
-    from ptlab.cli import compose_config
-    from ptlab.config import validate
-    from ptlab.theory import predict_from_config, setting_from_config
+    from ptlab.cli import compose_spec
+    from ptlab.theory import predict_from_spec, setting_of
 
-    cfg = compose_config(overrides)
-    validate(cfg)
-    if cfg.task.name != "synthetic":
-        raise ConfigError(f"task={cfg.task.name} is not allowed: the theory covers task=synthetic only")
-    theory = predict_from_config(cfg)
-    return {"setting": asdict(setting_from_config(cfg)), "theory": theory.as_dict(), "prediction": theory.prediction}
+    spec = compose_spec(overrides)
+    if not spec.synthetic:
+        raise ConfigError(f"task={spec.task.name} is not allowed: the theory covers task=synthetic only")
+    theory = predict_from_spec(spec)
+    return {"setting": asdict(setting_of(spec)), "theory": theory.as_dict(), "prediction": theory.prediction}
 
 
 def _number(value: Any) -> str:

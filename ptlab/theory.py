@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ptlab.config import TheorySchema
+
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
 
 NEAR_OPTIMAL, SUB_OPTIMAL, UNDETERMINED = "near_optimal", "sub_optimal", "undetermined"
 TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER = "transfer_helps", "no_difference", "negative_transfer"
@@ -230,29 +233,29 @@ def predict_setting(setting: Setting, constants: TheoryConstants = TheoryConstan
     return predict(**asdict(setting), constants=constants)
 
 
-def setting_from_config(cfg: Any) -> Setting:
-    """The theory's inputs of a composed ptlab config (``task``, ``noise``, ``transfer``); without
-    transfer (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model."""
-    alpha = cfg.transfer.alpha if cfg.transfer.kind != "none" else 0.0
-    return Setting(d=int(cfg.task.d), n1=int(cfg.task.n1), n2=int(cfg.task.n2), u_norm=float(cfg.task.u_norm),
-                   v_norm=float(cfg.task.v_norm), sigma_p1=float(cfg.noise.sigma_p1),
-                   sigma_p2=float(cfg.noise.sigma_p2), alpha=float(alpha))
+def setting_of(spec: PipelineSpec) -> Setting:
+    """The theory's inputs of a pipeline spec (``task``, ``noise``, ``transfer``); without transfer
+    (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model."""
+    task, noise, transfer = spec.task, spec.noise, spec.transfer
+    alpha = transfer.alpha if transfer.kind != "none" else 0.0
+    return Setting(d=int(task.d), n1=int(task.n1), n2=int(task.n2), u_norm=float(task.u_norm),
+                   v_norm=float(task.v_norm), sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2),
+                   alpha=float(alpha))
 
 
-def constants_from_config(cfg: Any) -> TheoryConstants:
-    """The theory constants of a config's ``theory`` node (the schema's 1s where it has none)."""
-    theory = cfg.get("theory") or {}
-    return TheoryConstants(**{k: float(theory[k]) for k in CONSTANT_KEYS if k in theory})
+def constants_of(theory: TheorySchema) -> TheoryConstants:
+    """The theory constants of the ``theory`` group."""
+    return TheoryConstants(**{k: float(getattr(theory, k)) for k in CONSTANT_KEYS})
 
 
-def predict_from_config(cfg: Any) -> TheoryPrediction:
-    """``predict`` for a composed ptlab config, with the prediction of the phase model named by
-    ``theory.phase_model`` attached (``prediction``; None when that is "" or names no file)."""
+def predict_from_spec(spec: PipelineSpec) -> TheoryPrediction:
+    """``predict`` for a pipeline spec, with the prediction of the phase model named by ``theory.phase_model``
+    attached (``prediction``; None when that is "" or names no file)."""
     from ptlab.phase import features, phase_prediction, resolve_path
 
-    setting = setting_from_config(cfg)
-    theory = predict_setting(setting, constants_from_config(cfg))
-    path = (cfg.get("theory") or {}).get("phase_model", "phase_model.yaml")
+    setting = setting_of(spec)
+    theory = predict_setting(setting, constants_of(spec.theory))
+    path = spec.theory.phase_model
     if not path:
         return theory
     row = features(theory.as_dict(), setting.alpha, setting.n1, setting.n2)

@@ -21,6 +21,7 @@ from ptlab.pipeline.cache import synthetic_upstream_spec
 from ptlab.pipeline.run import make_engine
 from ptlab.pipeline.synthetic import build_model, make_data, run_synthetic
 from ptlab.seeding import derive_seed
+from ptlab.spec import parse
 from ptlab.tracking.base import NullTracker
 from ptlab.transfer import Transfer, controls
 from ptlab.transfer.controls import apply_control
@@ -166,24 +167,24 @@ def test_cli_refuses_before_tracking(tmp_path: Path) -> None:
 
 
 def test_cache_key_does_not_see_the_control(make_cfg) -> None:
-    base = synthetic_upstream_spec(make_cfg(), "gram")
+    base = synthetic_upstream_spec(parse(make_cfg()), "gram")
     for overrides in (["transfer.control=norm_matched"], ["transfer.control=shuffled", "train.scratch_budget=matched"]):
-        assert synthetic_upstream_spec(make_cfg(*overrides), "gram") == base
+        assert synthetic_upstream_spec(parse(make_cfg(*overrides)), "gram") == base
 
 
 def test_batched_norm_matched_and_matched_scratch_equal_plain_gd(make_cfg) -> None:
     """The gram cells (batched sweep path) in float64: upstream by plain GD, the transfer's norm_matched start from the
     Lightning path's Transfer (same seed streams), the compute-matched scratch for upstream + downstream steps."""
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "transfer.control=norm_matched",
-                   "train.scratch_budget=matched", "transfer.alpha=0.5")
-    result = run_cells([GramCell.from_config(cfg)])[0]
+    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.1", "transfer.control=norm_matched",
+                   "train.scratch_budget=matched", "transfer.alpha=0.5"))
+    result = run_cells([GramCell.from_spec(cfg)])[0]
     data, lr = make_data(cfg), cfg.train.lr
     up_steps, down_steps = cfg.train.upstream_steps, cfg.train.downstream_steps
-    upstream_init = build_model(cfg.upstream_model, cfg, "upstream").weight.detach()
-    downstream_init = build_model(cfg.model, cfg, "downstream").weight.detach()
-    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream_init = build_model(cfg, "upstream").weight.detach()
+    downstream_init = build_model(cfg, "downstream").weight.detach()
+    upstream = build_model(cfg, "upstream")
     upstream.weight.data = plain_gd(upstream_init, data.task1_train.x, data.task1_train.y, lr, up_steps)
-    start = build_model(cfg.model, cfg, "downstream")
+    start = build_model(cfg, "downstream")
     plan = Transfer(upstream, 0.5, "random", derive_seed(cfg.seed, "selection"), control="norm_matched",
                     control_seed=derive_seed(cfg.seed, "control")).apply(start)
     assert result.plan == [row.as_dict() for row in plan]
@@ -209,7 +210,7 @@ def test_gram_cells_of_mixed_controls_equal_their_single_runs(make_cfg) -> None:
     cfgs = [make_cfg("train.dtype=float64", f"transfer.control={c}", f"train.scratch_budget={b}", f"task.u_norm={u}")
             for c, b, u in (("none", "downstream", 1.0), ("norm_matched", "downstream", 1.0),
                             ("norm_matched", "matched", 0.0), ("none", "matched", 2.0))]
-    cells = [GramCell.from_config(cfg) for cfg in cfgs]
+    cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     together = run_cells(cells, max_cells=4)
     for cell, got in zip(cells, together):
         alone = run_cells([cell])[0]
@@ -227,7 +228,7 @@ def test_gram_engine_single_run_equals_lightning(make_cfg, control: str) -> None
     common = ["train.dtype=float64", f"transfer.control={control}", "train.scratch_budget=matched", "logger=none"]
     stages = {}
     for engine in ("gram", "lightning"):
-        cfg = make_cfg(*common, f"engine={engine}")
+        cfg = parse(make_cfg(*common, f"engine={engine}"))
         stages[engine] = run_synthetic(cfg, make_engine(cfg), NullTracker())[0]
     for stage in ("transfer", "scratch"):
         assert stages["gram"][stage].final == pytest.approx(stages["lightning"][stage].final, rel=1e-9, abs=1e-12)
@@ -237,16 +238,16 @@ def test_gram_engine_single_run_equals_lightning(make_cfg, control: str) -> None
     assert stages["lightning"]["scratch"].curves["train/loss"][-1][0] == 90
     assert stages["gram"]["scratch"].summary()["steps"] == 90
     if control == "norm_matched":
-        cell = run_cells([GramCell.from_config(make_cfg(*common))])[0]
+        cell = run_cells([GramCell.from_spec(parse(make_cfg(*common)))])[0]
         for stage in ("transfer", "scratch"):
             assert cell.stages[stage].final == pytest.approx(stages["gram"][stage].final, rel=1e-9, abs=1e-12)
 
 
 def test_gram_engine_stage_counts_the_matched_steps(make_cfg) -> None:
-    cfg = make_cfg("train.dtype=float64", "train.scratch_budget=matched")
+    cfg = parse(make_cfg("train.dtype=float64", "train.scratch_budget=matched"))
     data = make_data(cfg)
     steps = cfg.train.upstream_steps + cfg.train.downstream_steps
-    result = GramEngine().train_stage(Stage("scratch", build_model(cfg.model, cfg, "downstream"), data.task2_train,
+    result = GramEngine().train_stage(Stage("scratch", build_model(cfg, "downstream"), data.task2_train,
                                             data.task2_test, steps, cfg.train.lr, cfg.train.eval_every, data.directions,
                                             2, dtype="float64"))
     assert result.curves["train/loss"][-1][0] == steps == len(result.curves["train/loss"]) - 1
@@ -305,11 +306,11 @@ def test_a_regularizer_anchors_the_controlled_units(make_cfg, regularizer: str) 
                                                                    "regularizer.k=20", "logger=none"]
     stages = {}
     for engine in ("gram", "lightning"):
-        cfg = make_cfg(*common, f"engine={engine}")
+        cfg = parse(make_cfg(*common, f"engine={engine}"))
         stages[engine] = run_synthetic(cfg, make_engine(cfg), NullTracker())[0]
-    cell = run_cells([GramCell.from_config(make_cfg(*common))])[0]
-    plain = run_synthetic(make_cfg("train.dtype=float64", "transfer.control=norm_matched", "logger=none",
-                                   "engine=lightning"), make_engine(make_cfg("engine=lightning")), NullTracker())[0]
+    cell = run_cells([GramCell.from_spec(parse(make_cfg(*common)))])[0]
+    plain = run_synthetic(parse(make_cfg("train.dtype=float64", "transfer.control=norm_matched", "logger=none",
+                                   "engine=lightning")), make_engine(parse(make_cfg("engine=lightning"))), NullTracker())[0]
     loss = [value for _, value in stages["lightning"]["transfer"].curves["train/loss"]]
     assert [value for _, value in stages["gram"]["transfer"].curves["train/loss"]] == pytest.approx(loss, rel=1e-7)
     assert stages["gram"]["transfer"].final == pytest.approx(stages["lightning"]["transfer"].final, rel=1e-7, abs=1e-12)
@@ -322,12 +323,12 @@ def test_a_control_changes_logme_not_leep(make_cfg) -> None:
     """LEEP reads the trained upstream model, which a control does not touch; LogME reads the controlled units. In the
     batched cells and in the single run alike."""
     common = ["train.dtype=float64", "logger=none"]
-    cells = run_cells([GramCell.from_config(make_cfg(*common, f"transfer.control={c}")) for c in ("none", "norm_matched")])
+    cells = run_cells([GramCell.from_spec(parse(make_cfg(*common, f"transfer.control={c}"))) for c in ("none", "norm_matched")])
     plain, controlled = (cell.transferability for cell in cells)
     assert controlled["leep"] == pytest.approx(plain["leep"], rel=1e-12)
     assert controlled["logme_scratch"] == pytest.approx(plain["logme_scratch"], rel=1e-12)
     assert abs(controlled["logme"] - plain["logme"]) > 1e-6
-    cfg = make_cfg(*common, "transfer.control=norm_matched", "engine=lightning")
+    cfg = parse(make_cfg(*common, "transfer.control=norm_matched", "engine=lightning"))
     single = run_synthetic(cfg, make_engine(cfg), NullTracker())[1]["transferability"]
     assert single["leep"] == pytest.approx(plain["leep"], rel=1e-9)
     assert single["logme"] == pytest.approx(controlled["logme"], rel=1e-9)

@@ -28,6 +28,7 @@ from ptlab.cli import compose_config, preflight
 from ptlab.engines.gram import GramCell, GramEngine, draws, iter_chunks, kernel, run_cells
 from ptlab.engines.gram.workers import submitit_map
 from ptlab.models.two_layer_cnn import ModelForm
+from ptlab.spec import parse
 
 from .conftest import SMALL, run_cli
 from .gram_devices import CUDA
@@ -66,7 +67,7 @@ def test_kernel_creates_every_tensor_on_the_inputs_device(form: ModelForm) -> No
 def test_draws_land_on_the_cells_device(make_cfg, extra: list[str]) -> None:
     """A data group's tensors end on the requested device (the draws themselves on the CPU), and on the CPU they are
     the default's, bit for bit."""
-    cell = GramCell.from_config(make_cfg("train.dtype=float64", *extra))
+    cell = GramCell.from_spec(parse(make_cfg("train.dtype=float64", *extra)))
     on_meta = draws.prepare_group(cell, [0], META).tensors
     on_cpu = draws.prepare_group(cell, [0], torch.device("cpu")).tensors
     default = draws.prepare_group(cell, [0]).tensors
@@ -78,7 +79,7 @@ def test_draws_land_on_the_cells_device(make_cfg, extra: list[str]) -> None:
 def test_engine_device_and_trainer_pick_the_device() -> None:
     """``engine.device`` as given; null follows the trainer (trainer=gpu: cuda); the single-run engine resolves it."""
     def device(*overrides: str) -> str:
-        return GramCell.from_config(compose_config(["engine=gram", *overrides])).device
+        return GramCell.from_spec(parse(compose_config(["engine=gram", *overrides]))).device
 
     assert device() == "cpu"
     assert device("trainer=gpu") == "cuda"
@@ -105,7 +106,7 @@ def test_cuda_without_a_gpu_passes_the_preflight_only_for_slurm(tmp_path: Path) 
 
 def cells_of(make_cfg, device: str = "cpu") -> list[GramCell]:
     """Four float64 cells of one shape in two data groups."""
-    return [GramCell.from_config(make_cfg("train.dtype=float64", f"engine.device={device}", f"task.u_norm={u}", f"seed={s}"))
+    return [GramCell.from_spec(parse(make_cfg("train.dtype=float64", f"engine.device={device}", f"task.u_norm={u}", f"seed={s}")))
             for u, s in ((0.0, 0), (2.0, 0), (1.0, 1), (3.0, 1))]
 
 

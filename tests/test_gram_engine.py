@@ -27,6 +27,7 @@ from ptlab.pipeline.resume import config_hash
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
 from ptlab.seeding import derive_seed
+from ptlab.spec import parse
 from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.transfer import transfer_parameters
 
@@ -55,16 +56,16 @@ def plain_gd(weight: Tensor, x: Tensor, y: Tensor, lr: float, steps: int) -> Ten
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
-                   "transfer.selection=largest_norm", f"engine.device={device}")
-    result = run_cells([GramCell.from_config(cfg)])[0]
+    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
+                   "transfer.selection=largest_norm", f"engine.device={device}"))
+    result = run_cells([GramCell.from_spec(cfg)])[0]
     data = make_data(cfg)
-    upstream_init = build_model(cfg.upstream_model, cfg, "upstream").weight.detach()
-    downstream_init = build_model(cfg.model, cfg, "downstream").weight.detach()
+    upstream_init = build_model(cfg, "upstream").weight.detach()
+    downstream_init = build_model(cfg, "downstream").weight.detach()
     lr = cfg.train.lr
-    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream = build_model(cfg, "upstream")
     upstream.weight.data = plain_gd(upstream_init, data.task1_train.x, data.task1_train.y, lr, cfg.train.upstream_steps)
-    transfer = build_model(cfg.model, cfg, "downstream")
+    transfer = build_model(cfg, "downstream")
     plan = transfer_parameters(upstream, transfer, alpha, "largest_norm",
                                torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
     assert result.plan == [row.as_dict() for row in plan]
@@ -86,7 +87,7 @@ def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
 
 def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
     """Cells that differ in u_norm/v_norm share one data draw: the engine relies on it."""
-    a, b = make_data(make_cfg("task.u_norm=0.0")), make_data(make_cfg("task.u_norm=3.0", "task.v_norm=0.5"))
+    a, b = make_data(parse(make_cfg("task.u_norm=0.0"))), make_data(parse(make_cfg("task.u_norm=3.0", "task.v_norm=0.5")))
     assert torch.equal(a.directions.basis, b.directions.basis)
     for name in ("task1_train", "task1_test", "task2_train", "task2_test"):
         assert torch.equal(getattr(a, name).noise, getattr(b, name).noise)
@@ -105,7 +106,7 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
     monkeypatch.setattr(batching, "GPU_STEP_BLOCK_BYTES", block_bytes)
     cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}", f"engine.device={device}")
             for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
-    cells = [GramCell.from_config(cfg) for cfg in cfgs]
+    cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     batched = run_cells(cells, max_cells=3, workers=2)
     for cell, together in zip(cells, batched):
         alone = run_cells([cell])[0]
@@ -117,8 +118,8 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
 @pytest.mark.parametrize("device", DEVICES)
 def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, device: str, monkeypatch) -> None:
     """Eval steps evaluated one at a time (a 1-byte block) give the curves and coefficients of the default."""
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3", f"engine.device={device}")
-    cell = GramCell.from_config(cfg)
+    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.1", "train.eval_every=3", f"engine.device={device}"))
+    cell = GramCell.from_spec(cfg)
     together = run_cells([cell], record_coefficients=True)[0]
     monkeypatch.setattr(kernel, "EVAL_BLOCK_BYTES", 1)
     alone = run_cells([cell], record_coefficients=True)[0]
@@ -197,7 +198,7 @@ def test_sweep_through_cli(tmp_path: Path) -> None:
     history = client.get_metric_history(transfer_run.info.run_id, "acc/test")
     assert [m.step for m in history] == list(range(0, 30, 10)) + [30]
     first = runs[(runs["params.task.d"] == "50") & (runs["params.task.u_norm"] == "0.0") & (runs["params.seed"] == "0")]
-    job = compose_config(["engine=gram", *SMALL, "task.d=50", "task.u_norm=0.0", "seed=0"])
+    job = parse(compose_config(["engine=gram", *SMALL, "task.d=50", "task.u_norm=0.0", "seed=0"]))
     assert first[f"tags.{CONFIG_HASH_TAG}"].item() == config_hash(job)  # the fast job path hashes as run_pipeline
 
 
@@ -250,7 +251,7 @@ def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
     assert sorted(runs["params.model.width"]) == ["4", "6"]
     assert (runs["params.upstream_model.width"] == runs["params.model.width"]).all()
     for width in (4, 6):
-        job = compose_config(["engine=gram", *SMALL, "task.d=50", f"model.width={width}"])
+        job = parse(compose_config(["engine=gram", *SMALL, "task.d=50", f"model.width={width}"]))
         row = runs[runs["params.model.width"] == str(width)]
         assert row[f"tags.{CONFIG_HASH_TAG}"].item() == config_hash(job)
 

@@ -12,6 +12,7 @@ import torch
 from ptlab.config import ConfigError, validate
 from ptlab.data.gram_sampling import bartlett_wishart
 from ptlab.engines.gram import GramCell, draws
+from ptlab.spec import parse
 
 KEYS = ("gram1", "gram2", "mix", "start1", "start2", "up_start2", "norm2_1", "norm2_2", "cross2", "test_start2")
 """Every block of the Gram matrix the stages read (and two of the test products)."""
@@ -49,10 +50,10 @@ def test_entries_match_dspace_in_mean_and_variance(make_cfg, d: int, extra: list
     """Over 600 seeds each, every entry of every Gram block (and the test products) has the d-space path's
     mean and variance (within 5 standard errors); d=7 has fewer degrees of freedom (4) than vectors (9),
     the singular Wishart case."""
-    base = make_cfg(f"task.d={d}", "task.n1=3", "task.n2=2", "model.width=1", "task.n_test=2", "train.dtype=float64",
+    base = parse(make_cfg(f"task.d={d}", "task.n1=3", "task.n2=2", "model.width=1", "task.n_test=2", "train.dtype=float64",
                     "task.test_space=response", "noise.sigma_p1=1.5", "noise.sigma_p2=0.7", "model.init_std=0.8",
-                    "upstream_model=toy_cnn", "upstream_model.width=1", "upstream_model.init_std=1.2", *extra)
-    cell = GramCell.from_config(base)
+                    "upstream_model=toy_cnn", "upstream_model.width=1", "upstream_model.init_std=1.2", *extra))
+    cell = GramCell.from_spec(base)
     dspace = entries(cell, range(600))
     sampled = entries(dataclasses.replace(cell, sampling="gram"), range(600))
     for key in KEYS:
@@ -86,7 +87,7 @@ def test_cost_does_not_grow_with_d(make_cfg) -> None:
     """With gram sampling a cell at d = 10^7 draws nothing of size d: it prepares as fast as at d = 10^3."""
     import time
 
-    cell = GramCell.from_config(make_cfg("task.sampling=gram", "task.test_space=response", "transfer=none"))
+    cell = GramCell.from_spec(parse(make_cfg("task.sampling=gram", "task.test_space=response", "transfer=none")))
     timings = {}
     for d in (1000, 10_000_000):
         started = time.perf_counter()

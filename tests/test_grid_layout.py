@@ -14,6 +14,7 @@ from ptlab.pipeline.grid_figure import grid_heatmap, grid_means, heatmap_axes
 from ptlab.report.cli import make_report
 from ptlab.report.kou2023 import kou2023_table
 from ptlab.report.runs import load_pipelines
+from ptlab.spec import parse
 
 from .conftest import SMALL, compose_config, run_cli
 
@@ -49,9 +50,9 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
     assert len(runs) == 8 and (runs["run_id"] == grid_id).all()
     assert (tmp_path / "sweep" / "results.parquet").is_file()
     for _, row in runs.iloc[[0, 7]].iterrows():
-        cfg = compose_config(["engine=gram", *SMALL, f"task.d={row['params.task.d']}",
-                              f"task.u_norm={row['params.task.u_norm']}", f"seed={row['params.seed']}"])
-        alone = run_cells([GramCell.from_config(cfg)])[0]
+        cfg = parse(compose_config(["engine=gram", *SMALL, f"task.d={row['params.task.d']}",
+                              f"task.u_norm={row['params.task.u_norm']}", f"seed={row['params.seed']}"]))
+        alone = run_cells([GramCell.from_spec(cfg)])[0]
         for stage in ("upstream", "transfer", "scratch"):
             assert row[f"metrics.{stage}_test_acc"] == pytest.approx(alone.stages[stage].final["test_acc"], abs=1e-6)
         assert row["metrics.transfer_gain"] == pytest.approx(

@@ -15,6 +15,7 @@ from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.images import build_image_model
 from ptlab.report import make_report
 from ptlab.report.images import render_fig3, render_table1
+from ptlab.spec import parse
 
 TINY = ["task=digits", "noise=pixels", "+pair=vgg16_small_vgg11_small", "task.n2=8", "task.k=2",
         "task.n1_ratio=2", "task.n_test=10", "train.upstream_epochs=2", "train.downstream_epochs=2",
@@ -57,9 +58,9 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
 
 
 def test_transfer_and_scratch_start_from_the_same_fresh_init(make_cfg) -> None:
-    cfg = make_cfg(*TINY, small=False)
-    first, second = (build_image_model(cfg.model, 2, cfg, "downstream") for _ in range(2))
-    upstream = build_image_model(cfg.model, 2, cfg, "upstream")
+    cfg = parse(make_cfg(*TINY, small=False))
+    first, second = (build_image_model(cfg, 2, "downstream") for _ in range(2))
+    upstream = build_image_model(cfg, 2, "upstream")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     assert not torch.equal(first.features[0].weight, upstream.features[0].weight)
 

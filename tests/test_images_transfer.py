@@ -13,6 +13,7 @@ from ptlab.config import ConfigError
 from ptlab.models import build_torchvision_cnn
 from ptlab.pipeline.images import check_transfer_pair
 from ptlab.seeding import torch_seed
+from ptlab.spec import parse
 from ptlab.transfer import CNNFilterTransfer, conv_units, count_for, find_adapter, transfer_parameters
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -129,7 +130,7 @@ def test_no_matching_shape_fails_with_one_line() -> None:
     ("resnet34_small", "resnet18", "no conv of downstream SmallImageResNet matches"),
 ])
 def test_pipeline_pair_check_is_one_config_error(make_cfg, upstream: str, downstream: str, pattern: str) -> None:
-    cfg = make_cfg("task=digits", "noise=pixels", f"upstream_model={upstream}", f"model={downstream}", small=False)
+    cfg = parse(make_cfg("task=digits", "noise=pixels", f"upstream_model={upstream}", f"model={downstream}", small=False))
     source = build_torchvision_cnn(cfg.upstream_model.arch, 8, cfg.upstream_model.width)
     target = build_torchvision_cnn(cfg.model.arch, 2, cfg.model.width)
     with pytest.raises(ConfigError, match=pattern) as err:

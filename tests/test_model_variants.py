@@ -17,6 +17,7 @@ from ptlab.models.two_layer_cnn import ACTIVATIONS, INITS, REDUCTIONS, ModelForm
 from ptlab.modules import FullBatchGD, sign_accuracy
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.seeding import derive_seed
+from ptlab.spec import parse
 from ptlab.transfer import transfer_parameters
 
 BASE = ("train.dtype=float64", "task.d=40", "task.n1=12", "task.n2=8", "task.n_test=60", "model.width=3",
@@ -80,11 +81,11 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
     scratch) rebuilds to plain GD's weights and biases, with plain GD's test accuracy; with the response
     update by each cell's patch Gram matrix and by the data group's shared noise block."""
     monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
-    cfg = variant_cfg
-    result = run_cells([GramCell.from_config(cfg)])[0]
+    cfg = parse(variant_cfg)
+    result = run_cells([GramCell.from_spec(cfg)])[0]
     data = make_data(cfg)
     lr = cfg.train.lr
-    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream = build_model(cfg, "upstream")
     upstream_init = upstream.weight.detach().clone()
     trained = plain_gd(upstream, data.task1_train.x, data.task1_train.y, lr, cfg.train.upstream_steps)
     assert close(trained[0], upstream_init) > 1e-3  # training moved the filters
@@ -92,11 +93,11 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
         upstream.weight.copy_(trained[0])
         if upstream.bias is not None:
             upstream.bias.copy_(trained[1])
-    transfer = build_model(cfg.model, cfg, "downstream")
+    transfer = build_model(cfg, "downstream")
     downstream_init = transfer.weight.detach().clone()
     transfer_parameters(upstream, transfer, cfg.transfer.alpha, cfg.transfer.selection,
                         torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
-    scratch = build_model(cfg.model, cfg, "downstream")
+    scratch = build_model(cfg, "downstream")
     train2 = (data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps)
     expected = {"upstream": (upstream, trained, data.task1_test), "transfer": (transfer, plain_gd(transfer, *train2),
                 data.task2_test), "scratch": (scratch, plain_gd(scratch, *train2), data.task2_test)}
@@ -113,8 +114,8 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
 
 
 def scratch_stage(cfg) -> tuple[Stage, Tensor, Tensor | None]:
-    data = make_data(cfg)
-    model = build_model(cfg.model, cfg, "downstream")
+    data = make_data(parse(cfg))
+    model = build_model(parse(cfg), "downstream")
     stage = Stage("scratch", model, data.task2_train, data.task2_test, cfg.train.downstream_steps, cfg.train.lr,
                   cfg.train.eval_every, data.directions, 2, None, cfg.train.dtype)
     return stage, *plain_gd(model, data.task2_train.x, data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps)
@@ -184,7 +185,7 @@ def test_schema_defaults_are_the_model_forms() -> None:
 
 def test_random_signal_position_only_swaps_patches(make_cfg) -> None:
     """The random position swaps each sample's two patches with probability 1/2 and changes no other draw."""
-    fixed, random = (make_data(make_cfg(f"task.signal_position={p}", "task.n2=400")) for p in ("fixed", "random"))
+    fixed, random = (make_data(parse(make_cfg(f"task.signal_position={p}", "task.n2=400"))) for p in ("fixed", "random"))
     second = random.task2_train.signal_second
     assert 0.4 < second.double().mean().item() < 0.6
     assert torch.equal(random.task2_train.noise, fixed.task2_train.noise)
@@ -194,9 +195,9 @@ def test_random_signal_position_only_swaps_patches(make_cfg) -> None:
 
 def test_unprojected_noise_has_its_signal_component(make_cfg) -> None:
     """``project_noise=false``: the noise keeps its part along the signal directions (variance sigma_p^2)."""
-    cfg = make_cfg("task.project_noise=false", "task.n2=4000", "noise.sigma_p2=2.0")
+    cfg = parse(make_cfg("task.project_noise=false", "task.n2=4000", "noise.sigma_p2=2.0"))
     data = make_data(cfg)
     along = data.task2_train.noise.double() @ data.directions.basis.double()
     assert along.var(0).tolist() == pytest.approx([4.0, 4.0, 4.0], rel=0.1)
-    projected = make_data(make_cfg("task.n2=50")).task2_train.noise.double() @ data.directions.basis.double()
+    projected = make_data(parse(make_cfg("task.n2=50"))).task2_train.noise.double() @ data.directions.basis.double()
     assert projected.abs().max().item() < 1e-4

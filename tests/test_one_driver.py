@@ -13,7 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ptlab.pipeline import run_pipeline
-from ptlab.theory import predict_from_config
+from ptlab.spec import parse
+from ptlab.theory import predict_from_spec
 
 from .conftest import SMALL, compose_config, run_cli
 from .gram_devices import DEVICES
@@ -116,7 +117,7 @@ def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_parquet(tmp_path / "g" / "results.parquet")
     for _, row in table.iterrows():
-        theory = predict_from_config(compose_config([*SMALL, f"task.u_norm={row['params.task.u_norm']}"]))
+        theory = predict_from_spec(parse(compose_config([*SMALL, f"task.u_norm={row['params.task.u_norm']}"])))
         assert row["params.theory.predicted"] == theory.predicted
         for key, value in theory.metrics().items():
             if math.isfinite(value):

@@ -10,6 +10,7 @@ from ptlab.engines.gram import GramEngine
 from ptlab.modules.full_batch_gd import FullBatchGD
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.synthetic import build_model
+from ptlab.spec import parse
 
 
 def strip_run_ids(summary):
@@ -38,9 +39,9 @@ def test_same_seed_gives_identical_summaries_and_another_seed_differs(make_cfg, 
 
 
 def test_transfer_and_scratch_start_from_the_same_fresh_filters(make_cfg):
-    cfg = make_cfg("seed=5")
-    a, b = build_model(cfg.model, cfg, "downstream"), build_model(cfg.model, cfg, "downstream")
-    up = build_model(cfg.upstream_model, cfg, "upstream")
+    cfg = parse(make_cfg("seed=5"))
+    a, b = build_model(cfg, "downstream"), build_model(cfg, "downstream")
+    up = build_model(cfg, "upstream")
     assert torch.equal(a.weight, b.weight)
     assert not torch.equal(a.weight, up.weight)
 

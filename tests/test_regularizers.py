@@ -24,6 +24,7 @@ from ptlab.modules.image_classifier import ImageClassifier
 from ptlab.modules.regularizers import Regularizer
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.seeding import derive_seed
+from ptlab.spec import parse
 from ptlab.transfer import Transfer, transfer_parameters
 from ptlab.transfer.inherited import inherited_units
 
@@ -83,7 +84,7 @@ def reference_gd(model: TwoLayerReLUCNN, inherited: Tensor, x: Tensor, y: Tensor
 
 
 def trained_upstream(cfg, data) -> TwoLayerReLUCNN:
-    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream = build_model(parse(cfg), "upstream")
     w, b = reference_gd(upstream, torch.zeros(2, upstream.width, dtype=torch.bool), data.task1_train.x,
                         data.task1_train.y, cfg.train.lr, cfg.train.upstream_steps, Regularizer())
     with torch.no_grad():
@@ -95,14 +96,14 @@ def trained_upstream(cfg, data) -> TwoLayerReLUCNN:
 
 def transfer_stage(cfg, data, upstream: TwoLayerReLUCNN, regularizer: Regularizer, steps: int | None = None) -> Stage:
     transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"))
-    return Stage("transfer", build_model(cfg.model, cfg, "downstream"), data.task2_train, data.task2_test,
+    return Stage("transfer", build_model(parse(cfg), "downstream"), data.task2_train, data.task2_test,
                  steps if steps is not None else cfg.train.downstream_steps, cfg.train.lr, cfg.train.eval_every,
                  data.directions, 2, transfer, cfg.train.dtype, regularizer)
 
 
 def expected_transfer(cfg, data, upstream: TwoLayerReLUCNN, regularizer: Regularizer) -> tuple[Tensor, Tensor | None, Tensor]:
     """The reference's transfer model after the downstream steps, and the inherited mask read off the plan rows."""
-    model = build_model(cfg.model, cfg, "downstream")
+    model = build_model(parse(cfg), "downstream")
     plan = transfer_parameters(upstream, model, cfg.transfer.alpha, cfg.transfer.selection,
                                torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
     inherited = torch.zeros(2, model.width, dtype=torch.bool)
@@ -137,7 +138,7 @@ def test_lightning_matches_autograd(make_cfg, name: str) -> None:
     penalty and multiplier, float64, to ``TOLERANCE``."""
     cfg = config(make_cfg, *REGULARIZERS[name])
     regularizer = Regularizer.from_config(cfg.regularizer)
-    data = make_data(cfg)
+    data = make_data(parse(cfg))
     upstream = trained_upstream(cfg, data)
     stage = transfer_stage(cfg, data, upstream, regularizer)
     LightningEngine().train_stage(stage)
@@ -155,19 +156,19 @@ def test_gram_matches_autograd(make_cfg, name: str) -> None:
     unregularised one."""
     cfg = config(make_cfg, *REGULARIZERS[name])
     regularizer = Regularizer.from_config(cfg.regularizer)
-    result = run_cells([GramCell.from_config(cfg)])[0]
-    data = make_data(cfg)
+    result = run_cells([GramCell.from_spec(parse(cfg))])[0]
+    data = make_data(parse(cfg))
     upstream = trained_upstream(cfg, data)
     weight, _, inherited = expected_transfer(cfg, data, upstream, regularizer)
-    upstream_init = build_model(cfg.upstream_model, cfg, "upstream").weight.detach()
-    downstream_init = build_model(cfg.model, cfg, "downstream").weight.detach()
+    upstream_init = build_model(parse(cfg), "upstream").weight.detach()
+    downstream_init = build_model(parse(cfg), "downstream").weight.detach()
     noise = {1: data.task1_train.noise, 2: data.task2_train.noise}
     transfer = result.stages["transfer"]
     assert torch.equal(transfer.transferred, inherited)
     got = reconstruct_weights(transfer, data.directions.basis, noise, upstream_init, downstream_init)
     assert relative(got, weight) < TOLERANCE
     scratch, _, _ = expected_transfer(cfg, data, upstream, Regularizer())
-    scratch = reference_gd(build_model(cfg.model, cfg, "downstream"), torch.zeros_like(inherited), data.task2_train.x,
+    scratch = reference_gd(build_model(parse(cfg), "downstream"), torch.zeros_like(inherited), data.task2_train.x,
                            data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps, Regularizer())[0]
     got_scratch = reconstruct_weights(result.stages["scratch"], data.directions.basis, noise, upstream_init,
                                       downstream_init)
@@ -182,7 +183,7 @@ def test_gram_engine_equals_lightning_with_bias(make_cfg, name: str) -> None:
     biases and final numbers (float64)."""
     cfg = config(make_cfg, "model.bias=true", *REGULARIZERS[name])
     regularizer = Regularizer.from_config(cfg.regularizer)
-    data = make_data(cfg)
+    data = make_data(parse(cfg))
     upstream = trained_upstream(cfg, data)
     gram_stage = transfer_stage(cfg, data, upstream, regularizer)
     lightning_stage = transfer_stage(cfg, data, upstream, regularizer)
@@ -205,10 +206,10 @@ def test_frozen_filters_bit_identical_for_k_steps_then_moving(make_cfg) -> None:
     the others moved; one step later they move too."""
     cfg = config(make_cfg, *REGULARIZERS["freeze"])
     regularizer = Regularizer.from_config(cfg.regularizer)
-    data = make_data(cfg)
+    data = make_data(parse(cfg))
     upstream = trained_upstream(cfg, data)
     _, _, inherited = expected_transfer(cfg, data, upstream, regularizer)
-    fresh = build_model(cfg.model, cfg, "downstream").weight.detach()
+    fresh = build_model(parse(cfg), "downstream").weight.detach()
     for steps, frozen in ((6, True), (7, False)):
         stage = transfer_stage(cfg, data, upstream, regularizer, steps=steps)
         LightningEngine().train_stage(stage)
@@ -223,9 +224,9 @@ def test_lr_scale_zero_is_freeze_and_one_is_none(make_cfg, engine: str) -> None:
     def weights(*overrides: str) -> Tensor:
         cfg = config(make_cfg, *overrides)
         if engine == "gram":
-            result = run_cells([GramCell.from_config(cfg)])[0]
+            result = run_cells([GramCell.from_spec(parse(cfg))])[0]
             return torch.cat([result.stages["transfer"].signal.flatten(), result.stages["transfer"].noise[2].flatten()])
-        data = make_data(cfg)
+        data = make_data(parse(cfg))
         stage = transfer_stage(cfg, data, trained_upstream(cfg, data), Regularizer.from_config(cfg.regularizer))
         LightningEngine().train_stage(stage)
         return stage.model.weight.detach()
@@ -239,7 +240,7 @@ def test_batched_cells_with_different_regularizers(make_cfg) -> None:
     """Cells of one data draw with different regularisers, run as one batched program, get what each gets alone."""
     cfgs = [config(make_cfg, *overrides) for overrides in
             ([], REGULARIZERS["l2sp"], REGULARIZERS["freeze"], REGULARIZERS["lr_scale"])]
-    cells = [GramCell.from_config(cfg) for cfg in cfgs]
+    cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     assert len({cell.data_key for cell in cells}) == 1
     together = run_cells(cells)
     for cell, batched in zip(cells, together):

@@ -13,6 +13,7 @@ from ptlab.data.synthetic import make_directions, response_test_set, sample_task
 from ptlab.engines.gram import GramCell, run_cells
 from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.synthetic import make_data
+from ptlab.spec import parse
 
 from .gram_devices import DEVICES
 
@@ -53,7 +54,7 @@ def test_labels_equal_the_dspace_test_set(make_cfg, device: str) -> None:
     training, the same trained weights (only the test noise is drawn differently), on any device."""
     cfgs = [make_cfg(f"task.test_space={space}", "task.label_noise=0.2", "train.dtype=float64", f"engine.device={device}")
             for space in ("dspace", "response")]
-    dspace, response = run_cells([GramCell.from_config(cfg) for cfg in cfgs])
+    dspace, response = run_cells([GramCell.from_spec(parse(cfg)) for cfg in cfgs])
     # The two cells share a batched program but not a group: the same arithmetic may run in another BLAS kernel,
     # so they agree to a few dozen units of float64's epsilon (relative to the largest coefficient), not bitwise.
     eps = torch.finfo(torch.float64).eps
@@ -62,7 +63,7 @@ def test_labels_equal_the_dspace_test_set(make_cfg, device: str) -> None:
         assert (a - b).abs().max() <= 64 * eps * a.abs().max()
         assert dspace.stages[name].final["train_loss"] == pytest.approx(response.stages[name].final["train_loss"],
                                                                        rel=64 * eps)
-    data = [make_data(cfg) for cfg in cfgs]
+    data = [make_data(parse(cfg)) for cfg in cfgs]
     for part in ("task1_test", "task2_test"):
         assert torch.equal(getattr(data[0], part).y, getattr(data[1], part).y)
         assert torch.equal(getattr(data[0], part).clean_y, getattr(data[1], part).clean_y)
@@ -72,8 +73,8 @@ def test_accuracy_agrees_in_distribution_over_seeds(make_cfg) -> None:
     """Over 60 seeds the test accuracies of the two paths agree in distribution (paired t-test and
     Kolmogorov-Smirnov, at 0.1%), with small test sets so that the test noise dominates the spread."""
     def accuracies(space: str) -> list[float]:
-        cell = GramCell.from_config(make_cfg(f"task.test_space={space}", "transfer=none", "task.n_test=60",
-                                             "task.d=300", "task.u_norm=1.5", "task.v_norm=1.5"))
+        cell = GramCell.from_spec(parse(make_cfg(f"task.test_space={space}", "transfer=none", "task.n_test=60",
+                                             "task.d=300", "task.u_norm=1.5", "task.v_norm=1.5")))
         cells = [dataclasses.replace(cell, seed=seed) for seed in range(60)]
         return [result.stages["scratch"].final["test_acc"] for result in run_cells(cells, max_cells=60)]
 

@@ -21,6 +21,7 @@ from ptlab.pipeline.cache import (
     synthetic_upstream_spec,
 )
 from ptlab.pipeline.resume import config_hash
+from ptlab.spec import parse
 from ptlab.tracking.faults import is_locked_error, prepare_sqlite_store, with_retries
 from tests.scaling_helpers import MARKER_ENV, race_for_entry
 
@@ -56,16 +57,16 @@ def test_entry_roundtrip_and_corruption_detected() -> None:
 
 
 def test_upstream_key_ignores_downstream_settings(make_cfg, tmp_path: Path) -> None:
-    base = make_cfg(f"cache.dir={tmp_path}")
+    base = parse(make_cfg(f"cache.dir={tmp_path}"))
     key = spec_key(synthetic_upstream_spec(base, "gram"))
     for override in ("transfer.alpha=0.25", "noise.sigma_p2=3.0", "task.n2=15", "trainer.devices=[0]"):
-        assert spec_key(synthetic_upstream_spec(make_cfg(override), "gram")) == key, override
+        assert spec_key(synthetic_upstream_spec(parse(make_cfg(override)), "gram")) == key, override
     for override in ("noise.sigma_p1=3.0", "task.n1=41", "seed=1", "train.upstream_steps=61",
                      "train.dtype=float64", "model.width=9"):
-        assert spec_key(synthetic_upstream_spec(make_cfg(override), "gram")) != key, override
-    assert config_hash(make_cfg("trainer.devices=[1]")) == config_hash(base)
-    assert config_hash(make_cfg("logger.experiment_name=other", "cache.enabled=false")) == config_hash(base)
-    assert config_hash(make_cfg("transfer.alpha=0.25")) != config_hash(base)
+        assert spec_key(synthetic_upstream_spec(parse(make_cfg(override)), "gram")) != key, override
+    assert config_hash(parse(make_cfg("trainer.devices=[1]"))) == config_hash(base)
+    assert config_hash(parse(make_cfg("logger.experiment_name=other", "cache.enabled=false"))) == config_hash(base)
+    assert config_hash(parse(make_cfg("transfer.alpha=0.25"))) != config_hash(base)
 
 
 def test_hit_miss_off_give_identical_summaries_and_truncated_entry_is_retrained(

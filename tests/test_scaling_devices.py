@@ -11,17 +11,21 @@ from ptlab.devices import claim_gpu, wants_own_gpu
 from ptlab.distributed import global_rank, is_global_zero
 
 
+def own(cfg, multirun: bool, visible_gpus: int) -> bool:
+    return wants_own_gpu(cfg.trainer, cfg.devices.per_job, multirun, visible_gpus)
+
+
 def test_only_single_device_gpu_jobs_of_a_multirun_claim_a_gpu(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpu = make_cfg("trainer=gpu")
-    assert wants_own_gpu(gpu, multirun=True, visible_gpus=4)
-    assert not wants_own_gpu(gpu, multirun=False, visible_gpus=4)
-    assert not wants_own_gpu(gpu, multirun=True, visible_gpus=1)
-    assert not wants_own_gpu(make_cfg("trainer=cpu"), multirun=True, visible_gpus=4)
-    assert not wants_own_gpu(make_cfg("trainer=ddp"), multirun=True, visible_gpus=4)
-    assert not wants_own_gpu(make_cfg("trainer=gpu", "devices.per_job=false"), multirun=True, visible_gpus=4)
+    assert own(gpu, multirun=True, visible_gpus=4)
+    assert not own(gpu, multirun=False, visible_gpus=4)
+    assert not own(gpu, multirun=True, visible_gpus=1)
+    assert not own(make_cfg("trainer=cpu"), multirun=True, visible_gpus=4)
+    assert not own(make_cfg("trainer=ddp"), multirun=True, visible_gpus=4)
+    assert not own(make_cfg("trainer=gpu", "devices.per_job=false"), multirun=True, visible_gpus=4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # pinned by SLURM (gpus_per_task: 1)
-    assert not wants_own_gpu(gpu, multirun=True, visible_gpus=4)
+    assert not own(gpu, multirun=True, visible_gpus=4)
 
 
 def test_concurrent_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path: Path) -> None:

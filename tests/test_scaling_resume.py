@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ptlab.pipeline import run_pipeline
+from ptlab.spec import parse
 from tests.scaling_helpers import MARKER_ENV
 
 FAULTY = "trainer._target_=tests.scaling_helpers.FaultTrainer"
@@ -112,7 +113,7 @@ def test_one_pipeline_per_config_per_store_whatever_the_cache_dir(tmp_path: Path
 
     store = tmp_path / "shared.db"
     overrides = [*SMALL, f"logger.tracking_uri=sqlite:///{store}"]
-    digest = config_hash(compose_config(overrides))
+    digest = config_hash(parse(compose_config(overrides)))
     assert lock_dir(f"sqlite:///{store}", tmp_path / "a") == lock_dir(f"sqlite:///{store}", tmp_path / "b")
     assert lock_dir(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "a") != lock_dir(f"sqlite:///{store}", tmp_path / "a")
     folder = lock_dir(f"sqlite:///{store}", tmp_path / "a")

@@ -18,6 +18,7 @@ from ptlab.engines.gram import GramCell, run_cells
 from ptlab.pipeline.run import run_pipeline
 from ptlab.pipeline.synthetic import build_model, make_data, selection_inputs
 from ptlab.seeding import derive_seed
+from ptlab.spec import parse
 from ptlab.transfer import SelectionContext, SelectionInputs, SelectionStrategy, build_strategy, transfer_parameters
 from ptlab.transfer.apply import Transfer
 from tests.conftest import SMALL, run_cli
@@ -234,13 +235,13 @@ def test_a_users_strategy_is_chosen_by_config_alone(make_cfg, tmp_path: Path) ->
     ("task2_alignment", ["transfer/selection=task2_alignment", "transfer.selection.noise_weight=0.5"]),
 ])
 def test_gram_engine_plans_the_same_filters_as_the_weights_do(make_cfg, name: str, overrides: list[str]) -> None:
-    cfg = make_cfg("train.dtype=float64", "task.label_noise=0.2", *overrides)
-    gram_plan = run_cells([GramCell.from_config(cfg)])[0].plan
+    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.2", *overrides))
+    gram_plan = run_cells([GramCell.from_spec(cfg)])[0].plan
     data = make_data(cfg)
-    upstream = build_model(cfg.upstream_model, cfg, "upstream")
+    upstream = build_model(cfg, "upstream")
     upstream.weight.data = plain_gd(upstream.weight.detach(), data.task1_train.x, data.task1_train.y, cfg.train.lr,
                                     cfg.train.upstream_steps)
-    target = build_model(cfg.model, cfg, "downstream")
+    target = build_model(cfg, "downstream")
     plan = transfer_parameters(upstream, target, cfg.transfer.alpha, cfg.transfer.selection,
                                torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")), None,
                                selection_inputs(data))

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ptlab.config import ConfigError, validate
+from ptlab.spec import parse
 from ptlab.theory import (
     NEAR_OPTIMAL,
     SUB_OPTIMAL,
@@ -19,7 +20,7 @@ from ptlab.theory import (
     negative_transfer_ratio,
     outcome_and_rule,
     predict,
-    predict_from_config,
+    predict_from_spec,
     regime,
     scratch_threshold,
     source_strength,
@@ -134,11 +135,11 @@ def test_prediction_splits_into_metrics_and_labels() -> None:
     assert {"threshold_term", "gamma", "negative_transfer_ratio", "predicted"} <= set(prediction.as_dict())
 
 
-def test_predict_from_config_reads_task_noise_transfer_and_constants(make_cfg) -> None:
-    cfg = make_cfg("task.u_norm=2.0", "task.n1=200", "task.n2=20", "task.d=2000", "theory.c4=3.0")
-    prediction = predict_from_config(cfg)
+def test_predict_from_spec_reads_task_noise_transfer_and_constants(make_cfg) -> None:
+    cfg = parse(make_cfg("task.u_norm=2.0", "task.n1=200", "task.n2=20", "task.d=2000", "theory.c4=3.0"))
+    prediction = predict_from_spec(cfg)
     assert prediction.threshold_term == pytest.approx(185600 / 70)
-    no_transfer = predict_from_config(make_cfg("transfer=none", "task.u_norm=2.0", "task.n2=20"))
+    no_transfer = predict_from_spec(parse(make_cfg("transfer=none", "task.u_norm=2.0", "task.n2=20")))
     assert no_transfer.threshold_term == pytest.approx(no_transfer.scratch_threshold)
 
 

@@ -12,6 +12,7 @@ import torch
 from scipy.stats import multivariate_normal
 from torch import nn
 
+from ptlab.spec import parse
 from ptlab.transfer.transferability import (
     class_probabilities,
     classifier_head,
@@ -158,7 +159,7 @@ def test_image_summary_carries_the_scores_taken_before_downstream_training(make_
     from ptlab.pipeline.images import build_image_model
     from ptlab.transfer.transferability import score_subset
 
-    cfg = make_cfg(*DIGITS, "transferability.max_samples=6", small=False)
+    cfg = parse(make_cfg(*DIGITS, "transferability.max_samples=6", small=False))
     summary = run_pipeline(cfg, tmp_path / "out")
     scores = json.loads((tmp_path / "out" / "summary.json").read_text())["transferability"]
     assert set(scores) == {"logme", "leep", "logme_scratch", "samples"} and scores["samples"] == 6
@@ -166,7 +167,7 @@ def test_image_summary_carries_the_scores_taken_before_downstream_training(make_
     # logme_scratch again by hand: the fresh downstream init (the scratch stage's) on the same seeded subset
     task2 = make_image_tasks(cfg.task, cfg.noise, cfg.seed).task2
     keep = score_subset(len(task2.train), 6, cfg.seed)
-    fresh = build_image_model(cfg.model, 2, cfg, "downstream")
+    fresh = build_image_model(cfg, 2, "downstream")
     expected = logme(penultimate_features(fresh, task2.train.x[keep]), task2.train.y[keep])
     assert scores["logme_scratch"] == pytest.approx(expected, rel=1e-5)
     metrics = MlflowClient(tracking_uri).get_run(summary["mlflow"]["parent_run_id"]).data.metrics
@@ -192,7 +193,7 @@ def test_synthetic_scores_match_the_models_they_describe(make_cfg, engine: str) 
     from ptlab.tracking.base import NullTracker
     from ptlab.transfer.apply import Transfer
 
-    cfg = make_cfg(f"engine={engine}", "logger=none", "cache.enabled=false", "train.dtype=float64")
+    cfg = parse(make_cfg(f"engine={engine}", "logger=none", "cache.enabled=false", "train.dtype=float64"))
     stages, extra = run_synthetic(cfg, make_engine(cfg), NullTracker())
     scores = extra["transferability"]
     data = make_data(cfg)
@@ -202,7 +203,7 @@ def test_synthetic_scores_match_the_models_they_describe(make_cfg, engine: str) 
     with torch.no_grad():
         assert scores["leep"] == pytest.approx(leep(torch.sigmoid(torch.stack([-upstream(x), upstream(x)], 1)), y))
         assert torch.allclose(two_patch_probabilities(upstream, x)[:, 1], torch.sigmoid(upstream(x)))
-        fresh = build_model(cfg.model, cfg, "downstream")
+        fresh = build_model(cfg, "downstream")
         assert scores["logme_scratch"] == pytest.approx(logme(fresh.hidden(x).flatten(1), y), rel=1e-9)
         Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
                  inputs=selection_inputs(data)).apply(fresh)
@@ -221,9 +222,9 @@ def test_gram_cell_scores_from_responses_equal_the_dspace_models(make_cfg, varia
     from ptlab.pipeline.synthetic import run_synthetic
     from ptlab.tracking.base import NullTracker
 
-    cfg = make_cfg("logger=none", "cache.enabled=false", "train.dtype=float64", *variant)
+    cfg = parse(make_cfg("logger=none", "cache.enabled=false", "train.dtype=float64", *variant))
     _, extra = run_synthetic(cfg, make_engine(cfg), NullTracker())
-    gram = run_cells([GramCell.from_config(cfg)])[0].transferability
+    gram = run_cells([GramCell.from_spec(cfg)])[0].transferability
     assert set(gram) == set(extra["transferability"])
     assert set(gram) == ({"logme_scratch", "samples"} if variant == ["transfer=none"]
                          else {"logme", "leep", "logme_scratch", "samples"})
@@ -237,9 +238,9 @@ def test_disabled_scores_are_absent(make_cfg) -> None:
     from ptlab.pipeline.synthetic import run_synthetic
     from ptlab.tracking.base import NullTracker
 
-    cfg = make_cfg("logger=none", "cache.enabled=false", "transferability.enabled=false")
+    cfg = parse(make_cfg("logger=none", "cache.enabled=false", "transferability.enabled=false"))
     assert run_synthetic(cfg, make_engine(cfg), NullTracker())[1] == {}
-    assert run_cells([GramCell.from_config(cfg)])[0].transferability is None
+    assert run_cells([GramCell.from_spec(cfg)])[0].transferability is None
 
 
 def test_bad_transferability_config_stops_with_one_line(tmp_path: Path) -> None:
@@ -261,9 +262,9 @@ def test_scores_leave_the_config_hash_alone() -> None:
     from ptlab.cli import compose_config
     from ptlab.pipeline.resume import config_hash
 
-    base = config_hash(compose_config([]))
-    assert config_hash(compose_config(["transferability.enabled=false", "transferability.max_samples=50"])) == base
-    assert config_hash(compose_config(["transfer.alpha=0.25"])) != base
+    base = config_hash(parse(compose_config([])))
+    assert config_hash(parse(compose_config(["transferability.enabled=false", "transferability.max_samples=50"]))) == base
+    assert config_hash(parse(compose_config(["transfer.alpha=0.25"]))) != base
 
 
 def test_head_features_are_timm_pre_logits_and_torchvision_pooled_features() -> None:
@@ -288,7 +289,7 @@ def test_a_diverged_upstream_gives_nan_scores_not_an_error(make_cfg) -> None:
     from ptlab.transfer.transferability import scored
 
     assert np.isnan(scored(logme, torch.tensor([[np.nan], [1.0]]), [0, 1]))
-    result = run_cells([GramCell.from_config(make_cfg("noise.sigma_p1=1e30"))])[0]
+    result = run_cells([GramCell.from_spec(parse(make_cfg("noise.sigma_p1=1e30")))])[0]
     assert result.divergence() is not None
     scores = result.transferability
     assert np.isnan(scores["logme"]) and np.isnan(scores["leep"]) and np.isfinite(scores["logme_scratch"])

@@ -47,14 +47,14 @@ class Regularizer:
             raise ValueError(f"regularizer={self.name!r} is unknown: choose one of {', '.join(REGULARIZERS)}")
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None) -> Regularizer:
-        """The ``regularizer`` node of a config (absent: ``none``)."""
+    def from_config(cls, node: Mapping[str, Any] | Any | None) -> Regularizer:
+        """The ``regularizer`` group: a mapping or a parsed schema (absent: ``none``; absent keys: their defaults)."""
         if node is None:
             return cls()
-        name = str(node.get("name", "none"))
-        decay = node.get("decay")
-        return cls(name, float(node.get("lam", 0.0)), None if decay is None else float(decay), int(node.get("k", 0)),
-                   float(node.get("scale", 1.0)))
+        get = node.get if isinstance(node, Mapping) else lambda key, default=None: getattr(node, key, default)
+        decay = get("decay")
+        return cls(str(get("name", "none")), float(get("lam", 0.0)), None if decay is None else float(decay),
+                   int(get("k", 0)), float(get("scale", 1.0)))
 
     @property
     def active(self) -> bool:

@@ -91,7 +91,8 @@ from ptlab.pipeline.record import (
 )
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
 from ptlab.pipeline.transferability import record_scores
-from ptlab.theory import TheoryPrediction, predict_from_config
+from ptlab.spec import PipelineSpec, from_resolved, parse, schema_types
+from ptlab.theory import TheoryPrediction, predict_from_spec
 from ptlab.tracking.base import GRID_KEY_TAG, PARENT_RUN_TAG, STAGE_TAG, MemoryTracker, NullTracker
 from ptlab.tracking.bulk import RunWriter, run_writer
 from ptlab.tracking.faults import prepare_sqlite_store
@@ -120,18 +121,6 @@ class SweepJob:
     summary: dict[str, Any] | None = None
     error: DivergenceError | None = None
     written: bool = False
-
-
-class _Attrs(dict):
-    """A resolved config read with attribute access (as ``GramCell`` and the theory read a ``DictConfig``),
-    without OmegaConf's per-access cost."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            value = self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        return _Attrs(value) if isinstance(value, dict) else value
 
 
 def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
@@ -173,7 +162,8 @@ class _Template:
         interpolations = [v for k, v in _leaves(raw) if isinstance(v, str) and "${" in v and k not in self.aliases]
         self.fast = (OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}" and
                      not any(reads_swept_key(v, value_keys) for v in interpolations))
-        self.skip_finished = should_skip_finished(self.task, multirun=True)
+        self.skip_finished = should_skip_finished(self.task.resume, self.task.logger, multirun=True)
+        self.types = schema_types(self.task)
         self.values: dict[str, tuple[Any, str]] = {}
         self.changes: dict[str, dict[str, Any]] = {}
         self.base_cell: GramCell | None = None
@@ -210,14 +200,17 @@ class _Template:
             self.values[line] = (value, _dump_yaml(value).removesuffix("\n").removesuffix("\n...").strip())
         return self.values[line]
 
-    def job(self, index: int, parsed: list[Override], values: list[Override]
-            ) -> tuple[DictConfig | _Attrs, dict[str, Any], Path, str]:
-        """Job ``index``: its config, resolved container, output dir and run name."""
+    def spec(self, resolved: dict[str, Any]) -> PipelineSpec:
+        """The spec of a resolved job config of this template (its values validated by ``value``)."""
+        return from_resolved(resolved, self.types)
+
+    def job(self, index: int, parsed: list[Override], values: list[Override]) -> tuple[PipelineSpec, Path, str]:
+        """Job ``index``: its spec, output dir and run name."""
         if self.fast:
             resolved = copy.deepcopy(self.resolved)
             for override in values:
                 self._set(resolved, override.key_or_group, self.value(override)[0])
-            cfg: DictConfig | _Attrs = _Attrs(resolved)
+            spec = self.spec(resolved)
             output_dir = self.sweep_dir / str(index)
         else:
             with read_write(self.task), open_dict(self.task):
@@ -227,23 +220,22 @@ class _Template:
                 self.config.hydra.job.num = index
                 self.config.hydra.job.id = index
                 subdir = OmegaConf.select(self.config, "hydra.sweep.subdir")
-            validate(self.task)
-            cfg, resolved = self.task, OmegaConf.to_container(self.task, resolve=True)
+            spec = parse(self.task)
             output_dir = Path(str(self.config.hydra.sweep.dir), str(subdir)).absolute()
-        return cfg, resolved, output_dir, cell_name([o.input_line for o in parsed], resolved["seed"])
+        return spec, output_dir, cell_name([o.input_line for o in parsed], spec.seed)
 
     def cell(self, values: list[Override]) -> GramCell:
         """A job's ``GramCell`` without its config (fast templates only): the template's cell with the fields each
         value override changes (worked out, and validated, once per distinct override)."""
         if self.base_cell is None:
-            self.base_cell = GramCell.from_config(_Attrs(self.resolved), snapshot=self.resolved)
+            self.base_cell = GramCell.from_spec(self.spec(self.resolved))
         changes: dict[str, Any] = {}
         for override in values:
             line = override.input_line
             if line not in self.changes:
                 resolved = copy.deepcopy(self.resolved)
                 self._set(resolved, override.key_or_group, self.value(override)[0])
-                cell = GramCell.from_config(_Attrs(resolved), snapshot=self.resolved)
+                cell = GramCell.from_spec(self.spec(resolved))
                 self.changes[line] = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell)
                                       if f.compare and getattr(cell, f.name) != getattr(self.base_cell, f.name)}
             changes.update(self.changes[line])
@@ -371,10 +363,11 @@ class _Jobs:
 def _build_job(template: _Template, index: int, overrides: list[str], parsed: list[Override], values: list[Override],
                writers: dict[tuple, RunWriter], finished: dict[tuple, dict[str, Any]]) -> SweepJob:
     """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
-    cfg, resolved, output_dir, run_name = template.job(index, parsed, values)
-    job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved,
-                   GramCell.from_config(cfg, snapshot=resolved), hash_resolved(resolved))
-    job.theory = predict_from_config(cfg)
+    spec, output_dir, run_name = template.job(index, parsed, values)
+    resolved = dict(spec.resolved)
+    job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved, GramCell.from_spec(spec),
+                   hash_resolved(resolved))
+    job.theory = predict_from_spec(spec)
     logger = resolved["logger"]
     if logger["kind"] == "none":
         return job
@@ -622,7 +615,7 @@ def _grid_theory(cells: list[GridCell]) -> None:
             resolved = copy.deepcopy(cell.template.resolved)
             for override in cell.values:
                 cell.template._set(resolved, override.key_or_group, cell.template.value(override)[0])
-            known[key] = predict_from_config(_Attrs(resolved))
+            known[key] = predict_from_spec(cell.template.spec(resolved))
         cell.theory = known[key]
 
 

@@ -14,6 +14,7 @@ entry belongs. An entry that cannot be written (a full disk) is logged and skipp
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -24,11 +25,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import ptlab
@@ -37,6 +37,10 @@ from ptlab.distributed import is_global_zero
 from ptlab.engines.base import StageResult
 from ptlab.seeding import derive_seed
 from ptlab.tracking.base import Tracker
+
+if TYPE_CHECKING:
+    from ptlab.config import CacheSchema
+    from ptlab.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -188,29 +192,29 @@ class UpstreamCache:
         return entry, False
 
 
-def cache_dir(cfg: DictConfig, start: Path | None = None) -> Path:
+def cache_dir(cache: CacheSchema, start: Path | None = None) -> Path:
     """``cache.dir``, a relative path taken from ``start`` (default: the directory ptlab was started in)."""
-    directory = Path(str(cfg.cache.dir)).expanduser()
+    directory = Path(str(cache.dir)).expanduser()
     if directory.is_absolute():
         return directory
     return (start or job_context().start_dir) / directory
 
 
-def synthetic_upstream_spec(cfg: DictConfig, engine: str) -> dict[str, Any]:
+def synthetic_upstream_spec(spec: PipelineSpec, engine: str) -> dict[str, Any]:
     """Everything the synthetic upstream stage depends on, and nothing it does not.
 
     Task-1 data is drawn before task 2 from the ``data`` seed stream, so ``n2`` and ``sigma_p2`` are
     left out: a sweep over them (or over ``alpha``, ``selection``, the downstream model) shares one
     upstream. ``trainer.devices`` is left out too: which GPU a job ran on does not change the model.
     """
-    task, train, trainer = cfg.task, cfg.train, cfg.trainer
+    task, train, trainer = spec.task, spec.train, spec.trainer
     return {
         "stage": "synthetic/upstream",
         "data": {"d": task.d, "n1": task.n1, "n_test": task.n_test, "u_norm": task.u_norm,
-                 "v_norm": task.v_norm, "label_noise": task.label_noise, "sigma_p1": cfg.noise.sigma_p1,
-                 "seed_stream": derive_seed(cfg.seed, "data")},
-        "init_seed_stream": derive_seed(cfg.seed, "upstream"),
-        "model": OmegaConf.to_container(cfg.upstream_model, resolve=True),
+                 "v_norm": task.v_norm, "label_noise": task.label_noise, "sigma_p1": spec.noise.sigma_p1,
+                 "seed_stream": derive_seed(spec.seed, "data")},
+        "init_seed_stream": derive_seed(spec.seed, "upstream"),
+        "model": copy.deepcopy(spec.resolved["upstream_model"]),
         "train": {"lr": train.lr, "steps": train.upstream_steps, "eval_every": train.eval_every,
                   "dtype": train.dtype},
         "engine": engine,
@@ -224,7 +228,7 @@ def _source(tracker: Tracker) -> dict[str, str]:
             "tracking_uri": tracker.tracking_uri}
 
 
-def cached_upstream(cfg: DictConfig, engine: str, tracker: Tracker, model: nn.Module,
+def cached_upstream(spec: PipelineSpec, engine: str, tracker: Tracker, model: nn.Module,
                     train: Callable[[], StageResult]) -> StageResult:
     """The upstream stage through the cache: ``train()`` (which trains ``model``) on a miss, else
     ``model`` loaded from the entry and a ``cached`` ``StageResult`` with the stored ``final`` and ``curves``.
@@ -232,11 +236,11 @@ def cached_upstream(cfg: DictConfig, engine: str, tracker: Tracker, model: nn.Mo
     Tags: ``ptlab.cache`` = hit | miss | off and ``ptlab.cache.key`` on the parent run (and on the
     upstream child run on a miss); a hit links ``ptlab.cache.upstream_run_id`` (and its experiment).
     """
-    if not cfg.cache.enabled:
+    if not spec.cache.enabled:
         tracker.set_tags({CACHE_TAG: "off"})
         return train()
-    spec = synthetic_upstream_spec(cfg, engine)
-    key = spec_key(spec)
+    upstream = synthetic_upstream_spec(spec, engine)
+    key = spec_key(upstream)
     trained: list[StageResult] = []
 
     def create() -> CacheEntry:
@@ -244,8 +248,8 @@ def cached_upstream(cfg: DictConfig, engine: str, tracker: Tracker, model: nn.Mo
         return CacheEntry({k: v.detach().cpu() for k, v in model.state_dict().items()},
                           {"final": trained[0].final, "curves": trained[0].curves}, _source(tracker))
 
-    cache = UpstreamCache(cache_dir(cfg), cfg.cache.lock_timeout)
-    entry, hit = cache.get_or_create(spec, create, read_only=not is_global_zero())
+    cache = UpstreamCache(cache_dir(spec.cache), spec.cache.lock_timeout)
+    entry, hit = cache.get_or_create(upstream, create, read_only=not is_global_zero())
     if not hit:
         tracker.set_tags({CACHE_TAG: "miss", f"{CACHE_TAG}.key": key})
         tracker.set_tags({CACHE_TAG: "miss", f"{CACHE_TAG}.key": key}, stage="upstream")
@@ -255,5 +259,5 @@ def cached_upstream(cfg: DictConfig, engine: str, tracker: Tracker, model: nn.Mo
                       f"{CACHE_TAG}.upstream_run_id": entry.source.get("run_id", ""),
                       f"{CACHE_TAG}.upstream_experiment_id": entry.source.get("experiment_id", "")})
     curves = {name: [tuple(point) for point in points] for name, points in entry.result["curves"].items()}
-    return StageResult("upstream", model, dict(entry.result["final"]), curves, steps=cfg.train.upstream_steps,
+    return StageResult("upstream", model, dict(entry.result["final"]), curves, steps=spec.train.upstream_steps,
                        cached=True)

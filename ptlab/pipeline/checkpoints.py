@@ -16,13 +16,16 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ptlab.pipeline.cache import cache_dir
 from ptlab.pipeline.resume import config_hash
+
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +53,21 @@ def readable(path: Path) -> bool:
         return False
 
 
-def checkpoint_root(cfg: DictConfig) -> Path:
+def checkpoint_root(spec: PipelineSpec) -> Path:
     """The folder of this config's stage checkpoints."""
-    return cache_dir(cfg) / "checkpoints" / config_hash(cfg)
+    return cache_dir(spec.cache) / "checkpoints" / config_hash(spec)
 
 
-def discard_checkpoints(cfg: DictConfig) -> None:
+def discard_checkpoints(spec: PipelineSpec) -> None:
     """Delete this config's stage checkpoints (its pipeline finished; a re-run is skipped or starts fresh)."""
-    shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
+    shutil.rmtree(checkpoint_root(spec), ignore_errors=True)
 
 
-def stage_checkpointing(cfg: DictConfig, stage: str) -> StageCheckpointing:
-    """Checkpointing for ``stage`` of the pipeline ``cfg``; resumes from ``last.ckpt`` when it is whole."""
-    if not cfg.resume.get("from_checkpoints", True):
+def stage_checkpointing(spec: PipelineSpec, stage: str) -> StageCheckpointing:
+    """Checkpointing for ``stage`` of the pipeline ``spec``; resumes from ``last.ckpt`` when it is whole."""
+    if not spec.resume.from_checkpoints:
         return StageCheckpointing()
-    directory = checkpoint_root(cfg) / stage
+    directory = checkpoint_root(spec) / stage
     last = directory / LAST
     resume_from = None
     if last.is_file():

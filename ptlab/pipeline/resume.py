@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from ptlab.distributed import is_global_zero
 from ptlab.tracking.base import CONFIG_HASH_TAG, STAGE_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
+
+    from ptlab.config import LoggerSchema, ResumeSchema
+    from ptlab.spec import PipelineSpec
 
 RESUMED_TAG = "ptlab.resumed_from"
 IGNORED_KEYS = ("logger", "cache", "resume", "devices", "theory", "transferability")
@@ -69,15 +70,15 @@ def _without(node: dict[str, Any], path: list[str], leaf: str) -> dict[str, Any]
     return {**node, path[0]: _without(node[path[0]], path[1:], leaf)}
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """``hash_resolved`` of the resolved ``cfg``."""
-    return hash_resolved(OmegaConf.to_container(cfg, resolve=True))
+def config_hash(spec: PipelineSpec) -> str:
+    """``hash_resolved`` of the spec's resolved config."""
+    return hash_resolved(dict(spec.resolved))
 
 
-def should_skip_finished(cfg: DictConfig, multirun: bool) -> bool:
+def should_skip_finished(resume: ResumeSchema, logger: LoggerSchema, multirun: bool) -> bool:
     """Whether ``resume.skip_finished`` applies to this job (tracking on, and a multirun for ``multirun``)."""
-    mode = cfg.resume.skip_finished
-    if cfg.logger.kind == "none" or mode == "never":
+    mode = resume.skip_finished
+    if logger.kind == "none" or mode == "never":
         return False
     return mode == "always" or multirun
 
@@ -132,19 +133,20 @@ def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
     return summary
 
 
-def skip_if_finished(cfg: DictConfig, digest: str, output_dir: Path, multirun: bool) -> dict[str, Any] | None:
+def skip_if_finished(resume: ResumeSchema, logger: LoggerSchema, digest: str, output_dir: Path, multirun: bool
+                     ) -> dict[str, Any] | None:
     """When this config already FINISHED (and ``resume.skip_finished`` applies): write its summary to
     ``output_dir/summary.json``, say so in one line and return it; otherwise ``None``. Every DDP rank
     looks (read-only), so that all of them skip or none does."""
-    if not should_skip_finished(cfg, multirun):
+    if not should_skip_finished(resume, logger, multirun):
         return None
-    run = find_finished(cfg.logger.tracking_uri, cfg.logger.experiment_name, digest)
+    run = find_finished(logger.tracking_uri, logger.experiment_name, digest)
     if run is None:
         return None
-    summary = finished_summary(cfg.logger.tracking_uri, run)
+    summary = finished_summary(logger.tracking_uri, run)
     if not is_global_zero():
         return summary
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"ptlab: skipped, run {run.info.run_id} of experiment {cfg.logger.experiment_name!r} already "
-          f"FINISHED this config (resume.skip_finished={cfg.resume.skip_finished})")
+    print(f"ptlab: skipped, run {run.info.run_id} of experiment {logger.experiment_name!r} already "
+          f"FINISHED this config (resume.skip_finished={resume.skip_finished})")
     return summary

@@ -1,9 +1,9 @@
 """``run_pipeline``: one config in, upstream/transfer/scratch trained and tracked, summary.json out.
 
-Objects are built here, at the top, from the config (``hydra.utils.instantiate``: the engine from
-``conf/engine``; the tracker from ``logger``; models inside the stage runner), and handed down; the
-stage runner of the task trains the stages, ``ptlab.pipeline.record`` tracks them and writes the
-summary.
+The config is parsed once, here at the top, into a ``PipelineSpec`` (``ptlab.spec``); objects are built from it
+(``hydra.utils.instantiate``: the engine from ``conf/engine``; the tracker from ``logger``; models inside the
+stage runner) and handed down with the parts of the spec they read; the stage runner of the task trains the
+stages, ``ptlab.pipeline.record`` tracks them and writes the summary.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.checks import check_paths
-from ptlab.config import IMAGE_TASKS, ConfigError, validate
+from ptlab.config import IMAGE_TASKS, ConfigError, LoggerSchema
 from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
 from ptlab.distributed import is_global_zero
@@ -28,10 +28,11 @@ from ptlab.paths import preset_description
 from ptlab.pipeline.record import cell_name, format_table, open_pipeline, pipeline_tags, record_pipeline, used_params
 from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
+from ptlab.spec import PipelineSpec, parse
 from ptlab.tracking.base import NullTracker, Tracker
 from ptlab.tracking.faults import prepare_sqlite_store, signal_exits_as_terminated, signals_as_interrupt
 
-StageRunner = Callable[[DictConfig, Engine, Tracker], "tuple[dict[str, StageResult], dict[str, Any]]"]
+StageRunner = Callable[[PipelineSpec, Engine, Tracker], "tuple[dict[str, StageResult], dict[str, Any]]"]
 
 log = logging.getLogger("ptlab")
 """Hydra writes this logger to each job's ``ptlab.log``: what ran, each stage, the result."""
@@ -43,47 +44,51 @@ for _name in IMAGE_TASKS:
     STAGE_RUNNERS.add(_name, "ptlab.pipeline.images:run_images")
 
 
-def figure_title(cfg: Any) -> str:
+def figure_title(spec: PipelineSpec) -> str:
     """The decomposition figure's title: the seed and the settings that shape the curves."""
-    return (f"seed {cfg.seed}: d={cfg.task.d}, N1={cfg.task.n1}, N2={cfg.task.n2}, ||u||={cfg.task.u_norm}, "
-            f"sigma_p1={cfg.noise.sigma_p1}")
+    task = spec.task
+    return (f"seed {spec.seed}: d={task.d}, N1={task.n1}, N2={task.n2}, ||u||={task.u_norm}, "
+            f"sigma_p1={spec.noise.sigma_p1}")
 
 
-def make_engine(cfg: DictConfig) -> Engine:
-    """The engine of ``cfg.engine`` (``conf/engine/<name>.yaml``), given the ``trainer`` group's config."""
-    return instantiate(cfg.engine, trainer=cfg.trainer, _recursive_=False)
+def make_engine(spec: PipelineSpec) -> Engine:
+    """The engine of ``spec.engine`` (``conf/engine/<name>.yaml``), given the ``trainer`` group's config."""
+    return instantiate(dict(spec.engine), trainer=dict(spec.trainer), _recursive_=False)
 
 
-def make_pipeline_tracker(cfg: DictConfig, run_name: str, tags: dict[str, str], description: str = "") -> Tracker:
-    """The tracker of ``cfg.logger`` (none on DDP ranks other than 0)."""
-    if cfg.logger.kind == "none" or not is_global_zero():
+def make_pipeline_tracker(logger: LoggerSchema, run_name: str, tags: dict[str, str], description: str = "") -> Tracker:
+    """The tracker of the ``logger`` group (none on DDP ranks other than 0)."""
+    if logger.kind == "none" or not is_global_zero():
         return NullTracker()
     from ptlab.tracking.mlflow import MLflowTracker  # MLflow loads only when a run is tracked
 
-    return MLflowTracker(cfg.logger.tracking_uri, cfg.logger.experiment_name, run_name, cfg.logger.artifact_location,
-                         tags, description)
+    return MLflowTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags,
+                         description)
 
 
-def run_pipeline(cfg: DictConfig, output_dir: str | Path, context: JobContext | None = None) -> dict[str, Any]:
-    """Run one pipeline; returns (and writes to ``output_dir/summary.json``) its summary."""
-    validate(cfg)
+def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context: JobContext | None = None
+                 ) -> dict[str, Any]:
+    """Run one pipeline (a composed config, parsed here, or its spec); returns (and writes to
+    ``output_dir/summary.json``) its summary."""
+    spec = cfg if isinstance(cfg, PipelineSpec) else parse(cfg)
     context = context or job_context()
-    check_paths(cfg, output_dir, context.start_dir)
+    check_paths(OmegaConf.create(dict(spec.resolved)) if cfg is spec else cfg, output_dir, context.start_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_hash(cfg)
-    if cfg.logger.kind == "mlflow":
+    digest = config_hash(spec)
+    logger = spec.logger
+    if logger.kind == "mlflow":
         from ptlab.tracking.mlflow import resolve_tracking_uri
 
-        prepare_sqlite_store(resolve_tracking_uri(cfg.logger.tracking_uri), wal=cfg.logger.sqlite_wal)
-    with config_lock(cfg, digest, context):
-        finished = skip_if_finished(cfg, digest, output_dir, context.multirun)
+        prepare_sqlite_store(resolve_tracking_uri(logger.tracking_uri), wal=logger.sqlite_wal)
+    with config_lock(spec, digest, context):
+        finished = skip_if_finished(spec.resume, logger, digest, output_dir, context.multirun)
         if finished is not None:
             return finished
-        summary = _run_tracked(cfg, output_dir, digest, context)
+        summary = _run_tracked(spec, output_dir, digest, context)
     print(format_table(summary))
-    if cfg.logger.kind == "mlflow" and not context.multirun:
-        print(mlflow_view_line(cfg.logger.tracking_uri, summary["mlflow"]["experiment_id"]))
+    if logger.kind == "mlflow" and not context.multirun:
+        print(mlflow_view_line(logger.tracking_uri, summary["mlflow"]["experiment_id"]))
     return summary
 
 
@@ -113,51 +118,50 @@ def lock_dir(tracking_uri: str, cache: Path) -> Path:
 
 
 @contextlib.contextmanager
-def config_lock(cfg: DictConfig, digest: str, context: JobContext) -> Iterator[None]:
+def config_lock(spec: PipelineSpec, digest: str, context: JobContext) -> Iterator[None]:
     """Where finished configs are skipped (a multirun), one process at a time runs a config of a store: a second
     sweep that reaches a cell another live process is running waits for it, then skips it. The lock is a file in
     ``lock_dir``, released by the OS if its process dies."""
-    if not should_skip_finished(cfg, context.multirun) or not is_global_zero():
+    if not should_skip_finished(spec.resume, spec.logger, context.multirun) or not is_global_zero():
         yield
         return
     from filelock import FileLock, Timeout
 
     from ptlab.pipeline.cache import cache_dir
 
-    folder = lock_dir(cfg.logger.tracking_uri, cache_dir(cfg, context.start_dir))
+    folder = lock_dir(spec.logger.tracking_uri, cache_dir(spec.cache, context.start_dir))
     folder.mkdir(parents=True, exist_ok=True)
+    timeout = spec.cache.lock_timeout
     try:
-        with FileLock(str(folder / f"{digest}.lock"), timeout=cfg.cache.lock_timeout):
+        with FileLock(str(folder / f"{digest}.lock"), timeout=timeout):
             yield
     except Timeout:
-        raise ConfigError(f"cache.lock_timeout={cfg.cache.lock_timeout}: another process ran this config longer; "
+        raise ConfigError(f"cache.lock_timeout={timeout}: another process ran this config longer; "
                           "raise it or remove a stale lock") from None
 
 
-def _run_tracked(cfg: DictConfig, output_dir: Path, digest: str, context: JobContext) -> dict[str, Any]:
+def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: JobContext) -> dict[str, Any]:
     """The pipeline between opening its runs and writing its summary."""
-    runner = STAGE_RUNNERS.get(cfg.task.name)
-    engine = make_engine(cfg)
-    log.info("%s: task=%s engine=%s, experiment %s", cell_name(context.overrides, cfg.seed), cfg.task.name,
-             cfg.engine.get("name"), cfg.logger.experiment_name)
-    synthetic = cfg.task.name == "synthetic"
-    tracker = make_pipeline_tracker(cfg, cell_name(context.overrides, cfg.seed),
-                                    pipeline_tags(cfg.seed, digest, context.choices),
+    runner = STAGE_RUNNERS.get(spec.task.name)
+    engine = make_engine(spec)
+    log.info("%s: task=%s engine=%s, experiment %s", cell_name(context.overrides, spec.seed), spec.task.name,
+             spec.engine_name, spec.logger.experiment_name)
+    tracker = make_pipeline_tracker(spec.logger, cell_name(context.overrides, spec.seed),
+                                    pipeline_tags(spec.seed, digest, context.choices),
                                     preset_description(context.choices.get("experiment")))
-    with job_device(cfg, context.multirun), signals_as_interrupt(), tracker, signal_exits_as_terminated():
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved.pop("hydra", None)
+    with job_device(spec, context.multirun) as spec, signals_as_interrupt(), tracker, signal_exits_as_terminated():
         theory = None
-        if synthetic:
-            from ptlab.theory import predict_from_config
+        if spec.synthetic:
+            from ptlab.theory import predict_from_spec
 
-            theory = predict_from_config(cfg)
+            theory = predict_from_spec(spec)
+        resolved = dict(spec.resolved)
         open_pipeline(tracker, used_params(resolved), OmegaConf.to_yaml(resolved), theory)
-        stages, extra = runner(cfg, engine, tracker)
-        if is_global_zero() and not synthetic:
+        stages, extra = runner(spec, engine, tracker)
+        if is_global_zero() and not spec.synthetic:
             from ptlab.pipeline.checkpoints import discard_checkpoints
 
-            discard_checkpoints(cfg)
-        draw = synthetic and cfg.logger.get("figures", False)
-        return record_pipeline(tracker, stages, output_dir, cfg.seed, context.choices, theory, extra,
-                               figure_title=figure_title(cfg) if draw else None, write_file=is_global_zero())
+            discard_checkpoints(spec)
+        draw = spec.synthetic and spec.logger.figures
+        return record_pipeline(tracker, stages, output_dir, spec.seed, context.choices, theory, extra,
+                               figure_title=figure_title(spec) if draw else None, write_file=is_global_zero())

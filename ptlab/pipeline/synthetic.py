@@ -13,10 +13,9 @@ import logging
 import time
 from typing import Any
 
-from omegaconf import DictConfig
 from torch import nn
 
-from ptlab.config import scratch_length
+from ptlab.config import SyntheticTaskSchema, scratch_length
 from ptlab.data.synthetic import DTYPES, SyntheticTransferData, make_synthetic_data
 from ptlab.engines.base import Engine, Stage, StageResult
 from ptlab.models.factory import build_model as build_seeded_model
@@ -25,6 +24,7 @@ from ptlab.pipeline import transferability
 from ptlab.pipeline.cache import cached_upstream
 from ptlab.pipeline.record import record_stage, record_trained
 from ptlab.seeding import derive_seed
+from ptlab.spec import PipelineSpec
 from ptlab.tracking.base import Tracker
 from ptlab.transfer.apply import Transfer
 from ptlab.transfer.selection import SelectionInputs
@@ -32,23 +32,25 @@ from ptlab.transfer.selection import SelectionInputs
 log = logging.getLogger("ptlab")
 
 
-def make_data(cfg: DictConfig) -> SyntheticTransferData:
-    """The seeded synthetic data of a pipeline config."""
-    task, noise = cfg.task, cfg.noise
+def make_data(spec: PipelineSpec) -> SyntheticTransferData:
+    """The seeded synthetic data of a pipeline."""
+    task, noise = spec.task, spec.noise
     return make_synthetic_data(
         d=task.d, n1=task.n1, n2=task.n2, n_test=task.n_test, u_norm=task.u_norm, v_norm=task.v_norm,
         label_noise=task.label_noise, sigma_p1=noise.sigma_p1, sigma_p2=noise.sigma_p2,
-        seed=derive_seed(cfg.seed, "data"), dtype=DTYPES[cfg.train.dtype], project_noise=task.project_noise,
+        seed=derive_seed(spec.seed, "data"), dtype=DTYPES[spec.train.dtype], project_noise=task.project_noise,
         signal_position=task.signal_position, test_space=task.test_space)
 
 
-def build_model(model_cfg: DictConfig, cfg: DictConfig, stream: str) -> nn.Module:
-    """A synthetic model with its init drawn from the ``stream`` sub-seed of ``cfg.seed``.
+def build_model(spec: PipelineSpec, stream: str) -> nn.Module:
+    """The synthetic model of ``stream`` (``upstream``: ``upstream_model``; ``downstream``: ``model``) with its init
+    drawn from the ``stream`` sub-seed of the spec's seed.
 
     Transfer and scratch both use the ``downstream`` stream, so their fresh filters are identical.
     """
-    model = build_seeded_model(model_cfg, cfg.seed, stream, input_dim=cfg.task.d)
-    return model.to(DTYPES[cfg.train.dtype])
+    node = spec.resolved["upstream_model" if stream == "upstream" else "model"]
+    model = build_seeded_model(node, spec.seed, stream, input_dim=spec.task.d)
+    return model.to(DTYPES[spec.train.dtype])
 
 
 def selection_inputs(data: SyntheticTransferData) -> SelectionInputs:
@@ -69,20 +71,20 @@ def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageRes
     return result
 
 
-def needs_whole_cell(cfg: DictConfig) -> bool:
+def needs_whole_cell(task: SyntheticTaskSchema) -> bool:
     """Response-space test sets and gram sampling draw one law for the whole pipeline (the test responses of
     transfer and scratch in one draw; no d-space vectors at all), so the gram engine trains such a pipeline as one
     cell (``ptlab.engines.gram.run_cells``), as the batched launcher does."""
-    return cfg.task.get("test_space", "dspace") == "response" or cfg.task.get("sampling", "dspace") == "gram"
+    return task.test_space == "response" or task.sampling == "gram"
 
 
-def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
+def run_whole_cell(spec: PipelineSpec, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache); the cell's
     transferability scores, when it has them, as the summary's extra entry."""
     from ptlab.engines.gram import GramCell, run_cells
 
     started = time.perf_counter()
-    result = run_cells([GramCell.from_config(cfg)])[0]
+    result = run_cells([GramCell.from_spec(spec)])[0]
     extra = ({"transferability": transferability.record_scores(tracker, result.transferability)}
              if result.transferability is not None else {})
     stages = record_trained(tracker, result.stage_results(), result.divergence())
@@ -91,16 +93,16 @@ def run_whole_cell(cfg: DictConfig, tracker: Tracker) -> tuple[dict[str, StageRe
     return stages, extra
 
 
-def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
+def run_synthetic(spec: PipelineSpec, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """Algorithms 1 and 2 on one seed; returns the trained stages and the ``transferability`` scores (taken after the
     transfer, before downstream training; ``ptlab.pipeline.transferability``)."""
-    if engine.name == "gram" and needs_whole_cell(cfg):
-        return run_whole_cell(cfg, tracker)
-    data = make_data(cfg)
-    train = cfg.train
+    if engine.name == "gram" and needs_whole_cell(spec.task):
+        return run_whole_cell(spec, tracker)
+    data = make_data(spec)
+    train = spec.train
     scratch_steps = scratch_length(train.upstream_steps, train.downstream_steps, train.scratch_budget)
 
-    regularizer = Regularizer.from_config(cfg.get("regularizer"))
+    regularizer = Regularizer.from_config(spec.regularizer)
 
     def stage(name: str, model: nn.Module, task: int, transfer: Transfer | None = None) -> Stage:
         part_train, part_test = ((data.task1_train, data.task1_test) if task == 1
@@ -111,24 +113,25 @@ def run_synthetic(cfg: DictConfig, engine: Engine, tracker: Tracker) -> tuple[di
 
     stages: dict[str, StageResult] = {}
     extra: dict[str, Any] = {}
-    if cfg.transfer.kind != "none":
-        upstream = build_model(cfg.upstream_model, cfg, "upstream")
-        stages["upstream"] = cached_upstream(cfg, engine.name, tracker, upstream, lambda: train_and_record(
+    transfer_cfg = spec.transfer
+    if transfer_cfg.kind != "none":
+        upstream = build_model(spec, "upstream")
+        stages["upstream"] = cached_upstream(spec, engine.name, tracker, upstream, lambda: train_and_record(
             engine, tracker, stage("upstream", upstream, 1)))
-        transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
-                            inputs=selection_inputs(data), control=cfg.transfer.control,
-                            control_seed=derive_seed(cfg.seed, "control"))
-        downstream = build_model(cfg.model, cfg, "downstream")
-        if transferability.enabled(cfg):
+        transfer = Transfer(upstream, transfer_cfg.alpha, transfer_cfg.selection, derive_seed(spec.seed, "selection"),
+                            inputs=selection_inputs(data), control=transfer_cfg.control,
+                            control_seed=derive_seed(spec.seed, "control"))
+        downstream = build_model(spec, "downstream")
+        if transferability.enabled(spec):
             extra["transferability"] = transferability.synthetic_scores(
-                cfg, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y)
+                spec, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y)
         stages["transfer"] = train_and_record(engine, tracker, stage("transfer", downstream, 2, transfer))
         stages["transfer"].extra["regularizer"] = regularizer.as_dict()
-        stages["transfer"].extra["control"] = cfg.transfer.control
-    scratch = build_model(cfg.model, cfg, "downstream")
-    if cfg.transfer.kind == "none" and transferability.enabled(cfg):
+        stages["transfer"].extra["control"] = transfer_cfg.control
+    scratch = build_model(spec, "downstream")
+    if transfer_cfg.kind == "none" and transferability.enabled(spec):
         extra["transferability"] = transferability.synthetic_scores(
-            cfg, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y)
+            spec, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y)
     stages["scratch"] = train_and_record(engine, tracker, stage("scratch", scratch, 2))
     stages["scratch"].extra.update(budget=train.scratch_budget, steps=scratch_steps)
     return stages, extra

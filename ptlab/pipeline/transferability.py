@@ -23,10 +23,9 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from ptlab.tracking.base import Tracker
@@ -40,12 +39,15 @@ from ptlab.transfer.transferability import (
     scored,
 )
 
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
+
 log = logging.getLogger("ptlab")
 
 
-def enabled(cfg: DictConfig) -> bool:
-    """Whether the config asks for transferability scores (default: yes)."""
-    return bool(cfg.get("transferability", {}).get("enabled", True))
+def enabled(spec: PipelineSpec) -> bool:
+    """Whether the spec asks for transferability scores (default: yes)."""
+    return bool(spec.transferability.enabled)
 
 
 def score_device(gpu: bool) -> torch.device:
@@ -75,15 +77,15 @@ def finish(tracker: Tracker, scores: dict[str, float], n: int, started: float) -
     return record_scores(tracker, {**scores, "samples": n})
 
 
-def image_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
+def image_scores(spec: PipelineSpec, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
                  transfer: Transfer | None, x: Tensor, y: Tensor, device: torch.device,
                  model_input_size: Callable[[nn.Module], int | None]) -> dict[str, Any]:
     """The scores of an image pipeline on the task-2 training images ``x``, ``y`` (``upstream`` and ``transfer`` are
     ``None`` without transfer: then only ``logme_scratch``), each model fed at its ``model_input_size``."""
     started = time.perf_counter()
-    keep = score_subset(len(x), cfg.transferability.max_samples, cfg.seed)
+    keep = score_subset(len(x), spec.transferability.max_samples, spec.seed)
     x, y = x[keep], y[keep]
-    batch = cfg.train.batch_size
+    batch = spec.train.batch_size
 
     def features(model: nn.Module) -> Tensor:
         return penultimate_features(model, x, batch, model_input_size(model), device)
@@ -102,11 +104,11 @@ def two_patch_probabilities(model: nn.Module, x: Tensor) -> Tensor:
     return torch.stack([torch.sigmoid(-margin), torch.sigmoid(margin)], dim=1)
 
 
-def synthetic_scores(cfg: DictConfig, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
+def synthetic_scores(spec: PipelineSpec, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
                      transfer: Transfer | None, x: Tensor, y: Tensor) -> dict[str, Any]:
     """The scores of a synthetic pipeline on the task-2 training patches ``x`` (N, 2, d), labels ``y``."""
     started = time.perf_counter()
-    keep = score_subset(len(x), cfg.transferability.max_samples, cfg.seed)
+    keep = score_subset(len(x), spec.transferability.max_samples, spec.seed)
     x, y = x[keep], y[keep]
 
     def features(model: nn.Module) -> Tensor:

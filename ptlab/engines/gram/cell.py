@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 
 from ptlab.config import check_gram_cells, check_gram_engine, gram_device, scratch_length
 from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.modules.regularizers import Regularizer
 from ptlab.transfer.selection import spec_key
 
+if TYPE_CHECKING:
+    from ptlab.spec import PipelineSpec
+
 
 @dataclass(frozen=True)
 class GramCell:
-    """The numbers of one synthetic pipeline config that the engine uses (``cfg`` itself rides along)."""
+    """The numbers of one synthetic pipeline spec that the engine uses."""
 
     seed: int
     d: int
@@ -42,7 +44,6 @@ class GramCell:
     alpha: float
     selection: str
     """``transfer.selection`` as ``spec_key`` writes it (a name, or a node as JSON)."""
-    config: Any = field(compare=False, repr=False)
     model_form: ModelForm = ModelForm()
     upstream_form: ModelForm = ModelForm()
     init: str = "normal"
@@ -51,7 +52,6 @@ class GramCell:
     signal_position: str = "fixed"
     test_space: str = "dspace"
     sampling: str = "dspace"
-    """The config the data and inits are made from: a ``DictConfig`` or its resolved container."""
     device: str = "cpu"
     """``ptlab.config.gram_device``: cpu, cuda or auto (``resolve_device`` where the cell trains)."""
     regularizer: Regularizer = Regularizer()
@@ -66,31 +66,28 @@ class GramCell:
     """``transferability.max_samples``."""
 
     @classmethod
-    def from_config(cfg_type, cfg: DictConfig, snapshot: Mapping[str, Any] | None = None) -> GramCell:
-        """Read a composed config; ``ConfigError`` naming the key when the gram engine cannot run it.
-
-        ``snapshot`` (the resolved container of ``cfg``) is kept instead of ``cfg`` when ``cfg`` is about to
-        change (a sweep re-uses one config object for many jobs)."""
-        check_gram_engine(cfg)
-        check_gram_cells(cfg)
-        transfer = cfg.transfer.kind == "filters"
-        task, noise, train = cfg.task, cfg.noise, cfg.train
-        return cfg_type(
-            seed=int(cfg.seed), d=int(task.d), n1=int(task.n1), n2=int(task.n2), n_test=int(task.n_test),
+    def from_spec(cls, spec: PipelineSpec) -> GramCell:
+        """Read a pipeline spec; ``ConfigError`` naming the key when the gram engine cannot run it."""
+        resolved = spec.resolved
+        check_gram_engine(resolved)
+        check_gram_cells(resolved)
+        transfer = spec.transfer.kind == "filters"
+        task, noise, train, model, upstream = spec.task, spec.noise, spec.train, spec.model, spec.upstream_model
+        return cls(
+            seed=int(spec.seed), d=int(task.d), n1=int(task.n1), n2=int(task.n2), n_test=int(task.n_test),
             u_norm=float(task.u_norm), v_norm=float(task.v_norm), label_noise=float(task.label_noise),
-            sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2), width=int(cfg.model.width),
-            init_std=float(cfg.model.init_std), upstream_init_std=float(cfg.upstream_model.init_std),
+            sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2), width=int(model.width),
+            init_std=float(model.init_std), upstream_init_std=float(upstream.init_std),
             lr=float(train.lr), upstream_steps=int(train.upstream_steps),
             downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
-            transfer=transfer, alpha=float(cfg.transfer.alpha), selection=spec_key(cfg.transfer.selection),
-            config=cfg if snapshot is None else snapshot, model_form=model_form(cfg.model),
-            upstream_form=model_form(cfg.upstream_model), init=str(cfg.model.get("init", "normal")),
-            upstream_init=str(cfg.upstream_model.get("init", "normal")),
-            project_noise=bool(task.get("project_noise", True)), signal_position=str(task.get("signal_position", "fixed")),
-            test_space=str(task.get("test_space", "dspace")), sampling=str(task.get("sampling", "dspace")),
-            device=gram_device(cfg), regularizer=Regularizer.from_config(cfg.get("regularizer")),
-            control=str(cfg.transfer.get("control", "none")) if transfer else "none",
-            scratch_budget=str(train.get("scratch_budget", "downstream")), **transferability_fields(cfg))
+            transfer=transfer, alpha=float(spec.transfer.alpha), selection=spec_key(resolved["transfer"]["selection"]),
+            model_form=model_form(model), upstream_form=model_form(upstream), init=str(model.init),
+            upstream_init=str(upstream.init), project_noise=bool(task.project_noise),
+            signal_position=str(task.signal_position), test_space=str(task.test_space), sampling=str(task.sampling),
+            device=gram_device(resolved), regularizer=Regularizer.from_config(spec.regularizer),
+            control=str(spec.transfer.control) if transfer else "none", scratch_budget=str(train.scratch_budget),
+            transferability=bool(spec.transferability.enabled),
+            transferability_samples=int(spec.transferability.max_samples))
 
     @property
     def scratch(self) -> int:
@@ -122,15 +119,9 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
-def model_form(model_cfg: Any) -> ModelForm:
-    """The ``ModelForm`` of a two-layer CNN config (keys it lacks take the paper's values)."""
+def model_form(model: Any) -> ModelForm:
+    """The ``ModelForm`` of a two-layer CNN's schema or mapping (keys it lacks take the paper's values)."""
     defaults = ModelForm()
-    return ModelForm(**{key: type(getattr(defaults, key))(model_cfg.get(key, getattr(defaults, key)))
+    get = model.get if isinstance(model, Mapping) else lambda key, default: getattr(model, key, default)
+    return ModelForm(**{key: type(getattr(defaults, key))(get(key, getattr(defaults, key)))
                         for key in ModelForm.__dataclass_fields__})
-
-
-def transferability_fields(cfg: Any) -> dict[str, Any]:
-    """``GramCell``'s ``transferability`` fields from the config's group (the schema's defaults where it is absent)."""
-    group = cfg.get("transferability") or {}
-    return {"transferability": bool(group.get("enabled", True)),
-            "transferability_samples": int(group.get("max_samples", 2000))}
