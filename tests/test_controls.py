@@ -176,7 +176,7 @@ def test_batched_norm_matched_and_matched_scratch_equal_plain_gd(make_cfg) -> No
     """The gram cells (batched sweep path) in float64: upstream by plain GD, the transfer's norm_matched start from the
     Lightning path's Transfer (same seed streams), the compute-matched scratch for upstream + downstream steps."""
     cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.1", "transfer.control=norm_matched",
-                   "train.scratch_budget=matched", "transfer.alpha=0.5"))
+                         "train.scratch_budget=matched", "transfer.alpha=0.5"))
     result = run_cells([GramCell.from_spec(cfg)])[0]
     data, lr = make_data(cfg), cfg.train.lr
     up_steps, down_steps = cfg.train.upstream_steps, cfg.train.downstream_steps
@@ -310,7 +310,7 @@ def test_a_regularizer_anchors_the_controlled_units(make_cfg, regularizer: str) 
         stages[engine] = run_synthetic(cfg, make_engine(cfg), NullTracker())[0]
     cell = run_cells([GramCell.from_spec(parse(make_cfg(*common)))])[0]
     plain = run_synthetic(parse(make_cfg("train.dtype=float64", "transfer.control=norm_matched", "logger=none",
-                                   "engine=lightning")), make_engine(parse(make_cfg("engine=lightning"))), NullTracker())[0]
+                                         "engine=lightning")), make_engine(parse(make_cfg("engine=lightning"))), NullTracker())[0]
     loss = [value for _, value in stages["lightning"]["transfer"].curves["train/loss"]]
     assert [value for _, value in stages["gram"]["transfer"].curves["train/loss"]] == pytest.approx(loss, rel=1e-7)
     assert stages["gram"]["transfer"].final == pytest.approx(stages["lightning"]["transfer"].final, rel=1e-7, abs=1e-12)

@@ -57,7 +57,7 @@ def plain_gd(weight: Tensor, x: Tensor, y: Tensor, lr: float, steps: int) -> Ten
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
     cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
-                   "transfer.selection=largest_norm", f"engine.device={device}"))
+                         "transfer.selection=largest_norm", f"engine.device={device}"))
     result = run_cells([GramCell.from_spec(cfg)])[0]
     data = make_data(cfg)
     upstream_init = build_model(cfg, "upstream").weight.detach()

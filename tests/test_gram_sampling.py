@@ -51,8 +51,8 @@ def test_entries_match_dspace_in_mean_and_variance(make_cfg, d: int, extra: list
     mean and variance (within 5 standard errors); d=7 has fewer degrees of freedom (4) than vectors (9),
     the singular Wishart case."""
     base = parse(make_cfg(f"task.d={d}", "task.n1=3", "task.n2=2", "model.width=1", "task.n_test=2", "train.dtype=float64",
-                    "task.test_space=response", "noise.sigma_p1=1.5", "noise.sigma_p2=0.7", "model.init_std=0.8",
-                    "upstream_model=toy_cnn", "upstream_model.width=1", "upstream_model.init_std=1.2", *extra))
+                          "task.test_space=response", "noise.sigma_p1=1.5", "noise.sigma_p2=0.7", "model.init_std=0.8",
+                          "upstream_model=toy_cnn", "upstream_model.width=1", "upstream_model.init_std=1.2", *extra))
     cell = GramCell.from_spec(base)
     dspace = entries(cell, range(600))
     sampled = entries(dataclasses.replace(cell, sampling="gram"), range(600))

@@ -51,7 +51,7 @@ def test_grid_layout_through_cli(tmp_path: Path) -> None:
     assert (tmp_path / "sweep" / "results.parquet").is_file()
     for _, row in runs.iloc[[0, 7]].iterrows():
         cfg = parse(compose_config(["engine=gram", *SMALL, f"task.d={row['params.task.d']}",
-                              f"task.u_norm={row['params.task.u_norm']}", f"seed={row['params.seed']}"]))
+                                    f"task.u_norm={row['params.task.u_norm']}", f"seed={row['params.seed']}"]))
         alone = run_cells([GramCell.from_spec(cfg)])[0]
         for stage in ("upstream", "transfer", "scratch"):
             assert row[f"metrics.{stage}_test_acc"] == pytest.approx(alone.stages[stage].final["test_acc"], abs=1e-6)

@@ -74,7 +74,7 @@ def test_accuracy_agrees_in_distribution_over_seeds(make_cfg) -> None:
     Kolmogorov-Smirnov, at 0.1%), with small test sets so that the test noise dominates the spread."""
     def accuracies(space: str) -> list[float]:
         cell = GramCell.from_spec(parse(make_cfg(f"task.test_space={space}", "transfer=none", "task.n_test=60",
-                                             "task.d=300", "task.u_norm=1.5", "task.v_norm=1.5")))
+                                                   "task.d=300", "task.u_norm=1.5", "task.v_norm=1.5")))
         cells = [dataclasses.replace(cell, seed=seed) for seed in range(60)]
         return [result.stages["scratch"].final["test_acc"] for result in run_cells(cells, max_cells=60)]
 

@@ -44,12 +44,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from ptlab.config import ConfigError
+from ptlab.config import ConfigError, ImageTaskSchema, NoiseSchema
 from ptlab.seeding import derive_seed, generator
 
 PIXEL_MAX = 255.0
@@ -299,8 +298,8 @@ def make_image_set(images: Tensor, labels: Tensor, index: Tensor, classes: Seque
     return ImageSet(normalise(pixels, mean, std).contiguous(), relabel[labels[index]], index)
 
 
-def load_raw(task: DictConfig) -> RawImages:
-    """The raw data set named by ``task.name``."""
+def load_raw(task: ImageTaskSchema) -> RawImages:
+    """The raw data set named by ``task.name`` (``task``: the parsed ``task`` group, or its config node)."""
     if task.name == "image_folder":
         return load_image_folder(task.root, task.image_size, task.test_fraction, task.split_seed)
     if task.name == "digits":
@@ -310,8 +309,9 @@ def load_raw(task: DictConfig) -> RawImages:
     return load_cifar(task.name, task.data_dir, task.download)
 
 
-def make_image_tasks(task: DictConfig, noise: DictConfig, seed: int, raw: RawImages | None = None) -> ImageTasks:
-    """Both tasks of a config's ``task`` and ``noise`` groups under ``seed`` (see the module docstring)."""
+def make_image_tasks(task: ImageTaskSchema, noise: NoiseSchema, seed: int, raw: RawImages | None = None) -> ImageTasks:
+    """Both tasks of a spec's ``task`` and ``noise`` groups (or their config nodes) under ``seed`` (see the module
+    docstring)."""
     raw = raw if raw is not None else load_raw(task)
     task1_classes, task2_classes = split_classes(raw.num_classes, class_ids(raw, task.task2_classes,
                                                                             "task.task2_classes"),
