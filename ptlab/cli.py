@@ -305,6 +305,32 @@ def check_submitit_options(options: DictConfig) -> None:
                               "slurm_partition, ...)") from None
 
 
+def grid_templates(overrides: list[str], first: DictConfig) -> Iterator[tuple[DictConfig, list[str]]]:
+    """Each template of the sweep ``overrides`` as the batched launcher builds them (``ptlab.pipeline.batched``:
+    one per combination of the values of the swept overrides that are not plain values), composed, with the keys of
+    its value overrides; ``first``: the composed config of the sweep's first job."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    options = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in parsed]
+    lines = [[_single_valued(o, v) if o.is_sweep_override() else v for v in values] for o, values in zip(parsed, options)]
+    is_value = [is_value_override(parser.parse_overrides([values[0]])[0], first) for values in lines]
+    value_keys = sorted(o.key_or_group for o, value in zip(parsed, is_value) if value)
+    first_lines = sorted(values[0] for values in lines)
+    for combination in itertools.product(*([values[0]] if value else values for values, value in zip(lines, is_value))):
+        yield (first if sorted(combination) == first_lines else _compose(list(combination))), value_keys
+
+
+def check_grid_layout(overrides: list[str], first: DictConfig) -> None:
+    """``hydra.launcher.tracking=grid`` takes a sweep whose every template the grid can build its cells from
+    (``ptlab.pipeline.sweep_templates.grid_refusal``); refused in one line before anything is written."""
+    from ptlab.pipeline.sweep_templates import grid_refusal
+
+    for composed, value_keys in grid_templates(overrides, first):
+        refusal = grid_refusal(composed, value_keys)
+        if refusal is not None:
+            raise ConfigError(refusal)
+
+
 def gpu_elsewhere(launcher: DictConfig) -> bool:
     """Whether the gram launcher trains on a cluster's machines (``executor=submitit_slurm``): the GPU that
     ``engine.device=cuda`` needs is checked there, not here."""
@@ -336,6 +362,8 @@ def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
         check_added_keys(parser.parse_overrides(jobs[0]), first)
         elsewhere = gpu_elsewhere(first.hydra.launcher) if args.multirun else False
         batched = args.multirun and str(first.hydra.launcher.get("_target_", "")).endswith("PtlabGramLauncher")
+        if batched and first.hydra.launcher.get("tracking") == "grid":
+            check_grid_layout(overrides, first)
         for cfg, output_dir in job_configs(jobs, args.multirun, first):
             validate(cfg)
             if batched and cfg.engine.get("name") == "gram" and cfg.task.name == "synthetic":
@@ -478,6 +506,12 @@ def main() -> None:
         print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED",
               file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except SystemExit as err:
+        if err.code == 2:  # the launcher refused the sweep before it ran a job: nothing to answer, nothing to log
+            from ptlab.sweep_summary import SweepSummary
+
+            SweepSummary.started.clear()
+        raise
     finally:
         print_sweep_answers()
 

@@ -22,6 +22,7 @@ D = ["task=digits", "model=resnet18_small", "upstream_model=resnet18_small", "tr
 S = ["task.d=200", "task.n1=40", "task.n2=10", "task.n_test=100", "train.upstream_steps=20",
      "train.downstream_steps=10", "model.width=8"]
 """A small synthetic config (the issue's S)."""
+GRID = ["hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.tracking=grid"]
 FOLDER = ["task=image_folder", "task.root=FOLDER", "model=resnet18_small", "upstream_model=resnet18_small",
           "task.task2_classes=[ant,bee]", "task.k=1", "task.n2=4", "task.n1_ratio=1"]
 
@@ -152,6 +153,13 @@ BAD = [
      "hydra.launcher.n_jobs=0 is not allowed"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
      "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'"),
+    (["-m", *GRID, *D, "seed=0,1"], ("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an "
+                                    "engine=gram synthetic pipeline, one is engine=lightning task=digits")),
+    (["-m", *GRID, "task=synthetic,digits"], "every job must be an engine=gram synthetic pipeline, one is "
+     "engine=lightning task=digits"),  # a later job
+    (["-m", *GRID, *S, "seed=0,1", "logger.experiment_name=e${hydra:job.num}"],
+     "its jobs are built from one config by their values, but logger.experiment_name=e${hydra:job.num} may differ per"),
+    (["-m", *GRID, *S, "seed=0,1", "hydra.sweep.subdir=s${seed}"], "but hydra.sweep.subdir=s${seed} may differ per job"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
      "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
