@@ -61,6 +61,8 @@ def make_fixtures(tmp: Path) -> None:
     with sqlite3.connect(tmp / "other.db") as connection:
         connection.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
     (tmp / "random.db").write_bytes(np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    (tmp / "cells_digits.yaml").write_text("- [seed=0]\n- [task=digits]\n")
+    (tmp / "cells_bad.yaml").write_text("cells:\n- [seed=0]\n- ['seed=range(1,3)', transfer.alpha=1.5]\n")
     (tmp / "my_conf" / "experiment").mkdir(parents=True)
     (tmp / "my_conf" / "experiment" / "mine.yaml").write_text("# @package _global_\ntransfer:\n  alpha: 1.5\n")
 
@@ -160,6 +162,10 @@ BAD = [
     (["-m", *GRID, *S, "seed=0,1", "logger.experiment_name=e${hydra:job.num}"],
      "its jobs are built from one config by their values, but logger.experiment_name=e${hydra:job.num} may differ per"),
     (["-m", *GRID, *S, "seed=0,1", "hydra.sweep.subdir=s${seed}"], "but hydra.sweep.subdir=s${seed} may differ per job"),
+    (["-m", *GRID, "hydra.sweeper.cells=cells_digits.yaml"], "one is engine=lightning task=digits"),  # a cell's job
+    (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml"], "transfer.alpha=1.5 is not allowed"),
+    (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml", "seed=4,5"],
+     "hydra.sweeper.cells=cells_bad.yaml: cell 0 sets seed, which the sweep's params or command line set too"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
      "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
