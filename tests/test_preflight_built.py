@@ -298,15 +298,13 @@ BAD_STORES = {
               "is an MLflow store at schema revision ffffffffffff, which the installed MLflow does not know"),
     "no_revision": (lambda path: store_at_head(path, "DROP TABLE alembic_version"),
                     "has MLflow's tables but no schema revision (no alembic_version table)"),
-    "missing_table": (lambda path: store_at_head(path, "DROP TABLE latest_metrics"),
-                      "is an MLflow store at the installed MLflow's schema revision but without its tables latest_metrics"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_STORES))
 def test_a_store_mlflow_cannot_open_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
     """A store that an older MLflow or ptlab left half-migrated, one of a newer MLflow, one without its schema
-    revision or at the head without a table: one line naming the file and the fix, exit 2, the store untouched."""
+    revision: one line naming the file and the fix, exit 2, the store untouched."""
     make, message = BAD_STORES[kind]
     store = tmp_path / "stores" / "mlflow.db"
     store.parent.mkdir()
@@ -334,6 +332,22 @@ def test_opening_a_half_migrated_store_fails_in_one_line(tmp_path: Path) -> None
                                          "name: deleted_time") as raised:
         prepare_sqlite_store(f"sqlite:///{store}")
     assert "\n" not in str(raised.value)
+
+
+def test_a_store_without_a_table_fails_in_one_line(tmp_path: Path) -> None:
+    """A store at MLflow's head missing a table (not checked before the run) fails its first write to it with one
+    ``StoreError`` line naming the fix."""
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.errors import StoreError
+    from ptlab.tracking.faults import RetryingClient
+
+    store = tmp_path / "mlflow.db"
+    store_at_head(store, "DROP TABLE latest_metrics")
+    client = RetryingClient(MlflowClient(f"sqlite:///{store}"))
+    run = client.create_run(client.create_experiment("x"))
+    with pytest.raises(StoreError, match="a table of its schema is missing .* no such table: latest_metrics"):
+        client.log_metric(run.info.run_id, "loss", 0.5)
 
 
 def test_an_older_mlflows_store_is_migrated_as_mlflow_does(tmp_path: Path) -> None:

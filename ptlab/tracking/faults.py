@@ -93,6 +93,7 @@ STORE_FAULTS = {
     "duplicate column name": "an older MLflow or ptlab left its schema half-migrated (restore it from a backup or use "
                              "a new file)",
     "can't locate revision": "a newer MLflow wrote its schema (upgrade MLflow or use a new file)",
+    "no such table": "a table of its schema is missing (restore it from a backup or use a new file)",
 }
 """Markers of a store that failed (lower-case text of the error or its causes) and what they mean."""
 UNREACHABLE = "the server does not answer"
