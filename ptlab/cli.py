@@ -316,6 +316,74 @@ def check_submitit_options(options: DictConfig) -> None:
                               "slurm_partition, ...)") from None
 
 
+def grid_templates(sweeps: list[list[str]], first_job: list[str], first: DictConfig
+                   ) -> Iterator[tuple[DictConfig, list[str]]]:
+    """Each template of the sweeps (override lists, sweeps included) as the batched launcher builds them
+    (``ptlab.pipeline.batched``: one per combination of the values of the swept overrides that are not plain
+    values), composed once, with the keys of its value overrides; ``first``: the composed ``first_job``."""
+    parser = OverridesParser.create()
+    is_value: dict[str, bool] = {}
+
+    def key(job: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        for line in job:
+            if line not in is_value:
+                is_value[line] = is_value_override(parser.parse_overrides([line])[0], first)
+        return (tuple(sorted(line for line in job if not is_value[line])),
+                tuple(sorted(line.split("=", 1)[0] for line in job if is_value[line])))
+
+    seen = {key(first_job)}
+    yield first, list(key(first_job)[1])
+    for overrides in sweeps:
+        parsed = parser.parse_overrides(overrides)
+        lines = [[_single_valued(o, v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+                 for o in parsed]
+        plain = [key([values[0]])[1] != () for values in lines]  # a plain value: its values share the template
+        for combination in itertools.product(*([values[0]] if value else values for values, value in zip(lines, plain))):
+            job = list(combination)
+            if key(job) not in seen:
+                seen.add(key(job))
+                yield _compose(job), list(key(job)[1])
+
+
+def check_grid_layout(sweeps: list[list[str]], first_job: list[str], first: DictConfig) -> None:
+    """``hydra.launcher.tracking=grid`` takes a sweep whose every template the grid can build its cells from
+    (``ptlab.pipeline.sweep_templates.grid_refusal``); refused in one line before anything is written."""
+    from ptlab.pipeline.sweep_templates import grid_refusal
+
+    for composed, value_keys in grid_templates(sweeps, first_job, first):
+        refusal = grid_refusal(composed, value_keys)
+        if refusal is not None:
+            raise ConfigError(refusal)
+
+
+def with_cells(path: str, overrides: list[str], jobs: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:
+    """A sweep of ``hydra.sweeper.cells`` (``PtlabBatchedSweeper``: each cell's jobs crossed with the sweep's): the
+    sweeps to check for the grid (each cell with ``overrides``) and the jobs to check: every job of the sweep when
+    it has at most ``MAX_JOBS_CHECKED``, else each cell job (each cell's first, above that many) with the first of
+    ``jobs`` and each of ``jobs`` with the first cell job."""
+    from ptlab.design import DesignError, read_cells
+
+    try:
+        cells = read_cells(path)
+    except DesignError as err:
+        raise ConfigError(str(err)) from None
+    given = {line.split("=", 1)[0] for line in jobs[0]}
+    expanded = []
+    for number, cell in enumerate(cells):
+        cell_jobs = job_override_sets(cell, every_job=True)
+        clash = {line.split("=", 1)[0] for line in cell_jobs[0]} & given
+        if clash:
+            raise ConfigError(f"hydra.sweeper.cells={path}: cell {number} sets {', '.join(sorted(clash))}, which the "
+                              "sweep's params or command line set too")
+        expanded += cell_jobs
+    sweeps = [[*cell, *overrides] for cell in cells]
+    if len(expanded) * len(jobs) <= MAX_JOBS_CHECKED:
+        return sweeps, [[*cell, *job] for cell in expanded for job in jobs]
+    if len(expanded) > MAX_JOBS_CHECKED:  # every cell once (each with the values its own sweeps start from)
+        expanded = [job_override_sets(cell)[0] for cell in cells]
+    return sweeps, [[*cell, *jobs[0]] for cell in expanded] + [[*expanded[0], *job] for job in jobs[1:]]
+
+
 def gpu_elsewhere(launcher: DictConfig) -> bool:
     """Whether the gram launcher trains on a cluster's machines (``executor=submitit_slurm``): the GPU that
     ``engine.device=cuda`` needs is checked there, not here."""
@@ -341,12 +409,18 @@ def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
         check_sweep_flag(parser.parse_overrides(list(args.overrides)), args.multirun)
         check_trainer_overrides(list(args.overrides))
         overrides = with_preset_sweeps(args.overrides) if args.multirun else list(args.overrides)
-        jobs = job_override_sets(overrides, every_job=True)
+        jobs, sweeps = job_override_sets(overrides, every_job=True), [overrides]
         first = _compose(jobs[0])
+        cells = first.hydra.sweeper.get("cells") if args.multirun else None
+        if cells:
+            sweeps, jobs = with_cells(str(cells), overrides, jobs)
+            first = _compose(jobs[0])
         check_launcher(first.hydra.launcher)
         check_added_keys(parser.parse_overrides(jobs[0]), first)
         elsewhere = gpu_elsewhere(first.hydra.launcher) if args.multirun else False
         batched = args.multirun and str(first.hydra.launcher.get("_target_", "")).endswith("PtlabGramLauncher")
+        if batched and first.hydra.launcher.get("tracking") == "grid":
+            check_grid_layout(sweeps, jobs[0], first)
         for cfg, output_dir in job_configs(jobs, args.multirun, first):
             validate(cfg)
             if batched and cfg.engine.get("name") == "gram" and cfg.task.name == "synthetic":
@@ -489,6 +563,12 @@ def main() -> None:
         print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED",
               file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except SystemExit as err:
+        if err.code == 2:  # the launcher refused the sweep before it ran a job: nothing to answer, nothing to log
+            from ptlab.sweep_summary import SweepSummary
+
+            SweepSummary.started.clear()
+        raise
     finally:
         print_sweep_answers()
 

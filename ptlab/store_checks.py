@@ -1,7 +1,10 @@
 """Preflight checks of the tracking store: that it opens, is an MLflow store, and has the experiment usable.
 
-Nothing here imports MLflow or creates a file. A SQLite store is read with ``sqlite3`` (its table names,
-``PRAGMA quick_check`` on files up to ``QUICK_CHECK_BYTES``, the experiment's lifecycle stage); an HTTP
+Nothing here creates a file of the user's. A SQLite store is read with ``sqlite3`` (its table names,
+``PRAGMA quick_check`` on files up to ``QUICK_CHECK_BYTES``, its schema revision against the head of the installed
+MLflow's migration scripts, the experiment's lifecycle stage); a store at an older revision, which MLflow migrates
+when it opens it, is first migrated by MLflow on a temporary copy (the one case that imports MLflow here), so a store
+that an older MLflow or ptlab left half-migrated is refused in one line instead of failing in MLflow; an HTTP
 store is asked once, with a short timeout, through MLflow's REST API (``experiments/get-by-name``, with the
 credentials MLflow itself reads: ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or
 ``MLFLOW_TRACKING_TOKEN``); another database store needs its SQLAlchemy driver importable.
@@ -10,10 +13,15 @@ credentials MLflow itself reads: ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_
 from __future__ import annotations
 
 import base64
+import functools
+import importlib.util
 import json
+import logging
 import os
+import re
 import sqlite3
 import ssl
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +37,9 @@ table names."""
 PROBE_TIMEOUT_S = 5.0
 """Seconds the one reachability request to an HTTP tracking server may take."""
 MEMORY_NAMES = ("", ":memory:")
+MIGRATION_TRY_BYTES = 256 << 20
+"""A SQLite store at an older schema revision up to this size has its migration tried on a copy first."""
+FIX = "restore it from a backup or point logger.tracking_uri at a new file"
 
 
 def _refuse(uri: str, why: str) -> ConfigError:
@@ -49,6 +60,9 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
         raise _refuse(uri, f"{path} cannot be opened ({err})") from None
     try:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and {"experiments", "runs"} <= tables and "alembic_version" not in tables:
+            raise _refuse(uri, f"{path} has MLflow's tables but no schema revision (no alembic_version table), so "
+                               f"MLflow cannot tell how to open it; {FIX}")
         if tables and not MLFLOW_TABLES <= tables:
             shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
             raise _refuse(uri, f"{path} is a SQLite database of something else (tables {shown}), not an MLflow "
@@ -58,6 +72,8 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
             if result != "ok":
                 raise _refuse(uri, f"{path} is a damaged SQLite database ({result}); restore it from a backup or "
                                    "use a new file")
+        if tables:
+            check_schema_revision(uri, path, connection)
         if experiment_name is not None and tables:
             row = connection.execute("SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?",
                                      (experiment_name,)).fetchone()
@@ -71,6 +87,78 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
         raise _refuse(uri, f"{path} is not a readable SQLite database ({err})") from None
     finally:
         connection.close()
+
+
+@functools.cache
+def mlflow_revisions() -> tuple[frozenset[str], str | None]:
+    """The schema revisions of the installed MLflow's migration scripts and their single head (``None`` when they
+    have none or several), read from the scripts' ``revision``/``down_revision`` lines without importing MLflow."""
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset(), None
+    versions = Path(next(iter(spec.submodule_search_locations))) / "store" / "db_migrations" / "versions"
+    revisions, parents = set(), set()
+    for script in versions.glob("*.py"):
+        text = script.read_text(errors="replace")
+        found = re.search(r"^revision\b[^=\n]*=\s*['\"](\w+)['\"]", text, re.MULTILINE)
+        down = re.search(r"^down_revision\b[^=\n]*=(.*)$", text, re.MULTILINE)
+        if found:
+            revisions.add(found.group(1))
+        if down:
+            parents.update(re.findall(r"['\"](\w+)['\"]", down.group(1)))
+    heads = revisions - parents
+    return frozenset(revisions), next(iter(heads)) if len(heads) == 1 else None
+
+
+def check_schema_revision(uri: str, path: Path, connection: sqlite3.Connection) -> None:
+    """An MLflow SQLite store's schema revision is one the installed MLflow knows; below its head (MLflow migrates
+    such a store when it opens it), the migration must succeed on a copy (``try_migration``)."""
+    rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+    if len(rows) != 1:
+        raise _refuse(uri, f"{path} is an MLflow store without one schema revision (alembic_version holds "
+                           f"{len(rows)} rows); {FIX}")
+    revision = rows[0][0]
+    known, head = mlflow_revisions()
+    if head is None or revision == head:
+        return
+    if revision not in known:
+        raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision}, which the installed MLflow "
+                           "does not know (a newer MLflow wrote it); upgrade MLflow here, or point "
+                           "logger.tracking_uri at a new file")
+    try_migration(uri, path, revision, head, os.stat(path).st_mtime_ns)
+
+
+@functools.cache
+def try_migration(uri: str, path: Path, revision: str, head: str, stamp: int) -> None:
+    """MLflow's migration of a store from ``revision`` to ``head``, run on a temporary copy (once per file version,
+    ``stamp``; stores above ``MIGRATION_TRY_BYTES`` are left to MLflow): a store left half-migrated (a migration
+    stopped midway: "duplicate column name") is refused with the error MLflow would raise."""
+    if path.stat().st_size > MIGRATION_TRY_BYTES:
+        return
+    from mlflow.tracking import MlflowClient
+
+    quiet = {name: logging.getLogger(name).level for name in ("mlflow", "alembic")}
+    with tempfile.TemporaryDirectory(prefix="ptlab-store-") as folder:
+        copy = Path(folder) / path.name
+        source = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=20)
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        try:
+            for name in quiet:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            MlflowClient(f"sqlite:///{copy}").search_experiments(max_results=1)
+        except Exception as err:  # whatever MLflow raises here, it raises on the store itself
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
+            raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision} that the installed MLflow "
+                               f"cannot migrate to {head} ({type(err).__name__}: {first}): an older MLflow or ptlab left "
+                               f"it half-migrated; {FIX}") from None
+        finally:
+            for name, level in quiet.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _auth_headers() -> dict[str, str]:

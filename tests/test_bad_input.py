@@ -107,19 +107,23 @@ def test_summary_json_is_valid_json_when_a_theory_value_is_infinite(make_cfg, tm
     assert summary["theory"]["signal_ratio"] is None
 
 
-def wait_for_runs(client: MlflowClient, store: Path, name: str, process, count: int = 2, timeout: float = 120):
-    """The experiment ``name`` once it holds ``count`` runs (the parent and its first child), while
-    ``process`` runs; ``None`` when that does not happen within ``timeout`` seconds."""
+def wait_for_runs(store: Path, name: str, process, count: int = 2, timeout: float = 120):
+    """A client of ``store`` and the experiment ``name`` once it holds ``count`` runs (the parent and its first
+    child), while ``process`` runs; the experiment is ``None`` when that does not happen within ``timeout`` seconds.
+    The client opens the store only once ``process`` made it (MLflow creates and migrates a store when a client
+    opens it, which would race the process's own creation)."""
     import time
 
     deadline = time.time() + timeout
-    experiment = None
+    client = experiment = None
     while time.time() < deadline and process.poll() is None:
         time.sleep(1)
-        experiment = client.get_experiment_by_name(name) if store.exists() else None
+        if client is None and store.exists():
+            client = MlflowClient(f"sqlite:///{store}")
+        experiment = client.get_experiment_by_name(name) if client is not None else None
         if experiment and len(client.search_runs([experiment.experiment_id])) >= count:
-            return experiment
-    return experiment
+            return client, experiment
+    return client, experiment
 
 
 def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path: Path) -> None:
@@ -133,8 +137,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path
             f"logger.tracking_uri={uri}", "logger.experiment_name=kill"]
     process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    client = MlflowClient(uri)
-    experiment = wait_for_runs(client, tmp_path / "mlflow.db", "kill", process)
+    client, experiment = wait_for_runs(tmp_path / "mlflow.db", "kill", process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     runs = client.search_runs([experiment.experiment_id])
@@ -171,8 +174,7 @@ def test_a_signal_marks_the_runs_killed_and_exits_with_its_code(tmp_path: Path, 
             f"logger.tracking_uri={uri}", "logger.experiment_name=signal"]
     process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(uri)
-    experiment = wait_for_runs(client, tmp_path / "mlflow.db", "signal", process)
+    client, experiment = wait_for_runs(tmp_path / "mlflow.db", "signal", process)
     process.send_signal(getattr(signal, signum))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr[-2000:]

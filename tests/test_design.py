@@ -95,6 +95,15 @@ def test_design_cli_writes_the_same_file_for_the_same_seed(tmp_path: Path) -> No
                  "--out", str(tmp_path / "c.yaml")]) == 2
 
 
+def test_design_cli_finds_its_default_box_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    """Run outside the repository (no ``conf/`` there), the default box is ptlab's own: the same cells as naming it."""
+    from ptlab.report.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["design", "--seed", "5", "--cells", "3", "--out", "d.yaml"]) == 0
+    assert read_cells(tmp_path / "d.yaml") == draw_design(BOX, 5, 3)
+
+
 def test_range_rounds_integers_into_the_box() -> None:
     rng = np.random.default_rng(0)
     spec = Range(low=10, high=60, scale="log", type="int")

@@ -22,8 +22,8 @@ from ptlab.engines.gram import (
 from ptlab.modules import sign_accuracy
 from ptlab.modules.decomposition import METRIC_NAMES
 from ptlab.pipeline import run_pipeline
-from ptlab.pipeline.batched import reads_swept_key
 from ptlab.pipeline.resume import config_hash
+from ptlab.pipeline.sweep_templates import reads_swept_key
 from ptlab.pipeline.synthetic import build_model, make_data
 from ptlab.report.runs import load_pipelines
 from ptlab.seeding import derive_seed
@@ -262,12 +262,39 @@ def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
     ("${model.width}", ["model"], True),
     ("${task.d}", ["model.width", "task.n1"], False),
     ("${.width}", ["model.width"], True),
-    ("${hydra:runtime.choices.experiment}", ["seed"], True),
+    ("${.lr}", ["train.lr"], True),
+    ("${.train}", ["train.lr"], True),
+    ("${.train}", ["model.width"], False),
     ("${oc.select:train.lr,0.1}", ["train.lr"], True),
     ("${oc.select:train.lr,0.1}", ["train.lr_decay"], False),
+    ("${now:%Y-%m-%d}", ["task.d"], False),
+    # hydra values: a template (group choices, hydra overrides) fixes these whatever a job's values are ...
+    ("${hydra:runtime.choices.experiment}", ["seed", "transfer.alpha"], False),
+    ("e_${hydra:runtime.choices.model}_${hydra:job.name}", ["seed"], False),
+    ("${hydra:runtime.cwd}/${hydra:sweep.dir}", ["seed"], False),
+    ("${hydra:runtime.version}", ["seed"], False),
+    # ... and not these (per job), nor anything unknown or read in a form that is not parsed
+    ("${hydra:job.num}", ["seed"], True),
+    ("${hydra:job.id}", ["seed"], True),
+    ("e${hydra:job.override_dirname}", ["seed"], True),
+    ("${hydra:runtime.output_dir}", ["seed"], True),
+    ("${hydra:sweep.subdir}", ["seed"], True),
+    ("${hydra:overrides.task}", ["seed"], True),
+    ("${hydra:some.future.key}", ["seed"], True),
+    ("${hydra:runtime.choices.${task.name}}", ["seed"], True),
+    ("${hydra.job.num}", ["seed"], True),
+    ("${hydra:runtime.choices.experiment}_${seed}", ["seed"], True),
 ])
 def test_reads_swept_key(interpolation: str, keys: list[str], reads: bool) -> None:
     assert reads_swept_key(interpolation, keys) is reads
+
+
+@pytest.mark.parametrize(("sweep_dir", "reads"), [("multirun/${now:%H-%M-%S}", False), ("multirun/${seed}", True),
+                                                  ("multirun/${hydra.job.num}", True), ("m/${hydra.job.name}", False)])
+def test_a_per_template_hydra_value_reads_what_its_own_interpolations_read(sweep_dir: str, reads: bool) -> None:
+    """``${hydra:sweep.dir}`` is fixed by the template unless hydra's own ``sweep.dir`` reads a job's value."""
+    hydra = {"sweep": {"dir": sweep_dir, "subdir": "${hydra.job.num}"}, "job": {"name": "ptlab"}}
+    assert reads_swept_key("${hydra:sweep.dir}/x", ["seed"], hydra) is reads
 
 
 def test_step_blocks_cut_large_groups_evenly(monkeypatch) -> None:

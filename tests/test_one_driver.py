@@ -134,3 +134,46 @@ def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
     assert sorted(int(r.data.metrics["grid/cells"]) for r in grids) == [2, 4]
     sweeps = client.search_runs([experiment], "tags.`ptlab.stage` = 'sweep'", order_by=["attributes.start_time DESC"])
     assert len(sweeps) == 2 and [a.path for a in client.list_artifacts(sweeps[0].info.run_id)] == ["sweep_summary.md"]
+
+
+def test_a_default_experiment_grid_gives_the_runs_layouts_numbers(tmp_path: Path) -> None:
+    """The default config names its experiment by a group choice (``${hydra:runtime.choices.experiment}``), which
+    no value of a job changes: the grid takes a sweep of it with a fixed value beside the swept one, and its cells
+    are the run-per-cell layout's, number for number, in the same experiment."""
+    common = [*BATCHED, *SMALL, "seed=0,1", "transfer.alpha=0.3"]
+    for layout in ("runs", "grid"):
+        done = run_cli([*common, f"hydra.launcher.tracking={layout}", f"logger.tracking_uri=sqlite:///{tmp_path / layout}.db",
+                        f"hydra.sweep.dir={tmp_path / layout}"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        client = MlflowClient(f"sqlite:///{tmp_path / layout}.db")
+        experiment = client.get_experiment_by_name("default").experiment_id
+        stage = "pipeline" if layout == "runs" else "grid"
+        assert len(client.search_runs([experiment], f"tags.`ptlab.stage` = '{stage}'")) == (2 if layout == "runs" else 1)
+    runs = [json.loads((tmp_path / "runs" / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    lines = [json.loads(line) for line in (tmp_path / "grid" / "summaries.jsonl").read_text().splitlines()]
+    assert [line["job"] for line in lines] == [0, 1]
+    assert runs[0]["transfer"]["test_acc"] != runs[1]["transfer"]["test_acc"]  # two seeds, two cells
+    for alone, line in zip(runs, lines):
+        same_summary(without_mlflow(alone), without_mlflow(line["summary"]))
+    table = pd.read_parquet(tmp_path / "grid" / "results.parquet")
+    assert table["params.transfer.alpha"].tolist() == ["0.3", "0.3"] and table["params.seed"].tolist() == ["0", "1"]
+
+
+def test_auto_takes_a_run_per_cell_where_the_grid_cannot(tmp_path: Path) -> None:
+    """Above ``grid_threshold`` cells ``tracking=auto`` picks the grid, unless a value may differ per job (here the
+    experiment name reads ``hydra.job.num``): then each job is a run of its own, in its own experiment."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_cli([*BATCHED, *SMALL, "seed=0,1", "hydra.launcher.tracking=auto", "hydra.launcher.grid_threshold=1",
+                    "logger.experiment_name=e${hydra:job.num}", f"logger.tracking_uri={uri}",
+                    f"hydra.sweep.dir={tmp_path / 'auto'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    client = MlflowClient(uri)
+    for job in (0, 1):
+        summary = json.loads((tmp_path / "auto" / str(job) / "summary.json").read_text())
+        assert summary["seed"] == job
+        (run,) = client.search_runs([client.get_experiment_by_name(f"e{job}").experiment_id],
+                                    "tags.`ptlab.stage` = 'pipeline'")
+        assert run.data.params["seed"] == str(job)
+    assert not (tmp_path / "auto" / "results.parquet").exists()
+

@@ -22,6 +22,7 @@ D = ["task=digits", "model=resnet18_small", "upstream_model=resnet18_small", "tr
 S = ["task.d=200", "task.n1=40", "task.n2=10", "task.n_test=100", "train.upstream_steps=20",
      "train.downstream_steps=10", "model.width=8"]
 """A small synthetic config (the issue's S)."""
+GRID = ["hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.tracking=grid"]
 FOLDER = ["task=image_folder", "task.root=FOLDER", "model=resnet18_small", "upstream_model=resnet18_small",
           "task.task2_classes=[ant,bee]", "task.k=1", "task.n2=4", "task.n1_ratio=1"]
 
@@ -60,6 +61,8 @@ def make_fixtures(tmp: Path) -> None:
     with sqlite3.connect(tmp / "other.db") as connection:
         connection.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
     (tmp / "random.db").write_bytes(np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    (tmp / "cells_digits.yaml").write_text("- [seed=0]\n- [task=digits]\n")
+    (tmp / "cells_bad.yaml").write_text("cells:\n- [seed=0]\n- ['seed=range(1,3)', transfer.alpha=1.5]\n")
     (tmp / "my_conf" / "experiment").mkdir(parents=True)
     (tmp / "my_conf" / "experiment" / "mine.yaml").write_text("# @package _global_\ntransfer:\n  alpha: 1.5\n")
 
@@ -152,6 +155,17 @@ BAD = [
      "hydra.launcher.n_jobs=0 is not allowed"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
      "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'"),
+    (["-m", *GRID, *D, "seed=0,1"], ("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an "
+                                    "engine=gram synthetic pipeline, one is engine=lightning task=digits")),
+    (["-m", *GRID, "task=synthetic,digits"], "every job must be an engine=gram synthetic pipeline, one is "
+     "engine=lightning task=digits"),  # a later job
+    (["-m", *GRID, *S, "seed=0,1", "logger.experiment_name=e${hydra:job.num}"],
+     "its jobs are built from one config by their values, but logger.experiment_name=e${hydra:job.num} may differ per"),
+    (["-m", *GRID, *S, "seed=0,1", "hydra.sweep.subdir=s${seed}"], "but hydra.sweep.subdir=s${seed} may differ per job"),
+    (["-m", *GRID, "hydra.sweeper.cells=cells_digits.yaml"], "one is engine=lightning task=digits"),  # a cell's job
+    (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml"], "transfer.alpha=1.5 is not allowed"),
+    (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml", "seed=4,5"],
+     "hydra.sweeper.cells=cells_bad.yaml: cell 0 sets seed, which the sweep's params or command line set too"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
      "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
     (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
@@ -225,6 +239,132 @@ def test_the_tracker_refuses_a_deleted_experiment_too(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="that experiment is deleted; restore it"), MLflowTracker(uri, "gone", "run"):
         pass
     assert client.search_runs([client.get_experiment_by_name("gone").experiment_id], run_view_type=3) == []
+
+
+def store_at(path: Path, revision: str) -> None:
+    """An MLflow store as MLflow makes one, stopped at schema ``revision``: its initial tables, then its migrations."""
+    import sqlalchemy
+    from alembic import command
+    from alembic.config import Config
+    from mlflow.store.tracking.dbmodels.initial_models import Base
+
+    from ptlab.tracking.store_template import migrations_dir
+
+    url = f"sqlite:///{path}"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        config = Config(str(migrations_dir() / "alembic.ini"))
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.set_main_option("sqlalchemy.url", url)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def store_at_head(path: Path, *statements: str) -> None:
+    """A store at the installed MLflow's head (a copy of its template), then ``statements`` run on it."""
+    import shutil
+
+    from ptlab.tracking.store_template import template_path
+
+    template = template_path()
+    assert template is not None
+    shutil.copyfile(template, path)
+    with sqlite3.connect(path) as connection:
+        for statement in statements:
+            connection.execute(statement)
+
+
+OLD_REVISION, NEXT_ADDS = "bd07f7e963c5", "ALTER TABLE runs ADD COLUMN deleted_time BIGINT"
+"""A schema revision of an older MLflow, and the first change of the migration after it (0c779009ac13)."""
+
+
+def half_migrated(path: Path) -> None:
+    """A store whose migration past ``OLD_REVISION`` stopped after its first change (SQLite's schema changes are not
+    one transaction)."""
+    store_at(path, OLD_REVISION)
+    with sqlite3.connect(path) as connection:
+        connection.execute(NEXT_ADDS)
+
+
+BAD_STORES = {
+    "half_migrated": (half_migrated,
+                      f"is an MLflow store at schema revision {OLD_REVISION} that the installed MLflow cannot migrate "
+                      "to"),
+    "newer": (lambda path: store_at_head(path, "UPDATE alembic_version SET version_num = 'ffffffffffff'"),
+              "is an MLflow store at schema revision ffffffffffff, which the installed MLflow does not know"),
+    "no_revision": (lambda path: store_at_head(path, "DROP TABLE alembic_version"),
+                    "has MLflow's tables but no schema revision (no alembic_version table)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_STORES))
+def test_a_store_mlflow_cannot_open_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    """A store that an older MLflow or ptlab left half-migrated, one of a newer MLflow, one without its schema
+    revision: one line naming the file and the fix, exit 2, the store untouched."""
+    make, message = BAD_STORES[kind]
+    store = tmp_path / "stores" / "mlflow.db"
+    store.parent.mkdir()
+    make(store)
+    before = store.read_bytes()
+    done = run_cli([*S, f"logger.tracking_uri=sqlite:///{store}", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip()
+    assert line.startswith(f"ptlab: logger.tracking_uri='sqlite:///{store}' is not allowed: {store} "), line
+    assert message in line and "\n" not in line, line
+    assert line.endswith("restore it from a backup or point logger.tracking_uri at a new file") or kind == "newer", line
+    assert store.read_bytes() == before and sorted(p.name for p in store.parent.iterdir()) == ["mlflow.db"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_opening_a_half_migrated_store_fails_in_one_line(tmp_path: Path) -> None:
+    """Where the preflight leaves the migration to MLflow (a store above ``MIGRATION_TRY_BYTES``), opening the store
+    fails with one ``StoreError`` line, not MLflow's SQL traceback."""
+    from ptlab.errors import StoreError
+    from ptlab.tracking.faults import prepare_sqlite_store
+
+    store = tmp_path / "mlflow.db"
+    half_migrated(store)
+    with pytest.raises(StoreError, match="an older MLflow or ptlab left its schema half-migrated .* duplicate column "
+                                         "name: deleted_time") as raised:
+        prepare_sqlite_store(f"sqlite:///{store}")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_store_without_a_table_fails_in_one_line(tmp_path: Path) -> None:
+    """A store at MLflow's head missing a table (not checked before the run) fails its first write to it with one
+    ``StoreError`` line naming the fix."""
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.errors import StoreError
+    from ptlab.tracking.faults import RetryingClient
+
+    store = tmp_path / "mlflow.db"
+    store_at_head(store, "DROP TABLE latest_metrics")
+    client = RetryingClient(MlflowClient(f"sqlite:///{store}"))
+    run = client.create_run(client.create_experiment("x"))
+    with pytest.raises(StoreError, match="a table of its schema is missing .* no such table: latest_metrics"):
+        client.log_metric(run.info.run_id, "loss", 0.5)
+
+
+def test_an_older_mlflows_store_is_migrated_as_mlflow_does(tmp_path: Path) -> None:
+    """A whole store of an older MLflow is not refused: the run migrates it (as MLflow does) and is tracked there."""
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.tracking.store_template import head_revision, schema_revision
+
+    store = tmp_path / "mlflow.db"
+    store_at(store, OLD_REVISION)
+    done = run_cli([*S, f"logger.tracking_uri=sqlite:///{store}", "logger.experiment_name=old",
+                    f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert schema_revision(store) == head_revision()
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("old").experiment_id], "tags.`ptlab.stage` = 'pipeline'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
 
 
 def test_light_lists_agree_with_the_libraries() -> None:

@@ -7,6 +7,7 @@ would (``ptlab.pipeline.batched``). Other jobs of the sweep run one by one, as w
 """
 
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +80,17 @@ class PtlabGramLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from ptlab.errors import ConfigError, StoreError
         from ptlab.pipeline.batched import launch_batched  # torch and MLflow load only when a sweep runs
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        return launch_batched(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
-                              self.max_cells, self.history, self.progress, self.workers, self.tracking,
-                              self.grid_threshold, self.grid_samples, self.executor, self.submitit)
+        try:
+            return launch_batched(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
+                                  self.max_cells, self.history, self.progress, self.workers, self.tracking,
+                                  self.grid_threshold, self.grid_samples, self.executor, self.submitit)
+        except ConfigError as err:  # one line: exit 2 for what the preflight could not see (a cells file, jobs past
+            print(f"ptlab: {err}", file=sys.stderr)  # its limit: refused while composing), 1 for a store that failed
+            raise SystemExit(1 if isinstance(err, StoreError) else 2) from None

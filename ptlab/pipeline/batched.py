@@ -53,15 +53,15 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from hydra._internal.config_loader_impl import get_overrides_dirname  # private: how Hydra names a job's overrides
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -90,6 +90,7 @@ from ptlab.pipeline.record import (
     used_params,
 )
 from ptlab.pipeline.resume import finished_runs, finished_summary, hash_resolved, should_skip_finished
+from ptlab.pipeline.sweep_templates import GridRefused, grid_refusal, node_aliases, per_job_value
 from ptlab.pipeline.transferability import record_scores
 from ptlab.spec import PipelineSpec, from_resolved, parse, schema_types
 from ptlab.theory import TheoryPrediction, predict_from_spec
@@ -157,11 +158,8 @@ class _Template:
                         if not k.startswith("hydra") and "schema" not in k}
         self.value_keys = value_keys
         self.sweep_dir = Path(str(hydra.sweep.dir)).absolute()
-        raw = OmegaConf.to_container(self.task, resolve=False)
-        self.aliases = dict(_node_aliases(raw))
-        interpolations = [v for k, v in _leaves(raw) if isinstance(v, str) and "${" in v and k not in self.aliases]
-        self.fast = (OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}" and
-                     not any(reads_swept_key(v, value_keys) for v in interpolations))
+        self.aliases = dict(node_aliases(OmegaConf.to_container(self.task, resolve=False)))
+        self.fast = per_job_value(config, value_keys) is None
         self.skip_finished = should_skip_finished(self.task.resume, self.task.logger, multirun=True)
         self.types = schema_types(self.task)
         self.values: dict[str, tuple[Any, str]] = {}
@@ -216,12 +214,18 @@ class _Template:
             with read_write(self.task), open_dict(self.task):
                 for override in values:
                     OmegaConf.update(self.task, override.key_or_group, override.value(), merge=True)
-            with read_write(self.config.hydra), open_dict(self.config.hydra):
-                self.config.hydra.job.num = index
-                self.config.hydra.job.id = index
-                subdir = OmegaConf.select(self.config, "hydra.sweep.subdir")
+            hydra = self.config.hydra
+            with read_write(hydra), open_dict(hydra):  # the job's own hydra values, as Hydra's launcher and run_job set
+                hydra.job.num = hydra.job.id = index
+                task = [o for o in parsed if not o.is_hydra_override()]
+                hydra.overrides.task = [o.input_line for o in task]
+                naming = hydra.job.config.override_dirname
+                hydra.job.override_dirname = get_overrides_dirname(task, list(naming.exclude_keys), naming.item_sep,
+                                                                   naming.kv_sep)
+                output_dir = Path(str(hydra.sweep.dir), str(OmegaConf.select(self.config, "hydra.sweep.subdir"))).absolute()
+                hydra.runtime.output_dir = str(output_dir)
+            HydraConfig.instance().set_config(self.config)  # a copy: ${hydra:...} reads the job's values from there
             spec = parse(self.task)
-            output_dir = Path(str(self.config.hydra.sweep.dir), str(subdir)).absolute()
         return spec, output_dir, cell_name([o.input_line for o in parsed], spec.seed)
 
     def cell(self, values: list[Override]) -> GramCell:
@@ -250,39 +254,6 @@ class _Template:
         for i, key in enumerate(self.value_keys):
             text = text.replace(self.PLACEHOLDER.format(i), by_key[key])
         return text
-
-
-def reads_swept_key(interpolation: str, keys: Sequence[str]) -> bool:
-    """Whether an interpolation string may read one of the swept ``keys``: it names hydra's config, a swept key, a
-    node above one (``${model}`` reads ``model.width``) or below one, or a swept leaf's name (relative references)."""
-    if "hydra:" in interpolation:
-        return True
-    names = re.findall(r"[\w.]+", interpolation)
-    for key in keys:
-        leaf = key.rsplit(".", 1)[-1]
-        for name in names:
-            path = name.lstrip(".")
-            if path in (key, leaf) or key.startswith(f"{path}.") or path.startswith(f"{key}."):
-                return True
-    return False
-
-
-def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted path, value)`` of every leaf of a container (list items by index)."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
-    if items is None:
-        yield path, node
-        return
-    for key, value in items:
-        yield from _leaves(value, f"{path}.{key}" if path else str(key))
-
-
-def _node_aliases(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """``(path, target)`` of the leaves that are exactly a reference to another node, ``${target}``."""
-    for path, value in _leaves(raw):
-        found = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", value) if isinstance(value, str) else None
-        if found:
-            yield path, found.group(1)
 
 
 def _dump_yaml(data: Any) -> str:
@@ -402,8 +373,13 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
         raise ConfigError(f"hydra.launcher.tracking={tracking!r} is not allowed: must be one of "
                           f"{', '.join(TRACKING_LAYOUTS)}")
     if tracking == "grid" or (tracking == "auto" and len(job_overrides) > grid_threshold):
-        return launch_grid(hydra_context, config, job_overrides, initial_job_idx, max_cells, progress, workers,
-                           grid_samples, executor, submitit)
+        try:
+            return launch_grid(hydra_context, config, job_overrides, initial_job_idx, max_cells, progress, workers,
+                               grid_samples, executor, submitit)
+        except GridRefused as err:  # raised before anything is written; auto then takes a run per cell
+            if tracking == "grid":
+                raise
+            log.info("ptlab: a run per cell: %s", err)
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
     writers: dict[tuple, RunWriter] = {}
@@ -505,17 +481,14 @@ def _run_basic(hydra_context: HydraContext, task_function: TaskFunction, config:
 
 
 def _grid_job(composer: _Jobs, overrides: list[str], checked: set[int]) -> tuple[_Template, list[Override], list[Override]]:
-    """The template and overrides of a grid job; ``ConfigError`` when the grid layout cannot take it (checked once
+    """The template and overrides of a grid job; ``GridRefused`` when the grid layout cannot take it (checked once
     per template: ``checked`` holds the ids of those that passed)."""
     template, parsed, values = composer.template(overrides)
     if id(template) in checked:
         return template, parsed, values
-    if OmegaConf.select(template.task, "engine.name") != "gram" or template.task.task.name != "synthetic":
-        raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an engine=gram "
-                          "synthetic pipeline (use hydra.launcher.tracking=runs)")
-    if not template.fast:
-        raise ConfigError("hydra.launcher.tracking=grid is not allowed for this sweep: its swept values feed an "
-                          "interpolation or a custom subdir (use hydra.launcher.tracking=runs)")
+    refusal = grid_refusal(template.config, template.value_keys)
+    if refusal is not None:
+        raise GridRefused(refusal)
     checked.add(id(template))
     return template, parsed, values
 

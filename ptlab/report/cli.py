@@ -14,10 +14,14 @@ import sys
 from pathlib import Path
 
 from ptlab.errors import Terminated
+from ptlab.paths import config_dir
 from ptlab.report.registry import renderer_for
 from ptlab.report.runs import ReportError, load_pipelines
 from ptlab.tracking import make_tracker
 from ptlab.tracking.faults import signals_as_interrupt
+
+DEFAULT_BOX = "conf/design/calibration.yaml"
+"""``--box`` of ``design`` and ``calibrate``: the calibration box (``box_file`` finds it from any folder)."""
 
 
 def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_dir: str | Path | None = None,
@@ -73,7 +77,7 @@ def calibrate_main(argv: list[str]) -> int:
                         "gradient boosting beside the phase model's candidates (references only, never chosen)")
     parser.add_argument("--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out "
                         "(default: %(default)s)")
-    parser.add_argument("--box", default="conf/design/calibration.yaml", help="the designs' box, recorded in the "
+    parser.add_argument("--box", default=DEFAULT_BOX, help="the designs' box, recorded in the "
                         "phase model's provenance (default: %(default)s)")
     parser.add_argument("--out", default="reports/calibration", help="output directory (default: %(default)s)")
     parser.add_argument("--write", default=None, metavar="FILE",
@@ -102,7 +106,7 @@ def calibrate_main(argv: list[str]) -> int:
     if args.write_phase:
         import yaml
 
-        box = Path(args.box)
+        box = box_file(args.box)
         held = result.scores.get(HELD_OUT, {})
         provenance = {
             "command": command, "date": dt.date.today().isoformat(),
@@ -127,6 +131,15 @@ def calibrate_main(argv: list[str]) -> int:
     return 0
 
 
+def box_file(given: str) -> Path:
+    """``--box`` as given; the default, where the working folder has no such file, from ptlab's own configs
+    (``ptlab.paths.config_dir``), so the commands run from any folder."""
+    path = Path(given)
+    if given == DEFAULT_BOX and not path.is_file():
+        return Path(config_dir()) / "design" / "calibration.yaml"
+    return path
+
+
 def design_main(argv: list[str]) -> int:
     """``design --seed S --cells N [--seeds K] [--box FILE] --out FILE``: write a random design's cells file."""
     from ptlab.design import DesignError, design_yaml, draw_design, load_box
@@ -136,11 +149,11 @@ def design_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, required=True, help="the design's seed (also sets its run seeds)")
     parser.add_argument("--cells", type=int, required=True, help="number of cells")
     parser.add_argument("--seeds", type=int, default=16, help="run seeds a cell (default: %(default)s)")
-    parser.add_argument("--box", default="conf/design/calibration.yaml", help="box file (default: %(default)s)")
+    parser.add_argument("--box", default=DEFAULT_BOX, help="box file (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the cells file to write")
     args = parser.parse_args(argv)
     try:
-        box = load_box(args.box)
+        box = load_box(box_file(args.box))
         design = draw_design(box, args.seed, args.cells, args.seeds)
     except (DesignError, OSError) as err:
         print(f"ptlab: {err}", file=sys.stderr)

@@ -90,6 +90,10 @@ STORE_FAULTS = {
     "connection aborted": "the server does not answer",
     "read timed out": "the server does not answer",
     "failed to establish a new connection": "the server does not answer",
+    "duplicate column name": "an older MLflow or ptlab left its schema half-migrated (restore it from a backup or use "
+                             "a new file)",
+    "can't locate revision": "a newer MLflow wrote its schema (upgrade MLflow or use a new file)",
+    "no such table": "a table of its schema is missing (restore it from a backup or use a new file)",
 }
 """Markers of a store that failed (lower-case text of the error or its causes) and what they mean."""
 UNREACHABLE = "the server does not answer"
