@@ -377,11 +377,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from ptlab.processes import bind_sweep_worker, exit_quietly_on_stop
 
     bind_sweep_worker()
-    from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
+    from ptlab.tracking.background import discard_warm, warm_up
+
+    context = job_context()
+    warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished)  # MLflow loads beside torch
+    from ptlab.pipeline.run import run_pipeline  # torch (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
     quiet_lightning()
-    context = job_context()
     notice = multirun_safe_strategy(cfg, context.multirun)
     if notice:
         print(notice, file=sys.stderr)
@@ -397,6 +400,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print("ptlab: stopped by SIGINT (Ctrl-C); its MLflow runs are marked KILLED", file=sys.stderr)
         exit_quietly_on_stop()
         raise SystemExit(130) from None
+    finally:
+        discard_warm()
     best = summary.get("transfer") or summary.get("scratch")
     return best["test_acc"] if best else None
 
