@@ -45,7 +45,7 @@ from ptlab.config import (
     validate,
 )
 from ptlab.context import job_context
-from ptlab.distributed import multirun_safe_strategy
+from ptlab.distributed import is_global_zero, multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.errors import DivergenceError
 from ptlab.paths import config_dir
@@ -380,7 +380,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from ptlab.tracking.background import discard_warm, warm_up
 
     context = job_context()
-    warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished)  # MLflow loads beside torch
+    if is_global_zero():  # MLflow loads in a helper process while torch loads here
+        warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished)
     from ptlab.pipeline.run import run_pipeline  # torch (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 

@@ -39,11 +39,10 @@ def runs_in_background(kind: str, task: str, multirun: bool, skip_finished: str)
     """Whether a pipeline tracks through a helper process: MLflow tracking of one synthetic run (not a multirun's
     job: a reused worker loads MLflow once for all its jobs; not ``resume.skip_finished=always``, which reads the
     store before training; not an image task, whose Lightning logger writes from this process), and only while this
-    process has not loaded MLflow yet (loading it is the cost the helper takes off the run's critical path)."""
-    from ptlab.distributed import is_global_zero
-
+    process has not loaded MLflow yet (loading it is the cost the helper takes off the run's critical path). The
+    caller checks that this is the rank that tracks (DDP rank 0)."""
     return (kind == "mlflow" and task == "synthetic" and not multirun and skip_finished != "always"
-            and is_global_zero() and (_Warm.helper is not None or "mlflow" not in sys.modules))
+            and (_Warm.helper is not None or "mlflow" not in sys.modules))
 
 
 class _Helper:
