@@ -381,7 +381,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     context = job_context()
     if is_global_zero():  # MLflow loads in a helper process while torch loads here
-        warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished)
+        warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished, cfg.logger.tracking_uri,
+                cfg.logger.sqlite_wal)
     from ptlab.pipeline.run import run_pipeline  # torch (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 

@@ -87,10 +87,14 @@ class _Warm:
     helper: _Helper | None = None
 
 
-def warm_up(kind: str, task: str, multirun: bool, skip_finished: str) -> None:
-    """Start the helper now, if the run will track through one, so that MLflow loads while torch does."""
+def warm_up(kind: str, task: str, multirun: bool, skip_finished: str, tracking_uri: str = "", wal: bool = True) -> None:
+    """Start the helper now, if the run will track through one, so that MLflow loads while torch does; with
+    ``tracking_uri``, it prepares that store next (``prepare_sqlite_store``: call this only after the preflight
+    has accepted the config, as the CLI does, so that bad input still writes nothing)."""
     if _Warm.helper is None and runs_in_background(kind, task, multirun, skip_finished):
         _Warm.helper = _Helper()
+        if tracking_uri:
+            _Warm.helper.send("prepare", resolve_tracking_uri(tracking_uri), wal)
 
 
 def discard_warm() -> None:
@@ -291,6 +295,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
     tracker: Any = None
     failure: BaseException | None = None
+    prepared: tuple[str, bool] | None = None
 
     def reply(*message: Any) -> None:
         pickle.dump(message, replies, protocol=pickle.HIGHEST_PROTOCOL)
@@ -315,11 +320,18 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 fail(RuntimeError(VANISHED_ERROR))
             return
         kind = message[0]
-        if kind == "open":
+        if kind == "prepare":
+            try:
+                prepare_sqlite_store(message[1], wal=message[2])
+                prepared = (message[1], message[2])
+            except Exception as err:  # noqa: BLE001 - reported at the next state or exit (a StoreError line)
+                failure = portable(err)
+        elif kind == "open" and failure is None:
             _, arguments, argv, wal = message
             sys.argv = argv  # MLflow's run context (source name, git commit) reads the main process's argv
             try:
-                prepare_sqlite_store(arguments["tracking_uri"], wal=wal)
+                if prepared != (arguments["tracking_uri"], wal):
+                    prepare_sqlite_store(arguments["tracking_uri"], wal=wal)
                 opened = tracking.MLflowTracker(**arguments)
                 tracker = opened.__enter__()
             except Exception as err:  # noqa: BLE001 - reported at the next state or exit; as in MLflowTracker, a
