@@ -215,6 +215,27 @@ def test_a_main_process_killed_mid_run_leaves_no_run_running(tmp_path: Path) -> 
         ("pipeline", "FAILED", f"RuntimeError: {VANISHED_ERROR}"), ("upstream", "FAILED", "")]
 
 
+def test_a_helper_that_dies_is_one_line_and_its_runs_are_left_to_the_next_command(tmp_path: Path) -> None:
+    """The helper killed mid-run: the next call or read here raises one ``StoreError`` line; its runs stay RUNNING
+    with the helper's process in their tag, which the next command on the store finds vanished (``mark_vanished``)."""
+    from ptlab.tracking.stale import PROCESS_TAG, is_vanished
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = BackgroundTracker(uri, "exp", "cell")
+    with pytest.raises(StoreError) as error, tracker:
+        tracker.start_stage("upstream")
+        parent = tracker.parent_run_id
+        assert tracker._helper is not None
+        tracker._helper.process.kill()
+        tracker._helper.process.wait()
+        tracker.log_metrics({"x": 1.0}, stage="upstream")
+        _ = tracker.parent_run_id
+    assert str(error.value) == (f"logger.tracking_uri={uri!r}: the tracking process ended unexpectedly (exit code -9); "
+                                "runs this command left RUNNING are marked FAILED by the next ptlab command on this store")
+    run = MlflowClient(uri).get_run(parent)
+    assert run.info.status == "RUNNING" and is_vanished(run.data.tags[PROCESS_TAG])
+
+
 def test_a_sigterm_in_the_block_ends_the_helpers_runs_killed(tmp_path: Path) -> None:
     """Under ``signals_as_interrupt`` (as a pipeline runs), SIGTERM to this process: the helper, in its own session,
     does not get it; it is told, and ends the open stage and the parent KILLED."""

@@ -164,7 +164,7 @@ class BackgroundTracker:
         helper, _Warm.helper = _Warm.helper, None
         self._helper = helper or _Helper()
         with tracking_write(raise_deferred=None):  # a signal is held until the message is whole (as in MLflowTracker)
-            self._helper.send("open", self._arguments, list(sys.argv), self._wal)
+            self._send(self._helper, "open", self._arguments, list(sys.argv), self._wal)
         return self
 
     def _call(self, name: str, *args: Any) -> None:
@@ -172,7 +172,7 @@ class BackgroundTracker:
         if self._helper is None:
             raise RuntimeError("BackgroundTracker used outside its with-block")
         with tracking_write():
-            self._helper.send("call", name, args)
+            self._send(self._helper, "call", name, args)
 
     def state(self) -> dict[str, Any]:
         """Wait until the helper has replayed every call sent so far; its run ids, or its failure raised here."""
@@ -181,24 +181,35 @@ class BackgroundTracker:
         if self._helper is None:
             raise RuntimeError("BackgroundTracker used outside its with-block")
         with tracking_write():  # a signal is raised after the reply is read, never half-way through it
-            self._helper.send("state")
+            self._send(self._helper, "state")
             reply = self._receive(self._helper)
         if reply[0] == "failed":
             self._failure = reply[1]
             raise reply[1]
         return reply[1]
 
+    def _send(self, helper: _Helper, *message: Any) -> None:
+        try:
+            helper.send(*message)
+        except OSError as err:  # a broken pipe: the helper is gone
+            raise self._lost(helper) from err
+
     def _receive(self, helper: _Helper) -> tuple[Any, ...]:
-        """The helper's next reply; its unexpected end (killed, crashed) as a one-line ``StoreError``."""
         try:
             return helper.receive()
         except (EOFError, OSError, pickle.UnpicklingError) as err:
-            code = helper.process.poll()
-            failure = StoreError(f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended "
-                                 f"unexpectedly (exit code {code}); runs this command left RUNNING are marked FAILED "
-                                 "by the next ptlab command on this store")
-            self._failure = failure
-            raise failure from err
+            raise self._lost(helper) from err
+
+    def _lost(self, helper: _Helper) -> StoreError:
+        """The helper's unexpected end (killed, crashed) as a one-line ``StoreError``, raised from then on."""
+        try:
+            code = helper.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._failure = StoreError(f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended "
+                                   f"unexpectedly (exit code {code}); runs this command left RUNNING are marked "
+                                   "FAILED by the next ptlab command on this store")
+        return self._failure
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -211,7 +222,7 @@ class BackgroundTracker:
             if self._failure is not None:  # raised in the block already; the helper closed its runs then
                 return
             with tracking_write(raise_deferred=exc_type is None):
-                helper.send("exit", None if exc is None else _exception_message(exc))
+                self._send(helper, "exit", None if exc is None else _exception_message(exc))
                 reply = self._receive(helper)
         finally:
             helper.close()
