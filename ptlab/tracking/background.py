@@ -376,10 +376,13 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
 def main(argv: list[str]) -> None:
     """``python -m ptlab.tracking.background <request fd> <reply fd>`` (started by ``_Helper``)."""
+    import logging
     import signal
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # the main process decides how the runs end
         signal.signal(signum, signal.SIG_IGN)
+    # Warnings (a busy store retried, a failed close) on stderr in the format of the run's own console log.
+    logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=logging.WARNING)
     with os.fdopen(int(argv[0]), "rb") as requests, os.fdopen(int(argv[1]), "wb") as replies:
         try:
             serve(requests, replies)
