@@ -10,7 +10,9 @@ bad-input error answer in about a second.
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
+import gc
 import itertools
 import logging
 import math
@@ -45,7 +47,7 @@ from ptlab.config import (
     validate,
 )
 from ptlab.context import job_context
-from ptlab.distributed import multirun_safe_strategy
+from ptlab.distributed import is_global_zero, multirun_safe_strategy
 from ptlab.engines.lightning import quiet_lightning
 from ptlab.errors import DivergenceError
 from ptlab.paths import config_dir
@@ -451,11 +453,16 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from ptlab.processes import bind_sweep_worker, exit_quietly_on_stop
 
     bind_sweep_worker()
-    from ptlab.pipeline.run import run_pipeline  # torch, MLflow (and Lightning for its engine) load here
+    from ptlab.tracking.background import discard_warm, warm_up
+
+    context = job_context()
+    if is_global_zero():  # MLflow loads in a helper process while torch loads here
+        warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished, cfg.logger.tracking_uri,
+                cfg.logger.sqlite_wal)
+    from ptlab.pipeline.run import run_pipeline  # torch (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
     quiet_lightning()
-    context = job_context()
     notice = multirun_safe_strategy(cfg, context.multirun)
     if notice:
         print(notice, file=sys.stderr)
@@ -471,6 +478,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print("ptlab: stopped by SIGINT (Ctrl-C); its MLflow runs are marked KILLED", file=sys.stderr)
         exit_quietly_on_stop()
         raise SystemExit(130) from None
+    finally:
+        discard_warm()
     best = summary.get("transfer") or summary.get("scratch")
     return best["test_acc"] if best else None
 
@@ -536,9 +545,16 @@ def run_composed(cfg: DictConfig) -> None:
     run_and_report(run)
 
 
+_EXIT_FROZEN: list[bool] = []
+"""Whether ``main`` registered ``gc.freeze`` to run at exit (once a process)."""
+
+
 def main() -> None:
     """``ptlab [-m] [overrides]`` (also ``python -m ptlab``): preflight, then Hydra (a plain run starts from the
     preflight's composed config: ``run_composed``)."""
+    if not _EXIT_FROZEN:
+        _EXIT_FROZEN.append(True)
+        atexit.register(gc.freeze)  # at exit, Python's last collections need not walk torch's objects (0.3-1 s)
     if _as_ptlab_command(sys.argv[1:]) == 0:
         return
     error, composed = checked_config(sys.argv[1:])

@@ -137,11 +137,11 @@ def test_a_store_migrated_without_template_appears_only_whole(tmp_path: Path, mo
     """Templates off: MLflow migrates a file beside the store, which then replaces it; stopped midway (here: an
     interrupt raised by the migration), no store file is left, so the next run starts clean instead of failing on a
     half-migrated schema forever."""
-    from ptlab.tracking import faults
+    import mlflow.tracking
 
     monkeypatch.setenv(TEMPLATES_ENV, "off")
     store = tmp_path / "stopped.db"
-    real = faults.MlflowClient
+    real = mlflow.tracking.MlflowClient
 
     class Interrupted:
         def __init__(self, uri: str) -> None:
@@ -149,11 +149,11 @@ def test_a_store_migrated_without_template_appears_only_whole(tmp_path: Path, mo
             real(uri).search_experiments(max_results=1)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(faults, "MlflowClient", Interrupted)
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", Interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_sqlite_store(f"sqlite:///{store}")
     assert not store.exists() and list(tmp_path.glob("*.partial")) == []
-    monkeypatch.setattr(faults, "MlflowClient", real)
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", real)
     prepare_sqlite_store(f"sqlite:///{store}")
     assert [name for _, name, _, _ in experiments(store)] == ["Default"]
     assert schema_revision(store) == head_revision()

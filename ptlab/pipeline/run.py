@@ -29,6 +29,7 @@ from ptlab.pipeline.record import cell_name, format_table, open_pipeline, pipeli
 from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
 from ptlab.spec import PipelineSpec, parse
+from ptlab.tracking.background import BackgroundTracker, runs_in_background
 from ptlab.tracking.base import NullTracker, Tracker
 from ptlab.tracking.faults import prepare_sqlite_store, signal_exits_as_terminated, signals_as_interrupt
 
@@ -56,14 +57,24 @@ def make_engine(spec: PipelineSpec) -> Engine:
     return instantiate(dict(spec.engine), trainer=dict(spec.trainer), _recursive_=False)
 
 
-def make_pipeline_tracker(logger: LoggerSchema, run_name: str, tags: dict[str, str], description: str = "") -> Tracker:
-    """The tracker of the ``logger`` group (none on DDP ranks other than 0)."""
+def make_pipeline_tracker(logger: LoggerSchema, run_name: str, tags: dict[str, str], description: str = "",
+                          background: bool = False) -> Tracker:
+    """The tracker of the ``logger`` group (none on DDP ranks other than 0); ``background``: through a helper process
+    that loads MLflow and writes while this one trains (``ptlab.tracking.background.runs_in_background``)."""
     if logger.kind == "none" or not is_global_zero():
         return NullTracker()
+    if background:
+        return BackgroundTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags,
+                                 description, wal=logger.sqlite_wal)
     from ptlab.tracking.mlflow import MLflowTracker  # MLflow loads only when a run is tracked
 
     return MLflowTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags,
                          description)
+
+
+def in_background(spec: PipelineSpec, context: JobContext) -> bool:
+    """Whether this job tracks through a helper process (``ptlab.tracking.background.runs_in_background``)."""
+    return runs_in_background(spec.logger.kind, spec.task.name, context.multirun, spec.resume.skip_finished)
 
 
 def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context: JobContext | None = None
@@ -77,7 +88,7 @@ def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context
     output_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(spec)
     logger = spec.logger
-    if logger.kind == "mlflow":
+    if logger.kind == "mlflow" and not in_background(spec, context):  # else the helper prepares it
         from ptlab.tracking.mlflow import resolve_tracking_uri
 
         prepare_sqlite_store(resolve_tracking_uri(logger.tracking_uri), wal=logger.sqlite_wal)
@@ -94,7 +105,7 @@ def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context
 
 def mlflow_view_line(tracking_uri: str, experiment_id: str) -> str:
     """Where to see the result in the MLflow UI: the runs table with the result columns shown."""
-    from ptlab.tracking.mlflow import result_view_url
+    from ptlab.tracking.views import result_view_url
 
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow: {result_view_url(experiment_id, tracking_uri.rstrip('/'))}"
@@ -148,7 +159,7 @@ def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: Job
              spec.engine_name, spec.logger.experiment_name)
     tracker = make_pipeline_tracker(spec.logger, cell_name(context.overrides, spec.seed),
                                     pipeline_tags(spec.seed, digest, context.choices),
-                                    preset_description(context.choices.get("experiment")))
+                                    preset_description(context.choices.get("experiment")), in_background(spec, context))
     with job_device(spec, context.multirun) as spec, signals_as_interrupt(), tracker, signal_exits_as_terminated():
         theory = None
         if spec.synthetic:

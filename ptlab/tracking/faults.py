@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -30,8 +31,6 @@ from types import FrameType
 from typing import Any
 
 from filelock import FileLock
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from ptlab.errors import StoreError, Terminated
 from ptlab.processes import exit_at_once, in_sweep_worker
@@ -47,8 +46,11 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 def is_locked_error(err: BaseException) -> bool:
-    """True for SQLite's transient "database is locked" (as MLflow or sqlite3 raise it)."""
-    return isinstance(err, (MlflowException, sqlite3.OperationalError)) and any(
+    """True for SQLite's transient "database is locked" (as MLflow or sqlite3 raise it; MLflow is not imported
+    here: this module loads before it, and an ``MlflowException`` exists only once MLflow is loaded)."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    kinds = (sqlite3.OperationalError,) + ((exceptions.MlflowException,) if exceptions is not None else ())
+    return isinstance(err, kinds) and any(
         message in str(err) for message in LOCKED_MESSAGES)
 
 
@@ -173,6 +175,9 @@ def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:
     path = sqlite_path(tracking_uri)
     if path is None:
         return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=300):
@@ -205,6 +210,8 @@ def migrate_aside(path: Path) -> None:
     """MLflow's migrations of a new store, run on a file beside ``path`` that then replaces it: a run stopped during
     the ~135 migrations (SQLite's schema changes are not one transaction) leaves no half-migrated store behind, which
     MLflow could never open again ("duplicate column name")."""
+    from mlflow.tracking import MlflowClient
+
     partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")  # MLflow caches by URI
     try:
         MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)

@@ -38,6 +38,7 @@ from ptlab.tracking.base import (
 from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
+from ptlab.tracking.views import RESULT_COLUMNS, RESULT_VIEW, SHARED_VIEW_TAG, WORKFLOW, result_view_url  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +53,6 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
         return None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
     return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts" / safe).as_uri()
-
-
-RESULT_VIEW = "ptlab"
-"""The shared view of the runs table that shows every pipeline's result: open the experiment with
-``?viewStateShareKey=ptlab`` (MLflow's own "share view" feature; the view is an experiment tag)."""
-RESULT_COLUMNS = ("metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`", "metrics.`transfer_gain`",
-                  "params.`theory.predicted`", "metrics.`transferability/logme`", "metrics.`transferability/leep`")
-SHARED_VIEW_TAG = "mlflow.sharedViewState."
-WORKFLOW = "machine_learning"
-
-
-def result_view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI address of an experiment's runs table with the result columns shown, in MLflow 3's "Model
-    training" mode (``workflowType=machine_learning``; the UI otherwise opens on its GenAI pages, whatever the
-    experiment's ``mlflow.experimentKind``)."""
-    return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULT_VIEW}&workflowType={WORKFLOW}"
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
