@@ -133,8 +133,10 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # resume.skip_finished=always keeps the tracker in this process (a single run's helper process marks the runs of a
+    # killed run FAILED itself: tests/test_background_tracking.py), so its runs stay RUNNING for the next command
     slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=killed", "cache.dir=cache",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=kill"]
+            f"logger.tracking_uri={uri}", "logger.experiment_name=kill", "resume.skip_finished=always"]
     process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     client, experiment = wait_for_runs(tmp_path / "mlflow.db", "kill", process)
