@@ -338,3 +338,53 @@ def test_kernel_takes_one_stage_inputs_and_rejects_a_tensor_of_the_wrong_shape()
         stage_inputs(lr=torch.full((2,), 0.1))
     with pytest.raises(ValueError, match=r"StageInputs.start has shape \(1, 2, 4, 7\): must be \(G, C, 2m"):
         stage_inputs(start=torch.zeros(1, 2, 4, 7), gram=torch.eye(7)[None], cross=torch.zeros(1, 7, 5))
+
+
+def test_history_last_gives_the_full_history_finals_with_fewer_evaluations(make_cfg, monkeypatch) -> None:
+    """Cells trained for ``history=last`` (the sweep's default) evaluate each stage once, at its last step, and
+    compute its last loss only, and give exactly the final numbers, coefficients, last curve points and scores of
+    the same cells trained for ``full``; ``eval`` keeps the eval steps' points of ``full``; a diverged cell is
+    reported at the same step; a stage trained for less history refuses to give more."""
+    cfgs = [make_cfg(f"task.u_norm={u}", f"seed={s}") for u, s in ((0.5, 0), (2.0, 0), (1.0, 1))]
+    cells = [GramCell.from_config(cfg) for cfg in [*cfgs, make_cfg("train.scratch_budget=matched")]]
+    evaluated: list[int] = []
+    losses: list[int] = []
+    accuracy, softplus = kernel._accuracy, F.softplus
+
+    def counted_accuracy(margin: Tensor, y: Tensor) -> Tensor:
+        evaluated.append(margin.shape[1])  # (G, E, C, n): E eval steps at once
+        return accuracy(margin, y)
+
+    def counted_softplus(x: Tensor, *args: float) -> Tensor:
+        losses.append(x.shape[0] if x.dim() == 4 else 0)  # (steps, G, C, N): the kernel's loss
+        return softplus(x, *args)
+
+    monkeypatch.setattr(kernel, "_accuracy", counted_accuracy)
+    monkeypatch.setattr(kernel.F, "softplus", counted_softplus)
+    runs, counts = {}, {}
+    for history in ("full", "eval", "last"):
+        evaluated.clear()
+        losses.clear()
+        runs[history] = run_cells(cells, history=history)
+        counts[history] = (sum(evaluated) // 2, sum(losses))  # train and test accuracy: two calls an evaluation
+    # two chunks (the matched scratch is another shape): 60 upstream steps evaluated every 10, 30 downstream (transfer
+    # and scratch in one program); the matched chunk's scratch is a third program of 90 steps
+    assert counts["full"] == (7 + 4 + 7 + 4 + 10, 61 + 31 + 61 + 31 + 91)
+    assert counts["eval"] == (counts["full"][0], 7 + 4 + 7 + 4 + 10)
+    assert counts["last"] == (5, 5)
+    for full, eval_, last in zip(runs["full"], runs["eval"], runs["last"]):
+        assert last.transferability == full.transferability and last.plan == full.plan
+        assert eval_.stage_results("eval").keys() == full.stage_results().keys()
+        for name, stage in full.stages.items():
+            short = last.stages[name]
+            assert short.final == stage.final and short.evaluated == [stage.steps] and short.loss_steps == [stage.steps]
+            assert short.curves_for("last") == stage.curves_for("last")
+            assert eval_.stages[name].curves_for("eval") == stage.curves_for("eval")
+            assert torch.equal(short.signal, stage.signal) and short.noise.keys() == stage.noise.keys()
+            assert all(torch.equal(short.noise[k], stage.noise[k]) for k in stage.noise)
+            with pytest.raises(ValueError, match=f"stage {name}: its curves were computed for a shorter history"):
+                short.curves_for("eval")
+        assert last.stage_results("last")["transfer"].final == full.stage_results("last")["transfer"].final
+    diverged = GramCell.from_config(make_cfg("noise.sigma_p1=1e30"))
+    messages = {history: str(run_cells([diverged], history=history)[0].divergence()) for history in ("full", "last")}
+    assert messages["last"] == messages["full"] and "diverged at step" in messages["full"]

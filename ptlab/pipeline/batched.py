@@ -57,7 +57,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -439,7 +439,8 @@ def _train_and_track(pending: list[SweepJob], returns: dict[int, JobReturn], max
     with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
         workers = torch.get_num_threads() if workers is None else workers
         cells = [job.cell for job in pending]
-        for chunk in iter_chunks(cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells)):
+        for chunk in iter_chunks(cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells),
+                                 history=history):
             by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
@@ -517,6 +518,8 @@ class CellOutcome:
     stages: dict[str, StageResult]
     error: tuple[str, str | None] | None = None
     transferability: dict[str, float] | None = None
+    HISTORY: ClassVar[str] = "last"
+    """The curve points a grid cell keeps (none but the finals): its cells train for this history."""
 
     @staticmethod
     def of(result: GramResult) -> CellOutcome:
@@ -524,7 +527,7 @@ class CellOutcome:
         if error is not None:
             return CellOutcome({}, (str(error), error.stage))
         return CellOutcome({name: dataclasses.replace(stage, curves={}) for name, stage in
-                            result.stage_results("last").items()}, transferability=result.transferability)
+                            result.stage_results(CellOutcome.HISTORY).items()}, transferability=result.transferability)
 
     @property
     def finals(self) -> dict[str, float]:
@@ -671,7 +674,7 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
         cells_todo = [cell.cell for cell in todo]
         for chunk in iter_chunks(cells_todo, max_cells, workers=workers, summarize=CellOutcome.of,
-                                 chunk_map=chunk_map(executor, submitit or {}, cells_todo)):
+                                 chunk_map=chunk_map(executor, submitit or {}, cells_todo), history=CellOutcome.HISTORY):
             for index, outcome in chunk:
                 todo[index].outcome = outcome
             bar.update(len(chunk))

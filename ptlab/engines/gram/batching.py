@@ -28,7 +28,7 @@ from ptlab.engines.gram.cell import GramCell, resolve_device
 from ptlab.engines.gram.draws import Group, prepare_group
 from ptlab.engines.gram.engine import drop_neutral, filter_regularizer
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
-from ptlab.engines.gram.results import GramResult, GramStage, on_cpu
+from ptlab.engines.gram.results import GramResult, GramStage, kept_steps, on_cpu
 from ptlab.engines.gram.scores import cell_scores
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
@@ -131,9 +131,10 @@ def _scores(cells: list[GramCell], groups: list[Group], layout: list[list[int]],
 
 
 def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
-               ) -> list[tuple[int, GramResult]]:
+               history: str = "full") -> list[tuple[int, GramResult]]:
     """Run every cell of ``groups`` (one shape) as one batched program on the groups' device; pads groups to equal
-    size; the results are on the CPU."""
+    size; the results are on the CPU and hold the curve points that ``history`` keeps (``kept_steps``: no other
+    evaluation is computed)."""
     first = cells[groups[0].cells[0]]
     dtype = DTYPES[first.dtype]
     device = groups[0].tensors["gram2"].device
@@ -155,14 +156,17 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         keys = {"gram": "gram", "cross": "cross", "y": "y", "clean": "c", "test_y": "ty", "test_clean": "tc"}
         return {name: _stack(groups, f"{key}{task}") for name, key in keys.items()}
 
-    schedule: dict[str, Any] = {"eval_every": first.eval_every, "record_coefficients": record_coefficients,
-                "eval_threads": eval_threads}
+    def schedule(steps: int) -> dict[str, Any]:
+        """The ``StageInputs`` fields of a stage of ``steps`` steps: what to evaluate, and on how many threads."""
+        eval_at, loss_at = kept_steps(history, steps, first.eval_every)
+        return {"steps": steps, "eval_every": first.eval_every, "record_coefficients": record_coefficients,
+                "eval_threads": eval_threads, "eval_at": eval_at, "loss_at": loss_at}
 
     def scratch_stage() -> Any:
         return train_stage_batch(StageInputs(
             start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
             **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
-            steps=first.scratch, **schedule, form=first.model_form,
+            **schedule(first.scratch), form=first.model_form,
             bias_start=expand("bias2") if first.model_form.bias else None))
 
     upstream_out = plans = masks = None
@@ -171,7 +175,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         upstream_out = train_stage_batch(StageInputs(
             start=expand("start1"), test_start=expand("test_start1"), norm2_start=expand("norm2_1"),
             **task_inputs(1), signal_coefficients=signal1, signal_norms=norms, lr=lr,
-            steps=first.upstream_steps, **schedule, form=first.upstream_form,
+            **schedule(first.upstream_steps), form=first.upstream_form,
             bias_start=expand("bias1") if first.upstream_form.bias else None))
         # the plan is made on the CPU (its selection generator's), from the norms and responses brought back
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width).cpu()
@@ -213,7 +217,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
             downstream = train_stage_batch(StageInputs(
                 start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
                 signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
-                steps=first.downstream_steps, **schedule, form=first.model_form, bias_start=bias_start, **regularized))
+                **schedule(first.downstream_steps), form=first.model_form, bias_start=bias_start, **regularized))
         else:  # a compute-matched scratch stage runs longer: transfer and scratch are two programs
 
             def first_half(x: Tensor | None) -> Tensor | None:
@@ -221,7 +225,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
 
             downstream = train_stage_batch(StageInputs(
                 start=start[:, :size], test_start=test_start[:, :size], norm2_start=norm2[:, :size], **task_inputs(2),
-                signal_coefficients=signal2, signal_norms=norms, lr=lr, steps=first.downstream_steps, **schedule,
+                signal_coefficients=signal2, signal_norms=norms, lr=lr, **schedule(first.downstream_steps),
                 form=first.model_form, bias_start=first_half(bias_start),
                 **{key: value[:, :size] for key, value in regularized.items()}))
             scratch_out = scratch_stage()
@@ -235,8 +239,11 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         out = outputs[key]
         bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
         steps = {"upstream": first.upstream_steps, "scratch": first.scratch}.get(name, first.downstream_steps)
+        every_eval = eval_steps(steps, first.eval_every)
         return GramStage(
-            name=name, steps=steps, eval_steps=eval_steps(steps, first.eval_every), loss=loss_np[key][g, c],
+            name=name, steps=steps, eval_steps=every_eval, loss=loss_np[key][g, c],
+            loss_steps=None if out.loss_steps is None else list(out.loss_steps),
+            evaluated=None if list(out.eval_steps) == every_eval else list(out.eval_steps),
             train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
             signal=signal, noise=noise, transferred=transferred, bias=bias,
             control=first.control if name == "transfer" else "none",
@@ -284,7 +291,7 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
     return results
 
 
-def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None],
+def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None, str],
               ) -> list[tuple[int, Any]]:
     """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process; with a
     ``summarize`` function, each result is replaced by what it returns (in the worker, so that only that comes
@@ -293,7 +300,7 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
     The d-space products and the evaluations use torch's threads; the steps run on one: they are many
     small tensor operations, which lose more to the threads' synchronisation than they gain. The chunk trains on
     its cells' device, resolved here (``resolve_device``)."""
-    cells, groups, record_coefficients, summarize = spec
+    cells, groups, record_coefficients, summarize, history = spec
     device = resolve_device(cells[groups[0][0]].device)
     prepared = [prepare_group(cells[g[0]], g, device) for g in groups]
     threads = torch.get_num_threads()
@@ -301,7 +308,7 @@ def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramR
     block_bytes = None if device.type == "cpu" else GPU_STEP_BLOCK_BYTES
     with torch_threads(1):
         for block in step_blocks(prepared, state_bytes(cells[groups[0][0]]), block_bytes):
-            results.extend(_run_chunk(cells, block, record_coefficients, eval_threads=threads))
+            results.extend(_run_chunk(cells, block, record_coefficients, eval_threads=threads, history=history))
     return results if summarize is None else [(k, summarize(result)) for k, result in results]
 
 
@@ -335,7 +342,7 @@ def step_blocks(groups: list[Group], cell_bytes: int, block_bytes: int | None = 
 
 def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
                 workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
-                chunk_map: ChunkMap | None = None) -> Iterator[list[tuple[int, Any]]]:
+                chunk_map: ChunkMap | None = None, history: str = "full") -> Iterator[list[tuple[int, Any]]]:
     """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
@@ -346,7 +353,11 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
     (``ChunkMap``), the chunks run through it instead (submitit jobs, one a chunk; ``workers`` does not apply). Cells
     on a GPU run in this process whatever ``workers`` (one device; a forked worker cannot use CUDA once its parent
     has).
+
+    ``history`` (``ptlab.engines.gram.results.HISTORIES``) is what the caller keeps of each stage's curves: the
+    kernel computes those evaluations and losses only (``kept_steps``), and the results hold them only.
     """
+    kept_steps(history, 0, 1)  # a ValueError naming the allowed histories before any work
     cells = list(cells)
     by_shape: dict[tuple, dict[tuple, list[int]]] = {}
     for index, cell in enumerate(cells):
@@ -366,7 +377,7 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
         flat = [index for group in chunk for index in group]
         position = {index: k for k, index in enumerate(flat)}
         specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
-                             summarize)))
+                             summarize, history)))
     if chunk_map is not None:
         for out, (flat, _) in zip(chunk_map(_run_spec, [spec for _, spec in specs]), specs):
             yield [(flat[k], result) for k, result in out]
@@ -380,10 +391,10 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
 
 
 def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
-              workers: int = 1) -> list[GramResult]:
-    """Every cell's result, in the order of ``cells``."""
+              workers: int = 1, history: str = "full") -> list[GramResult]:
+    """Every cell's result, in the order of ``cells`` (with the curve points ``history`` keeps: ``iter_chunks``)."""
     out: list[GramResult | None] = [None] * len(cells)
-    for chunk in iter_chunks(cells, max_cells, record_coefficients, workers):
+    for chunk in iter_chunks(cells, max_cells, record_coefficients, workers, history=history):
         for index, result in chunk:
             out[index] = result
     return out  # type: ignore[return-value]

@@ -106,7 +106,7 @@ class StageInputs:
     steps: int
     """GD steps of the stage."""
     eval_every: int
-    """Accuracies and the decomposition are recorded at ``eval_steps(steps, eval_every)``."""
+    """Accuracies and the decomposition are recorded at ``eval_steps(steps, eval_every)``, or at ``eval_at``."""
     record_coefficients: bool = False
     """Keep the coefficients at every eval step (``StageOutput.trajectory``)."""
     eval_threads: int = 1
@@ -126,6 +126,14 @@ class StageInputs:
     anchored: Tensor | None = None
     """(G, C, Fm): 1 where the penalty pulls a filter toward its stage-start value w(0) (an inherited filter), 0 where
     toward 0 (weight decay); read with ``decay``."""
+    eval_at: tuple[int, ...] | None = None
+    """The steps to evaluate (accuracies, decomposition, trajectory), ascending, in [0, steps]; ``None``:
+    ``eval_steps(steps, eval_every)``. A caller that keeps only some evaluations names them: the others are not
+    computed at all."""
+    loss_at: tuple[int, ...] | None = None
+    """The steps whose loss is returned, ascending, in [0, steps]; ``None``: every step. The loss is then computed at
+    those steps only, unless some step's loss may not be finite: then at every step (``StageOutput.loss_steps``
+    ``None``), so that the first diverged step is found as with every step."""
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the first tensor whose shape disagrees with ``start``'s and the labels'."""
@@ -152,6 +160,10 @@ class StageInputs:
         if vectors != 3 + n_train or filters % 2:
             raise ValueError(f"StageInputs.start has shape {tuple(self.start.shape)}: must be "
                              f"(G, C, 2m, 3 + N) with N = {n_train} training samples")
+        for name in ("eval_at", "loss_at"):
+            at = getattr(self, name)
+            if at is not None and (not at or list(at) != sorted(set(at)) or at[0] < 0 or at[-1] > self.steps):
+                raise ValueError(f"StageInputs.{name}={at}: must be distinct ascending steps in [0, {self.steps}]")
 
 
 @dataclass
@@ -159,9 +171,9 @@ class StageOutput:
     """A trained stage of a batch of cells (``E`` eval steps, ``T`` = steps)."""
 
     loss: Tensor
-    """(G, C, T + 1): the mean logistic loss at every step."""
+    """(G, C, L): the mean logistic loss at every step (L = T + 1) or at ``loss_steps``."""
     train_acc: Tensor
-    """(G, C, E): float32, as torchmetrics computes it."""
+    """(G, C, E): float32, as torchmetrics computes it (E eval steps: ``eval_steps``)."""
     test_acc: Tensor
     """(G, C, E)."""
     decomposition: Tensor
@@ -177,6 +189,10 @@ class StageOutput:
     scale: Tensor | None = None
     """(G, C, Fm): with a penalty (``decay``), the final factor a of w(0) in ``w = a w(0) + coefficients . vectors``
     (1 for a filter pulled toward w(0), shrinking for one decayed toward 0); ``None``: a = 1."""
+    eval_steps: tuple[int, ...] = ()
+    """The steps the evaluations were made at (``StageInputs.eval_at`` or ``eval_steps(steps, eval_every)``)."""
+    loss_steps: tuple[int, ...] | None = None
+    """The steps ``loss`` holds; ``None``: every step."""
 
 
 def train_stage_batch(inputs: StageInputs) -> StageOutput:
@@ -190,9 +206,10 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     ``f = (sign / m) relu(R) A`` with ``A`` (K, N) placing each sample's two patches, the loss slope
     per sample, per patch through ``A^T``, and ``R += (1[R > 0] * step) Gram``: 2 (2m) K^2 FLOPs a step and
     cell for that product, the rest is elementwise. Coefficients are summed step by step and mapped back to
-    [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of -s). The eval steps only keep a copy
-    of the state; the test set and the decomposition are computed for several eval steps at once, on
-    ``eval_threads`` threads (``EVAL_BLOCK_BYTES`` bounds the memory this takes).
+    [b_u, b_v1, b_v2, xi] (s's coefficient is that of +s minus that of -s). The eval steps (``eval_at``: a
+    caller that keeps only the last point names only the last step) only keep a copy of the state; the test set and
+    the decomposition are computed for several eval steps at once, on ``eval_threads`` threads (``EVAL_BLOCK_BYTES``
+    bounds the memory this takes). The loss is computed at the end, at ``loss_at`` (``stage_loss``).
 
     Regularisers (docs/design.md section 8): ``step_scale`` multiplies a filter's step (and its bias's); the penalty
     kappa ||w - phi w(0)||^2 (phi = ``anchored``) adds -2 lr kappa (w - phi w(0)) to the step. With
@@ -225,8 +242,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     if shared:
         noise_gram = gram[:, 3:, 3:].contiguous()
         signal_rows = patch_gram[:, n_train:].contiguous()  # (C G, 2, K)
-        noise_to_signal = patch_gram[:, :n_train, n_train:].contiguous()  # (C G, N, 2)
-        coupled = bool(noise_to_signal.any())
+        signal_to_noise = patch_gram[:, :n_train, n_train:].transpose(1, 2).contiguous()  # (C G, 2, N)
+        coupled = bool(signal_to_noise.any())
     response = start @ embed.transpose(-1, -2)  # (G, C, Fm, K): R = <w, patch>
     start_response = response.clone()
     coefficients = torch.zeros_like(response)
@@ -254,7 +271,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     batch_response, batch_positive = response.view(batch, filters, patches), positive.view(batch, filters, patches)
     group_noise_response = response.view(groups, cells * filters, patches)[..., :n_train]
     group_noise_positive = positive.view(groups, cells * filters, patches)[..., :n_train]
-    checkpoints = eval_steps(steps, eval_every)
+    checkpoints = list(inputs.eval_at) if inputs.eval_at is not None else eval_steps(steps, eval_every)
     exponents = torch.empty(steps + 1, groups, cells, n_train, dtype=dtype, device=device)  # -y f, every step
     train_acc = torch.empty(groups, cells, len(checkpoints), dtype=torch.float32, device=device)
     test_acc = torch.empty_like(train_acc)
@@ -328,11 +345,11 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         h = torch.bmm(signs_over_m, batch_positive).view(groups, cells, patches)
         f = h[..., :n_train] + torch.where(clean_plus, h[..., n_train, None], h[..., n_train + 1, None])
         exponent = torch.mul(f, negative_labels, out=exponents[step])  # -y f
-        if step == checkpoints[evaluation]:
+        if evaluation < len(checkpoints) and step == checkpoints[evaluation]:
             pending.append((evaluation, coefficients.clone(), response.clone(), h,
                             None if bias is None else bias.clone(), None if scale is None else scale.clone()))
             evaluation += 1
-            if len(pending) == block or step == steps:
+            if len(pending) == block or evaluation == len(checkpoints):
                 evaluate()
         if step == steps:
             break
@@ -361,14 +378,31 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             group_noise_response.baddbmm_(group_noise_positive, noise_gram)
             batch_response.baddbmm_(batch_positive[..., n_train:], signal_rows)
             if coupled:
-                batch_response[..., n_train:].baddbmm_(batch_positive[..., :n_train], noise_to_signal)
+                # as (2, N) x (N, Fm) into the transposed columns: 3-4x faster than (Fm, N) x (N, 2) on the CPU
+                batch_response[..., n_train:].transpose(1, 2).baddbmm_(
+                    signal_to_noise, batch_positive[..., :n_train].transpose(1, 2))
         else:
             batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
-    loss = F.softplus(exponents).mean(-1).permute(1, 2, 0)
+    loss, loss_steps = stage_loss(exponents, inputs.loss_at)
     if scale is None:
         norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
     else:
         norm2 = scale.square() * norm2_start + (coefficients * (response + scale[..., None] * start_response)).sum(-1)
     return StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias, scale)
+                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias, scale,
+                       tuple(checkpoints), loss_steps)
+
+
+def stage_loss(exponents: Tensor, loss_at: tuple[int, ...] | None) -> tuple[Tensor, tuple[int, ...] | None]:
+    """The mean logistic loss (G, C, L) from the exponents ``-y f`` (T + 1, G, C, N) at the steps ``loss_at`` (and
+    those steps), or at every step (and ``None``) when ``loss_at`` is ``None`` or some loss may not be finite.
+
+    softplus(e) lies in [0, max(e, 0) + log 2], so while every exponent is at most ``finfo.max / (2N)`` (no NaN) every
+    step's mean is finite and only the kept steps are computed; one max over the exponents decides it (a pass with no
+    transcendental, against softplus' exp and log1p over every step)."""
+    if loss_at is not None:
+        bound = torch.finfo(exponents.dtype).max / (2 * exponents.shape[-1])
+        if bool(exponents.amax() <= bound):  # False for a NaN anywhere
+            return F.softplus(exponents[list(loss_at)]).mean(-1).permute(1, 2, 0), tuple(loss_at)
+    return F.softplus(exponents).mean(-1).permute(1, 2, 0), None

@@ -5,7 +5,7 @@ layout (single run, batched sweep, grid) reports a diverged stage with."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +15,23 @@ from torch import Tensor
 
 from ptlab.engines.base import StageResult
 from ptlab.engines.gram.cell import GramCell
-from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES, StageOutput
+from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES, StageOutput, eval_steps
 from ptlab.errors import DivergenceError
 
 HISTORIES = ("full", "eval", "last")
+"""What a caller keeps of a stage's curves (``GramStage.metrics_by_step``)."""
+
+
+def kept_steps(history: str, steps: int, eval_every: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """``(eval_at, loss_at)`` of ``StageInputs`` for a stage whose curves will be kept as ``history`` says: the
+    evaluations and losses that history keeps, and nothing else (``None``: every eval step, every step's loss)."""
+    if history not in HISTORIES:
+        raise ValueError(f"history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
+    if history == "full":
+        return None, None
+    if history == "eval":
+        return None, tuple(eval_steps(steps, eval_every))
+    return (steps,), (steps,)
 
 
 def on_cpu(out: StageOutput) -> StageOutput:
@@ -60,6 +73,12 @@ class GramStage:
     """``transfer.control`` of a transfer stage: other than none, the ``transferred`` filters started from the
     control's vectors (norm_matched: random directions with the inherited norms), not from the upstream's, and the
     stage's coefficients are its own updates only."""
+    loss_steps: list[int] | None = None
+    """The steps ``loss`` holds (a stage trained for a history that keeps fewer: ``kept_steps``); ``None``: every
+    step."""
+    evaluated: list[int] | None = None
+    """The steps ``train_acc``, ``test_acc``, ``decomposition`` (and ``trajectory``) hold, when fewer than
+    ``eval_steps`` (a stage trained for ``history=last``); ``None``: every eval step."""
 
     @property
     def final(self) -> dict[str, float]:
@@ -72,11 +91,17 @@ class GramStage:
         point (``full``), the eval steps only (``eval``) or the last point of each curve (``last``)."""
         if history not in HISTORIES:
             raise ValueError(f"history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
-        loss_steps = {"full": range(self.steps + 1), "eval": self.eval_steps, "last": [self.steps]}[history]
-        by_step: dict[int, dict[str, float]] = {step: {"train/loss": float(self.loss[step])} for step in loss_steps}
-        points = range(len(self.eval_steps)) if history != "last" else [len(self.eval_steps) - 1]
-        for index in points:
-            row = by_step.setdefault(self.eval_steps[index], {})
+        wanted = {"full": range(self.steps + 1), "eval": self.eval_steps, "last": [self.steps]}[history]
+        held = {step: k for k, step in enumerate(range(self.steps + 1) if self.loss_steps is None else self.loss_steps)}
+        evaluated = {step: k for k, step in enumerate(self.eval_steps if self.evaluated is None else self.evaluated)}
+        kept_evals = self.eval_steps if history != "last" else [self.steps]
+        if any(step not in held for step in wanted) or any(step not in evaluated for step in kept_evals):
+            raise ValueError(f"stage {self.name}: its curves were computed for a shorter history than {history!r} "
+                             f"(losses at {len(held)} steps, evaluations at {len(evaluated)})")
+        by_step: dict[int, dict[str, float]] = {step: {"train/loss": float(self.loss[held[step]])} for step in wanted}
+        for step in kept_evals:
+            index = evaluated[step]
+            row = by_step.setdefault(step, {})
             row["train/acc"] = float(self.train_acc[index])
             row["test/acc"] = float(self.test_acc[index])
             row.update(zip(DECOMPOSITION_NAMES, map(float, self.decomposition[index])))
@@ -125,7 +150,7 @@ class GramResult:
     def divergence(self) -> DivergenceError | None:
         """The error of the first stage (in training order) whose loss is not finite, else ``None``."""
         for stage in self.stages.values():
-            error = divergence(stage.name, stage.loss, self.cell.lr)
+            error = divergence(stage.name, stage.loss, self.cell.lr, stage.loss_steps)
             if error is not None:
                 return error
         return None
@@ -161,15 +186,18 @@ def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[
     return weight
 
 
-def divergence(stage: str, loss: Tensor | np.ndarray, lr: float) -> DivergenceError | None:
+def divergence(stage: str, loss: Tensor | np.ndarray, lr: float, steps: Sequence[int] | None = None,
+               ) -> DivergenceError | None:
     """The ``DivergenceError`` of a stage whose loss curve has a non-finite step (the first one), else ``None``:
-    the single run, the batched sweep and the grid all report a diverged stage with this line."""
+    the single run, the batched sweep and the grid all report a diverged stage with this line. ``steps``: the steps
+    ``loss`` holds (``None``: every step; the kernel computes every step's loss wherever one may not be finite)."""
     loss = torch.as_tensor(loss)
     bad = (~torch.isfinite(loss)).nonzero()
     if not len(bad):
         return None
-    step = int(bad[0, -1])
-    return DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., step]):g}; "
+    index = int(bad[0, -1])
+    step = index if steps is None else steps[index]
+    return DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., index]):g}; "
                            f"lower train.lr (now {lr:g})", stage=stage)
 
 
