@@ -346,7 +346,7 @@ def test_history_last_gives_the_full_history_finals_with_fewer_evaluations(make_
     the same cells trained for ``full``; ``eval`` keeps the eval steps' points of ``full``; a diverged cell is
     reported at the same step; a stage trained for less history refuses to give more."""
     cfgs = [make_cfg(f"task.u_norm={u}", f"seed={s}") for u, s in ((0.5, 0), (2.0, 0), (1.0, 1))]
-    cells = [GramCell.from_config(cfg) for cfg in [*cfgs, make_cfg("train.scratch_budget=matched")]]
+    cells = [GramCell.from_spec(parse(cfg)) for cfg in [*cfgs, make_cfg("train.scratch_budget=matched")]]
     evaluated: list[int] = []
     losses: list[int] = []
     accuracy, softplus = kernel._accuracy, F.softplus
@@ -385,6 +385,6 @@ def test_history_last_gives_the_full_history_finals_with_fewer_evaluations(make_
             with pytest.raises(ValueError, match=f"stage {name}: its curves were computed for a shorter history"):
                 short.curves_for("eval")
         assert last.stage_results("last")["transfer"].final == full.stage_results("last")["transfer"].final
-    diverged = GramCell.from_config(make_cfg("noise.sigma_p1=1e30"))
+    diverged = GramCell.from_spec(parse(make_cfg("noise.sigma_p1=1e30")))
     messages = {history: str(run_cells([diverged], history=history)[0].divergence()) for history in ("full", "last")}
     assert messages["last"] == messages["full"] and "diverged at step" in messages["full"]
