@@ -322,3 +322,25 @@ def test_a_helper_no_tracker_took_ends_without_writing(tmp_path: Path, monkeypat
     background.discard_warm()
     assert helper.process.returncode == 0 and background._Warm.helper is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_times_are_those_of_the_run_not_of_the_helper(tmp_path: Path) -> None:
+    """The helper writes runs late (after MLflow loaded) and fast (replaying queued calls): it creates and ends them
+    at the times the run's own process made the calls, so start times and durations in the MLflow UI are the run's."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = time.time() * 1000
+    tracker = BackgroundTracker(uri, "times", "seed=0")
+    with tracker:
+        time.sleep(0.6)
+        tracker.start_stage("upstream")
+        time.sleep(0.8)
+        tracker.end_stage("upstream")
+        ids = tracker.parent_run_id, tracker.children["upstream"]
+        time.sleep(0.3)
+    after = time.time() * 1000
+    client = MlflowClient(uri)
+    parent, child = (client.get_run(run_id) for run_id in ids)
+    assert before <= parent.info.start_time <= before + 300
+    assert 800 <= child.info.end_time - child.info.start_time <= 1300
+    assert 550 <= child.info.start_time - parent.info.start_time <= 1000
+    assert parent.info.end_time - parent.info.start_time >= 1700 and parent.info.end_time <= after

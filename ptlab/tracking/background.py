@@ -22,6 +22,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,11 @@ from ptlab.tracking.faults import store_fault, tracking_write
 
 VANISHED_ERROR = "the ptlab process ended without closing its runs"
 """``ptlab.error`` of runs whose main process died (SIGKILL) before ``BackgroundTracker.__exit__``."""
+
+
+def now_ms() -> int:
+    """The wall time in ms since the epoch (MLflow's run times), taken where a call is made."""
+    return time.time_ns() // 1_000_000
 
 
 def runs_in_background(kind: str, task: str, multirun: bool, skip_finished: str) -> bool:
@@ -164,7 +170,7 @@ class BackgroundTracker:
         helper, _Warm.helper = _Warm.helper, None
         self._helper = helper or _Helper()
         with tracking_write(raise_deferred=None):  # a signal is held until the message is whole (as in MLflowTracker)
-            self._send(self._helper, "open", self._arguments, list(sys.argv), self._wal)
+            self._send(self._helper, "open", self._arguments, list(sys.argv), self._wal, now_ms())
         return self
 
     def _call(self, name: str, *args: Any) -> None:
@@ -172,7 +178,7 @@ class BackgroundTracker:
         if self._helper is None:
             raise RuntimeError("BackgroundTracker used outside its with-block")
         with tracking_write():
-            self._send(self._helper, "call", name, args)
+            self._send(self._helper, "call", name, args, now_ms())
 
     def state(self) -> dict[str, Any]:
         """Wait until the helper has replayed every call sent so far; its run ids, or its failure raised here."""
@@ -222,7 +228,7 @@ class BackgroundTracker:
             if self._failure is not None:  # raised in the block already; the helper closed its runs then
                 return
             with tracking_write(raise_deferred=exc_type is None):
-                self._send(helper, "exit", None if exc is None else _exception_message(exc))
+                self._send(helper, "exit", None if exc is None else _exception_message(exc), now_ms())
                 reply = self._receive(helper)
         finally:
             helper.close()
@@ -338,18 +344,20 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             except Exception as err:  # noqa: BLE001 - reported at the next state or exit (a StoreError line)
                 failure = portable(err)
         elif kind == "open" and failure is None:
-            _, arguments, argv, wal = message
+            _, arguments, argv, wal, at = message
             sys.argv = argv  # MLflow's run context (source name, git commit) reads the main process's argv
             try:
                 if prepared != (arguments["tracking_uri"], wal):
                     prepare_sqlite_store(arguments["tracking_uri"], wal=wal)
                 opened = tracking.MLflowTracker(**arguments)
+                opened.clock_ms = at  # runs start and end when the run's own process made the call
                 tracker = opened.__enter__()
             except Exception as err:  # noqa: BLE001 - reported at the next state or exit; as in MLflowTracker, a
                 failure = portable(err)  # failed __enter__ leaves nothing open (and its store faults are StoreErrors)
         elif kind == "call" and failure is None:
-            _, name, args = message
+            _, name, args, at = message
             try:
+                tracker.clock_ms = at
                 getattr(tracker, name)(*args)
             except Exception as err:  # noqa: BLE001 - reported at the next state or exit
                 failure = fail(err)
@@ -365,6 +373,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 return
             exc = None if message[1] is None else _rebuilt(message[1])
             opened, tracker = tracker, None
+            opened.clock_ms = message[2]
             try:
                 opened.__exit__(None if exc is None else type(exc), exc, None)
             except BaseException as raised:  # noqa: BLE001 - the one-line error of a store fault

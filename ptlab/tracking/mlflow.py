@@ -117,6 +117,9 @@ class MLflowTracker:
         self.parent_run_id = ""
         self.children: dict[str, str] = {}
         self._writer: MetricWriter | None = None
+        self.clock_ms: int | None = None
+        """When runs are created and ended (ms since the epoch); ``None``: now. The background tracker's helper sets
+        the time each call was made in the run's own process, so run start times and durations are the run's."""
 
     def __enter__(self) -> MLflowTracker:
         try:
@@ -131,7 +134,7 @@ class MLflowTracker:
             self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
         with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, start_time=self.clock_ms,
                                          tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags}))
             self.parent_run_id = run.info.run_id
         return self
@@ -176,8 +179,8 @@ class MLflowTracker:
             run = attempt(self.client.get_run, run_id)
             child_status = run.info.status if run is not None else "RUNNING"
             if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
-                attempt(self.client.set_terminated, run_id, status)
-        attempt(self.client.set_terminated, self.parent_run_id, status)
+                attempt(self.client.set_terminated, run_id, status, self.clock_ms)
+        attempt(self.client.set_terminated, self.parent_run_id, status, self.clock_ms)
         if error is not None:
             attempt(self.client.set_tag, self.parent_run_id, "ptlab.error", error)
 
@@ -185,13 +188,14 @@ class MLflowTracker:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source, git commit)."""
         tags = provenance_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
         with tracking_write():  # the run's id is recorded before a held signal is raised
-            run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags)
+            run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags,
+                                         start_time=self.clock_ms)
             self.children[stage] = run.info.run_id
 
     def end_stage(self, stage: str, status: str = "FINISHED") -> None:
         run_id = self.children[stage]
         if self.client.get_run(run_id).info.status == "RUNNING":
-            self.client.set_terminated(run_id, status)
+            self.client.set_terminated(run_id, status, self.clock_ms)
 
     def stage_logger(self, stage: str) -> Any:
         """A ``BufferedMLFlowLogger`` on the child run of ``stage`` (started if needed)."""
