@@ -71,6 +71,11 @@ class PipelineSpec:
         """Whether this is the synthetic pipeline (the two-layer CNN on the two-patch data)."""
         return self.task.name == "synthetic"
 
+    def model_config(self, stream: str) -> dict[str, Any]:
+        """The resolved model config of a seed ``stream``: ``upstream_model`` for ``upstream``, ``model`` for the
+        downstream models (what ``hydra.utils.instantiate`` builds)."""
+        return dict(self.resolved["upstream_model" if stream == "upstream" else "model"])
+
     @property
     def engine_name(self) -> str:
         """``engine.name`` (gram or lightning)."""

@@ -69,15 +69,10 @@ def build_image_tasks(spec: PipelineSpec) -> ImageTasks:
     return make_image_tasks(spec.task, spec.noise, spec.seed)
 
 
-def model_node(spec: PipelineSpec, stream: str) -> dict[str, Any]:
-    """The resolved model config of ``stream``: ``upstream_model`` for ``upstream``, ``model`` otherwise."""
-    return dict(spec.resolved["upstream_model" if stream == "upstream" else "model"])
-
-
 def build_image_model(spec: PipelineSpec, num_classes: int, stream: str) -> nn.Module:
-    """``instantiate`` the model of ``stream`` (``model_node``) with ``num_classes`` and its init from the ``stream``
-    sub-seed; a ``ConfigError`` of the model factory (e.g. missing weights) comes out as itself, one line."""
-    node = model_node(spec, stream)
+    """``instantiate`` the model of ``stream`` (``PipelineSpec.model_config``) with ``num_classes`` and its init from
+    the ``stream`` sub-seed; a ``ConfigError`` of the model factory (e.g. missing weights) comes out as one line."""
+    node = spec.model_config(stream)
     extra = {} if node.get("num_classes") is not None else {"num_classes": num_classes}
     with torch_seed(derive_seed(spec.seed, stream)):
         try:
@@ -189,7 +184,7 @@ def selection_inputs(spec: PipelineSpec, task2: ImageTask) -> SelectionInputs:
 
 def model_name(spec: PipelineSpec, stream: str) -> str:
     """The architecture the model of ``stream`` names (``arch``, ``name`` or its ``_target_``)."""
-    node = model_node(spec, stream)
+    node = spec.model_config(stream)
     return str(node.get("arch", node.get("name", node.get("_target_", "?"))))
 
 

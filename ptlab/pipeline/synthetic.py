@@ -48,8 +48,7 @@ def build_model(spec: PipelineSpec, stream: str) -> nn.Module:
 
     Transfer and scratch both use the ``downstream`` stream, so their fresh filters are identical.
     """
-    node = spec.resolved["upstream_model" if stream == "upstream" else "model"]
-    model = build_seeded_model(node, spec.seed, stream, input_dim=spec.task.d)
+    model = build_seeded_model(spec.model_config(stream), spec.seed, stream, input_dim=spec.task.d)
     return model.to(DTYPES[spec.train.dtype])
 
 
