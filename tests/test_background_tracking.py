@@ -328,7 +328,7 @@ def test_run_times_are_those_of_the_run_not_of_the_helper(tmp_path: Path) -> Non
     """The helper writes runs late (after MLflow loaded) and fast (replaying queued calls): it creates and ends them
     at the times the run's own process made the calls, so start times and durations in the MLflow UI are the run's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    before = time.time() * 1000
+    before = time.time_ns() // 1_000_000  # MLflow stores whole milliseconds
     tracker = BackgroundTracker(uri, "times", "seed=0")
     with tracker:
         time.sleep(0.6)
@@ -337,7 +337,7 @@ def test_run_times_are_those_of_the_run_not_of_the_helper(tmp_path: Path) -> Non
         tracker.end_stage("upstream")
         ids = tracker.parent_run_id, tracker.children["upstream"]
         time.sleep(0.3)
-    after = time.time() * 1000
+    after = time.time_ns() // 1_000_000 + 1
     client = MlflowClient(uri)
     parent, child = (client.get_run(run_id) for run_id in ids)
     assert before <= parent.info.start_time <= before + 300
