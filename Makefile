@@ -26,9 +26,10 @@ data:
 run: venv
 	$(PY) -m ptlab $(ARGS)
 
-# ruff's lint, as CI runs it (the rules are in pyproject.toml)
+# ruff's lint and format check, as CI runs them (the rules are in pyproject.toml; `ruff format .` fixes the format)
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Extra pytest arguments: make test ARGS="-m slow"
 test: venv

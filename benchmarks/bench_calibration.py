@@ -37,21 +37,52 @@ def main() -> int:
     parser.add_argument("--plan", type=int, default=400, help="cells to extrapolate to (default: %(default)s)")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         design = Path(tmp) / "design.yaml"
-        subprocess.run([sys.executable, "-m", "ptlab.report", "design", "--seed", str(args.seed), "--cells",
-                        str(args.cells), "--seeds", str(args.seeds), "--out", str(design)], cwd=REPO, env=env,
-                       check=True, capture_output=True)
-        n1 = [int(o.split("=")[1]) for cell in yaml.safe_load(design.read_text())["cells"] for o in cell
-              if o.startswith("task.n1=")]
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ptlab.report",
+                "design",
+                "--seed",
+                str(args.seed),
+                "--cells",
+                str(args.cells),
+                "--seeds",
+                str(args.seeds),
+                "--out",
+                str(design),
+            ],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        n1 = [
+            int(o.split("=")[1]) for cell in yaml.safe_load(design.read_text())["cells"] for o in cell if o.startswith("task.n1=")
+        ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "ptlab", "-m", "experiment=calibration",
-                               f"hydra.sweeper.cells={design}", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db",
-                               f"hydra.sweep.dir={tmp}/sweep", f"cache.dir={tmp}/cache"],
-                              cwd=tmp, env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ptlab",
+                "-m",
+                "experiment=calibration",
+                f"hydra.sweeper.cells={design}",
+                f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                f"hydra.sweep.dir={tmp}/sweep",
+                f"cache.dir={tmp}/cache",
+            ],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -59,12 +90,18 @@ def main() -> int:
         return 1
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     pipelines = args.cells * args.seeds
-    print(f"design seed {args.seed}: {args.cells} cells x {args.seeds} seeds = {pipelines} pipelines, "
-          f"N1 {min(n1)}-{max(n1)} (mean {sum(n1) / len(n1):.0f}; the box's log-uniform mean is 317)")
-    print(f"sweep: {wall:.1f} s wall, {cpu:.1f} s CPU; per cell {wall / args.cells:.1f} s wall, "
-          f"{cpu / args.cells:.1f} s CPU; per pipeline {cpu / pipelines:.2f} s CPU")
-    print(f"plan: {args.plan} cells x {args.seeds} seeds ~ {cpu / args.cells * args.plan / 3600:.2f} CPU hours "
-          f"at this mean, load {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"design seed {args.seed}: {args.cells} cells x {args.seeds} seeds = {pipelines} pipelines, "
+        f"N1 {min(n1)}-{max(n1)} (mean {sum(n1) / len(n1):.0f}; the box's log-uniform mean is 317)"
+    )
+    print(
+        f"sweep: {wall:.1f} s wall, {cpu:.1f} s CPU; per cell {wall / args.cells:.1f} s wall, "
+        f"{cpu / args.cells:.1f} s CPU; per pipeline {cpu / pipelines:.2f} s CPU"
+    )
+    print(
+        f"plan: {args.plan} cells x {args.seeds} seeds ~ {cpu / args.cells * args.plan / 3600:.2f} CPU hours "
+        f"at this mean, load {os.getloadavg()[0]:.1f} at the end"
+    )
     return 0
 
 

@@ -33,9 +33,11 @@ from ptlab.pipeline import run_pipeline
 
 SEEDS = 20
 CELLS = {
-    "table1_fashion": [[f"+pair={pair}", f"task.n1_ratio={ratio}"]
-                       for pair in ("resnet34_small_resnet18_small", "vgg16_small_vgg11_small")
-                       for ratio in (1, 2, 4, 8)],
+    "table1_fashion": [
+        [f"+pair={pair}", f"task.n1_ratio={ratio}"]
+        for pair in ("resnet34_small_resnet18_small", "vgg16_small_vgg11_small")
+        for ratio in (1, 2, 4, 8)
+    ],
     "fig3_fashion": [["+pair=vgg16_small_vgg11_small", f"noise.sigma_p2={sigma}"] for sigma in (0, 40, 80, 120)],
     "fig4_fashion": [[]],
 }
@@ -44,8 +46,7 @@ CELLS = {
 
 def time_pipeline(overrides: list[str], root: Path, name: str) -> tuple[float, float, dict]:
     """(CPU seconds, wall seconds, summary) of one pipeline of ``overrides``."""
-    cfg = compose_config([*overrides, f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-                          f"cache.dir={root / 'cache'}"])
+    cfg = compose_config([*overrides, f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}", f"cache.dir={root / 'cache'}"])
     cpu, wall = time.process_time(), time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's own table shows the gain: not looked at
         summary = run_pipeline(cfg, root / name)
@@ -67,17 +68,23 @@ def main() -> None:
         root = Path(tmp)
         for preset in args.presets:
             total = 0.0
-            cells = CELLS[preset][:args.first]
+            cells = CELLS[preset][: args.first]
             for i, cell in enumerate(cells):
                 overrides = [f"experiment={preset}", f"seed={args.seed}", *cell, *args.overrides]
                 cpu, wall, summary = time_pipeline(overrides, root, f"{preset}-{i}")
                 total += cpu
                 scratch = summary["scratch"]["test_acc"] if args.scratch else None
-                print(f"{preset} {' '.join(cell) or '(one cell)'}: cpu {cpu:.1f} s, wall {wall:.1f} s"
-                      + ("" if scratch is None else f", scratch test acc {100 * scratch:.1f}%"), flush=True)
+                print(
+                    f"{preset} {' '.join(cell) or '(one cell)'}: cpu {cpu:.1f} s, wall {wall:.1f} s"
+                    + ("" if scratch is None else f", scratch test acc {100 * scratch:.1f}%"),
+                    flush=True,
+                )
             scale = len(CELLS[preset]) / len(cells)
-            print(f"{preset}: {total * scale:.0f} CPU s per seed ({len(CELLS[preset])} cells), "
-                  f"{total * scale * SEEDS / 60:.1f} CPU min for {SEEDS} seeds", flush=True)
+            print(
+                f"{preset}: {total * scale:.0f} CPU s per seed ({len(CELLS[preset])} cells), "
+                f"{total * scale * SEEDS / 60:.1f} CPU min for {SEEDS} seeds",
+                flush=True,
+            )
     sys.stdout.flush()
 
 

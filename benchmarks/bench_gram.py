@@ -62,8 +62,11 @@ SEEDS = [0, 1]
 def config(overrides: list[str], tracking_uri: str) -> PipelineSpec:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"logger.tracking_uri={tracking_uri}", "cache.enabled=false", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[f"logger.tracking_uri={tracking_uri}", "cache.enabled=false", *overrides],
+            return_hydra_config=True,
+        )
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -110,8 +113,10 @@ def best_by_engine(seconds: Callable[[str], float], repeats: int) -> dict[str, f
 
 
 def report(label: str, seconds: dict[str, float]) -> None:
-    print(f"    {label}:\n        lightning {seconds['lightning']:7.3f} s   gram {seconds['gram']:6.3f} s   "
-          f"ratio {seconds['lightning'] / seconds['gram']:5.1f}x   ({load()})")
+    print(
+        f"    {label}:\n        lightning {seconds['lightning']:7.3f} s   gram {seconds['gram']:6.3f} s   "
+        f"ratio {seconds['lightning'] / seconds['gram']:5.1f}x   ({load()})"
+    )
 
 
 def load() -> str:
@@ -127,20 +132,23 @@ def cli(args: list[str], cwd: Path) -> float:
 
 
 def part_a(root: Path, repeats: int) -> None:
-    print("\n(a) one pipeline, default config (d=2000, m=40, N1=200, N2=20, T1=800, T2=400, eval every 10),"
-          f" best of {repeats} after a warm-up run, engines alternating")
+    print(
+        "\n(a) one pipeline, default config (d=2000, m=40, N1=200, N2=20, T1=800, T2=400, eval every 10),"
+        f" best of {repeats} after a warm-up run, engines alternating"
+    )
     cfgs = {engine: config([f"engine={engine}", "logger=none"], "") for engine in ENGINES}
     drawn = make_data(cfgs["gram"])
     data_draw = best(lambda: make_data(cfgs["gram"]), repeats)
     stages = best_by_engine(lambda engine: stages_only(cfgs[engine], drawn), repeats)
     report("stages only (run_synthetic on data drawn beforehand, no tracking)", stages)
-    untracked = best_by_engine(lambda engine: timed_pipeline([f"engine={engine}", "logger=none"], root / "a_untracked"),
-                               repeats)
+    untracked = best_by_engine(lambda engine: timed_pipeline([f"engine={engine}", "logger=none"], root / "a_untracked"), repeats)
     report("whole pipeline without tracking (logger=none)", untracked)
     tracked = best_by_engine(lambda engine: timed_pipeline([f"engine={engine}"], root / "a_tracked"), repeats)
     report("whole pipeline with MLflow (SQLite store created by the warm-up run)", tracked)
-    print(f"    the same code in both engines: the data draw {data_draw:.3f} s, config checks and summaries, "
-          "MLflow runs, params, curves and the decomposition figure")
+    print(
+        f"    the same code in both engines: the data draw {data_draw:.3f} s, config checks and summaries, "
+        "MLflow runs, params, curves and the decomposition figure"
+    )
 
 
 def part_b(root: Path, sample: int) -> None:
@@ -149,20 +157,29 @@ def part_b(root: Path, sample: int) -> None:
     sampled = random.Random(0).sample(cells, sample)
     per_cell = []
     for d, u, s in sampled:
-        seconds = timed_pipeline(["experiment=fig2", "engine=lightning", f"task.d={d}", f"task.u_norm={u:.1f}",
-                                  f"seed={s}"], root / f"b_lightning_{d}_{u:.1f}_{s}")
+        seconds = timed_pipeline(
+            ["experiment=fig2", "engine=lightning", f"task.d={d}", f"task.u_norm={u:.1f}", f"seed={s}"],
+            root / f"b_lightning_{d}_{u:.1f}_{s}",
+        )
         per_cell.append(seconds)
         print(f"    lightning cell d={d} u={u:.1f} seed={s}: {seconds:.2f} s   ({load()})")
     estimate = sum(per_cell) / len(per_cell) * len(cells)
-    grid = ["-m", "experiment=fig2", f"task.d={','.join(map(str, GRID_D))}",
-            f"task.u_norm={','.join(f'{u:.1f}' for u in GRID_U)}", f"seed={','.join(map(str, SEEDS))}",
-            "logger.tracking_uri=sqlite:///mlflow.db", "hydra.launcher.progress=false"]
+    grid = [
+        "-m",
+        "experiment=fig2",
+        f"task.d={','.join(map(str, GRID_D))}",
+        f"task.u_norm={','.join(f'{u:.1f}' for u in GRID_U)}",
+        f"seed={','.join(map(str, SEEDS))}",
+        "logger.tracking_uri=sqlite:///mlflow.db",
+        "hydra.launcher.progress=false",
+    ]
     (root / "b_gram").mkdir()
     batched = cli(grid, root / "b_gram")
-    print(f"    lightning EXTRAPOLATED from {len(sampled)} sampled cells: {estimate:8.1f} s "
-          f"({estimate / len(cells):.2f} s/cell)")
-    print(f"    gram batched launcher, whole grid, CLI incl. MLflow: {batched:8.1f} s  ratio {estimate / batched:6.1f}x"
-          f"   ({load()})")
+    print(f"    lightning EXTRAPOLATED from {len(sampled)} sampled cells: {estimate:8.1f} s ({estimate / len(cells):.2f} s/cell)")
+    print(
+        f"    gram batched launcher, whole grid, CLI incl. MLflow: {batched:8.1f} s  ratio {estimate / batched:6.1f}x"
+        f"   ({load()})"
+    )
 
 
 def part_c(root: Path, workers: int | None) -> None:
@@ -170,10 +187,11 @@ def part_c(root: Path, workers: int | None) -> None:
     print(f"    {'d':>6} {'lightning s/cell (1/10 steps x10)':>34} {'gram s/cell (20 batched)':>25} {'gram single':>12}")
     workers = torch.get_num_threads() if workers is None else workers
     for d in (500, 2000, 5000, 10000, 20000, 50000):
-        light = 10 * timed_pipeline(["logger=none", "engine=lightning", f"task.d={d}", "train.upstream_steps=80",
-                                     "train.downstream_steps=40"], root / f"c_l_{d}")
-        cfgs = [config(["logger=none", "engine=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "")
-                for i in range(20)]
+        light = 10 * timed_pipeline(
+            ["logger=none", "engine=lightning", f"task.d={d}", "train.upstream_steps=80", "train.downstream_steps=40"],
+            root / f"c_l_{d}",
+        )
+        cfgs = [config(["logger=none", "engine=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "") for i in range(20)]
         start = time.perf_counter()
         run_cells([GramCell.from_spec(cfg) for cfg in cfgs], max_cells=10, workers=workers)
         batched_cell = (time.perf_counter() - start) / len(cfgs)
@@ -186,8 +204,9 @@ def part_c(root: Path, workers: int | None) -> None:
 def part_d(root: Path) -> None:
     print("\n(d) full experiment=fig2 grid (20 x 20 x 3 = 1200 cells, paper settings), CLI incl. MLflow")
     (root / "d_full").mkdir()
-    seconds = cli(["-m", "experiment=fig2", "logger.tracking_uri=sqlite:///mlflow.db",
-                   "hydra.launcher.progress=false"], root / "d_full")
+    seconds = cli(
+        ["-m", "experiment=fig2", "logger.tracking_uri=sqlite:///mlflow.db", "hydra.launcher.progress=false"], root / "d_full"
+    )
     print(f"    {seconds:.1f} s   ({load()})")
 
 
@@ -198,7 +217,7 @@ def matmul_peak(threads: int = 2, size: int = 2048, repeats: int = 5) -> dict[st
     out = {}
     for dtype in (torch.float32, torch.float64):
         a, b = torch.rand(size, size, dtype=dtype), torch.rand(size, size, dtype=dtype)
-        out[str(dtype).removeprefix("torch.")] = 2 * size ** 3 / best(lambda a=a, b=b: a @ b, repeats) / 1e9
+        out[str(dtype).removeprefix("torch.")] = 2 * size**3 / best(lambda a=a, b=b: a @ b, repeats) / 1e9
     torch.set_num_threads(previous)
     return out
 
@@ -207,6 +226,7 @@ def training_flops(cell: GramCell) -> float:
     """Multiply-add FLOPs of a cell's GD steps in the gram engine (``train_stage_batch``): per step and model,
     the response update (2 Fm K^2), the margins (2 Fm K + 2 K N) and the per-patch slopes (2 N K), with
     Fm = 2m filters and K = N + 2 patches; the downstream batch trains transfer and scratch."""
+
     def stage(n: int, steps: int) -> float:
         fm, k = 2 * cell.width, n + 2
         return steps * (2 * fm * k * k + 2 * fm * k + 4 * k * n)
@@ -223,13 +243,28 @@ def part_e() -> dict[str, float]:
 
 
 def part_f(workers: int | None) -> None:
-    print("\n(f) cost per cell vs d, response-space test sets + gram sampling (fig2 settings, 20 cells of one"
-          " data group, no tracking)")
+    print(
+        "\n(f) cost per cell vs d, response-space test sets + gram sampling (fig2 settings, 20 cells of one"
+        " data group, no tracking)"
+    )
     workers = torch.get_num_threads() if workers is None else workers
     per_cell = {}
     for d in (1000, 1_000_000):
-        cfgs = [config(["logger=none", "engine=gram", "train.eval_every=100", "task.test_space=response",
-                        "task.sampling=gram", f"task.d={d}", f"task.u_norm={0.2 * i:.1f}"], "") for i in range(20)]
+        cfgs = [
+            config(
+                [
+                    "logger=none",
+                    "engine=gram",
+                    "train.eval_every=100",
+                    "task.test_space=response",
+                    "task.sampling=gram",
+                    f"task.d={d}",
+                    f"task.u_norm={0.2 * i:.1f}",
+                ],
+                "",
+            )
+            for i in range(20)
+        ]
         cells = [GramCell.from_spec(cfg) for cfg in cfgs]
         run_cells(cells[:1])
         start = time.perf_counter()
@@ -245,8 +280,9 @@ def timed_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> 
     Hydra's log)."""
     cwd.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return time.perf_counter() - start, done.stdout + done.stderr
@@ -260,8 +296,9 @@ def launcher_line(stderr: str) -> str:
 def part_g(root: Path) -> None:
     print("\n(g) full experiment=kou2023 grid (100 x 100 x 10 = 100,000 trainings), CLI with MLflow, then its report")
     out = root / "g_kou2023"
-    sweep, stderr = timed_cli(["ptlab", "-m", "experiment=kou2023", "logger.tracking_uri=sqlite:///mlflow.db",
-                               "hydra.launcher.progress=false"], out)
+    sweep, stderr = timed_cli(
+        ["ptlab", "-m", "experiment=kou2023", "logger.tracking_uri=sqlite:///mlflow.db", "hydra.launcher.progress=false"], out
+    )
     print(f"    sweep {sweep:.1f} s: {launcher_line(stderr)}   ({load()})")
     report, _ = timed_cli(["ptlab.report", "kou2023", "--tracking-uri", "sqlite:///mlflow.db"], out)
     boundary = (out / "reports" / "kou2023" / "kou2023_boundary.md").read_text()
@@ -272,19 +309,28 @@ def part_g(root: Path) -> None:
 
 def part_h(root: Path, peak: dict[str, float] | None, main_commit: str, seeds: int) -> None:
     seed_list = ",".join(map(str, range(seeds)))
-    print(f"\n(h) fig2 grid (20 x 20 x {seeds} seeds), CLI with MLflow: main {main_commit} vs this tree with "
-          "response-space test sets + gram sampling")
+    print(
+        f"\n(h) fig2 grid (20 x 20 x {seeds} seeds), CLI with MLflow: main {main_commit} vs this tree with "
+        "response-space test sets + gram sampling"
+    )
     tree = root / "main_tree"
     tree.mkdir()
     archive = subprocess.run(["git", "archive", main_commit], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    grid = ["ptlab", "-m", "experiment=fig2", f"seed={seed_list}", "logger.tracking_uri=sqlite:///mlflow.db",
-            "hydra.launcher.progress=false"]
+    grid = [
+        "ptlab",
+        "-m",
+        "experiment=fig2",
+        f"seed={seed_list}",
+        "logger.tracking_uri=sqlite:///mlflow.db",
+        "hydra.launcher.progress=false",
+    ]
     main_seconds, main_err = timed_cli(grid, root / "h_main", env={"PYTHONPATH": str(tree)})
     print(f"    main: {main_seconds:.1f} s: {launcher_line(main_err)}   ({load()})")
     here = Path(__file__).resolve().parent.parent
-    new_seconds, new_err = timed_cli([*grid, "task.test_space=response", "task.sampling=gram"], root / "h_new",
-                                     env={"PYTHONPATH": str(here)})
+    new_seconds, new_err = timed_cli(
+        [*grid, "task.test_space=response", "task.sampling=gram"], root / "h_new", env={"PYTHONPATH": str(here)}
+    )
     print(f"    this tree: {new_seconds:.1f} s: {launcher_line(new_err)}   ({load()})")
     speedup = main_seconds / new_seconds
     print(f"    speedup {speedup:.2f}x (bar: >= 3x: {'met' if speedup >= 3 else 'NOT met'})")
@@ -296,19 +342,25 @@ def part_h(root: Path, peak: dict[str, float] | None, main_commit: str, seeds: i
     for _ in iter_chunks(cells, max_cells=60, workers=torch.get_num_threads(), summarize=final_test_acc):
         pass
     training = time.perf_counter() - start
-    print(f"    training part alone (every cell's data, Gram matrices, GD steps and evaluations; no configs or tracking),"
-          f" {torch.get_num_threads()} worker processes: {training:.1f} s = {flops / training / 1e9:.1f} GFLOP/s   ({load()})")
+    print(
+        f"    training part alone (every cell's data, Gram matrices, GD steps and evaluations; no configs or tracking),"
+        f" {torch.get_num_threads()} worker processes: {training:.1f} s = {flops / training / 1e9:.1f} GFLOP/s   ({load()})"
+    )
     found = re.search(r"in ([0-9.]+) s \(configs ([0-9.]+) s, summaries and tracking ([0-9.]+) s\)", new_err)
     if found:
         total, configs, tracked = map(float, found.groups())
-        print(f"    (in the CLI run: {total - configs - tracked:.1f} s besides configs and tracking, which overlaps the "
-              "workers' training)")
+        print(
+            f"    (in the CLI run: {total - configs - tracked:.1f} s besides configs and tracking, which overlaps the "
+            "workers' training)"
+        )
     if peak is not None:
         fraction = flops / training / 1e9 / peak["float32"]
         print(f"    = {fraction:.1%} of the float32 peak (bar: >= 50%: {'met' if fraction >= 0.5 else 'NOT met'})")
         floor = flops / peak["float32"] / 1e9
-        print(f"    the grid's training FLOPs at 100% of that peak take {floor:.1f} s: at most "
-              f"{main_seconds / floor:.2f}x faster than main's {main_seconds:.1f} s with nothing else counted")
+        print(
+            f"    the grid's training FLOPs at 100% of that peak take {floor:.1f} s: at most "
+            f"{main_seconds / floor:.2f}x faster than main's {main_seconds:.1f} s with nothing else counted"
+        )
 
 
 def fig2_cells(seeds: int) -> list[GramCell]:
@@ -317,11 +369,13 @@ def fig2_cells(seeds: int) -> list[GramCell]:
     overrides = ["logger=none", "experiment=fig2", "task.test_space=response", "task.sampling=gram"]
     base = GramCell.from_spec(config(overrides, ""))
     norms = [round(0.2 * i, 1) for i in range(20)]
-    cells = [dataclasses.replace(base, d=d, u_norm=u, seed=s)
-             for d in range(500, 10500, 500) for u in norms for s in range(seeds)]
+    cells = [
+        dataclasses.replace(base, d=d, u_norm=u, seed=s) for d in range(500, 10500, 500) for u in norms for s in range(seeds)
+    ]
     for corner in (cells[0], cells[-1]):
-        composed = GramCell.from_spec(config([*overrides, f"task.d={corner.d}", f"task.u_norm={corner.u_norm}",
-                                                f"seed={corner.seed}"], ""))
+        composed = GramCell.from_spec(
+            config([*overrides, f"task.d={corner.d}", f"task.u_norm={corner.u_norm}", f"seed={corner.seed}"], "")
+        )
         assert composed == corner, (composed, corner)
     return cells
 

@@ -94,10 +94,19 @@ def lightning_loop(args: argparse.Namespace, data: ImageDataModule, device: torc
     timer = EpochTimer()
     cuda = device.type == "cuda"
     precision = ("bf16-mixed" if amp_dtype() == torch.bfloat16 else "16-mixed") if cuda else "32-true"
-    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=args.epochs, logger=False,
-                         callbacks=[timer], precision=precision, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        callbacks=[timer],
+        precision=precision,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     return len(data.train_set) * len(timer.seconds) / sum(timer.seconds)
 
@@ -114,18 +123,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each path; best is kept")
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     gen = torch.Generator().manual_seed(0)
-    images = ImageSet(torch.randn(args.images, 3, 32, 32, generator=gen),
-                      torch.randint(0, NUM_CLASSES, (args.images,), generator=gen), torch.arange(args.images))
+    images = ImageSet(
+        torch.randn(args.images, 3, 32, 32, generator=gen),
+        torch.randint(0, NUM_CLASSES, (args.images,), generator=gen),
+        torch.arange(args.images),
+    )
     plain, lightning = [], []
     pin = device.type == "cuda"
     for _ in range(args.repeats):
         plain.append(plain_loop(args, ImageDataModule(images, images, args.batch_size, pin_memory=pin), device))
         lightning.append(lightning_loop(args, ImageDataModule(images, images, args.batch_size, pin_memory=pin), device))
-    print(f"device={device.type} threads={torch.get_num_threads()} arch={args.arch} width={args.width} "
-          f"batch={args.batch_size} images/epoch={args.images} timed epochs={args.epochs - 1} repeats={args.repeats}")
+    print(
+        f"device={device.type} threads={torch.get_num_threads()} arch={args.arch} width={args.width} "
+        f"batch={args.batch_size} images/epoch={args.images} timed epochs={args.epochs - 1} repeats={args.repeats}"
+    )
     print(f"plain PyTorch loop : {max(plain):9.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
     print(f"Lightning module   : {max(lightning):9.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in lightning)})")
     print(f"Lightning / plain  : {max(lightning) / max(plain):.3f}x")

@@ -22,8 +22,16 @@ from ptlab.modules import logistic_loss, sign_accuracy
 from ptlab.pipeline.synthetic import build_model, make_data
 
 
-def plain_fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor,
-              test_y: torch.Tensor, lr: float, steps: int, eval_every: int) -> list[float]:
+def plain_fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    lr: float,
+    steps: int,
+    eval_every: int,
+) -> list[float]:
     """The reference loop: GD with the same loss, step and evaluation schedule as FullBatchGD."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses, accs = [], []
@@ -51,10 +59,14 @@ def main() -> None:
     spec = compose_spec(["logger=none", "cache.enabled=false", "engine=lightning", *args.overrides])
     data = make_data(spec)
     train_cfg, task = spec.train, spec.task
-    stages = [("upstream", 1, data.task1_train, data.task1_test, train_cfg.upstream_steps),
-              ("downstream", 2, data.task2_train, data.task2_test, train_cfg.downstream_steps)]
-    print(f"d={task.d} m={spec.model.width} N1={task.n1} N2={task.n2} T1={train_cfg.upstream_steps} "
-          f"T2={train_cfg.downstream_steps} eval_every={train_cfg.eval_every} threads={torch.get_num_threads()}")
+    stages = [
+        ("upstream", 1, data.task1_train, data.task1_test, train_cfg.upstream_steps),
+        ("downstream", 2, data.task2_train, data.task2_test, train_cfg.downstream_steps),
+    ]
+    print(
+        f"d={task.d} m={spec.model.width} N1={task.n1} N2={task.n2} T1={train_cfg.upstream_steps} "
+        f"T2={train_cfg.downstream_steps} eval_every={train_cfg.eval_every} threads={torch.get_num_threads()}"
+    )
     lightning = LightningEngine(trainer=dict(spec.trainer))
     best = {"lightning": float("inf"), "plain": float("inf")}
     for _ in range(args.repeats):
@@ -65,12 +77,26 @@ def main() -> None:
                 if engine == "plain":
                     plain_fit(model, train.x, train.y, test.x, test.y, train_cfg.lr, steps, train_cfg.eval_every)
                 else:
-                    lightning.train_stage(Stage(stream, model, train, test, steps, train_cfg.lr, train_cfg.eval_every,
-                                                data.directions, task_id, dtype=train_cfg.dtype))
+                    lightning.train_stage(
+                        Stage(
+                            stream,
+                            model,
+                            train,
+                            test,
+                            steps,
+                            train_cfg.lr,
+                            train_cfg.eval_every,
+                            data.directions,
+                            task_id,
+                            dtype=train_cfg.dtype,
+                        )
+                    )
             best[engine] = min(best[engine], time.perf_counter() - start)
     ratio = best["lightning"] / best["plain"]
-    print(f"plain loop: {best['plain']:.3f} s   Lightning: {best['lightning']:.3f} s   "
-          f"ratio: {ratio:.3f}x (bar <= 1.5x; best of {args.repeats})")
+    print(
+        f"plain loop: {best['plain']:.3f} s   Lightning: {best['lightning']:.3f} s   "
+        f"ratio: {ratio:.3f}x (bar <= 1.5x; best of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

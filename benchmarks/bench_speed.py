@@ -41,8 +41,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("single", "costs", "batch", "fig2", "kou2023")
-HEAVY = ("mlflow.genai", "mlflow.gateway", "mlflow.tracing", "torchmetrics", "torchmetrics.image", "lightning",
-         "pytorch_lightning", "matplotlib", "pandas", "alembic", "torchvision", "timm", "scipy")
+HEAVY = (
+    "mlflow.genai",
+    "mlflow.gateway",
+    "mlflow.tracing",
+    "torchmetrics",
+    "torchmetrics.image",
+    "lightning",
+    "pytorch_lightning",
+    "matplotlib",
+    "pandas",
+    "alembic",
+    "torchvision",
+    "timm",
+    "scipy",
+)
 """Packages whose import the costs part reports (present or not in the default run)."""
 
 
@@ -56,8 +69,7 @@ THREADS: list[int | None] = [None]
 
 def env(templates: Path) -> dict[str, str]:
     threads = {"OMP_NUM_THREADS": str(THREADS[0])} if THREADS[0] else {}
-    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "PTLAB_STORE_TEMPLATES": str(templates),
-            **threads}
+    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "PTLAB_STORE_TEMPLATES": str(templates), **threads}
 
 
 def timed(cmd: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -81,18 +93,23 @@ def close(a: float, b: float) -> bool:
 
 
 def same_accuracies(ptlab: dict[str, dict[str, float]], plain: dict[str, dict[str, float]]) -> bool:
-    return all(close(ptlab[s]["train_acc"], plain[s]["train_acc"]) and close(ptlab[s]["test_acc"], plain[s]["test_acc"])
-               for s in ptlab)
+    return all(
+        close(ptlab[s]["train_acc"], plain[s]["train_acc"]) and close(ptlab[s]["test_acc"], plain[s]["test_acc"]) for s in ptlab
+    )
 
 
 def part_single(root: Path, rounds: int, before: str | None) -> None:
-    print(f"\n(single) python -m ptlab (default config, new SQLite store) vs benchmarks/plain_loop.py, {rounds} rounds,"
-          " alternating (the order rotated each round), whole processes"
-          + (f"; also this repository's commit {before} (git archive)" if before else ""))
+    print(
+        f"\n(single) python -m ptlab (default config, new SQLite store) vs benchmarks/plain_loop.py, {rounds} rounds,"
+        " alternating (the order rotated each round), whole processes"
+        + (f"; also this repository's commit {before} (git archive)" if before else "")
+    )
     templates = root / "templates"
     environ = env(templates)
-    commands = {"ptlab": ([sys.executable, "-m", "ptlab"], environ),
-                "plain": ([sys.executable, str(REPO / "benchmarks" / "plain_loop.py")], environ)}
+    commands = {
+        "ptlab": ([sys.executable, "-m", "ptlab"], environ),
+        "plain": ([sys.executable, str(REPO / "benchmarks" / "plain_loop.py")], environ),
+    }
     if before:
         tree = root / "before"
         tree.mkdir()
@@ -105,22 +122,28 @@ def part_single(root: Path, rounds: int, before: str | None) -> None:
     rows, ratios = [], []
     for k in range(rounds):
         seconds, finals = {}, {}
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             cwd = root / "single" / f"{name}{k}"
             seconds[name], done = timed(*commands[name][:1], cwd, commands[name][1])
             finals[name] = json.loads(done.stdout.strip().splitlines()[-1]) if name == "plain" else ptlab_final(cwd)
         equal = same_accuracies(finals["ptlab"], finals["plain"])
         ratios.append(seconds["plain"] / seconds["ptlab"])
         rows.append(seconds)
-        print(f"    round {k + 1}: " + ", ".join(f"{name} {seconds[name]:.2f} s" for name in names)
-              + f"; plain / ptlab {ratios[-1]:.2f}x, equal final accuracies: {equal}   ({load()})")
+        print(
+            f"    round {k + 1}: "
+            + ", ".join(f"{name} {seconds[name]:.2f} s" for name in names)
+            + f"; plain / ptlab {ratios[-1]:.2f}x, equal final accuracies: {equal}   ({load()})"
+        )
         if not equal:
             print(f"      ptlab {finals['ptlab']}\n      plain {finals['plain']}")
     medians = {name: statistics.median(r[name] for r in rows) for name in names}
     ratio = statistics.median(ratios)
-    print("    medians: " + ", ".join(f"{name} {medians[name]:.2f} s" for name in names)
-          + f"; median of the per-round ratios plain / ptlab {ratio:.2f}x (bar: >= 1.5x: "
-          f"{'met' if ratio >= 1.5 else 'NOT met'})")
+    print(
+        "    medians: "
+        + ", ".join(f"{name} {medians[name]:.2f} s" for name in names)
+        + f"; median of the per-round ratios plain / ptlab {ratio:.2f}x (bar: >= 1.5x: "
+        f"{'met' if ratio >= 1.5 else 'NOT met'})"
+    )
 
 
 IMPORT_PROBE = """
@@ -182,34 +205,55 @@ def part_costs(root: Path) -> None:
     cwd = root / "costs"
     _, done = timed([sys.executable, "-X", "importtime", "-m", "ptlab"], cwd / "importtime", environ)
     lines = [line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:")]
-    top = [(int(cum), name) for _, cum, name in (parts for parts in lines if len(parts) == 3)
-           if not name.startswith("  ") and cum.strip().isdigit()]
+    top = [
+        (int(cum), name)
+        for _, cum, name in (parts for parts in lines if len(parts) == 3)
+        if not name.startswith("  ") and cum.strip().isdigit()
+    ]
     total = sum(cum for cum, _ in top) / 1e6
     loaded = {name.strip() for *_, name in lines}
-    print(f"    python -X importtime -m ptlab: {total:.2f} s of imports (with importtime's own overhead); largest: "
-          + ", ".join(f"{name.strip()} {cum / 1e6:.2f} s" for cum, name in sorted(top, reverse=True)[:5]))
+    print(
+        f"    python -X importtime -m ptlab: {total:.2f} s of imports (with importtime's own overhead); largest: "
+        + ", ".join(f"{name.strip()} {cum / 1e6:.2f} s" for cum, name in sorted(top, reverse=True)[:5])
+    )
     print("    heavy packages imported: " + ", ".join(f"{p} {'yes' if p in loaded else 'no'}" for p in HEAVY))
     for k in range(3):
-        out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=environ, capture_output=True, text=True,
-                             check=True).stdout.split()
-        print(f"    imports (run {k + 1}): ptlab.cli (Hydra, OmegaConf) {out[0]} s, torch {out[1]} s, mlflow.tracking "
-              f"{out[2]} s, the pipeline's modules {out[3]} s   ({load()})")
+        out = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE], env=environ, capture_output=True, text=True, check=True
+        ).stdout.split()
+        print(
+            f"    imports (run {k + 1}): ptlab.cli (Hydra, OmegaConf) {out[0]} s, torch {out[1]} s, mlflow.tracking "
+            f"{out[2]} s, the pipeline's modules {out[3]} s   ({load()})"
+        )
     for k in range(3):
         store = {}
         for name, templates_env in (("template", str(templates)), ("migrations", "off")):
             path = cwd / f"store{k}-{name}.db"
-            store[name] = subprocess.run([sys.executable, "-c", STORE_PROBE, str(path)], capture_output=True, text=True,
-                                         check=True, env={**environ, "PTLAB_STORE_TEMPLATES": templates_env}).stdout
-        print(f"    new SQLite store (run {k + 1}): from the template {float(store['template']):.3f} s, by MLflow's "
-              f"migrations {float(store['migrations']):.3f} s   ({load()})")
-    composes = subprocess.run([sys.executable, "-c", COMPOSE_PROBE], env=environ, capture_output=True, text=True,
-                              check=True).stdout.split()
-    print(f"    Hydra compositions of the default config in one process: {', '.join(composes)} s (a run composed 4 "
-          f"before this change: the preflight twice, @hydra.main twice; now once)   ({load()})")
-    figure = [float(subprocess.run([sys.executable, "-c", FIGURE_PROBE], env=environ, capture_output=True, text=True,
-                                   check=True).stdout) for _ in range(2)]
-    print(f"    decomposition.png (matplotlib import, drawing, savefig): {figure[0]:.2f} s, {figure[1]:.2f} s   "
-          f"({load()})")
+            store[name] = subprocess.run(
+                [sys.executable, "-c", STORE_PROBE, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**environ, "PTLAB_STORE_TEMPLATES": templates_env},
+            ).stdout
+        print(
+            f"    new SQLite store (run {k + 1}): from the template {float(store['template']):.3f} s, by MLflow's "
+            f"migrations {float(store['migrations']):.3f} s   ({load()})"
+        )
+    composes = subprocess.run(
+        [sys.executable, "-c", COMPOSE_PROBE], env=environ, capture_output=True, text=True, check=True
+    ).stdout.split()
+    print(
+        f"    Hydra compositions of the default config in one process: {', '.join(composes)} s (a run composed 4 "
+        f"before this change: the preflight twice, @hydra.main twice; now once)   ({load()})"
+    )
+    figure = [
+        float(
+            subprocess.run([sys.executable, "-c", FIGURE_PROBE], env=environ, capture_output=True, text=True, check=True).stdout
+        )
+        for _ in range(2)
+    ]
+    print(f"    decomposition.png (matplotlib import, drawing, savefig): {figure[0]:.2f} s, {figure[1]:.2f} s   ({load()})")
 
 
 def part_batch() -> None:
@@ -219,9 +263,11 @@ def part_batch() -> None:
 
     from ptlab.engines.gram import GramCell, run_cells
 
-    print("\n(batch) 40 fig2 cells (d = 500, 1000, 1500, 2000 x ||u|| = 0.0, 0.4, ..., 3.6, seed 0, T1 = 800, T2 = 400,"
-          " eval every 100): plain loop cell after cell vs gram run_cells, in this process "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        "\n(batch) 40 fig2 cells (d = 500, 1000, 1500, 2000 x ||u|| = 0.0, 0.4, ..., 3.6, seed 0, T1 = 800, T2 = 400,"
+        " eval every 100): plain loop cell after cell vs gram run_cells, in this process "
+        f"({torch.get_num_threads()} threads)"
+    )
     base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
     grid = [(d, round(0.4 * i, 1)) for d in (500, 1000, 1500, 2000) for i in range(10)]
     cells = [dataclasses.replace(base, d=d, u_norm=u, seed=0) for d, u in grid]
@@ -236,8 +282,10 @@ def part_batch() -> None:
     plain = [plain_loop.pipeline(plain_loop.Settings(seed=0, d=d, u_norm=u, eval_every=100)) for d, u in grid]
     plain_seconds = time.perf_counter() - start
     print(f"    plain loop: {plain_seconds:.2f} s   ({load()})")
-    equal = sum(all(close(result.stages[s].final["test_acc"], p[s]["test_acc"])
-                    for s in ("upstream", "transfer", "scratch")) for result, p in zip(gram, plain))
+    equal = sum(
+        all(close(result.stages[s].final["test_acc"], p[s]["test_acc"]) for s in ("upstream", "transfer", "scratch"))
+        for result, p in zip(gram, plain)
+    )
     print(f"    ratio {plain_seconds / gram_seconds:.1f}x; cells with equal final test accuracies: {equal} of {len(cells)}")
 
 
@@ -248,45 +296,60 @@ def part_fig2(root: Path) -> None:
     from ptlab.engines.gram import GramCell, iter_chunks
 
     threads = torch.get_num_threads()
-    print(f"\n(fig2) the whole -m experiment=fig2 sweep (20 x 20 x 5 = 2000 cells) with MLflow, against the float32 "
-          f"matmul peak on {threads} threads (n = 2048, best of 5)")
+    print(
+        f"\n(fig2) the whole -m experiment=fig2 sweep (20 x 20 x 5 = 2000 cells) with MLflow, against the float32 "
+        f"matmul peak on {threads} threads (n = 2048, best of 5)"
+    )
     before = matmul_peak(threads)["float32"]
     print(f"    peak before: {before:.1f} GFLOP/s   ({load()})")
-    seconds, done = timed([sys.executable, "-m", "ptlab", "-m", "experiment=fig2", "hydra.launcher.progress=false"],
-                          root / "fig2", env(root / "templates"))
+    seconds, done = timed(
+        [sys.executable, "-m", "ptlab", "-m", "experiment=fig2", "hydra.launcher.progress=false"],
+        root / "fig2",
+        env(root / "templates"),
+    )
     after = matmul_peak(threads)["float32"]
     peak = max(before, after)
     print(f"    peak after: {after:.1f} GFLOP/s; the peak used: {peak:.1f}   ({load()})")
     base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
-    cells = [dataclasses.replace(base, d=d, u_norm=round(0.2 * i, 1), seed=s)
-             for d in range(500, 10500, 500) for i in range(20) for s in range(5)]
+    cells = [
+        dataclasses.replace(base, d=d, u_norm=round(0.2 * i, 1), seed=s)
+        for d in range(500, 10500, 500)
+        for i in range(20)
+        for s in range(5)
+    ]
     flops = sum(training_flops(cell) for cell in cells)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "ptlab gram" in line]
-    print(f"    sweep: {seconds:.1f} s for {flops / 1e12:.2f} TFLOP = {flops / seconds / 1e9:.1f} GFLOP/s = "
-          f"{flops / seconds / 1e9 / peak:.1%} of the peak (bar: >= 50%)   ({load()})")
+    print(
+        f"    sweep: {seconds:.1f} s for {flops / 1e12:.2f} TFLOP = {flops / seconds / 1e9:.1f} GFLOP/s = "
+        f"{flops / seconds / 1e9 / peak:.1%} of the peak (bar: >= 50%)   ({load()})"
+    )
     if lines:
         print(f"    launcher: {lines[-1].split('] ', 1)[-1]}")
     start = time.perf_counter()
     for _ in iter_chunks(cells, max_cells=60, workers=threads, summarize=final_test_acc, history="last"):
         pass
     training = time.perf_counter() - start
-    print(f"    training alone ({threads} worker processes): {training:.1f} s = {flops / training / 1e9:.1f} GFLOP/s = "
-          f"{flops / training / 1e9 / peak:.1%} of the peak (bar: >= 60%); at 100% of the peak the FLOPs take "
-          f"{flops / peak / 1e9:.1f} s   ({load()})")
+    print(
+        f"    training alone ({threads} worker processes): {training:.1f} s = {flops / training / 1e9:.1f} GFLOP/s = "
+        f"{flops / training / 1e9 / peak:.1%} of the peak (bar: >= 60%); at 100% of the peak the FLOPs take "
+        f"{flops / peak / 1e9:.1f} s   ({load()})"
+    )
 
 
 def part_kou2023(root: Path) -> None:
     print("\n(kou2023) -m experiment=kou2023 (100 x 100 x 10 = 100,000 trainings) with MLflow, then its report")
     cwd = root / "kou2023"
     environ = env(root / "templates")
-    sweep, done = timed([sys.executable, "-m", "ptlab", "-m", "experiment=kou2023", "hydra.launcher.progress=false"],
-                        cwd, environ)
-    report, _ = timed([sys.executable, "-m", "ptlab.report", "kou2023", "--tracking-uri", "sqlite:///mlflow.db"], cwd,
-                      environ)
+    sweep, done = timed(
+        [sys.executable, "-m", "ptlab", "-m", "experiment=kou2023", "hydra.launcher.progress=false"], cwd, environ
+    )
+    report, _ = timed([sys.executable, "-m", "ptlab.report", "kou2023", "--tracking-uri", "sqlite:///mlflow.db"], cwd, environ)
     found = re.findall(r"ptlab gram.*", done.stdout + done.stderr)
     total = sweep + report
-    print(f"    sweep {sweep:.1f} s, report {report:.1f} s: {total:.1f} s (bar: < 60 s: "
-          f"{'met' if total < 60 else 'NOT met'})   ({load()})")
+    print(
+        f"    sweep {sweep:.1f} s, report {report:.1f} s: {total:.1f} s (bar: < 60 s: "
+        f"{'met' if total < 60 else 'NOT met'})   ({load()})"
+    )
     if found:
         print(f"    launcher: {found[-1]}")
 
@@ -296,8 +359,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of: " + ", ".join(PARTS))
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the single part")
     parser.add_argument("--before", default=None, help="a commit whose default run joins the single part's rounds")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS of the timed processes (default: unset, one thread per core)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the timed processes (default: unset, one thread per core)"
+    )
     args = parser.parse_args()
     THREADS[0] = args.threads
     sys.stdout.reconfigure(line_buffering=True)  # each line out as soon as it is measured (parts are long)
@@ -307,8 +371,10 @@ def main() -> None:
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     root = Path(tempfile.mkdtemp(prefix="bench_speed_"))
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads "
-          f"{args.threads or 'default'}, {load()}; outputs under {root}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads "
+        f"{args.threads or 'default'}, {load()}; outputs under {root}"
+    )
     if "single" in parts:
         part_single(root, args.rounds, args.before)
     if "costs" in parts:

@@ -58,15 +58,18 @@ class Command:
 
 
 def commands(small: list[str]) -> dict[str, Command]:
-    return {cmd.name: cmd for cmd in [
-        Command("help", ["--help"], 0, common=False),
-        Command("bad_alpha", ["transfer.alpha=1.5"], 2),
-        Command("bad_task", ["task=nosuchtask"], 2),
-        Command("gram", ["engine=gram", *small], 0),
-        Command("lightning", ["engine=lightning", *small], 0),
-        Command("default", [], 0),
-        Command("baseline", [], 0, baseline=True),
-    ]}
+    return {
+        cmd.name: cmd
+        for cmd in [
+            Command("help", ["--help"], 0, common=False),
+            Command("bad_alpha", ["transfer.alpha=1.5"], 2),
+            Command("bad_task", ["task=nosuchtask"], 2),
+            Command("gram", ["engine=gram", *small], 0),
+            Command("lightning", ["engine=lightning", *small], 0),
+            Command("default", [], 0),
+            Command("baseline", [], 0, baseline=True),
+        ]
+    }
 
 
 def base_env() -> dict[str, str]:
@@ -77,28 +80,35 @@ def base_env() -> dict[str, str]:
 
 def probe(env: dict[str, str], cwd: Path, code: str) -> str:
     """stdout of ``python -c code`` (raises on failure)."""
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 # Where ``ptlab`` and the (namespace) ``hydra_plugins`` launcher package come from, without importing the latter.
-WHERE = ("import importlib.util, ptlab; print(ptlab.__file__); "
-         "print(importlib.util.find_spec('hydra_plugins.ptlab_gram_launcher').origin)")
+WHERE = (
+    "import importlib.util, ptlab; print(ptlab.__file__); "
+    "print(importlib.util.find_spec('hydra_plugins.ptlab_gram_launcher').origin)"
+)
 # Fallback launcher for the baseline: drop the editable install's finder, put the worktree first, run ptlab.
-WRAPPER = ("import sys, runpy; wt = sys.argv[1]; "
-           "sys.meta_path[:] = [f for f in sys.meta_path "
-           "if not getattr(f, '__module__', '').startswith('__editable__')]; "
-           "sys.path.insert(0, wt); sys.argv = ['ptlab', *sys.argv[2:]]; "
-           "runpy.run_module('ptlab', run_name='__main__', alter_sys=True)")
+WRAPPER = (
+    "import sys, runpy; wt = sys.argv[1]; "
+    "sys.meta_path[:] = [f for f in sys.meta_path "
+    "if not getattr(f, '__module__', '').startswith('__editable__')]; "
+    "sys.path.insert(0, wt); sys.argv = ['ptlab', *sys.argv[2:]]; "
+    "runpy.run_module('ptlab', run_name='__main__', alter_sys=True)"
+)
 
 
 def setup_baseline(ref: str, tmp: Path) -> tuple[Path, list[str], dict[str, str]]:
     """Worktree of ``ref``; the argv prefix and env that run its ``ptlab`` (verified)."""
     worktree = tmp / "baseline"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), ref], check=True,
-                   capture_output=True, text=True)
-    rev = subprocess.run(["git", "-C", str(worktree), "rev-parse", "--short", "HEAD"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), ref], check=True, capture_output=True, text=True
+    )
+    rev = subprocess.run(
+        ["git", "-C", str(worktree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     probe_dir = tmp / "probe"
     probe_dir.mkdir()
     env = dict(base_env(), PYTHONPATH=str(worktree))
@@ -107,20 +117,24 @@ def setup_baseline(ref: str, tmp: Path) -> tuple[Path, list[str], dict[str, str]
         prefix = [sys.executable, "-m", "ptlab"]
         how = f"PYTHONPATH={worktree}"
     else:
-        print(f"PYTHONPATH is shadowed by the editable install (imports {where}); using a runpy wrapper",
-              file=sys.stderr)
+        print(f"PYTHONPATH is shadowed by the editable install (imports {where}); using a runpy wrapper", file=sys.stderr)
         env = base_env()
         prefix = [sys.executable, "-c", WRAPPER, str(worktree)]
         # The wrapper's path set-up alone, then the same import check.
         check = [sys.executable, "-c", WRAPPER.split("; sys.argv")[0] + "; " + WHERE, str(worktree)]
-        where = subprocess.run(check, env=env, cwd=probe_dir, check=True, capture_output=True,
-                               text=True).stdout.strip().splitlines()
+        where = (
+            subprocess.run(check, env=env, cwd=probe_dir, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+        )
         if not all(Path(p).resolve().is_relative_to(worktree.resolve()) for p in where):
             raise SystemExit(f"cannot make the baseline import its own ptlab: {where}")
         how = "runpy wrapper (editable finder dropped)"
     print(f"baseline: {ref} = {rev}, worktree {worktree}, via {how}; imports {' and '.join(where)}")
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(worktree / "ptlab"), str(worktree / "hydra_plugins")],
-                   env=env, cwd=probe_dir, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(worktree / "ptlab"), str(worktree / "hydra_plugins")],
+        env=env,
+        cwd=probe_dir,
+        capture_output=True,
+    )
     return worktree, prefix, env
 
 
@@ -134,8 +148,7 @@ def create_store(uri: str, env: dict[str, str], cwd: Path) -> None:
     probe(env, cwd, f"import mlflow; mlflow.MlflowClient({uri!r}).search_experiments()")
 
 
-def run_once(cmd: Command, k: int, prefix: list[str], env: dict[str, str], tmp: Path, uri: str,
-             timeout: float) -> None:
+def run_once(cmd: Command, k: int, prefix: list[str], env: dict[str, str], tmp: Path, uri: str, timeout: float) -> None:
     cwd = tmp / "cwd" / f"{k}-{cmd.name}"
     cwd.mkdir(parents=True)
     extra = [f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp / f'run{k}-{cmd.name}'}", "cache.enabled=false"]
@@ -169,8 +182,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per command, interleaved round-robin")
     parser.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
-    parser.add_argument("--config-overrides", default="",
-                        help="SMALL: Hydra overrides for gram and lightning, one shell-quoted string (default: none)")
+    parser.add_argument(
+        "--config-overrides",
+        default="",
+        help="SMALL: Hydra overrides for gram and lightning, one shell-quoted string (default: none)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="do not run the baseline ref")
     parser.add_argument("--baseline-ref", default="1d7bb10", help="git ref of the baseline (default: 1d7bb10)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before one run is killed (exit -9)")
@@ -187,10 +203,10 @@ def main() -> None:
         parser.error("nothing to run")
 
     load_start = os.getloadavg()
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.splitlines()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.splitlines()
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"CPUs: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}); python: {sys.executable}")
     print(f"load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
@@ -205,8 +221,12 @@ def main() -> None:
             probe_dir = tmp / "probe-current"
             probe_dir.mkdir()
             print(f"current imports {' and '.join(probe(env, probe_dir, WHERE).splitlines())}")
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "ptlab"), str(REPO / "hydra_plugins")],
-                           env=env, cwd=probe_dir, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", str(REPO / "ptlab"), str(REPO / "hydra_plugins")],
+                env=env,
+                cwd=probe_dir,
+                capture_output=True,
+            )
             setups = {False: ([sys.executable, "-m", "ptlab"], env)}
             if any(cmd.baseline for cmd in runs):
                 worktree, prefix, baseline_env = setup_baseline(args.baseline_ref, tmp)
@@ -237,8 +257,10 @@ def main() -> None:
         argv = " ".join(cmd.args) or "(none)"
         if cmd.baseline:
             argv += f" [@{args.baseline_ref}]"
-        print(f"| {cmd.name} | `{argv}` | {len(cmd.seconds)} | {codes}{mark} | {median(cmd):.2f} | "
-              f"{min(cmd.seconds):.2f} | {max(cmd.seconds):.2f} |")
+        print(
+            f"| {cmd.name} | `{argv}` | {len(cmd.seconds)} | {codes}{mark} | {median(cmd):.2f} | "
+            f"{min(cmd.seconds):.2f} | {max(cmd.seconds):.2f} |"
+        )
 
     bars: list[tuple[str, str, str, bool]] = []  # (bar, measured, threshold, pass)
     for name in ("help", "bad_alpha", "bad_task"):
@@ -251,8 +273,7 @@ def main() -> None:
             ratio = median(table[slow]) / median(table[fast])
             ok = codes_ok(table[slow]) and codes_ok(table[fast])
             note = "" if ok else " (a run exited wrongly)"
-            bars.append((f"{slow} / {fast} (medians)", f"{ratio:.2f}x{note}", f">= {threshold:g}x",
-                         ratio >= threshold and ok))
+            bars.append((f"{slow} / {fast} (medians)", f"{ratio:.2f}x{note}", f">= {threshold:g}x", ratio >= threshold and ok))
     if bars:
         print()
         print("| bar | measured | threshold | result |")

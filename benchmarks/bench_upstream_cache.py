@@ -26,8 +26,13 @@ from ptlab.pipeline import run_pipeline
 def sweep(alphas: list[str], overrides: list[str], workdir: Path, cache: bool) -> tuple[float, list[dict]]:
     """Seconds for the whole sweep, and each cell's per-stage numbers."""
     tag = "cached" if cache else "uncached"
-    common = [f"logger.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"logger.experiment_name={tag}",
-              f"cache.dir={workdir / 'cache'}", f"cache.enabled={str(cache).lower()}", *overrides]
+    common = [
+        f"logger.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"logger.experiment_name={tag}",
+        f"cache.dir={workdir / 'cache'}",
+        f"cache.enabled={str(cache).lower()}",
+        *overrides,
+    ]
     start = time.perf_counter()
     numbers, cells = [], []
     for alpha in alphas:

@@ -38,9 +38,11 @@ def extract(commit: str, into: Path) -> Path:
 
 def finished_parents(store: Path) -> int:
     with sqlite3.connect(store) as db:
-        return db.execute("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-                          "where t.key = 'ptlab.stage' and t.value in ('pipeline', 'grid') "
-                          "and r.status = 'FINISHED'").fetchone()[0]
+        return db.execute(
+            "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+            "where t.key = 'ptlab.stage' and t.value in ('pipeline', 'grid') "
+            "and r.status = 'FINISHED'"
+        ).fetchone()[0]
 
 
 def sweep(tree: Path, preset: str, work: Path) -> tuple[float, int]:
@@ -48,9 +50,21 @@ def sweep(tree: Path, preset: str, work: Path) -> tuple[float, int]:
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "HYDRA_FULL_ERROR": "0"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "ptlab", "-m", f"experiment={preset}",
-                           f"logger.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"cache.dir={work / 'cache'}"],
-                          cwd=work, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptlab",
+            "-m",
+            f"experiment={preset}",
+            f"logger.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            f"cache.dir={work / 'cache'}",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{tree}: experiment={preset} exited {done.returncode}:\n{done.stderr[-3000:]}")
@@ -75,14 +89,17 @@ def main() -> None:
                     seconds, parents = sweep(trees[name], preset, Path(tmp) / f"{preset}-{name}-{k}")
                     times[name].append(seconds)
                     runs[name] = parents
-                    print(f"{preset} round {k + 1} {name:4s}: {seconds:7.1f} s, {parents} FINISHED parents   ({load()})",
-                          flush=True)
+                    print(
+                        f"{preset} round {k + 1} {name:4s}: {seconds:7.1f} s, {parents} FINISHED parents   ({load()})", flush=True
+                    )
                 if runs["base"] != runs["here"]:
                     raise SystemExit(f"{preset}: the trees tracked {runs['base']} and {runs['here']} FINISHED parents")
             ratios = [b / h for b, h in zip(times["base"], times["here"])]
-            print(f"{preset}: median base {statistics.median(times['base']):.1f} s, here "
-                  f"{statistics.median(times['here']):.1f} s; base / here = {statistics.median(ratios):.2f} "
-                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+            print(
+                f"{preset}: median base {statistics.median(times['base']):.1f} s, here "
+                f"{statistics.median(times['here']):.1f} s; base / here = {statistics.median(ratios):.2f} "
+                f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
 
 
 if __name__ == "__main__":

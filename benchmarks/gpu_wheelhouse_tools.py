@@ -9,6 +9,7 @@ target: Linux x86_64, CPython ``PYTHON``), stopping at what the image list holds
 ``check`` exits non-zero naming every requirement of a wheel in WHEELHOUSE that neither another wheel there nor the
 image list (at its version, where the list has one) meets.
 """
+
 from __future__ import annotations
 
 import email
@@ -41,15 +42,22 @@ def image(path: str | Path) -> dict[str, str | None]:
 
 def environment(python: str) -> dict[str, str]:
     """Marker variables of the target: CPython ``python`` on Linux x86_64, no extras."""
-    return {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
-            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    return {
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
 
 
 def requirements(metadata: email.message.Message, env: dict[str, str]) -> list[Requirement]:
     """The wheel's or distribution's requirements that apply on the target (no extras)."""
-    return [r for r in map(Requirement, metadata.get_all("Requires-Dist") or [])
-            if not r.marker or r.marker.evaluate(env)]
+    return [r for r in map(Requirement, metadata.get_all("Requires-Dist") or []) if not r.marker or r.marker.evaluate(env)]
 
 
 def wheel_metadata(path: str | Path) -> email.message.Message:
@@ -118,9 +126,11 @@ def check(folder: str, image_list: str, python: str) -> None:
     found, checked, wheels, unversioned = problems(folder, image_list, python)
     if found:
         sys.exit("gpu_wheelhouse: the install would not resolve:\n  " + "\n  ".join(found))
-    print(f"gpu_wheelhouse: resolves: {checked} requirements of {wheels} wheels, each met by the wheelhouse or "
-          f"the image (versions checked where the image list has them; {len(unversioned)} ranges on image "
-          f"distributions listed without a version are left to pip there: {', '.join(unversioned)})")
+    print(
+        f"gpu_wheelhouse: resolves: {checked} requirements of {wheels} wheels, each met by the wheelhouse or "
+        f"the image (versions checked where the image list has them; {len(unversioned)} ranges on image "
+        f"distributions listed without a version are left to pip there: {', '.join(unversioned)})"
+    )
 
 
 if __name__ == "__main__":

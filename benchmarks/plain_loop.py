@@ -70,10 +70,12 @@ def make_data(s: Settings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         signal = y[:, None] * (u.float() + (v1 if task == 1 else v2).float())[None, :]
         return torch.stack([signal, noise], dim=1), y
 
-    return {"task1_train": sample(1, s.n1, s.sigma_p1, "task1_train"),
-            "task1_test": sample(1, s.n_test, s.sigma_p1, "task1_test"),
-            "task2_train": sample(2, s.n2, s.sigma_p2, "task2_train"),
-            "task2_test": sample(2, s.n_test, s.sigma_p2, "task2_test")}
+    return {
+        "task1_train": sample(1, s.n1, s.sigma_p1, "task1_train"),
+        "task1_test": sample(1, s.n_test, s.sigma_p1, "task1_test"),
+        "task2_train": sample(2, s.n2, s.sigma_p2, "task2_train"),
+        "task2_test": sample(2, s.n_test, s.sigma_p2, "task2_test"),
+    }
 
 
 class TwoLayerCNN(torch.nn.Module):
@@ -97,8 +99,14 @@ def accuracy(margin: torch.Tensor, y: torch.Tensor) -> float:
     return ((margin > 0) == (y > 0)).float().mean().item()
 
 
-def fit(model: TwoLayerCNN, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-        steps: int, lr: float, eval_every: int) -> dict[str, float]:
+def fit(
+    model: TwoLayerCNN,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    lr: float,
+    eval_every: int,
+) -> dict[str, float]:
     """Full-batch GD; the loss every step, the accuracies every ``eval_every`` steps and after the last step."""
     (x, y), (test_x, test_y) = train, test
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -115,8 +123,11 @@ def fit(model: TwoLayerCNN, train: tuple[torch.Tensor, torch.Tensor], test: tupl
         optimizer.step()
     with torch.no_grad():
         margin = model(x)
-        final = {"train_acc": accuracy(margin, y), "test_acc": accuracy(model(test_x), test_y),
-                 "train_loss": F.softplus(-y * margin).mean().item()}
+        final = {
+            "train_acc": accuracy(margin, y),
+            "test_acc": accuracy(model(test_x), test_y),
+            "train_loss": F.softplus(-y * margin).mean().item(),
+        }
     torch.stack(losses).tolist()
     return final
 
@@ -130,11 +141,10 @@ def pipeline(s: Settings) -> dict[str, dict[str, float]]:
     g = gen(s.seed, "selection")
     with torch.no_grad():
         for j in range(2):
-            chosen = torch.randperm(s.width, generator=g)[:int(s.alpha * s.width + 0.5)]
+            chosen = torch.randperm(s.width, generator=g)[: int(s.alpha * s.width + 0.5)]
             transfer.weight[j, chosen] = upstream.weight[j, chosen]
     results["transfer"] = fit(transfer, data["task2_train"], data["task2_test"], s.t2, s.lr, s.eval_every)
-    results["scratch"] = fit(TwoLayerCNN(s, "downstream"), data["task2_train"], data["task2_test"], s.t2, s.lr,
-                             s.eval_every)
+    results["scratch"] = fit(TwoLayerCNN(s, "downstream"), data["task2_train"], data["task2_test"], s.t2, s.lr, s.eval_every)
     return results
 
 

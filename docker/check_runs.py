@@ -27,15 +27,15 @@ def credentials(user: str | None = None, password: str | None = None) -> dict[st
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} if user else {}
 
 
-def call(url: str, endpoint: str, body: dict[str, Any] | None = None,
-         headers: dict[str, str] | None = None) -> dict[str, Any]:
+def call(url: str, endpoint: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """One REST call: GET with query parameters when ``body`` is None, else POST of JSON."""
     headers = credentials() if headers is None else headers
     if body is None:
         request = urllib.request.Request(url + endpoint, headers=headers)
     else:
-        request = urllib.request.Request(url + endpoint, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json", **headers})
+        request = urllib.request.Request(
+            url + endpoint, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}
+        )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 

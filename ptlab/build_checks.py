@@ -26,8 +26,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 """The files torchvision's ``ImageFolder`` reads (``torchvision.datasets.folder.IMG_EXTENSIONS``; a test checks
 the two agree)."""
 CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
-                "batches.meta", "label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        "batches.meta",
+        "label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names"),
 }
 """Folder, train and test files, label key, meta file and class-name key of torchvision's CIFAR readers."""
@@ -55,21 +61,19 @@ def _root(value: Any, start: Path | None) -> Path:
     return path if path.is_absolute() else (start or Path.cwd()) / path
 
 
-def _stratified_counts(labels: Sequence[int], classes: int, test_fraction: float, split_seed: int,
-                       key: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _stratified_counts(
+    labels: Sequence[int], classes: int, test_fraction: float, split_seed: int, key: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-class train and test counts of scikit-learn's stratified split, as ``stratified_split`` draws it."""
     import numpy as np
     from sklearn.model_selection import train_test_split
 
     y = np.asarray(labels)
     try:
-        train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed,
-                                       stratify=y)
+        train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=y)
     except ValueError as err:
-        raise ConfigError(f"{key}={test_fraction} is not allowed for these {len(y)} images: "
-                          f"{str(err).splitlines()[0]}") from None
-    return (tuple(np.bincount(y[train], minlength=classes).tolist()),
-            tuple(np.bincount(y[test], minlength=classes).tolist()))
+        raise ConfigError(f"{key}={test_fraction} is not allowed for these {len(y)} images: {str(err).splitlines()[0]}") from None
+    return (tuple(np.bincount(y[train], minlength=classes).tolist()), tuple(np.bincount(y[test], minlength=classes).tolist()))
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,8 +91,9 @@ def _read_pickle(path: Path) -> dict:
         with path.open("rb") as handle:
             return pickle.load(handle, encoding="latin1")
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
-        raise ConfigError(f"task.data_dir={str(path.parent.parent)!r} is not allowed: {path.name} is not a CIFAR "
-                          f"file ({type(err).__name__})") from None
+        raise ConfigError(
+            f"task.data_dir={str(path.parent.parent)!r} is not allowed: {path.name} is not a CIFAR file ({type(err).__name__})"
+        ) from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,8 +126,10 @@ def fashion_counts(data_dir: Path) -> LabelCounts | None:
     return LabelCounts(counts[0], counts[1], FASHION_CLASSES)
 
 
-CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+CIFAR_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
 """What torchvision's CIFAR readers download (``CIFAR10.url``, ``CIFAR100.url``; a test checks they agree)."""
 DOWNLOAD_PROBE_S = 5.0
 
@@ -138,12 +145,16 @@ def check_download(name: str, timeout: float = DOWNLOAD_PROBE_S) -> None:
     except urllib.error.HTTPError as err:
         if err.code < 400 or err.code == 405:  # it answers; HEAD may be refused where GET is served
             return
-        raise ConfigError(f"task.download=True is not allowed: {url} answers HTTP {err.code}; put the extracted "
-                          f"{name.upper()} python version in task.data_dir") from None
+        raise ConfigError(
+            f"task.download=True is not allowed: {url} answers HTTP {err.code}; put the extracted "
+            f"{name.upper()} python version in task.data_dir"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise ConfigError(f"task.download=True is not allowed: {url} cannot be reached within {timeout:g} s "
-                          f"({reason}); put the extracted {name.upper()} python version in task.data_dir") from None
+        raise ConfigError(
+            f"task.download=True is not allowed: {url} cannot be reached within {timeout:g} s "
+            f"({reason}); put the extracted {name.upper()} python version in task.data_dir"
+        ) from None
 
 
 def unreadable_image(path: Path) -> str | None:
@@ -170,19 +181,27 @@ def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: floa
     labels: list[int] = []
     empty = []
     for index, name in enumerate(classes):
-        files = sorted(Path(folder) / file for folder, _, names in os.walk(root / name, followlinks=True)
-                       for file in names if file.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(
+            Path(folder) / file
+            for folder, _, names in os.walk(root / name, followlinks=True)
+            for file in names
+            if file.lower().endswith(IMAGE_EXTENSIONS)
+        )
         if not files:
             empty.append(name)
         for file in files:
             problem = unreadable_image(file)
             if problem:
-                raise ConfigError(f"task.root={shown!r} is not allowed: {file.relative_to(root)} is not a "
-                                  f"readable image ({problem}); remove or replace it")
+                raise ConfigError(
+                    f"task.root={shown!r} is not allowed: {file.relative_to(root)} is not a "
+                    f"readable image ({problem}); remove or replace it"
+                )
         labels += [index] * len(files)
     if empty:
-        raise ConfigError(f"task.root={shown!r} is not allowed: class folder(s) {', '.join(empty)} hold no image "
-                          f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        raise ConfigError(
+            f"task.root={shown!r} is not allowed: class folder(s) {', '.join(empty)} hold no image "
+            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+        )
     train, test = _stratified_counts(labels, len(classes), test_fraction, split_seed, "task.test_fraction")
     return LabelCounts(train, test, tuple(classes))
 
@@ -193,8 +212,7 @@ def label_counts(task: Any, start: Path | None = None) -> LabelCounts | None:
         return digits_counts(float(task.test_fraction), int(task.split_seed))
     if task.name == "image_folder":
         root = _root(task.root, start)
-        return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime,
-                             str(task.root))
+        return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime, str(task.root))
     root = _root(task.data_dir, start)
     if task.name == "fashion_mnist":
         return fashion_counts(root)
@@ -230,8 +248,10 @@ def _class_ids(task: Any, counts: LabelCounts, key: str) -> list[int] | None:
         return [int(v) for v in values]
     unknown = [str(v) for v in values if str(v) not in counts.names]
     if unknown:
-        raise ConfigError(f"task.{key}={[str(v) for v in values]} is not allowed: {', '.join(unknown)} not among the "
-                          f"class folders ({', '.join(counts.names)})")
+        raise ConfigError(
+            f"task.{key}={[str(v) for v in values]} is not allowed: {', '.join(unknown)} not among the "
+            f"class folders ({', '.join(counts.names)})"
+        )
     return [counts.names.index(str(v)) for v in values]
 
 
@@ -239,17 +259,20 @@ def _label(counts: LabelCounts, cls: int) -> str:
     return counts.names[cls] if counts.names[cls] != str(cls) else str(cls)
 
 
-def check_sample(key: str, value: int, classes: Sequence[int], have: Sequence[int], counts: LabelCounts,
-                 split: str) -> None:
+def check_sample(key: str, value: int, classes: Sequence[int], have: Sequence[int], counts: LabelCounts, split: str) -> None:
     """``value`` images drawn balanced over ``classes`` fit what each class holds (at least one each)."""
     if value < len(classes):
-        raise ConfigError(f"{key}={value} is not allowed: must be >= {len(classes)} (one {split} image per class "
-                          "at least, balanced over the classes)")
+        raise ConfigError(
+            f"{key}={value} is not allowed: must be >= {len(classes)} (one {split} image per class "
+            "at least, balanced over the classes)"
+        )
     for cls, count in zip(classes, balanced_counts(value, len(classes))):
         if count > have[cls]:
-            raise ConfigError(f"{key}={value} is not allowed: it needs {count} {split} images of class "
-                              f"{_label(counts, cls)}, which holds {have[cls]}: must be <= "
-                              f"{largest_balanced([have[c] for c in classes])}")
+            raise ConfigError(
+                f"{key}={value} is not allowed: it needs {count} {split} images of class "
+                f"{_label(counts, cls)}, which holds {have[cls]}: must be <= "
+                f"{largest_balanced([have[c] for c in classes])}"
+            )
 
 
 def drawn_task1(num_classes: int, task2: Sequence[int], k: int, seed: int) -> list[int]:
@@ -271,22 +294,26 @@ def check_image_task(task: Any, seed: int, start: Path | None = None) -> None:
     num = len(counts.names)
     task2 = _class_ids(task, counts, "task2_classes") or []
     if not task2 or len(set(task2)) != len(task2) or any(not 0 <= c < num for c in task2):
-        raise ConfigError(f"task.task2_classes={list(task.task2_classes)} is not allowed: must be distinct class ids "
-                          f"in [0, {num})")
+        raise ConfigError(
+            f"task.task2_classes={list(task.task2_classes)} is not allowed: must be distinct class ids in [0, {num})"
+        )
     rest = [c for c in range(num) if c not in task2]
     k = int(task.k)
     task1 = _class_ids(task, counts, "task1_classes")
     if task1 is not None:
         overlap = [_label(counts, c) for c in task1 if c in task2]
         if overlap:
-            raise ConfigError(f"task.task1_classes={list(task.task1_classes)} is not allowed: {', '.join(overlap)} "
-                              "also in task.task2_classes; the two tasks must be disjoint")
+            raise ConfigError(
+                f"task.task1_classes={list(task.task1_classes)} is not allowed: {', '.join(overlap)} "
+                "also in task.task2_classes; the two tasks must be disjoint"
+            )
         if len(set(task1)) != len(task1) or any(not 0 <= c < num for c in task1) or len(task1) != k:
-            raise ConfigError(f"task.task1_classes={list(task.task1_classes)} is not allowed: must be task.k={k} "
-                              f"distinct class ids in [0, {num})")
+            raise ConfigError(
+                f"task.task1_classes={list(task.task1_classes)} is not allowed: must be task.k={k} "
+                f"distinct class ids in [0, {num})"
+            )
     elif not 1 <= k <= len(rest):
-        raise ConfigError(f"task.k={k} is not allowed: must be in [1, {len(rest)}] (the classes outside "
-                          "task.task2_classes)")
+        raise ConfigError(f"task.k={k} is not allowed: must be in [1, {len(rest)}] (the classes outside task.task2_classes)")
     n2 = int(task.n2)
     n1 = math.floor(float(task.n1_ratio) * n2 + 0.5)
     check_sample("task.n2", n2, task2, counts.train, counts, "training")
@@ -322,12 +349,16 @@ def check_transfer_models(cfg: Any) -> None:
     for key in ("upstream_model", "model"):
         vit = is_vit(cfg[key])
         if kind == "layers" and vit is False:
-            raise ConfigError(f"transfer=layers is not allowed with {key}={_model_name(cfg[key])}: whole-block "
-                              "transfer needs vision transformers (e.g. model=deit_tiny upstream_model=deit_tiny); "
-                              "use transfer=filters for CNNs")
+            raise ConfigError(
+                f"transfer=layers is not allowed with {key}={_model_name(cfg[key])}: whole-block "
+                "transfer needs vision transformers (e.g. model=deit_tiny upstream_model=deit_tiny); "
+                "use transfer=filters for CNNs"
+            )
         if kind == "filters" and vit:
-            raise ConfigError(f"transfer=filters is not allowed with {key}={_model_name(cfg[key])}: filter transfer "
-                              "needs CNNs; use transfer=layers for vision transformers")
+            raise ConfigError(
+                f"transfer=filters is not allowed with {key}={_model_name(cfg[key])}: filter transfer "
+                "needs CNNs; use transfer=layers for vision transformers"
+            )
 
 
 def _model_name(model: Any) -> str:
@@ -362,10 +393,15 @@ def check_gram_device(cfg: Any) -> None:
 
     if not torch.cuda.is_available():
         device = cfg.engine.get("device")
-        key = (f"engine.device={device!r}" if device is not None
-               else f"trainer.accelerator={cfg.trainer.get('accelerator')!r} (engine.device=null follows it)")
-        raise ConfigError(f"{key} is not allowed: no CUDA GPU is visible here; use engine.device=cpu or auto "
-                          "(or hydra.launcher.executor=submitit_slurm to train on the cluster's GPUs)")
+        key = (
+            f"engine.device={device!r}"
+            if device is not None
+            else f"trainer.accelerator={cfg.trainer.get('accelerator')!r} (engine.device=null follows it)"
+        )
+        raise ConfigError(
+            f"{key} is not allowed: no CUDA GPU is visible here; use engine.device=cpu or auto "
+            "(or hydra.launcher.executor=submitit_slurm to train on the cluster's GPUs)"
+        )
 
 
 def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
@@ -379,8 +415,7 @@ def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ACCELERATORS:
-        raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: must be one of "
-                          f"{', '.join(ACCELERATORS)}")
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: must be one of {', '.join(ACCELERATORS)}")
     image = cfg.task.name != "synthetic"
     precision = str(cfg.train.precision) if image else "32-true"
     gpus = None
@@ -389,8 +424,7 @@ def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if accelerator != "auto" and gpus == 0:
-            raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: no CUDA GPU is visible here; "
-                              "use trainer=cpu")
+            raise ConfigError(f"trainer.accelerator={accelerator!r} is not allowed: no CUDA GPU is visible here; use trainer=cpu")
         wanted = trainer.get("devices", 1)
         need = len(wanted) if isinstance(wanted, Sequence) and not isinstance(wanted, str) else wanted
         if accelerator != "auto" and isinstance(need, int) and need > gpus:
@@ -407,14 +441,17 @@ def check_trainer(cfg: Any, gpu_elsewhere: bool = False) -> None:
             raise ConfigError("trainer.accelerator='tpu' is not allowed: torch_xla is not installed; use trainer=cpu")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and bool(gpus))
     if image and precision == "16-mixed" and accelerator != "mps" and not on_gpu:
-        raise ConfigError("train.precision='16-mixed' is not allowed on a CPU (Lightning would run bf16-mixed): "
-                          "must be auto, 32-true or bf16-mixed")
+        raise ConfigError(
+            "train.precision='16-mixed' is not allowed on a CPU (Lightning would run bf16-mixed): "
+            "must be auto, 32-true or bf16-mixed"
+        )
     if image and precision == "bf16-mixed" and on_gpu:
         import torch
 
         if not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.precision='bf16-mixed' is not allowed: this GPU has no bfloat16; "
-                              "must be auto, 32-true or 16-mixed")
+            raise ConfigError(
+                "train.precision='bf16-mixed' is not allowed: this GPU has no bfloat16; must be auto, 32-true or 16-mixed"
+            )
 
 
 def check_float32(cfg: Any) -> None:
@@ -432,8 +469,10 @@ def check_float32(cfg: Any) -> None:
         for key, value in values.items():
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, float) and math.isfinite(item) and abs(item) > FLOAT32_MAX:
-                    raise ConfigError(f"{group}.{key}={value} is not allowed: the engine computes in float32, "
-                                      f"whose largest value is {FLOAT32_MAX:.4g}{hint}")
+                    raise ConfigError(
+                        f"{group}.{key}={value} is not allowed: the engine computes in float32, "
+                        f"whose largest value is {FLOAT32_MAX:.4g}{hint}"
+                    )
 
 
 def gram_engine_bytes(task: Any, width: int, upstream_width: int, dtype: str) -> int:

@@ -84,8 +84,7 @@ def check_memory(cfg: DictConfig, available: int | None = None) -> None:
         key = max(parts, key=parts.get)
         value = OmegaConf.select(cfg, key)
         what = "the gram engine's N x N matrices" if key == "task.n1" else "the synthetic data and models"
-        raise ConfigError(f"{key}={value} is not allowed: {what} need about {_size(total)}, "
-                          f"this machine has {_size(available)}")
+        raise ConfigError(f"{key}={value} is not allowed: {what} need about {_size(total)}, this machine has {_size(available)}")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -99,15 +98,19 @@ def check_tracking_uri(uri: str, start: Path | None = None, experiment_name: str
     store, not damaged, ``experiment_name`` not deleted; a server that answers; a driver that imports)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
     if scheme not in TRACKING_SCHEMES:
-        raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: must start with one of "
-                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db), or use "
-                          "logger=none")
+        raise ConfigError(
+            f"logger.tracking_uri={uri!r} is not allowed: must start with one of "
+            f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db), or use "
+            "logger=none"
+        )
     if scheme == "sqlite":
         prefix = "sqlite:///"
         if not uri.startswith(prefix) or len(uri) == len(prefix):
-            raise ConfigError(f"logger.tracking_uri={uri!r} is not allowed: a SQLite store is sqlite:///<file> "
-                              "(relative) or sqlite:////<absolute file>")
-        path = Path(uri[len(prefix):])
+            raise ConfigError(
+                f"logger.tracking_uri={uri!r} is not allowed: a SQLite store is sqlite:///<file> "
+                "(relative) or sqlite:////<absolute file>"
+            )
+        path = Path(uri[len(prefix) :])
         if path.name in MEMORY_NAMES:
             check_sqlite_store(uri, path, experiment_name)
         path = path if path.is_absolute() else (start or Path.cwd()) / path
@@ -152,21 +155,21 @@ def check_image_folder(task: Any, start: Path | None = None) -> None:
     """``task.root`` is a folder with class subfolders holding files, and the named classes are among them."""
     root_value = task.get("root")
     if not root_value:
-        raise ConfigError(f"task.root={root_value!r} is not allowed: must be a folder with one subfolder of "
-                          "images per class")
+        raise ConfigError(f"task.root={root_value!r} is not allowed: must be a folder with one subfolder of images per class")
     root = Path(str(root_value)).expanduser()
     root = root if root.is_absolute() else (start or Path.cwd()) / root
     if not root.is_dir():
         raise ConfigError(f"task.root={str(root_value)!r} is not allowed: no such folder ({root})")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and any(f.is_file() for f in p.rglob("*")))
     if not classes:
-        raise ConfigError(f"task.root={str(root_value)!r} is not allowed: {root} has no class subfolders with "
-                          "images")
+        raise ConfigError(f"task.root={str(root_value)!r} is not allowed: {root} has no class subfolders with images")
     for key in ("task2_classes", "task1_classes"):
         unknown = [str(c) for c in task.get(key) or [] if str(c) not in classes]
         if unknown:
-            raise ConfigError(f"task.{key}={[str(c) for c in task.get(key)]} is not allowed: {', '.join(unknown)} "
-                              f"not among the class folders of {root_value} ({', '.join(classes)})")
+            raise ConfigError(
+                f"task.{key}={[str(c) for c in task.get(key)]} is not allowed: {', '.join(unknown)} "
+                f"not among the class folders of {root_value} ({', '.join(classes)})"
+            )
 
 
 def check_fashion_mnist(task: Any, start: Path | None = None) -> None:
@@ -206,12 +209,19 @@ def check_data(task: Any, start: Path | None = None) -> None:
             check_download(task.name)
         return
     if not present:
-        raise ConfigError(f"task.data_dir={str(task.data_dir)!r} is not allowed: no {folder}/ in {root} (put the "
-                          f"extracted {task.name.upper()} python version there, or set task.download=true)")
+        raise ConfigError(
+            f"task.data_dir={str(task.data_dir)!r} is not allowed: no {folder}/ in {root} (put the "
+            f"extracted {task.name.upper()} python version there, or set task.download=true)"
+        )
 
 
-def check_paths(cfg: DictConfig, output_dir: str | Path | None = None, start: Path | None = None,
-                output_key: str = "hydra.run.dir", gpu_elsewhere: bool = False) -> None:
+def check_paths(
+    cfg: DictConfig,
+    output_dir: str | Path | None = None,
+    start: Path | None = None,
+    output_key: str = "hydra.run.dir",
+    gpu_elsewhere: bool = False,
+) -> None:
     """The checks on the file system: store, output (``output_key``) and cache folders, data and weights files;
     then what the config builds (``ptlab.build_checks``; ``gpu_elsewhere``: the gram engine trains on a cluster's
     machines, their GPUs are not checked here)."""

@@ -85,11 +85,12 @@ def job_override_sets(overrides: list[str], every_job: bool = False) -> list[lis
     if not sweeps:
         return [fixed]
     if every_job and math.prod(len(values) for _, values in sweeps) <= MAX_JOBS_CHECKED:
-        return [fixed + [_single_valued(o, value) for (o, _), value in zip(sweeps, combination)]
-                for combination in itertools.product(*(values for _, values in sweeps))]
+        return [
+            fixed + [_single_valued(o, value) for (o, _), value in zip(sweeps, combination)]
+            for combination in itertools.product(*(values for _, values in sweeps))
+        ]
     longest = max(len(values) for _, values in sweeps)
-    return [fixed + [_single_valued(o, values[min(i, len(values) - 1)]) for o, values in sweeps]
-            for i in range(longest)]
+    return [fixed + [_single_valued(o, values[min(i, len(values) - 1)]) for o, values in sweeps] for i in range(longest)]
 
 
 def closest_key(key: str, known: list[str]) -> str:
@@ -133,8 +134,9 @@ class ConfigSource:
     def from_args(cls, args: argparse.Namespace) -> ConfigSource:
         primary = CONFIG_DIR
         if args.config_path:
-            primary = str(Path(args.config_path) if Path(args.config_path).is_absolute()
-                          else Path(__file__).parent / args.config_path)
+            primary = str(
+                Path(args.config_path) if Path(args.config_path).is_absolute() else Path(__file__).parent / args.config_path
+            )
         extra = None
         if args.config_dir:
             extra = str(Path(args.config_dir).absolute())
@@ -159,8 +161,7 @@ def _compose(overrides: list[str]) -> DictConfig:
             with initialize_config_dir(config_dir=source.primary, version_base="1.3"):
                 return compose(source.name, overrides=overrides, return_hydra_config=True)
         search_path = create_config_search_path(source.primary)
-        search_path.prepend(provider="command-line", path=f"file://{source.extra}",
-                            anchor=SearchPathQuery(provider="schema"))
+        search_path.prepend(provider="command-line", path=f"file://{source.extra}", anchor=SearchPathQuery(provider="schema"))
         Hydra.create_main_hydra2(task_name="ptlab", config_search_path=search_path)
         return compose(source.name, overrides=overrides, return_hydra_config=True)
     finally:
@@ -200,8 +201,9 @@ def with_preset_sweeps(overrides: list[str]) -> list[str]:
     return preset + overrides
 
 
-def job_configs(jobs: list[list[str]], multirun: bool, first_composed: DictConfig | None = None
-                ) -> Iterator[tuple[DictConfig, str]]:
+def job_configs(
+    jobs: list[list[str]], multirun: bool, first_composed: DictConfig | None = None
+) -> Iterator[tuple[DictConfig, str]]:
     """``compose_job`` of each override list; a list that differs from the first only in plain ``key=value``
     overrides (``is_value_override``) is the first one's config with those values set, without a Hydra compose
     (about 0.25 s each: the 100 sweep values of kou2023 took about 15 s). ``first_composed``: ``_compose(jobs[0])``
@@ -243,25 +245,34 @@ def check_sweep_flag(parsed: list[Override], multirun: bool) -> None:
         return
     for override in parsed:
         if override.is_sweep_override():
-            raise ConfigError(f"{override.input_line} is a sweep: add -m to run one job per value (a list value "
-                              f"is written in brackets: {override.key_or_group}=[...])")
+            raise ConfigError(
+                f"{override.input_line} is a sweep: add -m to run one job per value (a list value "
+                f"is written in brackets: {override.key_or_group}=[...])"
+            )
 
 
 def check_added_keys(parsed: list[Override], composed: DictConfig) -> None:
     """``+key=value``/``++key=value`` name a key of the config (or a free-form node, ``FREE_FORM_KEYS``): an added
     misspelled key would be logged as a param and change nothing."""
-    added = [o for o in parsed if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
-             and "/" not in o.key_or_group and o.key_or_group not in composed.hydra.runtime.choices
-             and not o.key_or_group.startswith(FREE_FORM_KEYS)]
+    added = [
+        o
+        for o in parsed
+        if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
+        and "/" not in o.key_or_group
+        and o.key_or_group not in composed.hydra.runtime.choices
+        and not o.key_or_group.startswith(FREE_FORM_KEYS)
+    ]
     if not added:
         return
     base = _compose([o.input_line for o in parsed if o not in added and not o.is_sweep_override()])
     known = config_keys(OmegaConf.masked_copy(base, [k for k in base if k != "hydra"]))
     for override in added:
         if override.key_or_group not in known:
-            raise ConfigError(f"{override.input_line} is not allowed: {override.key_or_group} is not a key of the "
-                              f"config (+ adds a key, but the schema does not know this one)"
-                              f"{closest_key(override.key_or_group, known)}")
+            raise ConfigError(
+                f"{override.input_line} is not allowed: {override.key_or_group} is not a key of the "
+                f"config (+ adds a key, but the schema does not know this one)"
+                f"{closest_key(override.key_or_group, known)}"
+            )
 
 
 LAUNCHER_HISTORIES = ("full", "eval", "last")
@@ -289,14 +300,20 @@ def check_launcher(launcher: DictConfig) -> None:
         check("workers", launcher.get("workers") is None or launcher.get("workers") >= 1, "null or >= 1")
         check("grid_threshold", launcher.get("grid_threshold", 0) >= 0, ">= 0")
         check("grid_samples", launcher.get("grid_samples", 0) >= 0, ">= 0")
-        check("executor", launcher.get("executor", "pool") in LAUNCHER_EXECUTORS,
-              "one of " + ", ".join(LAUNCHER_EXECUTORS) + " (where the chunks train)")
+        check(
+            "executor",
+            launcher.get("executor", "pool") in LAUNCHER_EXECUTORS,
+            "one of " + ", ".join(LAUNCHER_EXECUTORS) + " (where the chunks train)",
+        )
         if launcher.get("executor", "pool") != "pool":
             check_submitit_options(launcher.get("submitit") or {})
     elif target.endswith("JoblibLauncher"):
         n_jobs = launcher.get("n_jobs")
-        check("n_jobs", n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0),
-              "a number of parallel jobs >= 1, or -1 for one per CPU core (-2: all but one)")
+        check(
+            "n_jobs",
+            n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0),
+            "a number of parallel jobs >= 1, or -1 for one per CPU core (-2: all but one)",
+        )
 
 
 def check_submitit_options(options: DictConfig) -> None:
@@ -306,20 +323,24 @@ def check_submitit_options(options: DictConfig) -> None:
 
     import submitit
 
-    parameters = {key: OmegaConf.to_container(options[key], resolve=True) if isinstance(options[key], DictConfig)
-                  else options[key] for key in options if key != "folder"}
+    parameters = {
+        key: OmegaConf.to_container(options[key], resolve=True) if isinstance(options[key], DictConfig) else options[key]
+        for key in options
+        if key != "folder"
+    }
     with tempfile.TemporaryDirectory() as folder:
         try:
             submitit.AutoExecutor(folder=folder, cluster="debug").update_parameters(**parameters)
         except (NameError, AssertionError, ValueError, TypeError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"hydra.launcher.submitit={parameters} is not allowed: {first} (submitit's "
-                              "AutoExecutor parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb, "
-                              "slurm_partition, ...)") from None
+            raise ConfigError(
+                f"hydra.launcher.submitit={parameters} is not allowed: {first} (submitit's "
+                "AutoExecutor parameters: timeout_min, cpus_per_task, gpus_per_node, mem_gb, "
+                "slurm_partition, ...)"
+            ) from None
 
 
-def grid_templates(sweeps: list[list[str]], first_job: list[str], first: DictConfig
-                   ) -> Iterator[tuple[DictConfig, list[str]]]:
+def grid_templates(sweeps: list[list[str]], first_job: list[str], first: DictConfig) -> Iterator[tuple[DictConfig, list[str]]]:
     """Each template of the sweeps (override lists, sweeps included) as the batched launcher builds them
     (``ptlab.pipeline.batched``: one per combination of the values of the swept overrides that are not plain
     values), composed once, with the keys of its value overrides; ``first``: the composed ``first_job``."""
@@ -330,15 +351,18 @@ def grid_templates(sweeps: list[list[str]], first_job: list[str], first: DictCon
         for line in job:
             if line not in is_value:
                 is_value[line] = is_value_override(parser.parse_overrides([line])[0], first)
-        return (tuple(sorted(line for line in job if not is_value[line])),
-                tuple(sorted(line.split("=", 1)[0] for line in job if is_value[line])))
+        return (
+            tuple(sorted(line for line in job if not is_value[line])),
+            tuple(sorted(line.split("=", 1)[0] for line in job if is_value[line])),
+        )
 
     seen = {key(first_job)}
     yield first, list(key(first_job)[1])
     for overrides in sweeps:
         parsed = parser.parse_overrides(overrides)
-        lines = [[_single_valued(o, v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
-                 for o in parsed]
+        lines = [
+            [_single_valued(o, v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line] for o in parsed
+        ]
         plain = [key([values[0]])[1] != () for values in lines]  # a plain value: its values share the template
         for combination in itertools.product(*([values[0]] if value else values for values, value in zip(lines, plain))):
             job = list(combination)
@@ -375,8 +399,10 @@ def with_cells(path: str, overrides: list[str], jobs: list[list[str]]) -> tuple[
         cell_jobs = job_override_sets(cell, every_job=True)
         clash = {line.split("=", 1)[0] for line in cell_jobs[0]} & given
         if clash:
-            raise ConfigError(f"hydra.sweeper.cells={path}: cell {number} sets {', '.join(sorted(clash))}, which the "
-                              "sweep's params or command line set too")
+            raise ConfigError(
+                f"hydra.sweeper.cells={path}: cell {number} sets {', '.join(sorted(clash))}, which the "
+                "sweep's params or command line set too"
+            )
         expanded += cell_jobs
     sweeps = [[*cell, *overrides] for cell in cells]
     if len(expanded) * len(jobs) <= MAX_JOBS_CHECKED:
@@ -427,8 +453,9 @@ def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
             validate(cfg)
             if batched and cfg.engine.get("name") == "gram" and cfg.task.name == "synthetic":
                 check_gram_cells(cfg)  # the batched sweep trains gram cells (what a single gram run allows may not be)
-            check_paths(cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir",
-                        gpu_elsewhere=elsewhere)
+            check_paths(
+                cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir", gpu_elsewhere=elsewhere
+            )
     except OverrideParseException as err:
         return f"could not read the overrides: {str(err).splitlines()[0]}", None
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
@@ -457,8 +484,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     context = job_context()
     if is_global_zero():  # MLflow loads in a helper process while torch loads here
-        warm_up(cfg.logger.kind, cfg.task.name, context.multirun, cfg.resume.skip_finished, cfg.logger.tracking_uri,
-                cfg.logger.sqlite_wal)
+        warm_up(
+            cfg.logger.kind,
+            cfg.task.name,
+            context.multirun,
+            cfg.resume.skip_finished,
+            cfg.logger.tracking_uri,
+            cfg.logger.sqlite_wal,
+        )
     from ptlab.pipeline.run import run_pipeline  # torch (and Lightning for its engine) load here
     from ptlab.tracking.faults import Terminated
 
@@ -497,8 +530,7 @@ def _as_ptlab_command(argv: list[str]) -> int | None:
     if not (args.help or args.hydra_help or args.shell_completion):
         return None
     sys.argv[0] = "ptlab"  # only these pages: a run keeps argv for Lightning's DDP re-launch
-    if args.shell_completion and not any(o.partition("=")[0] in ("install", "uninstall", "query")
-                                         for o in args.overrides):
+    if args.shell_completion and not any(o.partition("=")[0] in ("install", "uninstall", "query") for o in args.overrides):
         print(COMPLETION_HELP)
         return 0
     return None
@@ -508,8 +540,17 @@ def runs_composed(argv: list[str], composed: DictConfig | None) -> bool:
     """Whether ``argv`` is one plain run (no ``-m``, no page such as ``--cfg``, the default config source) that
     ``run_composed`` can start from the preflight's config."""
     args = get_args_parser().parse_args(argv)
-    plain = not (args.multirun or args.cfg or args.info or args.resolve or args.package or args.experimental_rerun
-                 or args.config_path or args.config_dir or args.config_name)
+    plain = not (
+        args.multirun
+        or args.cfg
+        or args.info
+        or args.resolve
+        or args.package
+        or args.experimental_rerun
+        or args.config_path
+        or args.config_dir
+        or args.config_name
+    )
     return plain and composed is not None and composed.hydra.mode in (None, RunMode.RUN)
 
 
@@ -534,9 +575,14 @@ def run_composed(cfg: DictConfig) -> None:
                     cfg.hydra.overrides.hydra.append("hydra.mode=RUN")
             callbacks = Callbacks(cfg)
             callbacks.on_run_start(config=cfg, config_name="config")
-            ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-                          task_function=hydra_main.__wrapped__, config=cfg, job_dir_key="hydra.run.dir",
-                          job_subdir_key=None, configure_logging=True)
+            ret = run_job(
+                hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+                task_function=hydra_main.__wrapped__,
+                config=cfg,
+                job_dir_key="hydra.run.dir",
+                job_subdir_key=None,
+                configure_logging=True,
+            )
             callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
             _ = ret.return_value  # raises the job's exception, as Hydra.run does
         finally:
@@ -576,8 +622,7 @@ def main() -> None:
         with forward_stop_signals():
             hydra_main()
     except Terminated as err:
-        print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED",
-              file=sys.stderr)
+        print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except SystemExit as err:
         if err.code == 2:  # the launcher refused the sweep before it ran a job: nothing to answer, nothing to log

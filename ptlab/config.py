@@ -99,8 +99,12 @@ class SyntheticTaskSchema(Schema):
         _one_of("signal_position", self.signal_position, SIGNAL_POSITIONS)
         _one_of("test_space", self.test_space, TEST_SPACES)
         _one_of("sampling", self.sampling, SAMPLINGS)
-        _check(self.sampling == "dspace" or self.test_space == "response", "sampling",
-               "dspace unless task.test_space=response (gram sampling draws no test patches in R^d)", self.sampling)
+        _check(
+            self.sampling == "dspace" or self.test_space == "response",
+            "sampling",
+            "dspace unless task.test_space=response (gram sampling draws no test patches in R^d)",
+            self.sampling,
+        )
 
 
 @dataclass
@@ -270,8 +274,12 @@ class TransferSchema(Schema):
         _one_of("control", self.control, CONTROLS)
         _check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
         if isinstance(self.selection, Mapping):
-            _check(isinstance(self.selection.get("_target_"), str), "selection",
-                   "a strategy name or a node with a _target_ (conf/transfer/selection)", dict(self.selection))
+            _check(
+                isinstance(self.selection.get("_target_"), str),
+                "selection",
+                "a strategy name or a node with a _target_ (conf/transfer/selection)",
+                dict(self.selection),
+            )
         else:
             _one_of("selection", self.selection, SELECTIONS.names())
 
@@ -297,12 +305,20 @@ class LayerTransferSchema(TransferSchema):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.control == "none", "control", "none with transfer.kind=layers (the controls act on filters: use "
-               "transfer=filters with a CNN)", self.control)
+        _check(
+            self.control == "none",
+            "control",
+            "none with transfer.kind=layers (the controls act on filters: use transfer=filters with a CNN)",
+            self.control,
+        )
         _one_of("position", self.position, POSITIONS)
         if self.layers is not None:
-            _check(all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers), "layers",
-                   "distinct block indices >= 0, or null to use alpha and position", list(self.layers))
+            _check(
+                all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers),
+                "layers",
+                "distinct block indices >= 0, or null to use alpha and position",
+                list(self.layers),
+            )
 
 
 @dataclass
@@ -322,12 +338,14 @@ class ViTSchema(TimmSchema):
         super().__post_init__()
         for key in ("img_size", "patch_size", "depth", "in_chans"):
             _positive(key, getattr(self, key))
-        _check(self.img_size % self.patch_size == 0, "img_size", f"a multiple of patch_size={self.patch_size}",
-               self.img_size)
+        _check(self.img_size % self.patch_size == 0, "img_size", f"a multiple of patch_size={self.patch_size}", self.img_size)
         _check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "in [0, 1)", self.drop_path_rate)
-        _check(not self.weights_path or Path(self.weights_path).is_file(), "weights_path",
-               f"an existing file (a timm state dict of {self.name}, .pth or .safetensors), or null to use "
-               "pretrained", self.weights_path)
+        _check(
+            not self.weights_path or Path(self.weights_path).is_file(),
+            "weights_path",
+            f"an existing file (a timm state dict of {self.name}, .pth or .safetensors), or null to use pretrained",
+            self.weights_path,
+        )
 
 
 REGULARIZERS = ("none", "l2sp", "freeze", "lr_scale")
@@ -399,8 +417,7 @@ class LoggerSchema(Schema):
 
     def __post_init__(self) -> None:
         _one_of("kind", self.kind, ("mlflow", "none"))
-        _check(bool(str(self.experiment_name).strip()), "experiment_name", "a name that is not blank",
-               self.experiment_name)
+        _check(bool(str(self.experiment_name).strip()), "experiment_name", "a name that is not blank", self.experiment_name)
 
 
 DTYPES = ("float32", "float64")
@@ -409,8 +426,20 @@ IMAGE_SCHEDULERS = ("cosine", "constant")
 IMAGE_PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 
 
-IMAGE_TRAIN_KEYS = ("upstream_epochs", "downstream_epochs", "batch_size", "optimizer", "momentum", "weight_decay",
-                    "scheduler", "precision", "progress_bar", "eval_every_epochs", "warmup_epochs", "label_smoothing")
+IMAGE_TRAIN_KEYS = (
+    "upstream_epochs",
+    "downstream_epochs",
+    "batch_size",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "precision",
+    "progress_bar",
+    "eval_every_epochs",
+    "warmup_epochs",
+    "label_smoothing",
+)
 """``train.*`` keys only image pipelines read (the pipeline logs only the keys it reads)."""
 SYNTHETIC_TRAIN_KEYS = ("upstream_steps", "downstream_steps", "eval_every", "dtype")
 """``train.*`` keys only synthetic pipelines read."""
@@ -498,8 +527,12 @@ class TheorySchema(Schema):
             from ptlab.paths import config_dir
 
             path = Path(self.phase_model)
-            _check((path if path.is_absolute() else Path(config_dir()) / path).is_file(), "phase_model",
-                   "a phase model file (absolute, or relative to the config folder) or ''", self.phase_model)
+            _check(
+                (path if path.is_absolute() else Path(config_dir()) / path).is_file(),
+                "phase_model",
+                "a phase model file (absolute, or relative to the config folder) or ''",
+                self.phase_model,
+            )
 
 
 @dataclass
@@ -576,8 +609,13 @@ class PtlabSchema(Schema):
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "task": {"synthetic": SyntheticTaskSchema, "images": ImageTaskSchema, "digits": DigitsTaskSchema,
-             "image_folder": ImageFolderTaskSchema, "fashion_mnist": FashionMNISTTaskSchema},
+    "task": {
+        "synthetic": SyntheticTaskSchema,
+        "images": ImageTaskSchema,
+        "digits": DigitsTaskSchema,
+        "image_folder": ImageFolderTaskSchema,
+        "fashion_mnist": FashionMNISTTaskSchema,
+    },
     "noise": {"gaussian": NoiseSchema},
     "model": {"toy_cnn": ToyCNNSchema, "torchvision_cnn": TorchvisionCNNSchema, "timm": TimmSchema, "vit": ViTSchema},
     "transfer": {"transfer": TransferSchema, "layers": LayerTransferSchema},
@@ -608,8 +646,12 @@ def _validate_node(node: Any, prefix: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every range in ``cfg``; raise ``ConfigError`` with the first bad key."""
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
-    _check(isinstance(cfg.get("engine"), DictConfig) and bool(cfg.engine.get("_target_")), "engine",
-           "an option of conf/engine (lightning, gram) with a _target_", cfg.get("engine"))
+    _check(
+        isinstance(cfg.get("engine"), DictConfig) and bool(cfg.engine.get("_target_")),
+        "engine",
+        "an option of conf/engine (lightning, gram) with a _target_",
+        cfg.get("engine"),
+    )
     for key in ("train", "theory", "cache", "resume", "devices", "transferability", *VALIDATED_KEYS):
         if isinstance(cfg.get(key), DictConfig):
             _validate_node(cfg[key], key)
@@ -625,14 +667,22 @@ def validate(cfg: DictConfig) -> None:
 
 SYNTHETIC_MODEL = "ptlab.models.TwoLayerReLUCNN"
 
-_LENGTH = ("train.upstream_epochs and train.downstream_epochs (image tasks) or train.upstream_steps and "
-           "train.downstream_steps (synthetic)")
+_LENGTH = (
+    "train.upstream_epochs and train.downstream_epochs (image tasks) or train.upstream_steps and "
+    "train.downstream_steps (synthetic)"
+)
 _EVAL = "train.eval_every_epochs (image tasks) or train.eval_every (synthetic)"
 STAGE_TRAINER_KEYS = {
-    "max_epochs": _LENGTH, "min_epochs": _LENGTH, "max_steps": _LENGTH, "min_steps": _LENGTH,
+    "max_epochs": _LENGTH,
+    "min_epochs": _LENGTH,
+    "max_steps": _LENGTH,
+    "min_steps": _LENGTH,
     "precision": "train.precision (image tasks) or train.dtype (synthetic)",
-    "check_val_every_n_epoch": _EVAL, "val_check_interval": _EVAL, "log_every_n_steps": _EVAL,
-    "limit_val_batches": _EVAL, "logger": "logger=mlflow or logger=none",
+    "check_val_every_n_epoch": _EVAL,
+    "val_check_interval": _EVAL,
+    "log_every_n_steps": _EVAL,
+    "limit_val_batches": _EVAL,
+    "logger": "logger=mlflow or logger=none",
     "callbacks": "a transfer/selection strategy or a registered callback in code, not the trainer config",
 }
 """Lightning ``Trainer`` arguments ptlab sets for each stage (``trainer.*`` would be overridden), and ptlab's key
@@ -676,12 +726,13 @@ def check_gram_engine(cfg: Mapping[str, Any]) -> None:
     mapping)."""
     task, transfer, model, upstream = cfg["task"], cfg["transfer"], cfg["model"], cfg["upstream_model"]
     if task["name"] != "synthetic":
-        raise ConfigError(f"task={task['name']} is not allowed with engine=gram: must be synthetic "
-                          "(or engine=lightning)")
+        raise ConfigError(f"task={task['name']} is not allowed with engine=gram: must be synthetic (or engine=lightning)")
     device = cfg["engine"].get("device")
     if device is not None and device not in GRAM_DEVICES:
-        raise ConfigError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)} "
-                          "(or null: follow the trainer, trainer=gpu is cuda)")
+        raise ConfigError(
+            f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)} "
+            "(or null: follow the trainer, trainer=gpu is cuda)"
+        )
     for key in ("model", "upstream_model"):
         target = cfg[key].get("_target_")
         if target != SYNTHETIC_MODEL:
@@ -689,31 +740,40 @@ def check_gram_engine(cfg: Mapping[str, Any]) -> None:
     trainer = cfg.get("trainer")
     strategy = trainer.get("strategy") if isinstance(trainer, Mapping) else None
     if strategy not in (None, "auto"):
-        raise ConfigError(f"trainer.strategy={strategy!r} is not allowed with engine=gram (one CPU process, no "
-                          "trainer): use engine=lightning")
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is not allowed with engine=gram (one CPU process, no trainer): use engine=lightning"
+        )
     kind = transfer["kind"]
     if kind not in ("none", "filters"):
         raise ConfigError(f"transfer.kind={kind!r} is not allowed with engine=gram: must be one of none, filters")
     needs = selection_needs(transfer["selection"]) - GRAM_SELECTION_NEEDS if kind == "filters" else set()
     if needs:
-        raise ConfigError(f"transfer.selection={selection_label(transfer['selection'])} is not allowed with "
-                          f"engine=gram: it reads the filters' {', '.join(sorted(needs))}, the gram engine holds "
-                          f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
-                          "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
-                          "or engine=lightning")
+        raise ConfigError(
+            f"transfer.selection={selection_label(transfer['selection'])} is not allowed with "
+            f"engine=gram: it reads the filters' {', '.join(sorted(needs))}, the gram engine holds "
+            f"their responses only; use a strategy reading {', '.join(sorted(GRAM_SELECTION_NEEDS))} "
+            "or nothing (random, first, uniform, largest_norm, signal, task2_alignment), "
+            "or engine=lightning"
+        )
     if task.get("test_space", "dspace") != "dspace" or task.get("sampling", "dspace") != "dspace":
         check_gram_cells(cfg)
     if task.get("sampling", "dspace") == "gram":
         for key in ("model", "upstream_model"):
             if cfg[key].get("init", "normal") != "normal":
-                raise ConfigError(f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be "
-                                  "normal (the Wishart law holds for Gaussian inits)")
+                raise ConfigError(
+                    f"{key}.init={cfg[key].get('init')!r} is not allowed with task.sampling=gram: must be "
+                    "normal (the Wishart law holds for Gaussian inits)"
+                )
     if kind == "filters" and bool(upstream.get("bias", False)) != bool(model.get("bias", False)):
-        raise ConfigError(f"upstream_model.bias={upstream.get('bias', False)} is not allowed with engine=gram "
-                          f"and filter transfer: must equal model.bias={model.get('bias', False)}")
+        raise ConfigError(
+            f"upstream_model.bias={upstream.get('bias', False)} is not allowed with engine=gram "
+            f"and filter transfer: must equal model.bias={model.get('bias', False)}"
+        )
     if kind == "filters" and upstream["width"] != model["width"]:
-        raise ConfigError(f"upstream_model.width={upstream['width']} is not allowed with engine=gram: filter "
-                          f"transfer needs equal weight shapes (2, m, d), must equal model.width={model['width']}")
+        raise ConfigError(
+            f"upstream_model.width={upstream['width']} is not allowed with engine=gram: filter "
+            f"transfer needs equal weight shapes (2, m, d), must equal model.width={model['width']}"
+        )
 
 
 def check_gram_cells(cfg: Mapping[str, Any]) -> None:
@@ -726,13 +786,17 @@ def check_gram_cells(cfg: Mapping[str, Any]) -> None:
     control = transfer.get("control", "none") if transfer["kind"] == "filters" else "none"
     spaces = (task.get("test_space", "dspace"), task.get("sampling", "dspace"))
     if control == "shuffled":
-        raise ConfigError("transfer.control=shuffled is not allowed with the gram engine's batched cells "
-                          "(hydra/launcher=ptlab_gram, task.test_space=response, task.sampling=gram): it permutes "
-                          "the filters' d coordinates, which the gram engine holds as responses; use engine=lightning")
+        raise ConfigError(
+            "transfer.control=shuffled is not allowed with the gram engine's batched cells "
+            "(hydra/launcher=ptlab_gram, task.test_space=response, task.sampling=gram): it permutes "
+            "the filters' d coordinates, which the gram engine holds as responses; use engine=lightning"
+        )
     if control == "norm_matched" and spaces != ("dspace", "dspace"):
-        raise ConfigError(f"transfer.control=norm_matched is not allowed with engine=gram and task.test_space="
-                          f"{spaces[0]} task.sampling={spaces[1]}: must be dspace (its random directions are drawn "
-                          "in R^d), or use engine=lightning")
+        raise ConfigError(
+            f"transfer.control=norm_matched is not allowed with engine=gram and task.test_space="
+            f"{spaces[0]} task.sampling={spaces[1]}: must be dspace (its random directions are drawn "
+            "in R^d), or use engine=lightning"
+        )
 
 
 GRAM_SELECTION_NEEDS = frozenset({"norms", "oracle", "task2"})
@@ -746,8 +810,9 @@ def selection_needs(spec: Any) -> frozenset[str]:
     try:
         return frozenset(strategy_class(spec).needs)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"transfer.selection._target_={spec.get('_target_')!r} cannot be loaded: "
-                          f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"transfer.selection._target_={spec.get('_target_')!r} cannot be loaded: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def check_selection(cfg: DictConfig) -> None:
@@ -763,17 +828,24 @@ def check_selection(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
     synthetic = cfg.task.name == "synthetic"
     if not synthetic and needs & SYNTHETIC_ONLY_NEEDS:
-        raise ConfigError(f"transfer.selection={name} is not allowed with task={cfg.task.name}: it reads the "
-                          "synthetic model's signal directions, must be used with task=synthetic")
+        raise ConfigError(
+            f"transfer.selection={name} is not allowed with task={cfg.task.name}: it reads the "
+            "synthetic model's signal directions, must be used with task=synthetic"
+        )
     if synthetic and "bn" in needs:
-        raise ConfigError(f"transfer.selection={name} is not allowed with task=synthetic: the two-layer CNN has no "
-                          "BatchNorm to read")
+        raise ConfigError(
+            f"transfer.selection={name} is not allowed with task=synthetic: the two-layer CNN has no BatchNorm to read"
+        )
+
+
 def _check_dspace_engine(cfg: DictConfig) -> None:
     """Engines other than gram train on d-space inputs, so their test sets must be drawn in d-space too."""
     for key, needs in (("test_space", "response"), ("sampling", "gram")):
         if cfg.task.name == "synthetic" and cfg.task.get(key, "dspace") != "dspace":
-            raise ConfigError(f"task.{key}={cfg.task[key]!r} is not allowed with engine={cfg.engine.get('name')}: "
-                              f"must be dspace ({needs} needs engine=gram)")
+            raise ConfigError(
+                f"task.{key}={cfg.task[key]!r} is not allowed with engine={cfg.engine.get('name')}: "
+                f"must be dspace ({needs} needs engine=gram)"
+            )
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:
@@ -784,5 +856,7 @@ def _check_model_fits_task(cfg: DictConfig) -> None:
         if synthetic and target != SYNTHETIC_MODEL:
             raise ConfigError(f"{key}={target!r} is not allowed with task=synthetic: must be toy_cnn")
         if not synthetic and target == SYNTHETIC_MODEL:
-            raise ConfigError(f"{key}=toy_cnn is not allowed with task={cfg.task.name}: must be an image model "
-                              f"(e.g. {key}=resnet18_small, vgg11_small, deit_tiny, or +pair=<upstream>_<model>)")
+            raise ConfigError(
+                f"{key}=toy_cnn is not allowed with task={cfg.task.name}: must be an image model "
+                f"(e.g. {key}=resnet18_small, vgg11_small, deit_tiny, or +pair=<upstream>_<model>)"
+            )

@@ -29,6 +29,10 @@ def job_context() -> JobContext:
     hydra = HydraConfig.get()
     choices = {k: str(v) for k, v in hydra.runtime.choices.items() if not k.startswith("hydra") and "schema" not in k}
     output_dir = hydra.runtime.get("output_dir")
-    return JobContext(multirun=hydra.mode == RunMode.MULTIRUN, start_dir=Path(hydra.runtime.cwd), choices=choices,
-                      overrides=tuple(str(o) for o in hydra.overrides.task),
-                      output_dir=Path(output_dir) if output_dir else None)
+    return JobContext(
+        multirun=hydra.mode == RunMode.MULTIRUN,
+        start_dir=Path(hydra.runtime.cwd),
+        choices=choices,
+        overrides=tuple(str(o) for o in hydra.overrides.task),
+        output_dir=Path(output_dir) if output_dir else None,
+    )

@@ -112,8 +112,7 @@ def draw_design(box: Mapping[str, Range | Any], seed: int, cells: int, seeds: in
     return design
 
 
-def design_yaml(design: list[list[str]], box: Mapping[str, Range | Any], seed: int, seeds: int,
-                command: str) -> str:
+def design_yaml(design: list[list[str]], box: Mapping[str, Range | Any], seed: int, seeds: int, command: str) -> str:
     """The cells file: its provenance as comments and data, then ``cells:``, one override list a cell."""
     data = {
         "command": command,
@@ -122,8 +121,10 @@ def design_yaml(design: list[list[str]], box: Mapping[str, Range | Any], seed: i
         "box": {k: (vars(v) if isinstance(v, Range) else v) for k, v in box.items()},
         "cells": design,
     }
-    header = ("# A random design (ptlab.design): each cell is a list of Hydra overrides with its own run seeds.\n"
-              "# Run it: python -m ptlab -m experiment=calibration hydra.sweeper.cells=<this file>\n")
+    header = (
+        "# A random design (ptlab.design): each cell is a list of Hydra overrides with its own run seeds.\n"
+        "# Run it: python -m ptlab -m experiment=calibration hydra.sweeper.cells=<this file>\n"
+    )
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=1000)
 
 
@@ -134,7 +135,10 @@ def read_cells(path: str | Path) -> list[list[str]]:
         raise DesignError(f"hydra.sweeper.cells={path}: no such file")
     raw = yaml.safe_load(file.read_text())
     cells = raw.get("cells") if isinstance(raw, Mapping) else raw
-    if not isinstance(cells, list) or not cells or not all(
-            isinstance(c, list) and all(isinstance(o, str) for o in c) for c in cells):
+    if (
+        not isinstance(cells, list)
+        or not cells
+        or not all(isinstance(c, list) and all(isinstance(o, str) for o in c) for c in cells)
+    ):
         raise DesignError(f"hydra.sweeper.cells={path}: a YAML list (or a 'cells:' list) of override lists")
     return cells

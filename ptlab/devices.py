@@ -54,13 +54,18 @@ def wants_own_gpu(trainer: Mapping[str, Any], per_job: bool, multirun: bool, vis
     """Whether this job (its ``trainer`` config, ``devices.per_job``) should claim a GPU of its own (see the module
     docstring)."""
     pinned = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]) == 1
-    return (bool(per_job) and multirun and str(trainer.get("accelerator")) in GPU_ACCELERATORS
-            and trainer.get("devices") in (1, "1") and not pinned and visible_gpus > 1)
+    return (
+        bool(per_job)
+        and multirun
+        and str(trainer.get("accelerator")) in GPU_ACCELERATORS
+        and trainer.get("devices") in (1, "1")
+        and not pinned
+        and visible_gpus > 1
+    )
 
 
 @contextlib.contextmanager
-def claim_gpu(visible_gpus: int, jobs_per_gpu: int = 1, lock_dir: Path | None = None,
-              poll_s: float = 1.0) -> Iterator[int]:
+def claim_gpu(visible_gpus: int, jobs_per_gpu: int = 1, lock_dir: Path | None = None, poll_s: float = 1.0) -> Iterator[int]:
     """Hold a free slot and yield its GPU index; waits while every slot is taken."""
     lock_dir = lock_dir or slot_lock_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -90,5 +95,4 @@ def job_device(spec: PipelineSpec, multirun: bool) -> Iterator[PipelineSpec]:
         return
     with claim_gpu(visible, int(spec.devices.jobs_per_gpu)) as gpu:
         trainer = {**spec.trainer, "devices": [gpu]}
-        yield dataclasses.replace(spec, trainer=MappingProxyType(trainer),
-                                  resolved={**spec.resolved, "trainer": trainer})
+        yield dataclasses.replace(spec, trainer=MappingProxyType(trainer), resolved={**spec.resolved, "trainer": trainer})

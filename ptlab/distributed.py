@@ -56,5 +56,7 @@ def multirun_safe_strategy(cfg: DictConfig, multirun: bool) -> str | None:
         return None
     with open_dict(cfg):
         cfg.trainer.strategy = "ddp_spawn"
-    return (f"ptlab: trainer.strategy={strategy} would re-launch the sweep from every rank under -m; "
-            "using trainer.strategy=ddp_spawn for this job")
+    return (
+        f"ptlab: trainer.strategy={strategy} would re-launch the sweep from every rank under -m; "
+        "using trainer.strategy=ddp_spawn for this job"
+    )

@@ -31,5 +31,7 @@ class Terminated(KeyboardInterrupt):
 
 def restore_hint(experiment_id: str, uri: str) -> str:
     """How to get a deleted MLflow experiment back, or around it (the end of a one-line error)."""
-    return (f"restore it (mlflow experiments restore --experiment-id {experiment_id} with MLFLOW_TRACKING_URI={uri}) "
-            "or pick another logger.experiment_name")
+    return (
+        f"restore it (mlflow experiments restore --experiment-id {experiment_id} with MLFLOW_TRACKING_URI={uri}) "
+        "or pick another logger.experiment_name"
+    )

@@ -69,5 +69,4 @@ def _too_full(path: Path) -> str | None:
         free = shutil.disk_usage(path).free
     except OSError:
         return None
-    return f"is on a disk with {_size(free)} free (at least {_size(MIN_FREE_BYTES)} needed)" \
-        if free < MIN_FREE_BYTES else None
+    return f"is on a disk with {_size(free)} free (at least {_size(MIN_FREE_BYTES)} needed)" if free < MIN_FREE_BYTES else None

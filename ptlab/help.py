@@ -34,9 +34,16 @@ def groups_text(conf: str | Path | None = None) -> str:
     """A line per group, ``  group  option, option, ...``, wrapped at 110 columns under the options."""
     groups = user_groups(conf)
     width = max(map(len, groups), default=0)
-    return "\n".join(textwrap.fill(", ".join(options), 110, initial_indent=f"  {group:<{width}}  ",
-                                   subsequent_indent=" " * (width + 4), break_on_hyphens=False)
-                     for group, options in groups.items())
+    return "\n".join(
+        textwrap.fill(
+            ", ".join(options),
+            110,
+            initial_indent=f"  {group:<{width}}  ",
+            subsequent_indent=" " * (width + 4),
+            break_on_hyphens=False,
+        )
+        for group, options in groups.items()
+    )
 
 
 if not OmegaConf.has_resolver("ptlab_groups"):

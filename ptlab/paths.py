@@ -37,8 +37,10 @@ def config_dir() -> str:
     conf = _repo_conf() or _package_conf()
     if conf is None:
         here = Path(__file__).resolve().parent
-        raise FileNotFoundError(f"ptlab configs not found: no {CONFIG_NAME} in {here.parent / 'conf'} "
-                                f"(source checkout) or {here / 'conf'} (installed package); reinstall ptlab")
+        raise FileNotFoundError(
+            f"ptlab configs not found: no {CONFIG_NAME} in {here.parent / 'conf'} "
+            f"(source checkout) or {here / 'conf'} (installed package); reinstall ptlab"
+        )
     return str(conf)
 
 

@@ -23,9 +23,17 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = ("log_d_over_threshold", "log_d_over_scratch_threshold", "log_gamma", "universal_fraction",
-            "log_source_strength", "log_negative_transfer_ratio", "alpha", "log_n1_over_n2",
-            "log_condition_4_1_ratio")
+FEATURES = (
+    "log_d_over_threshold",
+    "log_d_over_scratch_threshold",
+    "log_gamma",
+    "universal_fraction",
+    "log_source_strength",
+    "log_negative_transfer_ratio",
+    "alpha",
+    "log_n1_over_n2",
+    "log_condition_4_1_ratio",
+)
 """The phase model's inputs: ``log10`` of d / D*, d / (N2 S2^4 / s2^4), Gamma, alpha N1 s2^2 / (N2 s1^2) and
 the negative-transfer ratio; ``U^2 / S2^2`` (the share of the target signal that is universal, in [0, 1]);
 alpha; ``log10 N1 / N2``; ``log10`` of Condition 4.1's ratio."""
@@ -151,20 +159,35 @@ class PhaseModel:
         return {
             "outcome": self.classes[int(probabilities.argmax())],
             **{f"p_{c}": round(float(p), 6) for c, p in zip(self.classes, probabilities)},
-            "gain": round(gain, 4), "gain_low": round(gain - half, 4), "gain_high": round(gain + half, 4),
+            "gain": round(gain, 4),
+            "gain_low": round(gain - half, 4),
+            "gain_high": round(gain + half, 4),
             "model": self.name,
             "held_out_agreement": float(held["agreement"]) if "agreement" in held else None,
         }
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "features": list(self.features), "classes": list(self.classes),
-                "params": self.params, "gain": self.gain, "provenance": self.provenance}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "features": list(self.features),
+            "classes": list(self.classes),
+            "params": self.params,
+            "gain": self.gain,
+            "provenance": self.provenance,
+        }
 
 
 def from_dict(raw: Mapping[str, Any]) -> PhaseModel:
-    return PhaseModel(name=str(raw["name"]), kind=str(raw["kind"]), features=tuple(raw["features"]),
-                      classes=tuple(raw["classes"]), params=dict(raw["params"]), gain=dict(raw["gain"]),
-                      provenance=dict(raw.get("provenance") or {}))
+    return PhaseModel(
+        name=str(raw["name"]),
+        kind=str(raw["kind"]),
+        features=tuple(raw["features"]),
+        classes=tuple(raw["classes"]),
+        params=dict(raw["params"]),
+        gain=dict(raw["gain"]),
+        provenance=dict(raw.get("provenance") or {}),
+    )
 
 
 def save(model: PhaseModel, path: str | Path, header: str = "") -> None:

@@ -47,20 +47,28 @@ def text(result: dict[str, Any]) -> str:
     setting = ", ".join(f"{k}={_number(v)}" for k, v in result["setting"].items())
     lines = [
         f"setting: {setting}",
-        (f"theory: {t['predicted']} (rule: {t['rule']}); transfer {t['transfer_regime']} (d / D* = "
-         f"{_number(t['d_over_threshold'])}), scratch {t['scratch_regime']} (d / (N2 S2^4 / s2^4) = "
-         f"{_number(t['d_over_scratch_threshold'])})"),
-        (f"  Gamma = {_number(t['gamma'])}, S2^2 / U^2 = {_number(t['signal_ratio'])}, alpha N1 s2^2 / (N2 s1^2) = "
-         f"{_number(t['source_strength'])}, negative-transfer chain: {t['negative_transfer_condition']}"),
-        (f"  Condition 4.1 (d >= max(n^2, n S^2 / s^2)): {'holds' if t['condition_4_1'] else 'broken'} "
-         f"(ratio {_number(t['condition_4_1_ratio'])})"),
+        (
+            f"theory: {t['predicted']} (rule: {t['rule']}); transfer {t['transfer_regime']} (d / D* = "
+            f"{_number(t['d_over_threshold'])}), scratch {t['scratch_regime']} (d / (N2 S2^4 / s2^4) = "
+            f"{_number(t['d_over_scratch_threshold'])})"
+        ),
+        (
+            f"  Gamma = {_number(t['gamma'])}, S2^2 / U^2 = {_number(t['signal_ratio'])}, alpha N1 s2^2 / (N2 s1^2) = "
+            f"{_number(t['source_strength'])}, negative-transfer chain: {t['negative_transfer_condition']}"
+        ),
+        (
+            f"  Condition 4.1 (d >= max(n^2, n S^2 / s^2)): {'holds' if t['condition_4_1'] else 'broken'} "
+            f"(ratio {_number(t['condition_4_1_ratio'])})"
+        ),
     ]
     if p is None:
         lines.append("phase model: none (no conf/phase_model.yaml)")
     else:
-        lines.append(f"phase model: {p['outcome']}, gain {p['gain']:+.2f} points [{p['gain_low']:+.2f}, "
-                     f"{p['gain_high']:+.2f}]; {p['model']}, held-out agreement "
-                     + ("unknown" if p["held_out_agreement"] is None else f"{p['held_out_agreement']:.1%}"))
+        lines.append(
+            f"phase model: {p['outcome']}, gain {p['gain']:+.2f} points [{p['gain_low']:+.2f}, "
+            f"{p['gain_high']:+.2f}]; {p['model']}, held-out agreement "
+            + ("unknown" if p["held_out_agreement"] is None else f"{p['held_out_agreement']:.1%}")
+        )
     return "\n".join(lines)
 
 

@@ -125,6 +125,7 @@ def _reap() -> None:
 def forward_stop_signals(grace: float = 30.0) -> Iterator[None]:
     """Within the block, SIGTERM/SIGINT stop this process's workers (see the module docstring) and then
     raise ``Terminated`` here."""
+
     def handle(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown itself is not interrupted
         stop_descendants(signum, grace)

@@ -21,5 +21,4 @@ def stage_totals(cfg: Mapping[str, Any]) -> str:
 
 def start_line(cfg: Mapping[str, Any]) -> str:
     """``starting seed=0 task=synthetic engine=gram: upstream 800 GD steps, transfer 400 GD steps, ...``."""
-    return (f"starting seed={cfg['seed']} task={cfg['task']['name']} engine={cfg['engine'].get('name')}: "
-            f"{stage_totals(cfg)}")
+    return f"starting seed={cfg['seed']} task={cfg['task']['name']} engine={cfg['engine'].get('name')}: {stage_totals(cfg)}"

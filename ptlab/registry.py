@@ -32,9 +32,11 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of ``add``."""
+
         def wrap(entry: T) -> T:
             self.add(name, entry)
             return entry
+
         return wrap
 
     def names(self) -> tuple[str, ...]:

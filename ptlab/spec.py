@@ -34,8 +34,21 @@ from ptlab.config import (
 )
 from ptlab.errors import ConfigError
 
-TYPED_GROUPS = ("task", "noise", "model", "upstream_model", "transfer", "regularizer", "train", "theory", "cache",
-                "resume", "devices", "transferability", "logger")
+TYPED_GROUPS = (
+    "task",
+    "noise",
+    "model",
+    "upstream_model",
+    "transfer",
+    "regularizer",
+    "train",
+    "theory",
+    "cache",
+    "resume",
+    "devices",
+    "transferability",
+    "logger",
+)
 """The groups parsed into their schema's dataclass."""
 MAPPING_GROUPS = ("engine", "trainer")
 """The groups kept as read-only mappings: ``_target_`` configs that ``hydra.utils.instantiate`` builds."""
@@ -95,8 +108,11 @@ def parse(cfg: DictConfig) -> PipelineSpec:
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without its ``hydra`` node (whose per-job keys a composed sweep config lacks)."""
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key != "hydra"}
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
 
 
 def from_resolved(resolved: dict[str, Any], types: Mapping[str, type]) -> PipelineSpec:

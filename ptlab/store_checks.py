@@ -50,8 +50,11 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
     """An existing SQLite file is an MLflow store (or empty), not corrupt, and ``experiment_name`` in it is
     not deleted."""
     if path.name in MEMORY_NAMES:
-        raise _refuse(uri, "an in-memory SQLite store is gone when the command ends (and MLflow would write files "
-                           "named :memory: beside it); use a file, e.g. sqlite:///mlflow.db")
+        raise _refuse(
+            uri,
+            "an in-memory SQLite store is gone when the command ends (and MLflow would write files "
+            "named :memory: beside it); use a file, e.g. sqlite:///mlflow.db",
+        )
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
@@ -61,29 +64,38 @@ def check_sqlite_store(uri: str, path: Path, experiment_name: str | None) -> Non
     try:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if tables and {"experiments", "runs"} <= tables and "alembic_version" not in tables:
-            raise _refuse(uri, f"{path} has MLflow's tables but no schema revision (no alembic_version table), so "
-                               f"MLflow cannot tell how to open it; {FIX}")
+            raise _refuse(
+                uri,
+                f"{path} has MLflow's tables but no schema revision (no alembic_version table), so "
+                f"MLflow cannot tell how to open it; {FIX}",
+            )
         if tables and not MLFLOW_TABLES <= tables:
             shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-            raise _refuse(uri, f"{path} is a SQLite database of something else (tables {shown}), not an MLflow "
-                               "store; point logger.tracking_uri at a new file")
+            raise _refuse(
+                uri,
+                f"{path} is a SQLite database of something else (tables {shown}), not an MLflow "
+                "store; point logger.tracking_uri at a new file",
+            )
         if path.stat().st_size <= QUICK_CHECK_BYTES:
             result = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
             if result != "ok":
-                raise _refuse(uri, f"{path} is a damaged SQLite database ({result}); restore it from a backup or "
-                                   "use a new file")
+                raise _refuse(uri, f"{path} is a damaged SQLite database ({result}); restore it from a backup or use a new file")
         if tables:
             check_schema_revision(uri, path, connection)
         if experiment_name is not None and tables:
-            row = connection.execute("SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?",
-                                     (experiment_name,)).fetchone()
+            row = connection.execute(
+                "SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?", (experiment_name,)
+            ).fetchone()
             if row is not None and row[1] == "deleted":
-                raise ConfigError(f"logger.experiment_name={experiment_name!r} is not allowed: that experiment is "
-                                  f"deleted in {path.name}; {restore_hint(str(row[0]), uri)}")
+                raise ConfigError(
+                    f"logger.experiment_name={experiment_name!r} is not allowed: that experiment is "
+                    f"deleted in {path.name}; {restore_hint(str(row[0]), uri)}"
+                )
     except sqlite3.DatabaseError as err:
         if "malformed" in str(err):
-            raise _refuse(uri, f"{path} is a damaged SQLite database ({err}); restore it from a backup or use a "
-                               "new file") from None
+            raise _refuse(
+                uri, f"{path} is a damaged SQLite database ({err}); restore it from a backup or use a new file"
+            ) from None
         raise _refuse(uri, f"{path} is not a readable SQLite database ({err})") from None
     finally:
         connection.close()
@@ -115,16 +127,20 @@ def check_schema_revision(uri: str, path: Path, connection: sqlite3.Connection) 
     such a store when it opens it), the migration must succeed on a copy (``try_migration``)."""
     rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
     if len(rows) != 1:
-        raise _refuse(uri, f"{path} is an MLflow store without one schema revision (alembic_version holds "
-                           f"{len(rows)} rows); {FIX}")
+        raise _refuse(
+            uri, f"{path} is an MLflow store without one schema revision (alembic_version holds {len(rows)} rows); {FIX}"
+        )
     revision = rows[0][0]
     known, head = mlflow_revisions()
     if head is None or revision == head:
         return
     if revision not in known:
-        raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision}, which the installed MLflow "
-                           "does not know (a newer MLflow wrote it); upgrade MLflow here, or point "
-                           "logger.tracking_uri at a new file")
+        raise _refuse(
+            uri,
+            f"{path} is an MLflow store at schema revision {revision}, which the installed MLflow "
+            "does not know (a newer MLflow wrote it); upgrade MLflow here, or point "
+            "logger.tracking_uri at a new file",
+        )
     try_migration(uri, path, revision, head, os.stat(path).st_mtime_ns)
 
 
@@ -153,9 +169,12 @@ def try_migration(uri: str, path: Path, revision: str, head: str, stamp: int) ->
             MlflowClient(f"sqlite:///{copy}").search_experiments(max_results=1)
         except Exception as err:  # whatever MLflow raises here, it raises on the store itself
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
-            raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision} that the installed MLflow "
-                               f"cannot migrate to {head} ({type(err).__name__}: {first}): an older MLflow or ptlab left "
-                               f"it half-migrated; {FIX}") from None
+            raise _refuse(
+                uri,
+                f"{path} is an MLflow store at schema revision {revision} that the installed MLflow "
+                f"cannot migrate to {head} ({type(err).__name__}: {first}): an older MLflow or ptlab left "
+                f"it half-migrated; {FIX}",
+            ) from None
         finally:
             for name, level in quiet.items():
                 logging.getLogger(name).setLevel(level)
@@ -184,24 +203,27 @@ def check_http_store(uri: str, experiment_name: str | None, timeout: float = PRO
             body = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            raise _refuse(uri, f"the server refused the credentials (HTTP {err.code}); set "
-                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+            raise _refuse(
+                uri,
+                f"the server refused the credentials (HTTP {err.code}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+            ) from None
         try:
             code = json.loads(err.read() or b"{}").get("error_code")
         except ValueError:
             code = None
         if err.code == 404 and code == "RESOURCE_DOES_NOT_EXIST":
             return
-        raise _refuse(uri, f"the server did not answer as an MLflow tracking server (HTTP {err.code} on its REST "
-                           "API)") from None
+        raise _refuse(uri, f"the server did not answer as an MLflow tracking server (HTTP {err.code} on its REST API)") from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise _refuse(uri, f"no MLflow server answered within {timeout:g} s ({reason}); start it or fix the "
-                           "address") from None
+        raise _refuse(uri, f"no MLflow server answered within {timeout:g} s ({reason}); start it or fix the address") from None
     experiment = body.get("experiment", {}) if isinstance(body, dict) else {}
     if experiment.get("lifecycle_stage") == "deleted":
-        raise ConfigError(f"logger.experiment_name={name!r} is not allowed: that experiment is deleted on "
-                          f"{uri}; {restore_hint(str(experiment.get('experiment_id')), uri)}")
+        raise ConfigError(
+            f"logger.experiment_name={name!r} is not allowed: that experiment is deleted on "
+            f"{uri}; {restore_hint(str(experiment.get('experiment_id')), uri)}"
+        )
 
 
 def check_database_driver(uri: str) -> None:
@@ -212,7 +234,10 @@ def check_database_driver(uri: str) -> None:
     try:
         make_url(uri).get_dialect().import_dbapi()
     except ImportError as err:
-        raise _refuse(uri, f"its database driver (the Python module {err.name or str(err)}) is not installed "
-                           "here; install it or use another store") from None
+        raise _refuse(
+            uri,
+            f"its database driver (the Python module {err.name or str(err)}) is not installed "
+            "here; install it or use another store",
+        ) from None
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
         raise _refuse(uri, str(err).splitlines()[0]) from None

@@ -67,8 +67,11 @@ def read_sweep(sweep_dir: Path) -> tuple[list[Cell], SweepCounts]:
     grid = sweep_dir / "summaries.jsonl"
     jobs = [] if grid.is_file() else [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
     for job in sorted(jobs):  # in the grid layout, job dirs are its sampled cells, already in summaries.jsonl
-        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) if \
-            (job / ".hydra" / "overrides.yaml").is_file() else []
+        overrides = (
+            yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+            if (job / ".hydra" / "overrides.yaml").is_file()
+            else []
+        )
         path = job / "summary.json"
         if not path.is_file():
             counts.failed += 1
@@ -131,12 +134,18 @@ def summary_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         gains = pd.Series([100 * (t - s) for t, s in zip(transfer, scratch)], dtype=float)
         low, high = paired_ci(gains)
         n = int(gains.notna().sum())
-        rows.append({**{k: values.get(k, "") for k in varying}, "n": n,
-                     "transfer": _fixed(_mean(transfer), "{:.4f}"), "scratch": _fixed(_mean(scratch), "{:.4f}"),
-                     "gain (points)": _fixed(_mean(list(gains)), "{:+.1f}"),
-                     "95% CI": "" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]",
-                     "verdict": verdict(low, high, n) if n else "",
-                     "prediction": ", ".join(sorted({_prediction(c.summary) for c in group} - {""}))})
+        rows.append(
+            {
+                **{k: values.get(k, "") for k in varying},
+                "n": n,
+                "transfer": _fixed(_mean(transfer), "{:.4f}"),
+                "scratch": _fixed(_mean(scratch), "{:.4f}"),
+                "gain (points)": _fixed(_mean(list(gains)), "{:+.1f}"),
+                "95% CI": "" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]",
+                "verdict": verdict(low, high, n) if n else "",
+                "prediction": ", ".join(sorted({_prediction(c.summary) for c in group} - {""})),
+            }
+        )
     return rows
 
 
@@ -167,8 +176,11 @@ def sweep_answer(sweep_dir: Path, tracking_uri: str | None, experiment: str | No
     lines = [text, f"sweep dir: {sweep_dir}"]
     if tracking_uri and experiment:
         lines.append(f"MLflow: mlflow ui --backend-store-uri {tracking_uri} (experiment {experiment!r})")
-        lines.append("report: python -m ptlab.report " + shlex.quote(experiment)
-                     + ("" if tracking_uri == "sqlite:///mlflow.db" else f" --tracking-uri {shlex.quote(tracking_uri)}"))
+        lines.append(
+            "report: python -m ptlab.report "
+            + shlex.quote(experiment)
+            + ("" if tracking_uri == "sqlite:///mlflow.db" else f" --tracking-uri {shlex.quote(tracking_uri)}")
+        )
     return "\n".join(lines)
 
 
@@ -184,8 +196,9 @@ def log_answer(sweep_dir: Path, tracking_uri: str, experiment: str) -> str | Non
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    run = client.create_run(found.experiment_id, run_name=f"sweep {sweep_dir.name}",
-                            tags={STAGE_TAG: "sweep", "ptlab.sweep_dir": str(sweep_dir)})
+    run = client.create_run(
+        found.experiment_id, run_name=f"sweep {sweep_dir.name}", tags={STAGE_TAG: "sweep", "ptlab.sweep_dir": str(sweep_dir)}
+    )
     client.log_artifact(run.info.run_id, str(sweep_dir / TABLE))
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
@@ -200,6 +213,10 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logger = config.get("logger", {})
         tracked = logger.get("kind", "none") != "none"
-        SweepSummary.started.append((Path(str(config.hydra.sweep.dir)).absolute(),
-                                     str(logger.get("tracking_uri")) if tracked else None,
-                                     str(logger.get("experiment_name")) if tracked else None))
+        SweepSummary.started.append(
+            (
+                Path(str(config.hydra.sweep.dir)).absolute(),
+                str(logger.get("tracking_uri")) if tracked else None,
+                str(logger.get("experiment_name")) if tracked else None,
+            )
+        )

@@ -65,12 +65,11 @@ def target_signal_norm(u_norm: float, v_norm: float) -> float:
     return math.hypot(u_norm, v_norm)
 
 
-def threshold_term(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float,
-                   sigma_p1: float, sigma_p2: float) -> float:
+def threshold_term(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float, sigma_p1: float, sigma_p2: float) -> float:
     """The transfer threshold term ``D*`` of Theorem 4.2 (``s2_norm`` is ``S2 = ||u + v2||``)."""
-    source_signal = _product(alpha ** 2, n1 ** 2, u_norm ** 4, divide(1.0, sigma_p1 ** 4))
-    target_signal = n2 ** 2 * divide(s2_norm ** 4, sigma_p2 ** 4)
-    source_noise = _product(alpha ** 2, n1, sigma_p2 ** 2, divide(1.0, sigma_p1 ** 2))
+    source_signal = _product(alpha**2, n1**2, u_norm**4, divide(1.0, sigma_p1**4))
+    target_signal = n2**2 * divide(s2_norm**4, sigma_p2**4)
+    source_noise = _product(alpha**2, n1, sigma_p2**2, divide(1.0, sigma_p1**2))
     if math.isinf(source_signal) and math.isinf(source_noise):
         # s1 -> 0 with alpha U > 0: the numerator grows as s1^-4, the denominator as s1^-2.
         return math.inf
@@ -79,26 +78,27 @@ def threshold_term(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float
 
 def scratch_threshold(n2: int, s2_norm: float, sigma_p2: float) -> float:
     """``N2 S2^4 / s2^4``: Theorem 4.3 puts scratch near-optimal for ``d <= that / C1'``."""
-    return n2 * divide(s2_norm ** 4, sigma_p2 ** 4)
+    return n2 * divide(s2_norm**4, sigma_p2**4)
 
 
 def gamma(alpha: float, n1: int, u_norm: float, sigma_p1: float, sigma_p2: float, d: int) -> float:
     """``Gamma = alpha^2 N1 U^4 / (s1^2 s2^2 d)`` of Proposition 4.4 (0 when alpha or u is 0)."""
-    return _product(alpha ** 2, n1, u_norm ** 4, divide(1.0, sigma_p1 ** 2 * sigma_p2 ** 2 * d))
+    return _product(alpha**2, n1, u_norm**4, divide(1.0, sigma_p1**2 * sigma_p2**2 * d))
 
 
 def signal_ratio(u_norm: float, s2_norm: float) -> float:
     """``S2^2 / U^2``: how little of the target signal is universal (inf when u = 0)."""
-    return divide(s2_norm ** 2, u_norm ** 2)
+    return divide(s2_norm**2, u_norm**2)
 
 
 def source_strength(alpha: float, n1: int, n2: int, sigma_p1: float, sigma_p2: float) -> float:
     """``alpha N1 s2^2 / (N2 s1^2)``: how much the transferred filters weigh against the target data."""
-    return _product(alpha, n1, sigma_p2 ** 2, divide(1.0, n2 * sigma_p1 ** 2))
+    return _product(alpha, n1, sigma_p2**2, divide(1.0, n2 * sigma_p1**2))
 
 
-def negative_transfer_ratio(alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float,
-                            sigma_p1: float, sigma_p2: float) -> float:
+def negative_transfer_ratio(
+    alpha: float, n1: int, n2: int, u_norm: float, s2_norm: float, sigma_p1: float, sigma_p2: float
+) -> float:
     """``(S2^2 / U^2) / (alpha N1 s2^2 / (N2 s1^2))``: >= 1 is the first inequality of the negative
     transfer condition (inf when u = 0 or alpha = 0)."""
     return divide(signal_ratio(u_norm, s2_norm), source_strength(alpha, n1, n2, sigma_p1, sigma_p2))
@@ -122,7 +122,12 @@ holds the paper's uncalibrated 1s and the values fitted by ``python -m ptlab.rep
 CONSTANT_KEYS = ("c1", "c3", "c1_prime", "c3_prime", "c4", "c_gamma", "c_ratio")
 
 RULE_CHAIN, RULE_REGIMES, RULE_GAMMA, RULE_BOTH_NEAR, RULE_NONE = (
-    "negative_transfer_chain", "regimes", "gamma", "both_near_optimal", "none")
+    "negative_transfer_chain",
+    "regimes",
+    "gamma",
+    "both_near_optimal",
+    "none",
+)
 """Which statement set the outcome (``TheoryPrediction.rule``)."""
 
 
@@ -145,7 +150,7 @@ def condition_4_1_ratio(setting: Setting) -> float:
     logarithms); ``S1 = S2`` here as both tasks' v has the norm ``v_norm``."""
     n = max(setting.n1, setting.n2)
     s = target_signal_norm(setting.u_norm, setting.v_norm)
-    need = max(n ** 2, n * divide(s ** 2, setting.sigma_p1 ** 2), n * divide(s ** 2, setting.sigma_p2 ** 2))
+    need = max(n**2, n * divide(s**2, setting.sigma_p1**2), n * divide(s**2, setting.sigma_p2**2))
     return divide(setting.d, need)
 
 
@@ -186,8 +191,9 @@ class TheoryPrediction:
         return {k: v for k, v in self.as_dict().items() if isinstance(v, str)}
 
 
-def outcome_and_rule(transfer_regime: str, scratch_regime: str, negative_condition: bool,
-                     gamma_large: bool = False) -> tuple[str, str]:
+def outcome_and_rule(
+    transfer_regime: str, scratch_regime: str, negative_condition: bool, gamma_large: bool = False
+) -> tuple[str, str]:
     """The outcome and the statement that sets it (module docstring: the order of the rules)."""
     if negative_condition:
         return NEGATIVE_TRANSFER, RULE_CHAIN
@@ -200,14 +206,22 @@ def outcome_and_rule(transfer_regime: str, scratch_regime: str, negative_conditi
     return UNDETERMINED, RULE_NONE
 
 
-def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool,
-                    gamma_large: bool = False) -> str:
+def predict_outcome(transfer_regime: str, scratch_regime: str, negative_condition: bool, gamma_large: bool = False) -> str:
     """Transfer helps / no difference / negative transfer / undetermined (``outcome_and_rule``)."""
     return outcome_and_rule(transfer_regime, scratch_regime, negative_condition, gamma_large)[0]
 
 
-def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: float, sigma_p2: float,
-            alpha: float, constants: TheoryConstants = TheoryConstants()) -> TheoryPrediction:
+def predict(
+    d: int,
+    n1: int,
+    n2: int,
+    u_norm: float,
+    v_norm: float,
+    sigma_p1: float,
+    sigma_p2: float,
+    alpha: float,
+    constants: TheoryConstants = TheoryConstants(),
+) -> TheoryPrediction:
     """All theory quantities for one synthetic setting."""
     s2_norm = target_signal_norm(u_norm, v_norm)
     d_star = threshold_term(alpha, n1, n2, u_norm, s2_norm, sigma_p1, sigma_p2)
@@ -221,11 +235,23 @@ def predict(d: int, n1: int, n2: int, u_norm: float, v_norm: float, sigma_p1: fl
     outcome, rule = outcome_and_rule(transfer_regime, scratch_regime, negative, big_gamma >= constants.c_gamma)
     condition = condition_4_1_ratio(Setting(d, n1, n2, u_norm, v_norm, sigma_p1, sigma_p2, alpha))
     return TheoryPrediction(
-        n=max(n1, n2), threshold_term=d_star, d_over_threshold=divide(d, d_star), scratch_threshold=scratch,
-        d_over_scratch_threshold=divide(d, scratch), gamma=big_gamma, signal_ratio=signal_ratio(u_norm, s2_norm),
-        source_strength=strength, negative_transfer_ratio=ratio, condition_4_1_ratio=condition,
-        condition_4_1=bool(condition >= 1), transfer_regime=transfer_regime, scratch_regime=scratch_regime,
-        negative_transfer_condition=negative, rule=rule, predicted=outcome)
+        n=max(n1, n2),
+        threshold_term=d_star,
+        d_over_threshold=divide(d, d_star),
+        scratch_threshold=scratch,
+        d_over_scratch_threshold=divide(d, scratch),
+        gamma=big_gamma,
+        signal_ratio=signal_ratio(u_norm, s2_norm),
+        source_strength=strength,
+        negative_transfer_ratio=ratio,
+        condition_4_1_ratio=condition,
+        condition_4_1=bool(condition >= 1),
+        transfer_regime=transfer_regime,
+        scratch_regime=scratch_regime,
+        negative_transfer_condition=negative,
+        rule=rule,
+        predicted=outcome,
+    )
 
 
 def predict_setting(setting: Setting, constants: TheoryConstants = TheoryConstants()) -> TheoryPrediction:
@@ -238,9 +264,16 @@ def setting_of(spec: PipelineSpec) -> Setting:
     (``transfer.kind: none``) alpha is 0, so the transfer model is the scratch model."""
     task, noise, transfer = spec.task, spec.noise, spec.transfer
     alpha = transfer.alpha if transfer.kind != "none" else 0.0
-    return Setting(d=int(task.d), n1=int(task.n1), n2=int(task.n2), u_norm=float(task.u_norm),
-                   v_norm=float(task.v_norm), sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2),
-                   alpha=float(alpha))
+    return Setting(
+        d=int(task.d),
+        n1=int(task.n1),
+        n2=int(task.n2),
+        u_norm=float(task.u_norm),
+        v_norm=float(task.v_norm),
+        sigma_p1=float(noise.sigma_p1),
+        sigma_p2=float(noise.sigma_p2),
+        alpha=float(alpha),
+    )
 
 
 def constants_of(theory: TheorySchema) -> TheoryConstants:

@@ -16,8 +16,13 @@ from ptlab.cli import compose_config
 REPO = Path(__file__).resolve().parent.parent
 
 SMALL = [
-    "task.d=200", "task.n1=40", "task.n2=10", "task.n_test=100",
-    "train.upstream_steps=60", "train.downstream_steps=30", "train.eval_every=10",
+    "task.d=200",
+    "task.n1=40",
+    "task.n2=10",
+    "task.n_test=100",
+    "train.upstream_steps=60",
+    "train.downstream_steps=30",
+    "train.eval_every=10",
     "model.width=8",
 ]
 """Overrides that make a synthetic pipeline take about a second."""
@@ -40,14 +45,18 @@ def tracking_uri(tmp_path: Path) -> str:
 def make_cfg(tracking_uri: str, tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg(*overrides, small=True)``: a composed config logging to the tmp_path store, with the
     upstream cache under tmp_path too."""
+
     def make(*overrides: str, small: bool = True) -> DictConfig:
-        return compose_config([f"logger.tracking_uri={tracking_uri}", *(SMALL if small else []),
-                               f"cache.dir={tmp_path / 'cache'}", *overrides])
+        return compose_config(
+            [f"logger.tracking_uri={tracking_uri}", *(SMALL if small else []), f"cache.dir={tmp_path / 'cache'}", *overrides]
+        )
+
     return make
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "ptlab", timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m <module> <args>`` in ``cwd`` (outputs land there) and capture its output."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible"))]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible")),
+]
 """``@pytest.mark.parametrize("device", DEVICES)``: the value is ``engine.device``."""

@@ -42,8 +42,7 @@ class Fault(pl.Callback):
         self.action, _, epoch = action.partition("@")
         self.epoch = int(epoch or 0)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.current_epoch < self.epoch:
             return
         if self.action == "sigterm":

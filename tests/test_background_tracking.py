@@ -35,15 +35,25 @@ def store_content(uri: str) -> list[dict[str, Any]]:
         names = {run.info.run_id: run.info.run_name for run in runs}
         for run in runs:
             tags = {key: names.get(value, value) for key, value in run.data.tags.items() if key not in VOLATILE_TAGS}
-            curves = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-                      for key in run.data.metrics}
+            curves = {
+                key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics
+            }
             artifacts = {}
             for item in client.list_artifacts(run.info.run_id):
                 text = Path(client.download_artifacts(run.info.run_id, item.path)).read_text()
                 artifacts[item.path] = re.sub(r"[0-9a-f]{32}", "<run id>", text)
-            content.append({"experiment": experiment.name, "experiment_tags": experiment.tags,
-                            "name": run.info.run_name, "status": run.info.status, "params": run.data.params,
-                            "tags": tags, "metrics": curves, "artifacts": artifacts})
+            content.append(
+                {
+                    "experiment": experiment.name,
+                    "experiment_tags": experiment.tags,
+                    "name": run.info.run_name,
+                    "status": run.info.status,
+                    "params": run.data.params,
+                    "tags": tags,
+                    "metrics": curves,
+                    "artifacts": artifacts,
+                }
+            )
     return content
 
 
@@ -55,15 +65,24 @@ def pipeline_calls(tracker: Any, picture: Path) -> dict[str, Any]:
     for stage, steps in (("upstream", 30), ("transfer", 20)):
         tracker.start_stage(stage)
         assert stage in tracker.children
-        tracker.log_curves({"train/loss": [(s, 1.0 / (s + 1)) for s in range(steps)],
-                            "test/acc": [(s, 0.5 + s / 100) for s in range(0, steps, 10)]}, stage=stage)
+        tracker.log_curves(
+            {
+                "train/loss": [(s, 1.0 / (s + 1)) for s in range(steps)],
+                "test/acc": [(s, 0.5 + s / 100) for s in range(0, steps, 10)],
+            },
+            stage=stage,
+        )
         tracker.log_metrics({"final/test_acc": 0.934, "final/train_loss": 0.1618588}, stage=stage, step=steps)
         tracker.log_dict([{"copied": 20, "total": 40}], "transfer_plan.json", stage=stage)
         tracker.end_stage(stage)
     tracker.log_artifact(picture)
     tracker.log_metrics({"transfer_test_acc": 0.934})
-    return {"parent": tracker.parent_run_id, "experiment": tracker.experiment_id,
-            "upstream": tracker.children.get("upstream"), "missing": tracker.children.get("scratch", "")}
+    return {
+        "parent": tracker.parent_run_id,
+        "experiment": tracker.experiment_id,
+        "upstream": tracker.children.get("upstream"),
+        "missing": tracker.children.get("scratch", ""),
+    }
 
 
 @pytest.fixture
@@ -108,12 +127,11 @@ def test_the_helper_stores_exactly_what_mlflow_tracker_stores(tmp_path: Path, pi
     assert [r.info.status for r in client.search_runs([ids["experiment"]])] == ["FINISHED"] * 3
 
 
-@pytest.mark.parametrize("error", [RuntimeError("diverged at step 3"), Terminated("signal SIGTERM"),
-                                   KeyboardInterrupt()])
-def test_a_failed_block_ends_the_runs_as_mlflow_tracker_does(tmp_path: Path, picture: Path,
-                                                             error: BaseException) -> None:
+@pytest.mark.parametrize("error", [RuntimeError("diverged at step 3"), Terminated("signal SIGTERM"), KeyboardInterrupt()])
+def test_a_failed_block_ends_the_runs_as_mlflow_tracker_does(tmp_path: Path, picture: Path, error: BaseException) -> None:
     """An exception in the block: the open stage and the parent end FAILED (KILLED for an interrupt), with the same
     ``ptlab.error`` tag, and the exception itself propagates."""
+
     def body(tracker: Any) -> None:
         with pytest.raises(type(error)), tracker:
             tracker.log_params({"seed": 0})
@@ -182,8 +200,7 @@ def test_a_server_that_is_down_is_the_same_one_line_error() -> None:
         tracker.log_params({"seed": 0})
         _ = tracker.experiment_id
     assert str(background.value) == str(inline.value)
-    assert str(background.value).startswith(f"logger.tracking_uri='{url}': the tracking store failed, the server "
-                                            "does not answer")
+    assert str(background.value).startswith(f"logger.tracking_uri='{url}': the tracking store failed, the server does not answer")
 
 
 KILLED_MID_RUN = """
@@ -201,8 +218,13 @@ def test_a_main_process_killed_mid_run_leaves_no_run_running(tmp_path: Path) -> 
     """SIGKILL to the main process (nothing can run there): the helper sees its pipe close and ends the runs FAILED
     with ``ptlab.error`` saying why, at once (not only when the next command finds them)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, "-c", KILLED_MID_RUN, uri], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_RUN, uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     client = MlflowClient(uri)
     deadline = time.monotonic() + 60
@@ -212,7 +234,9 @@ def test_a_main_process_killed_mid_run_leaves_no_run_running(tmp_path: Path) -> 
             break
         time.sleep(0.2)
     assert sorted((r.data.tags["ptlab.stage"], r.info.status, r.data.tags.get("ptlab.error", "")) for r in runs) == [
-        ("pipeline", "FAILED", f"RuntimeError: {VANISHED_ERROR}"), ("upstream", "FAILED", "")]
+        ("pipeline", "FAILED", f"RuntimeError: {VANISHED_ERROR}"),
+        ("upstream", "FAILED", ""),
+    ]
 
 
 def test_a_helper_that_dies_is_one_line_and_its_runs_are_left_to_the_next_command(tmp_path: Path) -> None:
@@ -230,8 +254,10 @@ def test_a_helper_that_dies_is_one_line_and_its_runs_are_left_to_the_next_comman
         tracker._helper.process.wait()
         tracker.log_metrics({"x": 1.0}, stage="upstream")
         _ = tracker.parent_run_id
-    assert str(error.value) == (f"logger.tracking_uri={uri!r}: the tracking process ended unexpectedly (exit code -9); "
-                                "runs this command left RUNNING are marked FAILED by the next ptlab command on this store")
+    assert str(error.value) == (
+        f"logger.tracking_uri={uri!r}: the tracking process ended unexpectedly (exit code -9); "
+        "runs this command left RUNNING are marked FAILED by the next ptlab command on this store"
+    )
     run = MlflowClient(uri).get_run(parent)
     assert run.info.status == "RUNNING" and is_vanished(run.data.tags[PROCESS_TAG])
 
@@ -248,11 +274,19 @@ def test_a_sigterm_in_the_block_ends_the_helpers_runs_killed(tmp_path: Path) -> 
     assert {r.info.status for r in MlflowClient(uri).search_runs(["1"])} == {"KILLED"}
 
 
-@pytest.mark.parametrize(("overrides", "multirun", "expected"), [
-    ((), False, True), ((), True, False), (("logger=none",), False, False),
-    (("resume.skip_finished=always",), False, False), (("task=cifar10",), False, False)])
-def test_which_runs_track_in_the_background(make_cfg: Callable[..., Any], overrides: tuple[str, ...], multirun: bool,
-                                            expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "multirun", "expected"),
+    [
+        ((), False, True),
+        ((), True, False),
+        (("logger=none",), False, False),
+        (("resume.skip_finished=always",), False, False),
+        (("task=cifar10",), False, False),
+    ],
+)
+def test_which_runs_track_in_the_background(
+    make_cfg: Callable[..., Any], overrides: tuple[str, ...], multirun: bool, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A single synthetic run with MLflow, while MLflow is not loaded yet; never a multirun's job (a reused worker
     loads MLflow once for all its jobs) or a run that reads the store first."""
     cfg = make_cfg(*overrides, small=False)
@@ -271,8 +305,14 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in ("mlflow", "s
 
 
 def test_the_pipeline_modules_load_without_mlflow() -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -291,13 +331,20 @@ def test_a_default_run_tracks_through_the_helper_the_same_store_as_in_process(tm
     for kind in ("background", "inline"):
         (tmp_path / kind).mkdir()
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ptlab", *args], cwd=tmp_path / "background",
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ptlab", *args],
+        cwd=tmp_path / "background",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" in imported and not [name for name in imported if name.startswith("mlflow")]
-    inline = subprocess.run([sys.executable, "-c", INLINE, *args], cwd=tmp_path / "inline", capture_output=True,
-                            text=True, timeout=600, env=env)
+    inline = subprocess.run(
+        [sys.executable, "-c", INLINE, *args], cwd=tmp_path / "inline", capture_output=True, text=True, timeout=600, env=env
+    )
     assert inline.returncode == 0, inline.stderr[-3000:]
     contents = [store_content(f"sqlite:///{tmp_path / kind / 'mlflow.db'}") for kind in ("background", "inline")]
     for content in contents:

@@ -22,12 +22,18 @@ BAD = [
     (["noise.sigma_p1=-inf"], "noise.sigma_p1=-inf is not allowed"),
     (["task.d=1000000000000"], "task.d=1000000000000 is not allowed: the synthetic data and models need about"),
     (["model.width=1000000000000"], "model.width=1000000000000 is not allowed: the synthetic data"),
-    (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=missing_data"],
-     "task.data_dir='missing_data' is not allowed: no cifar-10-batches-py/"),
-    (["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=missing_fashion"],
-     "task.data_dir='missing_fashion' is not allowed: no Fashion-MNIST IDX files"),
-    (["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=BAD_IDX"],
-     "task.data_dir='BAD_IDX' is not allowed: train-images-idx3-ubyte is not an IDX file"),
+    (
+        ["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=missing_data"],
+        "task.data_dir='missing_data' is not allowed: no cifar-10-batches-py/",
+    ),
+    (
+        ["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=missing_fashion"],
+        "task.data_dir='missing_fashion' is not allowed: no Fashion-MNIST IDX files",
+    ),
+    (
+        ["task=fashion_mnist", "+pair=vgg16_small_vgg11_small", "task.data_dir=BAD_IDX"],
+        "task.data_dir='BAD_IDX' is not allowed: train-images-idx3-ubyte is not an IDX file",
+    ),
     ([*IMAGE, "model.weights_path=nope.pth"], "model.weights_path='nope.pth' is not allowed: no such file"),
     ([*IMAGE, "upstream_model.weights_path=GARBAGE"], "upstream_model.weights_path='GARBAGE' is not allowed: not a "),
     (["cache.dir=A_FILE"], "cache.dir='A_FILE' is not allowed"),
@@ -45,12 +51,15 @@ BAD = [
     (["engine=nosuch"], "engine=nosuch is not an option: choose one of gram, lightning"),
     (["engine=gram", *IMAGE], "task=digits is not allowed with engine=gram"),
     (["seed=-1"], "seed=-1 is not allowed"),
-    ([*IMAGE, "task=image_folder", "task.root=missing_images", "task.task2_classes=[cat]"],
-     "task.root='missing_images' is not allowed: no such folder"),
-    ([*IMAGE, "task=image_folder", "task.root=EMPTY", "task.task2_classes=[cat]"],
-     "task.root='EMPTY' is not allowed: "),
-    ([*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
-     "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small"),
+    (
+        [*IMAGE, "task=image_folder", "task.root=missing_images", "task.task2_classes=[cat]"],
+        "task.root='missing_images' is not allowed: no such folder",
+    ),
+    ([*IMAGE, "task=image_folder", "task.root=EMPTY", "task.task2_classes=[cat]"], "task.root='EMPTY' is not allowed: "),
+    (
+        [*IMAGE, "model=torchvision", "model.arch=mobilenet_v3_smal"],
+        "model.arch='mobilenet_v3_smal' is not allowed: not a model of the library (close names: mobilenet_v3_small",
+    ),
     (["model.activation=tanh"], "model.activation='tanh' is not allowed: must be one of relu, relu_q, leaky_relu"),
     (["upstream_model=toy_cnn", "upstream_model.bias=true"], "upstream_model.bias=True is not allowed with engine=gram"),
 ]
@@ -61,8 +70,12 @@ def test_bad_input_stops_before_anything_is_tracked(tmp_path: Path, overrides: l
     (tmp_path / "A_FILE").write_text("not a folder")
     (tmp_path / "GARBAGE").write_bytes(b"\x00not a torch file")
     (tmp_path / "EMPTY" / "cat").mkdir(parents=True)  # a class folder without images
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):  # Fashion-MNIST's four files, not in the IDX format
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):  # Fashion-MNIST's four files, not in the IDX format
         (tmp_path / "BAD_IDX").mkdir(exist_ok=True)
         (tmp_path / "BAD_IDX" / name).write_bytes(b"\x08\x03 not IDX")
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -81,17 +94,26 @@ def test_a_state_dict_file_is_accepted_as_weights(tmp_path: Path) -> None:
     from ptlab.checks import check_weights
 
     torch.save({"fc.bias": torch.zeros(2), "other": torch.zeros(3)}, tmp_path / "w.pth")  # one tensor fits
-    check_weights("model", {"_target_": "ptlab.models.build_torchvision_cnn", "arch": "resnet18", "width": 0.25,
-                            "weights_path": str(tmp_path / "w.pth")})
+    check_weights(
+        "model",
+        {
+            "_target_": "ptlab.models.build_torchvision_cnn",
+            "arch": "resnet18",
+            "width": 0.25,
+            "weights_path": str(tmp_path / "w.pth"),
+        },
+    )
 
 
 def test_a_run_whose_loss_is_not_finite_fails_with_one_line(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "noise.sigma_p1=1e30", "hydra.run.dir=out",
-                    "cache.dir=cache"], cwd=tmp_path)
+    done = run_cli(
+        [*SMALL, f"logger.tracking_uri={uri}", "noise.sigma_p1=1e30", "hydra.run.dir=out", "cache.dir=cache"], cwd=tmp_path
+    )
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == ("ptlab: stage upstream diverged at step 1: the loss is nan; "
-                                                     "lower train.lr (now 0.01)")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ptlab: stage upstream diverged at step 1: the loss is nan; lower train.lr (now 0.01)"
+    )
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2
@@ -135,17 +157,28 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # resume.skip_finished=always keeps the tracker in this process (a single run's helper process marks the runs of a
     # killed run FAILED itself: tests/test_background_tracking.py), so its runs stay RUNNING for the next command
-    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=killed", "cache.dir=cache",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=kill", "resume.skip_finished=always"]
-    process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    slow = [
+        "engine=lightning",
+        "task.d=300",
+        "train.upstream_steps=100000",
+        "hydra.run.dir=killed",
+        "cache.dir=cache",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=kill",
+        "resume.skip_finished=always",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     client, experiment = wait_for_runs(tmp_path / "mlflow.db", "kill", process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]
-    done = run_cli([*SMALL, f"logger.tracking_uri={uri}", "logger.experiment_name=kill", "hydra.run.dir=next",
-                    "cache.dir=cache"], cwd=tmp_path)
+    done = run_cli(
+        [*SMALL, f"logger.tracking_uri={uri}", "logger.experiment_name=kill", "hydra.run.dir=next", "cache.dir=cache"],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     runs = client.search_runs([experiment.experiment_id])
     assert sum(r.info.status == "RUNNING" for r in runs) == 0
@@ -172,10 +205,18 @@ def test_a_signal_marks_the_runs_killed_and_exits_with_its_code(tmp_path: Path, 
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=100000", "hydra.run.dir=out", "cache.dir=cache",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=signal"]
-    process = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    slow = [
+        "engine=lightning",
+        "task.d=300",
+        "train.upstream_steps=100000",
+        "hydra.run.dir=out",
+        "cache.dir=cache",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=signal",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     client, experiment = wait_for_runs(tmp_path / "mlflow.db", "signal", process)
     process.send_signal(getattr(signal, signum))
     _, stderr = process.communicate(timeout=120)

@@ -26,8 +26,7 @@ def test_plain_loop_gives_the_pipelines_accuracies(make_cfg, tmp_path: Path, see
     """Same data, inits and filter choice from the same seed: autograd GD and the gram engine end at the same
     accuracies (the losses agree to float32 rounding)."""
     loop = plain_loop()
-    plain = loop.pipeline(loop.Settings(seed=seed, d=200, n1=40, n2=10, n_test=100, width=8, t1=60, t2=30,
-                                        eval_every=10))
+    plain = loop.pipeline(loop.Settings(seed=seed, d=200, n1=40, n2=10, n_test=100, width=8, t1=60, t2=30, eval_every=10))
     summary = run_pipeline(make_cfg("logger=none", f"seed={seed}", "cache.enabled=false"), tmp_path / "out")
     for stage in ("upstream", "transfer", "scratch"):
         assert summary[stage]["train_acc"] == pytest.approx(plain[stage]["train_acc"], abs=1e-7)

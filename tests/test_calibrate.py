@@ -35,8 +35,15 @@ from ptlab.report.runs import one_run_per_seed, paired_ci, seed_stats, verdict
 from ptlab.theory import scratch_threshold, target_signal_norm, threshold_term
 from tests.conftest import run_cli
 
-BASE = {"params.task.n1": "200", "params.task.n2": "20", "params.task.v_norm": "2.0", "params.noise.sigma_p1": "1.0",
-        "params.noise.sigma_p2": "1.0", "params.transfer.alpha": "0.5", "params.transfer.kind": "filters"}
+BASE = {
+    "params.task.n1": "200",
+    "params.task.n2": "20",
+    "params.task.v_norm": "2.0",
+    "params.noise.sigma_p1": "1.0",
+    "params.noise.sigma_p2": "1.0",
+    "params.transfer.alpha": "0.5",
+    "params.transfer.kind": "filters",
+}
 TRUE_C, TRUE_C_PRIME = 3.0, 0.5
 D_GRID = [250, 350, 500, 700, 1000, 1400, 2000, 2800, 4000, 5600, 8000]
 U_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
@@ -48,8 +55,8 @@ def accuracy(d: float, threshold: float, c: float) -> float:
 
 def synthetic_runs(seeds: int = 4, d_grid=D_GRID, u_grid=U_GRID) -> pd.DataFrame:
     """A grid whose transfer / scratch regimes follow C = 3 and C' = 0.5 exactly, with a seed jitter, so the
-    paired verdicts are those the regimes imply (equal regimes: no detectable difference, but transfer
-0.2 points worse at ||u|| = 0)."""
+        paired verdicts are those the regimes imply (equal regimes: no detectable difference, but transfer
+    0.2 points worse at ||u|| = 0)."""
     rows = []
     for d, u, seed in itertools.product(d_grid, u_grid, range(seeds)):
         s2 = target_signal_norm(u, 2.0)
@@ -57,8 +64,16 @@ def synthetic_runs(seeds: int = 4, d_grid=D_GRID, u_grid=U_GRID) -> pd.DataFrame
         scratch = accuracy(d, scratch_threshold(20, s2, 1.0), TRUE_C_PRIME)
         jitter = 0.0004 * (seed - 1.5)
         transfer -= 0.002 if u == 0 else 0.0  # negative transfer without a universal signal
-        rows.append({**BASE, "params.task.d": str(d), "params.task.u_norm": str(u), "params.seed": str(seed),
-                     "metrics.transfer_test_acc": transfer + jitter, "metrics.scratch_test_acc": scratch + jitter / 2})
+        rows.append(
+            {
+                **BASE,
+                "params.task.d": str(d),
+                "params.task.u_norm": str(u),
+                "params.seed": str(seed),
+                "metrics.transfer_test_acc": transfer + jitter,
+                "metrics.scratch_test_acc": scratch + jitter / 2,
+            }
+        )
     frame = pd.DataFrame(rows)
     frame["metrics.transfer_gain"] = frame["metrics.transfer_test_acc"] - frame["metrics.scratch_test_acc"]
     frame["start_time"] = range(len(frame))
@@ -169,8 +184,9 @@ def test_a_seed_repeated_under_another_config_hash_counts_once() -> None:
 def test_the_phase_model_is_the_best_storable_candidate_by_cross_validation(calibrated) -> None:
     assert set(calibrated.phase_cv) == {c.key for c in FEW}
     best = max(FEW, key=lambda c: calibrated.phase_cv[c.key])
-    assert calibrated.phase.name.startswith({"logistic": "logistic (C", "pairs": "logistic with pairwise",
-                                             "tree": "tree"}[best.kind])
+    assert calibrated.phase.name.startswith(
+        {"logistic": "logistic (C", "pairs": "logistic with pairwise", "tree": "tree"}[best.kind]
+    )
     scores = {"forest:4/9": 0.99, "logistic:1/9": 0.8, "tree:3/9": 0.8, "pairs:0.1/13": 0.79}
     candidates = [Candidate("forest", 4), *FEW]
     assert choose_candidate(scores, candidates) == Candidate("logistic", 1.0)  # never a reference; ties: earlier
@@ -184,8 +200,11 @@ def test_replicate_verdicts_follow_the_reports_paired_t_rule() -> None:
     for method in ("bootstrap", "normal"):
         verdicts = replicate_verdicts(gains, method, 50, np.random.default_rng(7))
         rng = np.random.default_rng(7)
-        draws = (gains[rng.integers(0, 8, size=(50, 8))] if method == "bootstrap"
-                 else rng.normal(gains.mean(), gains.std(ddof=1), size=(50, 8)))
+        draws = (
+            gains[rng.integers(0, 8, size=(50, 8))]
+            if method == "bootstrap"
+            else rng.normal(gains.mean(), gains.std(ddof=1), size=(50, 8))
+        )
         expected = [{"better": 1, "worse": -1}.get(verdict(*paired_ci(pd.Series(row)), 8), 0) for row in draws]
         assert verdicts.tolist() == expected and len(set(expected)) > 1
     with pytest.raises(ValueError, match="method=exact"):
@@ -224,22 +243,56 @@ def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path,
     from ptlab.report.cli import main
 
     box = tmp_path / "box.yaml"
-    box.write_text("box:\n  task.d: {low: 100, high: 400, scale: log, type: int}\n"
-                   "  task.u_norm: {low: 0.0, high: 3.0, p_low: 0.3}\n  task.n1: 40\n")
+    box.write_text(
+        "box:\n  task.d: {low: 100, high: 400, scale: log, type: int}\n"
+        "  task.u_norm: {low: 0.0, high: 3.0, p_low: 0.3}\n  task.n1: 40\n"
+    )
     held_uri = f"sqlite:///{tmp_path / 'held.db'}"
     for seed, name, uri in ((1, "fit_design", tracking_uri), (2, "held_design", held_uri)):
         design = tmp_path / f"d{seed}.yaml"
-        assert main(["design", "--seed", str(seed), "--cells", "4", "--seeds", "3", "--box", str(box),
-                     "--out", str(design)]) == 0
-        done = run_cli(["-m", "experiment=calibration", f"hydra.sweeper.cells={design}", *TINY,
-                        f"logger.tracking_uri={uri}", f"logger.experiment_name={name}",
-                        f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / name}"], tmp_path)
+        assert main(["design", "--seed", str(seed), "--cells", "4", "--seeds", "3", "--box", str(box), "--out", str(design)]) == 0
+        done = run_cli(
+            [
+                "-m",
+                "experiment=calibration",
+                f"hydra.sweeper.cells={design}",
+                *TINY,
+                f"logger.tracking_uri={uri}",
+                f"logger.experiment_name={name}",
+                f"cache.dir={tmp_path / 'cache'}",
+                f"hydra.sweep.dir={tmp_path / name}",
+            ],
+            tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     out, phase = tmp_path / "cal", tmp_path / "phase.yaml"
-    assert main(["calibrate", "--fit", "fit_design", "--held-out", "held_design", "--min-seeds", "3",
-                 "--tracking-uri", tracking_uri, "--held-out-tracking-uri", held_uri, "--out", str(out),
-                 "--box", str(box), "--ceiling", "--write", str(tmp_path / "calibrated.yaml"),
-                 "--write-phase", str(phase)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--fit",
+                "fit_design",
+                "--held-out",
+                "held_design",
+                "--min-seeds",
+                "3",
+                "--tracking-uri",
+                tracking_uri,
+                "--held-out-tracking-uri",
+                held_uri,
+                "--out",
+                str(out),
+                "--box",
+                str(box),
+                "--ceiling",
+                "--write",
+                str(tmp_path / "calibrated.yaml"),
+                "--write-phase",
+                str(phase),
+            ]
+        )
+        == 0
+    )
     text = (out / "calibration.txt").read_text()
     assert "noise ceiling, held-out cells (4), bootstrap" in text and "noise ceiling, fit cells (4), normal" in text
     cells = pd.read_csv(out / "calibration_cells.csv")
@@ -252,9 +305,36 @@ def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path,
     assert main(["calibrate", "--fit", "no_such_experiment", "--tracking-uri", tracking_uri]) == 2
     assert main(["calibrate", "--fit", "fit_design", "--held-out", "fit_design", "--tracking-uri", tracking_uri]) == 2
     # A design run again under another name shares its run seeds: it cannot be held out.
-    done = run_cli(["-m", "experiment=calibration", f"hydra.sweeper.cells={tmp_path / 'd1.yaml'}", *TINY,
-                    "transfer.alpha=0.3", f"logger.tracking_uri={tracking_uri}", "logger.experiment_name=again",
-                    f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'again'}"], tmp_path)
+    done = run_cli(
+        [
+            "-m",
+            "experiment=calibration",
+            f"hydra.sweeper.cells={tmp_path / 'd1.yaml'}",
+            *TINY,
+            "transfer.alpha=0.3",
+            f"logger.tracking_uri={tracking_uri}",
+            "logger.experiment_name=again",
+            f"cache.dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'again'}",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert main(["calibrate", "--fit", "fit_design", "--held-out", "again", "--min-seeds", "3",
-                 "--tracking-uri", tracking_uri, "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--fit",
+                "fit_design",
+                "--held-out",
+                "again",
+                "--min-seeds",
+                "3",
+                "--tracking-uri",
+                tracking_uri,
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )

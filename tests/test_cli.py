@@ -73,19 +73,21 @@ def test_preset_sweeps_are_checked_with_their_own_params():
 
 
 def test_a_model_that_does_not_fit_the_task_is_rejected():
-    assert ("model=toy_cnn is not allowed with task=digits: must be an image model"
-            in preflight(["task=digits", "model=toy_cnn"]))
+    assert "model=toy_cnn is not allowed with task=digits: must be an image model" in preflight(["task=digits", "model=toy_cnn"])
     assert "is not allowed with task=synthetic: must be toy_cnn" in preflight(["model=resnet18"])
     assert preflight(["task=digits", "+pair=vgg16_small_vgg11_small"]) is None
 
 
 def test_what_the_gram_engine_cannot_run_is_rejected_before_anything_runs():
-    assert ("transfer.kind='layers' is not allowed with engine=gram: must be one of none, filters"
-            in preflight(["engine=gram", "transfer=layers"]))
-    assert ("task=digits is not allowed with engine=gram: must be synthetic"
-            in preflight(["engine=gram", "task=digits", "+pair=vgg16_small_vgg11_small"]))
-    assert ("upstream_model.width=8 is not allowed with engine=gram: filter transfer needs equal weight shapes"
-            in preflight(["engine=gram", "upstream_model=toy_cnn", "upstream_model.width=8"]))
+    assert "transfer.kind='layers' is not allowed with engine=gram: must be one of none, filters" in preflight(
+        ["engine=gram", "transfer=layers"]
+    )
+    assert "task=digits is not allowed with engine=gram: must be synthetic" in preflight(
+        ["engine=gram", "task=digits", "+pair=vgg16_small_vgg11_small"]
+    )
+    assert "upstream_model.width=8 is not allowed with engine=gram: filter transfer needs equal weight shapes" in preflight(
+        ["engine=gram", "upstream_model=toy_cnn", "upstream_model.width=8"]
+    )
     assert "is not allowed with engine=gram" in preflight(["-m", "engine=lightning,gram", "transfer=layers"])
     assert preflight(["engine=gram", "transfer=none", "upstream_model=toy_cnn", "upstream_model.width=8"]) is None
 
@@ -117,8 +119,9 @@ def test_a_run_composes_its_config_once_and_writes_what_hydra_main_writes(tmp_pa
     args = [*SMALL, "logger=none", "cache.enabled=false", "seed=2"]
     counted = []
     original = ConfigLoaderImpl.load_configuration
-    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration",
-                        lambda self, *a, **k: counted.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(
+        ConfigLoaderImpl, "load_configuration", lambda self, *a, **k: counted.append(1) or original(self, *a, **k)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["ptlab", *args, "hydra.run.dir=composed"])
     ptlab.cli.main()
@@ -130,14 +133,23 @@ def test_a_run_composes_its_config_once_and_writes_what_hydra_main_writes(tmp_pa
         out = tmp_path / folder
         hydra = OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra
         summary = json.loads((out / "summary.json").read_text())
-        return {"config": OmegaConf.load(out / ".hydra" / "config.yaml"),
-                "overrides": OmegaConf.load(out / ".hydra" / "overrides.yaml"),
-                "hydra": {"mode": hydra.mode, "overrides": hydra.overrides.hydra[-1:], "job": hydra.job.name,
-                          "choices": hydra.runtime.choices, "callbacks": hydra.callbacks},
-                "log": [re.sub(r"\(\d+\.\d+ s\)", "(t s)", line.split(" - ", 1)[1])  # timings differ between runs
-                        for line in (out / "ptlab.log").read_text().splitlines()
-                        if " - " in line and " done in " not in line],
-                "results": {stage: summary[stage]["test_acc"] for stage in ("upstream", "transfer", "scratch")}}
+        return {
+            "config": OmegaConf.load(out / ".hydra" / "config.yaml"),
+            "overrides": OmegaConf.load(out / ".hydra" / "overrides.yaml"),
+            "hydra": {
+                "mode": hydra.mode,
+                "overrides": hydra.overrides.hydra[-1:],
+                "job": hydra.job.name,
+                "choices": hydra.runtime.choices,
+                "callbacks": hydra.callbacks,
+            },
+            "log": [
+                re.sub(r"\(\d+\.\d+ s\)", "(t s)", line.split(" - ", 1)[1])  # timings differ between runs
+                for line in (out / "ptlab.log").read_text().splitlines()
+                if " - " in line and " done in " not in line
+            ],
+            "results": {stage: summary[stage]["test_acc"] for stage in ("upstream", "transfer", "scratch")},
+        }
 
     composed, hydra_main = written("composed"), written("hydra_main")
     assert composed == hydra_main

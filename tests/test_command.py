@@ -40,14 +40,22 @@ def test_console_scripts_name_the_hydra_app_and_the_report():
     assert scripts["ptlab"] == "ptlab.cli:main"
     assert scripts["ptlab-report"] == "ptlab.report.cli:main"
     assert scripts["ptlab-predict"] == "ptlab.predict:main"
-    result = subprocess.run([sys.executable, "-m", "ptlab.report", "--help"], capture_output=True, text=True,
-                            env=_env(), cwd=REPO, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "ptlab.report", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: ptlab-report ")
 
 
 def test_help_leads_with_examples_and_lists_only_the_groups_a_user_picks(ptlab_bin: Path, tmp_path: Path):
-    result = subprocess.run(["ptlab", "--help"], capture_output=True, text=True, env=_env(ptlab_bin),
-                            cwd=tmp_path, timeout=120, check=False)
+    result = subprocess.run(
+        ["ptlab", "--help"], capture_output=True, text=True, env=_env(ptlab_bin), cwd=tmp_path, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "usage: ptlab " in text and "__main__" not in text
@@ -59,12 +67,19 @@ def test_help_leads_with_examples_and_lists_only_the_groups_a_user_picks(ptlab_b
     for group, options in groups.items():
         assert f"  {group} " in text
         assert all(option in text for option in options)
-    assert "eval \"$(ptlab -sc install=bash)\"" in text
+    assert 'eval "$(ptlab -sc install=bash)"' in text
 
 
 def test_shell_completion_without_a_command_says_how_to_install_it(ptlab_bin: Path, tmp_path: Path):
-    result = subprocess.run(["ptlab", "--shell-completion"], capture_output=True, text=True,
-                            env=_env(ptlab_bin), cwd=tmp_path, timeout=120, check=False)
+    result = subprocess.run(
+        ["ptlab", "--shell-completion"],
+        capture_output=True,
+        text=True,
+        env=_env(ptlab_bin),
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert 'eval "$(ptlab -sc install=bash)"' in result.stdout and "bashcompinit" in result.stdout
 
@@ -81,8 +96,15 @@ printf '%s\\n' "${COMPREPLY[@]}"
 
 
 def test_bash_completion_installs_and_completes_group_options(ptlab_bin: Path, tmp_path: Path):
-    result = subprocess.run(["bash", "--norc", "-c", COMPLETE], capture_output=True, text=True,
-                            env=_env(ptlab_bin), cwd=tmp_path, timeout=120, check=False)
+    result = subprocess.run(
+        ["bash", "--norc", "-c", COMPLETE],
+        capture_output=True,
+        text=True,
+        env=_env(ptlab_bin),
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     registered, *candidates = result.stdout.splitlines()
     assert registered.endswith("-F hydra_bash_completion ptlab")
@@ -104,7 +126,14 @@ compgen -o nospace -o default -F hydra_bash_completion -- task=ci
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_completion_through_bashcompinit(ptlab_bin: Path, tmp_path: Path):
     """zsh runs the bash completion through bashcompinit's ``compgen -F`` (in sh emulation), as on a Tab."""
-    result = subprocess.run(["zsh", "-f", "-c", ZSH_COMPLETE], capture_output=True, text=True,
-                            env=_env(ptlab_bin), cwd=tmp_path, timeout=120, check=False)
+    result = subprocess.run(
+        ["zsh", "-f", "-c", ZSH_COMPLETE],
+        capture_output=True,
+        text=True,
+        env=_env(ptlab_bin),
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["task=cifar10", "task=cifar100"]

@@ -39,8 +39,9 @@ def toy_pair(width: int = 40, d: int = 200) -> tuple[TwoLayerReLUCNN, TwoLayerRe
     return source, TwoLayerReLUCNN(d, width, 0.01).double()
 
 
-def controlled_toy(control: str, seed: int = 3, alpha: float = 0.5
-                   ) -> tuple[TwoLayerReLUCNN, TwoLayerReLUCNN, list, torch.Tensor]:
+def controlled_toy(
+    control: str, seed: int = 3, alpha: float = 0.5
+) -> tuple[TwoLayerReLUCNN, TwoLayerReLUCNN, list, torch.Tensor]:
     source, target = toy_pair()
     fresh = target.weight.detach().clone()
     plan = Transfer(source, alpha, "random", seed=0, control=control, control_seed=seed).apply(target)
@@ -62,7 +63,7 @@ def test_norm_matched_keeps_each_norm_and_draws_an_independent_direction() -> No
     cos = torch.nn.functional.cosine_similarity(got, inherited, dim=1)
     d, n = got.shape[1], len(cos)
     # a random direction's squared cosine with a fixed vector has mean 1/d, sd about sqrt(2)/d: 80 units, 3 sds
-    assert abs(cos.pow(2).mean().item() - 1 / d) < 3 * (2 ** 0.5 / d) / n ** 0.5
+    assert abs(cos.pow(2).mean().item() - 1 / d) < 3 * (2**0.5 / d) / n**0.5
     assert cos.abs().max() < 0.35
     again = controlled_toy("norm_matched", alpha=1.0)[1].weight
     other = controlled_toy("norm_matched", seed=4, alpha=1.0)[1].weight
@@ -129,14 +130,18 @@ def test_unknown_control_is_refused_by_the_function() -> None:
         apply_control("flipped", [], 0)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["transfer.control=flipped"], "transfer.control='flipped' is not allowed: must be one of none, norm_matched, "
-                                   "shuffled"),
-    (["train.scratch_budget=double"], "train.scratch_budget='double' is not allowed: must be one of downstream, matched"),
-    (["task.test_space=response", "transfer.control=shuffled"], "transfer.control=shuffled is not allowed with the gram"),
-    (["task.test_space=response", "transfer.control=norm_matched"],
-     "transfer.control=norm_matched is not allowed with engine=gram and task.test_space=response"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["transfer.control=flipped"], "transfer.control='flipped' is not allowed: must be one of none, norm_matched, shuffled"),
+        (["train.scratch_budget=double"], "train.scratch_budget='double' is not allowed: must be one of downstream, matched"),
+        (["task.test_space=response", "transfer.control=shuffled"], "transfer.control=shuffled is not allowed with the gram"),
+        (
+            ["task.test_space=response", "transfer.control=norm_matched"],
+            "transfer.control=norm_matched is not allowed with engine=gram and task.test_space=response",
+        ),
+    ],
+)
 def test_refusals_name_the_key(make_cfg, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(make_cfg(*overrides))
@@ -144,10 +149,17 @@ def test_refusals_name_the_key(make_cfg, overrides: list[str], message: str) -> 
 
 
 def test_layer_transfer_refuses_controls(make_cfg) -> None:
-    cfg = make_cfg("task=digits", "model=deit_tiny", "upstream_model=deit_tiny", "transfer=layers",
-                   "transfer.control=norm_matched", small=False)
-    with pytest.raises(ConfigError, match="transfer.control='norm_matched' is not allowed: must be none with "
-                                          "transfer.kind=layers"):
+    cfg = make_cfg(
+        "task=digits",
+        "model=deit_tiny",
+        "upstream_model=deit_tiny",
+        "transfer=layers",
+        "transfer.control=norm_matched",
+        small=False,
+    )
+    with pytest.raises(
+        ConfigError, match="transfer.control='norm_matched' is not allowed: must be none with transfer.kind=layers"
+    ):
         validate(cfg)
 
 
@@ -156,9 +168,12 @@ def test_cli_refuses_before_tracking(tmp_path: Path) -> None:
     no store written."""
     store = f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
     for args, message in (
-            ([store, "transfer.control=flipped"], "allowed: must be one of none, norm_matched, shuffled"),
-            (["-m", store, "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "transfer.control=shuffled",
-              "seed=0,1"], "transfer.control=shuffled is not allowed with the gram engine's batched cells")):
+        ([store, "transfer.control=flipped"], "allowed: must be one of none, norm_matched, shuffled"),
+        (
+            ["-m", store, "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "transfer.control=shuffled", "seed=0,1"],
+            "transfer.control=shuffled is not allowed with the gram engine's batched cells",
+        ),
+    ):
         done = run_cli(args, cwd=tmp_path)
         assert done.returncode == 2, done.stderr[-2000:]
         lines = done.stderr.strip().splitlines()
@@ -175,8 +190,15 @@ def test_cache_key_does_not_see_the_control(make_cfg) -> None:
 def test_batched_norm_matched_and_matched_scratch_equal_plain_gd(make_cfg) -> None:
     """The gram cells (batched sweep path) in float64: upstream by plain GD, the transfer's norm_matched start from the
     Lightning path's Transfer (same seed streams), the compute-matched scratch for upstream + downstream steps."""
-    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.1", "transfer.control=norm_matched",
-                         "train.scratch_budget=matched", "transfer.alpha=0.5"))
+    cfg = parse(
+        make_cfg(
+            "train.dtype=float64",
+            "task.label_noise=0.1",
+            "transfer.control=norm_matched",
+            "train.scratch_budget=matched",
+            "transfer.alpha=0.5",
+        )
+    )
     result = run_cells([GramCell.from_spec(cfg)])[0]
     data, lr = make_data(cfg), cfg.train.lr
     up_steps, down_steps = cfg.train.upstream_steps, cfg.train.downstream_steps
@@ -185,15 +207,22 @@ def test_batched_norm_matched_and_matched_scratch_equal_plain_gd(make_cfg) -> No
     upstream = build_model(cfg, "upstream")
     upstream.weight.data = plain_gd(upstream_init, data.task1_train.x, data.task1_train.y, lr, up_steps)
     start = build_model(cfg, "downstream")
-    plan = Transfer(upstream, 0.5, "random", derive_seed(cfg.seed, "selection"), control="norm_matched",
-                    control_seed=derive_seed(cfg.seed, "control")).apply(start)
+    plan = Transfer(
+        upstream,
+        0.5,
+        "random",
+        derive_seed(cfg.seed, "selection"),
+        control="norm_matched",
+        control_seed=derive_seed(cfg.seed, "control"),
+    ).apply(start)
     assert result.plan == [row.as_dict() for row in plan]
     mask = inherited_mask(plan, start.weight.shape)
     torch.testing.assert_close(start.weight.detach()[mask].norm(dim=1), upstream.weight.detach()[mask].norm(dim=1))
     noise = {1: data.task1_train.noise, 2: data.task2_train.noise}
     transfer = plain_gd(start.weight.detach(), data.task2_train.x, data.task2_train.y, lr, down_steps)
-    got = reconstruct_weights(result.stages["transfer"], data.directions.basis, noise, upstream_init, downstream_init,
-                              inherited=start.weight.detach())
+    got = reconstruct_weights(
+        result.stages["transfer"], data.directions.basis, noise, upstream_init, downstream_init, inherited=start.weight.detach()
+    )
     assert ((got - transfer).norm() / transfer.norm()).item() < 1e-9
     scratch = plain_gd(downstream_init, data.task2_train.x, data.task2_train.y, lr, up_steps + down_steps)
     got = reconstruct_weights(result.stages["scratch"], data.directions.basis, noise, upstream_init, downstream_init)
@@ -207,9 +236,15 @@ def test_batched_norm_matched_and_matched_scratch_equal_plain_gd(make_cfg) -> No
 
 def test_gram_cells_of_mixed_controls_equal_their_single_runs(make_cfg) -> None:
     """A batch of none / norm_matched, downstream / matched cells gives each what it gets alone."""
-    cfgs = [make_cfg("train.dtype=float64", f"transfer.control={c}", f"train.scratch_budget={b}", f"task.u_norm={u}")
-            for c, b, u in (("none", "downstream", 1.0), ("norm_matched", "downstream", 1.0),
-                            ("norm_matched", "matched", 0.0), ("none", "matched", 2.0))]
+    cfgs = [
+        make_cfg("train.dtype=float64", f"transfer.control={c}", f"train.scratch_budget={b}", f"task.u_norm={u}")
+        for c, b, u in (
+            ("none", "downstream", 1.0),
+            ("norm_matched", "downstream", 1.0),
+            ("norm_matched", "matched", 0.0),
+            ("none", "matched", 2.0),
+        )
+    ]
     cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     together = run_cells(cells, max_cells=4)
     for cell, got in zip(cells, together):
@@ -247,9 +282,20 @@ def test_gram_engine_stage_counts_the_matched_steps(make_cfg) -> None:
     cfg = parse(make_cfg("train.dtype=float64", "train.scratch_budget=matched"))
     data = make_data(cfg)
     steps = cfg.train.upstream_steps + cfg.train.downstream_steps
-    result = GramEngine().train_stage(Stage("scratch", build_model(cfg, "downstream"), data.task2_train,
-                                            data.task2_test, steps, cfg.train.lr, cfg.train.eval_every, data.directions,
-                                            2, dtype="float64"))
+    result = GramEngine().train_stage(
+        Stage(
+            "scratch",
+            build_model(cfg, "downstream"),
+            data.task2_train,
+            data.task2_test,
+            steps,
+            cfg.train.lr,
+            cfg.train.eval_every,
+            data.directions,
+            2,
+            dtype="float64",
+        )
+    )
     assert result.curves["train/loss"][-1][0] == steps == len(result.curves["train/loss"]) - 1
 
 
@@ -278,9 +324,20 @@ def test_batched_sweep_runs_the_controls_and_matched_scratch(tmp_path: Path) -> 
     """``-m`` with the batched launcher over control x scratch budget: every job's summary says its control and its
     scratch steps (the cells equal their single runs: test_gram_cells_of_mixed_controls_equal_their_single_runs)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL, "task.d=50",
-            "train.dtype=float64", "transfer.control=none,norm_matched", "train.scratch_budget=downstream,matched",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=controls", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        *SMALL,
+        "task.d=50",
+        "train.dtype=float64",
+        "transfer.control=none,norm_matched",
+        "train.scratch_budget=downstream,matched",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=controls",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = set()
@@ -300,17 +357,21 @@ def test_a_regularizer_anchors_the_controlled_units(make_cfg, regularizer: str) 
     """Under a control the inherited units start from the control's values, and l2sp anchors them there: the Lightning
     path (anchor read by ``Transfer.inherited``), the single gram run and the batched gram cell (anchor: the stage
     start) agree in float64."""
-    common = ["train.dtype=float64", "transfer.control=norm_matched", regularizer, "regularizer.lam=0.5",
-              "logger=none"] if regularizer.endswith("l2sp") else ["train.dtype=float64",
-                                                                   "transfer.control=norm_matched", regularizer,
-                                                                   "regularizer.k=20", "logger=none"]
+    common = (
+        ["train.dtype=float64", "transfer.control=norm_matched", regularizer, "regularizer.lam=0.5", "logger=none"]
+        if regularizer.endswith("l2sp")
+        else ["train.dtype=float64", "transfer.control=norm_matched", regularizer, "regularizer.k=20", "logger=none"]
+    )
     stages = {}
     for engine in ("gram", "lightning"):
         cfg = parse(make_cfg(*common, f"engine={engine}"))
         stages[engine] = run_synthetic(cfg, make_engine(cfg), NullTracker())[0]
     cell = run_cells([GramCell.from_spec(parse(make_cfg(*common)))])[0]
-    plain = run_synthetic(parse(make_cfg("train.dtype=float64", "transfer.control=norm_matched", "logger=none",
-                                         "engine=lightning")), make_engine(parse(make_cfg("engine=lightning"))), NullTracker())[0]
+    plain = run_synthetic(
+        parse(make_cfg("train.dtype=float64", "transfer.control=norm_matched", "logger=none", "engine=lightning")),
+        make_engine(parse(make_cfg("engine=lightning"))),
+        NullTracker(),
+    )[0]
     loss = [value for _, value in stages["lightning"]["transfer"].curves["train/loss"]]
     assert [value for _, value in stages["gram"]["transfer"].curves["train/loss"]] == pytest.approx(loss, rel=1e-7)
     assert stages["gram"]["transfer"].final == pytest.approx(stages["lightning"]["transfer"].final, rel=1e-7, abs=1e-12)

@@ -11,14 +11,17 @@ from ptlab.config import STAGE_TRAINER_KEYS, ConfigError, validate
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("override,pointer", [
-    ("+trainer.max_epochs=1", "train.upstream_epochs and train.downstream_epochs"),
-    ("trainer.max_epochs=3", "train.upstream_epochs and train.downstream_epochs"),
-    ("++trainer.max_steps=5", "train.upstream_steps and train.downstream_steps"),
-    ("+trainer.precision=16-mixed", "train.precision"),
-    ("trainer.enable_progress_bar=true", "train.progress_bar"),
-    ("+trainer.logger=false", "logger=mlflow or logger=none"),
-])
+@pytest.mark.parametrize(
+    "override,pointer",
+    [
+        ("+trainer.max_epochs=1", "train.upstream_epochs and train.downstream_epochs"),
+        ("trainer.max_epochs=3", "train.upstream_epochs and train.downstream_epochs"),
+        ("++trainer.max_steps=5", "train.upstream_steps and train.downstream_steps"),
+        ("+trainer.precision=16-mixed", "train.precision"),
+        ("trainer.enable_progress_bar=true", "train.progress_bar"),
+        ("+trainer.logger=false", "logger=mlflow or logger=none"),
+    ],
+)
 def test_a_trainer_key_ptlab_sets_per_stage_is_refused_with_ptlabs_key(override, pointer):
     key, _, value = override.lstrip("+").partition("=")
     error = preflight([override])
@@ -39,8 +42,11 @@ def test_plus_trainer_max_epochs_exits_2_with_one_line_before_anything_runs(tmp_
     result = run_cli(["+trainer.max_epochs=1"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        ("ptlab: trainer.max_epochs=1 is not allowed: ptlab sets it for each stage; use train.upstream_epochs "
-         "and train.downstream_epochs (image tasks) or train.upstream_steps and train.downstream_steps (synthetic)")]
+        (
+            "ptlab: trainer.max_epochs=1 is not allowed: ptlab sets it for each stage; use train.upstream_epochs "
+            "and train.downstream_epochs (image tasks) or train.upstream_steps and train.downstream_steps (synthetic)"
+        )
+    ]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
@@ -61,13 +67,16 @@ def test_an_image_task_alone_gets_a_default_image_model(task):
         assert preflight(["task=digits"]) is None
 
 
-@pytest.mark.parametrize("overrides,model,upstream", [
-    (["task=digits", "model=vgg11_small"], "vgg11_small", "same"),
-    (["task=digits", "+pair=vgg16_small_vgg11_small"], "vgg11_small", "vgg16_small"),
-    (["task=digits", "upstream_model=resnet34_small"], "resnet18_small", "resnet34_small"),
-    (["experiment=fig3_digits"], "resnet18_small", "same"),
-    ([], "toy_cnn", "same"),
-])
+@pytest.mark.parametrize(
+    "overrides,model,upstream",
+    [
+        (["task=digits", "model=vgg11_small"], "vgg11_small", "same"),
+        (["task=digits", "+pair=vgg16_small_vgg11_small"], "vgg11_small", "vgg16_small"),
+        (["task=digits", "upstream_model=resnet34_small"], "resnet18_small", "resnet34_small"),
+        (["experiment=fig3_digits"], "resnet18_small", "same"),
+        ([], "toy_cnn", "same"),
+    ],
+)
 def test_a_named_model_pair_or_preset_wins_over_the_tasks_default(overrides, model, upstream):
     compose_config(overrides)
     choices = HydraConfig.get().runtime.choices

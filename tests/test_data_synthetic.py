@@ -7,8 +7,7 @@ from ptlab.data import make_directions, make_synthetic_data, sample_task
 
 
 def test_directions_have_the_requested_norms_and_are_orthogonal():
-    dirs = make_directions(500, u_norm=1.5, v_norm=2.5, generator=torch.Generator().manual_seed(0),
-                           dtype=torch.float64)
+    dirs = make_directions(500, u_norm=1.5, v_norm=2.5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert dirs.u.norm().item() == pytest.approx(1.5, rel=1e-12)
     assert dirs.v1.norm().item() == pytest.approx(2.5, rel=1e-12)
     assert dirs.v2.norm().item() == pytest.approx(2.5, rel=1e-12)
@@ -18,16 +17,26 @@ def test_directions_have_the_requested_norms_and_are_orthogonal():
 
 
 def test_zero_universal_signal_keeps_its_direction_out_of_the_noise():
-    dirs = make_directions(200, u_norm=0.0, v_norm=1.0, generator=torch.Generator().manual_seed(1),
-                           dtype=torch.float64)
+    dirs = make_directions(200, u_norm=0.0, v_norm=1.0, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert dirs.u.abs().max().item() == 0.0
     data = sample_task(dirs, 1, 50, sigma_p=1.0, label_noise=0.0, generator=torch.Generator().manual_seed(2))
     assert (data.noise @ dirs.basis).abs().max().item() < 1e-12
 
 
 def test_signal_patch_is_clean_label_times_task_signal_and_noise_is_projected():
-    data = make_synthetic_data(d=300, n1=400, n2=300, n_test=100, u_norm=1.0, v_norm=2.0, label_noise=0.1,
-                               sigma_p1=0.5, sigma_p2=2.0, seed=3, dtype=torch.float64)
+    data = make_synthetic_data(
+        d=300,
+        n1=400,
+        n2=300,
+        n_test=100,
+        u_norm=1.0,
+        v_norm=2.0,
+        label_noise=0.1,
+        sigma_p1=0.5,
+        sigma_p2=2.0,
+        seed=3,
+        dtype=torch.float64,
+    )
     dirs = data.directions
     for task, part in ((1, data.task1_train), (2, data.task2_train)):
         expected = part.clean_y[:, None] * dirs.signal(task)[None, :]
@@ -54,8 +63,7 @@ def test_label_flip_rate_matches_label_noise():
 
 
 def test_same_seed_same_data_other_seed_other_data():
-    kwargs = dict(d=50, n1=10, n2=10, n_test=10, u_norm=1.0, v_norm=1.0, label_noise=0.1, sigma_p1=1.0,
-                  sigma_p2=1.0)
+    kwargs = dict(d=50, n1=10, n2=10, n_test=10, u_norm=1.0, v_norm=1.0, label_noise=0.1, sigma_p1=1.0, sigma_p2=1.0)
     a, b, c = (make_synthetic_data(**kwargs, seed=s) for s in (7, 7, 8))
     assert torch.equal(a.task2_train.x, b.task2_train.x) and torch.equal(a.task1_test.y, b.task1_test.y)
     assert not torch.equal(a.task2_train.x, c.task2_train.x)

@@ -26,12 +26,16 @@ def axis_directions(d: int = 6) -> Directions:
 
 def test_metrics_match_hand_computation() -> None:
     weight = torch.zeros(2, 2, 6)
-    weight[0, 0] = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 0.0])   # j=+1, r=0
+    weight[0, 0] = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 0.0])  # j=+1, r=0
     weight[0, 1] = torch.tensor([-1.0, 1.0, 0.0, 0.0, 1.0, 0.0])  # j=+1, r=1
     weight[1, 0] = torch.tensor([-2.0, 0.0, 0.0, 0.0, 0.0, 3.0])  # j=-1, r=0
     weight[1, 1] = torch.tensor([0.5, 0.0, -1.0, 1.0, 0.0, 0.0])  # j=-1, r=1
-    noise = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0],    # xi_0, y=+1
-                          [0.0, 0.0, 0.0, 0.0, 2.0, 1.0]])   # xi_1, y=-1
+    noise = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0],  # xi_0, y=+1
+            [0.0, 0.0, 0.0, 0.0, 2.0, 1.0],
+        ]
+    )  # xi_1, y=-1
     labels = torch.tensor([1.0, -1.0])
     metrics = decomposition_metrics(weight, axis_directions(), noise, labels)
     assert list(metrics) == list(METRIC_NAMES)
@@ -60,16 +64,23 @@ def test_zero_universal_signal_and_no_noise_patches() -> None:
 
 
 def test_callback_records_every_eval_step_and_the_final_model() -> None:
-    data = make_synthetic_data(d=100, n1=10, n2=16, n_test=20, u_norm=1.0, v_norm=2.0, label_noise=0.0,
-                               sigma_p1=1.0, sigma_p2=1.0, seed=0)
+    data = make_synthetic_data(
+        d=100, n1=10, n2=16, n_test=20, u_norm=1.0, v_norm=2.0, label_noise=0.0, sigma_p1=1.0, sigma_p2=1.0, seed=0
+    )
     train = data.task2_train
     torch.manual_seed(0)
     model = TwoLayerReLUCNN(100, width=4, init_std=0.01)
     initial = decomposition_metrics(model.weight, data.directions, train.noise, train.y)
     module = FullBatchGD(model, lr=0.1, eval_every=5)
-    trainer = pl.Trainer(max_steps=12, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[SignalNoiseDecomposition(data.directions, train.noise, train.y, every=5)])
+    trainer = pl.Trainer(
+        max_steps=12,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SignalNoiseDecomposition(data.directions, train.noise, train.y, every=5)],
+    )
     trainer.fit(module, datamodule=FullBatchDataModule(train.x, train.y, 12))
     curve = module.curves["decomp/signal_v2_max"]
     assert [step for step, _ in curve] == [0, 5, 10, 12]
@@ -83,8 +94,15 @@ def test_callback_records_every_eval_step_and_the_final_model() -> None:
 
 
 def test_pipeline_logs_decomposition_theory_and_figure(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("task.u_norm=2.0", "task.v_norm=2.0", "model.width=8", "train.upstream_steps=100",
-                   "transfer.alpha=0.5", "logger.experiment_name=decomp", "logger.figures=true")
+    cfg = make_cfg(
+        "task.u_norm=2.0",
+        "task.v_norm=2.0",
+        "model.width=8",
+        "train.upstream_steps=100",
+        "transfer.alpha=0.5",
+        "logger.experiment_name=decomp",
+        "logger.figures=true",
+    )
     summary = run_pipeline(cfg, tmp_path / "out")
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
@@ -96,11 +114,15 @@ def test_pipeline_logs_decomposition_theory_and_figure(make_cfg, tmp_path: Path)
     no_figure = run_pipeline(make_cfg("logger.experiment_name=decomp_off"), tmp_path / "off")  # the default
     assert "decomposition.png" not in {a.path for a in client.list_artifacts(no_figure["mlflow"]["parent_run_id"])}
 
-    children = {run.data.tags["ptlab.stage"]: run for run in client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    children = {
+        run.data.tags["ptlab.stage"]: run
+        for run in client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
     assert set(children) == {"upstream", "transfer", "scratch"}
-    history = {stage: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "signal_noise/signal_v1_max")}
-               for stage, run in children.items()}
+    history = {
+        stage: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "signal_noise/signal_v1_max")}
+        for stage, run in children.items()
+    }
     assert sorted(history["transfer"]) == list(range(0, cfg.train.downstream_steps + 1, cfg.train.eval_every))
     # What transfer carries: at step 0 the copied filters already hold the upstream's v1 learning, the
     # scratch model (same fresh filters elsewhere) does not.

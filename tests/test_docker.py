@@ -73,8 +73,12 @@ def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
     return pattern.sub(substitute, value)
 
 
-SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "MLFLOW_TRACKING_USERNAME": "alice",
-           "MLFLOW_TRACKING_PASSWORD": "mlflow-secret", "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-secret"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-secret",
+    "MLFLOW_TRACKING_USERNAME": "alice",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-secret",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-secret",
+}
 """What docker/.env must set (docker/env.example lists them without values)."""
 
 
@@ -96,6 +100,7 @@ def named_mounts(service: dict[str, Any]) -> dict[str, str]:
 
 # --- Dockerfile ---------------------------------------------------------------------------------
 
+
 def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
@@ -106,8 +111,7 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
         args += ["--config", str(config)]
     # A HOME without a user-level hadolint config, so only the project's rules apply.
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    done = subprocess.run([*args, str(DOCKERFILE)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=60)
+    done = subprocess.run([*args, str(DOCKERFILE)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     findings = json.loads(done.stdout or "[]")
     assert findings == [] and done.returncode == 0, findings or done.stderr
 
@@ -154,6 +158,7 @@ def test_every_runtime_dependency_is_pinned_for_the_image() -> None:
 
 # --- .dockerignore ------------------------------------------------------------------------------
 
+
 def dockerignore_regex(pattern: str) -> re.Pattern[str]:
     """A ``.dockerignore`` pattern as a regex over context-relative paths."""
     out, i = "", 0
@@ -169,7 +174,7 @@ def dockerignore_regex(pattern: str) -> re.Pattern[str]:
             out, i = out + "[^/]", i + 1
         elif pattern[i] == "[":
             end = pattern.index("]", i)
-            out, i = out + pattern[i:end + 1], end + 1
+            out, i = out + pattern[i : end + 1], end + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out)
@@ -178,9 +183,11 @@ def dockerignore_regex(pattern: str) -> re.Pattern[str]:
 def build_context(root: Path) -> list[str]:
     """The files ``docker build`` sends from ``root``: a path is out when it or a parent directory
     matches the last matching pattern (``!`` lets it back in)."""
-    rules = [(line.startswith("!"), dockerignore_regex(line.lstrip("!")))
-             for line in (root / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    rules = [
+        (line.startswith("!"), dockerignore_regex(line.lstrip("!")))
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     has_exceptions = any(negated for negated, _ in rules)
 
     def excluded(relative: str) -> bool:
@@ -210,12 +217,23 @@ def test_dockerignore_matches_like_the_engine() -> None:
 
 def test_build_context_is_small_and_holds_what_the_image_needs() -> None:
     context = build_context(REPO)
-    for needed in ("pyproject.toml", "ptlab/cli.py", "ptlab/__main__.py", "conf/config.yaml",
-                   "docker/requirements.txt", "docker/Dockerfile"):
+    for needed in (
+        "pyproject.toml",
+        "ptlab/cli.py",
+        "ptlab/__main__.py",
+        "conf/config.yaml",
+        "docker/requirements.txt",
+        "docker/Dockerfile",
+    ):
         assert needed in context
-    leaked = [p for p in context if p.split("/")[0] in (".git", ".venv", "outputs", "multirun", "mlruns",
-                                                        "mlartifacts", "reports")
-              or "__pycache__" in p or p.endswith((".pyc", ".ckpt", "mlflow.db")) or ".egg-info" in p]
+    leaked = [
+        p
+        for p in context
+        if p.split("/")[0] in (".git", ".venv", "outputs", "multirun", "mlruns", "mlartifacts", "reports")
+        or "__pycache__" in p
+        or p.endswith((".pyc", ".ckpt", "mlflow.db"))
+        or ".egg-info" in p
+    ]
     assert leaked == []
     size = sum((REPO / p).stat().st_size for p in context)
     assert size < 20 * 2**20, f"build context is {size / 2**20:.1f} MiB"
@@ -228,15 +246,30 @@ def test_build_context_installs_ptlab(tmp_path: Path) -> None:
     for relative in build_context(REPO):
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / relative, context / relative)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--wheel-dir", str(tmp_path / "wheels"), str(context)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert list((tmp_path / "wheels").glob("ptlab-*.whl"))
     assert (context / "conf" / "config.yaml").is_file()
 
 
 # --- compose.yaml -------------------------------------------------------------------------------
+
 
 def test_compose_has_postgres_mlflow_and_a_trainer(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"postgres", "mlflow", "trainer"}
@@ -257,7 +290,8 @@ def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose:
     assert command[:2] == ["mlflow", "server"]
     env = postgres["environment"]
     assert option(command, "--backend-store-uri") == (
-        f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}")
+        f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    )
     assert "--serve-artifacts" in command and "--no-serve-artifacts" not in command
     assert option(command, "--artifacts-destination") in named_mounts(mlflow).values()
     assert option(command, "--host") == "0.0.0.0"
@@ -284,8 +318,7 @@ def test_trainer_builds_the_image_logs_to_the_server_and_reserves_a_gpu(compose:
 
 def test_compose_overrides_reach_the_services() -> None:
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    custom = interpolate(raw, {**SECRETS, "POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050",
-                               "MLFLOW_BIND": "0.0.0.0"})
+    custom = interpolate(raw, {**SECRETS, "POSTGRES_PASSWORD": "s3cret", "MLFLOW_PORT": "5050", "MLFLOW_BIND": "0.0.0.0"})
     assert ":s3cret@postgres" in option(custom["services"]["mlflow"]["command"], "--backend-store-uri")
     assert custom["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
     assert custom["services"]["mlflow"]["ports"] == ["0.0.0.0:5050:5000"]  # every interface: an explicit opt-in
@@ -310,8 +343,7 @@ def test_the_server_requires_a_user_and_has_no_default_secret(compose: dict[str,
 @pytest.mark.parametrize("missing", sorted(SECRETS))
 def test_compose_refuses_to_start_without_each_secret(missing: str) -> None:
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    with pytest.raises(ComposeRefuses, match=f"required variable {missing} is missing a value: set {missing} in "
-                                             "docker/.env"):
+    with pytest.raises(ComposeRefuses, match=f"required variable {missing} is missing a value: set {missing} in docker/.env"):
         interpolate(raw, {name: value for name, value in SECRETS.items() if name != missing})
     assert re.search(rf"^{missing}=$", (DOCKER / "env.example").read_text(), re.MULTILINE)
 

@@ -15,8 +15,22 @@ from pathlib import Path
 import pytest
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
-STEPS = ["tools", "configure", "debian-base", "standin-pytorch", "standin-postgres", "standin-mlflow",
-         "cuda-check", "project-image", "ptlab-help", "stack-up", "pipeline-run", "check-runs", "report", "down"]
+STEPS = [
+    "tools",
+    "configure",
+    "debian-base",
+    "standin-pytorch",
+    "standin-postgres",
+    "standin-mlflow",
+    "cuda-check",
+    "project-image",
+    "ptlab-help",
+    "stack-up",
+    "pipeline-run",
+    "check-runs",
+    "report",
+    "down",
+]
 
 
 def test_dockerfile_checks_the_cuda_of_its_base_tag() -> None:

@@ -51,15 +51,25 @@ def test_loader_gives_the_pixels_labels_and_resize_of_the_files(tmp_path: Path) 
     assert native.train_y.tolist() == written["train_y"].tolist()
     assert native.test_y.tolist() == written["test_y"].tolist()
     resized = load_fashion_mnist(str(tmp_path), 32)
-    expected = F.interpolate(torch.from_numpy(written["train_x"]).float()[:, None], size=(32, 32), mode="bilinear",
-                             align_corners=False).clamp(0, PIXEL_MAX)
+    expected = F.interpolate(
+        torch.from_numpy(written["train_x"]).float()[:, None], size=(32, 32), mode="bilinear", align_corners=False
+    ).clamp(0, PIXEL_MAX)
     assert torch.equal(resized.train_x[:, 2:3], expected)
 
 
 def test_task_protocol_on_fashion_files(tmp_path: Path, make_cfg) -> None:
     written = write_fashion_mnist(tmp_path / "fm")
-    cfg = make_cfg("task=fashion_mnist", "noise=pixels", f"task.data_dir={tmp_path / 'fm'}", "task.n2=8",
-                   "task.n1_ratio=2", "task.k=4", "task.n_test=4", "task.image_size=28", small=False)
+    cfg = make_cfg(
+        "task=fashion_mnist",
+        "noise=pixels",
+        f"task.data_dir={tmp_path / 'fm'}",
+        "task.n2=8",
+        "task.n1_ratio=2",
+        "task.k=4",
+        "task.n_test=4",
+        "task.image_size=28",
+        small=False,
+    )
     tasks = make_image_tasks(cfg.task, cfg.noise, seed=5)
     assert tasks.task2.classes == [0, 6] and len(tasks.task1.classes) == 4
     assert not set(tasks.task1.classes) & {0, 6}
@@ -107,18 +117,28 @@ def test_broken_headers_are_refused_without_reading_the_images(tmp_path: Path) -
 def test_preflight_does_not_import_torch() -> None:
     import subprocess
 
-    code = ("import sys; from omegaconf import OmegaConf; from ptlab.checks import check_data; "
-            "check_data(OmegaConf.create({'name': 'fashion_mnist', 'data_dir': 'nowhere', 'download': True})); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from omegaconf import OmegaConf; from ptlab.checks import check_data; "
+        "check_data(OmegaConf.create({'name': 'fashion_mnist', 'data_dir': 'nowhere', 'download': True})); "
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 
 
 def test_pipeline_on_fashion_files(make_cfg, tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path / "fm", per_class_test=4)
-    cfg = make_cfg("experiment=table1_fashion", "+pair=vgg16_small_vgg11_small", f"task.data_dir={tmp_path / 'fm'}",
-                   "task.n2=6", "task.n1_ratio=2", "task.n_test=8", "train.upstream_epochs=1",
-                   "train.downstream_epochs=1", small=False)
+    cfg = make_cfg(
+        "experiment=table1_fashion",
+        "+pair=vgg16_small_vgg11_small",
+        f"task.data_dir={tmp_path / 'fm'}",
+        "task.n2=6",
+        "task.n1_ratio=2",
+        "task.n_test=8",
+        "train.upstream_epochs=1",
+        "train.downstream_epochs=1",
+        small=False,
+    )
     summary = run_pipeline(cfg, tmp_path / "out")
     assert summary["data"]["n2"] == 6 and summary["data"]["n1"] == 12 and summary["data"]["n2_test"] == 8
     assert summary["data"]["task1_classes"] == [1, 2, 3, 4, 5, 7, 8, 9]
@@ -127,17 +147,29 @@ def test_pipeline_on_fashion_files(make_cfg, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="dataset-fashion-mnist not installed (make data)")
+@pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed (make data)"
+)
 def test_real_fashion_mnist_pipeline_through_the_cli(tmp_path: Path) -> None:
     raw = load_fashion_mnist(str(DEBIAN), 32)
     assert raw.train_x.shape == (60000, 3, 32, 32) and raw.test_x.shape == (10000, 3, 32, 32)
     assert torch.bincount(raw.train_y).tolist() == [6000] * 10 and torch.bincount(raw.test_y).tolist() == [1000] * 10
     assert raw.train_y[:5].tolist() == [9, 0, 0, 3, 0]  # the data set's first labels: ankle boot, T-shirt, ...
-    done = run_cli(["task=fashion_mnist", "+pair=resnet34_small_resnet18_small", "task.n2=20", "task.n_test=50",
-                    "train.upstream_epochs=1", "train.downstream_epochs=1", "train.progress_bar=false",
-                    f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}"],
-                   cwd=tmp_path, timeout=900)
+    done = run_cli(
+        [
+            "task=fashion_mnist",
+            "+pair=resnet34_small_resnet18_small",
+            "task.n2=20",
+            "task.n_test=50",
+            "train.upstream_epochs=1",
+            "train.downstream_epochs=1",
+            "train.progress_bar=false",
+            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"cache.dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "transfer - scratch test accuracy" in done.stdout
 
@@ -150,8 +182,7 @@ def test_fashion_presets_compose_as_their_comments_say(make_cfg) -> None:
         cfg = make_cfg("experiment=table1_fashion", f"+pair={pair}", small=False)
         validate(cfg)
         assert (cfg.model.arch, cfg.model.width, cfg.upstream_model.width) == (arch, 0.125, 0.125)
-        assert (cfg.task.name, list(cfg.task.task2_classes), cfg.task.n2, cfg.task.n_test) == (
-            "fashion_mnist", [0, 6], 64, 1000)
+        assert (cfg.task.name, list(cfg.task.task2_classes), cfg.task.n2, cfg.task.n_test) == ("fashion_mnist", [0, 6], 64, 1000)
     sweep = OmegaConf.load(REPO / "conf" / "experiment" / "table1_fashion.yaml").hydra.sweeper.params
     assert list(sweep) == ["seed", "+pair", "task.n1_ratio"]  # seed-major
     assert sweep["seed"] == "range(20)" and sweep["task.n1_ratio"] == "1,2,4,8"
@@ -159,6 +190,5 @@ def test_fashion_presets_compose_as_their_comments_say(make_cfg) -> None:
     assert (fig3.task.n1_ratio, fig3.noise.sigma_p1, fig3.model.width) == (4.0, 0.0, 0.125)
     fig4 = make_cfg("experiment=fig4_fashion", small=False)
     validate(fig4)
-    assert (fig4.model.name, fig4.model.depth, fig4.model.options.embed_dim, fig4.task.image_size) == (
-        "deit_tiny", 12, 64, 28)
+    assert (fig4.model.name, fig4.model.depth, fig4.model.options.embed_dim, fig4.task.image_size) == ("deit_tiny", 12, 64, 28)
     assert list(fig4.transfer.layers) == [9, 10, 11] and fig4.task.n1_ratio == 10

@@ -23,8 +23,16 @@ from tests.conftest import REPO
 
 CHECK = REPO / "benchmarks" / "gpu_check.sh"
 WHEELHOUSE = REPO / "benchmarks" / "gpu_wheelhouse.sh"
-STEPS = ["table1_cifar", "table1_digits", "sweep_digits", "deit_layers", "gram_sweep", "gram_cuda_tests",
-         "throughput_b16", "throughput_b32"]
+STEPS = [
+    "table1_cifar",
+    "table1_digits",
+    "sweep_digits",
+    "deit_layers",
+    "gram_sweep",
+    "gram_cuda_tests",
+    "throughput_b16",
+    "throughput_b32",
+]
 
 
 def parse_table(stdout: str) -> dict[str, dict[str, str]]:
@@ -33,7 +41,7 @@ def parse_table(stdout: str) -> dict[str, dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["step"] and "RUNNING" in line)
     header = lines[start].split()
     rows = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.strip() or line.startswith("gpu_check:"):
             break
         values = line.split()
@@ -56,19 +64,29 @@ def test_scripts_parse_and_check_help() -> None:
 
 
 def test_parse_table() -> None:
-    out = ("gpu_check: results (cpu mode)\n"
-           "step  status seconds images/s FINISHED RUNNING gpu_mem_peak\n"
-           "a     ok     1.0     2.0      4        0       -\n"
-           "gpu_check: OK\n")
-    assert parse_table(out) == {"a": {"step": "a", "status": "ok", "seconds": "1.0", "images/s": "2.0",
-                                      "FINISHED": "4", "RUNNING": "0", "gpu_mem_peak": "-"}}
+    out = (
+        "gpu_check: results (cpu mode)\n"
+        "step  status seconds images/s FINISHED RUNNING gpu_mem_peak\n"
+        "a     ok     1.0     2.0      4        0       -\n"
+        "gpu_check: OK\n"
+    )
+    assert parse_table(out) == {
+        "a": {
+            "step": "a",
+            "status": "ok",
+            "seconds": "1.0",
+            "images/s": "2.0",
+            "FINISHED": "4",
+            "RUNNING": "0",
+            "gpu_mem_peak": "-",
+        }
+    }
 
 
 @pytest.mark.slow
 def test_gpu_check_cpu_end_to_end() -> None:
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(CHECK), "--cpu"], cwd=REPO, capture_output=True, text=True,
-                          timeout=1500, env=env)
+    done = subprocess.run(["bash", str(CHECK), "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
     assert done.returncode == 0, f"gpu_check.sh --cpu exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     rows = parse_table(done.stdout)
     assert list(rows) == STEPS
@@ -100,8 +118,18 @@ def test_ptlab_requirements_take_the_images_torch() -> None:
     tools = wheelhouse_tools()
     have = tools.image(IMAGE)
     assert have["torch"] == "2.11.0" and have["python"] == "3.12.3"
-    for name in ("pandas", "pyarrow", "scipy", "numpy", "scikit-learn", "matplotlib", "pytorch-lightning", "timm",
-                 "torchmetrics", "torchvision"):
+    for name in (
+        "pandas",
+        "pyarrow",
+        "scipy",
+        "numpy",
+        "scikit-learn",
+        "matplotlib",
+        "pytorch-lightning",
+        "timm",
+        "torchmetrics",
+        "torchvision",
+    ):
         assert name in have, name
     for name in ("hydra-core", "omegaconf", "antlr4-python3-runtime", "mlflow", "mlflow-skinny", "submitit"):
         assert name not in have, name
@@ -118,8 +146,9 @@ def test_ptlab_requirements_take_the_images_torch() -> None:
 
 def fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
     """A wheel holding only its METADATA."""
-    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-                        *(f"Requires-Dist: {r}\n" for r in requires)])
+    metadata = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+    )
     with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
         wheel.writestr(f"{name}-{version}.dist-info/METADATA", metadata)
 
@@ -139,9 +168,11 @@ def test_wheelhouse_resolution_check_names_what_is_missing(tmp_path: Path) -> No
     (tmp_path / "sqlalchemy-2.1.9-py3-none-any.whl").unlink()
     fake_wheel(tmp_path, "sqlalchemy", "1.4.0", [])
     found, _, _, _ = tools.problems(tmp_path, image, "3.12")
-    assert found == ["mlflow needs pandas<3: neither in the wheelhouse nor in the image",
-                     "mlflow needs sqlalchemy>=2, the wheelhouse has 1.4.0",
-                     "ptlab needs torch>=2.2, the image has 2.1.0"]
+    assert found == [
+        "mlflow needs pandas<3: neither in the wheelhouse nor in the image",
+        "mlflow needs sqlalchemy>=2, the wheelhouse has 1.4.0",
+        "ptlab needs torch>=2.2, the image has 2.1.0",
+    ]
 
 
 @pytest.mark.slow
@@ -149,12 +180,21 @@ def test_wheelhouse_for_the_gpu_image(tmp_path: Path) -> None:
     """The wheelhouse for the GPU image (from the package registry): ptlab, hydra, omegaconf, antlr4 built from its
     sdist, mlflow, the launchers and submitit, no torch, the resolution check passed, at most 60 MiB."""
     env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent)}
-    done = subprocess.run(["bash", str(WHEELHOUSE), str(tmp_path / "wh")], capture_output=True, text=True, timeout=1200,
-                          env=env)
+    done = subprocess.run(["bash", str(WHEELHOUSE), str(tmp_path / "wh")], capture_output=True, text=True, timeout=1200, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     names = {p.name.split("-")[0].lower() for p in (tmp_path / "wh").glob("*.whl")}
-    assert {"ptlab", "hydra_core", "omegaconf", "antlr4_python3_runtime", "mlflow", "mlflow_skinny", "mlflow_tracing",
-            "hydra_joblib_launcher", "hydra_submitit_launcher", "submitit"} <= names
+    assert {
+        "ptlab",
+        "hydra_core",
+        "omegaconf",
+        "antlr4_python3_runtime",
+        "mlflow",
+        "mlflow_skinny",
+        "mlflow_tracing",
+        "hydra_joblib_launcher",
+        "hydra_submitit_launcher",
+        "submitit",
+    } <= names
     assert not names & {"torch", "torchvision", "numpy", "pandas", "pyarrow", "scipy", "scikit_learn", "matplotlib"}
     assert "gpu_wheelhouse: resolves:" in done.stdout
     total = sum(p.stat().st_size for p in (tmp_path / "wh").glob("*.whl"))

@@ -36,8 +36,14 @@ from .gram_devices import CUDA
 META = torch.device("meta")
 
 
-def meta_inputs(form: ModelForm, groups: int = 2, cells: int = 3, filters: int = 4, n: int = 5, n_test: int = 7,
-                ) -> kernel.StageInputs:
+def meta_inputs(
+    form: ModelForm,
+    groups: int = 2,
+    cells: int = 3,
+    filters: int = 4,
+    n: int = 5,
+    n_test: int = 7,
+) -> kernel.StageInputs:
     """A stage's inputs, every tensor on the meta device."""
     p = 3 + n
 
@@ -45,12 +51,24 @@ def meta_inputs(form: ModelForm, groups: int = 2, cells: int = 3, filters: int =
         return torch.empty(*shape, device=META, dtype=torch.float64)
 
     return kernel.StageInputs(
-        start=meta(groups, cells, filters, p), test_start=meta(groups, cells, filters, n_test),
-        norm2_start=meta(groups, cells, filters), gram=meta(groups, p, p), cross=meta(groups, p, n_test),
-        y=meta(groups, n), clean=meta(groups, n), test_y=meta(groups, n_test), test_clean=meta(groups, n_test),
-        signal_coefficients=meta(groups, cells, 3), signal_norms=meta(groups, cells, 3), lr=meta(groups, cells),
-        steps=4, eval_every=2, record_coefficients=True, form=form,
-        bias_start=meta(groups, cells, filters) if form.bias else None)
+        start=meta(groups, cells, filters, p),
+        test_start=meta(groups, cells, filters, n_test),
+        norm2_start=meta(groups, cells, filters),
+        gram=meta(groups, p, p),
+        cross=meta(groups, p, n_test),
+        y=meta(groups, n),
+        clean=meta(groups, n),
+        test_y=meta(groups, n_test),
+        test_clean=meta(groups, n_test),
+        signal_coefficients=meta(groups, cells, 3),
+        signal_norms=meta(groups, cells, 3),
+        lr=meta(groups, cells),
+        steps=4,
+        eval_every=2,
+        record_coefficients=True,
+        form=form,
+        bias_start=meta(groups, cells, filters) if form.bias else None,
+    )
 
 
 @pytest.mark.parametrize("form", [ModelForm(), ModelForm(bias=True, activation="leaky_relu")], ids=["relu", "leaky_bias"])
@@ -78,6 +96,7 @@ def test_draws_land_on_the_cells_device(make_cfg, extra: list[str]) -> None:
 
 def test_engine_device_and_trainer_pick_the_device() -> None:
     """``engine.device`` as given; null follows the trainer (trainer=gpu: cuda); the single-run engine resolves it."""
+
     def device(*overrides: str) -> str:
         return GramCell.from_spec(parse(compose_config(["engine=gram", *overrides]))).device
 
@@ -95,8 +114,16 @@ def test_engine_device_and_trainer_pick_the_device() -> None:
 def test_cuda_without_a_gpu_passes_the_preflight_only_for_slurm(tmp_path: Path) -> None:
     """Here (no GPU) ``engine.device=cuda`` is refused for the pool and the local executor, and let through when the
     chunks train on a SLURM cluster's machines (checked there)."""
-    base = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "engine.device=cuda", *SMALL, "seed=0,1",
-            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    base = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "engine.device=cuda",
+        *SMALL,
+        "seed=0,1",
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     for executor in ("pool", "submitit_local"):
         error = preflight([*base, f"hydra.launcher.executor={executor}"])
         assert error is not None and error.startswith("engine.device='cuda' is not allowed: no CUDA GPU"), error
@@ -106,8 +133,10 @@ def test_cuda_without_a_gpu_passes_the_preflight_only_for_slurm(tmp_path: Path) 
 
 def cells_of(make_cfg, device: str = "cpu") -> list[GramCell]:
     """Four float64 cells of one shape in two data groups."""
-    return [GramCell.from_spec(parse(make_cfg("train.dtype=float64", f"engine.device={device}", f"task.u_norm={u}", f"seed={s}")))
-            for u, s in ((0.0, 0), (2.0, 0), (1.0, 1), (3.0, 1))]
+    return [
+        GramCell.from_spec(parse(make_cfg("train.dtype=float64", f"engine.device={device}", f"task.u_norm={u}", f"seed={s}")))
+        for u, s in ((0.0, 0), (2.0, 0), (1.0, 1), (3.0, 1))
+    ]
 
 
 def assert_same_results(a: dict, b: dict, exact: bool = True) -> None:
@@ -153,10 +182,23 @@ def test_cuda_gives_the_cpus_numbers(make_cfg) -> None:
 
 
 def sweep_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL, "train.dtype=float64",
-            "task.u_norm=0.0,2.0", "seed=0,1", "hydra.launcher.max_cells=2", "hydra.launcher.workers=2",
-            "hydra.launcher.history=eval", f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"logger.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}", *extra]
+    return [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        *SMALL,
+        "train.dtype=float64",
+        "task.u_norm=0.0,2.0",
+        "seed=0,1",
+        "hydra.launcher.max_cells=2",
+        "hydra.launcher.workers=2",
+        "hydra.launcher.history=eval",
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"logger.experiment_name={name}",
+        f"hydra.sweep.dir={tmp_path / name}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -179,8 +221,7 @@ def test_submitit_local_sweep_tracks_the_pools_numbers(tmp_path: Path) -> None:
             if run.data.tags["ptlab.stage"] == "sweep":  # the sweep's own run, named after its experiment
                 continue
             key = (run.data.tags.get("ptlab.cell", run.info.run_name), run.data.tags["ptlab.stage"])
-            out[key] = {m: [(p.step, p.value) for p in client.get_metric_history(run.info.run_id, m)]
-                        for m in run.data.metrics}
+            out[key] = {m: [(p.step, p.value) for p in client.get_metric_history(run.info.run_id, m)] for m in run.data.metrics}
         return out
 
     pool_metrics = metrics("pool")
@@ -205,11 +246,17 @@ def job_processes(folder: Path) -> list[int]:
 def test_sigterm_to_the_sweep_cancels_its_jobs(tmp_path: Path) -> None:
     """SIGTERM to a sweep whose chunks are submitit jobs: the sweep ends with 143 and its running jobs are cancelled
     (their processes end) instead of training for nobody."""
-    args = sweep_args(tmp_path, "stopped", "hydra.launcher.executor=submitit_local", "train.upstream_steps=200000",
-                      "hydra.launcher.progress=false")
+    args = sweep_args(
+        tmp_path,
+        "stopped",
+        "hydra.launcher.executor=submitit_local",
+        "train.upstream_steps=200000",
+        "hydra.launcher.progress=false",
+    )
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    sweep = subprocess.Popen([sys.executable, "-m", "ptlab", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "ptlab", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     folder = tmp_path / "stopped" / ".submitit"
     deadline = time.monotonic() + 240
     while len(job_processes(folder)) < 2 and time.monotonic() < deadline and sweep.poll() is None:

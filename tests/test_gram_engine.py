@@ -56,8 +56,15 @@ def plain_gd(weight: Tensor, x: Tensor, y: Tensor, lr: float, steps: int) -> Ten
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
-    cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.2", f"transfer.alpha={alpha}",
-                         "transfer.selection=largest_norm", f"engine.device={device}"))
+    cfg = parse(
+        make_cfg(
+            "train.dtype=float64",
+            "task.label_noise=0.2",
+            f"transfer.alpha={alpha}",
+            "transfer.selection=largest_norm",
+            f"engine.device={device}",
+        )
+    )
     result = run_cells([GramCell.from_spec(cfg)])[0]
     data = make_data(cfg)
     upstream_init = build_model(cfg, "upstream").weight.detach()
@@ -66,15 +73,20 @@ def test_float64_matches_plain_gd(make_cfg, alpha: float, device: str) -> None:
     upstream = build_model(cfg, "upstream")
     upstream.weight.data = plain_gd(upstream_init, data.task1_train.x, data.task1_train.y, lr, cfg.train.upstream_steps)
     transfer = build_model(cfg, "downstream")
-    plan = transfer_parameters(upstream, transfer, alpha, "largest_norm",
-                               torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
+    plan = transfer_parameters(
+        upstream, transfer, alpha, "largest_norm", torch.Generator().manual_seed(derive_seed(cfg.seed, "selection"))
+    )
     assert result.plan == [row.as_dict() for row in plan]
     expected = {
         "upstream": (upstream.weight.detach(), data.task1_test),
-        "transfer": (plain_gd(transfer.weight.detach(), data.task2_train.x, data.task2_train.y, lr,
-                              cfg.train.downstream_steps), data.task2_test),
-        "scratch": (plain_gd(downstream_init, data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps),
-                    data.task2_test),
+        "transfer": (
+            plain_gd(transfer.weight.detach(), data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps),
+            data.task2_test,
+        ),
+        "scratch": (
+            plain_gd(downstream_init, data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps),
+            data.task2_test,
+        ),
     }
     noise = {1: data.task1_train.noise, 2: data.task2_train.noise}
     for stage, (weight, test) in expected.items():
@@ -94,8 +106,11 @@ def test_data_does_not_depend_on_signal_norms(make_cfg) -> None:
         assert torch.equal(getattr(a, name).y, getattr(b, name).y)
 
 
-@pytest.mark.parametrize(("shared_gram", "block_bytes"), [(False, batching.STEP_BLOCK_BYTES), (True, batching.STEP_BLOCK_BYTES),
-                                                        (True, 1)], ids=["per_cell_gram", "shared_noise_gram", "cell_blocks"])
+@pytest.mark.parametrize(
+    ("shared_gram", "block_bytes"),
+    [(False, batching.STEP_BLOCK_BYTES), (True, batching.STEP_BLOCK_BYTES), (True, 1)],
+    ids=["per_cell_gram", "shared_noise_gram", "cell_blocks"],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_bytes: int, device: str, monkeypatch) -> None:
     """A batch of cells of different d and norms, run in two worker processes (in this process on a GPU), gives each
@@ -104,8 +119,10 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
     monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1 if shared_gram else 10**9)
     monkeypatch.setattr(batching, "STEP_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(batching, "GPU_STEP_BLOCK_BYTES", block_bytes)
-    cfgs = [make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}", f"engine.device={device}")
-            for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))]
+    cfgs = [
+        make_cfg("train.dtype=float64", f"task.d={d}", f"task.u_norm={u}", f"seed={s}", f"engine.device={device}")
+        for d, u, s in ((60, 0.0, 0), (60, 2.0, 0), (90, 1.0, 0), (60, 1.0, 1))
+    ]
     cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     batched = run_cells(cells, max_cells=3, workers=2)
     for cell, together in zip(cells, batched):
@@ -133,8 +150,12 @@ def test_evaluations_do_not_depend_on_how_many_are_batched(make_cfg, device: str
 
 def child_metrics(client: MlflowClient, experiment_id: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     runs = client.search_runs([experiment_id], "tags.`ptlab.stage` != 'pipeline'")
-    return {run.data.tags["ptlab.stage"]: {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-                                           for key in run.data.metrics} for run in runs}
+    return {
+        run.data.tags["ptlab.stage"]: {
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics
+        }
+        for run in runs
+    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,16 +166,23 @@ def test_same_tracking_as_lightning(make_cfg, tmp_path: Path, device: str) -> No
     summaries, metrics = {}, {}
     for engine in ("lightning", "gram"):
         on = [f"engine.device={device}"] if engine == "gram" else []
-        cfg = make_cfg(f"engine={engine}", "train.dtype=float64", "task.label_noise=0.1", "cache.enabled=false", *on,
-                       "train.upstream_steps=25", "train.downstream_steps=12", "train.eval_every=5",
-                       f"logger.experiment_name={engine}")
+        cfg = make_cfg(
+            f"engine={engine}",
+            "train.dtype=float64",
+            "task.label_noise=0.1",
+            "cache.enabled=false",
+            *on,
+            "train.upstream_steps=25",
+            "train.downstream_steps=12",
+            "train.eval_every=5",
+            f"logger.experiment_name={engine}",
+        )
         summaries[engine] = run_pipeline(cfg, tmp_path / engine)
         client = MlflowClient(summaries[engine]["mlflow"]["tracking_uri"])
         metrics[engine] = child_metrics(client, summaries[engine]["mlflow"]["experiment_id"])
     for stage in ("upstream", "transfer", "scratch"):
         assert summaries["gram"][stage]["test_acc"] == summaries["lightning"][stage]["test_acc"]
-        assert summaries["gram"][stage]["train_loss"] == pytest.approx(summaries["lightning"][stage]["train_loss"],
-                                                                      rel=1e-9)
+        assert summaries["gram"][stage]["train_loss"] == pytest.approx(summaries["lightning"][stage]["train_loss"], rel=1e-9)
         ref, got = metrics["lightning"][stage], metrics["gram"][stage]
         assert set(got) == set(ref)
         for key in ref:
@@ -179,10 +207,20 @@ def test_sweep_through_cli(tmp_path: Path) -> None:
     """``-m`` with the batched launcher: one FINISHED parent (with its three children) per cell, the
     report reads them, each job dir has its summary.json."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
-            "hydra.launcher.history=eval", *SMALL,
-            "task.d=50,80", "task.u_norm=0.0,2.0", "seed=0,1", f"logger.tracking_uri={uri}",
-            "logger.experiment_name=gram_sweep", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        "hydra.launcher.history=eval",
+        *SMALL,
+        "task.d=50,80",
+        "task.u_norm=0.0,2.0",
+        "seed=0,1",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=gram_sweep",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = load_pipelines(uri, "gram_sweep")
@@ -207,9 +245,18 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
     """A sweep job written by the batched launcher has the tags, params, metrics and artifacts of the same
     config run alone through ``run_pipeline`` (engine=gram)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
-            "hydra.launcher.history=full", *SMALL, "task.d=50",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=batched", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        "hydra.launcher.history=full",
+        *SMALL,
+        "task.d=50",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=batched",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     single = run_pipeline(make_cfg("engine=gram", "task.d=50", "logger.experiment_name=single"), tmp_path / "single")
@@ -231,8 +278,7 @@ def test_batched_layout_equals_single_run(make_cfg, tmp_path: Path) -> None:
     batched = layout("batched")
     assert batched.pop("sweep")[3] == ["sweep_summary.md"]  # the sweep's answer (ptlab.sweep_summary), sweeps only
     assert batched == layout("single")
-    parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id],
-                                "tags.`ptlab.stage` = 'pipeline'")[0]
+    parent = client.search_runs([client.get_experiment_by_name("batched").experiment_id], "tags.`ptlab.stage` = 'pipeline'")[0]
     assert parent.data.metrics["transfer_test_acc"] == single["transfer"]["test_acc"]
     for name in ("logme", "leep", "logme_scratch"):  # from the responses in the batch, from the models alone
         assert parent.data.metrics[f"transferability/{name}"] == pytest.approx(single["transferability"][name], rel=1e-4)
@@ -242,9 +288,19 @@ def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
     """``upstream_model: ${model}`` reads a swept ``model.width``: each batched job's upstream model takes the job's
     width, as ``run_pipeline`` composes it (the upstream filters and the plan follow it)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.history=last",
-            *SMALL, "task.d=50", "model.width=4,6", f"logger.tracking_uri={uri}", "logger.experiment_name=width",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        "hydra.launcher.history=last",
+        *SMALL,
+        "task.d=50",
+        "model.width=4,6",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=width",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = load_pipelines(uri, "width")
@@ -256,41 +312,51 @@ def test_swept_key_read_by_an_interpolation(tmp_path: Path) -> None:
         assert row[f"tags.{CONFIG_HASH_TAG}"].item() == config_hash(job)
 
 
-@pytest.mark.parametrize(("interpolation", "keys", "reads"), [
-    ("${model}", ["model.width"], True),
-    ("${model.width}", ["model.width"], True),
-    ("${model.width}", ["model"], True),
-    ("${task.d}", ["model.width", "task.n1"], False),
-    ("${.width}", ["model.width"], True),
-    ("${.lr}", ["train.lr"], True),
-    ("${.train}", ["train.lr"], True),
-    ("${.train}", ["model.width"], False),
-    ("${oc.select:train.lr,0.1}", ["train.lr"], True),
-    ("${oc.select:train.lr,0.1}", ["train.lr_decay"], False),
-    ("${now:%Y-%m-%d}", ["task.d"], False),
-    # hydra values: a template (group choices, hydra overrides) fixes these whatever a job's values are ...
-    ("${hydra:runtime.choices.experiment}", ["seed", "transfer.alpha"], False),
-    ("e_${hydra:runtime.choices.model}_${hydra:job.name}", ["seed"], False),
-    ("${hydra:runtime.cwd}/${hydra:sweep.dir}", ["seed"], False),
-    ("${hydra:runtime.version}", ["seed"], False),
-    # ... and not these (per job), nor anything unknown or read in a form that is not parsed
-    ("${hydra:job.num}", ["seed"], True),
-    ("${hydra:job.id}", ["seed"], True),
-    ("e${hydra:job.override_dirname}", ["seed"], True),
-    ("${hydra:runtime.output_dir}", ["seed"], True),
-    ("${hydra:sweep.subdir}", ["seed"], True),
-    ("${hydra:overrides.task}", ["seed"], True),
-    ("${hydra:some.future.key}", ["seed"], True),
-    ("${hydra:runtime.choices.${task.name}}", ["seed"], True),
-    ("${hydra.job.num}", ["seed"], True),
-    ("${hydra:runtime.choices.experiment}_${seed}", ["seed"], True),
-])
+@pytest.mark.parametrize(
+    ("interpolation", "keys", "reads"),
+    [
+        ("${model}", ["model.width"], True),
+        ("${model.width}", ["model.width"], True),
+        ("${model.width}", ["model"], True),
+        ("${task.d}", ["model.width", "task.n1"], False),
+        ("${.width}", ["model.width"], True),
+        ("${.lr}", ["train.lr"], True),
+        ("${.train}", ["train.lr"], True),
+        ("${.train}", ["model.width"], False),
+        ("${oc.select:train.lr,0.1}", ["train.lr"], True),
+        ("${oc.select:train.lr,0.1}", ["train.lr_decay"], False),
+        ("${now:%Y-%m-%d}", ["task.d"], False),
+        # hydra values: a template (group choices, hydra overrides) fixes these whatever a job's values are ...
+        ("${hydra:runtime.choices.experiment}", ["seed", "transfer.alpha"], False),
+        ("e_${hydra:runtime.choices.model}_${hydra:job.name}", ["seed"], False),
+        ("${hydra:runtime.cwd}/${hydra:sweep.dir}", ["seed"], False),
+        ("${hydra:runtime.version}", ["seed"], False),
+        # ... and not these (per job), nor anything unknown or read in a form that is not parsed
+        ("${hydra:job.num}", ["seed"], True),
+        ("${hydra:job.id}", ["seed"], True),
+        ("e${hydra:job.override_dirname}", ["seed"], True),
+        ("${hydra:runtime.output_dir}", ["seed"], True),
+        ("${hydra:sweep.subdir}", ["seed"], True),
+        ("${hydra:overrides.task}", ["seed"], True),
+        ("${hydra:some.future.key}", ["seed"], True),
+        ("${hydra:runtime.choices.${task.name}}", ["seed"], True),
+        ("${hydra.job.num}", ["seed"], True),
+        ("${hydra:runtime.choices.experiment}_${seed}", ["seed"], True),
+    ],
+)
 def test_reads_swept_key(interpolation: str, keys: list[str], reads: bool) -> None:
     assert reads_swept_key(interpolation, keys) is reads
 
 
-@pytest.mark.parametrize(("sweep_dir", "reads"), [("multirun/${now:%H-%M-%S}", False), ("multirun/${seed}", True),
-                                                  ("multirun/${hydra.job.num}", True), ("m/${hydra.job.name}", False)])
+@pytest.mark.parametrize(
+    ("sweep_dir", "reads"),
+    [
+        ("multirun/${now:%H-%M-%S}", False),
+        ("multirun/${seed}", True),
+        ("multirun/${hydra.job.num}", True),
+        ("m/${hydra.job.name}", False),
+    ],
+)
 def test_a_per_template_hydra_value_reads_what_its_own_interpolations_read(sweep_dir: str, reads: bool) -> None:
     """``${hydra:sweep.dir}`` is fixed by the template unless hydra's own ``sweep.dir`` reads a job's value."""
     hydra = {"sweep": {"dir": sweep_dir, "subdir": "${hydra.job.num}"}, "job": {"name": "ptlab"}}
@@ -308,17 +374,25 @@ def test_step_blocks_cut_large_groups_evenly(monkeypatch) -> None:
     assert [i for block in blocks for g in block for i in g.cells] == list(range(25))
 
 
-def stage_inputs(groups: int = 1, cells: int = 2, filters: int = 4, n: int = 3, n_test: int = 5,
-                 **changes: Tensor) -> kernel.StageInputs:
+def stage_inputs(
+    groups: int = 1, cells: int = 2, filters: int = 4, n: int = 3, n_test: int = 5, **changes: Tensor
+) -> kernel.StageInputs:
     """A kernel input of zero filters (every response 0) of the given shapes; ``changes`` replace tensors."""
     p = 3 + n
-    tensors = dict(start=torch.zeros(groups, cells, filters, p),
-                   test_start=torch.zeros(groups, cells, filters, n_test),
-                   norm2_start=torch.zeros(groups, cells, filters), gram=torch.eye(p).expand(groups, p, p),
-                   cross=torch.zeros(groups, p, n_test), y=torch.tensor([[1.0, -1.0, 1.0][:n]] * groups),
-                   clean=torch.ones(groups, n), test_y=torch.ones(groups, n_test),
-                   test_clean=torch.ones(groups, n_test), signal_coefficients=torch.zeros(groups, cells, 3),
-                   signal_norms=torch.ones(groups, cells, 3), lr=torch.full((groups, cells), 0.1))
+    tensors = dict(
+        start=torch.zeros(groups, cells, filters, p),
+        test_start=torch.zeros(groups, cells, filters, n_test),
+        norm2_start=torch.zeros(groups, cells, filters),
+        gram=torch.eye(p).expand(groups, p, p),
+        cross=torch.zeros(groups, p, n_test),
+        y=torch.tensor([[1.0, -1.0, 1.0][:n]] * groups),
+        clean=torch.ones(groups, n),
+        test_y=torch.ones(groups, n_test),
+        test_clean=torch.ones(groups, n_test),
+        signal_coefficients=torch.zeros(groups, cells, 3),
+        signal_norms=torch.ones(groups, cells, 3),
+        lr=torch.full((groups, cells), 0.1),
+    )
     return kernel.StageInputs(**{**tensors, **changes}, steps=4, eval_every=2)
 
 

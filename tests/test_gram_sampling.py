@@ -37,22 +37,41 @@ def moment_gaps(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     live = (var_a + var_b) > 1e-9 * (var_a + var_b).max()
     mean_z = np.abs(a.mean(0) - b.mean(0))[live] / np.sqrt((var_a + var_b)[live] / n)
     fourth = [((x - x.mean(0)) ** 4).mean(0) for x in (a, b)]
-    var_se = np.sqrt((fourth[0] - var_a ** 2 + fourth[1] - var_b ** 2)[live] / n)
+    var_se = np.sqrt((fourth[0] - var_a**2 + fourth[1] - var_b**2)[live] / n)
     var_z = np.abs(var_a - var_b)[live] / var_se
     return float(mean_z.max()), float(var_z.max())
 
 
-@pytest.mark.parametrize(("d", "extra"), [
-    (12, ["task.project_noise=true"]),
-    pytest.param(7, ["task.project_noise=false"], marks=pytest.mark.slow),
-], ids=["bartlett_projected", "singular_unprojected"])
+@pytest.mark.parametrize(
+    ("d", "extra"),
+    [
+        (12, ["task.project_noise=true"]),
+        pytest.param(7, ["task.project_noise=false"], marks=pytest.mark.slow),
+    ],
+    ids=["bartlett_projected", "singular_unprojected"],
+)
 def test_entries_match_dspace_in_mean_and_variance(make_cfg, d: int, extra: list[str]) -> None:
     """Over 600 seeds each, every entry of every Gram block (and the test products) has the d-space path's
     mean and variance (within 5 standard errors); d=7 has fewer degrees of freedom (4) than vectors (9),
     the singular Wishart case."""
-    base = parse(make_cfg(f"task.d={d}", "task.n1=3", "task.n2=2", "model.width=1", "task.n_test=2", "train.dtype=float64",
-                          "task.test_space=response", "noise.sigma_p1=1.5", "noise.sigma_p2=0.7", "model.init_std=0.8",
-                          "upstream_model=toy_cnn", "upstream_model.width=1", "upstream_model.init_std=1.2", *extra))
+    base = parse(
+        make_cfg(
+            f"task.d={d}",
+            "task.n1=3",
+            "task.n2=2",
+            "model.width=1",
+            "task.n_test=2",
+            "train.dtype=float64",
+            "task.test_space=response",
+            "noise.sigma_p1=1.5",
+            "noise.sigma_p2=0.7",
+            "model.init_std=0.8",
+            "upstream_model=toy_cnn",
+            "upstream_model.width=1",
+            "upstream_model.init_std=1.2",
+            *extra,
+        )
+    )
     cell = GramCell.from_spec(base)
     dspace = entries(cell, range(600))
     sampled = entries(dataclasses.replace(cell, sampling="gram"), range(600))

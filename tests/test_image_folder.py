@@ -34,8 +34,18 @@ def write_folder(root: Path) -> dict[str, list[np.ndarray]]:
 
 
 def folder_cfg(make_cfg, root: Path, *overrides: str):
-    return make_cfg("task=image_folder", f"task.root={root}", "task.task2_classes=[dog,ant]", "task.k=2",
-                    "task.n2=6", "task.n1_ratio=1", "noise=pixels", "model=resnet18_small", *overrides, small=False)
+    return make_cfg(
+        "task=image_folder",
+        f"task.root={root}",
+        "task.task2_classes=[dog,ant]",
+        "task.k=2",
+        "task.n2=6",
+        "task.n1_ratio=1",
+        "noise=pixels",
+        "model=resnet18_small",
+        *overrides,
+        small=False,
+    )
 
 
 def test_image_folder_tasks_follow_the_protocol(make_cfg, tmp_path: Path) -> None:
@@ -50,8 +60,10 @@ def test_image_folder_tasks_follow_the_protocol(make_cfg, tmp_path: Path) -> Non
     train = tasks.task2.train
     x0 = train.x[0]  # sigma 0: the PNG's pixels, normalised with the task's mean and std
     label = CLASSES[tasks.task2.classes[int(train.y[0])]]
-    candidates = [normalise(torch.tensor(p, dtype=torch.float32).permute(2, 0, 1)[None], cfg.task.mean,
-                            cfg.task.std)[0] for p in pixels[label]]
+    candidates = [
+        normalise(torch.tensor(p, dtype=torch.float32).permute(2, 0, 1)[None], cfg.task.mean, cfg.task.std)[0]
+        for p in pixels[label]
+    ]
     assert any(torch.allclose(x0, c, atol=1e-6) for c in candidates)
 
 
@@ -66,16 +78,26 @@ def test_bad_folders_are_one_line_errors(make_cfg, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"^task.root='{root}' is not allowed: .*{message}") as err:
             check_paths(folder_cfg(make_cfg, Path(root)))
         assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match=r"^task.task2_classes=\['dog', 'eel'\] is not allowed: eel not among the "
-                                          r"class folders .*\(ant, bee, cat, dog\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^task.task2_classes=\['dog', 'eel'\] is not allowed: eel not among the "
+        r"class folders .*\(ant, bee, cat, dog\)",
+    ):
         check_paths(folder_cfg(make_cfg, tmp_path / "images", "task.task2_classes=[dog,eel]"))
 
 
 @pytest.mark.slow
 def test_image_folder_pipeline_end_to_end(make_cfg, tmp_path: Path) -> None:
     write_folder(tmp_path / "images")
-    cfg = folder_cfg(make_cfg, tmp_path / "images", "train.upstream_epochs=1", "train.downstream_epochs=1",
-                     "train.batch_size=6", "train.progress_bar=false", "model.width=0.125")
+    cfg = folder_cfg(
+        make_cfg,
+        tmp_path / "images",
+        "train.upstream_epochs=1",
+        "train.downstream_epochs=1",
+        "train.batch_size=6",
+        "train.progress_bar=false",
+        "model.width=0.125",
+    )
     summary = run_pipeline(cfg, tmp_path / "out")
     assert summary["data"]["task2_classes"] == [3, 0] and summary["data"]["n2"] == 6
     for stage in ("upstream", "transfer", "scratch"):

@@ -28,8 +28,9 @@ def test_cifar10_fixture_loads_through_torchvision(tmp_path: Path) -> None:
 
 def test_cifar100_fixture_split_is_disjoint_balanced_and_sized(tmp_path: Path, make_cfg) -> None:
     written = write_cifar100(tmp_path)
-    cfg = make_cfg("task=cifar100", "noise=pixels", f"task.data_dir={tmp_path}", "task.n2=40", "task.k=20",
-                   "task.n1_ratio=1", small=False)
+    cfg = make_cfg(
+        "task=cifar100", "noise=pixels", f"task.data_dir={tmp_path}", "task.n2=40", "task.k=20", "task.n1_ratio=1", small=False
+    )
     tasks = make_image_tasks(cfg.task, cfg.noise, seed=3)
     assert tasks.task2.classes == list(range(20))
     assert len(tasks.task1.classes) == 20 and not set(tasks.task1.classes) & set(tasks.task2.classes)
@@ -39,14 +40,22 @@ def test_cifar100_fixture_split_is_disjoint_balanced_and_sized(tmp_path: Path, m
         assert torch.bincount(task.test.y, minlength=task.num_classes).tolist() == [1] * 20
         raw_labels = torch.from_numpy(written["train_y"])[task.train.source_index]
         assert torch.equal(raw_labels, torch.tensor(task.classes)[task.train.y])
-    expected = (torch.from_numpy(written["train_x"][tasks.task2.train.source_index.numpy()]).float() / PIXEL_MAX
-                - torch.tensor(cfg.task.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.task.std).view(1, 3, 1, 1)
+    expected = (
+        torch.from_numpy(written["train_x"][tasks.task2.train.source_index.numpy()]).float() / PIXEL_MAX
+        - torch.tensor(cfg.task.mean).view(1, 3, 1, 1)
+    ) / torch.tensor(cfg.task.std).view(1, 3, 1, 1)
     assert torch.allclose(tasks.task2.train.x, expected, atol=1e-6)
 
 
 def test_missing_cifar_dir_is_one_line(tmp_path: Path, make_cfg) -> None:
-    cfg = make_cfg("task=cifar10", "noise=pixels", "+pair=vgg16_small_vgg11_small", "logger=none",
-                   f"task.data_dir={tmp_path / 'nowhere'}", small=False)
+    cfg = make_cfg(
+        "task=cifar10",
+        "noise=pixels",
+        "+pair=vgg16_small_vgg11_small",
+        "logger=none",
+        f"task.data_dir={tmp_path / 'nowhere'}",
+        small=False,
+    )
     with pytest.raises(ConfigError) as err:
         run_pipeline(cfg, tmp_path / "out")
     message = str(err.value)
@@ -56,8 +65,11 @@ def test_missing_cifar_dir_is_one_line(tmp_path: Path, make_cfg) -> None:
 
 @pytest.mark.slow
 def test_missing_cifar_dir_through_cli(tmp_path: Path) -> None:
-    result = run_cli(["task=cifar10", "noise=pixels", "+pair=vgg16_small_vgg11_small", "logger=none",
-                      f"task.data_dir={tmp_path / 'nowhere'}"], cwd=tmp_path, timeout=120)
+    result = run_cli(
+        ["task=cifar10", "noise=pixels", "+pair=vgg16_small_vgg11_small", "logger=none", f"task.data_dir={tmp_path / 'nowhere'}"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ptlab: task.data_dir=") and "task.download=true" in last

@@ -17,9 +17,20 @@ from ptlab.report import make_report
 from ptlab.report.images import render_fig3, render_table1
 from ptlab.spec import parse
 
-TINY = ["task=digits", "noise=pixels", "+pair=vgg16_small_vgg11_small", "task.n2=8", "task.k=2",
-        "task.n1_ratio=2", "task.n_test=10", "train.upstream_epochs=2", "train.downstream_epochs=2",
-        "train.batch_size=8", "train.progress_bar=false", "logger.experiment_name=table1_tiny"]
+TINY = [
+    "task=digits",
+    "noise=pixels",
+    "+pair=vgg16_small_vgg11_small",
+    "task.n2=8",
+    "task.k=2",
+    "task.n1_ratio=2",
+    "task.n_test=10",
+    "train.upstream_epochs=2",
+    "train.downstream_epochs=2",
+    "train.batch_size=8",
+    "train.progress_bar=false",
+    "logger.experiment_name=table1_tiny",
+]
 
 
 def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path) -> None:
@@ -29,8 +40,15 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
     assert written["transfer"]["plan"] == summary["transfer"]["plan"]
     plan = written["transfer"]["plan"]
     assert isinstance(plan, list) and len(plan) == 8  # VGG-11 has 8 convs, all matched in VGG-16
-    assert plan[0] == {"target": "features.0", "source": "features.0", "copied": 8, "total": 16,
-                       "indices": plan[0]["indices"], "strategy": "random", "scores": []}
+    assert plan[0] == {
+        "target": "features.0",
+        "source": "features.0",
+        "copied": 8,
+        "total": 16,
+        "indices": plan[0]["indices"],
+        "strategy": "random",
+        "scores": [],
+    }
     assert len(plan[0]["indices"]) == 8
     assert written["data"]["n1"] == 16 and written["data"]["n2"] == 8 and written["data"]["n2_test"] == 10
     for stage in ("upstream", "transfer", "scratch"):
@@ -40,8 +58,10 @@ def test_digits_pipeline_end_to_end(make_cfg, tracking_uri: str, tmp_path: Path)
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     gain = summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"]
     assert parent.data.metrics["transfer_gain"] == pytest.approx(gain, abs=1e-7)
-    children = {run.data.tags["ptlab.stage"]: run for run in client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    children = {
+        run.data.tags["ptlab.stage"]: run
+        for run in client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
     assert set(children) == {"upstream", "transfer", "scratch"}
     assert {run.data.tags["ptlab.precision"] for run in children.values()} == {"32-true"}  # auto, resolved on a CPU
     transfer_run = children["transfer"].info.run_id
@@ -72,10 +92,19 @@ def fake_runs(swept: str, values: list[float]) -> pd.DataFrame:
         for i, value in enumerate(values):
             for seed in (0, 1):
                 transfer, scratch = 0.70 + 0.1 * i + 0.02 * seed + 0.01 * pair, 0.60 + 0.02 * seed
-                rows.append({"params.upstream_model.arch": up, "params.model.arch": down,
-                             "params.upstream_model.width": width, "params.model.width": width,
-                             swept: str(value), "params.seed": str(seed), "metrics.transfer_test_acc": transfer,
-                             "metrics.scratch_test_acc": scratch, "metrics.transfer_gain": transfer - scratch})
+                rows.append(
+                    {
+                        "params.upstream_model.arch": up,
+                        "params.model.arch": down,
+                        "params.upstream_model.width": width,
+                        "params.model.width": width,
+                        swept: str(value),
+                        "params.seed": str(seed),
+                        "metrics.transfer_test_acc": transfer,
+                        "metrics.scratch_test_acc": scratch,
+                        "metrics.transfer_gain": transfer - scratch,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -86,8 +115,11 @@ def test_table1_renderer_numbers(tmp_path: Path) -> None:
     # scratch of the pair (the same task-2 runs at every ratio, counted once): 60, 62 -> 61.0 ± 1.4;
     # ratio 2: 70, 72 -> 71.0 ± 1.4, paired gains 10, 10 -> +10.0 with a zero-width interval; ratio 3: +20.0
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
-        "resnet101 -> resnet34", "61.0 ± 1.4", "71.0 ± 1.4 (+10.0 [+10.0, +10.0], n=2)",
-        "81.0 ± 1.4 (+20.0 [+20.0, +20.0], n=2)"]
+        "resnet101 -> resnet34",
+        "61.0 ± 1.4",
+        "71.0 ± 1.4 (+10.0 [+10.0, +10.0], n=2)",
+        "81.0 ± 1.4 (+20.0 [+20.0, +20.0], n=2)",
+    ]
     assert any(line.startswith("| vgg16 (x0.25) -> vgg11 (x0.25)") and "72.0 ± 1.4 (+11.0" in line for line in md)
     csv = pd.read_csv(paths[1])
     assert csv["transfer_gain_mean"].round(6).tolist() == [0.10, 0.20, 0.11, 0.21]

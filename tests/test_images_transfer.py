@@ -24,8 +24,9 @@ def resnet34_from_resnet101() -> dict[str, str]:
     upstream conv of that shape (Bottleneck blocks have one 3x3 conv each, ``conv2``)."""
     plan = {"conv1": "conv1"}
     plan.update(zip(["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1"], [f"layer1.{b}.conv2" for b in range(3)]))
-    plan.update(zip(["layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2", "layer2.2.conv1"],
-                    [f"layer2.{b}.conv2" for b in range(4)]))
+    plan.update(
+        zip(["layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2", "layer2.2.conv1"], [f"layer2.{b}.conv2" for b in range(4)])
+    )
     layer3 = ["layer3.0.conv2"] + [f"layer3.{b}.conv{c}" for b in range(1, 6) for c in (1, 2)]
     plan.update(zip(layer3, [f"layer3.{b}.conv2" for b in range(11)]))
     plan.update(zip(["layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"], [f"layer4.{b}.conv2" for b in range(3)]))
@@ -40,15 +41,28 @@ def resnet50_from_resnet101() -> dict[str, str]:
 EXPECTED = {
     ("resnet101", "resnet34"): resnet34_from_resnet101,
     ("resnet101", "resnet50"): resnet50_from_resnet101,
-    ("vgg16", "vgg11"): lambda: {"features.0": "features.0", "features.4": "features.7", "features.8": "features.14",
-                                 "features.11": "features.17", "features.15": "features.24",
-                                 "features.18": "features.27", "features.22": "features.34",
-                                 "features.25": "features.37"},
-    ("vgg16", "vgg13"): lambda: {"features.0": "features.0", "features.3": "features.3", "features.7": "features.7",
-                                 "features.10": "features.10", "features.14": "features.14",
-                                 "features.17": "features.17", "features.21": "features.24",
-                                 "features.24": "features.27", "features.28": "features.34",
-                                 "features.31": "features.37"},
+    ("vgg16", "vgg11"): lambda: {
+        "features.0": "features.0",
+        "features.4": "features.7",
+        "features.8": "features.14",
+        "features.11": "features.17",
+        "features.15": "features.24",
+        "features.18": "features.27",
+        "features.22": "features.34",
+        "features.25": "features.37",
+    },
+    ("vgg16", "vgg13"): lambda: {
+        "features.0": "features.0",
+        "features.3": "features.3",
+        "features.7": "features.7",
+        "features.10": "features.10",
+        "features.14": "features.14",
+        "features.17": "features.17",
+        "features.21": "features.24",
+        "features.24": "features.27",
+        "features.28": "features.34",
+        "features.31": "features.37",
+    },
 }
 
 
@@ -72,8 +86,7 @@ def test_plan_and_copies_for_paper_pairs(upstream: str, downstream: str) -> None
     with torch_seed(2):
         target = build_torchvision_cnn(downstream, num_classes=2)
     fresh = copy.deepcopy(target.state_dict())
-    plan = transfer_parameters(source, target, alpha=0.5, selection="random",
-                               generator=torch.Generator().manual_seed(0))
+    plan = transfer_parameters(source, target, alpha=0.5, selection="random", generator=torch.Generator().manual_seed(0))
 
     expected = EXPECTED[(upstream, downstream)]()
     units = {unit.name: unit for unit in conv_units(target)}
@@ -94,8 +107,11 @@ def test_plan_and_copies_for_paper_pairs(upstream: str, downstream: str) -> None
         if not row.source:
             continue
         idx = torch.tensor(row.indices)
-        pairs = [(f"{row.target}.{key}", f"{row.source}.{key}") for key in ("weight", "bias")
-                 if f"{row.target}.{key}" in want and f"{row.source}.{key}" in source_state]
+        pairs = [
+            (f"{row.target}.{key}", f"{row.source}.{key}")
+            for key in ("weight", "bias")
+            if f"{row.target}.{key}" in want and f"{row.source}.{key}" in source_state
+        ]
         target_bn = target_names[id(units[row.target].bn)]
         source_bn = source_names[id(source_units[row.source].bn)]
         pairs += [(f"{target_bn}.{key}", f"{source_bn}.{key}") for key in BN_KEYS]
@@ -125,10 +141,13 @@ def test_no_matching_shape_fails_with_one_line() -> None:
     assert "\n" not in str(err.value) and "matches" in str(err.value)
 
 
-@pytest.mark.parametrize(("upstream", "downstream", "pattern"), [
-    ("resnet34_small", "vgg11_small", "no transfer rule for upstream SmallImageResNet -> downstream SmallImageVGG"),
-    ("resnet34_small", "resnet18", "no conv of downstream SmallImageResNet matches"),
-])
+@pytest.mark.parametrize(
+    ("upstream", "downstream", "pattern"),
+    [
+        ("resnet34_small", "vgg11_small", "no transfer rule for upstream SmallImageResNet -> downstream SmallImageVGG"),
+        ("resnet34_small", "resnet18", "no conv of downstream SmallImageResNet matches"),
+    ],
+)
 def test_pipeline_pair_check_is_one_config_error(make_cfg, upstream: str, downstream: str, pattern: str) -> None:
     cfg = parse(make_cfg("task=digits", "noise=pixels", f"upstream_model={upstream}", f"model={downstream}", small=False))
     source = build_torchvision_cnn(cfg.upstream_model.arch, 8, cfg.upstream_model.width)

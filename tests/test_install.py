@@ -31,15 +31,15 @@ def test_pyproject_packages_every_package_folder_and_the_configs():
     found = setuptools.find_namespace_packages(where=str(REPO), include=["ptlab*", "hydra_plugins*"])
     folders = {name for name in found if "__pycache__" not in name} | {"ptlab.conf"}
     listed = set(cfg["packages"])
-    assert listed == folders, (f"pyproject.toml [tool.setuptools] packages: add {sorted(folders - listed)}, "
-                               f"remove {sorted(listed - folders)}")
+    assert listed == folders, (
+        f"pyproject.toml [tool.setuptools] packages: add {sorted(folders - listed)}, remove {sorted(listed - folders)}"
+    )
     assert cfg["package-dir"]["ptlab.conf"] == "conf"
     assert "**/*.yaml" in cfg["package-data"]["ptlab.conf"]
 
 
 @pytest.mark.slow
 def test_wheel_installs_and_runs_a_pipeline_outside_the_repository():
-    result = subprocess.run(["bash", str(REPO / ".ci" / "wheel_check.sh")], cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(["bash", str(REPO / ".ci" / "wheel_check.sh")], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "wheel_check: OK" in result.stdout

@@ -50,7 +50,7 @@ def test_no_module_imports_itself_back() -> None:
         state[node] = 1
         for target in nodes[node]:
             if state.get(target) == 1:
-                cycle.extend(path[path.index(target):] + [target] if target in path else [node, target])
+                cycle.extend(path[path.index(target) :] + [target] if target in path else [node, target])
                 return True
             if state.get(target) is None and visit(target, path + [target]):
                 return True
@@ -70,8 +70,20 @@ def test_engines_import_nothing_from_the_pipeline_or_tracking() -> None:
             assert not bad, f"{name} imports {bad}"
 
 
-@pytest.mark.parametrize("package", ["ptlab.config", "ptlab.data", "ptlab.models", "ptlab.transfer", "ptlab.engines",
-                                     "ptlab.tracking", "ptlab.pipeline", "ptlab.report", "ptlab.cli"])
+@pytest.mark.parametrize(
+    "package",
+    [
+        "ptlab.config",
+        "ptlab.data",
+        "ptlab.models",
+        "ptlab.transfer",
+        "ptlab.engines",
+        "ptlab.tracking",
+        "ptlab.pipeline",
+        "ptlab.report",
+        "ptlab.cli",
+    ],
+)
 def test_each_subpackage_imports_alone(package: str) -> None:
     done = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -145,38 +157,71 @@ def test_memory_tracker_keeps_binary_artifacts_and_statuses(tmp_path: Path) -> N
             tracker.log_artifact(png)
             raise RuntimeError("boom")
     assert tracker.parent.artifacts["figure.png"] == png.read_bytes()
-    assert [(k, v, s) for k, v, _, s in tracker.stages["upstream"].metrics] == [("loss/train", 1.0, 0),
-                                                                                ("loss/train", 0.5, 1)]
+    assert [(k, v, s) for k, v, _, s in tracker.stages["upstream"].metrics] == [("loss/train", 1.0, 0), ("loss/train", 0.5, 1)]
     assert {name: run.status for name, run in tracker.stages.items()} == {"upstream": "FINISHED", "transfer": "FAILED"}
     assert tracker.parent.status == "FAILED" and tracker.parent.tags["ptlab.error"] == "RuntimeError: boom"
 
 
 LAYERS: dict[str, set[str]] = {
     # package: the ptlab packages it may import (docs/design.md section 6, "package | owns | may import")
-    "ptlab.errors": set(), "ptlab.registry": set(), "ptlab.lazy": set(), "ptlab.paths": set(),
-    "ptlab.seeding": set(), "ptlab.utils": set(),
+    "ptlab.errors": set(),
+    "ptlab.registry": set(),
+    "ptlab.lazy": set(),
+    "ptlab.paths": set(),
+    "ptlab.seeding": set(),
+    "ptlab.utils": set(),
     "ptlab.context": {"ptlab.errors"},
     "ptlab.processes": {"ptlab.errors"},
     "ptlab.models": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.folder_checks": {"ptlab.errors"},
     "ptlab.store_checks": {"ptlab.errors", "ptlab.folder_checks"},
     "ptlab.build_checks": {"ptlab.errors", "ptlab.seeding", "ptlab.utils", "ptlab.data.idx"},
-    "ptlab.phase": {"ptlab.paths"}, "ptlab.design": set(),
-    "ptlab.checks": {"ptlab.errors", "ptlab.utils", "ptlab.registry", "ptlab.paths", "ptlab.models.name_check",
-                     "ptlab.models.weights", "ptlab.folder_checks", "ptlab.store_checks", "ptlab.build_checks",
-                     "ptlab.data.idx"},
-    "ptlab.config": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.paths", "ptlab.checks",
-                     "ptlab.transfer.selection"},
+    "ptlab.phase": {"ptlab.paths"},
+    "ptlab.design": set(),
+    "ptlab.checks": {
+        "ptlab.errors",
+        "ptlab.utils",
+        "ptlab.registry",
+        "ptlab.paths",
+        "ptlab.models.name_check",
+        "ptlab.models.weights",
+        "ptlab.folder_checks",
+        "ptlab.store_checks",
+        "ptlab.build_checks",
+        "ptlab.data.idx",
+    },
+    "ptlab.config": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.paths", "ptlab.checks", "ptlab.transfer.selection"},
     "ptlab.spec": {"ptlab.config", "ptlab.errors"},
     "ptlab.theory": {"ptlab.config", "ptlab.spec", "ptlab.errors", "ptlab.paths", "ptlab.phase"},
     "ptlab.data": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding", "ptlab.config"},
     "ptlab.transfer": {"ptlab.models", "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.modules": {"ptlab.data", "ptlab.models", "ptlab.errors", "ptlab.lazy", "ptlab.seeding"},
-    "ptlab.engines": {"ptlab.data", "ptlab.models", "ptlab.modules", "ptlab.transfer", "ptlab.seeding",
-                      "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.config", "ptlab.spec", "ptlab.processes"},
+    "ptlab.engines": {
+        "ptlab.data",
+        "ptlab.models",
+        "ptlab.modules",
+        "ptlab.transfer",
+        "ptlab.seeding",
+        "ptlab.errors",
+        "ptlab.registry",
+        "ptlab.lazy",
+        "ptlab.config",
+        "ptlab.spec",
+        "ptlab.processes",
+    },
     "ptlab.tracking": {"ptlab.errors", "ptlab.lazy", "ptlab.utils", "ptlab.paths", "ptlab.processes"},
-    "ptlab.report": {"ptlab.tracking", "ptlab.registry", "ptlab.errors", "ptlab.lazy", "ptlab.paths", "ptlab.theory",
-                     "ptlab.utils", "ptlab.config", "ptlab.phase", "ptlab.design"},
+    "ptlab.report": {
+        "ptlab.tracking",
+        "ptlab.registry",
+        "ptlab.errors",
+        "ptlab.lazy",
+        "ptlab.paths",
+        "ptlab.theory",
+        "ptlab.utils",
+        "ptlab.config",
+        "ptlab.phase",
+        "ptlab.design",
+    },
 }
 """Everything else (``ptlab.pipeline``, ``ptlab.devices``, ``ptlab.distributed``, ``ptlab.cli``, the entry points) sits
 above these and may import them; nothing here may import the pipeline, the CLI or the launchers."""
@@ -201,8 +246,12 @@ def test_every_import_follows_the_layer_table() -> None:
     """docs/design.md's table, checked on the import graph (imports inside functions count): tracking is a leaf
     that imports nothing from config, engines or the pipeline; checks does not import tracking; the report never
     imports the pipeline."""
-    bad = sorted(f"{source} -> {target}" for source, targets in import_graph().items() for target in targets
-                 if target != "ptlab" and not allowed(source, target))
+    bad = sorted(
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if target != "ptlab" and not allowed(source, target)
+    )
     assert not bad, "\n".join(bad)
 
 

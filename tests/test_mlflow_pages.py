@@ -15,11 +15,20 @@ from ptlab.tracking.mlflow import EXPERIMENT_KIND_TAG, ML_EXPERIMENT, result_vie
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("key,name", [
-    ("train/loss", "loss/train"), ("test/loss", "loss/test"), ("train/acc", "acc/train"), ("test/acc", "acc/test"),
-    ("decomp/noise_max", "signal_noise/noise_max"), ("final/test_acc", "summary/test_acc"),
-    ("lr-SGD", "optimizer/lr-SGD"), ("transfer_gain", "transfer_gain"), ("theory/gamma", "theory/gamma"),
-])
+@pytest.mark.parametrize(
+    "key,name",
+    [
+        ("train/loss", "loss/train"),
+        ("test/loss", "loss/test"),
+        ("train/acc", "acc/train"),
+        ("test/acc", "acc/test"),
+        ("decomp/noise_max", "signal_noise/noise_max"),
+        ("final/test_acc", "summary/test_acc"),
+        ("lr-SGD", "optimizer/lr-SGD"),
+        ("transfer_gain", "transfer_gain"),
+        ("theory/gamma", "theory/gamma"),
+    ],
+)
 def test_metric_names_group_train_and_test_under_one_prefix(key, name):
     assert metric_name(key) == name
 
@@ -46,8 +55,10 @@ def test_a_pipelines_pages_in_mlflow(make_cfg, tmp_path, tracking_uri):
     gain = 100 * (summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"])
     first, second = note.splitlines()[:2]
     assert first.startswith(f"**transfer - scratch: {gain:+.1f} points**")
-    assert second == (f"**theory: {summary['theory']['predicted']}** (d / D* = "
-                      f"{summary['theory']['d_over_threshold']:.3g}, Gamma = {summary['theory']['gamma']:.3g})")
+    assert second == (
+        f"**theory: {summary['theory']['predicted']}** (d / D* = "
+        f"{summary['theory']['d_over_threshold']:.3g}, Gamma = {summary['theory']['gamma']:.3g})"
+    )
     assert "transfer - scratch test accuracy" in note  # the stage table follows
     assert len([key for key in parent.data.tags if key.startswith("ptlab.")]) <= 8  # was 20 with a tag per choice
     assert {"engine=gram", "task=synthetic", "model=toy_cnn"} <= set(parent.data.tags["ptlab.choices"].split())
@@ -65,14 +76,22 @@ def test_finals_are_rounded_for_display():
 
 
 def test_run_names_say_which_model_is_upstream_and_which_downstream():
-    overrides = ["model=timm", "upstream_model=timm", "upstream_model.name=resnet34d", "model.name=resnet18d",
-                 "transfer.alpha=0.5"]
+    overrides = [
+        "model=timm",
+        "upstream_model=timm",
+        "upstream_model.name=resnet34d",
+        "model.name=resnet18d",
+        "transfer.alpha=0.5",
+    ]
     assert cell_name(overrides, 0) == "upstream=resnet34d downstream=resnet18d alpha=0.5 seed=0"
-    assert cell_name(["upstream_model=resnet34_small", "model.width=0.5"], 1) == \
-        "upstream=resnet34_small downstream.width=0.5 seed=1"
+    assert (
+        cell_name(["upstream_model=resnet34_small", "model.width=0.5"], 1)
+        == "upstream=resnet34_small downstream.width=0.5 seed=1"
+    )
     assert cell_name(["task.u_norm=0.0", "model.width=8"], 2) == "u_norm=0.0 width=8 seed=2"  # one model config
 
 
 def test_the_printed_link_opens_the_model_training_pages():
-    assert result_view_url("7") == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=ptlab"
-                                    "&workflowType=machine_learning")
+    assert result_view_url("7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=ptlab&workflowType=machine_learning"
+    )

@@ -20,9 +20,21 @@ from ptlab.seeding import derive_seed
 from ptlab.spec import parse
 from ptlab.transfer import transfer_parameters
 
-BASE = ("train.dtype=float64", "task.d=40", "task.n1=12", "task.n2=8", "task.n_test=60", "model.width=3",
-        "train.upstream_steps=20", "train.downstream_steps=15", "train.eval_every=5", "task.label_noise=0.2",
-        "train.lr=0.2", "model.init_std=0.1", "transfer.selection=largest_norm")
+BASE = (
+    "train.dtype=float64",
+    "task.d=40",
+    "task.n1=12",
+    "task.n2=8",
+    "task.n_test=60",
+    "model.width=3",
+    "train.upstream_steps=20",
+    "train.downstream_steps=15",
+    "train.eval_every=5",
+    "task.label_noise=0.2",
+    "train.lr=0.2",
+    "model.init_std=0.1",
+    "transfer.selection=largest_norm",
+)
 VARIANTS = {
     "bias": ["model.bias=true"],
     "torch_init": ["model.init=torch"],
@@ -32,8 +44,14 @@ VARIANTS = {
     "leaky_relu": ["model.activation=leaky_relu", "model.negative_slope=0.1"],
     "unprojected_noise": ["task.project_noise=false"],
     "random_position": ["task.signal_position=random"],
-    "kou2023": ["model.bias=true", "model.init=torch", "model.filter_reduction=sum", "model.patch_reduction=mean",
-                "task.project_noise=false", "train.lr=0.1"],
+    "kou2023": [
+        "model.bias=true",
+        "model.init=torch",
+        "model.filter_reduction=sum",
+        "model.patch_reduction=mean",
+        "task.project_noise=false",
+        "train.lr=0.1",
+    ],
 }
 ACTIVATION = {
     "relu": lambda z, model: z.clamp(min=0),
@@ -95,12 +113,20 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
             upstream.bias.copy_(trained[1])
     transfer = build_model(cfg, "downstream")
     downstream_init = transfer.weight.detach().clone()
-    transfer_parameters(upstream, transfer, cfg.transfer.alpha, cfg.transfer.selection,
-                        torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
+    transfer_parameters(
+        upstream,
+        transfer,
+        cfg.transfer.alpha,
+        cfg.transfer.selection,
+        torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")),
+    )
     scratch = build_model(cfg, "downstream")
     train2 = (data.task2_train.x, data.task2_train.y, lr, cfg.train.downstream_steps)
-    expected = {"upstream": (upstream, trained, data.task1_test), "transfer": (transfer, plain_gd(transfer, *train2),
-                data.task2_test), "scratch": (scratch, plain_gd(scratch, *train2), data.task2_test)}
+    expected = {
+        "upstream": (upstream, trained, data.task1_test),
+        "transfer": (transfer, plain_gd(transfer, *train2), data.task2_test),
+        "scratch": (scratch, plain_gd(scratch, *train2), data.task2_test),
+    }
     noise = {1: data.task1_train.noise, 2: data.task2_train.noise}
     for name, (model, (weight, bias), test) in expected.items():
         stage = result.stages[name]
@@ -116,8 +142,19 @@ def test_gram_engine_matches_plain_gd(variant_cfg, shared_gram: bool, monkeypatc
 def scratch_stage(cfg) -> tuple[Stage, Tensor, Tensor | None]:
     data = make_data(parse(cfg))
     model = build_model(parse(cfg), "downstream")
-    stage = Stage("scratch", model, data.task2_train, data.task2_test, cfg.train.downstream_steps, cfg.train.lr,
-                  cfg.train.eval_every, data.directions, 2, None, cfg.train.dtype)
+    stage = Stage(
+        "scratch",
+        model,
+        data.task2_train,
+        data.task2_test,
+        cfg.train.downstream_steps,
+        cfg.train.lr,
+        cfg.train.eval_every,
+        data.directions,
+        2,
+        None,
+        cfg.train.dtype,
+    )
     return stage, *plain_gd(model, data.task2_train.x, data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps)
 
 
@@ -125,16 +162,25 @@ DEFAULT_LIGHTNING = ("relu_q", "kou2023")
 """Variants whose Lightning check runs by default (the others are marked slow: a Lightning fit each)."""
 
 
-@pytest.mark.parametrize("variant", [name if name in DEFAULT_LIGHTNING else pytest.param(name, marks=pytest.mark.slow)
-                                     for name in VARIANTS])
+@pytest.mark.parametrize(
+    "variant", [name if name in DEFAULT_LIGHTNING else pytest.param(name, marks=pytest.mark.slow) for name in VARIANTS]
+)
 def test_lightning_and_single_stage_gram_match_plain_gd(make_cfg, variant: str) -> None:
     """The Lightning module (``FullBatchGD`` on the model class) and ``GramEngine.train_stage`` train the
     scratch stage to plain GD's weights and biases."""
     variant_cfg = make_cfg(*BASE, *VARIANTS[variant])
     stage, weight, bias = scratch_stage(variant_cfg)
     module = FullBatchGD(stage.model, lr=stage.lr, eval_every=stage.eval_every)
-    trainer = pl.Trainer(max_steps=stage.steps, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", precision="64-true")
+    trainer = pl.Trainer(
+        max_steps=stage.steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        precision="64-true",
+    )
     trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, steps=stage.steps))
     assert close(stage.model.weight.detach(), weight) < 1e-10
     if bias is not None:
@@ -148,8 +194,9 @@ def test_lightning_and_single_stage_gram_match_plain_gd(make_cfg, variant: str) 
 
 def test_forward_on_a_hand_built_example() -> None:
     """Bias, leaky ReLU, sum over filters and mean over patches on one sample, by hand."""
-    model = TwoLayerReLUCNN(2, width=2, bias=True, activation="leaky_relu", negative_slope=0.5,
-                            filter_reduction="sum", patch_reduction="mean").double()
+    model = TwoLayerReLUCNN(
+        2, width=2, bias=True, activation="leaky_relu", negative_slope=0.5, filter_reduction="sum", patch_reduction="mean"
+    ).double()
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[-1.0, 1.0], [1.0, 1.0]]]))
         model.bias.copy_(torch.tensor([[0.0, -1.0], [1.0, 0.0]]))
@@ -167,8 +214,8 @@ def test_torch_init_is_conv1d_default() -> None:
     conv = torch.nn.Conv1d(1, 10, 400, stride=400)
     assert torch.equal(model.weight.detach().reshape(10, 400), conv.weight.detach().reshape(10, 400))
     assert torch.equal(model.bias.detach().reshape(-1), conv.bias.detach())
-    assert model.weight.abs().max().item() <= 400 ** -0.5
-    assert model.weight.std().item() == pytest.approx(400 ** -0.5 / 3 ** 0.5, rel=0.05)
+    assert model.weight.abs().max().item() <= 400**-0.5
+    assert model.weight.std().item() == pytest.approx(400**-0.5 / 3**0.5, rel=0.05)
 
 
 def test_config_lists_match_the_model() -> None:

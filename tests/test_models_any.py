@@ -42,8 +42,7 @@ def pair(build, seed_source: int = 1, seed_target: int = 2, source_kwargs=None, 
     return source, target
 
 
-def expected_state(source: nn.Module, target: nn.Module, fresh: dict[str, torch.Tensor], plan
-                   ) -> dict[str, torch.Tensor]:
+def expected_state(source: nn.Module, target: nn.Module, fresh: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
     """The fresh state with each planned filter, its bias and its followers' entries written by hand,
     entry by entry from the plan's indices."""
     want = copy.deepcopy(fresh)
@@ -59,8 +58,11 @@ def expected_state(source: nn.Module, target: nn.Module, fresh: dict[str, torch.
                     want[key][t_out] = src_state[key][s_out]
             continue
         weight = f"{row.target}.weight"
-        keys = [(f"{row.target}.{k}", f"{row.source}.{k}") for k in ("weight", "bias")
-                if f"{row.target}.{k}" in want and f"{row.source}.{k}" in src_state]
+        keys = [
+            (f"{row.target}.{k}", f"{row.source}.{k}")
+            for k in ("weight", "bias")
+            if f"{row.target}.{k}" in want and f"{row.source}.{k}" in src_state
+        ]
         keys += list(zip(target_followers[row.target], source_followers[row.source], strict=True))
         for target_key, source_key in keys:
             for t_out, s_out in zip(row.indices, row.source_indices or row.indices, strict=True):
@@ -100,6 +102,7 @@ def spaces_share_indices(target: nn.Module, plan) -> None:
 
 # -- the 32x32 stem rule and the factories ------------------------------------------------------------
 
+
 def test_stem_rule_and_unknown_names() -> None:
     mobile = build_torchvision_cnn("mobilenet_v3_small", 2, options={"width_mult": 0.25})
     assert mobile.features[0][0].stride == (1, 1) and mobile(torch.randn(2, 3, 32, 32)).shape == (2, 2)
@@ -119,25 +122,32 @@ def test_stem_rule_and_unknown_names() -> None:
 
 def test_preflight_checks_library_names_and_passes_presets(make_cfg) -> None:
     check_paths(make_cfg("task=digits", "model=timm", "upstream_model=resnet18_small", small=False))
-    with pytest.raises(ConfigError, match=r"^upstream_model.name='resnet18dd' is not allowed: not a model of the "
-                                          r"library \(close names: resnet18d") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"^upstream_model.name='resnet18dd' is not allowed: not a model of the "
+        r"library \(close names: resnet18d",
+    ) as err:
         check_paths(make_cfg("task=digits", "upstream_model=timm", "upstream_model.name=resnet18dd", small=False))
     assert "\n" not in str(err.value)
 
 
 # -- structure discovery ---------------------------------------------------------------------------
 
+
 def test_resnet_structure_residual_stream_is_one_space() -> None:
     units = {u.name: u for u in conv_units(build_torchvision_cnn("resnet18", 2, width=0.125))}
     assert "fc" not in units
-    assert units["layer1.0.conv1"].followers == [f"layer1.0.bn1.{k}" for k in
-                                                 ("weight", "bias", "running_mean", "running_var")]
+    assert units["layer1.0.conv1"].followers == [f"layer1.0.bn1.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
     stream = units["conv1"].out_space  # the stem writes layer1's residual stream
     assert units["layer1.0.conv2"].out_space == units["layer1.1.conv2"].out_space == stream
     assert units["layer1.0.conv1"].out_space != stream and units["layer1.0.conv1"].in_space == stream
     assert units["layer2.0.conv2"].out_space == units["layer2.0.downsample.0"].out_space != stream
-    assert [units[n].stage for n in ("conv1", "layer1.0.conv1", "layer2.0.conv1", "layer4.1.conv2")] == \
-        ["level0", "level0", "level1", "level3"]
+    assert [units[n].stage for n in ("conv1", "layer1.0.conv1", "layer2.0.conv1", "layer4.1.conv2")] == [
+        "level0",
+        "level0",
+        "level1",
+        "level3",
+    ]
 
 
 def test_mobilenet_depthwise_conv_reads_and_writes_one_space() -> None:
@@ -159,8 +169,10 @@ def test_convnext_layer_scale_and_norm_follow_their_unit() -> None:
     assert f"{block}.gamma" in units[f"{block}.mlp.fc2"].followers
     assert units[f"{block}.mlp.fc2"].out_space == units[f"{block}.conv_dw"].in_space  # the residual stream
     # the downsampling LayerNorm of stage 1 normalises stage 0's residual stream
-    assert discover(build_timm_model("convnext_atto", 2)).stream_norms["stages.1.downsample.0"] == \
-        units[f"{block}.mlp.fc2"].out_space
+    assert (
+        discover(build_timm_model("convnext_atto", 2)).stream_norms["stages.1.downsample.0"]
+        == units[f"{block}.mlp.fc2"].out_space
+    )
 
 
 def test_grouped_conv_is_refused_with_one_line() -> None:
@@ -206,8 +218,11 @@ def test_equal_width_transfer_torchvision_full_size(arch: str) -> None:
 
 
 def test_width_mismatched_pair_uses_element_selection() -> None:
-    source, target = pair(lambda width: build_torchvision_cnn("resnet18", 2, width=width),
-                          source_kwargs={"width": 0.25}, target_kwargs={"width": 0.125})
+    source, target = pair(
+        lambda width: build_torchvision_cnn("resnet18", 2, width=width),
+        source_kwargs={"width": 0.25},
+        target_kwargs={"width": 0.125},
+    )
     plan, fresh = check_transfer(source, target)
     rows = {row.target: row for row in plan}
     stem, block = rows["conv1"], rows["layer1.0.conv1"]
@@ -227,15 +242,21 @@ def test_width_mismatched_pair_uses_element_selection() -> None:
     assert torch.equal(got["bn1.running_var"][stem.indices], src["bn1.running_var"][stem.source_indices])
     assert json.loads(json.dumps(block.as_dict()))["source_input_indices"] == stem.source_indices
 
-    wider_source, wider_target = pair(lambda width: build_torchvision_cnn("resnet18", 2, width=width),
-                                      source_kwargs={"width": 0.125}, target_kwargs={"width": 0.25})
+    wider_source, wider_target = pair(
+        lambda width: build_torchvision_cnn("resnet18", 2, width=width),
+        source_kwargs={"width": 0.125},
+        target_kwargs={"width": 0.25},
+    )
     plan, _ = check_transfer(wider_source, wider_target)
     assert {row.target: row.copied for row in plan}["conv1"] == 8  # min(round(0.5 * 16), 8): every source filter
 
 
 def test_width_mismatched_depthwise_network_copies_what_the_plan_says() -> None:
-    source, target = pair(lambda w: build_torchvision_cnn("mobilenet_v3_small", 2, options={"width_mult": w}),
-                          source_kwargs={"w": 0.5}, target_kwargs={"w": 0.25})
+    source, target = pair(
+        lambda w: build_torchvision_cnn("mobilenet_v3_small", 2, options={"width_mult": w}),
+        source_kwargs={"w": 0.5},
+        target_kwargs={"w": 0.25},
+    )
     plan, _ = check_transfer(source, target)  # every tensor against the plan, entry by entry
     rows = {row.target: row for row in plan}
     dw = rows["features.2.block.1.0"]  # depthwise: the channels of the expansion conv before it
@@ -245,8 +266,10 @@ def test_width_mismatched_depthwise_network_copies_what_the_plan_says() -> None:
 
 def test_timm_vit_of_another_depth_inherits_blocks_by_index() -> None:
     def vit(depth: int) -> nn.Module:
-        return build_timm_model("vit_tiny_patch16_224", 3, options={"img_size": 32, "patch_size": 8,
-                                                                     "depth": depth, "embed_dim": 48, "num_heads": 2})
+        return build_timm_model(
+            "vit_tiny_patch16_224", 3, options={"img_size": 32, "patch_size": 8, "depth": depth, "embed_dim": 48, "num_heads": 2}
+        )
+
     source, target = pair(lambda depth: vit(depth), source_kwargs={"depth": 4}, target_kwargs={"depth": 2})
     assert find_adapter(source, target) is ViTLayerTransfer
     fresh = copy.deepcopy(target.state_dict())
@@ -261,15 +284,30 @@ def test_timm_vit_of_another_depth_inherits_blocks_by_index() -> None:
 
 # -- digits pipelines through model=torchvision / model=timm --------------------------------------
 
-TINY = ["task=digits", "noise=pixels", "task.n2=8", "task.k=2", "task.n1_ratio=2", "task.n_test=10",
-        "train.upstream_epochs=1", "train.downstream_epochs=1", "train.batch_size=8", "train.progress_bar=false",
-        "logger=none", "cache.enabled=false", "task.image_size=16"]
+TINY = [
+    "task=digits",
+    "noise=pixels",
+    "task.n2=8",
+    "task.k=2",
+    "task.n1_ratio=2",
+    "task.n_test=10",
+    "train.upstream_epochs=1",
+    "train.downstream_epochs=1",
+    "train.batch_size=8",
+    "train.progress_bar=false",
+    "logger=none",
+    "cache.enabled=false",
+    "task.image_size=16",
+]
 
 
-@pytest.mark.parametrize("model", [
-    ["model=torchvision", "model.arch=mobilenet_v3_small", "+model.options.width_mult=0.25"],
-    ["model=timm", "model.name=resnet18d", "+model.options.channels=[8,16,32,64]", "+model.options.stem_width=8"],
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model=torchvision", "model.arch=mobilenet_v3_small", "+model.options.width_mult=0.25"],
+        ["model=timm", "model.name=resnet18d", "+model.options.channels=[8,16,32,64]", "+model.options.stem_width=8"],
+    ],
+)
 def test_digits_pipeline_with_any_library_model(make_cfg, tmp_path: Path, model: list[str]) -> None:
     cfg = make_cfg(*TINY, *model, small=False)
     summary = run_pipeline(cfg, tmp_path / "out")

@@ -20,7 +20,7 @@ from .conftest import SMALL, compose_config, run_cli
 from .gram_devices import DEVICES
 
 BATCHED = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched"]
-FLOAT32_TOLERANCE = 64 * 2.0 ** -23
+FLOAT32_TOLERANCE = 64 * 2.0**-23
 """Across different batch groupings the same float32 arithmetic may run in another order (BLAS picks its kernel
 by shape): numbers agree to a few dozen units of float32's epsilon, relative to 1 (accuracies, losses ~ 1)."""
 
@@ -37,8 +37,7 @@ def same_summary(a: Any, b: Any, path: str = "") -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             same_summary(x, y, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        assert a is not None and b is not None and math.isclose(a, b, rel_tol=0, abs_tol=FLOAT32_TOLERANCE), \
-            f"{path}: {a} vs {b}"
+        assert a is not None and b is not None and math.isclose(a, b, rel_tol=0, abs_tol=FLOAT32_TOLERANCE), f"{path}: {a} vs {b}"
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
@@ -49,8 +48,18 @@ def without_mlflow(summary: dict[str, Any]) -> dict[str, Any]:
 
 def sweep(tmp_path: Path, name: str, *overrides: str, layout: str = "runs") -> Any:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return run_cli([*BATCHED, *SMALL, f"hydra.launcher.tracking={layout}", f"logger.tracking_uri={uri}",
-                    f"logger.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}", *overrides], cwd=tmp_path)
+    return run_cli(
+        [
+            *BATCHED,
+            *SMALL,
+            f"hydra.launcher.tracking={layout}",
+            f"logger.tracking_uri={uri}",
+            f"logger.experiment_name={name}",
+            f"hydra.sweep.dir={tmp_path / name}",
+            *overrides,
+        ],
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,8 +67,18 @@ def test_single_batched_and_grid_give_the_same_summary(tmp_path: Path, device: s
     """summary.json of a single run, of the batched launcher's job dir and of the grid's summaries.jsonl line agree
     (the mlflow entry aside: each names its own runs), on any device."""
     cell = ["task.u_norm=1.0", "seed=3", f"engine.device={device}"]
-    single = run_pipeline(compose_config([f"logger.tracking_uri=sqlite:///{tmp_path / 'single.db'}", *SMALL,
-                                          f"cache.dir={tmp_path / 'cache'}", "engine=gram", *cell]), tmp_path / "one")
+    single = run_pipeline(
+        compose_config(
+            [
+                f"logger.tracking_uri=sqlite:///{tmp_path / 'single.db'}",
+                *SMALL,
+                f"cache.dir={tmp_path / 'cache'}",
+                "engine=gram",
+                *cell,
+            ]
+        ),
+        tmp_path / "one",
+    )
     done = sweep(tmp_path, "batched", *cell)
     assert done.returncode == 0, done.stderr[-3000:]
     batched = json.loads((tmp_path / "batched" / "0" / "summary.json").read_text())
@@ -77,8 +96,7 @@ def test_single_batched_and_grid_give_the_same_summary(tmp_path: Path, device: s
 def test_a_diverged_cell_fails_as_a_single_run_does(tmp_path: Path, layout: str) -> None:
     """One cell of two diverges: the sweep exits non-zero with the single run's line, no summary holds a null loss,
     the diverged cell is FAILED (its runs, or the grid run that lists it) and the other cell is kept."""
-    alone = run_cli([*SMALL, "noise.sigma_p1=1e30", "logger=none", f"hydra.run.dir={tmp_path / 'alone'}"],
-                    cwd=tmp_path)
+    alone = run_cli([*SMALL, "noise.sigma_p1=1e30", "logger=none", f"hydra.run.dir={tmp_path / 'alone'}"], cwd=tmp_path)
     assert alone.returncode == 1
     line = alone.stderr.strip().splitlines()[-1]
     assert line.startswith("ptlab: stage upstream diverged at step")
@@ -88,8 +106,9 @@ def test_a_diverged_cell_fails_as_a_single_run_does(tmp_path: Path, layout: str)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("div").experiment_id
     if layout == "runs":
-        parents = {r.data.params["noise.sigma_p1"]: r for r in
-                   client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline'")}
+        parents = {
+            r.data.params["noise.sigma_p1"]: r for r in client.search_runs([experiment], "tags.`ptlab.stage` = 'pipeline'")
+        }
         assert parents["1.0"].info.status == "FINISHED" and parents["1e+30"].info.status == "FAILED"
         assert parents["1e+30"].data.tags["ptlab.error"] == "DivergenceError: " + line.removeprefix("ptlab: ")
         failed_children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents['1e+30'].info.run_id}'")
@@ -142,8 +161,15 @@ def test_a_default_experiment_grid_gives_the_runs_layouts_numbers(tmp_path: Path
     are the run-per-cell layout's, number for number, in the same experiment."""
     common = [*BATCHED, *SMALL, "seed=0,1", "transfer.alpha=0.3"]
     for layout in ("runs", "grid"):
-        done = run_cli([*common, f"hydra.launcher.tracking={layout}", f"logger.tracking_uri=sqlite:///{tmp_path / layout}.db",
-                        f"hydra.sweep.dir={tmp_path / layout}"], cwd=tmp_path)
+        done = run_cli(
+            [
+                *common,
+                f"hydra.launcher.tracking={layout}",
+                f"logger.tracking_uri=sqlite:///{tmp_path / layout}.db",
+                f"hydra.sweep.dir={tmp_path / layout}",
+            ],
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         client = MlflowClient(f"sqlite:///{tmp_path / layout}.db")
         experiment = client.get_experiment_by_name("default").experiment_id
@@ -163,17 +189,25 @@ def test_auto_takes_a_run_per_cell_where_the_grid_cannot(tmp_path: Path) -> None
     """Above ``grid_threshold`` cells ``tracking=auto`` picks the grid, unless a value may differ per job (here the
     experiment name reads ``hydra.job.num``): then each job is a run of its own, in its own experiment."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = run_cli([*BATCHED, *SMALL, "seed=0,1", "hydra.launcher.tracking=auto", "hydra.launcher.grid_threshold=1",
-                    "logger.experiment_name=e${hydra:job.num}", f"logger.tracking_uri={uri}",
-                    f"hydra.sweep.dir={tmp_path / 'auto'}"], cwd=tmp_path)
+    done = run_cli(
+        [
+            *BATCHED,
+            *SMALL,
+            "seed=0,1",
+            "hydra.launcher.tracking=auto",
+            "hydra.launcher.grid_threshold=1",
+            "logger.experiment_name=e${hydra:job.num}",
+            f"logger.tracking_uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'auto'}",
+        ],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     client = MlflowClient(uri)
     for job in (0, 1):
         summary = json.loads((tmp_path / "auto" / str(job) / "summary.json").read_text())
         assert summary["seed"] == job
-        (run,) = client.search_runs([client.get_experiment_by_name(f"e{job}").experiment_id],
-                                    "tags.`ptlab.stage` = 'pipeline'")
+        (run,) = client.search_runs([client.get_experiment_by_name(f"e{job}").experiment_id], "tags.`ptlab.stage` = 'pipeline'")
         assert run.data.params["seed"] == str(job)
     assert not (tmp_path / "auto" / "results.parquet").exists()
-

@@ -36,7 +36,7 @@ def test_features_hand_values() -> None:
     assert f["log_d"] == pytest.approx(3.0) and f["log_n2"] == pytest.approx(math.log10(20))
     assert f["log_threshold_term"] == pytest.approx(math.log10(185600 / 70))
     assert f["log_scratch_threshold"] == pytest.approx(math.log10(1280))
-    assert list(f) == list(ALL_FEATURES) and list(ALL_FEATURES[:len(FEATURES)]) == list(FEATURES)
+    assert list(f) == list(ALL_FEATURES) and list(ALL_FEATURES[: len(FEATURES)]) == list(FEATURES)
 
 
 def test_no_universal_signal_gives_finite_clipped_features() -> None:
@@ -85,16 +85,31 @@ def test_the_phase_model_round_trips_through_its_file(fitted, tmp_path: Path) ->
 
 
 def test_a_logistic_model_is_a_softmax_of_linear_scores() -> None:
-    model = PhaseModel(name="hand", kind="logistic", features=("alpha",), classes=("a", "b"),
-                       params={"mean": [0.5], "scale": [0.25], "coef": [[0.0], [2.0]], "intercept": [0.0, -1.0]},
-                       gain={"mean": [0.5], "scale": [0.25], "coef": [4.0], "intercept": 1.0, "interval_half_width": 2.0})
+    model = PhaseModel(
+        name="hand",
+        kind="logistic",
+        features=("alpha",),
+        classes=("a", "b"),
+        params={"mean": [0.5], "scale": [0.25], "coef": [[0.0], [2.0]], "intercept": [0.0, -1.0]},
+        gain={"mean": [0.5], "scale": [0.25], "coef": [4.0], "intercept": 1.0, "interval_half_width": 2.0},
+    )
     # alpha = 0.75: standardised 1, scores (0, 2 - 1 = 1): p_b = e / (1 + e).
     p = model.probabilities(np.array([[0.75]]))[0]
     assert p[1] == pytest.approx(math.e / (1 + math.e)) and model.predict_gain(np.array([[0.75]]))[0] == 5.0
-    tree = PhaseModel(name="stump", kind="tree", features=("alpha",), classes=("a", "b"),
-                      params={"feature": [0, -2, -2], "threshold": [0.5, -2, -2], "left": [1, -1, -1],
-                              "right": [2, -1, -1], "value": [[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]},
-                      gain=model.gain)
+    tree = PhaseModel(
+        name="stump",
+        kind="tree",
+        features=("alpha",),
+        classes=("a", "b"),
+        params={
+            "feature": [0, -2, -2],
+            "threshold": [0.5, -2, -2],
+            "left": [1, -1, -1],
+            "right": [2, -1, -1],
+            "value": [[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]],
+        },
+        gain=model.gain,
+    )
     assert tree.predict_outcomes(np.array([[0.3], [0.7]])) == ["a", "b"]
     with pytest.raises(ValueError, match="kind=forest"):
         PhaseModel(name="x", kind="forest", features=(), classes=(), params={}, gain={})
@@ -104,12 +119,20 @@ def test_predict_cli_and_a_run_log_the_same_prediction(fitted, tmp_path: Path, t
     model, _ = fitted
     path = tmp_path / "phase.yaml"
     save(model, path)
-    overrides = [*SMALL, "task.u_norm=0.7", "transfer.alpha=0.4", f"theory.phase_model={path}",
-                 f"logger.tracking_uri={tracking_uri}", f"cache.dir={tmp_path / 'cache'}"]
+    overrides = [
+        *SMALL,
+        "task.u_norm=0.7",
+        "transfer.alpha=0.4",
+        f"theory.phase_model={path}",
+        f"logger.tracking_uri={tracking_uri}",
+        f"cache.dir={tmp_path / 'cache'}",
+    ]
     setting = Setting(d=200, n1=40, n2=10, u_norm=0.7, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.4)
     expected = model.predict(phase_features(setting))
-    probe = ("import json, sys; from ptlab.predict import prediction_for; r = prediction_for(sys.argv[1:]); "
-             "print(json.dumps([r['prediction'], r['theory'], 'torch' in sys.modules, 'mlflow' in sys.modules]))")
+    probe = (
+        "import json, sys; from ptlab.predict import prediction_for; r = prediction_for(sys.argv[1:]); "
+        "print(json.dumps([r['prediction'], r['theory'], 'torch' in sys.modules, 'mlflow' in sys.modules]))"
+    )
     done = subprocess.run([sys.executable, "-c", probe, *overrides], cwd=REPO, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     predicted, theory, torch_loaded, mlflow_loaded = json.loads(done.stdout)
@@ -135,9 +158,21 @@ def test_a_batched_gram_sweep_logs_the_same_prediction(fitted, tmp_path: Path, t
     model, _ = fitted
     path = tmp_path / "phase.yaml"
     save(model, path)
-    done = run_cli(["-m", *SMALL, "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
-                    "task.u_norm=0.0,1.5", f"theory.phase_model={path}", f"logger.tracking_uri={tracking_uri}",
-                    f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    done = run_cli(
+        [
+            "-m",
+            *SMALL,
+            "engine=gram",
+            "hydra/launcher=ptlab_gram",
+            "hydra/sweeper=ptlab_batched",
+            "task.u_norm=0.0,1.5",
+            f"theory.phase_model={path}",
+            f"logger.tracking_uri={tracking_uri}",
+            f"cache.dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
     assert len(summaries) == 2

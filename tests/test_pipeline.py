@@ -63,13 +63,14 @@ def test_mlflow_holds_one_parent_with_three_children(make_cfg, tmp_path, trackin
     assert {r.data.tags["ptlab.cell"] for r in runs} == {cell}
     assert "transfer - scratch test accuracy" in parents[0].data.tags["mlflow.note.content"]
     view = json.loads(client.get_experiment(experiment.experiment_id).tags["mlflow.sharedViewState.ptlab"])
-    assert view["selectedColumns"][:3] == ["metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`",
-                                           "metrics.`transfer_gain`"]
+    assert view["selectedColumns"][:3] == ["metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`", "metrics.`transfer_gain`"]
     assert {"transfer_test_acc", "scratch_test_acc", "transfer_gain"} <= set(parents[0].data.metrics)
     shown = {c.removeprefix("metrics.`").rstrip("`") for c in view["selectedColumns"] if c.startswith("metrics.")}
     assert shown <= set(parents[0].data.metrics)  # every metric column of the view is one a pipeline logs
-    assert not any(k.startswith(("train.batch_size", "train.momentum", "train.optimizer", "train.upstream_epochs"))
-                   for k in parents[0].data.params)
+    assert not any(
+        k.startswith(("train.batch_size", "train.momentum", "train.optimizer", "train.upstream_epochs"))
+        for k in parents[0].data.params
+    )
     parent = parents[0]
     assert parent.data.params["task.d"] == "200" and parent.data.params["transfer.alpha"] == "0.5"
     assert parent.data.params["train.upstream_steps"] == "60"

@@ -16,15 +16,36 @@ from PIL import Image
 
 from tests.conftest import run_cli
 
-D = ["task=digits", "model=resnet18_small", "upstream_model=resnet18_small", "train.upstream_epochs=1",
-     "train.downstream_epochs=1", "train.progress_bar=false"]
+D = [
+    "task=digits",
+    "model=resnet18_small",
+    "upstream_model=resnet18_small",
+    "train.upstream_epochs=1",
+    "train.downstream_epochs=1",
+    "train.progress_bar=false",
+]
 """A 1-epoch digits config (the issue's D)."""
-S = ["task.d=200", "task.n1=40", "task.n2=10", "task.n_test=100", "train.upstream_steps=20",
-     "train.downstream_steps=10", "model.width=8"]
+S = [
+    "task.d=200",
+    "task.n1=40",
+    "task.n2=10",
+    "task.n_test=100",
+    "train.upstream_steps=20",
+    "train.downstream_steps=10",
+    "model.width=8",
+]
 """A small synthetic config (the issue's S)."""
 GRID = ["hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.tracking=grid"]
-FOLDER = ["task=image_folder", "task.root=FOLDER", "model=resnet18_small", "upstream_model=resnet18_small",
-          "task.task2_classes=[ant,bee]", "task.k=1", "task.n2=4", "task.n1_ratio=1"]
+FOLDER = [
+    "task=image_folder",
+    "task.root=FOLDER",
+    "model=resnet18_small",
+    "upstream_model=resnet18_small",
+    "task.task2_classes=[ant,bee]",
+    "task.k=1",
+    "task.n2=4",
+    "task.n1_ratio=1",
+]
 
 
 def closed_port() -> int:
@@ -79,7 +100,7 @@ def write_zeroed_store(path: Path) -> None:
         client.set_terminated(run.info.run_id)
     data = bytearray(path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
-    data[2 * page:] = bytes(len(data) - 2 * page)
+    data[2 * page :] = bytes(len(data) - 2 * page)
     path.write_bytes(bytes(data))
 
 
@@ -89,11 +110,12 @@ BAD = [
     # image data
     ([*D, "task.n2=1"], "task.n2=1 is not allowed: must be >= 2"),
     ([*D, "task.n2=10000"], "task.n2=10000 is not allowed: it needs 5000 training images of class 3, which holds"),
-    ([*D, "task.task2_classes=[3,3]"], ("task.task2_classes=[3, 3] is not allowed: must be distinct class ids in "
-                                       "[0, 10)")),
+    ([*D, "task.task2_classes=[3,3]"], ("task.task2_classes=[3, 3] is not allowed: must be distinct class ids in [0, 10)")),
     ([*D, "task.task2_classes=[12,3]"], "task.task2_classes=[12, 3] is not allowed: must be distinct"),
-    ([*D, "task.task1_classes=[3,4,6,7,8,9,0,1]"], ("task.task1_classes=[3, 4, 6, 7, 8, 9, 0, 1] is not allowed: 3, 8 "
-                                                   "also in task.task2_classes")),
+    (
+        [*D, "task.task1_classes=[3,4,6,7,8,9,0,1]"],
+        ("task.task1_classes=[3, 4, 6, 7, 8, 9, 0, 1] is not allowed: 3, 8 also in task.task2_classes"),
+    ),
     ([*D, "task.k=9"], "task.k=9 is not allowed: must be in [1, 8]"),
     ([*D, "task.n_test=100000"], "task.n_test=100000 is not allowed: it needs"),
     (["-m", *D, "task.k=7,9"], "task.k=9 is not allowed: must be in [1, 8]"),
@@ -103,79 +125,145 @@ BAD = [
     ([*FOLDER, "task.root=DAMAGED"], "cat/0.png is not a readable image (SyntaxError"),
     ([*FOLDER, "task.task2_classes=[ant,eel]"], "task.task2_classes=['ant', 'eel'] is not allowed: eel not among"),
     ([*FOLDER, "task.n2=100"], "task.n2=100 is not allowed: it needs 50 training images of class ant"),
-    (["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=nothing_here", "task.download=true"],
-     "task.download=True is not allowed: https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    (
+        ["task=cifar10", "+pair=resnet34_small_resnet18_small", "task.data_dir=nothing_here", "task.download=true"],
+        "task.download=True is not allowed: https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
     # transfer and models
-    ([*D, "transfer=layers"], ("transfer=layers is not allowed with upstream_model=resnet18: whole-block transfer "
-                              "needs vision transformers")),
-    ([*D, "model=deit_tiny", "upstream_model=deit_tiny", "model.img_size=32", "model.patch_size=8",
-      "upstream_model.img_size=32", "upstream_model.patch_size=8"],
-     "transfer=filters is not allowed with upstream_model=deit_tiny: filter transfer needs CNNs"),
+    (
+        [*D, "transfer=layers"],
+        ("transfer=layers is not allowed with upstream_model=resnet18: whole-block transfer needs vision transformers"),
+    ),
+    (
+        [
+            *D,
+            "model=deit_tiny",
+            "upstream_model=deit_tiny",
+            "model.img_size=32",
+            "model.patch_size=8",
+            "upstream_model.img_size=32",
+            "upstream_model.patch_size=8",
+        ],
+        "transfer=filters is not allowed with upstream_model=deit_tiny: filter transfer needs CNNs",
+    ),
     # trainer
     ([*D, "trainer.accelerator=bogus"], "trainer.accelerator='bogus' is not allowed: must be one of auto, cpu, gpu"),
-    ([*D, "train.precision=16-mixed"], ("train.precision='16-mixed' is not allowed on a CPU (Lightning would run "
-                                       "bf16-mixed)")),
-    pytest.param([*D, "trainer=gpu"], "trainer.accelerator='gpu' is not allowed: no CUDA GPU is visible here",
-                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
+    ([*D, "train.precision=16-mixed"], ("train.precision='16-mixed' is not allowed on a CPU (Lightning would run bf16-mixed)")),
+    pytest.param(
+        [*D, "trainer=gpu"],
+        "trainer.accelerator='gpu' is not allowed: no CUDA GPU is visible here",
+        marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here"),
+    ),
     # weights files
-    ([*D, "model.weights_path=garbage.safetensors"], ("model.weights_path='garbage.safetensors' is not allowed: not a "
-                                                      "safetensors state dict")),
-    ([*D, "model.weights_path=foreign.pth"], ("model.weights_path='foreign.pth' is not allowed: none of its 1 tensors "
-                                             "(encoder.layer.weight, ...) matches a tensor of model")),
-    ([*D, "upstream_model.weights_path=foreign.safetensors"], ("upstream_model.weights_path='foreign.safetensors' is "
-                                                               "not allowed: none of its 1 tensors")),
+    (
+        [*D, "model.weights_path=garbage.safetensors"],
+        ("model.weights_path='garbage.safetensors' is not allowed: not a safetensors state dict"),
+    ),
+    (
+        [*D, "model.weights_path=foreign.pth"],
+        (
+            "model.weights_path='foreign.pth' is not allowed: none of its 1 tensors "
+            "(encoder.layer.weight, ...) matches a tensor of model"
+        ),
+    ),
+    (
+        [*D, "upstream_model.weights_path=foreign.safetensors"],
+        ("upstream_model.weights_path='foreign.safetensors' is not allowed: none of its 1 tensors"),
+    ),
     # numbers the engine cannot hold
     ([*S, "model.init_std=1e39"], "model.init_std=1e+39 is not allowed: the engine computes in float32"),
     (["task.d=4", "task.n1=90000"], "task.n1=90000 is not allowed: the gram engine's N x N matrices need about"),
     # the store
-    (["logger.tracking_uri=sqlite:///:memory:"], ("logger.tracking_uri='sqlite:///:memory:' is not allowed: an "
-                                                 "in-memory SQLite store")),
-    (["logger.tracking_uri=sqlite:///other.db"], ("is a SQLite database of something else (tables invoices), not an "
-                                                 "MLflow store")),
+    (
+        ["logger.tracking_uri=sqlite:///:memory:"],
+        ("logger.tracking_uri='sqlite:///:memory:' is not allowed: an in-memory SQLite store"),
+    ),
+    (
+        ["logger.tracking_uri=sqlite:///other.db"],
+        ("is a SQLite database of something else (tables invoices), not an MLflow store"),
+    ),
     (["logger.tracking_uri=sqlite:///random.db"], "is not a readable SQLite database (file is not a database)"),
     (["logger.tracking_uri=sqlite:///zeroed.db"], "is a damaged SQLite database"),
-    (["logger.tracking_uri=postgresql://ptlab@127.0.0.1/ptlab"], ("is not allowed: its database driver (the Python "
-                                                                 "module")),
+    (["logger.tracking_uri=postgresql://ptlab@127.0.0.1/ptlab"], ("is not allowed: its database driver (the Python module")),
     (["logger.tracking_uri=http://127.0.0.1:PORT"], "is not allowed: no MLflow server answered within 5 s"),
     (["logger.artifact_location=/proc/nope"], "logger.artifact_location='/proc/nope' is not allowed"),
     (["logger.experiment_name='  '"], "logger.experiment_name='  ' is not allowed: must be a name that is not blank"),
     # overrides
-    (["+transfer.alpah=0.3"], ("+transfer.alpah=0.3 is not allowed: transfer.alpah is not a key of the config (+ adds "
-                              "a key, but the schema does not know this one); did you mean transfer.alpha?")),
+    (
+        ["+transfer.alpah=0.3"],
+        (
+            "+transfer.alpah=0.3 is not allowed: transfer.alpah is not a key of the config (+ adds "
+            "a key, but the schema does not know this one); did you mean transfer.alpha?"
+        ),
+    ),
     (["++task.dd=5"], "did you mean task.d?"),
     (["transfer.alpha=0.25,0.5"], "transfer.alpha=0.25,0.5 is a sweep: add -m"),
     # launcher options
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.history=bogus", "seed=0,1"],
-     "hydra.launcher.history='bogus' is not allowed: must be one of full, eval, last"),
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.tracking=bogus", "seed=0,1"],
-     "hydra.launcher.tracking='bogus' is not allowed: must be one of auto, runs, grid"),
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.max_cells=0", "seed=0,1"],
-     "hydra.launcher.max_cells=0 is not allowed: must be >= 1"),
-    (["-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=0", "seed=0,1"],
-     "hydra.launcher.n_jobs=0 is not allowed"),
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
-     "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'"),
-    (["-m", *GRID, *D, "seed=0,1"], ("hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an "
-                                    "engine=gram synthetic pipeline, one is engine=lightning task=digits")),
-    (["-m", *GRID, "task=synthetic,digits"], "every job must be an engine=gram synthetic pipeline, one is "
-     "engine=lightning task=digits"),  # a later job
-    (["-m", *GRID, *S, "seed=0,1", "logger.experiment_name=e${hydra:job.num}"],
-     "its jobs are built from one config by their values, but logger.experiment_name=e${hydra:job.num} may differ per"),
+    (
+        ["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.history=bogus", "seed=0,1"],
+        "hydra.launcher.history='bogus' is not allowed: must be one of full, eval, last",
+    ),
+    (
+        ["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.tracking=bogus", "seed=0,1"],
+        "hydra.launcher.tracking='bogus' is not allowed: must be one of auto, runs, grid",
+    ),
+    (
+        ["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.max_cells=0", "seed=0,1"],
+        "hydra.launcher.max_cells=0 is not allowed: must be >= 1",
+    ),
+    (["-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0 is not allowed"),
+    (
+        ["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.n_jobs=0", "seed=0,1"],
+        "hydra.launcher.n_jobs: Key 'n_jobs' not in 'PtlabGramLauncherConf'",
+    ),
+    (
+        ["-m", *GRID, *D, "seed=0,1"],
+        (
+            "hydra.launcher.tracking=grid is not allowed for this sweep: every job must be an "
+            "engine=gram synthetic pipeline, one is engine=lightning task=digits"
+        ),
+    ),
+    (
+        ["-m", *GRID, "task=synthetic,digits"],
+        "every job must be an engine=gram synthetic pipeline, one is engine=lightning task=digits",
+    ),  # a later job
+    (
+        ["-m", *GRID, *S, "seed=0,1", "logger.experiment_name=e${hydra:job.num}"],
+        "its jobs are built from one config by their values, but logger.experiment_name=e${hydra:job.num} may differ per",
+    ),
     (["-m", *GRID, *S, "seed=0,1", "hydra.sweep.subdir=s${seed}"], "but hydra.sweep.subdir=s${seed} may differ per job"),
     (["-m", *GRID, "hydra.sweeper.cells=cells_digits.yaml"], "one is engine=lightning task=digits"),  # a cell's job
     (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml"], "transfer.alpha=1.5 is not allowed"),
-    (["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml", "seed=4,5"],
-     "hydra.sweeper.cells=cells_bad.yaml: cell 0 sets seed, which the sweep's params or command line set too"),
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
-     "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm"),
-    (["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=submitit_local", "hydra.launcher.submitit.timeout_min=x",
-      "seed=0,1"], "hydra.launcher.submitit={'timeout_min': 'x', "),
+    (
+        ["-m", *GRID, *S, "hydra.sweeper.cells=cells_bad.yaml", "seed=4,5"],
+        "hydra.sweeper.cells=cells_bad.yaml: cell 0 sets seed, which the sweep's params or command line set too",
+    ),
+    (
+        ["-m", "hydra/launcher=ptlab_gram", "hydra.launcher.executor=bogus", "seed=0,1"],
+        "hydra.launcher.executor='bogus' is not allowed: must be one of pool, submitit_local, submitit_slurm",
+    ),
+    (
+        [
+            "-m",
+            "hydra/launcher=ptlab_gram",
+            "hydra.launcher.executor=submitit_local",
+            "hydra.launcher.submitit.timeout_min=x",
+            "seed=0,1",
+        ],
+        "hydra.launcher.submitit={'timeout_min': 'x', ",
+    ),
     # the gram engine's device
     ([*S, "engine.device=tpu"], "engine.device='tpu' is not allowed: must be one of cpu, cuda, auto"),
-    pytest.param([*S, "engine.device=cuda"], "engine.device='cuda' is not allowed: no CUDA GPU is visible here",
-                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
-    pytest.param([*S, "trainer=gpu"], "trainer.accelerator='gpu' (engine.device=null follows it) is not allowed: no CUDA",
-                 marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here")),
+    pytest.param(
+        [*S, "engine.device=cuda"],
+        "engine.device='cuda' is not allowed: no CUDA GPU is visible here",
+        marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here"),
+    ),
+    pytest.param(
+        [*S, "trainer=gpu"],
+        "trainer.accelerator='gpu' (engine.device=null follows it) is not allowed: no CUDA",
+        marks=pytest.mark.skipif(GPU_HERE, reason="a GPU is here"),
+    ),
     # the same under --config-dir
     (["--config-dir", "my_conf", "transfer.alpha=1.5"], "transfer.alpha=1.5 is not allowed"),
     (["--config-dir", "my_conf", *D, "task.k=9"], "task.k=9 is not allowed"),
@@ -184,10 +272,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD,
-                         ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD])
-def test_what_a_config_builds_is_checked_before_anything_is_written(tmp_path: Path, overrides: list[str],
-                                                                    message: str, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "message"), BAD, ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD]
+)
+def test_what_a_config_builds_is_checked_before_anything_is_written(
+    tmp_path: Path, overrides: list[str], message: str, monkeypatch
+) -> None:
     make_fixtures(tmp_path)
     if "logger.tracking_uri=sqlite:///zeroed.db" in overrides:
         write_zeroed_store(tmp_path / "zeroed.db")
@@ -198,8 +288,11 @@ def test_what_a_config_builds_is_checked_before_anything_is_written(tmp_path: Pa
     stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.db")}
     flags = [o for i, o in enumerate(overrides) if o.startswith("-") or overrides[i - 1] == "--config-dir"]
     args = [o.replace("PORT", port) for o in overrides if o not in flags]
-    store = [] if any(a.startswith("logger.tracking_uri=") for a in args) else [
-        f"logger.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"]
+    store = (
+        []
+        if any(a.startswith("logger.tracking_uri=") for a in args)
+        else [f"logger.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"]
+    )
     done = run_cli([*flags, *store, *args], cwd=tmp_path, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
@@ -219,8 +312,10 @@ def test_a_deleted_experiment_is_refused_not_restored(tmp_path: Path) -> None:
     done = run_cli([*S, f"logger.tracking_uri={uri}", "logger.experiment_name=gone"], cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     line = done.stderr.strip()
-    assert line.startswith("ptlab: logger.experiment_name='gone' is not allowed: that experiment is deleted in "
-                           "mlflow.db; restore it (mlflow experiments restore --experiment-id 1 with"), line
+    assert line.startswith(
+        "ptlab: logger.experiment_name='gone' is not allowed: that experiment is deleted in "
+        "mlflow.db; restore it (mlflow experiments restore --experiment-id 1 with"
+    ), line
     assert "or pick another logger.experiment_name" in line and "\n" not in line
     assert client.get_experiment_by_name("gone").lifecycle_stage == "deleted"
     assert (tmp_path / "mlflow.db").stat().st_size == size and not (tmp_path / "outputs").exists()
@@ -291,13 +386,18 @@ def half_migrated(path: Path) -> None:
 
 
 BAD_STORES = {
-    "half_migrated": (half_migrated,
-                      f"is an MLflow store at schema revision {OLD_REVISION} that the installed MLflow cannot migrate "
-                      "to"),
-    "newer": (lambda path: store_at_head(path, "UPDATE alembic_version SET version_num = 'ffffffffffff'"),
-              "is an MLflow store at schema revision ffffffffffff, which the installed MLflow does not know"),
-    "no_revision": (lambda path: store_at_head(path, "DROP TABLE alembic_version"),
-                    "has MLflow's tables but no schema revision (no alembic_version table)"),
+    "half_migrated": (
+        half_migrated,
+        f"is an MLflow store at schema revision {OLD_REVISION} that the installed MLflow cannot migrate to",
+    ),
+    "newer": (
+        lambda path: store_at_head(path, "UPDATE alembic_version SET version_num = 'ffffffffffff'"),
+        "is an MLflow store at schema revision ffffffffffff, which the installed MLflow does not know",
+    ),
+    "no_revision": (
+        lambda path: store_at_head(path, "DROP TABLE alembic_version"),
+        "has MLflow's tables but no schema revision (no alembic_version table)",
+    ),
 }
 
 
@@ -328,8 +428,9 @@ def test_opening_a_half_migrated_store_fails_in_one_line(tmp_path: Path) -> None
 
     store = tmp_path / "mlflow.db"
     half_migrated(store)
-    with pytest.raises(StoreError, match="an older MLflow or ptlab left its schema half-migrated .* duplicate column "
-                                         "name: deleted_time") as raised:
+    with pytest.raises(
+        StoreError, match="an older MLflow or ptlab left its schema half-migrated .* duplicate column name: deleted_time"
+    ) as raised:
         prepare_sqlite_store(f"sqlite:///{store}")
     assert "\n" not in str(raised.value)
 
@@ -358,8 +459,10 @@ def test_an_older_mlflows_store_is_migrated_as_mlflow_does(tmp_path: Path) -> No
 
     store = tmp_path / "mlflow.db"
     store_at(store, OLD_REVISION)
-    done = run_cli([*S, f"logger.tracking_uri=sqlite:///{store}", "logger.experiment_name=old",
-                    f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
+    done = run_cli(
+        [*S, f"logger.tracking_uri=sqlite:///{store}", "logger.experiment_name=old", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert schema_revision(store) == head_revision()
     client = MlflowClient(f"sqlite:///{store}")
@@ -389,9 +492,11 @@ def test_light_lists_agree_with_the_libraries() -> None:
 def test_the_checks_do_not_import_torch_or_tracking_for_a_plain_config() -> None:
     import subprocess
 
-    code = ("import sys; from ptlab.cli import preflight; assert preflight(['task.d=300']) is None; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow') "
-            "or m.startswith('ptlab.tracking')))")
+    code = (
+        "import sys; from ptlab.cli import preflight; assert preflight(['task.d=300']) is None; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow') "
+        "or m.startswith('ptlab.tracking')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
@@ -410,8 +515,9 @@ def test_image_data_counts_match_the_loaders(tmp_path: Path) -> None:
     assert list(counts.test) == torch.bincount(raw.test_y, minlength=10).tolist()
     write_png_folder(tmp_path / "f", ("ant", "bee", "cat"), per_class=7)
     raw = load_image_folder(tmp_path / "f", 8, 0.3, 0)
-    counts = label_counts(OmegaConf.create({"name": "image_folder", "root": str(tmp_path / "f"),
-                                            "test_fraction": 0.3, "split_seed": 0}))
+    counts = label_counts(
+        OmegaConf.create({"name": "image_folder", "root": str(tmp_path / "f"), "test_fraction": 0.3, "split_seed": 0})
+    )
     assert counts.names == ("ant", "bee", "cat")
     assert list(counts.train) == torch.bincount(raw.train_y, minlength=3).tolist()
 
@@ -423,5 +529,4 @@ def test_a_drawn_task1_is_checked_as_drawn(make_cfg) -> None:
     from ptlab.seeding import generator
 
     for seed in range(5):
-        assert drawn_task1(10, [3, 5], 4, seed) == split_classes(10, [3, 5], 4, None,
-                                                                 generator(seed, "images", "classes"))[0]
+        assert drawn_task1(10, [3, 5], 4, seed) == split_classes(10, [3, 5], 4, None, generator(seed, "images", "classes"))[0]

@@ -12,9 +12,19 @@ from pathlib import Path
 from ptlab.progress import stage_totals
 from tests.conftest import REPO, SMALL
 
-IMAGE_TINY = ["task=digits", "noise=pixels", "task.n2=8", "task.k=2", "task.n1_ratio=2", "task.n_test=10",
-              "train.upstream_epochs=1", "train.downstream_epochs=2", "train.batch_size=8",
-              "train.eval_every_epochs=1", "model.width=0.125"]
+IMAGE_TINY = [
+    "task=digits",
+    "noise=pixels",
+    "task.n2=8",
+    "task.k=2",
+    "task.n1_ratio=2",
+    "task.n_test=10",
+    "train.upstream_epochs=1",
+    "train.downstream_epochs=2",
+    "train.batch_size=8",
+    "train.eval_every_epochs=1",
+    "model.width=0.125",
+]
 
 
 def run_to_file(args: list[str], tmp_path: Path) -> tuple[str, float]:
@@ -23,9 +33,20 @@ def run_to_file(args: list[str], tmp_path: Path) -> tuple[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     with log_path.open("w") as log:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "ptlab", f"cache.dir={tmp_path / 'cache'}",
-                                    f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *args],
-                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ptlab",
+                f"cache.dir={tmp_path / 'cache'}",
+                f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                *args,
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         first = None
         while process.poll() is None:
             if first is None and log_path.stat().st_size:
@@ -42,8 +63,10 @@ def test_a_lightning_run_off_a_terminal_logs_lines_not_bars(tmp_path: Path):
     lines = text.splitlines()
     assert "\r" not in text and "it/s" not in text and "v_num" not in text and "Epoch 0" not in text
     assert len(text.encode()) < 20_000 and len(lines) < 40, text
-    assert "starting seed=0 task=synthetic engine=lightning: upstream 400 GD steps, transfer 200 GD steps, " \
-           "scratch 200 GD steps" in lines[0]
+    assert (
+        "starting seed=0 task=synthetic engine=lightning: upstream 400 GD steps, transfer 200 GD steps, "
+        "scratch 200 GD steps" in lines[0]
+    )
     assert first < 30  # the first line comes before torch and Lightning load (about a second when idle)
     for stage, total in (("upstream", 400), ("transfer", 200), ("scratch", 200)):
         assert any(line.endswith(f"{stage}: GD step 0/{total}, 0.0 s") for line in lines)
@@ -55,8 +78,7 @@ def test_an_image_run_off_a_terminal_logs_epochs_without_validation_bars_or_v_nu
     text, _ = run_to_file([*IMAGE_TINY, "train.progress_bar=true"], tmp_path)
     lines = text.splitlines()
     assert "\r" not in text and "v_num" not in text and "Validation" not in text and "it/s" not in text
-    assert "starting seed=0 task=digits engine=lightning: upstream 1 epochs, transfer 2 epochs, scratch 2 epochs" \
-        in lines[0]
+    assert "starting seed=0 task=digits engine=lightning: upstream 1 epochs, transfer 2 epochs, scratch 2 epochs" in lines[0]
     assert any(line.endswith("transfer: epoch 1/2, 0.0 s") for line in lines)
     assert text.count("transfer - scratch test accuracy") == 1
 

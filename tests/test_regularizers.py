@@ -30,9 +30,22 @@ from ptlab.transfer.inherited import inherited_units
 
 from .conftest import compose_config, run_cli
 
-BASE = ("train.dtype=float64", "task.d=40", "task.n1=12", "task.n2=8", "task.n_test=60", "model.width=4",
-        "train.upstream_steps=20", "train.downstream_steps=15", "train.eval_every=5", "task.label_noise=0.2",
-        "train.lr=0.2", "model.init_std=0.1", "transfer.selection=largest_norm", "transfer.alpha=0.5")
+BASE = (
+    "train.dtype=float64",
+    "task.d=40",
+    "task.n1=12",
+    "task.n2=8",
+    "task.n_test=60",
+    "model.width=4",
+    "train.upstream_steps=20",
+    "train.downstream_steps=15",
+    "train.eval_every=5",
+    "task.label_noise=0.2",
+    "train.lr=0.2",
+    "model.init_std=0.1",
+    "transfer.selection=largest_norm",
+    "transfer.alpha=0.5",
+)
 REGULARIZERS = {
     "l2sp": ["regularizer=l2sp", "regularizer.lam=0.3"],
     "l2sp_own_decay": ["regularizer=l2sp", "regularizer.lam=0.3", "regularizer.decay=0.1"],
@@ -60,8 +73,9 @@ def reference_margin(model: TwoLayerReLUCNN, weight: Tensor, bias: Tensor | None
     return scores[:, 0] - scores[:, 1]
 
 
-def reference_gd(model: TwoLayerReLUCNN, inherited: Tensor, x: Tensor, y: Tensor, lr: float, steps: int,
-                 regularizer: Regularizer) -> tuple[Tensor, Tensor | None]:
+def reference_gd(
+    model: TwoLayerReLUCNN, inherited: Tensor, x: Tensor, y: Tensor, lr: float, steps: int, regularizer: Regularizer
+) -> tuple[Tensor, Tensor | None]:
     """Plain autograd GD on ``mean softplus(-y f) + lam ||w - w(0)||^2 on inherited (2, m) + decay ||w||^2 on the rest``,
     each step of an inherited filter (and its bias) times ``regularizer.multiplier(t)``."""
     weight = model.weight.detach().clone().requires_grad_(True)
@@ -73,7 +87,7 @@ def reference_gd(model: TwoLayerReLUCNN, inherited: Tensor, x: Tensor, y: Tensor
         loss = F.softplus(-y * reference_margin(model, weight, bias, x)).mean()
         for p, anchor, mask in ((weight, anchor_w, inherited[..., None]), (bias, anchor_b, inherited)):
             if p is not None:
-                loss = loss + lam * ((p - anchor) ** 2 * mask).sum() + decay * (p ** 2 * ~mask).sum()
+                loss = loss + lam * ((p - anchor) ** 2 * mask).sum() + decay * (p**2 * ~mask).sum()
         grads = torch.autograd.grad(loss, params)
         m = regularizer.multiplier(t)
         with torch.no_grad():
@@ -85,8 +99,15 @@ def reference_gd(model: TwoLayerReLUCNN, inherited: Tensor, x: Tensor, y: Tensor
 
 def trained_upstream(cfg, data) -> TwoLayerReLUCNN:
     upstream = build_model(parse(cfg), "upstream")
-    w, b = reference_gd(upstream, torch.zeros(2, upstream.width, dtype=torch.bool), data.task1_train.x,
-                        data.task1_train.y, cfg.train.lr, cfg.train.upstream_steps, Regularizer())
+    w, b = reference_gd(
+        upstream,
+        torch.zeros(2, upstream.width, dtype=torch.bool),
+        data.task1_train.x,
+        data.task1_train.y,
+        cfg.train.lr,
+        cfg.train.upstream_steps,
+        Regularizer(),
+    )
     with torch.no_grad():
         upstream.weight.copy_(w)
         if b is not None:
@@ -96,21 +117,38 @@ def trained_upstream(cfg, data) -> TwoLayerReLUCNN:
 
 def transfer_stage(cfg, data, upstream: TwoLayerReLUCNN, regularizer: Regularizer, steps: int | None = None) -> Stage:
     transfer = Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"))
-    return Stage("transfer", build_model(parse(cfg), "downstream"), data.task2_train, data.task2_test,
-                 steps if steps is not None else cfg.train.downstream_steps, cfg.train.lr, cfg.train.eval_every,
-                 data.directions, 2, transfer, cfg.train.dtype, regularizer)
+    return Stage(
+        "transfer",
+        build_model(parse(cfg), "downstream"),
+        data.task2_train,
+        data.task2_test,
+        steps if steps is not None else cfg.train.downstream_steps,
+        cfg.train.lr,
+        cfg.train.eval_every,
+        data.directions,
+        2,
+        transfer,
+        cfg.train.dtype,
+        regularizer,
+    )
 
 
 def expected_transfer(cfg, data, upstream: TwoLayerReLUCNN, regularizer: Regularizer) -> tuple[Tensor, Tensor | None, Tensor]:
     """The reference's transfer model after the downstream steps, and the inherited mask read off the plan rows."""
     model = build_model(parse(cfg), "downstream")
-    plan = transfer_parameters(upstream, model, cfg.transfer.alpha, cfg.transfer.selection,
-                               torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")))
+    plan = transfer_parameters(
+        upstream,
+        model,
+        cfg.transfer.alpha,
+        cfg.transfer.selection,
+        torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")),
+    )
     inherited = torch.zeros(2, model.width, dtype=torch.bool)
     for j, row in enumerate(plan):
         inherited[j, row.indices] = True
-    w, b = reference_gd(model, inherited, data.task2_train.x, data.task2_train.y, cfg.train.lr,
-                        cfg.train.downstream_steps, regularizer)
+    w, b = reference_gd(
+        model, inherited, data.task2_train.x, data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps, regularizer
+    )
     return w, b, inherited
 
 
@@ -168,10 +206,16 @@ def test_gram_matches_autograd(make_cfg, name: str) -> None:
     got = reconstruct_weights(transfer, data.directions.basis, noise, upstream_init, downstream_init)
     assert relative(got, weight) < TOLERANCE
     scratch, _, _ = expected_transfer(cfg, data, upstream, Regularizer())
-    scratch = reference_gd(build_model(parse(cfg), "downstream"), torch.zeros_like(inherited), data.task2_train.x,
-                           data.task2_train.y, cfg.train.lr, cfg.train.downstream_steps, Regularizer())[0]
-    got_scratch = reconstruct_weights(result.stages["scratch"], data.directions.basis, noise, upstream_init,
-                                      downstream_init)
+    scratch = reference_gd(
+        build_model(parse(cfg), "downstream"),
+        torch.zeros_like(inherited),
+        data.task2_train.x,
+        data.task2_train.y,
+        cfg.train.lr,
+        cfg.train.downstream_steps,
+        Regularizer(),
+    )[0]
+    got_scratch = reconstruct_weights(result.stages["scratch"], data.directions.basis, noise, upstream_init, downstream_init)
     assert relative(got_scratch, scratch) < TOLERANCE
     summary = result.stage_results()["transfer"].summary()
     assert summary["regularizer"] == regularizer.as_dict()
@@ -221,6 +265,7 @@ def test_frozen_filters_bit_identical_for_k_steps_then_moving(make_cfg) -> None:
 @pytest.mark.parametrize("engine", ["lightning", "gram"])
 def test_lr_scale_zero_is_freeze_and_one_is_none(make_cfg, engine: str) -> None:
     """lr_scale=0 equals freeze throughout, and lr_scale=1 equals no regulariser, exactly (both engines)."""
+
     def weights(*overrides: str) -> Tensor:
         cfg = config(make_cfg, *overrides)
         if engine == "gram":
@@ -231,15 +276,17 @@ def test_lr_scale_zero_is_freeze_and_one_is_none(make_cfg, engine: str) -> None:
         LightningEngine().train_stage(stage)
         return stage.model.weight.detach()
 
-    assert torch.equal(weights("regularizer=lr_scale", "regularizer.scale=0"), weights("regularizer=freeze",
-                                                                                       "regularizer.k=1000"))
+    assert torch.equal(
+        weights("regularizer=lr_scale", "regularizer.scale=0"), weights("regularizer=freeze", "regularizer.k=1000")
+    )
     assert torch.equal(weights("regularizer=lr_scale", "regularizer.scale=1"), weights("regularizer=none"))
 
 
 def test_batched_cells_with_different_regularizers(make_cfg) -> None:
     """Cells of one data draw with different regularisers, run as one batched program, get what each gets alone."""
-    cfgs = [config(make_cfg, *overrides) for overrides in
-            ([], REGULARIZERS["l2sp"], REGULARIZERS["freeze"], REGULARIZERS["lr_scale"])]
+    cfgs = [
+        config(make_cfg, *overrides) for overrides in ([], REGULARIZERS["l2sp"], REGULARIZERS["freeze"], REGULARIZERS["lr_scale"])
+    ]
     cells = [GramCell.from_spec(parse(cfg)) for cfg in cfgs]
     assert len({cell.data_key for cell in cells}) == 1
     together = run_cells(cells)
@@ -273,8 +320,9 @@ def image_transfer(regularizer: Regularizer, epochs: int, optimizer: str = "sgd"
     upstream, model = ToyCNN(), ToyCNN()
     x, y = torch.randn(48, 1, 8, 8), torch.randint(0, 3, (48,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    module = ImageClassifier(model, 3, lr=0.05, optimizer=optimizer, momentum=0.9, weight_decay=0.01,
-                             scheduler="constant", regularizer=regularizer)
+    module = ImageClassifier(
+        model, 3, lr=0.05, optimizer=optimizer, momentum=0.9, weight_decay=0.01, scheduler="constant", regularizer=regularizer
+    )
     transfer = Transfer(upstream, 0.5, "random", seed=1)
     from ptlab.transfer.callback import ParameterTransfer
 
@@ -285,9 +333,16 @@ def image_transfer(regularizer: Regularizer, epochs: int, optimizer: str = "sgd"
             states.append({k: v.detach().clone() for k, v in pl_module.model.named_parameters()})
 
     callback = ParameterTransfer(transfer)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[callback, Snapshot()])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[callback, Snapshot()],
+    )
     trainer.fit(module, loader)
     units = transfer.inherited(model, callback.plan)
     return upstream, model, {"masks": units.masks, "values": units.values}, states
@@ -299,8 +354,7 @@ def test_image_frozen_filters_stay_inherited_for_k_epochs(optimizer: str) -> Non
     biases, BN weight and bias) equals the upstream's bit for bit after epoch 1, and has moved after epoch 2."""
     upstream, _, units, states = image_transfer(Regularizer("freeze", k=1), epochs=2, optimizer=optimizer)
     source = dict(upstream.named_parameters())
-    assert set(units["masks"]) == {"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight",
-                                   "conv2.bias"}
+    assert set(units["masks"]) == {"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight", "conv2.bias"}
     assert units["masks"]["conv1.weight"].all(dim=(1, 2, 3)).sum() == 3  # round(0.5 * 6) whole filters
     for name, mask in units["masks"].items():
         assert torch.equal(states[0][name][mask], source[name][mask]), name
@@ -347,20 +401,29 @@ def test_inherited_units_of_the_two_layer_cnn() -> None:
     assert torch.equal(before.weight, copy.deepcopy(before).weight)  # the target is not changed
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["regularizer=l2sp", "regularizer.lam=-0.1"], "regularizer.lam=-0.1 is not allowed: must be >= 0"),
-    (["regularizer=l2sp", "regularizer.decay=-1"], "regularizer.decay=-1.0 is not allowed: must be >= 0"),
-    (["regularizer=freeze", "regularizer.k=-1"], "regularizer.k=-1 is not allowed: must be >= 0"),
-    (["regularizer=lr_scale", "regularizer.scale=-2"], "regularizer.scale=-2.0 is not allowed: must be >= 0"),
-    (["regularizer=lr_scale", "regularizer.name=decay"], "regularizer.name='decay' is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["regularizer=l2sp", "regularizer.lam=-0.1"], "regularizer.lam=-0.1 is not allowed: must be >= 0"),
+        (["regularizer=l2sp", "regularizer.decay=-1"], "regularizer.decay=-1.0 is not allowed: must be >= 0"),
+        (["regularizer=freeze", "regularizer.k=-1"], "regularizer.k=-1 is not allowed: must be >= 0"),
+        (["regularizer=lr_scale", "regularizer.scale=-2"], "regularizer.scale=-2.0 is not allowed: must be >= 0"),
+        (["regularizer=lr_scale", "regularizer.name=decay"], "regularizer.name='decay' is not allowed"),
+    ],
+)
 def test_preflight_refuses_bad_values(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         validate(compose_config(overrides))
 
 
-@pytest.mark.parametrize("overrides", [["regularizer=l2sp", "transfer.alpha=0"], ["regularizer=freeze", "transfer=none"],
-                                       ["regularizer=lr_scale", "regularizer.scale=0", "engine=lightning"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["regularizer=l2sp", "transfer.alpha=0"],
+        ["regularizer=freeze", "transfer=none"],
+        ["regularizer=lr_scale", "regularizer.scale=0", "engine=lightning"],
+    ],
+)
 def test_preflight_allows_harmless_combinations(overrides: list[str]) -> None:
     validate(compose_config(overrides))
 
@@ -400,17 +463,32 @@ def test_batched_sweep_honours_the_regularizer(make_cfg, tmp_path: Path) -> None
     from .conftest import SMALL
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL,
-            "train.dtype=float64", "regularizer=l2sp", "regularizer.lam=0.0,2.0", "regularizer.decay=0.0",
-            f"logger.tracking_uri={uri}", "logger.experiment_name=reg", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        *SMALL,
+        "train.dtype=float64",
+        "regularizer=l2sp",
+        "regularizer.lam=0.0,2.0",
+        "regularizer.decay=0.0",
+        f"logger.tracking_uri={uri}",
+        "logger.experiment_name=reg",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = load_pipelines(uri, "reg")
     assert sorted(runs["params.regularizer.lam"]) == ["0.0", "2.0"] and set(runs["params.regularizer.name"]) == {"l2sp"}
-    summaries = {json.loads(p.read_text())["transfer"]["regularizer"]["lam"]: json.loads(p.read_text())
-                 for p in (tmp_path / "sweep").glob("*/summary.json")}
-    single = run_pipeline(make_cfg("engine=gram", "train.dtype=float64", "regularizer=l2sp", "regularizer.lam=2.0",
-                                   "regularizer.decay=0.0"), tmp_path / "single")
+    summaries = {
+        json.loads(p.read_text())["transfer"]["regularizer"]["lam"]: json.loads(p.read_text())
+        for p in (tmp_path / "sweep").glob("*/summary.json")
+    }
+    single = run_pipeline(
+        make_cfg("engine=gram", "train.dtype=float64", "regularizer=l2sp", "regularizer.lam=2.0", "regularizer.decay=0.0"),
+        tmp_path / "single",
+    )
     assert single["transfer"]["regularizer"] == {"name": "l2sp", "lam": 2.0, "decay": 0.0}
     assert summaries[2.0]["transfer"]["train_loss"] == pytest.approx(single["transfer"]["train_loss"], rel=1e-9)
     assert summaries[2.0]["transfer"]["test_acc"] == single["transfer"]["test_acc"]

@@ -21,8 +21,9 @@ from tests.conftest import SMALL, run_cli
 
 
 @pytest.mark.parametrize(("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_to_the_report_ends_its_run_killed(make_cfg, tracking_uri: str, tmp_path: Path, monkeypatch,
-                                                    capsys, signum: str, code: int) -> None:
+def test_a_signal_to_the_report_ends_its_run_killed(
+    make_cfg, tracking_uri: str, tmp_path: Path, monkeypatch, capsys, signum: str, code: int
+) -> None:
     """The signal arrives while the report run is open (sent from inside its first artifact upload)."""
     from ptlab.pipeline import run_pipeline
     from ptlab.report.cli import main as report_main
@@ -40,8 +41,9 @@ def test_a_signal_to_the_report_ends_its_run_killed(make_cfg, tracking_uri: str,
     monkeypatch.setattr(MLflowTracker, "log_artifact", interrupted)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert report_main(["fig1c_tiny", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "r")]) == code
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"ptlab.report: stopped by signal {signum}; its "
-                                                                 "MLflow run is marked KILLED")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ptlab.report: stopped by signal {signum}; its MLflow run is marked KILLED"
+    )
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("fig1c_tiny")
     [report] = client.search_runs([experiment.experiment_id], "tags.`ptlab.stage` = 'report'")
@@ -131,9 +133,16 @@ def on_small_disk(tmp_path: Path, code: str, runs: list[list[str]], size: str = 
     script = tmp_path / "script.py"
     script.write_text(code)
     command = f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 99; " + " && ".join(
-        f"{sys.executable} {script} {disk} {' '.join(args)}" for args in runs)
-    done = subprocess.run(["unshare", "--mount", "sh", "-c", command], check=False, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        f"{sys.executable} {script} {disk} {' '.join(args)}" for args in runs
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", command],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     if done.returncode == 99 or (done.returncode and "unshare:" in done.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -172,8 +181,7 @@ print("STATUS", sorted(r.info.status for r in client.search_runs([tracker.experi
 
 
 @pytest.mark.parametrize(("leave", "status"), [(256 << 10, ["FAILED", "FAILED"]), (0, ["RUNNING", "RUNNING"])])
-def test_a_full_store_disk_gives_one_line_and_no_run_left_running(tmp_path: Path, leave: int,
-                                                                  status: list[str]) -> None:
+def test_a_full_store_disk_gives_one_line_and_no_run_left_running(tmp_path: Path, leave: int, status: list[str]) -> None:
     """A 3 MB tmpfs holds the store (needs ``unshare --mount``, root): with a little space left the runs end FAILED
     at once; with none they cannot be written, and the next command on the store marks them FAILED."""
     done = on_small_disk(tmp_path, FULL_DISK, [[str(leave)], ["-1"]])
@@ -239,8 +247,7 @@ def _unshare_pid() -> list[str]:
     """``unshare --pid --fork --mount-proc`` where this machine permits it, else skip."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare")
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False, capture_output=True,
-                           text=True)
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False, capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare --pid not permitted here: {probe.stderr.strip()[:200]}")
     return ["unshare", "--pid", "--fork", "--mount-proc"]
@@ -256,12 +263,16 @@ def test_stale_marking_never_hits_a_live_run_of_another_pid_namespace(tmp_path: 
     script.write_text(LIVE_RUN)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     prefix = _unshare_pid()
-    live = subprocess.Popen([*(prefix if inside == "run" else []), sys.executable, str(script), uri],
-                            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    live = subprocess.Popen(
+        [*(prefix if inside == "run" else []), sys.executable, str(script), uri],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         assert live.stdout.readline().strip() == "open"
-        marker = [*(prefix if inside == "marker" else []), sys.executable, "-m", "ptlab.tracking.stale",
-                  "--tracking-uri", uri]
+        marker = [*(prefix if inside == "marker" else []), sys.executable, "-m", "ptlab.tracking.stale", "--tracking-uri", uri]
         done = subprocess.run(marker, check=False, capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "marked 0 vanished run(s)" in done.stdout
@@ -272,7 +283,7 @@ def test_stale_marking_never_hits_a_live_run_of_another_pid_namespace(tmp_path: 
         os.killpg(live.pid, signal.SIGKILL)
         live.wait()
     if inside == "marker":  # the run was the host's: a host marker now sees its process gone
-        done = subprocess.run(marker[len(prefix):], check=False, capture_output=True, text=True, env=env, timeout=120)
+        done = subprocess.run(marker[len(prefix) :], check=False, capture_output=True, text=True, env=env, timeout=120)
         assert "marked 1 vanished run(s)" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
@@ -316,14 +327,16 @@ def test_the_preflight_sends_mlflows_credentials_and_refuses_a_401(tmp_path: Pat
         done = run_cli([*SMALL, f"logger.tracking_uri={url}"], cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.strip() == (
             f"ptlab: logger.tracking_uri='{url}' is not allowed: the server refused the credentials (HTTP 401); "
-            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), done.stderr
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        ), done.stderr
         assert list(tmp_path.iterdir()) == []
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
         check_http_store(url, "new")  # accepted: the experiment does not exist yet
         check_runs = Path(__file__).resolve().parent.parent / "docker" / "check_runs.py"
-        done = subprocess.run([sys.executable, str(check_runs), "--refused", url], check=False, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, str(check_runs), "--refused", url], check=False, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.count("HTTP 401") == 2
     finally:
@@ -335,19 +348,38 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     from tests.test_remote_tracking import wait_until_healthy
 
     log = root / f"server-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
-               "--artifacts-destination", str(root / "artifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
     wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
     return process
 
 
 @pytest.mark.slow
-def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_command_closes_the_runs(
-        tmp_path: Path) -> None:
+def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_command_closes_the_runs(tmp_path: Path) -> None:
     """The server is SIGKILLed while a Lightning pipeline trains; the pipeline's next write fails and it exits 1
     with one line within 30 s of that write (MLflow's own defaults: about 8 minutes); its runs stay RUNNING on
     the server (it cannot be told), and the next command, once the server is back, marks them FAILED."""
@@ -356,12 +388,26 @@ def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_comm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    slow = ["engine=lightning", "task.d=300", "train.upstream_steps=400", "train.downstream_steps=400",
-            "train.eval_every=100",
-            "hydra.run.dir=out", "cache.dir=cache", f"logger.tracking_uri={url}", "logger.experiment_name=dies"]
+    slow = [
+        "engine=lightning",
+        "task.d=300",
+        "train.upstream_steps=400",
+        "train.downstream_steps=400",
+        "train.eval_every=100",
+        "hydra.run.dir=out",
+        "cache.dir=cache",
+        f"logger.tracking_uri={url}",
+        "logger.experiment_name=dies",
+    ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    pipeline = subprocess.Popen([sys.executable, "-m", "ptlab", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env)
+    pipeline = subprocess.Popen(
+        [sys.executable, "-m", "ptlab", *slow],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     client = MlflowClient(url)
     try:
         deadline = time.monotonic() + 300
@@ -377,15 +423,18 @@ def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_comm
         took = time.monotonic() - killed
         lines = stderr.strip().splitlines()
         assert pipeline.returncode == 1, stderr[-3000:]
-        assert lines[-1].startswith(f"ptlab: logger.tracking_uri='{url}': the tracking store failed, the server does "
-                                    "not answer"), stderr[-3000:]
+        assert lines[-1].startswith(
+            f"ptlab: logger.tracking_uri='{url}': the tracking store failed, the server does not answer"
+        ), stderr[-3000:]
         assert "Traceback" not in stderr
         print(f"exit {took:.1f} s after the server died: {lines[-1]}")
         assert took < 60, took  # the next write (the stage's end, seconds away) plus about 20 s of bounded retries
         server = start_server(tmp_path, port)
         assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"RUNNING"}
-        done = run_cli([*SMALL, f"logger.tracking_uri={url}", "logger.experiment_name=dies", "hydra.run.dir=next",
-                        "cache.dir=cache"], cwd=tmp_path)
+        done = run_cli(
+            [*SMALL, f"logger.tracking_uri={url}", "logger.experiment_name=dies", "hydra.run.dir=next", "cache.dir=cache"],
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         runs = client.search_runs([experiment.experiment_id])
         assert not [r for r in runs if r.info.status == "RUNNING"]

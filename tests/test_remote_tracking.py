@@ -74,14 +74,27 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     root = tmp_path_factory.mktemp("mlflow_server")
     artifacts, log = root / "artifacts", root / "server.log"
     url = f"http://127.0.0.1:{(port := free_port())}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(artifacts)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts),
+    ]
     # The server's background job runner (GenAI jobs) is not used by ptlab: leave it off.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_until_healthy(url, process, log)
         yield url, artifacts
@@ -91,8 +104,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 
 def remote_cfg(make_cfg: Callable[..., DictConfig], url: str, experiment: str, *overrides: str) -> DictConfig:
     """A small synthetic pipeline logging to the server; the later tracking_uri override wins."""
-    return make_cfg("cache.enabled=false", f"logger.experiment_name={experiment}",
-                    f"logger.tracking_uri={url}", *overrides)
+    return make_cfg("cache.enabled=false", f"logger.experiment_name={experiment}", f"logger.tracking_uri={url}", *overrides)
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> dict[str, Run]:
@@ -108,7 +120,8 @@ def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, fl
 
 
 def test_pipeline_and_report_through_the_server(
-        server: tuple[str, Path], make_cfg: Callable[..., DictConfig], tracking_uri: str, tmp_path: Path) -> None:
+    server: tuple[str, Path], make_cfg: Callable[..., DictConfig], tracking_uri: str, tmp_path: Path
+) -> None:
     url, artifacts = server
     local = run_pipeline(make_cfg("cache.enabled=false", "logger.experiment_name=remote"), tmp_path / "local")
     remote = run_pipeline(remote_cfg(make_cfg, url, "remote"), tmp_path / "remote")
@@ -133,7 +146,8 @@ def test_pipeline_and_report_through_the_server(
         assert max(len(points) for points in served.values()) > 1, f"{stage} has no metric curve"
     assert parent.data.metrics["transfer_test_acc"] == remote["transfer"]["test_acc"] == local["transfer"]["test_acc"]
     assert parent.data.metrics["transfer_gain"] == pytest.approx(
-        remote["transfer"]["test_acc"] - remote["scratch"]["test_acc"], abs=1e-12)
+        remote["transfer"]["test_acc"] - remote["scratch"]["test_acc"], abs=1e-12
+    )
 
     # Artifacts: listed and downloaded over HTTP, stored by the server in its own folder.
     assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -155,8 +169,7 @@ def test_pipeline_and_report_through_the_server(
     assert table["n"].tolist() == [1]  # seeds per cell (ptlab.report.generic.cell_stats)
     assert table["transfer_acc"].iloc[0] == remote["transfer"]["test_acc"]
     (report_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`ptlab.stage` = 'report'")
-    assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} == {
-        f"report/{p.name}" for p in paths}
+    assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} == {f"report/{p.name}" for p in paths}
 
 
 @pytest.mark.slow
@@ -165,13 +178,17 @@ def test_command_lines_against_the_server(server: tuple[str, Path], tmp_path: Pa
     http://...``, each in its own process, the way a container runs them."""
     url, _ = server
     experiment = "remote_cli"
-    done = run_cli([*SMALL, "cache.enabled=false", f"logger.experiment_name={experiment}",
-                    f"logger.tracking_uri={url}", "seed=0,1", "-m"], tmp_path, timeout=300)
+    done = run_cli(
+        [*SMALL, "cache.enabled=false", f"logger.experiment_name={experiment}", f"logger.tracking_uri={url}", "seed=0,1", "-m"],
+        tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("multirun/*/*/*/summary.json"))]
     assert len(summaries) == 2
-    done = run_cli([experiment, "--tracking-uri", url, "--out", str(tmp_path / "report")], tmp_path,
-                   module="ptlab.report", timeout=120)
+    done = run_cli(
+        [experiment, "--tracking-uri", url, "--out", str(tmp_path / "report")], tmp_path, module="ptlab.report", timeout=120
+    )
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(tmp_path / "report" / f"{experiment}.csv")
     assert table["n"].tolist() == [2]
@@ -185,9 +202,19 @@ def test_batched_sweep_into_the_server(server: tuple[str, Path], tmp_path: Path,
     FINISHED, children point at their parent, the curves, summaries and grid table arrive, and a grid rerun resumes."""
     url, _ = server
     experiment = f"remote_batched_{layout}"
-    args = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL, "seed=0,1",
-            f"hydra.launcher.tracking={layout}", "hydra.launcher.grid_samples=1", f"logger.experiment_name={experiment}",
-            f"logger.tracking_uri={url}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "engine=gram",
+        "hydra/launcher=ptlab_gram",
+        "hydra/sweeper=ptlab_batched",
+        *SMALL,
+        "seed=0,1",
+        f"hydra.launcher.tracking={layout}",
+        "hydra.launcher.grid_samples=1",
+        f"logger.experiment_name={experiment}",
+        f"logger.tracking_uri={url}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     done = run_cli(args, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(url)
@@ -210,8 +237,9 @@ def test_batched_sweep_into_the_server(server: tuple[str, Path], tmp_path: Path,
         assert "2 skipped (already finished)" in again.stdout
 
 
-def test_unreachable_server_is_a_one_line_error(make_cfg: Callable[..., DictConfig], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_server_is_a_one_line_error(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match=r"^logger\.tracking_uri='http://127\.0\.0\.1:\d+' is not allowed") as err:

@@ -29,10 +29,29 @@ def store(tmp_path_factory) -> tuple[str, Path]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "ptlab", "-m", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched",
-         "transfer.alpha=0,0.5,1", "task.u_norm=0.5,2", "seed=0,1,2", *SMALL, f"logger.tracking_uri={uri}",
-         "logger.experiment_name=any_sweep", f"cache.dir={root / 'cache'}", f"hydra.sweep.dir={root / 'multirun'}"],
-        cwd=root, capture_output=True, text=True, env=env, timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "ptlab",
+            "-m",
+            "hydra/launcher=ptlab_gram",
+            "hydra/sweeper=ptlab_batched",
+            "transfer.alpha=0,0.5,1",
+            "task.u_norm=0.5,2",
+            "seed=0,1,2",
+            *SMALL,
+            f"logger.tracking_uri={uri}",
+            "logger.experiment_name=any_sweep",
+            f"cache.dir={root / 'cache'}",
+            f"hydra.sweep.dir={root / 'multirun'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return uri, root
 
@@ -44,8 +63,11 @@ def expected_gains(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         frame[key] = pd.to_numeric(frame[key])
     rows = []
     for _, group in frame.groupby(keys, sort=True):
-        low, high = stats.t.interval(0.95, len(group) - 1, loc=group["gain"].mean(), scale=stats.sem(group["gain"])) \
-            if group["gain"].std() > 0 else (group["gain"].mean(),) * 2
+        low, high = (
+            stats.t.interval(0.95, len(group) - 1, loc=group["gain"].mean(), scale=stats.sem(group["gain"]))
+            if group["gain"].std() > 0
+            else (group["gain"].mean(),) * 2
+        )
         rows.append({"n": len(group), "gain": group["gain"].mean(), "low": low, "high": high})
     return pd.DataFrame(rows)
 
@@ -68,8 +90,16 @@ def test_two_swept_keys_give_a_heatmap_of_the_gain_in_points(store, tmp_path):
     np.testing.assert_allclose(np.asarray(grid).ravel(), want["gain"], atol=1e-9)  # rows alpha, columns ||u||
     header = (tmp_path / "any_sweep.md").read_text().splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "transferred fraction alpha", "universal signal norm ‖u‖", "n seeds", "transfer (%)", "scratch (%)",
-        "gain (points)", "95% interval", "verdict", "theory predicts"]
+        "transferred fraction alpha",
+        "universal signal norm ‖u‖",
+        "n seeds",
+        "transfer (%)",
+        "scratch (%)",
+        "gain (points)",
+        "95% interval",
+        "verdict",
+        "theory predicts",
+    ]
     body = (tmp_path / "any_sweep.md").read_text()
     assert "_target_" not in body and "params." not in body and "metrics." not in body
     first = (tmp_path / "any_sweep.md").read_text().splitlines()[2]
@@ -97,12 +127,16 @@ def test_one_swept_key_gives_accuracies_and_the_gain_against_it_with_bands(store
 
 
 def test_sweep_keys_leave_out_target_paths_lockstep_keys_and_the_seed():
-    runs = pd.DataFrame({
-        "params.seed": ["0", "1", "0", "1"],
-        "params.model.name": ["a", "a", "b", "b"], "params.model.arch": ["x", "x", "y", "y"],
-        "params.model._target_": ["m.A", "m.A", "m.B", "m.B"], "params.task.d": ["10"] * 4,
-        "params.theory.predicted": ["helps", "helps", "hurts", "hurts"],
-    })
+    runs = pd.DataFrame(
+        {
+            "params.seed": ["0", "1", "0", "1"],
+            "params.model.name": ["a", "a", "b", "b"],
+            "params.model.arch": ["x", "x", "y", "y"],
+            "params.model._target_": ["m.A", "m.A", "m.B", "m.B"],
+            "params.task.d": ["10"] * 4,
+            "params.theory.predicted": ["helps", "helps", "hurts", "hurts"],
+        }
+    )
     assert sweep_keys(runs) == ["params.model.name"]
 
 

@@ -30,11 +30,21 @@ SCRATCH = [0.65, 0.66, 0.64, 0.65]
 
 def runs() -> pd.DataFrame:
     """Params as MLflow returns them (strings); the scratch accuracy depends on the seed only."""
-    return pd.DataFrame([{"params.transfer.alpha": str(alpha), "params.transfer.selection": name,
-                          "params.seed": str(seed), "params.task.n2": "20",
-                          "metrics.transfer_test_acc": acc, "metrics.scratch_test_acc": SCRATCH[seed],
-                          "metrics.transfer_gain": acc - SCRATCH[seed]}
-                         for (alpha, name), accs in ACC.items() for seed, acc in enumerate(accs)])
+    return pd.DataFrame(
+        [
+            {
+                "params.transfer.alpha": str(alpha),
+                "params.transfer.selection": name,
+                "params.seed": str(seed),
+                "params.task.n2": "20",
+                "metrics.transfer_test_acc": acc,
+                "metrics.scratch_test_acc": SCRATCH[seed],
+                "metrics.transfer_gain": acc - SCRATCH[seed],
+            }
+            for (alpha, name), accs in ACC.items()
+            for seed, acc in enumerate(accs)
+        ]
+    )
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float]:
@@ -86,8 +96,10 @@ def test_report_files_and_errors(tmp_path: Path) -> None:
 def test_the_synthetic_preset_runs_batched_and_reports(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = ["transfer.selection=random,signal,task2_alignment", "transfer.alpha=0.25", "task.u_norm=1.0", "seed=0,1"]
-    done = run_cli(["-m", "experiment=selection_synthetic", f"logger.tracking_uri={uri}", *SMALL, *sweep,
-                    f"cache.dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    done = run_cli(
+        ["-m", "experiment=selection_synthetic", f"logger.tracking_uri={uri}", *SMALL, *sweep, f"cache.dir={tmp_path / 'cache'}"],
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     paths = make_report("selection_synthetic", uri, tmp_path / "report", log_to_mlflow=False)
     table = pd.read_csv(next(p for p in paths if p.suffix == ".csv"))

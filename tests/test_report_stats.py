@@ -31,14 +31,31 @@ def test_paired_ci_is_the_t_interval_of_the_mean_gain() -> None:
 
 
 def test_pipelines_that_differ_in_more_than_the_seed_are_separate_rows() -> None:
-    runs = pipelines([
-        {"params.seed": "0", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "2",
-         "metrics.transfer_test_acc": 0.90, "metrics.scratch_test_acc": 0.88},
-        {"params.seed": "1", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "2",
-         "metrics.transfer_test_acc": 0.92, "metrics.scratch_test_acc": 0.89},
-        {"params.seed": "0", "params.task.u_norm": "0.0", "params.train.downstream_epochs": "3",
-         "metrics.transfer_test_acc": 0.70, "metrics.scratch_test_acc": 0.95},
-    ])
+    runs = pipelines(
+        [
+            {
+                "params.seed": "0",
+                "params.task.u_norm": "0.0",
+                "params.train.downstream_epochs": "2",
+                "metrics.transfer_test_acc": 0.90,
+                "metrics.scratch_test_acc": 0.88,
+            },
+            {
+                "params.seed": "1",
+                "params.task.u_norm": "0.0",
+                "params.train.downstream_epochs": "2",
+                "metrics.transfer_test_acc": 0.92,
+                "metrics.scratch_test_acc": 0.89,
+            },
+            {
+                "params.seed": "0",
+                "params.task.u_norm": "0.0",
+                "params.train.downstream_epochs": "3",
+                "metrics.transfer_test_acc": 0.70,
+                "metrics.scratch_test_acc": 0.95,
+            },
+        ]
+    )
     table = seed_stats(runs, ["params.task.u_norm"], ["metrics.transfer_test_acc", "metrics.transfer_gain"])
     assert len(table) == 2
     assert table["metrics.transfer_gain_count"].tolist() == [2, 1]
@@ -48,11 +65,23 @@ def test_pipelines_that_differ_in_more_than_the_seed_are_separate_rows() -> None
 
 
 def test_table1_gives_a_row_per_config_with_n_and_ci(tmp_path: Path) -> None:
-    base = {"params.upstream_model.arch": "resnet34", "params.model.arch": "resnet18", "params.task.n1_ratio": "2.0",
-            "params.upstream_model.width": "0.25", "params.model.width": "0.25"}
-    rows = [{**base, "params.seed": str(s), "params.train.downstream_epochs": e, "metrics.transfer_test_acc": t,
-             "metrics.scratch_test_acc": c}
-            for s, e, t, c in [(0, "2", 0.91, 0.90), (1, "2", 0.93, 0.90), (0, "3", 0.80, 0.95)]]
+    base = {
+        "params.upstream_model.arch": "resnet34",
+        "params.model.arch": "resnet18",
+        "params.task.n1_ratio": "2.0",
+        "params.upstream_model.width": "0.25",
+        "params.model.width": "0.25",
+    }
+    rows = [
+        {
+            **base,
+            "params.seed": str(s),
+            "params.train.downstream_epochs": e,
+            "metrics.transfer_test_acc": t,
+            "metrics.scratch_test_acc": c,
+        }
+        for s, e, t, c in [(0, "2", 0.91, 0.90), (1, "2", 0.93, 0.90), (0, "3", 0.80, 0.95)]
+    ]
     runs = pipelines(rows)
     render_table1(runs, "table1_test", tmp_path)
     text = (tmp_path / "table1_test.md").read_text()
@@ -66,9 +95,16 @@ def trend_runs() -> pd.DataFrame:
     rows = []
     for seed, points in gains.items():
         for ratio, gain in zip((1, 2, 4, 8), points):
-            rows.append({"params.upstream_model.arch": "vgg16", "params.model.arch": "vgg11",
-                         "params.task.n1_ratio": str(ratio), "params.seed": str(seed),
-                         "metrics.transfer_test_acc": 0.6 + gain / 100, "metrics.scratch_test_acc": 0.6})
+            rows.append(
+                {
+                    "params.upstream_model.arch": "vgg16",
+                    "params.model.arch": "vgg11",
+                    "params.task.n1_ratio": str(ratio),
+                    "params.seed": str(seed),
+                    "metrics.transfer_test_acc": 0.6 + gain / 100,
+                    "metrics.scratch_test_acc": 0.6,
+                }
+            )
     return pipelines(rows)
 
 
@@ -89,8 +125,7 @@ def test_trend_is_the_t_interval_of_per_seed_ols_slopes(tmp_path: Path) -> None:
     assert trend["ci_low"] == pytest.approx(mean - half) and trend["ci_high"] == pytest.approx(mean + half)
     assert mean - half > 0 and trend["verdict"] == "increasing"  # 1.87 +- 0.57
     paths = render_table1(trend_runs(), "table1_trend", tmp_path)
-    assert [p.name for p in paths] == ["table1_trend.md", "table1_trend.csv", "table1_trend_trend.csv",
-                                       "table1_trend.png"]
+    assert [p.name for p in paths] == ["table1_trend.md", "table1_trend.csv", "table1_trend_trend.csv", "table1_trend.png"]
     text = paths[0].read_text()
     assert f"slope of the gain on log2(N1/N2) {mean:+.3f} points [{mean - half:+.3f}, {mean + half:+.3f}]" in text
     assert "n=3 seeds): increasing" in text

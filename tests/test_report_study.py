@@ -19,12 +19,19 @@ def _runs(seeds: int = 12) -> pd.DataFrame:
         for u in (0.0, 2.0):
             for seed in range(seeds):
                 logme = u + (control == "none") + 0.1 * rng.standard_normal()
-                rows.append({"params.transfer.control": control, "params.task.u_norm": str(u), "params.seed": str(seed),
-                             "metrics.transferability/logme": logme,
-                             "metrics.transferability/logme_scratch": 0.5 + 0.01 * rng.standard_normal(),
-                             "metrics.transferability/leep": rng.standard_normal(),
-                             "metrics.transfer_test_acc": 0.7 + 0.02 * logme, "metrics.scratch_test_acc": 0.7,
-                             "metrics.transfer_gain": 0.02 * logme + 0.005 * rng.standard_normal()})
+                rows.append(
+                    {
+                        "params.transfer.control": control,
+                        "params.task.u_norm": str(u),
+                        "params.seed": str(seed),
+                        "metrics.transferability/logme": logme,
+                        "metrics.transferability/logme_scratch": 0.5 + 0.01 * rng.standard_normal(),
+                        "metrics.transferability/leep": rng.standard_normal(),
+                        "metrics.transfer_test_acc": 0.7 + 0.02 * logme,
+                        "metrics.scratch_test_acc": 0.7,
+                        "metrics.transfer_gain": 0.02 * logme + 0.005 * rng.standard_normal(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -78,9 +85,16 @@ def test_options_of_some_arms_fold_into_the_arm_and_each_other_key_gets_a_facet(
         for u in ("0.0", "2.0"):
             for alpha in ("0.5", "1.0"):
                 for seed in range(3):
-                    rows.append({"params.regularizer.name": arm, "params.regularizer.lam": lam, "params.task.u_norm": u,
-                                 "params.transfer.alpha": alpha, "params.seed": str(seed),
-                                 "metrics.transfer_gain": 0.01 * seed})
+                    rows.append(
+                        {
+                            "params.regularizer.name": arm,
+                            "params.regularizer.lam": lam,
+                            "params.task.u_norm": u,
+                            "params.transfer.alpha": alpha,
+                            "params.seed": str(seed),
+                            "metrics.transfer_gain": 0.01 * seed,
+                        }
+                    )
     runs = pd.DataFrame(rows)
     keys = ["params.regularizer.name", "params.regularizer.lam", "params.task.u_norm", "params.transfer.alpha"]
     folded, kept = _fold_partial_keys(runs, keys)

@@ -18,19 +18,35 @@ from ptlab.report.registry import renderer_for
 from ptlab.report.synthetic import d_star_of, fit_boundary, render_fig1, render_fig2
 from tests.conftest import run_cli
 
-FIXED = {"params.task.n1": "200", "params.task.n2": "20", "params.task.v_norm": "2.0",
-         "params.noise.sigma_p1": "1.0", "params.noise.sigma_p2": "1.0", "params.transfer.alpha": "0.5",
-         "params.transfer.kind": "filters"}
+FIXED = {
+    "params.task.n1": "200",
+    "params.task.n2": "20",
+    "params.task.v_norm": "2.0",
+    "params.noise.sigma_p1": "1.0",
+    "params.noise.sigma_p2": "1.0",
+    "params.transfer.alpha": "0.5",
+    "params.transfer.kind": "filters",
+}
 
 
 def fig1_runs() -> pd.DataFrame:
     """Two seeds at each of two ||u|| values, params as MLflow returns them (strings)."""
     rows = [(0.0, 0, 0.70, 0.74), (0.0, 1, 0.72, 0.76), (2.0, 0, 0.96, 0.90), (2.0, 1, 0.98, 0.86)]
-    return pd.DataFrame([{**FIXED, "params.task.u_norm": str(u), "params.seed": str(seed),
-                          "params.theory.predicted": "negative_transfer" if u == 0 else "no_difference",
-                          "metrics.transfer_test_acc": t, "metrics.scratch_test_acc": s,
-                          "metrics.transfer_gain": t - s, "metrics.theory/threshold_term": 91.0 if u == 0 else 2651.0}
-                         for u, seed, t, s in rows])
+    return pd.DataFrame(
+        [
+            {
+                **FIXED,
+                "params.task.u_norm": str(u),
+                "params.seed": str(seed),
+                "params.theory.predicted": "negative_transfer" if u == 0 else "no_difference",
+                "metrics.transfer_test_acc": t,
+                "metrics.scratch_test_acc": s,
+                "metrics.transfer_gain": t - s,
+                "metrics.theory/threshold_term": 91.0 if u == 0 else 2651.0,
+            }
+            for u, seed, t, s in rows
+        ]
+    )
 
 
 def test_renderers_are_found_by_experiment_prefix() -> None:
@@ -48,7 +64,7 @@ def test_fig1_report_numbers_and_files(tmp_path: Path) -> None:
     assert table["transfer_test_acc_mean"].tolist() == pytest.approx([0.71, 0.97])
     assert table["scratch_test_acc_mean"].tolist() == pytest.approx([0.75, 0.88])
     assert table["transfer_gain_mean"].tolist() == pytest.approx([-0.04, 0.09])
-    assert table["transfer_test_acc_std"].tolist() == pytest.approx([math.sqrt(2 * 0.01 ** 2), math.sqrt(2 * 0.01 ** 2)])
+    assert table["transfer_test_acc_std"].tolist() == pytest.approx([math.sqrt(2 * 0.01**2), math.sqrt(2 * 0.01**2)])
     assert table["transfer_test_acc_count"].tolist() == [2, 2]
     assert table["theory_predicted"].tolist() == ["negative_transfer", "no_difference"]
     assert re.search(r"\|\s+0.7100\s+\|", (tmp_path / "fig1c_small.md").read_text())
@@ -75,9 +91,17 @@ def fig2_runs(true_c: float) -> pd.DataFrame:
         d_star = d_star_of(u, inputs)[0]
         for d in (250, 1000, 4000, 16000):
             acc = 0.97 if d <= true_c * d_star else 0.7
-            rows.append({**FIXED, "params.task.d": str(d), "params.task.u_norm": str(u), "params.seed": "0",
-                         "metrics.transfer_test_acc": acc, "metrics.scratch_test_acc": 0.8,
-                         "metrics.transfer_gain": acc - 0.8})
+            rows.append(
+                {
+                    **FIXED,
+                    "params.task.d": str(d),
+                    "params.task.u_norm": str(u),
+                    "params.seed": "0",
+                    "metrics.transfer_test_acc": acc,
+                    "metrics.scratch_test_acc": 0.8,
+                    "metrics.transfer_gain": acc - 0.8,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -85,8 +109,14 @@ def test_fig2_report_fits_the_boundary(tmp_path: Path) -> None:
     # D*(0)=91.4, D*(1)=285.7, D*(2)=2651.4, D*(3)=12537.1; with C=1.5 the near cells are
     # (1, 250), (2, 250), (2, 1000), (3, 250), (3, 1000), (3, 4000), (3, 16000).
     paths = render_fig2(fig2_runs(true_c=1.5), "fig2_small", tmp_path)
-    assert {p.name for p in paths} == {"fig2_small.png", "fig2_small.pdf", "fig2_small.csv", "fig2_small.md",
-                                       "fig2_small_boundary.csv", "fig2_small_boundary.md"}
+    assert {p.name for p in paths} == {
+        "fig2_small.png",
+        "fig2_small.pdf",
+        "fig2_small.csv",
+        "fig2_small.md",
+        "fig2_small_boundary.csv",
+        "fig2_small_boundary.md",
+    }
     boundary = pd.read_csv(tmp_path / "fig2_small_boundary.csv").iloc[0]
     assert (boundary["agreeing_cells"], boundary["cells"], boundary["agreement"]) == (16, 16, 1.0)
     # The fitted interval is bounded by the nearest cells on either side of the true boundary.
@@ -117,7 +147,8 @@ def test_report_from_mlflow_logs_a_report_run(make_cfg, tracking_uri: str, tmp_p
     experiment = client.get_experiment_by_name("fig1c_tiny")
     [report] = client.search_runs([experiment.experiment_id], "tags.`ptlab.stage` = 'report'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
-        f"report/fig1c_tiny.{ext}" for ext in ("png", "pdf", "csv", "md")}
+        f"report/fig1c_tiny.{ext}" for ext in ("png", "pdf", "csv", "md")
+    }
 
 
 def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,8 +36,7 @@ def runs(tracking_uri: str, stage: str) -> list:
 
 
 def stage_numbers(summary: dict) -> dict:
-    return {stage: {k: v for k, v in summary[stage].items() if k != "plan"}
-            for stage in ("upstream", "transfer", "scratch")}
+    return {stage: {k: v for k, v in summary[stage].items() if k != "plan"} for stage in ("upstream", "transfer", "scratch")}
 
 
 def test_entry_roundtrip_and_corruption_detected() -> None:
@@ -61,8 +60,14 @@ def test_upstream_key_ignores_downstream_settings(make_cfg, tmp_path: Path) -> N
     key = spec_key(synthetic_upstream_spec(base, "gram"))
     for override in ("transfer.alpha=0.25", "noise.sigma_p2=3.0", "task.n2=15", "trainer.devices=[0]"):
         assert spec_key(synthetic_upstream_spec(parse(make_cfg(override)), "gram")) == key, override
-    for override in ("noise.sigma_p1=3.0", "task.n1=41", "seed=1", "train.upstream_steps=61",
-                     "train.dtype=float64", "model.width=9"):
+    for override in (
+        "noise.sigma_p1=3.0",
+        "task.n1=41",
+        "seed=1",
+        "train.upstream_steps=61",
+        "train.dtype=float64",
+        "model.width=9",
+    ):
         assert spec_key(synthetic_upstream_spec(parse(make_cfg(override)), "gram")) != key, override
     assert config_hash(parse(make_cfg("trainer.devices=[1]"))) == config_hash(base)
     assert config_hash(parse(make_cfg("logger.experiment_name=other", "cache.enabled=false"))) == config_hash(base)
@@ -70,7 +75,8 @@ def test_upstream_key_ignores_downstream_settings(make_cfg, tmp_path: Path) -> N
 
 
 def test_hit_miss_off_give_identical_summaries_and_truncated_entry_is_retrained(
-        make_cfg, tracking_uri: str, tmp_path: Path) -> None:
+    make_cfg, tracking_uri: str, tmp_path: Path
+) -> None:
     cache = f"cache.dir={tmp_path / 'cache'}"
     miss = run_pipeline(make_cfg(cache), tmp_path / "a")
     hit = run_pipeline(make_cfg(cache, "transfer.alpha=0.25"), tmp_path / "b")
@@ -83,7 +89,11 @@ def test_hit_miss_off_give_identical_summaries_and_truncated_entry_is_retrained(
     assert len(upstream) == 2  # the miss and the cache-off run
     pipelines = {r.info.run_id: r.data.tags for r in runs(tracking_uri, "pipeline")}
     assert [pipelines[s["mlflow"]["parent_run_id"]]["ptlab.cache"] for s in (miss, hit, hit_same, off)] == [
-        "miss", "hit", "hit", "off"]
+        "miss",
+        "hit",
+        "hit",
+        "off",
+    ]
     trained_by = pipelines[hit["mlflow"]["parent_run_id"]]["ptlab.cache.upstream_run_id"]
     assert trained_by == next(r.info.run_id for r in upstream if r.data.tags.get("ptlab.cache") == "miss")
 
@@ -101,8 +111,9 @@ def test_two_processes_racing_for_one_entry_train_it_once(tmp_path: Path) -> Non
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     counter = tmp_path / "count.txt"
-    workers = [ctx.Process(target=race_for_entry, args=(str(tmp_path / "cache"), str(counter), barrier, results))
-               for _ in range(2)]
+    workers = [
+        ctx.Process(target=race_for_entry, args=(str(tmp_path / "cache"), str(counter), barrier, results)) for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     outcomes = [results.get(timeout=120) for _ in workers]
@@ -114,13 +125,16 @@ def test_two_processes_racing_for_one_entry_train_it_once(tmp_path: Path) -> Non
     assert UpstreamCache(tmp_path / "cache").load(spec_key({"stage": "race"})) is not None
 
 
-@pytest.mark.parametrize(("action", "status", "error"), [
-    ("raise", "FAILED", "RuntimeError: injected fault"),
-    ("sigterm", "KILLED", "Terminated: signal SIGTERM"),
-])
-def test_fault_marks_runs_and_stores_nothing_half_done(make_cfg, tracking_uri: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch, action: str,
-                                                       status: str, error: str) -> None:
+@pytest.mark.parametrize(
+    ("action", "status", "error"),
+    [
+        ("raise", "FAILED", "RuntimeError: injected fault"),
+        ("sigterm", "KILLED", "Terminated: signal SIGTERM"),
+    ],
+)
+def test_fault_marks_runs_and_stores_nothing_half_done(
+    make_cfg, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, status: str, error: str
+) -> None:
     marker = tmp_path / "fault"
     marker.write_text(action)
     monkeypatch.setenv(MARKER_ENV, str(marker))
@@ -129,8 +143,9 @@ def test_fault_marks_runs_and_stores_nothing_half_done(make_cfg, tracking_uri: s
         run_pipeline(cfg, tmp_path / "out")
     (parent,) = runs(tracking_uri, "pipeline")
     assert parent.info.status == status and parent.data.tags["ptlab.error"] == error
-    assert {r.data.tags["ptlab.stage"]: r.info.status for r in runs(tracking_uri, "upstream")
-            + runs(tracking_uri, "transfer")} == {"upstream": "FINISHED", "transfer": status}
+    assert {
+        r.data.tags["ptlab.stage"]: r.info.status for r in runs(tracking_uri, "upstream") + runs(tracking_uri, "transfer")
+    } == {"upstream": "FINISHED", "transfer": status}
     assert len(list((tmp_path / "cache").glob("*.ptc"))) == 1  # the upstream finished before the fault
     assert not (tmp_path / "out" / "summary.json").exists()
 

@@ -38,8 +38,11 @@ def test_concurrent_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_pa
         assert waiter.is_alive() and not claimed  # both slots taken: it waits
     waiter.join(timeout=10)
     assert claimed == [0]
-    with claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as a, claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as b, \
-            claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as c:
+    with (
+        claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as a,
+        claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as b,
+        claim_gpu(2, jobs_per_gpu=2, lock_dir=tmp_path) as c,
+    ):
         assert sorted([a, b, c]) == [0, 0, 1]
 
 

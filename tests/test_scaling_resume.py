@@ -23,13 +23,15 @@ def parents(tracking_uri: str) -> list:
     return client.search_runs(experiments, "tags.`ptlab.stage` = 'pipeline'")
 
 
-def test_rerun_skips_finished_and_reruns_failed(make_cfg, tracking_uri: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_skips_finished_and_reruns_failed(
+    make_cfg, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "fault"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    cells = [(f"cache.dir={tmp_path / 'cache'}", "resume.skip_finished=always", FAULTY, LIGHTNING,
-                  f"transfer.alpha={a}")
-             for a in (0.25, 0.5)]
+    cells = [
+        (f"cache.dir={tmp_path / 'cache'}", "resume.skip_finished=always", FAULTY, LIGHTNING, f"transfer.alpha={a}")
+        for a in (0.25, 0.5)
+    ]
     done = run_pipeline(make_cfg(*cells[0]), tmp_path / "a1")
     marker.write_text("raise")
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -49,14 +51,25 @@ def test_rerun_skips_finished_and_reruns_failed(make_cfg, tracking_uri: str, tmp
     assert again["transfer"] == rerun["transfer"]
 
 
-TINY_IMAGES = ["task=digits", "noise=pixels", "+pair=vgg16_small_vgg11_small", "task.n2=8", "task.k=2",
-               "task.n1_ratio=2", "task.n_test=10", "train.upstream_epochs=2", "train.downstream_epochs=3",
-               "train.batch_size=8", "train.progress_bar=false"]
+TINY_IMAGES = [
+    "task=digits",
+    "noise=pixels",
+    "+pair=vgg16_small_vgg11_small",
+    "task.n2=8",
+    "task.k=2",
+    "task.n1_ratio=2",
+    "task.n_test=10",
+    "train.upstream_epochs=2",
+    "train.downstream_epochs=3",
+    "train.batch_size=8",
+    "train.progress_bar=false",
+]
 
 
 @pytest.mark.slow
-def test_interrupted_image_run_continues_from_its_last_checkpoint(make_cfg, tracking_uri: str, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_image_run_continues_from_its_last_checkpoint(
+    make_cfg, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "fault"
     marker.write_text("raise@2")
     monkeypatch.setenv(MARKER_ENV, str(marker))
@@ -69,9 +82,13 @@ def test_interrupted_image_run_continues_from_its_last_checkpoint(make_cfg, trac
 
     summary = run_pipeline(make_cfg(*cfg, small=False), tmp_path / "b")
     client = MlflowClient(tracking_uri)
-    children = {r.data.tags["ptlab.stage"]: r.info.run_id for r in client.search_runs(
-        [client.get_run(summary["mlflow"]["parent_run_id"]).info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{summary['mlflow']['parent_run_id']}'")}
+    children = {
+        r.data.tags["ptlab.stage"]: r.info.run_id
+        for r in client.search_runs(
+            [client.get_run(summary["mlflow"]["parent_run_id"]).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{summary['mlflow']['parent_run_id']}'",
+        )
+    }
     epochs_trained = {stage: len(client.get_metric_history(run_id, "test/acc")) for stage, run_id in children.items()}
     assert epochs_trained == {"upstream": 0, "transfer": 1, "scratch": 3}  # finished, resumed at epoch 2, fresh
     assert summary["transfer"]["epochs"] == 3 and len(summary["transfer"]["plan"]) == 8
@@ -84,13 +101,25 @@ def test_two_identical_sweeps_started_together_run_each_config_once(tmp_path: Pa
 
     from tests.conftest import SMALL
 
-    args = [sys.executable, "-m", "ptlab", "-m", *SMALL, "transfer.alpha=0.25,0.5,0.75",
-            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "cache.dir=cache"]
+    args = [
+        sys.executable,
+        "-m",
+        "ptlab",
+        "-m",
+        *SMALL,
+        "transfer.alpha=0.25,0.5,0.75",
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "cache.dir=cache",
+    ]
     from ptlab.tracking.faults import prepare_sqlite_store
 
     prepare_sqlite_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    sweeps = [subprocess.Popen([*args, f"hydra.sweep.dir=sweep{k}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for k in range(2)]
+    sweeps = [
+        subprocess.Popen(
+            [*args, f"hydra.sweep.dir=sweep{k}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for k in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in sweeps]
     assert [p.returncode for p in sweeps] == [0, 0], [err[-2000:] for _, err in outputs]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -119,18 +148,23 @@ def test_one_pipeline_per_config_per_store_whatever_the_cache_dir(tmp_path: Path
     folder = lock_dir(f"sqlite:///{store}", tmp_path / "a")
     folder.mkdir(parents=True)
     with FileLock(str(folder / f"{digest}.lock")):
-        done = run_cli(["-m", *overrides, f"cache.dir={tmp_path / 'b'}", "cache.lock_timeout=1",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+        done = run_cli(
+            ["-m", *overrides, f"cache.dir={tmp_path / 'b'}", "cache.lock_timeout=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+            cwd=tmp_path,
+        )
     assert done.returncode == 1
     assert "cache.lock_timeout=1.0: another process ran this config longer" in done.stderr
 
 
-@pytest.mark.parametrize(("overrides", "digest"), [
-    ([], "0f28e9a10ce5e4780a7b7e4dcc03315eb9f9a70421647841224f2ca9bdedaaed"),
-    (["task.u_norm=0", "transfer.alpha=0.25"], "f8a8ab89b92729c38b369c0d09022556f47db3b611734d9c2e413b83509c7305"),
-    (["engine=lightning"], "2485e595f5322e503aa5fa2f09dc99b516cbe2eeb3de72e0e8589792c20082df"),
-    (["task=digits"], "be30d3c5a49d6d877c307bed1f04fc36266f1d8e206f17ba6b9a14afdaee93b5"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "digest"),
+    [
+        ([], "0f28e9a10ce5e4780a7b7e4dcc03315eb9f9a70421647841224f2ca9bdedaaed"),
+        (["task.u_norm=0", "transfer.alpha=0.25"], "f8a8ab89b92729c38b369c0d09022556f47db3b611734d9c2e413b83509c7305"),
+        (["engine=lightning"], "2485e595f5322e503aa5fa2f09dc99b516cbe2eeb3de72e0e8589792c20082df"),
+        (["task=digits"], "be30d3c5a49d6d877c307bed1f04fc36266f1d8e206f17ba6b9a14afdaee93b5"),
+    ],
+)
 def test_config_hashes_of_earlier_versions_still_match(overrides: list[str], digest: str) -> None:
     """The hashes these configs had before the regularizer group, transfer.control, train.scratch_budget and
     engine.device existed (commit 9652dd7): a key added later at its neutral value leaves the hash alone, so resume

@@ -19,8 +19,7 @@ ALPHAS = "transfer.alpha=0.25,0.5,0.75,1.0"
 
 
 def sweep(tmp_path: Path, *extra: str):
-    return run_cli(["-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2", *SMALL, ALPHAS, *extra],
-                   cwd=tmp_path)
+    return run_cli(["-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2", *SMALL, ALPHAS, *extra], cwd=tmp_path)
 
 
 def runs_by_stage(tmp_path: Path) -> dict[str, list]:
@@ -97,12 +96,17 @@ def processes_in(folder: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "group", "code", "moment"), [
-    ("SIGTERM", False, 143, "transfer"), ("SIGINT", True, 130, "transfer"), ("SIGTERM", True, 143, "transfer"),
-    ("SIGINT", False, 130, "upstream"), ("SIGTERM", True, 143, "upstream"),
-])
-def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: str, group: bool, code: int,
-                                                       moment: str) -> None:
+@pytest.mark.parametrize(
+    ("signum", "group", "code", "moment"),
+    [
+        ("SIGTERM", False, 143, "transfer"),
+        ("SIGINT", True, 130, "transfer"),
+        ("SIGTERM", True, 143, "transfer"),
+        ("SIGINT", False, 130, "upstream"),
+        ("SIGTERM", True, 143, "upstream"),
+    ],
+)
+def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: str, group: bool, code: int, moment: str) -> None:
     import os
     import signal
     import subprocess
@@ -110,11 +114,24 @@ def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: s
     import time
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, "-m", "ptlab", "-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2",
-            "engine=lightning", ALPHAS, "task.d=300", "train.upstream_steps=3000", "train.downstream_steps=3000",
-            f"logger.tracking_uri={uri}", "cache.dir=cache"]
-    sweep_process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "ptlab",
+        "-m",
+        "hydra/launcher=ptlab_joblib",
+        "hydra.launcher.n_jobs=2",
+        "engine=lightning",
+        ALPHAS,
+        "task.d=300",
+        "train.upstream_steps=3000",
+        "train.downstream_steps=3000",
+        f"logger.tracking_uri={uri}",
+        "cache.dir=cache",
+    ]
+    sweep_process = subprocess.Popen(
+        args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     client = MlflowClient(uri)
     deadline = time.time() + 300
     while time.time() < deadline:  # until a stage of the moment's kind is training
@@ -134,8 +151,9 @@ def test_a_stopped_joblib_sweep_leaves_nothing_running(tmp_path: Path, signum: s
     assert processes_in(tmp_path) == []
     runs = client.search_runs([experiment])
     assert sum(r.info.status == "RUNNING" for r in runs) == 0
-    done = {r.data.tags["ptlab.config_hash"] for r in runs
-            if r.data.tags["ptlab.stage"] == "pipeline" and r.info.status == "FINISHED"}
+    done = {
+        r.data.tags["ptlab.config_hash"] for r in runs if r.data.tags["ptlab.stage"] == "pipeline" and r.info.status == "FINISHED"
+    }
     rerun = run_cli(args[3:], cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("ptlab: skipped") == len(done)

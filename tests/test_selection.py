@@ -36,8 +36,7 @@ class PickLast(SelectionStrategy):
 
 
 def choose(name: str, units: Tensor, k: int, **context: object) -> list[int]:
-    return build_strategy(name).choose(SelectionContext(units, k, torch.Generator().manual_seed(0),
-                                                        **context)).indices
+    return build_strategy(name).choose(SelectionContext(units, k, torch.Generator().manual_seed(0), **context)).indices
 
 
 def test_weight_strategies_pick_the_known_units() -> None:
@@ -71,7 +70,7 @@ def test_a_registered_strategy_class_plans_its_choice() -> None:
         name = "test_last_k"
 
         def indices(self, context):
-            return torch.arange(context.units.shape[0])[-context.k:]
+            return torch.arange(context.units.shape[0])[-context.k :]
 
     SELECTIONS.add("test_last_k", LastK)
     try:
@@ -114,7 +113,7 @@ def test_data_strategies_on_the_two_layer_cnn_match_their_formulas(name: str) ->
     w = model.weight.detach()
     expected = {
         "taylor": (w * grad).sum(-1) ** 2,
-        "fisher": (w ** 2 * grad ** 2).sum(-1),
+        "fisher": (w**2 * grad**2).sum(-1),
         "activation": torch.relu(torch.einsum("npd,jmd->jmnp", x, w)).mean(dim=(-2, -1)),
     }[name]
     plan = Transfer(model, 0.5, name, inputs=SelectionInputs(batches=[(x, y)])).plan(model)
@@ -126,8 +125,9 @@ def test_data_strategies_on_the_two_layer_cnn_match_their_formulas(name: str) ->
 
 def test_taylor_and_fisher_average_over_batches_through_a_conv_model() -> None:
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
+    ).double()
     batches = [(torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
     model.train()
     conv = model[0]
@@ -139,13 +139,16 @@ def test_taylor_and_fisher_average_over_batches_through_a_conv_model() -> None:
         grads.append(grad)
     w = conv.weight.detach()
     taylor = torch.stack([(w * g).sum(dim=(1, 2, 3)) ** 2 for g in grads]).mean(0)
-    fisher = (w ** 2 * torch.stack([g ** 2 for g in grads]).mean(0)).sum(dim=(1, 2, 3))
+    fisher = (w**2 * torch.stack([g**2 for g in grads]).mean(0)).sum(dim=(1, 2, 3))
     activation = torch.stack([F.conv2d(x, w, conv.bias).abs().mean(dim=(0, 2, 3)) for x, _ in batches]).mean(0)
     model.train()
     running_before = model[1].running_mean.clone()
     for name, expected in (("taylor", taylor), ("fisher", fisher), ("activation", activation)):
-        choice = build_strategy(name).bind(model, SelectionInputs(batches=batches)).choose(
-            w, 2, torch.Generator(), layer="0", bn=model[1])
+        choice = (
+            build_strategy(name)
+            .bind(model, SelectionInputs(batches=batches))
+            .choose(w, 2, torch.Generator(), layer="0", bn=model[1])
+        )
         top = expected.argsort(descending=True)[:2].sort().values.tolist()
         assert choice.indices == top, name
         assert choice.scores == pytest.approx(expected[top].tolist(), rel=1e-5), name
@@ -156,13 +159,15 @@ def synthetic_units() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Filters in R^6 with known coefficients along u = 2 e0, v2 = 2 e1 and two task-2 noise patches on e3, e4."""
     u, v2 = 2 * torch.eye(6)[0], 2 * torch.eye(6)[1]
     xi = torch.stack([3 * torch.eye(6)[3], -3 * torch.eye(6)[4]])
-    units = torch.tensor([
-        [0.1, 0.0, 0, 0, 0, 0],   # weak u
-        [-0.9, 0.0, 0, 0, 0, 0],  # strong u (negative: |<w, u>| counts)
-        [0.5, 0.5, 0, 0, 0, 0],   # u + v2
-        [0.6, 0.0, 0, 0.4, 0, 0],  # u, but memorises noise patch 1
-        [0.0, 0.0, 1, 0, 0, 0],   # v1 only: nothing of task 2
-    ])
+    units = torch.tensor(
+        [
+            [0.1, 0.0, 0, 0, 0, 0],  # weak u
+            [-0.9, 0.0, 0, 0, 0, 0],  # strong u (negative: |<w, u>| counts)
+            [0.5, 0.5, 0, 0, 0, 0],  # u + v2
+            [0.6, 0.0, 0, 0.4, 0, 0],  # u, but memorises noise patch 1
+            [0.0, 0.0, 1, 0, 0, 0],  # v1 only: nothing of task 2
+        ]
+    )
     clean = torch.tensor([1.0, -1.0])
     x = torch.stack([clean[:, None] * (u + v2), xi], dim=1)  # (N=2, 2 patches, d)
     return units, u, x, clean, xi
@@ -193,17 +198,25 @@ def test_selection_group_options_reach_the_strategy(make_cfg) -> None:
         validate(make_cfg("engine=lightning", "transfer/selection=fisher", "+transfer.selection.bathces=2"))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["transfer.selection=l1"], "transfer.selection=l1 is not allowed with engine=gram: it reads the filters' weights"),
-    (["transfer/selection=taylor"], "transfer.selection=taylor is not allowed with engine=gram: it reads the filters' "
-                                    "batches"),
-    (["engine=lightning", "transfer.selection=bn_scale"], "transfer.selection=bn_scale is not allowed with "
-                                                          "task=synthetic"),
-    (["task=digits", "model=resnet18_small", "upstream_model=resnet18_small", "transfer.selection=signal"],
-     "transfer.selection=signal is not allowed with task=digits"),
-    (["transfer.selection={_target_: tests.nowhere.Strategy}"], "transfer.selection._target_='tests.nowhere.Strategy' "
-                                                               "cannot be loaded"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["transfer.selection=l1"], "transfer.selection=l1 is not allowed with engine=gram: it reads the filters' weights"),
+        (
+            ["transfer/selection=taylor"],
+            "transfer.selection=taylor is not allowed with engine=gram: it reads the filters' batches",
+        ),
+        (["engine=lightning", "transfer.selection=bn_scale"], "transfer.selection=bn_scale is not allowed with task=synthetic"),
+        (
+            ["task=digits", "model=resnet18_small", "upstream_model=resnet18_small", "transfer.selection=signal"],
+            "transfer.selection=signal is not allowed with task=digits",
+        ),
+        (
+            ["transfer.selection={_target_: tests.nowhere.Strategy}"],
+            "transfer.selection._target_='tests.nowhere.Strategy' cannot be loaded",
+        ),
+    ],
+)
 def test_strategies_that_cannot_run_are_refused_with_one_line(make_cfg, overrides, message) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")) as err:
         validate(make_cfg(*overrides, small="task=digits" not in overrides))
@@ -213,7 +226,8 @@ def test_strategies_that_cannot_run_are_refused_with_one_line(make_cfg, override
 def test_a_refused_strategy_exits_2_before_anything_is_tracked(tmp_path: Path) -> None:
     done = run_cli(["transfer.selection=geometric_median"], tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        line for line in done.stderr.strip().splitlines() if "geometric_median is not allowed with engine=gram" in line]
+        line for line in done.stderr.strip().splitlines() if "geometric_median is not allowed with engine=gram" in line
+    ]
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -230,28 +244,38 @@ def test_a_users_strategy_is_chosen_by_config_alone(make_cfg, tmp_path: Path) ->
         assert row["scores"] == [float(i) for i in row["indices"]]
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("signal", ["transfer.selection=signal"]),
-    ("task2_alignment", ["transfer/selection=task2_alignment", "transfer.selection.noise_weight=0.5"]),
-])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("signal", ["transfer.selection=signal"]),
+        ("task2_alignment", ["transfer/selection=task2_alignment", "transfer.selection.noise_weight=0.5"]),
+    ],
+)
 def test_gram_engine_plans_the_same_filters_as_the_weights_do(make_cfg, name: str, overrides: list[str]) -> None:
     cfg = parse(make_cfg("train.dtype=float64", "task.label_noise=0.2", *overrides))
     gram_plan = run_cells([GramCell.from_spec(cfg)])[0].plan
     data = make_data(cfg)
     upstream = build_model(cfg, "upstream")
-    upstream.weight.data = plain_gd(upstream.weight.detach(), data.task1_train.x, data.task1_train.y, cfg.train.lr,
-                                    cfg.train.upstream_steps)
+    upstream.weight.data = plain_gd(
+        upstream.weight.detach(), data.task1_train.x, data.task1_train.y, cfg.train.lr, cfg.train.upstream_steps
+    )
     target = build_model(cfg, "downstream")
-    plan = transfer_parameters(upstream, target, cfg.transfer.alpha, cfg.transfer.selection,
-                               torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")), None,
-                               selection_inputs(data))
+    plan = transfer_parameters(
+        upstream,
+        target,
+        cfg.transfer.alpha,
+        cfg.transfer.selection,
+        torch.Generator().manual_seed(derive_seed(cfg.seed, "selection")),
+        None,
+        selection_inputs(data),
+    )
     assert gram_plan == [row.as_dict() for row in plan]
     assert all(row["strategy"] == name and len(row["scores"]) == row["copied"] for row in gram_plan)
     if name == "signal":  # the oracle keeps the filters most aligned with u, by their weights
         u = data.directions.u.double()
         for j, row in enumerate(plan):
             aligned = (upstream.weight[j].detach() @ u).abs()
-            assert row.indices == aligned.argsort(descending=True)[:row.copied].sort().values.tolist()
+            assert row.indices == aligned.argsort(descending=True)[: row.copied].sort().values.tolist()
             assert not math.isnan(row.scores[0])
 
 
@@ -267,8 +291,15 @@ def test_plan_rows_keep_strategy_and_scores_through_json(make_cfg, tmp_path: Pat
 def test_a_data_driven_strategy_plans_a_digits_transfer_from_task2_batches(make_cfg, tmp_path: Path) -> None:
     from tests.test_images_pipeline import TINY
 
-    cfg = make_cfg(*TINY, "transfer/selection=taylor", "transfer.selection.batches=1", "train.upstream_epochs=0",
-                   "train.downstream_epochs=1", "logger=none", small=False)
+    cfg = make_cfg(
+        *TINY,
+        "transfer/selection=taylor",
+        "transfer.selection.batches=1",
+        "train.upstream_epochs=0",
+        "train.downstream_epochs=1",
+        "logger=none",
+        small=False,
+    )
     summary = run_pipeline(cfg, tmp_path / "out")
     plan = summary["transfer"]["plan"]
     assert len(plan) == 8 and all(row["strategy"] == "taylor" for row in plan)

@@ -16,17 +16,44 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-SWEEP = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", "hydra.launcher.workers=2",
-         "hydra.launcher.max_cells=2", "task.d=300", "task.n1=200", "task.n2=40", "task.n_test=200",
-         "train.upstream_steps=3000", "train.downstream_steps=1500", "model.width=40", "seed=range(0,12)"]
+SWEEP = [
+    "-m",
+    "engine=gram",
+    "hydra/launcher=ptlab_gram",
+    "hydra/sweeper=ptlab_batched",
+    "hydra.launcher.workers=2",
+    "hydra.launcher.max_cells=2",
+    "task.d=300",
+    "task.n1=200",
+    "task.n2=40",
+    "task.n_test=200",
+    "train.upstream_steps=3000",
+    "train.downstream_steps=1500",
+    "model.width=40",
+    "seed=range(0,12)",
+]
 """Twelve one-cell chunks of several seconds each on two workers: a sweep that is still training when signalled."""
 
 
 def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "ptlab", *SWEEP, f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
-                             f"hydra.sweep.dir={tmp_path}/sweep", *extra], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ptlab",
+            *SWEEP,
+            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def group_alive(pgid: int) -> bool:
@@ -116,11 +143,30 @@ def test_sigkill_of_a_joblib_sweep_takes_its_workers(tmp_path: Path) -> None:
     shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "ptlab", "-m", "hydra/launcher=ptlab_joblib", "hydra.launcher.n_jobs=2", "engine=lightning",
-         "task.d=200", "task.n1=100", "task.n2=20", "train.upstream_steps=3000", "train.downstream_steps=1000",
-         "model.width=8", "seed=0,1,2,3", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
-         f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "ptlab",
+            "-m",
+            "hydra/launcher=ptlab_joblib",
+            "hydra.launcher.n_jobs=2",
+            "engine=lightning",
+            "task.d=200",
+            "task.n1=100",
+            "task.n2=20",
+            "train.upstream_steps=3000",
+            "train.downstream_steps=1000",
+            "model.width=8",
+            "seed=0,1,2,3",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while len([pid for pid in _pids() if _pgid(pid) == process.pid and b"popen_loky_posix" in _cmdline(pid)]) < 2:
         assert time.monotonic() < deadline and process.poll() is None, "the loky workers never started"

@@ -13,8 +13,14 @@ from ptlab.config import LoggerSchema, SyntheticTaskSchema, TrainSchema, ViTSche
 from ptlab.errors import ConfigError
 from ptlab.spec import PipelineSpec, from_resolved, parse, resolved_config, schema_types
 
-PRESETS = [[], ["task=digits"], ["experiment=fig4_digits"], ["experiment=kou2023"], ["regularizer=l2sp"],
-           ["transfer=none", "train.dtype=float64"]]
+PRESETS = [
+    [],
+    ["task=digits"],
+    ["experiment=fig4_digits"],
+    ["experiment=kou2023"],
+    ["regularizer=l2sp"],
+    ["transfer=none", "train.dtype=float64"],
+]
 
 
 @pytest.mark.parametrize("overrides", PRESETS, ids=lambda o: " ".join(o) or "default")
@@ -51,11 +57,14 @@ def test_schemas_stay_writable_while_hydra_composes() -> None:
     assert task.d == 10
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("transfer.alpha", 1.5, "transfer.alpha=1.5 is not allowed: must be in [0, 1]"),
-    ("task.d", 3, "task.d=3 is not allowed"),
-    ("train.dtype", "float16", "train.dtype='float16' is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("transfer.alpha", 1.5, "transfer.alpha=1.5 is not allowed: must be in [0, 1]"),
+        ("task.d", 3, "task.d=3 is not allowed"),
+        ("train.dtype", "float16", "train.dtype='float16' is not allowed"),
+    ],
+)
 def test_from_resolved_refuses_a_bad_value_naming_its_key(key: str, value: object, message: str) -> None:
     cfg = compose_config(["logger=none"])
     resolved = resolved_config(cfg)
@@ -65,11 +74,21 @@ def test_from_resolved_refuses_a_bad_value_naming_its_key(key: str, value: objec
         from_resolved(resolved, schema_types(cfg))
 
 
-BELOW_THE_CLI = ["ptlab/pipeline/run.py", "ptlab/pipeline/synthetic.py", "ptlab/pipeline/images.py",
-                 "ptlab/pipeline/cache.py", "ptlab/pipeline/checkpoints.py", "ptlab/pipeline/resume.py",
-                 "ptlab/pipeline/transferability.py", "ptlab/pipeline/record.py", "ptlab/theory.py", "ptlab/devices.py",
-                 *sorted(str(p.relative_to(Path(__file__).parents[1])) for p in
-                         (Path(__file__).parents[1] / "ptlab" / "engines").rglob("*.py"))]
+BELOW_THE_CLI = [
+    "ptlab/pipeline/run.py",
+    "ptlab/pipeline/synthetic.py",
+    "ptlab/pipeline/images.py",
+    "ptlab/pipeline/cache.py",
+    "ptlab/pipeline/checkpoints.py",
+    "ptlab/pipeline/resume.py",
+    "ptlab/pipeline/transferability.py",
+    "ptlab/pipeline/record.py",
+    "ptlab/theory.py",
+    "ptlab/devices.py",
+    *sorted(
+        str(p.relative_to(Path(__file__).parents[1])) for p in (Path(__file__).parents[1] / "ptlab" / "engines").rglob("*.py")
+    ),
+]
 
 
 def test_nothing_below_the_cli_takes_a_config() -> None:

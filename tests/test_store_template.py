@@ -25,8 +25,9 @@ def schema(path: Path) -> dict[str, object]:
     try:
         tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         columns = {table: connection.execute(f"PRAGMA table_info('{table}')").fetchall() for table in tables}
-        objects = sorted(connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type != 'table'")
-                         .fetchall(), key=str)
+        objects = sorted(
+            connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type != 'table'").fetchall(), key=str
+        )
         return {"columns": columns, "objects": objects, "revision": schema_revision(path)}
     finally:
         connection.close()
@@ -34,8 +35,9 @@ def schema(path: Path) -> dict[str, object]:
 
 def experiments(path: Path) -> list[tuple]:
     with sqlite3.connect(path) as connection:
-        return connection.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments "
-                                  "ORDER BY experiment_id").fetchall()
+        return connection.execute(
+            "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments ORDER BY experiment_id"
+        ).fetchall()
 
 
 def test_template_store_equals_a_migrated_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,8 +68,7 @@ def test_template_store_equals_a_migrated_one(tmp_path: Path, monkeypatch: pytes
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def test_template_rebuilt_for_another_key_and_a_bad_template_falls_back(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_template_rebuilt_for_another_key_and_a_bad_template_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "templates"
     monkeypatch.setenv(TEMPLATES_ENV, str(folder))
     first = store_template.template_path()
@@ -116,11 +117,12 @@ def test_concurrent_new_stores_and_template_build(tmp_path: Path) -> None:
         experiment = client.get_experiment_by_name("shared") or client.get_experiment(client.create_experiment("shared"))
         client.set_terminated(client.create_run(experiment.experiment_id).info.run_id)
     """)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), TEMPLATES_ENV: str(tmp_path / "templates"),
-           "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), TEMPLATES_ENV: str(tmp_path / "templates"), "HOME": str(tmp_path)}
     stores = [tmp_path / "one.db"] * 3 + [tmp_path / "two.db"] * 2
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path,
-                              stderr=subprocess.PIPE, text=True) for path in stores]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        for path in stores
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]

@@ -37,16 +37,19 @@ def test_target_signal_norm_is_the_norm_of_orthogonal_sum() -> None:
     assert target_signal_norm(0.0, 2.0) == 2.0
 
 
-@pytest.mark.parametrize(("u", "s1", "s2", "expected"), [
-    # (0 + 20^2 * 2^4) / (0.25 * 200 + 20) = 6400 / 70
-    (0.0, 1.0, 1.0, 6400 / 70),
-    # S2^4 = 64: (0.25 * 200^2 * 16 + 400 * 64) / 70 = 185600 / 70
-    (2.0, 1.0, 1.0, 185600 / 70),
-    # s1 = 2: (160000 / 16 + 25600) / (0.25 * 200 / 4 + 20) = 35600 / 32.5
-    (2.0, 2.0, 1.0, 35600 / 32.5),
-    # s2 = 2: (160000 + 25600 / 16) / (0.25 * 4 * 200 + 20) = 161600 / 220
-    (2.0, 1.0, 2.0, 161600 / 220),
-])
+@pytest.mark.parametrize(
+    ("u", "s1", "s2", "expected"),
+    [
+        # (0 + 20^2 * 2^4) / (0.25 * 200 + 20) = 6400 / 70
+        (0.0, 1.0, 1.0, 6400 / 70),
+        # S2^4 = 64: (0.25 * 200^2 * 16 + 400 * 64) / 70 = 185600 / 70
+        (2.0, 1.0, 1.0, 185600 / 70),
+        # s1 = 2: (160000 / 16 + 25600) / (0.25 * 200 / 4 + 20) = 35600 / 32.5
+        (2.0, 2.0, 1.0, 35600 / 32.5),
+        # s2 = 2: (160000 + 25600 / 16) / (0.25 * 4 * 200 + 20) = 161600 / 220
+        (2.0, 1.0, 2.0, 161600 / 220),
+    ],
+)
 def test_threshold_term_hand_values(u: float, s1: float, s2: float, expected: float) -> None:
     s2_norm = target_signal_norm(u, 2.0)
     assert threshold_term(0.5, 200, 20, u, s2_norm, s1, s2) == pytest.approx(expected, rel=1e-12)
@@ -105,8 +108,7 @@ def test_predicted_outcomes() -> None:
 
     # d=2000, ||u||=2: transfer near-optimal (2000 <= 2651.4), scratch sub-optimal (2000 > 1280).
     helps = predict(u_norm=2.0, **{**BASE, "d": 2000})
-    assert (helps.transfer_regime, helps.scratch_regime, helps.predicted) == (NEAR_OPTIMAL, SUB_OPTIMAL,
-                                                                              "transfer_helps")
+    assert (helps.transfer_regime, helps.scratch_regime, helps.predicted) == (NEAR_OPTIMAL, SUB_OPTIMAL, "transfer_helps")
     assert helps.d_over_threshold == pytest.approx(2000 / (185600 / 70))
 
     same = predict(u_norm=2.0, **BASE)
@@ -173,18 +175,21 @@ def test_a_large_gamma_makes_transfer_help_while_scratch_is_not_near_optimal() -
     assert negative.negative_transfer_condition and negative.predicted == "negative_transfer"
 
 
-@pytest.mark.parametrize(("transfer", "scratch", "chain", "big_gamma", "expected"), [
-    (NEAR_OPTIMAL, SUB_OPTIMAL, False, False, ("transfer_helps", "regimes")),
-    (SUB_OPTIMAL, NEAR_OPTIMAL, False, True, ("negative_transfer", "regimes")),
-    (NEAR_OPTIMAL, NEAR_OPTIMAL, False, False, ("no_difference", "both_near_optimal")),
-    (SUB_OPTIMAL, SUB_OPTIMAL, False, False, ("undetermined", "none")),
-    (SUB_OPTIMAL, SUB_OPTIMAL, False, True, ("undetermined", "none")),
-    (UNDETERMINED, SUB_OPTIMAL, False, True, ("transfer_helps", "gamma")),
-    (UNDETERMINED, UNDETERMINED, False, True, ("transfer_helps", "gamma")),
-    (UNDETERMINED, NEAR_OPTIMAL, False, True, ("undetermined", "none")),
-    (NEAR_OPTIMAL, UNDETERMINED, False, False, ("undetermined", "none")),
-    (NEAR_OPTIMAL, SUB_OPTIMAL, True, True, ("negative_transfer", "negative_transfer_chain")),
-])
+@pytest.mark.parametrize(
+    ("transfer", "scratch", "chain", "big_gamma", "expected"),
+    [
+        (NEAR_OPTIMAL, SUB_OPTIMAL, False, False, ("transfer_helps", "regimes")),
+        (SUB_OPTIMAL, NEAR_OPTIMAL, False, True, ("negative_transfer", "regimes")),
+        (NEAR_OPTIMAL, NEAR_OPTIMAL, False, False, ("no_difference", "both_near_optimal")),
+        (SUB_OPTIMAL, SUB_OPTIMAL, False, False, ("undetermined", "none")),
+        (SUB_OPTIMAL, SUB_OPTIMAL, False, True, ("undetermined", "none")),
+        (UNDETERMINED, SUB_OPTIMAL, False, True, ("transfer_helps", "gamma")),
+        (UNDETERMINED, UNDETERMINED, False, True, ("transfer_helps", "gamma")),
+        (UNDETERMINED, NEAR_OPTIMAL, False, True, ("undetermined", "none")),
+        (NEAR_OPTIMAL, UNDETERMINED, False, False, ("undetermined", "none")),
+        (NEAR_OPTIMAL, SUB_OPTIMAL, True, True, ("negative_transfer", "negative_transfer_chain")),
+    ],
+)
 def test_outcome_rules(transfer: str, scratch: str, chain: bool, big_gamma: bool, expected: tuple) -> None:
     assert outcome_and_rule(transfer, scratch, chain, big_gamma) == expected
 

@@ -12,9 +12,15 @@ from mlflow.tracking import MlflowClient
 from ptlab.tracking import BufferedMLFlowLogger
 from ptlab.tracking.sql import MetricWriter, is_database_uri
 
-POINTS = [("loss", 0.5, 1000, 0), ("loss", 0.25, 1001, 1), ("acc", float("nan"), 1000, 0),
-          ("acc", float("inf"), 1002, 2), ("loss", 0.5, 1000, 0),  # a duplicate point: stored once
-          ("late", 3.0, 900, 5), ("late", 4.0, 950, 2)]  # the latest of "late" is step 5, logged first
+POINTS = [
+    ("loss", 0.5, 1000, 0),
+    ("loss", 0.25, 1001, 1),
+    ("acc", float("nan"), 1000, 0),
+    ("acc", float("inf"), 1002, 2),
+    ("loss", 0.5, 1000, 0),  # a duplicate point: stored once
+    ("late", 3.0, 900, 5),
+    ("late", 4.0, 950, 2),
+]  # the latest of "late" is step 5, logged first
 MORE = [("loss", 0.125, 1003, 2), ("late", 1.0, 990, 4), ("acc", -float("inf"), 1004, 3)]
 
 
@@ -71,9 +77,17 @@ def test_buffered_logger_writes_curves_to_the_tables_of_a_database_store(tmp_pat
     assert MlflowClient(uri).get_run(logger.run_id).data.metrics == {"loss/train": 1.0 / 2500}
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    ("sqlite:///mlflow.db", True), ("postgresql+psycopg2://u@h/db", True), ("mysql://h/db", True),
-    ("http://127.0.0.1:5000", False), ("file:///tmp/mlruns", False), ("databricks", False)])
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:///mlflow.db", True),
+        ("postgresql+psycopg2://u@h/db", True),
+        ("mysql://h/db", True),
+        ("http://127.0.0.1:5000", False),
+        ("file:///tmp/mlruns", False),
+        ("databricks", False),
+    ],
+)
 def test_is_database_uri(uri: str, expected: bool) -> None:
     assert is_database_uri(uri) is expected
 
@@ -86,8 +100,10 @@ def test_mlflow_tables_are_the_ones_ptlab_writes() -> None:
 
     check_tables()
     assert {t.__tablename__ for t in TABLES} == {"runs", "tags", "params", "metrics", "latest_metrics"}
-    changed = SimpleNamespace(__tablename__="tags", __table__=SimpleNamespace(
-        columns=[SimpleNamespace(name=n) for n in ("key", "value", "run_uuid", "new_column")]))
+    changed = SimpleNamespace(
+        __tablename__="tags",
+        __table__=SimpleNamespace(columns=[SimpleNamespace(name=n) for n in ("key", "value", "run_uuid", "new_column")]),
+    )
     with pytest.raises(RuntimeError, match="changed table 'tags'"):
         check_tables((changed,))
 

@@ -62,8 +62,15 @@ def test_callback_transfers_before_the_first_step():
     x, y = torch.randn(4, 2, 6), torch.tensor([1.0, -1.0, 1.0, -1.0])
     callback = ParameterTransfer(Transfer(source, 0.5, "random", 11))
     module = FullBatchGD(target, lr=0.0)  # lr 0: the weights after fit are the weights after transfer
-    trainer = pl.Trainer(max_steps=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = pl.Trainer(
+        max_steps=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(module, datamodule=FullBatchDataModule(x, y, steps=1))
     assert [row.copied for row in callback.plan] == [5, 5]
     expected = fresh.clone()

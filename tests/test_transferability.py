@@ -104,16 +104,19 @@ def test_leep_by_hand() -> None:
     assert leep([[1.0, 0.0], [0.5, 0.5]], [0, 1]) == pytest.approx(np.log(2 / 3), rel=1e-12)
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: logme(np.ones((5, 2)), np.arange(4)), "labels has 4 entries but there are 5 samples"),
-    (lambda: logme(np.ones((5, 2)), np.zeros(5)), "at least 2 classes"),
-    (lambda: logme(np.ones(5), np.arange(5)), "features must have 2 dimension"),
-    (lambda: logme(np.full((4, 2), np.nan), np.arange(4) % 2), "features must be finite"),
-    (lambda: leep(np.full((4, 2), 0.5), np.arange(3)), "labels has 3 entries but there are 4 samples"),
-    (lambda: leep(np.full((4, 2), 0.5), np.ones(4)), "at least 2 classes"),
-    (lambda: leep(np.full((4, 2), 0.7), np.arange(4) % 2), "sum to 1"),
-    (lambda: log_evidence(np.ones((3, 1)), np.ones(3), 0.0, 1.0), "alpha and beta must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: logme(np.ones((5, 2)), np.arange(4)), "labels has 4 entries but there are 5 samples"),
+        (lambda: logme(np.ones((5, 2)), np.zeros(5)), "at least 2 classes"),
+        (lambda: logme(np.ones(5), np.arange(5)), "features must have 2 dimension"),
+        (lambda: logme(np.full((4, 2), np.nan), np.arange(4) % 2), "features must be finite"),
+        (lambda: leep(np.full((4, 2), 0.5), np.arange(3)), "labels has 3 entries but there are 4 samples"),
+        (lambda: leep(np.full((4, 2), 0.5), np.ones(4)), "at least 2 classes"),
+        (lambda: leep(np.full((4, 2), 0.7), np.arange(4) % 2), "sum to 1"),
+        (lambda: log_evidence(np.ones((3, 1)), np.ones(3), 0.0, 1.0), "alpha and beta must be > 0"),
+    ],
+)
 def test_bad_input_is_rejected(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
@@ -145,13 +148,23 @@ def test_two_layer_cnn_hidden_features_give_its_output() -> None:
     assert torch.allclose(model(x), hidden[:, 0].mean(-1) - hidden[:, 1].mean(-1))
 
 
-DIGITS = ["task=digits", "noise=pixels", "+pair=vgg16_small_vgg11_small", "task.n2=8", "task.k=2",
-          "task.n1_ratio=2", "task.n_test=10", "train.upstream_epochs=1", "train.downstream_epochs=1",
-          "train.batch_size=8", "train.progress_bar=false", "logger.experiment_name=transferability_tiny"]
+DIGITS = [
+    "task=digits",
+    "noise=pixels",
+    "+pair=vgg16_small_vgg11_small",
+    "task.n2=8",
+    "task.k=2",
+    "task.n1_ratio=2",
+    "task.n_test=10",
+    "train.upstream_epochs=1",
+    "train.downstream_epochs=1",
+    "train.batch_size=8",
+    "train.progress_bar=false",
+    "logger.experiment_name=transferability_tiny",
+]
 
 
-def test_image_summary_carries_the_scores_taken_before_downstream_training(make_cfg, tracking_uri: str,
-                                                                           tmp_path: Path) -> None:
+def test_image_summary_carries_the_scores_taken_before_downstream_training(make_cfg, tracking_uri: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from ptlab.data.images import make_image_tasks
@@ -205,15 +218,30 @@ def test_synthetic_scores_match_the_models_they_describe(make_cfg, engine: str) 
         assert torch.allclose(two_patch_probabilities(upstream, x)[:, 1], torch.sigmoid(upstream(x)))
         fresh = build_model(cfg, "downstream")
         assert scores["logme_scratch"] == pytest.approx(logme(fresh.hidden(x).flatten(1), y), rel=1e-9)
-        Transfer(upstream, cfg.transfer.alpha, cfg.transfer.selection, derive_seed(cfg.seed, "selection"),
-                 inputs=selection_inputs(data)).apply(fresh)
+        Transfer(
+            upstream,
+            cfg.transfer.alpha,
+            cfg.transfer.selection,
+            derive_seed(cfg.seed, "selection"),
+            inputs=selection_inputs(data),
+        ).apply(fresh)
         assert scores["logme"] == pytest.approx(logme(fresh.hidden(x).flatten(1), y), rel=1e-9)
 
 
-
-@pytest.mark.parametrize("variant", [
-    [], ["transferability.max_samples=7", "model.bias=true", "model.activation=leaky_relu",
-         "model.patch_reduction=mean", "model.filter_reduction=sum"], ["transfer=none"]])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        [
+            "transferability.max_samples=7",
+            "model.bias=true",
+            "model.activation=leaky_relu",
+            "model.patch_reduction=mean",
+            "model.filter_reduction=sum",
+        ],
+        ["transfer=none"],
+    ],
+)
 def test_gram_cell_scores_from_responses_equal_the_dspace_models(make_cfg, variant: list[str]) -> None:
     """The gram engine's scores (from the stage-start responses, the whole-cell and batched path) equal the d-space
     pipeline's (from the models)."""
@@ -226,8 +254,9 @@ def test_gram_cell_scores_from_responses_equal_the_dspace_models(make_cfg, varia
     _, extra = run_synthetic(cfg, make_engine(cfg), NullTracker())
     gram = run_cells([GramCell.from_spec(cfg)])[0].transferability
     assert set(gram) == set(extra["transferability"])
-    assert set(gram) == ({"logme_scratch", "samples"} if variant == ["transfer=none"]
-                         else {"logme", "leep", "logme_scratch", "samples"})
+    assert set(gram) == (
+        {"logme_scratch", "samples"} if variant == ["transfer=none"] else {"logme", "leep", "logme_scratch", "samples"}
+    )
     for name, value in extra["transferability"].items():
         assert gram[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
@@ -253,7 +282,8 @@ def test_bad_transferability_config_stops_with_one_line(tmp_path: Path) -> None:
         validate(compose_config(["transferability.max_samples=1"]))
     done = run_cli(["transferability.max_samples=0", "logger=none"], cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "ptlab: transferability.max_samples=0 is not allowed: must be an integer >= 2"]
+        "ptlab: transferability.max_samples=0 is not allowed: must be an integer >= 2"
+    ]
     assert not any(tmp_path.iterdir())
 
 

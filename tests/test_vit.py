@@ -75,6 +75,7 @@ def assert_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 
 # -- models --------------------------------------------------------------------------------------
 
+
 def test_create_vit_is_timm_deit_with_fresh_trunc_normal_init() -> None:
     model = tiny(num_classes=7)
     assert type(model).__name__ == "VisionTransformer"
@@ -151,10 +152,12 @@ def test_layer_transfer_config_defaults_and_one_line_errors(make_cfg, tmp_path: 
     assert all(cfg.transfer[switch] for switch in EMBEDDINGS)
     assert cfg.upstream_model.name == "deit_tiny" and cfg.model._target_ == "ptlab.models.create_vit"
 
-    bad = {"transfer.position=middle": "transfer.position='middle' is not allowed: must be one of last, first, random",
-           "transfer.layers=[9,9]": "transfer.layers=[9, 9] is not allowed",
-           f"upstream_model.weights_path={tmp_path}/w.pth": f"upstream_model.weights_path='{tmp_path}/w.pth' is not",
-           "model.img_size=30": "model.img_size=30 is not allowed: must be a multiple of patch_size=16"}
+    bad = {
+        "transfer.position=middle": "transfer.position='middle' is not allowed: must be one of last, first, random",
+        "transfer.layers=[9,9]": "transfer.layers=[9, 9] is not allowed",
+        f"upstream_model.weights_path={tmp_path}/w.pth": f"upstream_model.weights_path='{tmp_path}/w.pth' is not",
+        "model.img_size=30": "model.img_size=30 is not allowed: must be a multiple of patch_size=16",
+    }
     for override, message in bad.items():
         with pytest.raises(ConfigError) as err:
             validate(make_cfg(*VIT_PAIR, override, small=False))
@@ -169,6 +172,7 @@ def test_filter_transfer_config_is_unchanged(make_cfg) -> None:
 
 
 # -- transfer ------------------------------------------------------------------------------------
+
 
 def test_vit_pair_gets_the_layer_adapter() -> None:
     assert find_adapter(narrow(), narrow()) is ViTLayerTransfer
@@ -189,8 +193,7 @@ def test_paper_blocks_and_embeddings_equal_the_source_the_rest_its_fresh_init() 
     assert_differs(part(target, "blocks.0"), part(source, "blocks.0"))
 
     rows = {row.target: row for row in callback.plan}
-    assert list(rows) == ["cls_token", "pos_embed", "patch_embed", *[f"blocks.{i}" for i in range(12)],
-                          "norm", "head"]
+    assert list(rows) == ["cls_token", "pos_embed", "patch_embed", *[f"blocks.{i}" for i in range(12)], "norm", "head"]
     block = sum(p.numel() for p in target.blocks[0].parameters())
     assert [(rows[f"blocks.{i}"].source, rows[f"blocks.{i}"].copied) for i in (8, 9)] == [("", 0), ("blocks.9", block)]
     assert rows["head"].source == "" and rows["head"].copied == 0 and rows["head"].total == 3 * 48 + 3
@@ -202,21 +205,28 @@ def test_paper_blocks_and_embeddings_equal_the_source_the_rest_its_fresh_init() 
 def test_switches_off_keep_embeddings_and_norm_fresh() -> None:
     source = trained_like(narrow(seed=1))
     target, fresh = narrow(seed=2), narrow(seed=2)
-    transfer_parameters(source, target, alpha=0.0, adapter=ViTLayerTransfer(
-        layers=[0], patch_embed=False, cls_token=False, pos_embed=False, norm=False))
+    transfer_parameters(
+        source,
+        target,
+        alpha=0.0,
+        adapter=ViTLayerTransfer(layers=[0], patch_embed=False, cls_token=False, pos_embed=False, norm=False),
+    )
     for name in (*EMBEDDINGS, "head", "blocks.1"):
         assert_same(part(target, name), part(fresh, name))
     assert_same(part(target, "blocks.0"), part(source, "blocks.0"))
 
 
-@pytest.mark.parametrize("alpha, position, expected", [
-    (0.25, "last", [9, 10, 11]),
-    (0.25, "first", [0, 1, 2]),
-    (0.125, "last", [10, 11]),  # 1.5 blocks round half up to 2
-    (0.5, "first", [0, 1, 2, 3, 4, 5]),
-    (1.0, "last", list(range(12))),
-    (0.0, "last", []),
-])
+@pytest.mark.parametrize(
+    "alpha, position, expected",
+    [
+        (0.25, "last", [9, 10, 11]),
+        (0.25, "first", [0, 1, 2]),
+        (0.125, "last", [10, 11]),  # 1.5 blocks round half up to 2
+        (0.5, "first", [0, 1, 2, 3, 4, 5]),
+        (1.0, "last", list(range(12))),
+        (0.0, "last", []),
+    ],
+)
 def test_alpha_and_position_select_the_documented_blocks(alpha: float, position: str, expected: list[int]) -> None:
     assert block_indices(None, position, alpha, 12, 12, torch.Generator().manual_seed(0)) == expected
 
@@ -228,8 +238,13 @@ def test_random_position_is_seeded_and_copies_those_blocks() -> None:
 
     source = trained_like(narrow(seed=1))
     target, fresh = narrow(seed=2), narrow(seed=2)
-    plan = transfer_parameters(source, target, alpha=0.25, generator=torch.Generator().manual_seed(0),
-                               adapter=ViTLayerTransfer(layers=None, position="random"))
+    plan = transfer_parameters(
+        source,
+        target,
+        alpha=0.25,
+        generator=torch.Generator().manual_seed(0),
+        adapter=ViTLayerTransfer(layers=None, position="random"),
+    )
     assert [int(r.target.split(".")[1]) for r in plan if r.target.startswith("blocks.") and r.copied] == picks[0]
     for i in range(12):
         assert_same(part(target, f"blocks.{i}"), part(source if i in picks[0] else fresh, f"blocks.{i}"))
@@ -244,8 +259,11 @@ def test_shallower_downstream_maps_blocks_by_index() -> None:
     for i in range(6):
         assert_same(part(target, f"blocks.{i}"), part(source if i >= 3 else fresh, f"blocks.{i}"))
 
-    with pytest.raises(ValueError, match=r"^transfer.layers=\[9, 10, 11\] has blocks \[9, 10, 11\] outside 0..5 "
-                                         r"\(upstream depth 12, downstream depth 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.layers=\[9, 10, 11\] has blocks \[9, 10, 11\] outside 0..5 "
+        r"\(upstream depth 12, downstream depth 6",
+    ):
         transfer_parameters(source, narrow(depth=6), alpha=0.25, adapter=ViTLayerTransfer(layers=[9, 10, 11]))
 
 
@@ -253,8 +271,7 @@ def test_deeper_downstream_inherits_only_indices_the_upstream_has() -> None:
     source = trained_like(narrow(seed=1, depth=4))
     target = narrow(seed=2)  # 12 blocks: alpha 0.25 -> 3 blocks, the last 3 of the 4 shared indices
     plan = transfer_parameters(source, target, alpha=0.25, adapter=ViTLayerTransfer(layers=None))
-    assert [r.target for r in plan if r.target.startswith("blocks.") and r.copied] == ["blocks.1", "blocks.2",
-                                                                                       "blocks.3"]
+    assert [r.target for r in plan if r.target.startswith("blocks.") and r.copied] == ["blocks.1", "blocks.2", "blocks.3"]
     assert_same(part(target, "blocks.3"), part(source, "blocks.3"))
     with pytest.raises(ValueError, match=r"transfer.alpha=0.5 asks for 6 blocks but only 4 can map by index"):
         transfer_parameters(source, narrow(), alpha=0.5, adapter=ViTLayerTransfer(layers=None))
@@ -282,31 +299,39 @@ def test_layer_options_reach_the_adapter_through_the_config(make_cfg) -> None:
 
     cfg = make_cfg(*VIT_PAIR, "transfer.layers=null", "transfer.position=first", "transfer.norm=false", small=False)
     options = adapter_options(cfg.transfer)
-    assert options == {"layers": None, "position": "first", "patch_embed": True, "cls_token": True,
-                       "pos_embed": True, "norm": False}
+    assert options == {
+        "layers": None,
+        "position": "first",
+        "patch_embed": True,
+        "cls_token": True,
+        "pos_embed": True,
+        "norm": False,
+    }
     assert adapter_options(make_cfg().transfer) == {}
     source = trained_like(narrow(seed=1))
     target, fresh = narrow(seed=2), narrow(seed=2)
     callback = ParameterTransfer(Transfer(source, cfg.transfer.alpha, options=options))
     callback.on_fit_start(FRESH_FIT, SimpleNamespace(model=target))
     assert [r.target for r in callback.plan if r.target.startswith("blocks.") and r.copied] == [
-        "blocks.0", "blocks.1", "blocks.2"]
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+    ]
     assert_same(part(target, "norm"), part(fresh, "norm"))
 
 
 # -- presets, pipeline and report ----------------------------------------------------------------
 
+
 def test_fig4_presets_compose_to_the_paper_pair(make_cfg) -> None:
     fig4 = make_cfg("experiment=fig4", small=False)
     validate(fig4)
-    assert (fig4.model.name, fig4.upstream_model.name, fig4.upstream_model.pretrained) == ("deit_base", "deit_base",
-                                                                                           True)
+    assert (fig4.model.name, fig4.upstream_model.name, fig4.upstream_model.pretrained) == ("deit_base", "deit_base", True)
     assert fig4.train.upstream_epochs == 0 and fig4.train.optimizer == "adamw" and fig4.train.label_smoothing > 0
     assert list(fig4.transfer.layers) == [9, 10, 11]
     digits = make_cfg("experiment=fig4_digits", small=False)
     validate(digits)
-    assert (digits.task.name, digits.model.name, digits.model.img_size, digits.task.image_size) == (
-        "digits", "deit_tiny", 8, 8)
+    assert (digits.task.name, digits.model.name, digits.model.img_size, digits.task.image_size) == ("digits", "deit_tiny", 8, 8)
     assert digits.train.upstream_epochs > 0
 
 
@@ -318,14 +343,29 @@ def test_fig4_digits_pipeline_end_to_end_with_report(make_cfg, tmp_path: Path, t
     from ptlab.pipeline import run_pipeline
     from ptlab.report import make_report
 
-    cfg = make_cfg("experiment=fig4_digits", "task.n2=10", "task.n1_ratio=4", "task.n_test=20",
-                   "train.upstream_epochs=1", "train.downstream_epochs=1", "train.warmup_epochs=0",
-                   "logger.experiment_name=fig4_test", small=False)
+    cfg = make_cfg(
+        "experiment=fig4_digits",
+        "task.n2=10",
+        "task.n1_ratio=4",
+        "task.n_test=20",
+        "train.upstream_epochs=1",
+        "train.downstream_epochs=1",
+        "train.warmup_epochs=0",
+        "logger.experiment_name=fig4_test",
+        small=False,
+    )
     run_pipeline(cfg, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     plan = {row["target"]: row for row in summary["transfer"]["plan"]}
     assert [name for name, row in plan.items() if row["source"]] == [
-        "cls_token", "pos_embed", "patch_embed", "blocks.9", "blocks.10", "blocks.11", "norm"]
+        "cls_token",
+        "pos_embed",
+        "patch_embed",
+        "blocks.9",
+        "blocks.10",
+        "blocks.11",
+        "norm",
+    ]
     assert plan["head"]["copied"] == 0 and plan["blocks.0"]["copied"] == 0
     for stage in ("upstream", "transfer", "scratch"):
         assert 0.0 <= summary[stage]["test_acc"] <= 1.0
@@ -342,11 +382,18 @@ def test_fig4_table_gives_the_paired_interval_and_verdict() -> None:
     from ptlab.report.vit import fig4_table
 
     gains = [0.02, 0.04, 0.03]
-    runs = pd.DataFrame({"params.task.name": "digits", "params.seed": ["0", "1", "2"],
-                         "metrics.transfer_test_acc": [0.8 + g for g in gains], "metrics.scratch_test_acc": 0.8,
-                         "metrics.transfer_gain": gains, "start_time": [0, 1, 2]})
+    runs = pd.DataFrame(
+        {
+            "params.task.name": "digits",
+            "params.seed": ["0", "1", "2"],
+            "metrics.transfer_test_acc": [0.8 + g for g in gains],
+            "metrics.scratch_test_acc": 0.8,
+            "metrics.transfer_gain": gains,
+            "start_time": [0, 1, 2],
+        }
+    )
     row = fig4_table(runs).iloc[0]
-    half = 100 * 4.302652729911275 * 0.01 / 3 ** 0.5  # t_{0.975, 2} * sd / sqrt(n), in points
+    half = 100 * 4.302652729911275 * 0.01 / 3**0.5  # t_{0.975, 2} * sd / sqrt(n), in points
     assert row["seeds"] == 3 and row["gain_mean"] == pytest.approx(3.0)
     assert row["gain_ci_low"] == pytest.approx(3.0 - half) and row["gain_ci_high"] == pytest.approx(3.0 + half)
     assert row["verdict"] == "better"

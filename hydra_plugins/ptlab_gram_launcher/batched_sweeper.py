@@ -28,8 +28,7 @@ class PtlabBatchedSweeperConf:
     cells: Optional[str] = None
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="ptlab_batched", node=PtlabBatchedSweeperConf,
-                             provider="ptlab")
+ConfigStore.instance().store(group="hydra/sweeper", name="ptlab_batched", node=PtlabBatchedSweeperConf, provider="ptlab")
 
 
 def _keys(job: Sequence[str]) -> set:
@@ -40,8 +39,9 @@ class PtlabBatchedSweeper(BasicSweeper):
     """``BasicSweeper`` whose pre-launch check composes the first job of a batch and that can sweep a
     list of cells (see module doc)."""
 
-    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 cells: Optional[str] = None) -> None:
+    def __init__(
+        self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None, cells: Optional[str] = None
+    ) -> None:
         super().__init__(max_batch_size, params)
         self.cells = cells
 
@@ -66,8 +66,10 @@ class PtlabBatchedSweeper(BasicSweeper):
             expanded = BasicSweeper.split_arguments(parser.parse_overrides(cell), None)[0]
             clash = _keys(expanded[0]) & _keys(grid[0])
             if clash:
-                raise HydraException(f"ptlab: hydra.sweeper.cells={self.cells}: cell {number} sets "
-                                     f"{', '.join(sorted(clash))}, which the sweep's params or command line set too")
+                raise HydraException(
+                    f"ptlab: hydra.sweeper.cells={self.cells}: cell {number} sets "
+                    f"{', '.join(sorted(clash))}, which the sweep's params or command line set too"
+                )
             jobs += [[*job, *common] for job in expanded for common in grid]
         size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
-        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]

@@ -6,7 +6,6 @@ the cells by shape, trains them with ``ptlab.engines.gram`` and tracks every job
 would (``ptlab.pipeline.batched``). Other jobs of the sweep run one by one, as with the basic launcher.
 """
 
-
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,16 +56,24 @@ class PtlabGramLauncherConf:
     submitit: Dict[str, Any] = field(default_factory=lambda: dict(SUBMITIT_DEFAULTS))
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="ptlab_gram", node=PtlabGramLauncherConf,
-                             provider="ptlab")
+ConfigStore.instance().store(group="hydra/launcher", name="ptlab_gram", node=PtlabGramLauncherConf, provider="ptlab")
 
 
 class PtlabGramLauncher(Launcher):
     """Hydra ``Launcher`` that hands a sweep's jobs to ``ptlab.pipeline.batched.launch_batched``."""
 
-    def __init__(self, max_cells: int = 60, workers: Optional[int] = None, history: str = "last",
-                 progress: bool = True, tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5,
-                 executor: str = "pool", submitit: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        max_cells: int = 60,
+        workers: Optional[int] = None,
+        history: str = "last",
+        progress: bool = True,
+        tracking: str = "auto",
+        grid_threshold: int = 2000,
+        grid_samples: int = 5,
+        executor: str = "pool",
+        submitit: Optional[Dict[str, Any]] = None,
+    ) -> None:
         self.max_cells, self.workers, self.history, self.progress = max_cells, workers, history, progress
         self.tracking, self.grid_threshold, self.grid_samples = tracking, grid_threshold, grid_samples
         options = SUBMITIT_DEFAULTS if submitit is None else submitit
@@ -88,9 +95,22 @@ class PtlabGramLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         try:
-            return launch_batched(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
-                                  self.max_cells, self.history, self.progress, self.workers, self.tracking,
-                                  self.grid_threshold, self.grid_samples, self.executor, self.submitit)
+            return launch_batched(
+                self.hydra_context,
+                self.task_function,
+                self.config,
+                job_overrides,
+                initial_job_idx,
+                self.max_cells,
+                self.history,
+                self.progress,
+                self.workers,
+                self.tracking,
+                self.grid_threshold,
+                self.grid_samples,
+                self.executor,
+                self.submitit,
+            )
         except ConfigError as err:  # one line: exit 2 for what the preflight could not see (a cells file, jobs past
             print(f"ptlab: {err}", file=sys.stderr)  # its limit: refused while composing), 1 for a store that failed
             raise SystemExit(1 if isinstance(err, StoreError) else 2) from None

@@ -16,14 +16,17 @@ from typing import BinaryIO
 
 import numpy as np
 
-FASHION_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-                 "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
 """The four files of (Fashion-)MNIST by role."""
 NDIM = {"train_x": 3, "train_y": 1, "test_x": 3, "test_y": 1}
 UBYTE = 0x08
 TORCHVISION_RAW = Path("FashionMNIST") / "raw"
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 class IDXError(ValueError):
@@ -92,9 +95,11 @@ def find_idx_files(data_dir: str | Path) -> dict[str, Path] | None:
 
 def fashion_missing_message(data_dir: str | Path) -> str:
     """The one line of a missing Fashion-MNIST (the preflight's and the loader's)."""
-    return (f"task.data_dir={str(data_dir)!r} is not allowed: no Fashion-MNIST IDX files (train-images-idx3-ubyte"
-            f"[.gz] and the other three) in it or its FashionMNIST/raw: run apt-get install dataset-fashion-mnist "
-            f"(files in /usr/share/datasets/fashion-mnist), or set task.download=true")
+    return (
+        f"task.data_dir={str(data_dir)!r} is not allowed: no Fashion-MNIST IDX files (train-images-idx3-ubyte"
+        f"[.gz] and the other three) in it or its FashionMNIST/raw: run apt-get install dataset-fashion-mnist "
+        f"(files in /usr/share/datasets/fashion-mnist), or set task.download=true"
+    )
 
 
 def check_idx_files(files: dict[str, Path]) -> None:
@@ -107,5 +112,7 @@ def check_idx_files(files: dict[str, Path]) -> None:
         shapes[role] = shape
     for split in ("train", "test"):
         if shapes[f"{split}_x"][0] != shapes[f"{split}_y"][0]:
-            raise IDXError(f"{files[split + '_x'].name} holds {shapes[split + '_x'][0]} images but "
-                           f"{files[split + '_y'].name} holds {shapes[split + '_y'][0]} labels")
+            raise IDXError(
+                f"{files[split + '_x'].name} holds {shapes[split + '_x'][0]} images but "
+                f"{files[split + '_y'].name} holds {shapes[split + '_y'][0]} labels"
+            )

@@ -139,13 +139,19 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = False) -> RawIm
             raise
         raise ConfigError(
             f"task.data_dir={str(data_dir)!r}: no {name.upper()} files in {root / reader.base_folder} "
-            f"(put the extracted {reader.filename} there, or set task.download=true)") from None
+            f"(put the extracted {reader.filename} there, or set task.download=true)"
+        ) from None
 
     def tensor(data: np.ndarray) -> Tensor:
         return torch.from_numpy(data).permute(0, 3, 1, 2).float()
 
-    return RawImages(tensor(train.data), torch.tensor(train.targets), tensor(test.data), torch.tensor(test.targets),
-                     num_classes=len(train.classes))
+    return RawImages(
+        tensor(train.data),
+        torch.tensor(train.targets),
+        tensor(test.data),
+        torch.tensor(test.targets),
+        num_classes=len(train.classes),
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,9 +179,13 @@ def load_fashion_mnist(data_dir: str, image_size: int = 32, download: bool = Fal
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         return x.clamp(0.0, PIXEL_MAX).expand(-1, 3, -1, -1)  # a view: one stored channel, copied when indexed
 
-    return RawImages(images(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)),
-                     images(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)),
-                     num_classes=len(FASHION_CLASSES))
+    return RawImages(
+        images(arrays["train_x"]),
+        torch.from_numpy(arrays["train_y"].astype(np.int64)),
+        images(arrays["test_x"]),
+        torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        num_classes=len(FASHION_CLASSES),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -191,21 +201,27 @@ def load_digits_images(image_size: int = 32, test_fraction: float = 0.3, split_s
     return stratified_split(images, torch.tensor(digits.target), test_fraction, split_seed)
 
 
-def stratified_split(images: Tensor, labels: Tensor, test_fraction: float, split_seed: int,
-                     class_names: tuple[str, ...] | None = None) -> RawImages:
+def stratified_split(
+    images: Tensor, labels: Tensor, test_fraction: float, split_seed: int, class_names: tuple[str, ...] | None = None
+) -> RawImages:
     """Split 0-255 images into train/test, stratified by label with the fixed ``split_seed``."""
     from sklearn.model_selection import train_test_split
 
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           random_state=split_seed, stratify=labels.numpy())
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=split_seed, stratify=labels.numpy()
+    )
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
-    return RawImages(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                     num_classes=int(labels.max()) + 1 if class_names is None else len(class_names),
-                     class_names=class_names)
+    return RawImages(
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        num_classes=int(labels.max()) + 1 if class_names is None else len(class_names),
+        class_names=class_names,
+    )
 
 
-def load_image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 0.3,
-                      split_seed: int = 0) -> RawImages:
+def load_image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 0.3, split_seed: int = 0) -> RawImages:
     """Every image of torchvision's ``ImageFolder(root)`` as RGB at ``image_size``, split stratified."""
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -220,8 +236,10 @@ def load_image_folder(root: str | Path, image_size: int = 32, test_fraction: flo
     try:
         return stratified_split(images, labels, test_fraction, split_seed, tuple(folder.classes))
     except ValueError as err:
-        raise ConfigError(f"task.test_fraction={test_fraction} is not allowed for the {len(labels)} images of "
-                          f"{root}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"task.test_fraction={test_fraction} is not allowed for the {len(labels)} images of "
+            f"{root}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def class_ids(raw: RawImages, classes: Sequence[int | str] | None, key: str) -> list[int] | None:
@@ -230,8 +248,10 @@ def class_ids(raw: RawImages, classes: Sequence[int | str] | None, key: str) -> 
         return None if classes is None else [int(c) for c in classes]
     unknown = [str(c) for c in classes if str(c) not in raw.class_names]
     if unknown:
-        raise ConfigError(f"{key}={[str(c) for c in classes]} is not allowed: {', '.join(unknown)} not among the "
-                          f"class folders ({', '.join(raw.class_names)})")
+        raise ConfigError(
+            f"{key}={[str(c) for c in classes]} is not allowed: {', '.join(unknown)} not among the "
+            f"class folders ({', '.join(raw.class_names)})"
+        )
     return [raw.class_names.index(str(c)) for c in classes]
 
 
@@ -241,8 +261,7 @@ def balanced_counts(total: int, n_classes: int) -> list[int]:
     return [base + (i < extra) for i in range(n_classes)]
 
 
-def sample_balanced(labels: Tensor, classes: Sequence[int], total: int | None, gen: torch.Generator,
-                    key: str) -> Tensor:
+def sample_balanced(labels: Tensor, classes: Sequence[int], total: int | None, gen: torch.Generator, key: str) -> Tensor:
     """Indices of a class-balanced random subset of ``total`` images of ``classes`` (all when None).
 
     ``key`` names the config key in the error when a class has too few images.
@@ -252,27 +271,31 @@ def sample_balanced(labels: Tensor, classes: Sequence[int], total: int | None, g
     for cls, count in zip(classes, counts):
         pool = torch.nonzero(labels == cls).flatten()
         if count is not None and count > len(pool):
-            raise ConfigError(f"{key}={total} needs {count} images of class {cls}, which has only {len(pool)}: "
-                              f"must be <= {len(pool) * len(classes)}")
+            raise ConfigError(
+                f"{key}={total} needs {count} images of class {cls}, which has only {len(pool)}: "
+                f"must be <= {len(pool) * len(classes)}"
+            )
         order = pool[torch.randperm(len(pool), generator=gen)]
         picked.append(order[:count] if count is not None else order.sort().values)
     return torch.cat(picked)
 
 
-def split_classes(num_classes: int, task2_classes: Sequence[int], k: int,
-                  task1_classes: Sequence[int] | None, gen: torch.Generator) -> tuple[list[int], list[int]]:
+def split_classes(
+    num_classes: int, task2_classes: Sequence[int], k: int, task1_classes: Sequence[int] | None, gen: torch.Generator
+) -> tuple[list[int], list[int]]:
     """(task-1 classes, task-2 classes), disjoint; task 1 drawn by ``gen`` from the rest when not given."""
     task2 = [int(c) for c in task2_classes]
     bad = [c for c in task2 if not 0 <= c < num_classes]
     if bad or len(set(task2)) != len(task2) or not task2:
-        raise ConfigError(f"task.task2_classes={task2} is not allowed: "
-                          f"must be distinct class ids in [0, {num_classes})")
+        raise ConfigError(f"task.task2_classes={task2} is not allowed: must be distinct class ids in [0, {num_classes})")
     rest = [c for c in range(num_classes) if c not in task2]
     if task1_classes is not None:
         task1 = [int(c) for c in task1_classes]
         if any(c not in rest for c in task1) or len(set(task1)) != len(task1) or len(task1) != k:
-            raise ConfigError(f"task.task1_classes={task1} is not allowed: must be task.k={k} distinct class ids "
-                              f"in [0, {num_classes}) outside task.task2_classes")
+            raise ConfigError(
+                f"task.task1_classes={task1} is not allowed: must be task.k={k} distinct class ids "
+                f"in [0, {num_classes}) outside task.task2_classes"
+            )
         return task1, task2
     if not 1 <= k <= len(rest):
         raise ConfigError(f"task.k={k} is not allowed: must be in [1, {len(rest)}]")
@@ -287,8 +310,16 @@ def normalise(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (pixels / PIXEL_MAX - m) / s
 
 
-def make_image_set(images: Tensor, labels: Tensor, index: Tensor, classes: Sequence[int], sigma: float,
-                   gen: torch.Generator, mean: Sequence[float], std: Sequence[float]) -> ImageSet:
+def make_image_set(
+    images: Tensor,
+    labels: Tensor,
+    index: Tensor,
+    classes: Sequence[int],
+    sigma: float,
+    gen: torch.Generator,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> ImageSet:
     """Select ``index``, add fixed N(0, sigma^2) pixel noise (0-255 scale), relabel, normalise."""
     pixels = images[index]
     if sigma > 0:
@@ -313,22 +344,30 @@ def make_image_tasks(task: ImageTaskSchema, noise: NoiseSchema, seed: int, raw: 
     """Both tasks of a spec's ``task`` and ``noise`` groups (or their config nodes) under ``seed`` (see the module
     docstring)."""
     raw = raw if raw is not None else load_raw(task)
-    task1_classes, task2_classes = split_classes(raw.num_classes, class_ids(raw, task.task2_classes,
-                                                                            "task.task2_classes"),
-                                                 task.k, class_ids(raw, task.task1_classes, "task.task1_classes"),
-                                                 generator(seed, "images", "classes"))
+    task1_classes, task2_classes = split_classes(
+        raw.num_classes,
+        class_ids(raw, task.task2_classes, "task.task2_classes"),
+        task.k,
+        class_ids(raw, task.task1_classes, "task.task1_classes"),
+        generator(seed, "images", "classes"),
+    )
     n1 = int(np.floor(task.n1_ratio * task.n2 + 0.5))
     built = {}
-    for name, classes, n_train, sigma, key in (("task1", task1_classes, n1, noise.sigma_p1, "task.n1_ratio*task.n2"),
-                                               ("task2", task2_classes, task.n2, noise.sigma_p2, "task.n2")):
+    for name, classes, n_train, sigma, key in (
+        ("task1", task1_classes, n1, noise.sigma_p1, "task.n1_ratio*task.n2"),
+        ("task2", task2_classes, task.n2, noise.sigma_p2, "task.n2"),
+    ):
         pick = generator(seed, "images", name, "subset")
         train_idx = sample_balanced(raw.train_y, classes, n_train, pick, key)
         test_idx = sample_balanced(raw.test_y, classes, task.n_test, pick, "task.n_test")
         sets = {}
-        for split, images, labels, index in (("train", raw.train_x, raw.train_y, train_idx),
-                                             ("test", raw.test_x, raw.test_y, test_idx)):
-            sets[split] = make_image_set(images, labels, index, classes, sigma,
-                                         generator(seed, "images", name, split, "noise"), task.mean, task.std)
+        for split, images, labels, index in (
+            ("train", raw.train_x, raw.train_y, train_idx),
+            ("test", raw.test_x, raw.test_y, test_idx),
+        ):
+            sets[split] = make_image_set(
+                images, labels, index, classes, sigma, generator(seed, "images", name, split, "noise"), task.mean, task.std
+            )
         built[name] = ImageTask(sets["train"], sets["test"], classes)
     return ImageTasks(built["task1"], built["task2"], image_size=raw.train_x.shape[-1], channels=raw.train_x.shape[1])
 
@@ -337,8 +376,7 @@ class ImageDataModule(pl.LightningDataModule):
     """Mini-batches of an in-memory ``ImageSet``: shuffled by a seeded generator for training, the test
     set in order for validation. Batches are sliced from the tensors (no per-image collation)."""
 
-    def __init__(self, train: ImageSet, test: ImageSet, batch_size: int, seed: int = 0,
-                 pin_memory: bool = False) -> None:
+    def __init__(self, train: ImageSet, test: ImageSet, batch_size: int, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.train_set, self.test_set = train, test
         self.batch_size, self.pin_memory = batch_size, pin_memory
@@ -347,8 +385,9 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, data: ImageSet, shuffle: bool) -> DataLoader:
         dataset = data.dataset()
         order = RandomSampler(dataset, generator=self.shuffle) if shuffle else SequentialSampler(dataset)
-        return DataLoader(dataset, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None,
-                          pin_memory=self.pin_memory)
+        return DataLoader(
+            dataset, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None, pin_memory=self.pin_memory
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

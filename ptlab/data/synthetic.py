@@ -90,7 +90,7 @@ class ResponseTestSet:
         covariance, or, where that is singular (repeated rows, d < K), its eigendecomposition."""
         inner, along_basis = inner.double(), along_basis.double()
         cov = inner - along_basis @ along_basis.T if self.project_noise else inner
-        cov = self.sigma_p ** 2 * (cov + cov.T) / 2
+        cov = self.sigma_p**2 * (cov + cov.T) / 2
         diagonal = cov.diagonal()
         live = diagonal > 1e-12 * diagonal.max().clamp_min(1e-300)
         generator = torch.Generator().set_state(self.state)
@@ -127,8 +127,9 @@ class SyntheticTransferData:
     task2_test: PatchData | ResponseTestSet
 
 
-def make_directions(d: int, u_norm: float, v_norm: float, generator: torch.Generator,
-                    dtype: torch.dtype = torch.float32) -> Directions:
+def make_directions(
+    d: int, u_norm: float, v_norm: float, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Directions:
     """A seeded random orthonormal triple in R^d scaled to the norms of u, v1 and v2."""
     gauss = torch.randn(d, 3, generator=generator, dtype=torch.float64)
     basis, _ = torch.linalg.qr(gauss)
@@ -143,8 +144,14 @@ def sample_labels(n: int, label_noise: float, generator: torch.Generator, dtype:
     return torch.where(flips, -clean_y, clean_y), clean_y
 
 
-def response_test_set(n: int, sigma_p: float, label_noise: float, generator: torch.Generator,
-                      dtype: torch.dtype = torch.float32, project_noise: bool = True) -> ResponseTestSet:
+def response_test_set(
+    n: int,
+    sigma_p: float,
+    label_noise: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    project_noise: bool = True,
+) -> ResponseTestSet:
     """The labels of ``n`` test samples, drawn from ``generator`` as ``sample_task`` draws them (so they equal
     the d-space test set's), and the state that the noise responses are drawn from."""
     y, clean_y = sample_labels(n, label_noise, generator, dtype)
@@ -155,8 +162,16 @@ SIGNAL_POSITIONS = ("fixed", "random")
 """``task.signal_position``: the signal patch first in every sample, or first or second at random."""
 
 
-def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label_noise: float,
-                generator: torch.Generator, project_noise: bool = True, signal_position: str = "fixed") -> PatchData:
+def sample_task(
+    directions: Directions,
+    task: int,
+    n: int,
+    sigma_p: float,
+    label_noise: float,
+    generator: torch.Generator,
+    project_noise: bool = True,
+    signal_position: str = "fixed",
+) -> PatchData:
     """Draw ``n`` samples of task ``task`` (1 or 2); the variants draw after the paper's data, so its draws
     do not change."""
     if task not in (1, 2):
@@ -174,23 +189,35 @@ def sample_task(directions: Directions, task: int, n: int, sigma_p: float, label
     if signal_position == "fixed":
         return PatchData(x=x, y=y, clean_y=clean_y)
     if signal_position != "random":
-        raise ValueError(f"task.signal_position={signal_position!r} is not allowed: must be one of "
-                         f"{', '.join(SIGNAL_POSITIONS)}")
+        raise ValueError(f"task.signal_position={signal_position!r} is not allowed: must be one of {', '.join(SIGNAL_POSITIONS)}")
     second = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
     x = torch.where(second[:, None, None], x.flip(1), x)
     return PatchData(x=x, y=y, clean_y=clean_y, signal_second=second)
 
 
-def make_synthetic_data(d: int, n1: int, n2: int, n_test: int, u_norm: float, v_norm: float,
-                        label_noise: float, sigma_p1: float, sigma_p2: float, seed: int,
-                        dtype: torch.dtype = torch.float32, project_noise: bool = True,
-                        signal_position: str = "fixed", test_space: str = "dspace") -> SyntheticTransferData:
+def make_synthetic_data(
+    d: int,
+    n1: int,
+    n2: int,
+    n_test: int,
+    u_norm: float,
+    v_norm: float,
+    label_noise: float,
+    sigma_p1: float,
+    sigma_p2: float,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    project_noise: bool = True,
+    signal_position: str = "fixed",
+    test_space: str = "dspace",
+) -> SyntheticTransferData:
     """Directions, both tasks' training sets and ``n_test``-sample test sets, all from ``seed``.
 
     Each part draws from its own sub-seed, so the task-2 data do not change when a sweep varies
     task 1 (N1, sigma_p1): the scratch baseline stays fixed along such a sweep. With ``test_space="response"``
     the test sets are ``ResponseTestSet`` s with the labels of the d-space ones.
     """
+
     def gen(part: str) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(seed, part))
 

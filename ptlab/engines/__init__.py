@@ -5,8 +5,10 @@ from ptlab.lazy import lazy_exports
 
 _EXPORTS = {
     **{name: "ptlab.engines.base" for name in ("Engine", "Stage", "StageResult", "STAGES")},
-    **{name: "ptlab.engines.gram" for name in ("GramCell", "GramEngine", "GramResult", "GramStage", "iter_chunks",
-                                                "reconstruct_weights", "run_cells")},
+    **{
+        name: "ptlab.engines.gram"
+        for name in ("GramCell", "GramEngine", "GramResult", "GramStage", "iter_chunks", "reconstruct_weights", "run_cells")
+    },
     "LightningEngine": "ptlab.engines.lightning",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -66,8 +66,7 @@ class StageResult:
 
     def summary(self) -> dict[str, Any]:
         """The stage's entry of ``summary.json``."""
-        out: dict[str, Any] = {key: self.final[key] for key in ("train_acc", "test_acc", "train_loss")
-                               if key in self.final}
+        out: dict[str, Any] = {key: self.final[key] for key in ("train_acc", "test_acc", "train_loss") if key in self.final}
         out.update({k: v for k, v in self.final.items() if k not in out})
         out.update(self.extra)
         if self.plan is not None:

@@ -30,8 +30,7 @@ class LightningEngine:
     """``Engine`` that fits ``FullBatchGD`` with a ``pl.Trainer`` built from ``trainer`` (a config with
     ``_target_``, instantiated per stage with the stage's step budget)."""
 
-    def __init__(self, name: str = "lightning", trainer: Mapping[str, Any] | None = None,
-                 progress_bar: bool = False) -> None:
+    def __init__(self, name: str = "lightning", trainer: Mapping[str, Any] | None = None, progress_bar: bool = False) -> None:
         """Lightning (and torchmetrics, matplotlib) are imported here, when the engine is built before
         any run is open: a Ctrl-C during that long import must not land half-way into a tracked stage."""
         import pytorch_lightning  # noqa: F401
@@ -40,8 +39,9 @@ class LightningEngine:
 
         self.name = name
         self.progress_bar = progress_bar
-        self.trainer = trainer if trainer is not None else {"_target_": "pytorch_lightning.Trainer",
-                                                            "accelerator": "cpu", "devices": 1}
+        self.trainer = (
+            trainer if trainer is not None else {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1}
+        )
 
     def train_stage(self, stage: Stage) -> StageResult:
         from ptlab.data.full_batch import FullBatchDataModule
@@ -50,26 +50,48 @@ class LightningEngine:
         from ptlab.transfer.callback import ParameterTransfer
 
         quiet_lightning()
-        module = FullBatchGD(stage.model, lr=stage.lr, eval_sets={"test": (stage.test.x, stage.test.y)},
-                             eval_every=stage.eval_every,
-                             regularizer=stage.regularizer if stage.transfer is not None else None)
+        module = FullBatchGD(
+            stage.model,
+            lr=stage.lr,
+            eval_sets={"test": (stage.test.x, stage.test.y)},
+            eval_every=stage.eval_every,
+            regularizer=stage.regularizer if stage.transfer is not None else None,
+        )
         callbacks: list[Any] = []
         transfer = ParameterTransfer(stage.transfer) if stage.transfer is not None else None
         if transfer is not None:
             callbacks.append(transfer)
-        callbacks += [SignalNoiseDecomposition(stage.directions, stage.train.noise, stage.train.y,
-                                               every=stage.eval_every), FinalToMainProcess()]
+        callbacks += [
+            SignalNoiseDecomposition(stage.directions, stage.train.noise, stage.train.y, every=stage.eval_every),
+            FinalToMainProcess(),
+        ]
         if self.progress_bar:
             callbacks.append(StepProgressBar(stage.name))
         extra = {"precision": "64-true"} if stage.dtype == "float64" else {}
-        trainer = instantiate(self.trainer, max_steps=stage.steps, max_epochs=1, limit_val_batches=0, logger=False,
-                              callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=False,
-                              enable_progress_bar=self.progress_bar, **extra)
+        trainer = instantiate(
+            self.trainer,
+            max_steps=stage.steps,
+            max_epochs=1,
+            limit_val_batches=0,
+            logger=False,
+            callbacks=callbacks,
+            use_distributed_sampler=False,
+            enable_checkpointing=False,
+            enable_progress_bar=self.progress_bar,
+            **extra,
+        )
         try:
             trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
         except DivergenceError as err:
-            raise DivergenceError(f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})",
-                                  stage=stage.name) from None
+            raise DivergenceError(
+                f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})", stage=stage.name
+            ) from None
         restore_final(trainer, module)
-        return StageResult(stage.name, stage.model, dict(module.final), dict(module.curves),
-                           transfer.plan if transfer is not None else None, stage.steps)
+        return StageResult(
+            stage.name,
+            stage.model,
+            dict(module.final),
+            dict(module.curves),
+            transfer.plan if transfer is not None else None,
+            stage.steps,
+        )

@@ -34,8 +34,14 @@ def timm_arch(name: str) -> str:
     return arch
 
 
-def build_timm_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None,
-                     small_input: bool = True, options: Mapping[str, Any] | None = None) -> nn.Module:
+def build_timm_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    small_input: bool = True,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """The timm model ``name`` for ``num_classes`` classes (see the module docstring)."""
     arch = timm_arch(name)
     kwargs = {"num_classes": num_classes, **dict(options or {})}

@@ -57,8 +57,9 @@ def scaled(channels: int, width: float) -> int:
 class SmallImageResNet(ResNet):
     """torchvision's ``ResNet`` with a 3x3 stride-1 stem, no stem max-pool, and channels scaled by ``width``."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
-                 width: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int, width: float = 1.0, **kwargs: Any
+    ) -> None:
         self.width = width
         self._stem_width = scaled(64, width)
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
@@ -68,8 +69,9 @@ class SmallImageResNet(ResNet):
         self.maxpool = nn.Identity()
         self.fc = nn.Linear(scaled(512, width) * block.expansion, num_classes)
 
-    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
-                    dilate: bool = False) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
         if planes == 64:  # layer1: the stem's output width feeds it
             self.inplanes = self._stem_width
         return super()._make_layer(block, scaled(planes, self.width), blocks, stride, dilate)
@@ -142,8 +144,14 @@ def build_library_cnn(arch: str, num_classes: int, small_input: bool, options: M
     return model
 
 
-def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0, weights_path: str | None = None,
-                          small_input: bool = True, options: Mapping[str, Any] | None = None) -> nn.Module:
+def build_torchvision_cnn(
+    arch: str,
+    num_classes: int,
+    width: float = 1.0,
+    weights_path: str | None = None,
+    small_input: bool = True,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """The torchvision model ``arch`` for ``num_classes`` classes (see the module docstring).
 
     ``width`` scales ptlab's ResNets/VGGs; other families take their own width keys in ``options``.
@@ -154,8 +162,10 @@ def build_torchvision_cnn(arch: str, num_classes: int, width: float = 1.0, weigh
     elif arch in VGG_NAMES:
         model = SmallImageVGG(VGG_NAMES[arch], num_classes, width)
     elif width != 1.0:
-        raise ConfigError(f"width={width} is not allowed with arch={arch}: must be 1.0 (width scales "
-                          f"{', '.join(ARCHS)}; pass a family's own width key in model.options)")
+        raise ConfigError(
+            f"width={width} is not allowed with arch={arch}: must be 1.0 (width scales "
+            f"{', '.join(ARCHS)}; pass a family's own width key in model.options)"
+        )
     else:
         model = build_library_cnn(arch, num_classes, small_input, options or {})
     if weights_path:

@@ -68,8 +68,11 @@ class LeakyReLU(Activation):
         return F.leaky_relu(z, self.negative_slope)
 
     def derivative(self, z: Tensor) -> Tensor:
-        return torch.where(z > 0, torch.ones((), dtype=z.dtype, device=z.device),
-                           torch.full((), self.negative_slope, dtype=z.dtype, device=z.device))
+        return torch.where(
+            z > 0,
+            torch.ones((), dtype=z.dtype, device=z.device),
+            torch.full((), self.negative_slope, dtype=z.dtype, device=z.device),
+        )
 
 
 REDUCTIONS = {"sum": torch.sum, "mean": torch.mean}
@@ -117,9 +120,19 @@ class TwoLayerReLUCNN(nn.Module):
     over filters, +-1 for the sum).
     """
 
-    def __init__(self, input_dim: int, width: int = 40, init_std: float = 0.01, init: str = "normal",
-                 bias: bool = False, activation: str = "relu", q: float = 2.0, negative_slope: float = 0.01,
-                 filter_reduction: str = "mean", patch_reduction: str = "sum") -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        width: int = 40,
+        init_std: float = 0.01,
+        init: str = "normal",
+        bias: bool = False,
+        activation: str = "relu",
+        q: float = 2.0,
+        negative_slope: float = 0.01,
+        filter_reduction: str = "mean",
+        patch_reduction: str = "sum",
+    ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"model.init={init!r} is not allowed: must be one of {', '.join(INITS)}")

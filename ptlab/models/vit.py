@@ -46,13 +46,17 @@ def hub_repo(name: str) -> str:
 def missing_weights_message(name: str, weights_path: str | None) -> str:
     """One line: where the weights of ``name`` were looked for and what to put where."""
     if weights_path:
-        return (f"weights_path={weights_path!r} does not exist: put a timm state dict of {name} "
-                f"(.pth or .safetensors) there, or set weights_path=null pretrained=true "
-                f"with {hub_repo(name)} in the Hugging Face cache")
-    return (f"pretrained=true: cannot reach the Hugging Face hub and {hub_repo(name)} is not in the "
-            f"local cache ({timm_cache_dir()}): copy that repo's files into the cache (or set "
-            f"HF_HUB_CACHE to a cache holding them), or set weights_path=<a {name} state dict "
-            f"(.pth or .safetensors)>")
+        return (
+            f"weights_path={weights_path!r} does not exist: put a timm state dict of {name} "
+            f"(.pth or .safetensors) there, or set weights_path=null pretrained=true "
+            f"with {hub_repo(name)} in the Hugging Face cache"
+        )
+    return (
+        f"pretrained=true: cannot reach the Hugging Face hub and {hub_repo(name)} is not in the "
+        f"local cache ({timm_cache_dir()}): copy that repo's files into the cache (or set "
+        f"HF_HUB_CACHE to a cache holding them), or set weights_path=<a {name} state dict "
+        f"(.pth or .safetensors)>"
+    )
 
 
 def timm_cache_dir() -> str:
@@ -89,13 +93,24 @@ def load_weights(model: VisionTransformer, weights_path: str | Path, name: str) 
         raise WeightsError(
             f"weights_path={str(weights_path)!r} does not fit {name}: {len(missing)} missing tensors "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) and "
-            f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:3])})")
+            f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:3])})"
+        )
 
 
-def create_vit(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None,
-               img_size: int = 224, patch_size: int = 16, depth: int = 12, in_chans: int = 3,
-               drop_path_rate: float = 0.0, small_input: bool = True, options: Mapping[str, Any] | None = None,
-               **timm_kwargs: Any) -> VisionTransformer:
+def create_vit(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    img_size: int = 224,
+    patch_size: int = 16,
+    depth: int = 12,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    small_input: bool = True,
+    options: Mapping[str, Any] | None = None,
+    **timm_kwargs: Any,
+) -> VisionTransformer:
     """A timm ViT ``name`` (``deit_base`` or a timm architecture name) for ``num_classes`` classes.
 
     ``small_input`` is accepted for the ``model=timm`` schema and unused (a ViT takes ``img_size``);
@@ -104,8 +119,16 @@ def create_vit(name: str, num_classes: int, pretrained: bool = False, weights_pa
     position and patch embeddings to fit); extra keyword arguments go to ``timm.create_model``.
     """
     arch = DEIT_MODELS.get(name, name)
-    kwargs = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size, depth=depth,
-                  in_chans=in_chans, drop_path_rate=drop_path_rate, **dict(options or {}), **timm_kwargs)
+    kwargs = dict(
+        num_classes=num_classes,
+        img_size=img_size,
+        patch_size=patch_size,
+        depth=depth,
+        in_chans=in_chans,
+        drop_path_rate=drop_path_rate,
+        **dict(options or {}),
+        **timm_kwargs,
+    )
     if weights_path:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         load_weights(model, weights_path, arch)

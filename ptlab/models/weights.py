@@ -28,8 +28,11 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
-        raise ValueError(f"not a {kind} state dict ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-                         if str(err) else f"not a {kind} state dict ({type(err).__name__})") from None
+        raise ValueError(
+            f"not a {kind} state dict ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+            if str(err)
+            else f"not a {kind} state dict ({type(err).__name__})"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, Mapping) else state
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise ValueError(f"not a state dict (a {type(state).__name__}{' with no tensors' if not state else ''})")
@@ -60,10 +63,11 @@ def check_weights_fit(key: str, model_cfg: Mapping[str, Any]) -> None:
     except ValueError as err:
         raise ConfigError(f"{key}.weights_path={value!r} is not allowed: {err}") from None
     shapes = model_shapes(model_cfg)
-    matching = [name for name, tensor in state.items()
-                if name in shapes and tuple(getattr(tensor, "shape", ())) == shapes[name]]
+    matching = [name for name, tensor in state.items() if name in shapes and tuple(getattr(tensor, "shape", ())) == shapes[name]]
     if not matching:
         example = ", ".join(list(state)[:2])
-        raise ConfigError(f"{key}.weights_path={value!r} is not allowed: none of its {len(state)} tensors "
-                          f"({example}, ...) matches a tensor of {key} by name and shape; it would train from "
-                          "its random init")
+        raise ConfigError(
+            f"{key}.weights_path={value!r} is not allowed: none of its {len(state)} tensors "
+            f"({example}, ...) matches a tensor of {key} by name and shape; it would train from "
+            "its random init"
+        )

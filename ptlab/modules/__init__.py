@@ -2,7 +2,10 @@
 
 from ptlab.lazy import lazy_exports
 
-_EXPORTS = {"FullBatchGD": "ptlab.modules.full_batch_gd", "logistic_loss": "ptlab.modules.full_batch_gd",
-            "sign_accuracy": "ptlab.modules.full_batch_gd"}
+_EXPORTS = {
+    "FullBatchGD": "ptlab.modules.full_batch_gd",
+    "logistic_loss": "ptlab.modules.full_batch_gd",
+    "sign_accuracy": "ptlab.modules.full_batch_gd",
+}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -38,8 +38,7 @@ class SignalNoiseDecomposition(pl.Callback):
         for key, value in metrics.items():
             pl_module.curves.setdefault(key, []).append((step, value))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.every == 0:
             self._record(pl_module, batch_idx)
 
@@ -60,8 +59,7 @@ def restore_final(trainer: pl.Trainer, module: pl.LightningModule) -> None:
     """Fill an empty ``module.final`` (the main process of a spawn fit) from ``trainer.callback_metrics``."""
     if getattr(module, "final", None):
         return
-    module.final = {k[len(FINAL_PREFIX):]: float(v) for k, v in trainer.callback_metrics.items()
-                    if k.startswith(FINAL_PREFIX)}
+    module.final = {k[len(FINAL_PREFIX) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(FINAL_PREFIX)}
 
 
 class StageProgressBar(TQDMProgressBar):

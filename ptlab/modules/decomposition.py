@@ -33,14 +33,17 @@ PREFIX = "decomp/"
 SIGNALS = ("u", "v1", "v2")
 METRIC_NAMES = (
     *(f"{PREFIX}signal_{name}_{stat}" for name in SIGNALS for stat in ("max", "mean")),
-    f"{PREFIX}noise_max", f"{PREFIX}noise_mean", f"{PREFIX}filter_norm_mean",
+    f"{PREFIX}noise_max",
+    f"{PREFIX}noise_mean",
+    f"{PREFIX}filter_norm_mean",
 )
 """Every key ``decomposition_metrics`` returns, in a stable order."""
 
 
 @torch.no_grad()
-def decomposition_metrics(weight: Tensor, directions: Directions, noise: Tensor,
-                          labels: Tensor | None = None) -> dict[str, float]:
+def decomposition_metrics(
+    weight: Tensor, directions: Directions, noise: Tensor, labels: Tensor | None = None
+) -> dict[str, float]:
     """Signal learning and noise memorisation of the filters ``weight`` (2, m, d).
 
     Args:
@@ -86,15 +89,17 @@ FIGURE_PANELS = (
 STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
 
 
-def _panel_curve(curves: Mapping[str, Sequence[tuple[int, float]]], key: str, stage: str,
-                 ) -> Sequence[tuple[int, float]]:
+def _panel_curve(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    key: str,
+    stage: str,
+) -> Sequence[tuple[int, float]]:
     if key == "signal_v_max":
         key = f"signal_v{STAGE_TASK.get(stage, 2)}_max"
     return curves.get(PREFIX + key, [])
 
 
-def decomposition_figure(curves_by_stage: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
-                         title: str = "") -> Figure:
+def decomposition_figure(curves_by_stage: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], title: str = "") -> Figure:
     """One pipeline's decomposition curves: a panel per quantity, a line per stage.
 
     ``curves_by_stage`` maps a stage name to ``FullBatchGD.curves``; the task signal of each stage is
@@ -103,8 +108,7 @@ def decomposition_figure(curves_by_stage: Mapping[str, Mapping[str, Sequence[tup
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.2))  # fixed margins: a layout engine would double the drawing time
-    axes = fig.subplots(1, len(FIGURE_PANELS), gridspec_kw=dict(left=0.06, right=0.99, bottom=0.16, top=0.8,
-                                                                wspace=0.45))
+    axes = fig.subplots(1, len(FIGURE_PANELS), gridspec_kw=dict(left=0.06, right=0.99, bottom=0.16, top=0.8, wspace=0.45))
     for ax, (key, label, quantity) in zip(axes, FIGURE_PANELS):
         for stage, curves in curves_by_stage.items():
             points = _panel_curve(curves, key, stage)

@@ -33,8 +33,14 @@ class FullBatchGD(FineTunedModule, pl.LightningModule):
     inherited entries' step at step ``t``.
     """
 
-    def __init__(self, model: nn.Module, lr: float, eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None,
-                 eval_every: int = 10, regularizer: Regularizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        eval_sets: dict[str, tuple[Tensor, Tensor]] | None = None,
+        eval_every: int = 10,
+        regularizer: Regularizer | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.lr, self.eval_every = model, lr, eval_every
         self.init_fine_tuning(regularizer)

@@ -27,10 +27,21 @@ SCHEDULERS = ("cosine", "constant")
 class ImageClassifier(FineTunedModule, pl.LightningModule):
     """Cross-entropy training of ``model`` (logits of shape (N, num_classes))."""
 
-    def __init__(self, model: nn.Module, num_classes: int, lr: float = 0.05, optimizer: str = "sgd",
-                 momentum: float = 0.9, weight_decay: float = 5e-4, scheduler: str = "cosine",
-                 input_size: int | None = None, channels_last: bool = True, warmup_epochs: int = 0,
-                 label_smoothing: float = 0.0, regularizer: Regularizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        scheduler: str = "cosine",
+        input_size: int | None = None,
+        channels_last: bool = True,
+        warmup_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        regularizer: Regularizer | None = None,
+    ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer={optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
@@ -98,8 +109,11 @@ class ImageClassifier(FineTunedModule, pl.LightningModule):
         warmup = min(self.warmup_epochs, epochs - 1)
         if self.scheduler_name == "constant" and not warmup:
             return optimizer
-        scheduler = (torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0) if self.scheduler_name == "constant"
-                     else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup))
+        scheduler = (
+            torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+            if self.scheduler_name == "constant"
+            else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup)
+        )
         if warmup:  # linear ramp from lr / (warmup + 1) over the first epochs, then the schedule
             ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
             scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, scheduler], milestones=[warmup])

@@ -53,15 +53,23 @@ class Regularizer:
             return cls()
         get = node.get if isinstance(node, Mapping) else lambda key, default=None: getattr(node, key, default)
         decay = get("decay")
-        return cls(str(get("name", "none")), float(get("lam", 0.0)), None if decay is None else float(decay),
-                   int(get("k", 0)), float(get("scale", 1.0)))
+        return cls(
+            str(get("name", "none")),
+            float(get("lam", 0.0)),
+            None if decay is None else float(decay),
+            int(get("k", 0)),
+            float(get("scale", 1.0)),
+        )
 
     @property
     def active(self) -> bool:
         """Whether it changes the transfer stage's training at all."""
-        return not (self.name == "none" or (self.name == "lr_scale" and self.scale == 1.0)
-                    or (self.name == "freeze" and self.k == 0)
-                    or (self.name == "l2sp" and self.lam == 0.0 and self.decay_coefficient == 0.0))
+        return not (
+            self.name == "none"
+            or (self.name == "lr_scale" and self.scale == 1.0)
+            or (self.name == "freeze" and self.k == 0)
+            or (self.name == "l2sp" and self.lam == 0.0 and self.decay_coefficient == 0.0)
+        )
 
     @property
     def decay_coefficient(self) -> float:
@@ -94,8 +102,9 @@ class FineTuning:
     inherited entries and their inherited values (``ptlab.transfer.inherited.InheritedUnits``; parameters without
     an inherited entry are absent)."""
 
-    def __init__(self, regularizer: Regularizer, model: nn.Module, masks: Mapping[str, Tensor],
-                 values: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, regularizer: Regularizer, model: nn.Module, masks: Mapping[str, Tensor], values: Mapping[str, Tensor]
+    ) -> None:
         self.regularizer = regularizer
         self.parameters: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
         for name, parameter in model.named_parameters():
@@ -116,8 +125,7 @@ class FineTuning:
                 term = decay * parameter.square().sum()
             else:
                 mask, value = mask.to(parameter.device), value.to(parameter.device)
-                term = (lam * ((parameter - value).square() * mask).sum()
-                        + decay * (parameter.square() * ~mask).sum())
+                term = lam * ((parameter - value).square() * mask).sum() + decay * (parameter.square() * ~mask).sum()
             total = term if total is None else total + term
         return total
 

@@ -154,8 +154,7 @@ class _Template:
         self.task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         HydraConfig.instance().set_config(config)
         hydra = config.hydra
-        self.choices = {k: str(v) for k, v in hydra.runtime.choices.items()
-                        if not k.startswith("hydra") and "schema" not in k}
+        self.choices = {k: str(v) for k, v in hydra.runtime.choices.items() if not k.startswith("hydra") and "schema" not in k}
         self.value_keys = value_keys
         self.sweep_dir = Path(str(hydra.sweep.dir)).absolute()
         self.aliases = dict(node_aliases(OmegaConf.to_container(self.task, resolve=False)))
@@ -184,7 +183,7 @@ class _Template:
         _set_leaf(container, key, value)
         for alias, target in self.aliases.items():
             if key == target or key.startswith(f"{target}."):
-                _set_leaf(container, alias + key[len(target):], value)
+                _set_leaf(container, alias + key[len(target) :], value)
 
     def value(self, override: Override) -> tuple[Any, str]:
         """An override's value as OmegaConf converts it (validated in the template) and as YAML text."""
@@ -220,8 +219,9 @@ class _Template:
                 task = [o for o in parsed if not o.is_hydra_override()]
                 hydra.overrides.task = [o.input_line for o in task]
                 naming = hydra.job.config.override_dirname
-                hydra.job.override_dirname = get_overrides_dirname(task, list(naming.exclude_keys), naming.item_sep,
-                                                                   naming.kv_sep)
+                hydra.job.override_dirname = get_overrides_dirname(
+                    task, list(naming.exclude_keys), naming.item_sep, naming.kv_sep
+                )
                 output_dir = Path(str(hydra.sweep.dir), str(OmegaConf.select(self.config, "hydra.sweep.subdir"))).absolute()
                 hydra.runtime.output_dir = str(output_dir)
             HydraConfig.instance().set_config(self.config)  # a copy: ${hydra:...} reads the job's values from there
@@ -240,8 +240,11 @@ class _Template:
                 resolved = copy.deepcopy(self.resolved)
                 self._set(resolved, override.key_or_group, self.value(override)[0])
                 cell = GramCell.from_spec(self.spec(resolved))
-                self.changes[line] = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell)
-                                      if f.compare and getattr(cell, f.name) != getattr(self.base_cell, f.name)}
+                self.changes[line] = {
+                    f.name: getattr(cell, f.name)
+                    for f in dataclasses.fields(cell)
+                    if f.compare and getattr(cell, f.name) != getattr(self.base_cell, f.name)
+                }
             changes.update(self.changes[line])
         return dataclasses.replace(self.base_cell, **changes) if changes else self.base_cell
 
@@ -257,8 +260,9 @@ class _Template:
 
 
 def _dump_yaml(data: Any) -> str:
-    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
-                     default_flow_style=False, allow_unicode=True)
+    return yaml.dump(
+        data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
 
 
 def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any] | None:
@@ -270,10 +274,12 @@ def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str,
     try:
         with tracker:
             record_trained(tracker, stages, result.divergence())
-            extra = ({"transferability": record_scores(tracker, result.transferability)}
-                     if result.transferability is not None else None)
-            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory,
-                                      extra)
+            extra = (
+                {"transferability": record_scores(tracker, result.transferability)}
+                if result.transferability is not None
+                else None
+            )
+            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory, extra)
     except DivergenceError as err:
         job.error = err
     hydra_dir = job.output_dir / ".hydra"
@@ -319,8 +325,10 @@ class _Jobs:
                 self.is_value[override.input_line] = is_value_override(override, self.probe)
         values = [o for o in parsed if self.is_value[o.input_line]]
         value_lines = {o.input_line for o in values}
-        key = (tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
-               tuple(sorted(o.key_or_group for o in values)))
+        key = (
+            tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
+            tuple(sorted(o.key_or_group for o in values)),
+        )
         if key not in self.templates:
             self.templates[key] = _Template(composed or self.loader.load_sweep_config(self.config, overrides), key[1])
             self.current = self.templates[key]
@@ -331,13 +339,21 @@ class _Jobs:
         return template, parsed, values
 
 
-def _build_job(template: _Template, index: int, overrides: list[str], parsed: list[Override], values: list[Override],
-               writers: dict[tuple, RunWriter], finished: dict[tuple, dict[str, Any]]) -> SweepJob:
+def _build_job(
+    template: _Template,
+    index: int,
+    overrides: list[str],
+    parsed: list[Override],
+    values: list[Override],
+    writers: dict[tuple, RunWriter],
+    finished: dict[tuple, dict[str, Any]],
+) -> SweepJob:
     """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
     spec, output_dir, run_name = template.job(index, parsed, values)
     resolved = dict(spec.resolved)
-    job = SweepJob(index, overrides, output_dir, run_name, template.choices, resolved, GramCell.from_spec(spec),
-                   hash_resolved(resolved))
+    job = SweepJob(
+        index, overrides, output_dir, run_name, template.choices, resolved, GramCell.from_spec(spec), hash_resolved(resolved)
+    )
     job.theory = predict_from_spec(spec)
     logger = resolved["logger"]
     if logger["kind"] == "none":
@@ -359,23 +375,43 @@ def _build_job(template: _Template, index: int, overrides: list[str], parsed: li
     return job
 
 
-def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
-                   job_overrides: Sequence[Sequence[str]], initial_job_idx: int, max_cells: int = 60,
-                   history: str = "last", progress: bool = True, workers: int | None = None,
-                   tracking: str = "auto", grid_threshold: int = 2000, grid_samples: int = 5, executor: str = "pool",
-                   submitit: dict[str, Any] | None = None) -> list[JobReturn]:
+def launch_batched(
+    hydra_context: HydraContext,
+    task_function: TaskFunction,
+    config: DictConfig,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    max_cells: int = 60,
+    history: str = "last",
+    progress: bool = True,
+    workers: int | None = None,
+    tracking: str = "auto",
+    grid_threshold: int = 2000,
+    grid_samples: int = 5,
+    executor: str = "pool",
+    submitit: dict[str, Any] | None = None,
+) -> list[JobReturn]:
     """Run the jobs of one sweep batch: ``engine=gram`` synthetic ones batched, the others one by one; above
     ``grid_threshold`` jobs (or with ``tracking=grid``) in the grid layout (module docstring); the chunks train where
     ``executor`` says (``chunk_map``)."""
     if history not in HISTORIES:
         raise ConfigError(f"hydra.launcher.history={history!r} is not allowed: must be one of {', '.join(HISTORIES)}")
     if tracking not in TRACKING_LAYOUTS:
-        raise ConfigError(f"hydra.launcher.tracking={tracking!r} is not allowed: must be one of "
-                          f"{', '.join(TRACKING_LAYOUTS)}")
+        raise ConfigError(f"hydra.launcher.tracking={tracking!r} is not allowed: must be one of {', '.join(TRACKING_LAYOUTS)}")
     if tracking == "grid" or (tracking == "auto" and len(job_overrides) > grid_threshold):
         try:
-            return launch_grid(hydra_context, config, job_overrides, initial_job_idx, max_cells, progress, workers,
-                               grid_samples, executor, submitit)
+            return launch_grid(
+                hydra_context,
+                config,
+                job_overrides,
+                initial_job_idx,
+                max_cells,
+                progress,
+                workers,
+                grid_samples,
+                executor,
+                submitit,
+            )
         except GridRefused as err:  # raised before anything is written; auto then takes a run per cell
             if tracking == "grid":
                 raise
@@ -404,8 +440,7 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
             pending.append(job)
     composed = time.perf_counter()
     if skipped:
-        print(f"ptlab: skipped {skipped} of {len(job_overrides)} jobs: their config already FINISHED "
-              "(resume.skip_finished)")
+        print(f"ptlab: skipped {skipped} of {len(job_overrides)} jobs: their config already FINISHED (resume.skip_finished)")
 
     try:
         _train_and_track(pending, returns, max_cells, history, progress, workers, executor, submitit or {})
@@ -415,8 +450,12 @@ def launch_batched(hydra_context: HydraContext, task_function: TaskFunction, con
     for index, overrides in others:
         returns[index] = _run_basic(hydra_context, task_function, config, index, overrides)
     if pending:
-        log.info("ptlab gram sweep: %d cells in %.1f s (configs %.1f s)", len(pending), time.perf_counter() - started,
-                 composed - started)
+        log.info(
+            "ptlab gram sweep: %d cells in %.1f s (configs %.1f s)",
+            len(pending),
+            time.perf_counter() - started,
+            composed - started,
+        )
     raise_failures([job.error for job in pending if job.error is not None], len(job_overrides))
     return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
 
@@ -431,22 +470,33 @@ def _abandon(jobs: list[SweepJob], status: str) -> None:
         writer.abandon(trackers, status)
 
 
-def _train_and_track(pending: list[SweepJob], returns: dict[int, JobReturn], max_cells: int, history: str,
-                     progress: bool, workers: int | None, executor: str = "pool", submitit: dict[str, Any] | None = None,
-                     ) -> None:
+def _train_and_track(
+    pending: list[SweepJob],
+    returns: dict[int, JobReturn],
+    max_cells: int,
+    history: str,
+    progress: bool,
+    workers: int | None,
+    executor: str = "pool",
+    submitit: dict[str, Any] | None = None,
+) -> None:
     """Train the pending jobs in chunks and track each chunk as it comes back (a progress bar on a terminal only:
     tqdm's ``disable=None``)."""
     with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
         workers = torch.get_num_threads() if workers is None else workers
         cells = [job.cell for job in pending]
-        for chunk in iter_chunks(cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells),
-                                 history=history):
+        for chunk in iter_chunks(
+            cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells), history=history
+        ):
             by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
             for position, result in chunk:
                 job = pending[position]
                 job.summary = track_pipeline(job, result, history)
-                returns[job.index] = (_return(job, JobStatus.FAILED, job.error) if job.error is not None
-                                      else _return(job, JobStatus.COMPLETED, _best(job.summary)))
+                returns[job.index] = (
+                    _return(job, JobStatus.FAILED, job.error)
+                    if job.error is not None
+                    else _return(job, JobStatus.COMPLETED, _best(job.summary))
+                )
                 if job.tracker is not None:
                     by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
             for writer, trackers in by_writer.values():
@@ -469,16 +519,22 @@ def _best(summary: dict[str, Any]) -> float | None:
     return best["test_acc"] if isinstance(best, dict) and "test_acc" in best else None
 
 
-def _run_basic(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, index: int,
-               overrides: list[str]) -> JobReturn:
+def _run_basic(
+    hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, index: int, overrides: list[str]
+) -> JobReturn:
     """One job as Hydra's ``BasicLauncher`` runs it."""
     log.info("\t#%d : %s", index, " ".join(filter_overrides(overrides)))
     sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = index
         sweep_config.hydra.job.num = index
-    return run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    return run_job(
+        hydra_context=hydra_context,
+        task_function=task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
 
 
 def _grid_job(composer: _Jobs, overrides: list[str], checked: set[int]) -> tuple[_Template, list[Override], list[Override]]:
@@ -526,8 +582,10 @@ class CellOutcome:
         error = result.divergence()
         if error is not None:
             return CellOutcome({}, (str(error), error.stage))
-        return CellOutcome({name: dataclasses.replace(stage, curves={}) for name, stage in
-                            result.stage_results(CellOutcome.HISTORY).items()}, transferability=result.transferability)
+        return CellOutcome(
+            {name: dataclasses.replace(stage, curves={}) for name, stage in result.stage_results(CellOutcome.HISTORY).items()},
+            transferability=result.transferability,
+        )
 
     @property
     def finals(self) -> dict[str, float]:
@@ -563,8 +621,9 @@ def _grid_table(cells: list[GridCell]) -> Any:
         for cell in group:
             for override in cell.values:
                 columns.setdefault(f"params.{override.key_or_group}", []).append(str(template.value(override)[0]))
-        frame = pd.DataFrame({**{k: v for k, v in constant.items() if k not in columns}, **columns},
-                             index=pd.RangeIndex(len(group)))
+        frame = pd.DataFrame(
+            {**{k: v for k, v in constant.items() if k not in columns}, **columns}, index=pd.RangeIndex(len(group))
+        )
         extra = []
         for cell in group:
             row: dict[str, Any] = {f"metrics.{k}": v for k, v in cell.outcome.finals.items()}  # type: ignore[union-attr]
@@ -601,16 +660,25 @@ def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -
     run's; ``overrides`` are the job's."""
     with path.open("w") as out:
         for cell in cells:
-            summary = pipeline_summary(cell.outcome.stages, cell.cell.seed, cell.template.choices,  # type: ignore[union-attr]
-                                       cell.theory, cell.outcome.extra, mlflow=mlflow)  # type: ignore[union-attr]
-            out.write(json.dumps({"job": cell.position, "cell": cell.name, "overrides": cell.overrides,
-                                  "summary": summary}, allow_nan=False) + "\n")
+            summary = pipeline_summary(
+                cell.outcome.stages,
+                cell.cell.seed,
+                cell.template.choices,  # type: ignore[union-attr]
+                cell.theory,
+                cell.outcome.extra,
+                mlflow=mlflow,
+            )  # type: ignore[union-attr]
+            out.write(
+                json.dumps(
+                    {"job": cell.position, "cell": cell.name, "overrides": cell.overrides, "summary": summary}, allow_nan=False
+                )
+                + "\n"
+            )
 
 
 def finished_grid_keys(tracking_uri: str, experiment_name: str) -> set[str]:
     """The grid keys of every row that the experiment's grid runs hold (each row is a finished cell)."""
     from mlflow.tracking import MlflowClient
-
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -638,9 +706,18 @@ def chunk_map(executor: str, options: dict[str, Any], cells: Sequence[GramCell])
     return submitit_map(executor, folder, options)
 
 
-def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-                initial_job_idx: int, max_cells: int, progress: bool, workers: int | None, samples: int,
-                executor: str = "pool", submitit: dict[str, Any] | None = None) -> list[JobReturn]:
+def launch_grid(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    max_cells: int,
+    progress: bool,
+    workers: int | None,
+    samples: int,
+    executor: str = "pool",
+    submitit: dict[str, Any] | None = None,
+) -> list[JobReturn]:
     """Run a sweep in the grid layout (module docstring): train every cell not yet in a grid run of the experiment,
     write the results table and the summaries to one grid run (and the sweep dir) and ``samples`` sampled cells in
     full under it. A diverged cell is left out of the table and ends the sweep as ``raise_failures`` says."""
@@ -664,8 +741,10 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     done = finished_grid_keys(uri, logger["experiment_name"]) if uri and first.skip_finished else set()
     todo = [cell for cell in cells if cell.key not in done]
     if len(todo) < len(cells):
-        print(f"ptlab: skipped {len(cells) - len(todo)} of {len(cells)} cells: a grid run of the experiment already "
-              "holds them (resume.skip_finished)")
+        print(
+            f"ptlab: skipped {len(cells) - len(todo)} of {len(cells)} cells: a grid run of the experiment already "
+            "holds them (resume.skip_finished)"
+        )
         first.sweep_dir.mkdir(parents=True, exist_ok=True)
         (first.sweep_dir / "skipped.json").write_text(json.dumps({"cells": len(cells) - len(todo)}))
     _grid_theory(todo)
@@ -673,8 +752,14 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
     workers = torch.get_num_threads() if workers is None else workers
     with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
         cells_todo = [cell.cell for cell in todo]
-        for chunk in iter_chunks(cells_todo, max_cells, workers=workers, summarize=CellOutcome.of,
-                                 chunk_map=chunk_map(executor, submitit or {}, cells_todo), history=CellOutcome.HISTORY):
+        for chunk in iter_chunks(
+            cells_todo,
+            max_cells,
+            workers=workers,
+            summarize=CellOutcome.of,
+            chunk_map=chunk_map(executor, submitit or {}, cells_todo),
+            history=CellOutcome.HISTORY,
+        ):
             for index, outcome in chunk:
                 todo[index].outcome = outcome
             bar.update(len(chunk))
@@ -692,9 +777,16 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        run = client.create_run(writer.experiment_id, run_name=f"grid {len(todo)} cells", tags={
-            STAGE_TAG: "grid", "ptlab.grid.cells": str(len(todo)), **writer.context_tags,
-            **{f"ptlab.choice.{k}": v for k, v in first.choices.items()}})
+        run = client.create_run(
+            writer.experiment_id,
+            run_name=f"grid {len(todo)} cells",
+            tags={
+                STAGE_TAG: "grid",
+                "ptlab.grid.cells": str(len(todo)),
+                **writer.context_tags,
+                **{f"ptlab.choice.{k}": v for k, v in first.choices.items()},
+            },
+        )
         run_id = run.info.run_id
     mlflow = {"tracking_uri": uri, "experiment_id": writer.experiment_id if uri else None, "parent_run_id": run_id}
     swept = sorted({o.key_or_group for cell in todo for o in cell.values})
@@ -705,26 +797,52 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
         figure = grid_heatmap(table, swept, sweep_dir / GRID_FIGURE)
     _grid_summaries(finished, sweep_dir / SUMMARIES, mlflow)
     if errors:
-        (sweep_dir / FAILURES).write_text(json.dumps(
-            [{"job": cell.position, "cell": cell.name, "error": cell.outcome.error[0]}  # type: ignore[union-attr]
-             for cell in todo if cell.outcome.error is not None], indent=2))
+        (sweep_dir / FAILURES).write_text(
+            json.dumps(
+                [
+                    {"job": cell.position, "cell": cell.name, "error": cell.outcome.error[0]}  # type: ignore[union-attr]
+                    for cell in todo
+                    if cell.outcome.error is not None
+                ],
+                indent=2,
+            )
+        )
     if run_id is not None:
         try:
-            params = ([Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
-                      if table is not None else [])
+            params = (
+                [Param(f"grid.{key}", ",".join(pd_unique(table[f"params.{key}"]))[:6000]) for key in swept]
+                if table is not None
+                else []
+            )
             stamp = int(time.time() * 1000)
-            client.log_batch(run_id, params=params, metrics=[
-                Metric("grid/cells", float(len(todo)), stamp, 0),
-                Metric("grid/failed_cells", float(len(errors)), stamp, 0),
-                Metric("grid/train_seconds", trained - composed, stamp, 0),
-                Metric("grid/compose_seconds", composed - started, stamp, 0)])
+            client.log_batch(
+                run_id,
+                params=params,
+                metrics=[
+                    Metric("grid/cells", float(len(todo)), stamp, 0),
+                    Metric("grid/failed_cells", float(len(errors)), stamp, 0),
+                    Metric("grid/train_seconds", trained - composed, stamp, 0),
+                    Metric("grid/compose_seconds", composed - started, stamp, 0),
+                ],
+            )
             for artifact in (RESULTS, SUMMARIES, FAILURES, GRID_FIGURE):
                 if (sweep_dir / artifact).is_file() and (artifact != GRID_FIGURE or figure is not None):
                     client.log_artifact(run_id, str(sweep_dir / artifact))
-            picks = sorted(np.random.default_rng(0).choice(len(finished), size=min(samples, len(finished)),
-                                                           replace=False)) if finished else []
-            _track_samples(composer, writer, job_overrides, [finished[int(p)] for p in picks], initial_job_idx,
-                           run_id, executor, submitit or {})
+            picks = (
+                sorted(np.random.default_rng(0).choice(len(finished), size=min(samples, len(finished)), replace=False))
+                if finished
+                else []
+            )
+            _track_samples(
+                composer,
+                writer,
+                job_overrides,
+                [finished[int(p)] for p in picks],
+                initial_job_idx,
+                run_id,
+                executor,
+                submitit or {},
+            )
             if errors:
                 client.set_tag(run_id, "ptlab.error", f"{errors[0]} ({len(errors)} of {len(todo)} cells failed)")
             client.set_terminated(run_id, "FAILED" if errors else "FINISHED")
@@ -732,9 +850,14 @@ def launch_grid(hydra_context: HydraContext, config: DictConfig, job_overrides: 
             client.set_tag(run_id, "ptlab.error", f"{type(err).__name__}: {err}"[:5000])
             client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
-    log.info("ptlab gram grid: %d cells in %.1f s (configs %.1f s, training %.1f s, table and tracking %.1f s)",
-             len(todo), time.perf_counter() - started, composed - started, trained - composed,
-             time.perf_counter() - trained)
+    log.info(
+        "ptlab gram grid: %d cells in %.1f s (configs %.1f s, training %.1f s, table and tracking %.1f s)",
+        len(todo),
+        time.perf_counter() - started,
+        composed - started,
+        trained - composed,
+        time.perf_counter() - trained,
+    )
     raise_failures(errors, len(job_overrides))
     for cell in todo:
         returns[cell.position].return_value = _best_final(cell.outcome.finals)  # type: ignore[union-attr]
@@ -760,9 +883,16 @@ def pd_unique(column: Any) -> list[str]:
     return list(dict.fromkeys(column.tolist()))
 
 
-def _track_samples(composer: _Jobs, writer: RunWriter, job_overrides: Sequence[Sequence[str]],
-                   picks: list[GridCell], initial_job_idx: int, grid_run_id: str, executor: str = "pool",
-                   submitit: dict[str, Any] | None = None) -> None:
+def _track_samples(
+    composer: _Jobs,
+    writer: RunWriter,
+    job_overrides: Sequence[Sequence[str]],
+    picks: list[GridCell],
+    initial_job_idx: int,
+    grid_run_id: str,
+    executor: str = "pool",
+    submitit: dict[str, Any] | None = None,
+) -> None:
     """The sampled cells as full pipeline runs (stage children, every curve point) under the grid run; each is
     rebuilt from its full config, which must give the grid's cell, and trained again where the grid's were."""
     sampled: list[SweepJob] = []
@@ -770,9 +900,21 @@ def _track_samples(composer: _Jobs, writer: RunWriter, job_overrides: Sequence[S
         overrides = list(job_overrides[pick.position])
         template, parsed, values = composer.template(overrides)
         template.skip_finished = False
-        job = _build_job(template, initial_job_idx + pick.position, overrides, parsed, values,
-                         {(writer.tracking_uri, template.resolved["logger"]["experiment_name"],
-                           template.resolved["logger"].get("artifact_location")): writer}, {})
+        job = _build_job(
+            template,
+            initial_job_idx + pick.position,
+            overrides,
+            parsed,
+            values,
+            {
+                (
+                    writer.tracking_uri,
+                    template.resolved["logger"]["experiment_name"],
+                    template.resolved["logger"].get("artifact_location"),
+                ): writer
+            },
+            {},
+        )
         if job.cell != pick.cell:
             raise RuntimeError(f"grid cell {pick.position} differs from its full config's cell: {job.cell} vs {pick.cell}")
         sampled.append(job)

@@ -66,13 +66,11 @@ class CacheEntry:
     source: dict[str, str]
 
     def to_payload(self) -> dict[str, Any]:
-        return {"state_dict": self.state_dict, "result_json": json.dumps(self.result),
-                "source_json": json.dumps(self.source)}
+        return {"state_dict": self.state_dict, "result_json": json.dumps(self.result), "source_json": json.dumps(self.source)}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> CacheEntry:
-        return cls(dict(payload["state_dict"]), json.loads(payload["result_json"]),
-                   json.loads(payload["source_json"]))
+        return cls(dict(payload["state_dict"]), json.loads(payload["result_json"]), json.loads(payload["source_json"]))
 
 
 def spec_key(spec: Mapping[str, Any]) -> str:
@@ -86,8 +84,7 @@ def encode_entry(entry: CacheEntry, spec: Mapping[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(entry.to_payload(), buffer)
     payload = buffer.getvalue()
-    header = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
-              "spec": spec}
+    header = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "spec": spec}
     return json.dumps(header, sort_keys=True, default=str).encode() + b"\n" + payload
 
 
@@ -164,11 +161,14 @@ class UpstreamCache:
             with FileLock(str(self.path(key)) + ".lock", timeout=self.lock_timeout):
                 yield
         except Timeout:
-            raise CacheError(f"cache.lock_timeout={self.lock_timeout}: another job held the lock of "
-                             f"{self.path(key).name} longer; raise it or remove a stale lock") from None
+            raise CacheError(
+                f"cache.lock_timeout={self.lock_timeout}: another job held the lock of "
+                f"{self.path(key).name} longer; raise it or remove a stale lock"
+            ) from None
 
-    def get_or_create(self, spec: Mapping[str, Any], create: Callable[[], CacheEntry],
-                      read_only: bool = False) -> tuple[CacheEntry, bool]:
+    def get_or_create(
+        self, spec: Mapping[str, Any], create: Callable[[], CacheEntry], read_only: bool = False
+    ) -> tuple[CacheEntry, bool]:
         """``(entry, hit)``: the stored entry of ``spec``, else ``create()`` run once and stored.
 
         ``read_only`` (DDP ranks other than 0) looks the entry up without locking or writing.
@@ -187,8 +187,7 @@ class UpstreamCache:
             try:
                 self.store(key, entry, spec)
             except OSError as err:  # a full or read-only disk: the trained upstream is kept, uncached
-                log.warning("ptlab cache: could not store %s (%s); going on without caching it",
-                            self.path(key).name, err)
+                log.warning("ptlab cache: could not store %s (%s); going on without caching it", self.path(key).name, err)
         return entry, False
 
 
@@ -210,13 +209,19 @@ def synthetic_upstream_spec(spec: PipelineSpec, engine: str) -> dict[str, Any]:
     task, train, trainer = spec.task, spec.train, spec.trainer
     return {
         "stage": "synthetic/upstream",
-        "data": {"d": task.d, "n1": task.n1, "n_test": task.n_test, "u_norm": task.u_norm,
-                 "v_norm": task.v_norm, "label_noise": task.label_noise, "sigma_p1": spec.noise.sigma_p1,
-                 "seed_stream": derive_seed(spec.seed, "data")},
+        "data": {
+            "d": task.d,
+            "n1": task.n1,
+            "n_test": task.n_test,
+            "u_norm": task.u_norm,
+            "v_norm": task.v_norm,
+            "label_noise": task.label_noise,
+            "sigma_p1": spec.noise.sigma_p1,
+            "seed_stream": derive_seed(spec.seed, "data"),
+        },
         "init_seed_stream": derive_seed(spec.seed, "upstream"),
         "model": copy.deepcopy(spec.resolved["upstream_model"]),
-        "train": {"lr": train.lr, "steps": train.upstream_steps, "eval_every": train.eval_every,
-                  "dtype": train.dtype},
+        "train": {"lr": train.lr, "steps": train.upstream_steps, "eval_every": train.eval_every, "dtype": train.dtype},
         "engine": engine,
         "trainer": {key: str(trainer.get(key)) for key in ("accelerator", "precision", "deterministic")},
         "versions": {"ptlab": ptlab.__version__, "torch": torch.__version__},
@@ -224,12 +229,16 @@ def synthetic_upstream_spec(spec: PipelineSpec, engine: str) -> dict[str, Any]:
 
 
 def _source(tracker: Tracker) -> dict[str, str]:
-    return {"run_id": tracker.children.get("upstream", ""), "experiment_id": tracker.experiment_id,
-            "tracking_uri": tracker.tracking_uri}
+    return {
+        "run_id": tracker.children.get("upstream", ""),
+        "experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.tracking_uri,
+    }
 
 
-def cached_upstream(spec: PipelineSpec, engine: str, tracker: Tracker, model: nn.Module,
-                    train: Callable[[], StageResult]) -> StageResult:
+def cached_upstream(
+    spec: PipelineSpec, engine: str, tracker: Tracker, model: nn.Module, train: Callable[[], StageResult]
+) -> StageResult:
     """The upstream stage through the cache: ``train()`` (which trains ``model``) on a miss, else
     ``model`` loaded from the entry and a ``cached`` ``StageResult`` with the stored ``final`` and ``curves``.
 
@@ -245,8 +254,11 @@ def cached_upstream(spec: PipelineSpec, engine: str, tracker: Tracker, model: nn
 
     def create() -> CacheEntry:
         trained.append(train())
-        return CacheEntry({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          {"final": trained[0].final, "curves": trained[0].curves}, _source(tracker))
+        return CacheEntry(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            {"final": trained[0].final, "curves": trained[0].curves},
+            _source(tracker),
+        )
 
     cache = UpstreamCache(cache_dir(spec.cache), spec.cache.lock_timeout)
     entry, hit = cache.get_or_create(upstream, create, read_only=not is_global_zero())
@@ -255,9 +267,13 @@ def cached_upstream(spec: PipelineSpec, engine: str, tracker: Tracker, model: nn
         tracker.set_tags({CACHE_TAG: "miss", f"{CACHE_TAG}.key": key}, stage="upstream")
         return trained[0]
     model.load_state_dict(entry.state_dict)
-    tracker.set_tags({CACHE_TAG: "hit", f"{CACHE_TAG}.key": key,
-                      f"{CACHE_TAG}.upstream_run_id": entry.source.get("run_id", ""),
-                      f"{CACHE_TAG}.upstream_experiment_id": entry.source.get("experiment_id", "")})
+    tracker.set_tags(
+        {
+            CACHE_TAG: "hit",
+            f"{CACHE_TAG}.key": key,
+            f"{CACHE_TAG}.upstream_run_id": entry.source.get("run_id", ""),
+            f"{CACHE_TAG}.upstream_experiment_id": entry.source.get("experiment_id", ""),
+        }
+    )
     curves = {name: [tuple(point) for point in points] for name, points in entry.result["curves"].items()}
-    return StageResult("upstream", model, dict(entry.result["final"]), curves, steps=spec.train.upstream_steps,
-                       cached=True)
+    return StageResult("upstream", model, dict(entry.result["final"]), curves, steps=spec.train.upstream_steps, cached=True)

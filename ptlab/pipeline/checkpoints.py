@@ -76,6 +76,7 @@ def stage_checkpointing(spec: PipelineSpec, stage: str) -> StageCheckpointing:
         else:
             log.warning("ptlab: dropping unreadable checkpoint %s; stage %s starts over", last, stage)
             last.unlink()
-    callback = ModelCheckpoint(dirpath=directory, filename=LAST.removesuffix(".ckpt"), save_top_k=1,
-                               every_n_epochs=1, enable_version_counter=False)
+    callback = ModelCheckpoint(
+        dirpath=directory, filename=LAST.removesuffix(".ckpt"), save_top_k=1, every_n_epochs=1, enable_version_counter=False
+    )
     return StageCheckpointing([callback], resume_from)

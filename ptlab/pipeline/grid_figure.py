@@ -18,16 +18,16 @@ METRICS = ("metrics.transfer_test_acc", "metrics.scratch_test_acc")
 
 def heatmap_axes(table: pd.DataFrame, swept: Sequence[str]) -> tuple[str, str] | None:
     """The two swept keys with the most distinct numeric values (x first; ``seed`` is averaged, never an axis)."""
-    numeric = [key for key in swept if key != "seed"
-               and pd.to_numeric(table[f"params.{key}"], errors="coerce").notna().all()]
+    numeric = [key for key in swept if key != "seed" and pd.to_numeric(table[f"params.{key}"], errors="coerce").notna().all()]
     ranked = sorted(numeric, key=lambda key: table[f"params.{key}"].nunique(), reverse=True)
     return (ranked[0], ranked[1]) if len(ranked) >= 2 and table[f"params.{ranked[1]}"].nunique() > 1 else None
 
 
 def grid_means(table: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
     """The mean of ``metric`` per (``y``, ``x``) value pair: rows ``y``, columns ``x``, both sorted numerically."""
-    frame = pd.DataFrame({x: pd.to_numeric(table[f"params.{x}"]), y: pd.to_numeric(table[f"params.{y}"]),
-                          "value": pd.to_numeric(table[metric])})
+    frame = pd.DataFrame(
+        {x: pd.to_numeric(table[f"params.{x}"]), y: pd.to_numeric(table[f"params.{y}"]), "value": pd.to_numeric(table[metric])}
+    )
     return frame.pivot_table(index=y, columns=x, values="value", aggfunc="mean").sort_index().sort_index(axis=1)
 
 
@@ -45,11 +45,14 @@ def grid_heatmap(table: pd.DataFrame, swept: Sequence[str], path: Path) -> Path 
     grid = grid_means(table, x, y, metric)
     figure = Figure(figsize=(7, 5.2), layout="constrained")
     ax = figure.subplots()
-    mesh = ax.pcolormesh(grid.columns.to_numpy(), grid.index.to_numpy(), grid.to_numpy(), shading="nearest",
-                         cmap="viridis")
+    mesh = ax.pcolormesh(grid.columns.to_numpy(), grid.index.to_numpy(), grid.to_numpy(), shading="nearest", cmap="viridis")
     averaged = [key for key in swept if key not in axes]
-    figure.colorbar(mesh, ax=ax, label=f"final {metric.split('.')[1].removesuffix('_test_acc')} test accuracy"
-                    + (f" (mean over {', '.join(averaged)})" if averaged else ""))
+    figure.colorbar(
+        mesh,
+        ax=ax,
+        label=f"final {metric.split('.')[1].removesuffix('_test_acc')} test accuracy"
+        + (f" (mean over {', '.join(averaged)})" if averaged else ""),
+    )
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(f"grid of {len(table)} cells")

@@ -113,43 +113,75 @@ def precision_for(precision: str, trainer: Mapping[str, Any]) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def make_classifier(train: TrainSchema, model: nn.Module, num_classes: int,
-                    regularizer: Regularizer | None = None) -> ImageClassifier:
+def make_classifier(
+    train: TrainSchema, model: nn.Module, num_classes: int, regularizer: Regularizer | None = None
+) -> ImageClassifier:
     """The ``ImageClassifier`` of ``model`` with the optimiser settings of ``train.*`` (and the transfer stage's
     ``regularizer``)."""
-    return ImageClassifier(model, num_classes, lr=train.lr, optimizer=train.optimizer, momentum=train.momentum,
-                           weight_decay=train.weight_decay, scheduler=train.scheduler,
-                           warmup_epochs=train.warmup_epochs, label_smoothing=train.label_smoothing,
-                           input_size=model_input_size(model), regularizer=regularizer)
+    return ImageClassifier(
+        model,
+        num_classes,
+        lr=train.lr,
+        optimizer=train.optimizer,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        scheduler=train.scheduler,
+        warmup_epochs=train.warmup_epochs,
+        label_smoothing=train.label_smoothing,
+        input_size=model_input_size(model),
+        regularizer=regularizer,
+    )
 
 
-def fit_image_stage(spec: PipelineSpec, tracker: Tracker, stage: str, model: nn.Module,
-                    task: ImageTask, epochs: int, callbacks: list[pl.Callback] | None = None,
-                    ) -> tuple[ImageClassifier, StageResult]:
+def fit_image_stage(
+    spec: PipelineSpec,
+    tracker: Tracker,
+    stage: str,
+    model: nn.Module,
+    task: ImageTask,
+    epochs: int,
+    callbacks: list[pl.Callback] | None = None,
+) -> tuple[ImageClassifier, StageResult]:
     """Train ``model`` on ``task`` for ``epochs`` epochs as the child run ``stage``; return the module and
     the tracked stage. Transfer and scratch share the ``downstream`` batch order."""
     train = spec.train
     regularizer = Regularizer.from_config(spec.regularizer) if stage == "transfer" else None
     module = make_classifier(train, model, task.num_classes, regularizer)
     order = "upstream" if stage == "upstream" else "downstream"
-    data = ImageDataModule(task.train, task.test, train.batch_size, seed=image_seed(spec.seed, f"batches/{order}"),
-                           pin_memory=on_gpu(spec.trainer))
+    data = ImageDataModule(
+        task.train, task.test, train.batch_size, seed=image_seed(spec.seed, f"batches/{order}"), pin_memory=on_gpu(spec.trainer)
+    )
     logger = tracker.stage_logger(stage)
     monitors = [LearningRateMonitor(logging_interval="epoch")] if logger is not None else []
     checkpointing = stage_checkpointing(spec, stage)
-    trainer: pl.Trainer = instantiate(dict(spec.trainer), max_epochs=epochs,
-                                      logger=logger if logger is not None else False,
-                                      callbacks=[*(callbacks or []), *monitors, *checkpointing.callbacks,
-                                                 *([StageProgressBar(stage)] if train.progress_bar else [])],
-                                      **checkpointing.trainer_kwargs, precision=precision_for(train.precision, spec.trainer),
-                                      enable_progress_bar=train.progress_bar, num_sanity_val_steps=0,
-                                      log_every_n_steps=1, check_val_every_n_epoch=train.eval_every_epochs)
+    trainer: pl.Trainer = instantiate(
+        dict(spec.trainer),
+        max_epochs=epochs,
+        logger=logger if logger is not None else False,
+        callbacks=[
+            *(callbacks or []),
+            *monitors,
+            *checkpointing.callbacks,
+            *([StageProgressBar(stage)] if train.progress_bar else []),
+        ],
+        **checkpointing.trainer_kwargs,
+        precision=precision_for(train.precision, spec.trainer),
+        enable_progress_bar=train.progress_bar,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        check_val_every_n_epoch=train.eval_every_epochs,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=checkpointing.ckpt_path)
     tracker.set_tags({PRECISION_TAG: str(trainer.precision)}, stage=stage)  # what ran (train.precision may say auto)
     train_eval = module.evaluate(data.eval_dataloader(task.train))
     test_eval = module.evaluate(data.eval_dataloader(task.test))
-    final = {"train_acc": train_eval["acc"], "test_acc": test_eval["acc"], "train_loss": train_eval["loss"],
-             "test_loss": test_eval["loss"], "epochs": epochs}
+    final = {
+        "train_acc": train_eval["acc"],
+        "test_acc": test_eval["acc"],
+        "train_loss": train_eval["loss"],
+        "test_loss": test_eval["loss"],
+        "epochs": epochs,
+    }
     plan = next((c.plan for c in callbacks or [] if isinstance(c, ParameterTransfer)), None)
     result = StageResult(stage, None, final, plan=plan, steps=trainer.global_step)
     record_stage(tracker, result)
@@ -162,8 +194,7 @@ def check_transfer_pair(spec: PipelineSpec, upstream: nn.Module, downstream: nn.
     naming the pair when no rule or no layer matches."""
     try:
         adapter = find_adapter(upstream, downstream)(**adapter_options(spec.resolved["transfer"]))
-        adapter.plan(upstream, downstream, spec.transfer.alpha, build_strategy("first"),
-                     torch.Generator().manual_seed(0))
+        adapter.plan(upstream, downstream, spec.transfer.alpha, build_strategy("first"), torch.Generator().manual_seed(0))
     except ValueError as err:
         pair = f"upstream_model={model_name(spec, 'upstream')} -> model={model_name(spec, 'downstream')}"
         raise ConfigError(f"{pair}: {err}") from None
@@ -175,10 +206,9 @@ def selection_inputs(spec: PipelineSpec, task2: ImageTask) -> SelectionInputs:
     strategy = build_strategy(spec.transfer.selection)
     if "batches" not in strategy.needs or spec.transfer.kind != "filters":
         return SelectionInputs()
-    order = torch.randperm(len(task2.train), generator=torch.Generator().manual_seed(
-        image_seed(spec.seed, "selection/batches")))
+    order = torch.randperm(len(task2.train), generator=torch.Generator().manual_seed(image_seed(spec.seed, "selection/batches")))
     size = spec.train.batch_size
-    chunks = [order[i:i + size] for i in range(0, len(order), size)][:strategy.batches]
+    chunks = [order[i : i + size] for i in range(0, len(order), size)][: strategy.batches]
     return SelectionInputs(batches=[(task2.train.x[idx], task2.train.y[idx]) for idx in chunks])
 
 
@@ -200,9 +230,16 @@ def run_images(spec: PipelineSpec, engine: Any, tracker: Tracker) -> tuple[dict[
     quiet_lightning()
     tasks = build_image_tasks(spec)
     train, transfer_cfg = spec.train, spec.transfer
-    extra = {"data": {"task1_classes": tasks.task1.classes, "task2_classes": tasks.task2.classes,
-                      "n1": len(tasks.task1.train), "n2": len(tasks.task2.train),
-                      "n1_test": len(tasks.task1.test), "n2_test": len(tasks.task2.test)}}
+    extra = {
+        "data": {
+            "task1_classes": tasks.task1.classes,
+            "task2_classes": tasks.task2.classes,
+            "n1": len(tasks.task1.train),
+            "n2": len(tasks.task2.train),
+            "n1_test": len(tasks.task1.test),
+            "n2_test": len(tasks.task2.test),
+        }
+    }
     results: dict[str, StageResult] = {}
     tracker.log_metrics({"data/n1": len(tasks.task1.train), "data/n2": len(tasks.task2.train)})
     device = transferability.score_device(on_gpu(spec.trainer))
@@ -211,34 +248,52 @@ def run_images(spec: PipelineSpec, engine: Any, tracker: Tracker) -> tuple[dict[
         downstream = build_image_model(spec, tasks.task2.num_classes, "downstream")
         check_transfer_pair(spec, upstream, downstream)
         if train.upstream_epochs > 0:
-            _, results["upstream"] = fit_image_stage(spec, tracker, "upstream", upstream, tasks.task1,
-                                                     train.upstream_epochs)
-        transfer = ParameterTransfer(Transfer(upstream, transfer_cfg.alpha, transfer_cfg.selection,
-                                              derive_seed(spec.seed, "selection"),
-                                              options=adapter_options(spec.resolved["transfer"]),
-                                              inputs=selection_inputs(spec, tasks.task2),
-                                              control=transfer_cfg.control,
-                                              control_seed=derive_seed(spec.seed, "control")))
+            _, results["upstream"] = fit_image_stage(spec, tracker, "upstream", upstream, tasks.task1, train.upstream_epochs)
+        transfer = ParameterTransfer(
+            Transfer(
+                upstream,
+                transfer_cfg.alpha,
+                transfer_cfg.selection,
+                derive_seed(spec.seed, "selection"),
+                options=adapter_options(spec.resolved["transfer"]),
+                inputs=selection_inputs(spec, tasks.task2),
+                control=transfer_cfg.control,
+                control_seed=derive_seed(spec.seed, "control"),
+            )
+        )
         if transferability.enabled(spec):
             extra["transferability"] = transferability.image_scores(
-                spec, tracker, upstream, downstream, transfer.transfer, tasks.task2.train.x, tasks.task2.train.y,
-                device, model_input_size)
-        _, results["transfer"] = fit_image_stage(spec, tracker, "transfer", downstream, tasks.task2,
-                                                 train.downstream_epochs, [transfer])
+                spec,
+                tracker,
+                upstream,
+                downstream,
+                transfer.transfer,
+                tasks.task2.train.x,
+                tasks.task2.train.y,
+                device,
+                model_input_size,
+            )
+        _, results["transfer"] = fit_image_stage(
+            spec, tracker, "transfer", downstream, tasks.task2, train.downstream_epochs, [transfer]
+        )
         table = format_plan(transfer.plan)
-        print(f"transfer plan ({model_name(spec, 'upstream')} -> {model_name(spec, 'downstream')}, "
-              f"alpha={transfer_cfg.alpha}):\n{table}")
+        print(
+            f"transfer plan ({model_name(spec, 'upstream')} -> {model_name(spec, 'downstream')}, "
+            f"alpha={transfer_cfg.alpha}):\n{table}"
+        )
         tracker.log_text(table + "\n", "transfer_plan.md", stage="transfer")
         copied = sum(row.copied for row in transfer.plan)
-        tracker.log_metrics({"transfer/filters_copied": copied,
-                             "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)})
+        tracker.log_metrics(
+            {"transfer/filters_copied": copied, "transfer/layers_matched": sum(1 for row in transfer.plan if row.copied)}
+        )
         results["transfer"].extra["regularizer"] = Regularizer.from_config(spec.regularizer).as_dict()
         results["transfer"].extra["control"] = transfer_cfg.control
         del upstream
     scratch = build_image_model(spec, tasks.task2.num_classes, "downstream")
     if transfer_cfg.kind == "none" and transferability.enabled(spec):
         extra["transferability"] = transferability.image_scores(
-            spec, tracker, None, scratch, None, tasks.task2.train.x, tasks.task2.train.y, device, model_input_size)
+            spec, tracker, None, scratch, None, tasks.task2.train.x, tasks.task2.train.y, device, model_input_size
+        )
     epochs = scratch_length(train.upstream_epochs, train.downstream_epochs, train.scratch_budget)
     _, results["scratch"] = fit_image_stage(spec, tracker, "scratch", scratch, tasks.task2, epochs)
     results["scratch"].extra["budget"] = train.scratch_budget

@@ -60,8 +60,7 @@ def cell_name(overrides: Sequence[str], seed: int) -> str:
 def pipeline_tags(seed: int, digest: str, choices: Mapping[str, str]) -> dict[str, str]:
     """The tags of a pipeline's parent run (and its children): the group choices in one ``ptlab.choices`` tag
     (``engine=gram task=synthetic ...``), not a tag each, so the run page's tags stay a line or two."""
-    return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest,
-            "ptlab.choices": " ".join(f"{k}={v}" for k, v in choices.items())}
+    return {"ptlab.seed": str(seed), CONFIG_HASH_TAG: digest, "ptlab.choices": " ".join(f"{k}={v}" for k, v in choices.items())}
 
 
 def used_params(resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,8 +79,7 @@ def used_params(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: str,
-                  theory: TheoryPrediction | None) -> None:
+def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: str, theory: TheoryPrediction | None) -> None:
     """Log the resolved config (params and ``config.yaml``) and the theory's prediction on the parent run:
     categorical fields as ``theory.<name>`` params, finite numbers as ``theory/<name>`` metrics (an
     infinite ratio is left out rather than stored as MLflow's largest float)."""
@@ -101,8 +99,13 @@ def theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, f
     metrics = {f"theory/{k}": exact(v) for k, v in theory.metrics().items() if math.isfinite(v)}
     if theory.prediction is not None:
         params.update({f"prediction.{k}": v for k, v in theory.prediction.items() if isinstance(v, str)})
-        metrics.update({f"prediction/{k}": float(v) for k, v in theory.prediction.items()
-                        if isinstance(v, (int, float)) and math.isfinite(v)})
+        metrics.update(
+            {
+                f"prediction/{k}": float(v)
+                for k, v in theory.prediction.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            }
+        )
     return params, metrics
 
 
@@ -114,15 +117,15 @@ def record_stage(tracker: Tracker, result: StageResult) -> None:
     if result.name not in tracker.children:
         tracker.start_stage(result.name)
     tracker.log_curves(result.curves, stage=result.name)
-    tracker.log_metrics({f"final/{k}": exact(v) for k, v in result.final.items()}, stage=result.name,
-                        step=result.steps)
+    tracker.log_metrics({f"final/{k}": exact(v) for k, v in result.final.items()}, stage=result.name, step=result.steps)
     if result.plan is not None:
         tracker.log_dict([row.as_dict() for row in result.plan], "transfer_plan.json", stage=result.name)
     tracker.end_stage(result.name)
 
 
-def record_trained(tracker: Tracker, stages: Mapping[str, StageResult], error: DivergenceError | None = None
-                   ) -> Mapping[str, StageResult]:
+def record_trained(
+    tracker: Tracker, stages: Mapping[str, StageResult], error: DivergenceError | None = None
+) -> Mapping[str, StageResult]:
     """Track stages that were trained before being tracked (a whole gram cell, a batched sweep's cell) as a
     single run tracks them while they train: each stage on its child run in order; ``error`` (a diverged stage,
     ``GramResult.divergence``) is raised where that stage's child run starts, so that the tracker marks that run
@@ -152,8 +155,9 @@ def exact(value: float) -> float:
 
 def final_metrics(stages: Mapping[str, StageResult]) -> dict[str, float]:
     """``<stage>_train_acc``, ``<stage>_test_acc`` and ``transfer_gain`` (transfer - scratch test accuracy)."""
-    final = {f"{name}_{key}": exact(stages[name].final[key]) for name in STAGES if name in stages
-             for key in ("train_acc", "test_acc")}
+    final = {
+        f"{name}_{key}": exact(stages[name].final[key]) for name in STAGES if name in stages for key in ("train_acc", "test_acc")
+    }
     if "transfer" in stages and "scratch" in stages:
         final["transfer_gain"] = round(final["transfer_test_acc"] - final["scratch_test_acc"], 12)
     return final
@@ -183,10 +187,18 @@ def log_decomposition_figure(tracker: Tracker, stages: Mapping[str, StageResult]
         tracker.log_artifact(path)
 
 
-def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_dir: Path, seed: int,
-                    choices: Mapping[str, str], theory: TheoryPrediction | None = None,
-                    extra: Mapping[str, Any] | None = None, record_stages: bool = False,
-                    figure_title: str | None = None, write_file: bool = True) -> dict[str, Any]:
+def record_pipeline(
+    tracker: Tracker,
+    stages: Mapping[str, StageResult],
+    output_dir: Path,
+    seed: int,
+    choices: Mapping[str, str],
+    theory: TheoryPrediction | None = None,
+    extra: Mapping[str, Any] | None = None,
+    record_stages: bool = False,
+    figure_title: str | None = None,
+    write_file: bool = True,
+) -> dict[str, Any]:
     """Track the pipeline's results and return its summary (also ``output_dir/summary.json``).
 
     ``record_stages``: the stages were trained without being tracked yet (the batched sweep);
@@ -196,9 +208,14 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
         record_trained(tracker, stages)
     if figure_title is not None:
         log_decomposition_figure(tracker, stages, figure_title)
-    summary = pipeline_summary(stages, seed, choices, theory, extra, {
-        "tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-        "parent_run_id": tracker.parent_run_id})
+    summary = pipeline_summary(
+        stages,
+        seed,
+        choices,
+        theory,
+        extra,
+        {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id},
+    )
     tracker.log_metrics(final_metrics(stages))
     tracker.set_tags({NOTE_TAG: description(summary)})
     text = json.dumps(summary, indent=2, allow_nan=False)
@@ -209,13 +226,17 @@ def record_pipeline(tracker: Tracker, stages: Mapping[str, StageResult], output_
     return summary
 
 
-def pipeline_summary(stages: Mapping[str, StageResult], seed: int, choices: Mapping[str, str],
-                     theory: TheoryPrediction | None = None, extra: Mapping[str, Any] | None = None,
-                     mlflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def pipeline_summary(
+    stages: Mapping[str, StageResult],
+    seed: int,
+    choices: Mapping[str, str],
+    theory: TheoryPrediction | None = None,
+    extra: Mapping[str, Any] | None = None,
+    mlflow: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A pipeline's ``summary.json`` (JSON-safe: non-finite numbers are ``None``), the same for every layout."""
     summary: dict[str, Any] = {
-        **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None
-           for name in STAGES},
+        **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None for name in STAGES},
         **(extra or {}),
         **({"theory": theory.as_dict()} if theory is not None else {}),
         **({"prediction": theory.prediction} if theory is not None and theory.prediction is not None else {}),
@@ -238,8 +259,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append(f"transfer - scratch test accuracy: {100 * gain:+.2f} points")
     theory = summary.get("theory")
     if theory:
-        lines.append(f"theory: {theory['predicted']} (d / D* = {_number(theory['d_over_threshold'])}, "
-                     f"Gamma = {_number(theory['gamma'])})")
+        lines.append(
+            f"theory: {theory['predicted']} (d / D* = {_number(theory['d_over_threshold'])}, Gamma = {_number(theory['gamma'])})"
+        )
     return "\n".join(lines)
 
 
@@ -250,11 +272,15 @@ def description(summary: Mapping[str, Any]) -> str:
     transfer, scratch, theory = summary.get("transfer"), summary.get("scratch"), summary.get("theory")
     if transfer and scratch:
         gain = 100 * (transfer["test_acc"] - scratch["test_acc"])
-        lines.append(f"**transfer - scratch: {gain:+.1f} points** (test accuracy {100 * transfer['test_acc']:.1f}% "
-                     f"vs {100 * scratch['test_acc']:.1f}%)")
+        lines.append(
+            f"**transfer - scratch: {gain:+.1f} points** (test accuracy {100 * transfer['test_acc']:.1f}% "
+            f"vs {100 * scratch['test_acc']:.1f}%)"
+        )
     if theory:
-        lines.append(f"**theory: {theory['predicted']}** (d / D* = {_number(theory['d_over_threshold'])}, "
-                     f"Gamma = {_number(theory['gamma'])})")
+        lines.append(
+            f"**theory: {theory['predicted']}** (d / D* = {_number(theory['d_over_threshold'])}, "
+            f"Gamma = {_number(theory['gamma'])})"
+        )
     return "  \n".join(lines) + f"\n\n```\n{format_table(summary)}\n```"
 
 

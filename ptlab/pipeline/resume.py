@@ -83,8 +83,9 @@ def should_skip_finished(resume: ResumeSchema, logger: LoggerSchema, multirun: b
     return mode == "always" or multirun
 
 
-def _finished_query(tracking_uri: str, experiment_name: str, extra: str = "", max_results: int = 50000,
-                    newest_first: bool = True) -> list[Run]:
+def _finished_query(
+    tracking_uri: str, experiment_name: str, extra: str = "", max_results: int = 50000, newest_first: bool = True
+) -> list[Run]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -100,7 +101,9 @@ def _finished_query(tracking_uri: str, experiment_name: str, extra: str = "", ma
     return client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'FINISHED'{extra}",
-        order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"], max_results=max_results)
+        order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"],
+        max_results=max_results,
+    )
 
 
 def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run | None:
@@ -111,8 +114,7 @@ def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run |
 
 def finished_runs(tracking_uri: str, experiment_name: str) -> dict[str, Run]:
     """Every FINISHED parent run of the experiment by config hash (the newest wins), for a sweep's resume."""
-    return {run.data.tags.get(CONFIG_HASH_TAG): run
-            for run in _finished_query(tracking_uri, experiment_name, newest_first=False)}
+    return {run.data.tags.get(CONFIG_HASH_TAG): run for run in _finished_query(tracking_uri, experiment_name, newest_first=False)}
 
 
 def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
@@ -133,8 +135,9 @@ def finished_summary(tracking_uri: str, run: Run) -> dict[str, Any]:
     return summary
 
 
-def skip_if_finished(resume: ResumeSchema, logger: LoggerSchema, digest: str, output_dir: Path, multirun: bool
-                     ) -> dict[str, Any] | None:
+def skip_if_finished(
+    resume: ResumeSchema, logger: LoggerSchema, digest: str, output_dir: Path, multirun: bool
+) -> dict[str, Any] | None:
     """When this config already FINISHED (and ``resume.skip_finished`` applies): write its summary to
     ``output_dir/summary.json``, say so in one line and return it; otherwise ``None``. Every DDP rank
     looks (read-only), so that all of them skip or none does."""
@@ -147,6 +150,8 @@ def skip_if_finished(resume: ResumeSchema, logger: LoggerSchema, digest: str, ou
     if not is_global_zero():
         return summary
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"ptlab: skipped, run {run.info.run_id} of experiment {logger.experiment_name!r} already "
-          f"FINISHED this config (resume.skip_finished={resume.skip_finished})")
+    print(
+        f"ptlab: skipped, run {run.info.run_id} of experiment {logger.experiment_name!r} already "
+        f"FINISHED this config (resume.skip_finished={resume.skip_finished})"
+    )
     return summary

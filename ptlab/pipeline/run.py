@@ -48,8 +48,7 @@ for _name in IMAGE_TASKS:
 def figure_title(spec: PipelineSpec) -> str:
     """The decomposition figure's title: the seed and the settings that shape the curves."""
     task = spec.task
-    return (f"seed {spec.seed}: d={task.d}, N1={task.n1}, N2={task.n2}, ||u||={task.u_norm}, "
-            f"sigma_p1={spec.noise.sigma_p1}")
+    return f"seed {spec.seed}: d={task.d}, N1={task.n1}, N2={task.n2}, ||u||={task.u_norm}, sigma_p1={spec.noise.sigma_p1}"
 
 
 def make_engine(spec: PipelineSpec) -> Engine:
@@ -57,19 +56,26 @@ def make_engine(spec: PipelineSpec) -> Engine:
     return instantiate(dict(spec.engine), trainer=dict(spec.trainer), _recursive_=False)
 
 
-def make_pipeline_tracker(logger: LoggerSchema, run_name: str, tags: dict[str, str], description: str = "",
-                          background: bool = False) -> Tracker:
+def make_pipeline_tracker(
+    logger: LoggerSchema, run_name: str, tags: dict[str, str], description: str = "", background: bool = False
+) -> Tracker:
     """The tracker of the ``logger`` group (none on DDP ranks other than 0); ``background``: through a helper process
     that loads MLflow and writes while this one trains (``ptlab.tracking.background.runs_in_background``)."""
     if logger.kind == "none" or not is_global_zero():
         return NullTracker()
     if background:
-        return BackgroundTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags,
-                                 description, wal=logger.sqlite_wal)
+        return BackgroundTracker(
+            logger.tracking_uri,
+            logger.experiment_name,
+            run_name,
+            logger.artifact_location,
+            tags,
+            description,
+            wal=logger.sqlite_wal,
+        )
     from ptlab.tracking.mlflow import MLflowTracker  # MLflow loads only when a run is tracked
 
-    return MLflowTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags,
-                         description)
+    return MLflowTracker(logger.tracking_uri, logger.experiment_name, run_name, logger.artifact_location, tags, description)
 
 
 def in_background(spec: PipelineSpec, context: JobContext) -> bool:
@@ -77,8 +83,7 @@ def in_background(spec: PipelineSpec, context: JobContext) -> bool:
     return runs_in_background(spec.logger.kind, spec.task.name, context.multirun, spec.resume.skip_finished)
 
 
-def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context: JobContext | None = None
-                 ) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig | PipelineSpec, output_dir: str | Path, context: JobContext | None = None) -> dict[str, Any]:
     """Run one pipeline (a composed config, parsed here, or its spec); returns (and writes to
     ``output_dir/summary.json``) its summary."""
     spec = cfg if isinstance(cfg, PipelineSpec) else parse(cfg)
@@ -109,8 +114,7 @@ def mlflow_view_line(tracking_uri: str, experiment_id: str) -> str:
 
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow: {result_view_url(experiment_id, tracking_uri.rstrip('/'))}"
-    return (f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open "
-            f"{result_view_url(experiment_id)}")
+    return f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open {result_view_url(experiment_id)}"
 
 
 def lock_dir(tracking_uri: str, cache: Path) -> Path:
@@ -147,19 +151,29 @@ def config_lock(spec: PipelineSpec, digest: str, context: JobContext) -> Iterato
         with FileLock(str(folder / f"{digest}.lock"), timeout=timeout):
             yield
     except Timeout:
-        raise ConfigError(f"cache.lock_timeout={timeout}: another process ran this config longer; "
-                          "raise it or remove a stale lock") from None
+        raise ConfigError(
+            f"cache.lock_timeout={timeout}: another process ran this config longer; raise it or remove a stale lock"
+        ) from None
 
 
 def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: JobContext) -> dict[str, Any]:
     """The pipeline between opening its runs and writing its summary."""
     runner = STAGE_RUNNERS.get(spec.task.name)
     engine = make_engine(spec)
-    log.info("%s: task=%s engine=%s, experiment %s", cell_name(context.overrides, spec.seed), spec.task.name,
-             spec.engine_name, spec.logger.experiment_name)
-    tracker = make_pipeline_tracker(spec.logger, cell_name(context.overrides, spec.seed),
-                                    pipeline_tags(spec.seed, digest, context.choices),
-                                    preset_description(context.choices.get("experiment")), in_background(spec, context))
+    log.info(
+        "%s: task=%s engine=%s, experiment %s",
+        cell_name(context.overrides, spec.seed),
+        spec.task.name,
+        spec.engine_name,
+        spec.logger.experiment_name,
+    )
+    tracker = make_pipeline_tracker(
+        spec.logger,
+        cell_name(context.overrides, spec.seed),
+        pipeline_tags(spec.seed, digest, context.choices),
+        preset_description(context.choices.get("experiment")),
+        in_background(spec, context),
+    )
     with job_device(spec, context.multirun) as spec, signals_as_interrupt(), tracker, signal_exits_as_terminated():
         theory = None
         if spec.synthetic:
@@ -174,5 +188,14 @@ def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: Job
 
             discard_checkpoints(spec)
         draw = spec.synthetic and spec.logger.figures
-        return record_pipeline(tracker, stages, output_dir, spec.seed, context.choices, theory, extra,
-                               figure_title=figure_title(spec) if draw else None, write_file=is_global_zero())
+        return record_pipeline(
+            tracker,
+            stages,
+            output_dir,
+            spec.seed,
+            context.choices,
+            theory,
+            extra,
+            figure_title=figure_title(spec) if draw else None,
+            write_file=is_global_zero(),
+        )

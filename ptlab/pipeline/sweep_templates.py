@@ -18,8 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptlab.errors import ConfigError
 
-PER_TEMPLATE_HYDRA = ("runtime.choices", "runtime.cwd", "runtime.version", "runtime.version_base",
-                      "runtime.config_name", "run.dir", "sweep.dir", "job.name", "job.config_name")
+PER_TEMPLATE_HYDRA = (
+    "runtime.choices",
+    "runtime.cwd",
+    "runtime.version",
+    "runtime.version_base",
+    "runtime.config_name",
+    "run.dir",
+    "sweep.dir",
+    "job.name",
+    "job.config_name",
+)
 """Hydra values (``${hydra:<path>}``) that a template fixes for all its jobs: group choices are part of the
 template, the others do not depend on a job's value overrides (unless their own interpolations do: checked). Every
 other hydra value (``job.num``, ``job.id``, ``job.override_dirname``, ``runtime.output_dir``, ``sweep.subdir``,
@@ -61,8 +70,9 @@ def _select(node: Any, path: str) -> Any:
     return node
 
 
-def reads_swept_key(interpolation: str, keys: Sequence[str], hydra: Mapping[str, Any] | None = None,
-                    _seen: frozenset[str] = frozenset()) -> bool:
+def reads_swept_key(
+    interpolation: str, keys: Sequence[str], hydra: Mapping[str, Any] | None = None, _seen: frozenset[str] = frozenset()
+) -> bool:
     """Whether an interpolation string may give another value in another job of its template, whose value
     overrides set ``keys``: it names a key, a node above one (``${model}`` reads ``model.width``) or below one, a
     relative path along one (``${.width}``), or a hydra value outside ``PER_TEMPLATE_HYDRA`` (or one in it whose
@@ -76,8 +86,10 @@ def reads_swept_key(interpolation: str, keys: Sequence[str], hydra: Mapping[str,
     for path in paths:
         if path in _seen or not any(path == p or path.startswith(f"{p}.") for p in PER_TEMPLATE_HYDRA):
             return True
-        if any(isinstance(value, str) and "${" in value and reads_swept_key(value, keys, hydra, _seen | {path})
-               for _, value in leaves(_select(hydra, path))):
+        if any(
+            isinstance(value, str) and "${" in value and reads_swept_key(value, keys, hydra, _seen | {path})
+            for _, value in leaves(_select(hydra, path))
+        ):
             return True
     for name in re.findall(r"[\w.]+", rest):
         path = name.lstrip(".")
@@ -115,8 +127,7 @@ def grid_refusal(config: DictConfig, value_keys: Sequence[str]) -> str | None:
     fallback = "(use hydra.launcher.tracking=runs)"
     engine, task = OmegaConf.select(config, "engine.name"), OmegaConf.select(config, "task.name")
     if engine != "gram" or task != "synthetic":
-        return (f"{prefix}: every job must be an engine=gram synthetic pipeline, one is engine={engine} task={task} "
-                f"{fallback}")
+        return f"{prefix}: every job must be an engine=gram synthetic pipeline, one is engine={engine} task={task} {fallback}"
     value = per_job_value(config, value_keys)
     if value is not None:
         return f"{prefix}: its jobs are built from one config by their values, but {value} may differ per job {fallback}"

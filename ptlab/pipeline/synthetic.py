@@ -36,10 +36,21 @@ def make_data(spec: PipelineSpec) -> SyntheticTransferData:
     """The seeded synthetic data of a pipeline."""
     task, noise = spec.task, spec.noise
     return make_synthetic_data(
-        d=task.d, n1=task.n1, n2=task.n2, n_test=task.n_test, u_norm=task.u_norm, v_norm=task.v_norm,
-        label_noise=task.label_noise, sigma_p1=noise.sigma_p1, sigma_p2=noise.sigma_p2,
-        seed=derive_seed(spec.seed, "data"), dtype=DTYPES[spec.train.dtype], project_noise=task.project_noise,
-        signal_position=task.signal_position, test_space=task.test_space)
+        d=task.d,
+        n1=task.n1,
+        n2=task.n2,
+        n_test=task.n_test,
+        u_norm=task.u_norm,
+        v_norm=task.v_norm,
+        label_noise=task.label_noise,
+        sigma_p1=noise.sigma_p1,
+        sigma_p2=noise.sigma_p2,
+        seed=derive_seed(spec.seed, "data"),
+        dtype=DTYPES[spec.train.dtype],
+        project_noise=task.project_noise,
+        signal_position=task.signal_position,
+        test_space=task.test_space,
+    )
 
 
 def build_model(spec: PipelineSpec, stream: str) -> nn.Module:
@@ -65,8 +76,13 @@ def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageRes
     tracker.start_stage(stage.name)
     result = engine.train_stage(stage)
     record_stage(tracker, result)
-    log.info("stage %s done in %.1f s: train_acc %.4f, test_acc %.4f", stage.name, time.perf_counter() - started,
-             result.final["train_acc"], result.final["test_acc"])
+    log.info(
+        "stage %s done in %.1f s: train_acc %.4f, test_acc %.4f",
+        stage.name,
+        time.perf_counter() - started,
+        result.final["train_acc"],
+        result.final["test_acc"],
+    )
     return result
 
 
@@ -84,11 +100,17 @@ def run_whole_cell(spec: PipelineSpec, tracker: Tracker) -> tuple[dict[str, Stag
 
     started = time.perf_counter()
     result = run_cells([GramCell.from_spec(spec)])[0]
-    extra = ({"transferability": transferability.record_scores(tracker, result.transferability)}
-             if result.transferability is not None else {})
+    extra = (
+        {"transferability": transferability.record_scores(tracker, result.transferability)}
+        if result.transferability is not None
+        else {}
+    )
     stages = record_trained(tracker, result.stage_results(), result.divergence())
-    log.info("pipeline trained as one gram cell in %.1f s: %s", time.perf_counter() - started,
-             ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()))
+    log.info(
+        "pipeline trained as one gram cell in %.1f s: %s",
+        time.perf_counter() - started,
+        ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()),
+    )
     return stages, extra
 
 
@@ -104,34 +126,53 @@ def run_synthetic(spec: PipelineSpec, engine: Engine, tracker: Tracker) -> tuple
     regularizer = Regularizer.from_config(spec.regularizer)
 
     def stage(name: str, model: nn.Module, task: int, transfer: Transfer | None = None) -> Stage:
-        part_train, part_test = ((data.task1_train, data.task1_test) if task == 1
-                                 else (data.task2_train, data.task2_test))
+        part_train, part_test = (data.task1_train, data.task1_test) if task == 1 else (data.task2_train, data.task2_test)
         steps = {"upstream": train.upstream_steps, "transfer": train.downstream_steps}.get(name, scratch_steps)
-        return Stage(name, model, part_train, part_test, steps, train.lr, train.eval_every, data.directions, task,
-                     transfer, train.dtype, regularizer if transfer is not None else None)
+        return Stage(
+            name,
+            model,
+            part_train,
+            part_test,
+            steps,
+            train.lr,
+            train.eval_every,
+            data.directions,
+            task,
+            transfer,
+            train.dtype,
+            regularizer if transfer is not None else None,
+        )
 
     stages: dict[str, StageResult] = {}
     extra: dict[str, Any] = {}
     transfer_cfg = spec.transfer
     if transfer_cfg.kind != "none":
         upstream = build_model(spec, "upstream")
-        stages["upstream"] = cached_upstream(spec, engine.name, tracker, upstream, lambda: train_and_record(
-            engine, tracker, stage("upstream", upstream, 1)))
-        transfer = Transfer(upstream, transfer_cfg.alpha, transfer_cfg.selection, derive_seed(spec.seed, "selection"),
-                            inputs=selection_inputs(data), control=transfer_cfg.control,
-                            control_seed=derive_seed(spec.seed, "control"))
+        stages["upstream"] = cached_upstream(
+            spec, engine.name, tracker, upstream, lambda: train_and_record(engine, tracker, stage("upstream", upstream, 1))
+        )
+        transfer = Transfer(
+            upstream,
+            transfer_cfg.alpha,
+            transfer_cfg.selection,
+            derive_seed(spec.seed, "selection"),
+            inputs=selection_inputs(data),
+            control=transfer_cfg.control,
+            control_seed=derive_seed(spec.seed, "control"),
+        )
         downstream = build_model(spec, "downstream")
         if transferability.enabled(spec):
             extra["transferability"] = transferability.synthetic_scores(
-                spec, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y)
+                spec, tracker, upstream, downstream, transfer, data.task2_train.x, data.task2_train.y
+            )
         stages["transfer"] = train_and_record(engine, tracker, stage("transfer", downstream, 2, transfer))
         stages["transfer"].extra["regularizer"] = regularizer.as_dict()
         stages["transfer"].extra["control"] = transfer_cfg.control
     scratch = build_model(spec, "downstream")
     if transfer_cfg.kind == "none" and transferability.enabled(spec):
         extra["transferability"] = transferability.synthetic_scores(
-            spec, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y)
+            spec, tracker, None, scratch, None, data.task2_train.x, data.task2_train.y
+        )
     stages["scratch"] = train_and_record(engine, tracker, stage("scratch", scratch, 2))
     stages["scratch"].extra.update(budget=train.scratch_budget, steps=scratch_steps)
     return stages, extra
-

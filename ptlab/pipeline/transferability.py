@@ -66,20 +66,33 @@ def record_scores(tracker: Tracker, scores: dict[str, float]) -> dict[str, Any]:
     """Log ``scores`` (name -> value, and ``samples``) as ``transferability/<name>`` metrics (a NaN score, of a
     diverged model, is not logged); return them for the summary. The gram engine's cells
     (``GramResult.transferability``) are recorded through here too."""
-    tracker.log_metrics({f"transferability/{name}": value for name, value in scores.items()
-                         if name != "samples" and math.isfinite(value)})
+    tracker.log_metrics(
+        {f"transferability/{name}": value for name, value in scores.items() if name != "samples" and math.isfinite(value)}
+    )
     return dict(scores)
 
 
 def finish(tracker: Tracker, scores: dict[str, float], n: int, started: float) -> dict[str, Any]:
-    log.info("transferability on %d task-2 samples (%.1f s): %s", n, time.perf_counter() - started,
-             ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+    log.info(
+        "transferability on %d task-2 samples (%.1f s): %s",
+        n,
+        time.perf_counter() - started,
+        ", ".join(f"{name} {value:.4f}" for name, value in scores.items()),
+    )
     return record_scores(tracker, {**scores, "samples": n})
 
 
-def image_scores(spec: PipelineSpec, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
-                 transfer: Transfer | None, x: Tensor, y: Tensor, device: torch.device,
-                 model_input_size: Callable[[nn.Module], int | None]) -> dict[str, Any]:
+def image_scores(
+    spec: PipelineSpec,
+    tracker: Tracker,
+    upstream: nn.Module | None,
+    downstream: nn.Module,
+    transfer: Transfer | None,
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
+    model_input_size: Callable[[nn.Module], int | None],
+) -> dict[str, Any]:
     """The scores of an image pipeline on the task-2 training images ``x``, ``y`` (``upstream`` and ``transfer`` are
     ``None`` without transfer: then only ``logme_scratch``), each model fed at its ``model_input_size``."""
     started = time.perf_counter()
@@ -104,8 +117,15 @@ def two_patch_probabilities(model: nn.Module, x: Tensor) -> Tensor:
     return torch.stack([torch.sigmoid(-margin), torch.sigmoid(margin)], dim=1)
 
 
-def synthetic_scores(spec: PipelineSpec, tracker: Tracker, upstream: nn.Module | None, downstream: nn.Module,
-                     transfer: Transfer | None, x: Tensor, y: Tensor) -> dict[str, Any]:
+def synthetic_scores(
+    spec: PipelineSpec,
+    tracker: Tracker,
+    upstream: nn.Module | None,
+    downstream: nn.Module,
+    transfer: Transfer | None,
+    x: Tensor,
+    y: Tensor,
+) -> dict[str, Any]:
     """The scores of a synthetic pipeline on the task-2 training patches ``x`` (N, 2, d), labels ``y``."""
     started = time.perf_counter()
     keep = score_subset(len(x), spec.transferability.max_samples, spec.seed)

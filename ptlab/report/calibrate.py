@@ -63,15 +63,22 @@ from ptlab.theory import (
     threshold_term,
 )
 
-OUTCOME_OF_VERDICT = {"better": TRANSFER_HELPS, "no detectable difference": NO_DIFFERENCE,
-                      "worse": NEGATIVE_TRANSFER}
+OUTCOME_OF_VERDICT = {"better": TRANSFER_HELPS, "no detectable difference": NO_DIFFERENCE, "worse": NEGATIVE_TRANSFER}
 """The theory's outcome label that a paired verdict measures."""
 CLASSES = (TRANSFER_HELPS, NO_DIFFERENCE, NEGATIVE_TRANSFER)
 PREDICTED_LABELS = (*CLASSES, UNDETERMINED)
 
-INPUTS = {"d": "params.task.d", "n1": "params.task.n1", "n2": "params.task.n2", "u_norm": "params.task.u_norm",
-          "v_norm": "params.task.v_norm", "sigma_p1": "params.noise.sigma_p1", "sigma_p2": "params.noise.sigma_p2",
-          "alpha": "params.transfer.alpha", "label_noise": "params.task.label_noise"}
+INPUTS = {
+    "d": "params.task.d",
+    "n1": "params.task.n1",
+    "n2": "params.task.n2",
+    "u_norm": "params.task.u_norm",
+    "v_norm": "params.task.v_norm",
+    "sigma_p1": "params.noise.sigma_p1",
+    "sigma_p2": "params.noise.sigma_p2",
+    "alpha": "params.transfer.alpha",
+    "label_noise": "params.task.label_noise",
+}
 """The theory's inputs and the params that hold them."""
 
 FIT, HELD_OUT = "fit", "held-out"
@@ -100,14 +107,17 @@ class Candidate:
         return f"{self.kind}:{self.knob:g}/{len(self.features)}"
 
 
-PHASE_CANDIDATES = tuple(Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES)
-                         for kind, knobs in (("logistic", (0.1, 1.0, 10.0, 100.0)), ("pairs", (0.01, 0.1, 1.0, 10.0)),
-                                             ("tree", (2, 3, 4, 5)))
-                         for knob in knobs)
+PHASE_CANDIDATES = tuple(
+    Candidate(kind, knob, names)
+    for names in (FEATURES, ALL_FEATURES)
+    for kind, knobs in (("logistic", (0.1, 1.0, 10.0, 100.0)), ("pairs", (0.01, 0.1, 1.0, 10.0)), ("tree", (2, 3, 4, 5)))
+    for knob in knobs
+)
 """The phase models compared by cross-validation on the fit cells (docs/theory.md section 7); ties go to the
 earlier (simpler) candidate."""
-REFERENCE_CANDIDATES = tuple(Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES)
-                             for kind, knob in (("forest", 4), ("boosting", 2)))
+REFERENCE_CANDIDATES = tuple(
+    Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES) for kind, knob in (("forest", 4), ("boosting", 2))
+)
 """Ensembles cross-validated beside them as references (``calibrate --references``), never chosen."""
 CV_FOLDS, CV_REPEATS = 5, 5
 
@@ -132,8 +142,7 @@ def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.Data
     runs = runs if INPUTS["label_noise"] in runs.columns else runs.assign(**{INPUTS["label_noise"]: "0.0"})
     missing = [c for c in [*INPUTS.values(), TRANSFER, SCRATCH, GAIN] if c not in runs.columns]
     if missing:
-        raise ReportError(f"experiment {experiment!r} lacks {', '.join(missing)}: calibration needs synthetic "
-                          "transfer pipelines")
+        raise ReportError(f"experiment {experiment!r} lacks {', '.join(missing)}: calibration needs synthetic transfer pipelines")
     table = seed_stats(runs, [], [TRANSFER, SCRATCH, GAIN])
     swept = list(table.attrs["config_columns"])
     for name, column in INPUTS.items():
@@ -149,13 +158,27 @@ def cell_table(runs: pd.DataFrame, experiment: str, split: str = FIT) -> pd.Data
     table["n_seeds"] = table[f"{GAIN}_count"].astype(int)
     table["gain"] = table[f"{GAIN}_mean"]
     table["gain_ci_low"], table["gain_ci_high"] = table[f"{GAIN}_ci_low"], table[f"{GAIN}_ci_high"]
-    table["cell"] = table[swept].apply(
-        lambda row: " ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()), axis=1) if swept else ""
+    table["cell"] = (
+        table[swept].apply(lambda row: " ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()), axis=1) if swept else ""
+    )
     table["gains"] = _cell_gains(runs, swept)
     if not np.allclose([g.mean() for g in table["gains"]], table["gain"].to_numpy(float), equal_nan=True):
         raise ReportError(f"experiment {experiment!r}: the per-seed gains do not match the cells' means")
-    keep = ["experiment", "cell", "split", *INPUTS, "n_seeds", "transfer_acc", "scratch_acc", "gain",
-            "gain_ci_low", "gain_ci_high", "verdict", "measured", "gains"]
+    keep = [
+        "experiment",
+        "cell",
+        "split",
+        *INPUTS,
+        "n_seeds",
+        "transfer_acc",
+        "scratch_acc",
+        "gain",
+        "gain_ci_low",
+        "gain_ci_high",
+        "verdict",
+        "measured",
+        "gains",
+    ]
     # Rows sorted by the theory's inputs: the cross-validation folds then do not depend on the column order
     # in which MLflow returned the params.
     return table[keep].sort_values([*INPUTS, "cell"], kind="stable").reset_index(drop=True)
@@ -180,31 +203,49 @@ def features_of(cells: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndar
 
 
 def settings_of(cells: pd.DataFrame) -> list[Setting]:
-    return [Setting(int(r.d), int(r.n1), int(r.n2), float(r.u_norm), float(r.v_norm), float(r.sigma_p1),
-                    float(r.sigma_p2), float(r.alpha)) for r in cells.itertuples()]
+    return [
+        Setting(
+            int(r.d), int(r.n1), int(r.n2), float(r.u_norm), float(r.v_norm), float(r.sigma_p1), float(r.sigma_p2), float(r.alpha)
+        )
+        for r in cells.itertuples()
+    ]
 
 
 def add_thresholds(cells: pd.DataFrame) -> pd.DataFrame:
     """``D*`` (Theorem 4.2), the scratch threshold (Theorem 4.3), Gamma, the source strength and the
     negative-transfer ratio per cell."""
     cells = cells.copy()
-    rows = list(zip(cells["d"], cells["n1"], cells["n2"], cells["u_norm"], cells["v_norm"], cells["sigma_p1"],
-                    cells["sigma_p2"], cells["alpha"]))
+    rows = list(
+        zip(
+            cells["d"],
+            cells["n1"],
+            cells["n2"],
+            cells["u_norm"],
+            cells["v_norm"],
+            cells["sigma_p1"],
+            cells["sigma_p2"],
+            cells["alpha"],
+        )
+    )
     s2 = [target_signal_norm(u, v) for _, _, _, u, v, *_ in rows]
-    cells["threshold_term"] = [threshold_term(a, int(n1), int(n2), u, s, p1, p2)
-                               for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)]
+    cells["threshold_term"] = [
+        threshold_term(a, int(n1), int(n2), u, s, p1, p2) for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)
+    ]
     cells["scratch_threshold"] = [scratch_threshold(int(n2), s, p2) for (_, _, n2, _, _, _, p2, _), s in zip(rows, s2)]
     cells["gamma"] = [gamma(a, int(n1), u, p1, p2, int(d)) for d, n1, _, u, _, p1, p2, a in rows]
     cells["source_strength"] = [source_strength(a, int(n1), int(n2), p1, p2) for _, n1, n2, _, _, p1, p2, a in rows]
-    cells["negative_transfer_ratio"] = [negative_transfer_ratio(a, int(n1), int(n2), u, s, p1, p2)
-                                        for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)]
+    cells["negative_transfer_ratio"] = [
+        negative_transfer_ratio(a, int(n1), int(n2), u, s, p1, p2) for (_, n1, n2, u, _, p1, p2, a), s in zip(rows, s2)
+    ]
     return cells
 
 
 def predicted_outcomes(cells: pd.DataFrame, constants: TheoryConstants) -> list[str]:
     """The theory's predicted outcome of every cell under ``constants``."""
-    return [predict(int(r.d), int(r.n1), int(r.n2), r.u_norm, r.v_norm, r.sigma_p1, r.sigma_p2, r.alpha,
-                    constants).predicted for r in cells.itertuples()]
+    return [
+        predict(int(r.d), int(r.n1), int(r.n2), r.u_norm, r.v_norm, r.sigma_p1, r.sigma_p2, r.alpha, constants).predicted
+        for r in cells.itertuples()
+    ]
 
 
 def _agreement(cells: pd.DataFrame, constants: TheoryConstants) -> int:
@@ -231,8 +272,7 @@ def _regime_fits(cells: pd.DataFrame, threshold: str, accuracy: str) -> tuple[Bo
     of the Bayes error, the label noise) and the sub-optimal one (``d >= c3 * threshold`` where the error
     is >= 0.1, i.e. accuracy < 0.9)."""
     d, ratio_to = cells["d"].to_numpy(float), cells[threshold].to_numpy(float)
-    near = fit_boundary(d, ratio_to, (cells[accuracy] + cells["label_noise"]).to_numpy(float),
-                        1.0 - NEAR_OPTIMAL_MARGIN)
+    near = fit_boundary(d, ratio_to, (cells[accuracy] + cells["label_noise"]).to_numpy(float), 1.0 - NEAR_OPTIMAL_MARGIN)
     sub = fit_boundary(d, ratio_to, cells[accuracy].to_numpy(float), NEAR_OPTIMAL_ACCURACY)
     return near, sub
 
@@ -243,8 +283,12 @@ def fit_constants(fit: pd.DataFrame) -> tuple[TheoryConstants, dict[str, Boundar
     transfer_near, transfer_sub = _regime_fits(fit, "threshold_term", "transfer_acc")
     scratch_cells = fit.drop_duplicates(["d", "scratch_threshold", "scratch_acc"])
     scratch_near, scratch_sub = _regime_fits(scratch_cells, "scratch_threshold", "scratch_acc")
-    base = TheoryConstants(c1=transfer_near.c, c3=max(transfer_sub.c, transfer_near.c),
-                           c1_prime=scratch_near.c, c3_prime=max(scratch_sub.c, scratch_near.c))
+    base = TheoryConstants(
+        c1=transfer_near.c,
+        c3=max(transfer_sub.c, transfer_near.c),
+        c1_prime=scratch_near.c,
+        c3_prime=max(scratch_sub.c, scratch_near.c),
+    )
     c_gamma, _ = fit_constant(fit, replace(base, c4=math.inf), "c_gamma", fit["gamma"])
     constants = replace(base, c_gamma=c_gamma)
     agreeing = _agreement(fit, constants)
@@ -259,6 +303,7 @@ def fit_constants(fit: pd.DataFrame) -> tuple[TheoryConstants, dict[str, Boundar
 
 # ---- the phase model ---------------------------------------------------------------------------------
 
+
 def _phase_estimator(candidate: Candidate):
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -271,8 +316,11 @@ def _phase_estimator(candidate: Candidate):
         return make_pipeline(StandardScaler(), LogisticRegression(C=knob, max_iter=5000))
     if kind == "pairs":
         pairs = all_pairs(len(candidate.features))
-        return make_pipeline(FunctionTransformer(expand_pairs, kw_args={"pairs": pairs}), StandardScaler(),
-                             LogisticRegression(C=knob, max_iter=20000))
+        return make_pipeline(
+            FunctionTransformer(expand_pairs, kw_args={"pairs": pairs}),
+            StandardScaler(),
+            LogisticRegression(C=knob, max_iter=20000),
+        )
     if kind == "tree":
         return DecisionTreeClassifier(max_depth=int(knob), min_samples_leaf=3, random_state=0)
     if kind == "forest":
@@ -286,8 +334,9 @@ def _columns(candidate: Candidate) -> list[int]:
     return [ALL_FEATURES.index(name) for name in candidate.features]
 
 
-def cross_validated(x: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate] = PHASE_CANDIDATES,
-                    repeats: int = CV_REPEATS) -> dict[str, float]:
+def cross_validated(
+    x: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate] = PHASE_CANDIDATES, repeats: int = CV_REPEATS
+) -> dict[str, float]:
     """Cross-validated agreement of each candidate on the fit cells (``x``: the ``ALL_FEATURES`` columns):
     the mean over ``repeats`` stratified 5-fold splits (seeds 0, 1, ...; fewer folds when a class has fewer
     cells), the same splits for every candidate; empty when there are too few cells or classes."""
@@ -296,10 +345,15 @@ def cross_validated(x: np.ndarray, labels: np.ndarray, candidates: Sequence[Cand
     counts = pd.Series(labels).value_counts()
     if len(counts) < 2 or counts.min() < 2:
         return {}
-    splits = [StratifiedKFold(n_splits=int(min(CV_FOLDS, counts.min())), shuffle=True, random_state=seed)
-              for seed in range(repeats)]
-    return {c.key: float(np.mean([cross_val_score(_phase_estimator(c), x[:, _columns(c)], labels, cv=split).mean()
-                                  for split in splits])) for c in candidates}
+    splits = [
+        StratifiedKFold(n_splits=int(min(CV_FOLDS, counts.min())), shuffle=True, random_state=seed) for seed in range(repeats)
+    ]
+    return {
+        c.key: float(
+            np.mean([cross_val_score(_phase_estimator(c), x[:, _columns(c)], labels, cv=split).mean() for split in splits])
+        )
+        for c in candidates
+    }
 
 
 def choose_candidate(scores: dict[str, float], candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> Candidate:
@@ -312,13 +366,15 @@ def choose_candidate(scores: dict[str, float], candidates: Sequence[Candidate] =
 
 
 def _model_name(candidate: Candidate) -> str:
-    kind = {"logistic": "logistic (C {:g})", "pairs": "logistic with pairwise products (C {:g})",
-            "tree": "tree (depth {:g})"}[candidate.kind].format(candidate.knob)
+    kind = {"logistic": "logistic (C {:g})", "pairs": "logistic with pairwise products (C {:g})", "tree": "tree (depth {:g})"}[
+        candidate.kind
+    ].format(candidate.knob)
     return f"{kind} over {len(candidate.features)} theory quantities"
 
 
-def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None,
-                    candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> tuple[PhaseModel, dict[str, float]]:
+def fit_phase_model(
+    fit: pd.DataFrame, provenance: dict | None = None, candidates: Sequence[Candidate] = PHASE_CANDIDATES
+) -> tuple[PhaseModel, dict[str, float]]:
     """The phase model (module docstring) fitted to the fit cells, and every candidate's cross-validated
     agreement. The gain model is a ridge regression of the gain in points on the chosen model's features;
     its 95% interval is the 95th percentile of the absolute cross-validated residuals."""
@@ -333,8 +389,13 @@ def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None,
         candidate = Candidate("logistic", 1.0, FEATURES)
     x = x_all[:, _columns(candidate)]
     if len(set(labels)) == 1:
-        params = {"C": 1.0, "mean": x.mean(axis=0).tolist(), "scale": [1.0] * x.shape[1],
-                  "coef": [[0.0] * x.shape[1]], "intercept": [0.0]}
+        params = {
+            "C": 1.0,
+            "mean": x.mean(axis=0).tolist(),
+            "scale": [1.0] * x.shape[1],
+            "coef": [[0.0] * x.shape[1]],
+            "intercept": [0.0],
+        }
         classes = (str(labels[0]),)
     elif candidate.kind in ("logistic", "pairs"):
         estimator = _phase_estimator(candidate).fit(x, labels)
@@ -343,18 +404,28 @@ def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None,
         coef, intercept = logistic.coef_, logistic.intercept_
         if len(classes) == 2:  # sklearn keeps one score for two classes: the second's against the first
             coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-        params = {"C": candidate.knob, "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
-                  "coef": np.round(coef, 8).tolist(), "intercept": np.round(intercept, 8).tolist()}
+        params = {
+            "C": candidate.knob,
+            "mean": scaler.mean_.tolist(),
+            "scale": scaler.scale_.tolist(),
+            "coef": np.round(coef, 8).tolist(),
+            "intercept": np.round(intercept, 8).tolist(),
+        }
         if candidate.kind == "pairs":
             params["pairs"] = all_pairs(len(candidate.features))
     else:
         estimator = _phase_estimator(candidate).fit(x, labels)
         tree = estimator.tree_
         classes = tuple(str(c) for c in estimator.classes_)
-        params = {"max_depth": int(candidate.knob), "feature": tree.feature.tolist(),
-                  "threshold": tree.threshold.tolist(), "left": tree.children_left.tolist(),
-                  "right": tree.children_right.tolist(), "value": np.round(tree.value[:, 0, :], 8).tolist(),
-                  "importances": dict(zip(candidate.features, np.round(estimator.feature_importances_, 6).tolist()))}
+        params = {
+            "max_depth": int(candidate.knob),
+            "feature": tree.feature.tolist(),
+            "threshold": tree.threshold.tolist(),
+            "left": tree.children_left.tolist(),
+            "right": tree.children_right.tolist(),
+            "value": np.round(tree.value[:, 0, :], 8).tolist(),
+            "importances": dict(zip(candidate.features, np.round(estimator.feature_importances_, 6).tolist())),
+        }
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     standard = (x - mean) / scale
@@ -366,16 +437,28 @@ def fit_phase_model(fit: pd.DataFrame, provenance: dict | None = None,
     ridge.fit(standard, points)
     if len(points) < 2:
         residuals = points - ridge.predict(standard)
-    gain = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": np.round(ridge.coef_, 8).tolist(),
-            "intercept": float(ridge.intercept_), "interval_half_width": float(np.quantile(np.abs(residuals), 0.95)),
-            "cv_rmse": float(np.sqrt(np.mean(residuals ** 2)))}
-    model = PhaseModel(name=_model_name(candidate), kind="tree" if candidate.kind == "tree" else "logistic",
-                       features=candidate.features, classes=classes, params=params, gain=gain,
-                       provenance=dict(provenance or {}))
+    gain = {
+        "mean": mean.tolist(),
+        "scale": scale.tolist(),
+        "coef": np.round(ridge.coef_, 8).tolist(),
+        "intercept": float(ridge.intercept_),
+        "interval_half_width": float(np.quantile(np.abs(residuals), 0.95)),
+        "cv_rmse": float(np.sqrt(np.mean(residuals**2))),
+    }
+    model = PhaseModel(
+        name=_model_name(candidate),
+        kind="tree" if candidate.kind == "tree" else "logistic",
+        features=candidate.features,
+        classes=classes,
+        params=params,
+        gain=gain,
+        provenance=dict(provenance or {}),
+    )
     return model, scores
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Score:
@@ -404,8 +487,9 @@ def score(name: str, measured: Sequence[str], predicted: Sequence[str]) -> Score
     said, was = predicted == NEGATIVE_TRANSFER, measured == NEGATIVE_TRANSFER
     precision = float((said & was).sum() / said.sum()) if said.any() else math.nan
     recall = float((said & was).sum() / was.sum()) if was.any() else math.nan
-    confusion = pd.crosstab(pd.Categorical(measured, categories=CLASSES),
-                            pd.Categorical(predicted, categories=PREDICTED_LABELS), dropna=False)
+    confusion = pd.crosstab(
+        pd.Categorical(measured, categories=CLASSES), pd.Categorical(predicted, categories=PREDICTED_LABELS), dropna=False
+    )
     confusion.index.name, confusion.columns.name = "measured", "predicted"
     return Score(name, len(measured), agreeing, low, high, precision, recall, confusion)
 
@@ -433,17 +517,31 @@ class Calibration:
 
     def agreement(self) -> pd.DataFrame:
         """Per split and predictor: cells, agreeing, agreement, its Wilson interval, negative precision/recall."""
-        return pd.DataFrame([{"split": split, "predictor": s.predictor, "cells": s.cells, "agreeing": s.agreeing,
-                              "agreement": s.agreement, "wilson_low": s.low, "wilson_high": s.high,
-                              "negative_precision": s.negative_precision, "negative_recall": s.negative_recall}
-                             for split, by_name in self.scores.items() for s in by_name.values()])
+        return pd.DataFrame(
+            [
+                {
+                    "split": split,
+                    "predictor": s.predictor,
+                    "cells": s.cells,
+                    "agreeing": s.agreeing,
+                    "agreement": s.agreement,
+                    "wilson_low": s.low,
+                    "wilson_high": s.high,
+                    "negative_precision": s.negative_precision,
+                    "negative_recall": s.negative_recall,
+                }
+                for split, by_name in self.scores.items()
+                for s in by_name.values()
+            ]
+        )
 
 
 PHASE, THEORY = "phase model", "theory, fitted constants"
 
 
-def calibrate(cells: pd.DataFrame, provenance: dict | None = None,
-              candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> Calibration:
+def calibrate(
+    cells: pd.DataFrame, provenance: dict | None = None, candidates: Sequence[Candidate] = PHASE_CANDIDATES
+) -> Calibration:
     """Fit the constants and the phase model (chosen among ``candidates``) on the ``fit`` cells and score every
     predictor on both splits."""
     cells = add_thresholds(cells[cells["measured"].notna()].reset_index(drop=True))
@@ -459,20 +557,24 @@ def calibrate(cells: pd.DataFrame, provenance: dict | None = None,
     for name, rule in baselines().items():
         cells[name] = rule(cells)
     predictors = [PHASE, THEORY, *baselines()]
-    scores = {split: {p: score(p, group["measured"], group[p]) for p in predictors}
-              for split, group in cells.groupby("split", sort=True)}
+    scores = {
+        split: {p: score(p, group["measured"], group[p]) for p in predictors}
+        for split, group in cells.groupby("split", sort=True)
+    }
     return Calibration(constants, boundaries, agreeing, phase, cv, cells, scores)
 
 
-def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
-               min_seeds: int = MIN_SEEDS, held_out_uri: str | None = None) -> tuple[pd.DataFrame, int]:
+def load_cells(
+    fit: Sequence[str], held_out: Sequence[str], tracking_uri: str, min_seeds: int = MIN_SEEDS, held_out_uri: str | None = None
+) -> tuple[pd.DataFrame, int]:
     """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds
     (held-out experiments are read from ``held_out_uri`` when given, else from ``tracking_uri``).
     Held-out runs must share no run seed with fit runs (no common random numbers across the split)."""
     overlap = set(fit) & set(held_out)
     if overlap:
-        raise ReportError(f"experiment(s) {', '.join(sorted(overlap))} both fit and held out: a held-out cell "
-                          "must never be fitted")
+        raise ReportError(
+            f"experiment(s) {', '.join(sorted(overlap))} both fit and held out: a held-out cell must never be fitted"
+        )
     tables, seeds = [], {FIT: set(), HELD_OUT: set()}
     for split, names in ((FIT, fit), (HELD_OUT, held_out)):
         for name in names:
@@ -481,8 +583,10 @@ def load_cells(fit: Sequence[str], held_out: Sequence[str], tracking_uri: str,
             tables.append(cell_table(runs, name, split))
     shared = seeds[FIT] & seeds[HELD_OUT]
     if shared:
-        raise ReportError(f"{len(shared)} run seeds (e.g. {min(shared, key=str)}) occur in both fit and held-out "
-                          "runs: held-out cells must not share data with fit cells (draw them with another design seed)")
+        raise ReportError(
+            f"{len(shared)} run seeds (e.g. {min(shared, key=str)}) occur in both fit and held-out "
+            "runs: held-out cells must not share data with fit cells (draw them with another design seed)"
+        )
     cells = pd.concat(tables, ignore_index=True)
     enough = cells["n_seeds"] >= min_seeds
     return cells[enough].reset_index(drop=True), int((~enough).sum())
@@ -527,8 +631,9 @@ class Ceiling:
     cell_ceilings: np.ndarray
 
 
-def noise_ceiling(gains_by_cell: Sequence[np.ndarray], method: str = "bootstrap", replicates: int = 2000,
-                  seed: int = 0, resamples: int = 2000) -> Ceiling:
+def noise_ceiling(
+    gains_by_cell: Sequence[np.ndarray], method: str = "bootstrap", replicates: int = 2000, seed: int = 0, resamples: int = 2000
+) -> Ceiling:
     """How often an oracle that knew each cell's mean gain (taken to be the observed one) could agree with
     the cell's verdict: per cell, the largest of the three verdicts' frequencies over ``replicates``
     replicate verdicts (``replicate_verdicts``); their mean over cells, with a 95% percentile interval over
@@ -536,8 +641,9 @@ def noise_ceiling(gains_by_cell: Sequence[np.ndarray], method: str = "bootstrap"
     if not len(gains_by_cell):
         raise ValueError("noise ceiling of no cells")
     rng = np.random.default_rng(seed)
-    per_cell = np.array([np.bincount(replicate_verdicts(g, method, replicates, rng) + 1, minlength=3).max() / replicates
-                         for g in gains_by_cell])
+    per_cell = np.array(
+        [np.bincount(replicate_verdicts(g, method, replicates, rng) + 1, minlength=3).max() / replicates for g in gains_by_cell]
+    )
     means = per_cell[rng.integers(0, len(per_cell), size=(resamples, len(per_cell)))].mean(axis=1)
     low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     return Ceiling(method, len(per_cell), float(per_cell.mean()), float(low), float(high), per_cell)
@@ -549,9 +655,11 @@ def ceiling_lines(cells: pd.DataFrame, replicates: int = 2000, seed: int = 0) ->
     for split, group in cells.groupby("split", sort=True):
         for method in CEILING_METHODS:
             c = noise_ceiling(list(group["gains"]), method, replicates, seed)
-            lines.append(f"noise ceiling, {split} cells ({c.cells}), {method}: {c.ceiling:.1%} "
-                         f"[{c.low:.1%}, {c.high:.1%}] (an oracle knowing each cell's mean gain; {replicates} "
-                         "replicate verdicts a cell)")
+            lines.append(
+                f"noise ceiling, {split} cells ({c.cells}), {method}: {c.ceiling:.1%} "
+                f"[{c.low:.1%}, {c.high:.1%}] (an oracle knowing each cell's mean gain; {replicates} "
+                "replicate verdicts a cell)"
+            )
     return lines
 
 
@@ -564,9 +672,11 @@ def agreement_lines(result: Calibration) -> list[str]:
     for split, by_name in result.scores.items():
         lines.append(f"{split} cells ({next(iter(by_name.values())).cells}): agreement with the measured verdict")
         for s in by_name.values():
-            lines.append(f"  {s.predictor:<26} {s.agreeing:>4}/{s.cells:<4} = {s.agreement:6.1%} "
-                         f"[{s.low:.1%}, {s.high:.1%}]  negative precision {_percent(s.negative_precision)}, "
-                         f"recall {_percent(s.negative_recall)}")
+            lines.append(
+                f"  {s.predictor:<26} {s.agreeing:>4}/{s.cells:<4} = {s.agreement:6.1%} "
+                f"[{s.low:.1%}, {s.high:.1%}]  negative precision {_percent(s.negative_precision)}, "
+                f"recall {_percent(s.negative_recall)}"
+            )
     return lines
 
 
@@ -576,10 +686,15 @@ def constants_yaml(result: Calibration, command: str, today: dt.date | None = No
     day = (today or dt.date.today()).isoformat()
     fit_cells = int((result.cells["split"] == FIT).sum())
     held = result.scores.get(HELD_OUT, {}).get(THEORY)
-    held_text = (f"held-out agreement {held.agreeing}/{held.cells} = {held.agreement:.1%} "
-                 f"(Wilson 95% [{held.low:.1%}, {held.high:.1%}])") if held else "no held-out cells"
-    fits = "; ".join(f"{key} {b.agreeing}/{b.cells} cells (any value in [{b.c_low:.4g}, {b.c_high:.4g}))"
-                     for key, b in result.boundaries.items())
+    held_text = (
+        (f"held-out agreement {held.agreeing}/{held.cells} = {held.agreement:.1%} (Wilson 95% [{held.low:.1%}, {held.high:.1%}])")
+        if held
+        else "no held-out cells"
+    )
+    fits = "; ".join(
+        f"{key} {b.agreeing}/{b.cells} cells (any value in [{b.c_low:.4g}, {b.c_high:.4g}))"
+        for key, b in result.boundaries.items()
+    )
     source = f"fitted {day} by `{command}` on {fit_cells} random-design cells; {held_text}"
     lines = [
         "# Theory constants fitted to random-design runs (docs/theory.md).",
@@ -610,19 +725,27 @@ def report_text(result: Calibration, dropped: int = 0) -> str:
     """The fitted constants, the phase model with its cross-validation and coefficients, and every
     predictor's agreement, as printable lines."""
     c = result.constants
-    lines = [f"{key} = {getattr(c, key):.4g} ({'transfer' if key in ('c1', 'c3') else 'scratch'} "
-             f"{'near' if key.startswith('c1') else 'sub'}-optimal boundary: {b.agreeing}/{b.cells} fit cells agree)"
-             for key, b in result.boundaries.items()]
+    lines = [
+        f"{key} = {getattr(c, key):.4g} ({'transfer' if key in ('c1', 'c3') else 'scratch'} "
+        f"{'near' if key.startswith('c1') else 'sub'}-optimal boundary: {b.agreeing}/{b.cells} fit cells agree)"
+        for key, b in result.boundaries.items()
+    ]
     fit_cells = int((result.cells["split"] == FIT).sum())
-    lines.append(f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g}, c_ratio = {c.c_ratio:.4g} (Proposition 4.4: "
-                 f"{result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome)")
+    lines.append(
+        f"c_gamma = {c.c_gamma:.4g}, c4 = {c.c4:.4g}, c_ratio = {c.c_ratio:.4g} (Proposition 4.4: "
+        f"{result.outcome_agreeing}/{fit_cells} fit cells agree on the outcome)"
+    )
     if dropped:
         lines.append(f"left out: {dropped} cells with fewer than {MIN_SEEDS} seeds")
-    lines.append(f"phase model: {result.phase.name}; 5-fold CV agreement on the fit cells: "
-                 + ", ".join(f"{k} {v:.1%}" for k, v in result.phase_cv.items()))
+    lines.append(
+        f"phase model: {result.phase.name}; 5-fold CV agreement on the fit cells: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in result.phase_cv.items())
+    )
     lines += importance_lines(result.phase)
-    lines.append(f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
-                 f"+-{result.phase.gain['interval_half_width']:.2f} points")
+    lines.append(
+        f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
+        f"+-{result.phase.gain['interval_half_width']:.2f} points"
+    )
     lines += agreement_lines(result)
     for split, by_name in result.scores.items():
         for name in (PHASE, THEORY):
@@ -635,8 +758,11 @@ def write_outputs(result: Calibration, out_dir: Path, text: str) -> list[Path]:
     """``calibration_cells.csv`` (every cell, its split, measurement and every predictor's label),
     ``calibration_agreement.csv`` and ``calibration.txt`` (``report_text``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells, agreement, report = (out_dir / "calibration_cells.csv", out_dir / "calibration_agreement.csv",
-                                out_dir / "calibration.txt")
+    cells, agreement, report = (
+        out_dir / "calibration_cells.csv",
+        out_dir / "calibration_agreement.csv",
+        out_dir / "calibration.txt",
+    )
     result.cells.drop(columns=["gains"], errors="ignore").to_csv(cells, index=False)
     result.agreement().to_csv(agreement, index=False)
     report.write_text(text + "\n")

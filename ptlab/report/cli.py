@@ -24,8 +24,9 @@ DEFAULT_BOX = "conf/design/calibration.yaml"
 """``--box`` of ``design`` and ``calibrate``: the calibration box (``box_file`` finds it from any folder)."""
 
 
-def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_dir: str | Path | None = None,
-                log_to_mlflow: bool = True) -> list[Path]:
+def make_report(
+    experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_dir: str | Path | None = None, log_to_mlflow: bool = True
+) -> list[Path]:
     """Render ``experiment`` into ``out_dir`` (default ``reports/<experiment>``) and log the files to a
     ``report`` run of the same MLflow experiment."""
     runs = load_pipelines(tracking_uri, experiment)
@@ -33,8 +34,7 @@ def make_report(experiment: str, tracking_uri: str = "sqlite:///mlflow.db", out_
     out.mkdir(parents=True, exist_ok=True)
     paths = renderer_for(experiment)(runs, experiment, out)
     if log_to_mlflow:
-        tracker = make_tracker("mlflow", tracking_uri, experiment, f"report {experiment}",
-                               tags={"ptlab.stage": "report"})
+        tracker = make_tracker("mlflow", tracking_uri, experiment, f"report {experiment}", tags={"ptlab.stage": "report"})
         with tracker:
             tracker.set_tags({"ptlab.stage": "report", "ptlab.report.pipelines": len(runs)})
             for path in paths:
@@ -63,33 +63,52 @@ def calibrate_main(argv: list[str]) -> int:
         write_outputs,
     )
 
-    parser = argparse.ArgumentParser(prog="ptlab-report calibrate",
-                                     description="Fit the theory's constants and the phase model to one random "
-                                                 "design and score them on another.")
+    parser = argparse.ArgumentParser(
+        prog="ptlab-report calibrate",
+        description="Fit the theory's constants and the phase model to one random design and score them on another.",
+    )
     parser.add_argument("--fit", nargs="+", required=True, help="MLflow experiments whose cells fit")
     parser.add_argument("--held-out", nargs="*", default=[], help="MLflow experiments whose cells only score")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
-    parser.add_argument("--held-out-tracking-uri", default=None, help="the store of the held-out experiments "
-                        "(default: --tracking-uri)")
-    parser.add_argument("--ceiling", action="store_true", help="also print each split's noise ceiling (how often "
-                        "an oracle knowing each cell's mean gain could agree with its verdict)")
-    parser.add_argument("--references", action="store_true", help="also cross-validate a random forest and "
-                        "gradient boosting beside the phase model's candidates (references only, never chosen)")
-    parser.add_argument("--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out "
-                        "(default: %(default)s)")
-    parser.add_argument("--box", default=DEFAULT_BOX, help="the designs' box, recorded in the "
-                        "phase model's provenance (default: %(default)s)")
+    parser.add_argument(
+        "--held-out-tracking-uri", default=None, help="the store of the held-out experiments (default: --tracking-uri)"
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also print each split's noise ceiling (how often "
+        "an oracle knowing each cell's mean gain could agree with its verdict)",
+    )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also cross-validate a random forest and "
+        "gradient boosting beside the phase model's candidates (references only, never chosen)",
+    )
+    parser.add_argument(
+        "--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--box", default=DEFAULT_BOX, help="the designs' box, recorded in the phase model's provenance (default: %(default)s)"
+    )
     parser.add_argument("--out", default="reports/calibration", help="output directory (default: %(default)s)")
-    parser.add_argument("--write", default=None, metavar="FILE",
-                        help="also write the fitted constants as a theory config (e.g. conf/theory/calibrated.yaml)")
-    parser.add_argument("--write-phase", default=None, metavar="FILE",
-                        help="also write the phase model (e.g. conf/phase_model.yaml)")
+    parser.add_argument(
+        "--write",
+        default=None,
+        metavar="FILE",
+        help="also write the fitted constants as a theory config (e.g. conf/theory/calibrated.yaml)",
+    )
+    parser.add_argument(
+        "--write-phase", default=None, metavar="FILE", help="also write the phase model (e.g. conf/phase_model.yaml)"
+    )
     args = parser.parse_args(argv)
-    command = ("python -m ptlab.report calibrate --fit " + " ".join(args.fit)
-               + (" --held-out " + " ".join(args.held_out) if args.held_out else ""))
+    command = (
+        "python -m ptlab.report calibrate --fit "
+        + " ".join(args.fit)
+        + (" --held-out " + " ".join(args.held_out) if args.held_out else "")
+    )
     try:
-        cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds,
-                                    args.held_out_tracking_uri)
+        cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds, args.held_out_tracking_uri)
         result = calibrate(cells, candidates=[*PHASE_CANDIDATES, *(REFERENCE_CANDIDATES if args.references else ())])
     except ReportError as err:
         print(f"ptlab.report calibrate: {err}", file=sys.stderr)
@@ -109,23 +128,33 @@ def calibrate_main(argv: list[str]) -> int:
         box = box_file(args.box)
         held = result.scores.get(HELD_OUT, {})
         provenance = {
-            "command": command, "date": dt.date.today().isoformat(),
+            "command": command,
+            "date": dt.date.today().isoformat(),
             "box": (yaml.safe_load(box.read_text()) or {}).get("box") if box.is_file() else None,
-            "fit_experiments": list(args.fit), "held_out_experiments": list(args.held_out),
+            "fit_experiments": list(args.fit),
+            "held_out_experiments": list(args.held_out),
             "fit_cells": int((result.cells["split"] == "fit").sum()),
             "seeds_per_cell": sorted({int(n) for n in result.cells["n_seeds"]}),
             "measured": "paired 95% t interval of transfer - scratch over the seeds (no minimum effect)",
             "cross_validated_agreement": result.phase_cv,
-            "held_out": ({"cells": held[PHASE].cells, "agreeing": held[PHASE].agreeing,
-                          "agreement": round(held[PHASE].agreement, 6),
-                          "wilson_95": [round(held[PHASE].low, 6), round(held[PHASE].high, 6)],
-                          "negative_precision": held[PHASE].negative_precision,
-                          "negative_recall": held[PHASE].negative_recall,
-                          "others": {name: round(s.agreement, 6) for name, s in held.items() if name != PHASE}}
-                         if held else {}),
+            "held_out": (
+                {
+                    "cells": held[PHASE].cells,
+                    "agreeing": held[PHASE].agreeing,
+                    "agreement": round(held[PHASE].agreement, 6),
+                    "wilson_95": [round(held[PHASE].low, 6), round(held[PHASE].high, 6)],
+                    "negative_precision": held[PHASE].negative_precision,
+                    "negative_recall": held[PHASE].negative_recall,
+                    "others": {name: round(s.agreement, 6) for name, s in held.items() if name != PHASE},
+                }
+                if held
+                else {}
+            ),
         }
-        header = (f"# The fitted phase model (ptlab.phase, docs/theory.md): {result.phase.name}.\n"
-                  f"# Refit: {command} --write-phase <this file>\n")
+        header = (
+            f"# The fitted phase model (ptlab.phase, docs/theory.md): {result.phase.name}.\n"
+            f"# Refit: {command} --write-phase <this file>\n"
+        )
         save(replace(result.phase, provenance=provenance), args.write_phase, header)
         print(args.write_phase)
     return 0
@@ -144,8 +173,9 @@ def design_main(argv: list[str]) -> int:
     """``design --seed S --cells N [--seeds K] [--box FILE] --out FILE``: write a random design's cells file."""
     from ptlab.design import DesignError, design_yaml, draw_design, load_box
 
-    parser = argparse.ArgumentParser(prog="python -m ptlab.report design",
-                                     description="Draw cells at random over a box, each with its own run seeds.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ptlab.report design", description="Draw cells at random over a box, each with its own run seeds."
+    )
     parser.add_argument("--seed", type=int, required=True, help="the design's seed (also sets its run seeds)")
     parser.add_argument("--cells", type=int, required=True, help="number of cells")
     parser.add_argument("--seeds", type=int, default=16, help="run seeds a cell (default: %(default)s)")
@@ -158,8 +188,7 @@ def design_main(argv: list[str]) -> int:
     except (DesignError, OSError) as err:
         print(f"ptlab: {err}", file=sys.stderr)
         return 2
-    command = (f"python -m ptlab.report design --seed {args.seed} --cells {args.cells} --seeds {args.seeds} "
-               f"--box {args.box}")
+    command = f"python -m ptlab.report design --seed {args.seed} --cells {args.cells} --seeds {args.seeds} --box {args.box}"
     Path(args.out).write_text(design_yaml(design, box, args.seed, args.seeds, command))
     print(args.out)
     return 0

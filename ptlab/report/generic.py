@@ -79,8 +79,10 @@ def sweep_keys(runs: pd.DataFrame) -> list[str]:
         if column.endswith("._target_") or column.startswith("params.theory."):
             continue
         values = runs[column].astype(str)
-        if any(runs.groupby(values)[kept].nunique().max() == 1 and runs.groupby(runs[kept].astype(str))[column]
-               .nunique().max() == 1 for kept in keys):
+        if any(
+            runs.groupby(values)[kept].nunique().max() == 1 and runs.groupby(runs[kept].astype(str))[column].nunique().max() == 1
+            for kept in keys
+        ):
             continue
         keys.append(column)
     return sorted(keys, key=lambda c: -runs[c].astype(str).nunique())
@@ -135,8 +137,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     shown["transfer (%)"] = (100 * table["transfer_acc"]).map("{:.1f}".format)
     shown["scratch (%)"] = (100 * table["scratch_acc"]).map("{:.1f}".format)
     shown["gain (points)"] = table["gain_points"].map("{:+.1f}".format)
-    shown["95% interval"] = [_points(low, high) for low, high in
-                             zip(table["gain_points_ci_low"], table["gain_points_ci_high"])]
+    shown["95% interval"] = [_points(low, high) for low, high in zip(table["gain_points_ci_low"], table["gain_points_ci_high"])]
     shown["verdict"] = table["verdict"]
     if "prediction" in table:
         shown["theory predicts"] = table["prediction"]
@@ -165,13 +166,25 @@ def line_figure(table: pd.DataFrame, key: str, title: str) -> Figure:
     acc_ax, gain_ax = fig.subplots(1, 2)
     x, labels = _positions(table[key])
     for name, style in (("transfer", "-"), ("scratch", "--")):
-        line, = acc_ax.plot(x, 100 * table[f"{name}_acc"], style, marker="o", label=name)
-        acc_ax.fill_between(x, np.clip(100 * table[f"{name}_acc_ci_low"], 0, 100),
-                            np.clip(100 * table[f"{name}_acc_ci_high"], 0, 100), color=line.get_color(), alpha=0.2,
-                            linewidth=0)
-    line, = gain_ax.plot(x, table["gain_points"], marker="o", color="tab:green", label="transfer - scratch")
-    gain_ax.fill_between(x, table["gain_points_ci_low"], table["gain_points_ci_high"], color=line.get_color(),
-                         alpha=0.2, linewidth=0, label="95% interval (paired)")
+        (line,) = acc_ax.plot(x, 100 * table[f"{name}_acc"], style, marker="o", label=name)
+        acc_ax.fill_between(
+            x,
+            np.clip(100 * table[f"{name}_acc_ci_low"], 0, 100),
+            np.clip(100 * table[f"{name}_acc_ci_high"], 0, 100),
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    (line,) = gain_ax.plot(x, table["gain_points"], marker="o", color="tab:green", label="transfer - scratch")
+    gain_ax.fill_between(
+        x,
+        table["gain_points_ci_low"],
+        table["gain_points_ci_high"],
+        color=line.get_color(),
+        alpha=0.2,
+        linewidth=0,
+        label="95% interval (paired)",
+    )
     gain_ax.axhline(0.0, color="black", linewidth=0.8)
     acc_ax.set_ylabel("downstream test accuracy (%)")
     gain_ax.set_ylabel("gain: transfer - scratch (points)")
@@ -192,8 +205,7 @@ def line_figure(table: pd.DataFrame, key: str, title: str) -> Figure:
 
 def heatmap_figure(runs: pd.DataFrame, rows: str, columns: str, title: str, pooled: Sequence[str] = ()) -> Figure:
     """The mean paired gain (points) over ``rows`` x ``columns``, seeds (and ``pooled`` keys) pooled."""
-    frame = runs.assign(**{rows: _numeric(runs[rows]), columns: _numeric(runs[columns]),
-                           "gain": 100 * pd.to_numeric(runs[GAIN])})
+    frame = runs.assign(**{rows: _numeric(runs[rows]), columns: _numeric(runs[columns]), "gain": 100 * pd.to_numeric(runs[GAIN])})
     grid = frame.pivot_table(index=rows, columns=columns, values="gain", aggfunc="mean", sort=True)
     counts = frame.pivot_table(index=rows, columns=columns, values="gain", aggfunc="count", sort=True)
     limit = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
@@ -204,8 +216,15 @@ def heatmap_figure(runs: pd.DataFrame, rows: str, columns: str, title: str, pool
         for j in range(len(grid.columns)):
             value = grid.iat[i, j]
             if not np.isnan(value):
-                ax.text(j, i, f"{value:+.1f}\nn={int(counts.iat[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(value) > 0.6 * limit else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:+.1f}\nn={int(counts.iat[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if abs(value) > 0.6 * limit else "black",
+                )
     ax.set_xticks(range(len(grid.columns)), [f"{v:g}" if isinstance(v, float) else str(v) for v in grid.columns])
     ax.set_yticks(range(len(grid.index)), [f"{v:g}" if isinstance(v, float) else str(v) for v in grid.index])
     ax.set_xlabel(key_words(columns))

@@ -35,8 +35,7 @@ def _fixed(runs: pd.DataFrame, experiment: str) -> dict[str, float]:
             raise ReportError(f"experiment {experiment!r} has no {column.removeprefix('params.')} column")
         distinct = pd.to_numeric(runs[column]).unique()
         if len(distinct) != 1:
-            raise ReportError(f"experiment {experiment!r}: {column.removeprefix('params.')} varies; the heatmap "
-                              "needs it fixed")
+            raise ReportError(f"experiment {experiment!r}: {column.removeprefix('params.')} varies; the heatmap needs it fixed")
         values[name] = float(distinct[0])
     return values
 
@@ -48,15 +47,15 @@ def kou2023_table(runs: pd.DataFrame, experiment: str) -> tuple[pd.DataFrame, Bo
         if column not in runs:
             raise ReportError(f"experiment {experiment!r} has no {column} column: is it a kou2023 sweep?")
     fixed = _fixed(runs, experiment)
-    frame = pd.DataFrame({"d": pd.to_numeric(runs[D]), "mu": pd.to_numeric(runs[MU]),
-                          "error": 1.0 - pd.to_numeric(runs[SCRATCH])})
+    frame = pd.DataFrame(
+        {"d": pd.to_numeric(runs[D]), "mu": pd.to_numeric(runs[MU]), "error": 1.0 - pd.to_numeric(runs[SCRATCH])}
+    )
     table = frame.groupby(["d", "mu"]).error.agg(["mean", "std", "count"]).reset_index()
     table.columns = ["d", "mu", "error_mean", "error_std", "seeds"]
-    table["signal_term"] = fixed["n"] * table.mu ** 4 / fixed["sigma_p"] ** 4
+    table["signal_term"] = fixed["n"] * table.mu**4 / fixed["sigma_p"] ** 4
     threshold = (fixed["p"] + 0.5) / 2
     with np.errstate(divide="ignore"):  # ||mu|| = 0: the ratio d / 0 is inf, harmful for every C
-        fit = fit_boundary(table.d.to_numpy(), table.signal_term.to_numpy(), 1.0 - table.error_mean.to_numpy(),
-                           1.0 - threshold)
+        fit = fit_boundary(table.d.to_numpy(), table.signal_term.to_numpy(), 1.0 - table.error_mean.to_numpy(), 1.0 - threshold)
     table["benign"] = table.error_mean < threshold
     table["predicted_benign"] = table.d <= fit.c * table.signal_term
     return table, fit, fixed
@@ -74,8 +73,13 @@ def kou2023_figure(table: pd.DataFrame, fit: BoundaryFit, fixed: dict[str, float
     line_d = np.linspace(d_values.min(), d_values.max(), 200)
     boundary = (fit.c * fixed["sigma_p"] ** 4 * line_d / fixed["n"]) ** 0.25
     shown = boundary <= mu_values.max()
-    ax.plot(line_d[shown], boundary[shown], color="red", linewidth=2,
-            label=f"$n\\|\\mu\\|^4 = C\\sigma_p^4 d$, C = {fit.c:.3g} ({fit.agreement:.1%} of cells agree)")
+    ax.plot(
+        line_d[shown],
+        boundary[shown],
+        color="red",
+        linewidth=2,
+        label=f"$n\\|\\mu\\|^4 = C\\sigma_p^4 d$, C = {fit.c:.3g} ({fit.agreement:.1%} of cells agree)",
+    )
     ax.set(xlabel="dimension $d$", ylabel=r"signal strength $\|\mu\|$", title=title)
     ax.legend(loc="upper left", fontsize=8)
     return figure
@@ -84,11 +88,25 @@ def kou2023_figure(table: pd.DataFrame, fit: BoundaryFit, fixed: dict[str, float
 def render_kou2023(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """The heatmap with its fitted boundary, the per-cell table and the fit."""
     table, fit, fixed = kou2023_table(runs, experiment)
-    title = (f"{experiment}: n={fixed['n']:g}, $\\sigma_p$={fixed['sigma_p']:g}, p={fixed['p']:g}, "
-             f"{int(table.seeds.sum())} trainings")
+    title = (
+        f"{experiment}: n={fixed['n']:g}, $\\sigma_p$={fixed['sigma_p']:g}, p={fixed['p']:g}, {int(table.seeds.sum())} trainings"
+    )
     figure = kou2023_figure(table, fit, fixed, title)
-    boundary = pd.DataFrame([{"fitted_C": fit.c, "C_low": fit.c_low, "C_high": fit.c_high,
-                              "error_threshold": 1.0 - fit.accuracy_threshold, "agreeing_cells": fit.agreeing,
-                              "cells": fit.cells, "agreement": fit.agreement}])
-    return [*save_figure(figure, out_dir, experiment), *write_table(table, out_dir, experiment),
-            *write_table(boundary, out_dir, f"{experiment}_boundary")]
+    boundary = pd.DataFrame(
+        [
+            {
+                "fitted_C": fit.c,
+                "C_low": fit.c_low,
+                "C_high": fit.c_high,
+                "error_threshold": 1.0 - fit.accuracy_threshold,
+                "agreeing_cells": fit.agreeing,
+                "cells": fit.cells,
+                "agreement": fit.agreement,
+            }
+        ]
+    )
+    return [
+        *save_figure(figure, out_dir, experiment),
+        *write_table(table, out_dir, experiment),
+        *write_table(boundary, out_dir, f"{experiment}_boundary"),
+    ]

@@ -24,9 +24,11 @@ class ReportError(RuntimeError):
 def open_experiment(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """The client and experiment id of ``experiment``; ``ReportError`` if the store or experiment is missing."""
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ReportError(f"tracking URI {tracking_uri} does not exist (no file {uri[len('sqlite:///'):]}); "
-                          "run a pipeline first or pass --tracking-uri")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ReportError(
+            f"tracking URI {tracking_uri} does not exist (no file {uri[len('sqlite:///') :]}); "
+            "run a pipeline first or pass --tracking-uri"
+        )
     client = MlflowClient(uri)
     try:
         found = client.get_experiment_by_name(experiment)
@@ -60,8 +62,15 @@ def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
 
 
 GAIN = "metrics.transfer_gain"
-RUN_ENVIRONMENT_PARAMS = ("params.theory.", "params.prediction.", "params.logger.", "params.cache.", "params.resume.",
-                          "params.devices.", "params.trainer.")
+RUN_ENVIRONMENT_PARAMS = (
+    "params.theory.",
+    "params.prediction.",
+    "params.logger.",
+    "params.cache.",
+    "params.resume.",
+    "params.devices.",
+    "params.trainer.",
+)
 """Params that say where or how a pipeline ran (or what the theory and the phase model predict from the others)."""
 CONFIDENCE = 0.95
 
@@ -69,8 +78,9 @@ CONFIDENCE = 0.95
 def swept_params(runs: pd.DataFrame) -> list[str]:
     """The ``params.*`` columns that differ between runs: the experiment's own knobs, without the seed,
     the theory's outputs and where or how runs were executed (logger, cache, resume, devices)."""
-    columns = [c for c in runs.columns if c.startswith("params.") and c != "params.seed"
-               and not c.startswith(RUN_ENVIRONMENT_PARAMS)]
+    columns = [
+        c for c in runs.columns if c.startswith("params.") and c != "params.seed" and not c.startswith(RUN_ENVIRONMENT_PARAMS)
+    ]
     return [c for c in columns if runs[c].astype(str).nunique() > 1]
 
 
@@ -116,8 +126,11 @@ def seed_stats(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.Data
     A group is the whole config minus the seed: ``by`` plus every other param that differs between
     the runs (``swept_params``), so pipelines that differ in anything but the seed (epochs, a smoke
     run's sizes) are never averaged together; ``config_label`` says what the extra columns are."""
-    extra = [c for c in swept_params(runs) if c not in by and c not in metrics
-             and (not by or runs.groupby(by, dropna=False)[c].nunique(dropna=False).max() > 1)]
+    extra = [
+        c
+        for c in swept_params(runs)
+        if c not in by and c not in metrics and (not by or runs.groupby(by, dropna=False)[c].nunique(dropna=False).max() > 1)
+    ]
     by = [*by, *extra]
     frame = one_run_per_seed(runs, by)[by + metrics].copy()
     for column in by:
@@ -139,8 +152,11 @@ def config_label(table: pd.DataFrame, by: list[str]) -> pd.Series:
     """For each row of a ``seed_stats`` table, the params beyond ``by`` that set its group apart
     (``"downstream_epochs=3"``), or ``""`` when there are none."""
     extra = [c for c in table.attrs.get("config_columns", []) if c not in by]
-    return table[extra].apply(lambda row: ", ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()),
-                              axis=1) if extra else pd.Series([""] * len(table), index=table.index)
+    return (
+        table[extra].apply(lambda row: ", ".join(f"{c.rsplit('.', 1)[-1]}={v}" for c, v in row.items()), axis=1)
+        if extra
+        else pd.Series([""] * len(table), index=table.index)
+    )
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -32,8 +32,7 @@ def with_strategy(runs: pd.DataFrame) -> pd.DataFrame:
     if TARGET in runs:
         names = names.fillna(runs[TARGET].astype(str).str.rsplit(".", n=1).str[-1].where(runs[TARGET].notna()))
     if names.isna().all() or TRANSFER not in runs:
-        raise ReportError("runs lack params.transfer.selection or metrics.transfer_test_acc: not filter-transfer "
-                          "pipelines")
+        raise ReportError("runs lack params.transfer.selection or metrics.transfer_test_acc: not filter-transfer pipelines")
     return runs.assign(**{STRATEGY: names.astype(str)})
 
 
@@ -65,9 +64,15 @@ def gain_stats(gains: pd.DataFrame, by: list[str], prefix: str) -> pd.DataFrame:
     for values, group in gains.groupby(by, sort=True, dropna=False):
         paired = group["gain"].dropna().astype(float)
         low, high = paired_ci(paired)
-        rows.append({**dict(zip(by, values if isinstance(values, tuple) else (values,))),
-                     prefix: float(paired.mean()) if len(paired) else math.nan,
-                     f"{prefix}_ci_low": low, f"{prefix}_ci_high": high, f"{prefix}_n": int(len(paired))})
+        rows.append(
+            {
+                **dict(zip(by, values if isinstance(values, tuple) else (values,))),
+                prefix: float(paired.mean()) if len(paired) else math.nan,
+                f"{prefix}_ci_low": low,
+                f"{prefix}_ci_high": high,
+                f"{prefix}_n": int(len(paired)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -77,26 +82,30 @@ def rank_strategies(runs: pd.DataFrame) -> pd.DataFrame:
     if BASELINE not in set(runs[STRATEGY]):
         raise ReportError(f"no {BASELINE!r} runs to pair with: add transfer.selection={BASELINE} to the sweep")
     setting = setting_columns(runs)
-    runs = runs.assign(**{c: _numeric(runs[c]) for c in setting},
-                       **{c: runs[c].astype(float) for c in (TRANSFER, GAIN) if c in runs})
+    runs = runs.assign(
+        **{c: _numeric(runs[c]) for c in setting}, **{c: runs[c].astype(float) for c in (TRANSFER, GAIN) if c in runs}
+    )
     by = [*setting, STRATEGY]
     table = runs.groupby(by, sort=True, dropna=False).agg(transfer_acc=(TRANSFER, "mean")).reset_index()
     if GAIN in runs:
         table["gain_over_scratch"] = runs.groupby(by, sort=True, dropna=False)[GAIN].mean().to_numpy()
     table = table.merge(gain_stats(paired_gains(runs, setting, BASELINE), by, "gain_over_random"), on=by)
-    table["verdict"] = [BASELINE if name == BASELINE else verdict(low, high, n) for name, low, high, n in
-                        zip(table[STRATEGY], table["gain_over_random_ci_low"], table["gain_over_random_ci_high"],
-                            table["gain_over_random_n"])]
+    table["verdict"] = [
+        BASELINE if name == BASELINE else verdict(low, high, n)
+        for name, low, high, n in zip(
+            table[STRATEGY], table["gain_over_random_ci_low"], table["gain_over_random_ci_high"], table["gain_over_random_n"]
+        )
+    ]
     if ORACLE in set(runs[STRATEGY]):
         table = table.merge(gain_stats(paired_gains(runs, setting, ORACLE), by, "gap_to_signal"), on=by)
         oracle = table.loc[table[STRATEGY] == ORACLE, [*setting, "gain_over_random", "gain_over_random_ci_low"]]
         oracle = oracle.assign(signal_gain=oracle["gain_over_random"].where(oracle.pop("gain_over_random_ci_low") > 0))
         oracle = oracle.drop(columns="gain_over_random")
-        table = (table.merge(oracle, on=setting) if setting
-                 else table.assign(signal_gain=float(oracle["signal_gain"].iloc[0])))
+        table = table.merge(oracle, on=setting) if setting else table.assign(signal_gain=float(oracle["signal_gain"].iloc[0]))
         table["share_of_signal_gain"] = table["gain_over_random"] / table.pop("signal_gain")
-    table = table.sort_values([*setting, "gain_over_random"], ascending=[True] * len(setting) + [False],
-                              kind="stable").reset_index(drop=True)
+    table = table.sort_values(
+        [*setting, "gain_over_random"], ascending=[True] * len(setting) + [False], kind="stable"
+    ).reset_index(drop=True)
     table.attrs["setting"] = setting
     return table
 
@@ -108,9 +117,13 @@ def _ci(low: float, high: float) -> str:
 def markdown(table: pd.DataFrame, experiment: str) -> str:
     """One ranked table per setting (gains in accuracy points), with the setting's winners."""
     setting = table.attrs.get("setting", [])
-    lines = [f"# {experiment}: selection strategies ranked by paired gain over random", "",
-             "Gains are test-accuracy points (x100), mean over seeds of the per-seed difference from `random` "
-             "(same data and inits), with the 95% t interval and n paired seeds.", ""]
+    lines = [
+        f"# {experiment}: selection strategies ranked by paired gain over random",
+        "",
+        "Gains are test-accuracy points (x100), mean over seeds of the per-seed difference from `random` "
+        "(same data and inits), with the 95% t interval and n paired seeds.",
+        "",
+    ]
     groups = table.groupby(setting, sort=False) if setting else [((), table)]
     oracle = "gap_to_signal" in table
     for values, group in groups:
@@ -122,19 +135,30 @@ def markdown(table: pd.DataFrame, experiment: str) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for rank, row in enumerate(group.itertuples(index=False), start=1):
             baseline = row.strategy == BASELINE
-            cells = [str(rank), row.strategy, f"{100 * row.transfer_acc:.1f}", f"{100 * row.gain_over_random:+.2f}",
-                     "-" if baseline else _ci(row.gain_over_random_ci_low, row.gain_over_random_ci_high),
-                     str(row.gain_over_random_n), row.verdict]
+            cells = [
+                str(rank),
+                row.strategy,
+                f"{100 * row.transfer_acc:.1f}",
+                f"{100 * row.gain_over_random:+.2f}",
+                "-" if baseline else _ci(row.gain_over_random_ci_low, row.gain_over_random_ci_high),
+                str(row.gain_over_random_n),
+                row.verdict,
+            ]
             if oracle:
                 share = row.share_of_signal_gain
-                cells += [f"{100 * row.gap_to_signal:+.2f}",
-                          "-" if row.strategy == ORACLE else _ci(row.gap_to_signal_ci_low, row.gap_to_signal_ci_high),
-                          "-" if not math.isfinite(share) else f"{share:.2f}"]
+                cells += [
+                    f"{100 * row.gap_to_signal:+.2f}",
+                    "-" if row.strategy == ORACLE else _ci(row.gap_to_signal_ci_low, row.gap_to_signal_ci_high),
+                    "-" if not math.isfinite(share) else f"{share:.2f}",
+                ]
             lines.append("| " + " | ".join(cells) + " |")
         better = group.loc[group["gain_over_random_ci_low"] > 0, STRATEGY].tolist()
         worse = group.loc[group["gain_over_random_ci_high"] < 0, STRATEGY].tolist()
-        lines += ["", f"Better than random (CI above 0): {', '.join(better) or 'none'}; worse (CI below 0): "
-                      f"{', '.join(worse) or 'none'}.", ""]
+        lines += [
+            "",
+            f"Better than random (CI above 0): {', '.join(better) or 'none'}; worse (CI below 0): {', '.join(worse) or 'none'}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -146,4 +170,3 @@ def render_selection(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list
     md = out_dir / f"{experiment}.md"
     md.write_text(markdown(table, experiment) + "\n")
     return [md, csv]
-

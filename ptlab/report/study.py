@@ -32,8 +32,9 @@ BOOTSTRAP_SEED = 0
 
 def score_columns(runs: pd.DataFrame) -> dict[str, pd.Series]:
     """Each transferability score by name, and ``<score> - <score>_scratch`` where the scratch reference exists."""
-    scores = {c.removeprefix(SCORE_PREFIX): pd.to_numeric(runs[c], errors="coerce")
-              for c in runs.columns if c.startswith(SCORE_PREFIX)}
+    scores = {
+        c.removeprefix(SCORE_PREFIX): pd.to_numeric(runs[c], errors="coerce") for c in runs.columns if c.startswith(SCORE_PREFIX)
+    }
     for name in list(scores):
         reference = scores.get(f"{name}{SCRATCH_SUFFIX}")
         if reference is not None and not name.endswith(SCRATCH_SUFFIX):
@@ -41,8 +42,9 @@ def score_columns(runs: pd.DataFrame) -> dict[str, pd.Series]:
     return scores
 
 
-def spearman_interval(x: Sequence[float], y: Sequence[float], confidence: float = CONFIDENCE,
-                      resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+def spearman_interval(
+    x: Sequence[float], y: Sequence[float], confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> tuple[float, float, float]:
     """Spearman's rho of the pairs ``(x, y)`` and its percentile bootstrap interval (pairs resampled together);
     NaN where fewer than 3 pairs or a constant side leaves the coefficient undefined."""
     from scipy import stats
@@ -60,8 +62,16 @@ def spearman_interval(x: Sequence[float], y: Sequence[float], confidence: float 
             value = stats.spearmanr(a, b).statistic
         return 0.0 if np.isnan(value) else float(value)  # a resample with one side constant carries no ranking
 
-    result = stats.bootstrap((x, y), statistic, paired=True, vectorized=False, n_resamples=resamples,
-                             confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    result = stats.bootstrap(
+        (x, y),
+        statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return rho, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -78,16 +88,16 @@ def correlation_table(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
             levels["cells"] = grouped.groupby(list(keys), dropna=False)[["score", "gain"]].mean()  # NaN: a key unset
         for level, points in levels.items():
             rho, low, high = spearman_interval(points["score"], points["gain"])
-            rows.append({"score": name, "level": level, "n": len(points), "spearman": rho,
-                         "ci_low": low, "ci_high": high})
+            rows.append({"score": name, "level": level, "n": len(points), "spearman": rho, "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=["score", "level", "n", "spearman", "ci_low", "ci_high"])
 
 
 def _markdown(table: pd.DataFrame) -> str:
     shown = table.assign(
         spearman=[f"{rho:+.2f}" if np.isfinite(rho) else "undefined (a constant side)" for rho in table["spearman"]],
-        interval=[f"[{low:+.2f}, {high:+.2f}]" if np.isfinite(low) else "" for low, high in
-                  zip(table["ci_low"], table["ci_high"])],
+        interval=[
+            f"[{low:+.2f}, {high:+.2f}]" if np.isfinite(low) else "" for low, high in zip(table["ci_low"], table["ci_high"])
+        ],
     )[["score", "level", "n", "spearman", "interval"]]
     shown.columns = ["score", "points", "n", "Spearman rho with the gain", f"{CONFIDENCE:.0%} bootstrap interval"]
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
@@ -126,8 +136,10 @@ def _fold_partial_keys(runs: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.Data
     if not partial or not whole:
         return runs, list(keys)
     arm = whole[0]
-    labels = [str(row[arm]) + "".join(f" {k.rsplit('.', 1)[-1]}={row[k]}" for k in partial if pd.notna(row[k]))
-              for _, row in runs.iterrows()]
+    labels = [
+        str(row[arm]) + "".join(f" {k.rsplit('.', 1)[-1]}={row[k]}" for k in partial if pd.notna(row[k]))
+        for _, row in runs.iterrows()
+    ]
     return runs.assign(**{arm: labels}), whole
 
 
@@ -137,8 +149,9 @@ def facet_heatmaps(runs: pd.DataFrame, keys: Sequence[str], experiment: str, out
     (options that only some arms have are folded into the arm's label first)."""
     runs, keys = _fold_partial_keys(runs, keys)
     if len(keys) < 3:
-        return _save(heatmap_figure(runs, keys[0], keys[1], experiment), out_dir / f"{experiment}_facet0") if len(
-            keys) == 2 else []
+        return (
+            _save(heatmap_figure(runs, keys[0], keys[1], experiment), out_dir / f"{experiment}_facet0") if len(keys) == 2 else []
+        )
     paths: list[Path] = []
     rest = list(keys[2:])
     for i, (values, part) in enumerate(runs.groupby([runs[k].astype(str) for k in rest], sort=True)):

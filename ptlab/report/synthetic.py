@@ -41,8 +41,9 @@ NEAR_OPTIMAL_ACCURACY = 0.9
 def _require(runs: pd.DataFrame, columns: Sequence[str], experiment: str) -> None:
     missing = [c for c in columns if c not in runs.columns]
     if missing:
-        raise ReportError(f"experiment {experiment!r} runs lack {', '.join(missing)}: are they synthetic "
-                          "pipelines with transfer?")
+        raise ReportError(
+            f"experiment {experiment!r} runs lack {', '.join(missing)}: are they synthetic pipelines with transfer?"
+        )
 
 
 def save_figure(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -55,9 +56,17 @@ def save_figure(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
 
 def _fixed_settings(runs: pd.DataFrame, keys: Sequence[str]) -> str:
     """``d=1000, N2=20, ...`` for the params that are the same in every run."""
-    names = {"task.d": "d", "task.n1": "N1", "task.n2": "N2", "task.u_norm": "||u||", "task.v_norm": "||v||",
-             "noise.sigma_p1": "sigma_p1", "noise.sigma_p2": "sigma_p2", "transfer.alpha": "alpha",
-             "model.width": "m"}
+    names = {
+        "task.d": "d",
+        "task.n1": "N1",
+        "task.n2": "N2",
+        "task.u_norm": "||u||",
+        "task.v_norm": "||v||",
+        "noise.sigma_p1": "sigma_p1",
+        "noise.sigma_p2": "sigma_p2",
+        "transfer.alpha": "alpha",
+        "model.width": "m",
+    }
     parts = []
     for key in keys:
         column = f"params.{key}"
@@ -94,22 +103,24 @@ def fig1_table(runs: pd.DataFrame, x: str) -> pd.DataFrame:
         frame = runs.copy()
         for column in by:
             frame[column] = _numeric(frame[column])
-        theory = frame.groupby(by, sort=True).agg(
-            **({"threshold_term": (D_STAR, "mean")} if D_STAR in frame.columns else {}),
-            **({"theory_predicted": (PREDICTED, _mode)} if PREDICTED in frame.columns else {}),
-        ).reset_index()
+        theory = (
+            frame.groupby(by, sort=True)
+            .agg(
+                **({"threshold_term": (D_STAR, "mean")} if D_STAR in frame.columns else {}),
+                **({"theory_predicted": (PREDICTED, _mode)} if PREDICTED in frame.columns else {}),
+            )
+            .reset_index()
+        )
         table = table.merge(theory, on=by, how="left")
     table.columns = [c.removeprefix("params.").removeprefix("metrics.") for c in table.columns]
     return table
 
 
 def _errorbar(ax, table: pd.DataFrame, x: str, metric: str, **style) -> None:
-    ax.errorbar(table[x], table[f"{metric}_mean"], yerr=table[f"{metric}_std"].fillna(0.0), capsize=3,
-                marker="o", **style)
+    ax.errorbar(table[x], table[f"{metric}_mean"], yerr=table[f"{metric}_std"].fillna(0.0), capsize=3, marker="o", **style)
 
 
-def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: str,
-                others: Sequence[str] = ()) -> Figure:
+def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: str, others: Sequence[str] = ()) -> Figure:
     """Left: test accuracy with transfer and from scratch (mean, std bars); right: their paired gap in points
     (transfer - scratch on the same seed, x 100) with its 95% t interval as a band. A pair of lines per
     combination of the ``others`` columns."""
@@ -118,15 +129,23 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
     others = list(others)
     groups = table.groupby(others, sort=True) if others else [((), table)]
     for key, group in groups:
-        suffix = "" if not others else " (" + ", ".join(
-            f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) + ")"
+        suffix = (
+            ""
+            if not others
+            else " (" + ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) + ")"
+        )
         _errorbar(acc_ax, group, x, "transfer_test_acc", label=f"transfer{suffix}")
         _errorbar(acc_ax, group, x, "scratch_test_acc", label=f"scratch{suffix}", linestyle="--")
-        line, = gain_ax.plot(group[x], 100 * group["transfer_gain_mean"], marker="o",
-                             label=f"transfer - scratch{suffix}")
+        (line,) = gain_ax.plot(group[x], 100 * group["transfer_gain_mean"], marker="o", label=f"transfer - scratch{suffix}")
         if "transfer_gain_ci_low" in group:
-            gain_ax.fill_between(group[x], 100 * group["transfer_gain_ci_low"], 100 * group["transfer_gain_ci_high"],
-                                 color=line.get_color(), alpha=0.2, linewidth=0)
+            gain_ax.fill_between(
+                group[x],
+                100 * group["transfer_gain_ci_low"],
+                100 * group["transfer_gain_ci_high"],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
     gain_ax.axhline(0.0, color="black", linewidth=0.8)
     acc_ax.set_ylabel("downstream test accuracy")
     gain_ax.set_ylabel("transfer - scratch (points)")
@@ -138,8 +157,7 @@ def fig1_figure(table: pd.DataFrame, x: str, xlabel: str, log_x: bool, title: st
         ax.legend(fontsize=8)
     low, high = int(table["transfer_test_acc_count"].min()), int(table["transfer_test_acc_count"].max())
     seeds = f"{low}" if low == high else f"{low}-{high}"
-    fig.suptitle(f"{title}\nmean and standard deviation over {seeds} seeds; gap: paired mean, band: 95% t interval",
-                 fontsize=10)
+    fig.suptitle(f"{title}\nmean and standard deviation over {seeds} seeds; gap: paired mean, band: 95% t interval", fontsize=10)
     return fig
 
 
@@ -155,8 +173,20 @@ def render_fig1(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path
     _require(runs, [x, TRANSFER, SCRATCH, GAIN], experiment)
     table = fig1_table(runs, x)
     column = x.removeprefix("params.")
-    fixed = _fixed_settings(runs, ["task.d", "task.n1", "task.n2", "task.u_norm", "task.v_norm", "noise.sigma_p1",
-                                   "noise.sigma_p2", "transfer.alpha", "model.width"])
+    fixed = _fixed_settings(
+        runs,
+        [
+            "task.d",
+            "task.n1",
+            "task.n2",
+            "task.u_norm",
+            "task.v_norm",
+            "noise.sigma_p1",
+            "noise.sigma_p2",
+            "transfer.alpha",
+            "model.width",
+        ],
+    )
     others = [o.removeprefix("params.") for o in other_sweeps(runs, x)]
     figure = fig1_figure(table, column, xlabel, log_x, f"{experiment}: {fixed}", others)
     return [*save_figure(figure, out_dir, experiment), *write_table(table, out_dir, experiment)]
@@ -179,8 +209,9 @@ class BoundaryFit:
         return self.agreeing / self.cells if self.cells else math.nan
 
 
-def fit_boundary(d: np.ndarray, d_star: np.ndarray, accuracy: np.ndarray,
-                 accuracy_threshold: float = NEAR_OPTIMAL_ACCURACY) -> BoundaryFit:
+def fit_boundary(
+    d: np.ndarray, d_star: np.ndarray, accuracy: np.ndarray, accuracy_threshold: float = NEAR_OPTIMAL_ACCURACY
+) -> BoundaryFit:
     """The ``C`` whose regime ``d <= C D*`` agrees best with ``accuracy >= accuracy_threshold``.
 
     Agreement only changes where ``C`` crosses a cell's ratio ``d / D*``, so one ``C`` per interval
@@ -210,15 +241,23 @@ def fit_boundary(d: np.ndarray, d_star: np.ndarray, accuracy: np.ndarray,
 
 
 def _theory_inputs(runs: pd.DataFrame, experiment: str) -> dict[str, float]:
-    keys = {"alpha": "params.transfer.alpha", "n1": "params.task.n1", "n2": "params.task.n2",
-            "v_norm": "params.task.v_norm", "sigma_p1": "params.noise.sigma_p1", "sigma_p2": "params.noise.sigma_p2"}
+    keys = {
+        "alpha": "params.transfer.alpha",
+        "n1": "params.task.n1",
+        "n2": "params.task.n2",
+        "v_norm": "params.task.v_norm",
+        "sigma_p1": "params.noise.sigma_p1",
+        "sigma_p2": "params.noise.sigma_p2",
+    }
     _require(runs, list(keys.values()), experiment)
     values = {}
     for name, column in keys.items():
         distinct = pd.to_numeric(runs[column]).unique()
         if len(distinct) != 1:
-            raise ReportError(f"experiment {experiment!r}: {column.removeprefix('params.')} varies "
-                              f"({', '.join(map(str, sorted(distinct)))}); a phase diagram needs it fixed")
+            raise ReportError(
+                f"experiment {experiment!r}: {column.removeprefix('params.')} varies "
+                f"({', '.join(map(str, sorted(distinct)))}); a phase diagram needs it fixed"
+            )
         values[name] = float(distinct[0])
     if "params.transfer.kind" in runs.columns and (runs["params.transfer.kind"] == "none").all():
         values["alpha"] = 0.0
@@ -227,13 +266,27 @@ def _theory_inputs(runs: pd.DataFrame, experiment: str) -> dict[str, float]:
 
 def d_star_of(u_norm: np.ndarray | float, inputs: dict[str, float]) -> np.ndarray:
     """``D*`` (Theorem 4.2) at the universal signal norms ``u_norm``, the other inputs fixed."""
-    return np.array([threshold_term(inputs["alpha"], inputs["n1"], inputs["n2"], u,
-                                    target_signal_norm(u, inputs["v_norm"]), inputs["sigma_p1"], inputs["sigma_p2"])
-                     for u in np.atleast_1d(u_norm)])
+    return np.array(
+        [
+            threshold_term(
+                inputs["alpha"],
+                inputs["n1"],
+                inputs["n2"],
+                u,
+                target_signal_norm(u, inputs["v_norm"]),
+                inputs["sigma_p1"],
+                inputs["sigma_p2"],
+            )
+            for u in np.atleast_1d(u_norm)
+        ]
+    )
 
 
-def fig2_table(runs: pd.DataFrame, experiment: str, accuracy_threshold: float = NEAR_OPTIMAL_ACCURACY,
-               ) -> tuple[pd.DataFrame, BoundaryFit, dict[str, float]]:
+def fig2_table(
+    runs: pd.DataFrame,
+    experiment: str,
+    accuracy_threshold: float = NEAR_OPTIMAL_ACCURACY,
+) -> tuple[pd.DataFrame, BoundaryFit, dict[str, float]]:
     """Per (d, ||u||) cell: seed statistics, ``D*``, and the observed and fitted regimes."""
     d, u = "params.task.d", "params.task.u_norm"
     _require(runs, [d, u, TRANSFER], experiment)
@@ -244,8 +297,12 @@ def fig2_table(runs: pd.DataFrame, experiment: str, accuracy_threshold: float = 
     table = table.rename(columns={"task.d": "d", "task.u_norm": "u_norm"})
     table["threshold_term"] = d_star_of(table["u_norm"].to_numpy(float), inputs)
     table["d_over_threshold"] = table["d"] / table["threshold_term"]
-    fit = fit_boundary(table["d"].to_numpy(float), table["threshold_term"].to_numpy(),
-                       table["transfer_test_acc_mean"].to_numpy(), accuracy_threshold)
+    fit = fit_boundary(
+        table["d"].to_numpy(float),
+        table["threshold_term"].to_numpy(),
+        table["transfer_test_acc_mean"].to_numpy(),
+        accuracy_threshold,
+    )
     table["observed_near_optimal"] = table["transfer_test_acc_mean"] >= accuracy_threshold
     table["fitted_near_optimal"] = table["d_over_threshold"] <= fit.c
     table["agrees"] = table["observed_near_optimal"] == table["fitted_near_optimal"]
@@ -285,36 +342,66 @@ def fig2_figure(table: pd.DataFrame, fit: BoundaryFit, inputs: dict[str, float],
     if len(d_values) * len(u_values) <= 144:
         for (row, col), value in np.ndenumerate(grid.to_numpy()):
             if not np.isnan(value):
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if value > 0.8 else "white")
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.8 else "white")
     wrong = table[~table["agrees"]]
     columns = _index_of(d_values, wrong["d"].to_numpy(), log_d)
     rows = _index_of(u_values, wrong["u_norm"].to_numpy(), False)
     for number, (col, row) in enumerate(zip(columns, rows)):
-        ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5,
-                               linestyle="--", label="regime not predicted" if number == 0 else None))
+        ax.add_patch(
+            Rectangle(
+                (col - 0.5, row - 0.5),
+                1,
+                1,
+                fill=False,
+                edgecolor="red",
+                linewidth=1.5,
+                linestyle="--",
+                label="regime not predicted" if number == 0 else None,
+            )
+        )
     if math.isfinite(fit.c):
         u_line = np.linspace(u_values.min(), u_values.max(), 200)
         d_line = fit.c * d_star_of(u_line, inputs)
-        ax.plot(_index_of(d_values, d_line, log_d), _index_of(u_values, u_line, False), color="red", linewidth=2,
-                label=f"d = {fit.c:.3g} D*  (fitted C)")
+        ax.plot(
+            _index_of(d_values, d_line, log_d),
+            _index_of(u_values, u_line, False),
+            color="red",
+            linewidth=2,
+            label=f"d = {fit.c:.3g} D*  (fitted C)",
+        )
     ax.set_xlim(-0.5, len(d_values) - 0.5)
     ax.set_ylim(-0.5, len(u_values) - 0.5)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)
-    fig.suptitle(f"{title}\nnear-optimal cell: transfer accuracy >= {fit.accuracy_threshold:g}; the fitted boundary "
-                 f"agrees on {fit.agreeing}/{fit.cells} cells = {fit.agreement:.1%}", fontsize=9)
+    fig.suptitle(
+        f"{title}\nnear-optimal cell: transfer accuracy >= {fit.accuracy_threshold:g}; the fitted boundary "
+        f"agrees on {fit.agreeing}/{fit.cells} cells = {fit.agreement:.1%}",
+        fontsize=9,
+    )
     return fig
 
 
 def render_fig2(runs: pd.DataFrame, experiment: str, out_dir: Path) -> list[Path]:
     """The Figure 2 phase diagram with the fitted theory boundary and its agreement fraction."""
     table, fit, inputs = fig2_table(runs, experiment)
-    fixed = _fixed_settings(runs, ["task.n1", "task.n2", "task.v_norm", "noise.sigma_p1", "noise.sigma_p2",
-                                   "transfer.alpha", "model.width"])
+    fixed = _fixed_settings(
+        runs, ["task.n1", "task.n2", "task.v_norm", "noise.sigma_p1", "noise.sigma_p2", "transfer.alpha", "model.width"]
+    )
     figure = fig2_figure(table, fit, inputs, f"{experiment}\n{fixed}")
-    boundary = pd.DataFrame([{
-        "fitted_C": fit.c, "C_low": fit.c_low, "C_high": fit.c_high, "accuracy_threshold": fit.accuracy_threshold,
-        "agreeing_cells": fit.agreeing, "cells": fit.cells, "agreement": fit.agreement,
-    }])
-    return [*save_figure(figure, out_dir, experiment), *write_table(table, out_dir, experiment),
-            *write_table(boundary, out_dir, f"{experiment}_boundary")]
+    boundary = pd.DataFrame(
+        [
+            {
+                "fitted_C": fit.c,
+                "C_low": fit.c_low,
+                "C_high": fit.c_high,
+                "accuracy_threshold": fit.accuracy_threshold,
+                "agreeing_cells": fit.agreeing,
+                "cells": fit.cells,
+                "agreement": fit.agreement,
+            }
+        ]
+    )
+    return [
+        *save_figure(figure, out_dir, experiment),
+        *write_table(table, out_dir, experiment),
+        *write_table(boundary, out_dir, f"{experiment}_boundary"),
+    ]

@@ -8,8 +8,7 @@ from ptlab.lazy import lazy_exports
 
 _EXPORTS = {
     **{name: "ptlab.tracking.base" for name in ("Tracker", "NullTracker", "MemoryTracker", "STAGE_TAG")},
-    **{name: "ptlab.tracking.mlflow" for name in ("MLflowTracker", "make_tracker",
-                                                   "resolve_tracking_uri")},
+    **{name: "ptlab.tracking.mlflow" for name in ("MLflowTracker", "make_tracker", "resolve_tracking_uri")},
     "BufferedMLFlowLogger": "ptlab.tracking.lightning",
     "BulkRunWriter": "ptlab.tracking.bulk",
 }

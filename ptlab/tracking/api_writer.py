@@ -39,13 +39,20 @@ class ApiRunWriter:
         """What MLflow's context adds to a run (user, source); resolved once."""
 
     def _create(self, name: str, tags: Mapping[str, str]) -> str:
-        return self.client.create_run(self.experiment_id, run_name=name,
-                                      tags={PROCESS_TAG: tags.get(PROCESS_TAG, process_tag())}).info.run_id
+        return self.client.create_run(
+            self.experiment_id, run_name=name, tags={PROCESS_TAG: tags.get(PROCESS_TAG, process_tag())}
+        ).info.run_id
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> MemoryTracker:
         """A memory tracker for one pipeline of this experiment, its runs created in the store as it opens them."""
-        return MemoryTracker(self.tracking_uri, self.experiment_id, run_name, {**tags, PROCESS_TAG: process_tag()},
-                             self.context_tags, new_run_id=self._create)
+        return MemoryTracker(
+            self.tracking_uri,
+            self.experiment_id,
+            run_name,
+            {**tags, PROCESS_TAG: process_tag()},
+            self.context_tags,
+            new_run_id=self._create,
+        )
 
     def write(self, trackers: Iterable[MemoryTracker]) -> int:
         """Fill and end every run of ``trackers``; returns the run count. A signal that arrives meanwhile is raised
@@ -63,11 +70,11 @@ class ApiRunWriter:
         params = [Param(k, v) for k, v in run.params.items()]
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in run.metrics]
         for start in range(0, len(metrics), MAX_METRICS):
-            self.client.log_batch(run.run_id, metrics=metrics[start:start + MAX_METRICS])
+            self.client.log_batch(run.run_id, metrics=metrics[start : start + MAX_METRICS])
         for start in range(0, len(params), MAX_PARAMS):
-            self.client.log_batch(run.run_id, params=params[start:start + MAX_PARAMS])
+            self.client.log_batch(run.run_id, params=params[start : start + MAX_PARAMS])
         for start in range(0, len(tags), MAX_TAGS):
-            self.client.log_batch(run.run_id, tags=tags[start:start + MAX_TAGS])
+            self.client.log_batch(run.run_id, tags=tags[start : start + MAX_TAGS])
         if run.artifacts:
             with tempfile.TemporaryDirectory() as tmp:
                 for name, content in run.artifacts.items():

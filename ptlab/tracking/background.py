@@ -47,8 +47,13 @@ def runs_in_background(kind: str, task: str, multirun: bool, skip_finished: str)
     store before training; not an image task, whose Lightning logger writes from this process), and only while this
     process has not loaded MLflow yet (loading it is the cost the helper takes off the run's critical path). The
     caller checks that this is the rank that tracks (DDP rank 0)."""
-    return (kind == "mlflow" and task == "synthetic" and not multirun and skip_finished != "always"
-            and (_Warm.helper is not None or "mlflow" not in sys.modules))
+    return (
+        kind == "mlflow"
+        and task == "synthetic"
+        and not multirun
+        and skip_finished != "always"
+        and (_Warm.helper is not None or "mlflow" not in sys.modules)
+    )
 
 
 class _Helper:
@@ -62,8 +67,11 @@ class _Helper:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ptlab.tracking.background", str(request_read), str(reply_write)],
-                pass_fds=(request_read, reply_write), start_new_session=True, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path})
+                pass_fds=(request_read, reply_write),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path},
+            )
         finally:
             os.close(request_read)
             os.close(reply_write)
@@ -145,14 +153,26 @@ class _Children(Mapping[str, str]):
 class BackgroundTracker:
     """``Tracker`` whose ``MLflowTracker`` (same arguments) runs in a helper process; calls return at once."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str,
-                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
-                 description: str = "", wal: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        artifact_location: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        description: str = "",
+        wal: bool = True,
+    ) -> None:
         """``wal``: prepare a SQLite store as ``prepare_sqlite_store(uri, wal=wal)`` does, in the helper."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self._arguments = {"tracking_uri": self.tracking_uri, "experiment_name": experiment_name,
-                           "run_name": run_name, "artifact_location": artifact_location, "tags": dict(tags or {}),
-                           "description": description}
+        self._arguments = {
+            "tracking_uri": self.tracking_uri,
+            "experiment_name": experiment_name,
+            "run_name": run_name,
+            "artifact_location": artifact_location,
+            "tags": dict(tags or {}),
+            "description": description,
+        }
         self._wal = wal
         self.children = _Children(self)
         self._helper: _Helper | None = None
@@ -212,13 +232,14 @@ class BackgroundTracker:
             code = helper.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        self._failure = StoreError(f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended "
-                                   f"unexpectedly (exit code {code}); runs this command left RUNNING are marked "
-                                   "FAILED by the next ptlab command on this store")
+        self._failure = StoreError(
+            f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended "
+            f"unexpectedly (exit code {code}); runs this command left RUNNING are marked "
+            "FAILED by the next ptlab command on this store"
+        )
         return self._failure
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Hand the helper the block's exception, so that it closes the runs as ``MLflowTracker.__exit__`` does, and
         raise what that raised (a ``StoreError``), or the helper's own earlier failure."""
         helper, self._helper = self._helper, None
@@ -251,8 +272,9 @@ class BackgroundTracker:
 
         if stage not in self.children:
             self.start_stage(stage)
-        return BufferedMLFlowLogger(experiment_name=self._arguments["experiment_name"],
-                                    tracking_uri=self.tracking_uri, run_id=self.children[stage])
+        return BufferedMLFlowLogger(
+            experiment_name=self._arguments["experiment_name"], tracking_uri=self.tracking_uri, run_id=self.children[stage]
+        )
 
     def log_params(self, params: Mapping[str, Any], stage: str | None = None) -> None:
         """Values as the strings ``MLflowTracker`` stores (plain data crosses the pipe)."""
@@ -262,8 +284,9 @@ class BackgroundTracker:
         self._call("log_metrics", {key: float(value) for key, value in metrics.items()}, stage, int(step))
 
     def log_curves(self, curves: Curves, stage: str | None = None) -> None:
-        self._call("log_curves", {key: [(int(step), float(value)) for step, value in points]
-                                  for key, points in curves.items()}, stage)
+        self._call(
+            "log_curves", {key: [(int(step), float(value)) for step, value in points] for key, points in curves.items()}, stage
+        )
 
     def set_tags(self, tags: Mapping[str, Any], stage: str | None = None) -> None:
         self._call("set_tags", {key: str(value) for key, value in tags.items()}, stage)
@@ -365,8 +388,14 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             if failure is not None:
                 reply("failed", failure)
             else:
-                reply("state", {"experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id,
-                                "children": dict(tracker.children)})
+                reply(
+                    "state",
+                    {
+                        "experiment_id": tracker.experiment_id,
+                        "parent_run_id": tracker.parent_run_id,
+                        "children": dict(tracker.children),
+                    },
+                )
         elif kind == "exit":
             if failure is not None:
                 reply("failed", failure)

@@ -34,8 +34,11 @@ Curves = Mapping[str, Sequence[tuple[int, float]]]
 """Metric curves: name -> [(step, value)]."""
 
 
-HTTP_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+HTTP_REQUEST_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
 """MLflow's HTTP client settings (its documented environment variables) that ptlab sets when they are unset: 3
 tries, 1 s and 2 s apart, 5 s each, so a tracking server that is down or stops answering fails a call within
 about 20 s (MLflow's own defaults retry for about 4 minutes). Set the variables to change them."""
@@ -54,7 +57,7 @@ def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
         bound_http_requests()
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(((cwd or Path.cwd()) / uri[len(prefix):]).resolve())
+        return prefix + str(((cwd or Path.cwd()) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -80,8 +83,9 @@ def metric_name(key: str) -> str:
 def curve_points(curves: Curves, stamp: int) -> list[tuple[str, float, int, int]]:
     """``curves`` as (MLflow name, value, timestamp ms, step) points; a point's timestamp is ``stamp + step`` ms,
     so that MLflow's time axis runs along the steps too (curves are stored after their stage ends)."""
-    return [(metric_name(key), float(value), stamp + int(step), int(step)) for key, points in curves.items()
-            for step, value in points]
+    return [
+        (metric_name(key), float(value), stamp + int(step), int(step)) for key, points in curves.items() for step, value in points
+    ]
 
 
 def child_name(stage: str, cell: str) -> str:
@@ -105,8 +109,7 @@ class Tracker(Protocol):
 
     def __enter__(self) -> Tracker: ...
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None: ...
 
     def start_stage(self, stage: str) -> None:
         """Open the child run of ``stage`` (RUNNING until ``end_stage`` or the pipeline's end)."""
@@ -144,8 +147,7 @@ class NullTracker:
     def __enter__(self) -> NullTracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         return None
 
     def start_stage(self, stage: str) -> None:
@@ -206,9 +208,15 @@ class MemoryTracker:
     git commit); ``new_run_id`` (name, tags) -> id gives each run its id when it opens (the store's, for a writer
     that cannot choose ids)."""
 
-    def __init__(self, tracking_uri: str = "", experiment_id: str = "", run_name: str = "pipeline",
-                 tags: Mapping[str, str] | None = None, child_tags: Mapping[str, str] | None = None,
-                 new_run_id: Callable[[str, Mapping[str, str]], str] | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str = "",
+        experiment_id: str = "",
+        run_name: str = "pipeline",
+        tags: Mapping[str, str] | None = None,
+        child_tags: Mapping[str, str] | None = None,
+        new_run_id: Callable[[str, Mapping[str, str]], str] | None = None,
+    ) -> None:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.tags = dict(tags or {})
         self.child_tags = dict(child_tags or {})
@@ -222,10 +230,8 @@ class MemoryTracker:
     def __enter__(self) -> MemoryTracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        status = "FINISHED" if exc_type is None else (
-            "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        status = "FINISHED" if exc_type is None else ("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         if exc_type is not None:
             self.parent.tags["ptlab.error"] = f"{exc_type.__name__}: {exc}"[:5000]
         for run in self.stages.values():
@@ -243,8 +249,10 @@ class MemoryTracker:
         return RecordedRun(name, tags, self.new_run_id(name, tags) if self.new_run_id is not None else None)
 
     def start_stage(self, stage: str) -> None:
-        run = self._open(child_name(stage, self.parent.name),
-                         {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
+        run = self._open(
+            child_name(stage, self.parent.name),
+            {**self.child_tags, PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags},
+        )
         self.stages[stage] = run
         self.children[stage] = run.run_id
 

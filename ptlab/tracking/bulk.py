@@ -51,9 +51,11 @@ class BulkRunWriter:
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         if not is_database_uri(self.tracking_uri):
-            raise ConfigError(f"logger.tracking_uri={tracking_uri!r} is not allowed with the batched gram launcher: "
-                              f"must be a database URI ({', '.join(s + '://' for s in DATABASE_SCHEMES)}), "
-                              "or use logger=none")
+            raise ConfigError(
+                f"logger.tracking_uri={tracking_uri!r} is not allowed with the batched gram launcher: "
+                f"must be a database URI ({', '.join(s + '://' for s in DATABASE_SCHEMES)}), "
+                "or use logger=none"
+            )
         client = MlflowClient(self.tracking_uri)
         location = artifact_location or default_artifact_location(self.tracking_uri, experiment_name)
         self.experiment_id = get_or_create_experiment(client, experiment_name, location)
@@ -66,8 +68,9 @@ class BulkRunWriter:
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> MemoryTracker:
         """A memory tracker for one pipeline of this experiment."""
-        return MemoryTracker(self.tracking_uri, self.experiment_id, run_name, {**tags, PROCESS_TAG: process_tag()},
-                             self.context_tags)
+        return MemoryTracker(
+            self.tracking_uri, self.experiment_id, run_name, {**tags, PROCESS_TAG: process_tag()}, self.context_tags
+        )
 
     def write(self, trackers: Iterable[MemoryTracker]) -> int:
         """Store every run of ``trackers`` (rows in one transaction, then artifacts); returns the run count.
@@ -86,13 +89,24 @@ class BulkRunWriter:
         for tracker in trackers:
             for run in tracker.runs():
                 artifact_uri = append_to_uri_path(self.artifact_root, run.run_id, "artifacts")
-                runs.append(dict(
-                    run_uuid=run.run_id, name=run.name, source_type=SourceType.to_string(SourceType.UNKNOWN),
-                    source_name="", entry_point_name="", user_id=run.tags.get(MLFLOW_USER, "unknown"),
-                    status=run.status if run.status != "RUNNING" else RunStatus.to_string(RunStatus.FINISHED),
-                    start_time=run.start_ms, end_time=run.end_ms, deleted_time=None, source_version="",
-                    lifecycle_stage=LifecycleStage.ACTIVE, artifact_uri=artifact_uri,
-                    experiment_id=int(self.experiment_id)))
+                runs.append(
+                    dict(
+                        run_uuid=run.run_id,
+                        name=run.name,
+                        source_type=SourceType.to_string(SourceType.UNKNOWN),
+                        source_name="",
+                        entry_point_name="",
+                        user_id=run.tags.get(MLFLOW_USER, "unknown"),
+                        status=run.status if run.status != "RUNNING" else RunStatus.to_string(RunStatus.FINISHED),
+                        start_time=run.start_ms,
+                        end_time=run.end_ms,
+                        deleted_time=None,
+                        source_version="",
+                        lifecycle_stage=LifecycleStage.ACTIVE,
+                        artifact_uri=artifact_uri,
+                        experiment_id=int(self.experiment_id),
+                    )
+                )
                 tags.extend(dict(key=k, value=v[:8000], run_uuid=run.run_id) for k, v in run.tags.items())
                 params.extend(dict(key=k, value=v, run_uuid=run.run_id) for k, v in run.params.items())
                 rows, newest = metric_rows(run.run_id, run.metrics)
@@ -101,8 +115,13 @@ class BulkRunWriter:
                 if run.artifacts:
                     artifacts.append((artifact_uri, run.artifacts))
         with self.engine.begin() as connection:
-            for table, rows in ((SqlRun, runs), (SqlTag, tags), (SqlParam, params), (SqlMetric, metrics),
-                                (SqlLatestMetric, latest)):
+            for table, rows in (
+                (SqlRun, runs),
+                (SqlTag, tags),
+                (SqlParam, params),
+                (SqlMetric, metrics),
+                (SqlLatestMetric, latest),
+            ):
                 if rows:
                     connection.execute(table.__table__.insert(), rows)
         for artifact_uri, texts in artifacts:
@@ -144,4 +163,3 @@ def run_writer(tracking_uri: str, experiment_name: str, artifact_location: str |
     if uri.startswith("sqlite:///") and tables_checked():
         return BulkRunWriter(uri, experiment_name, artifact_location)
     return ApiRunWriter(uri, experiment_name, artifact_location)
-

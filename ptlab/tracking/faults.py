@@ -50,8 +50,7 @@ def is_locked_error(err: BaseException) -> bool:
     here: this module loads before it, and an ``MlflowException`` exists only once MLflow is loaded)."""
     exceptions = sys.modules.get("mlflow.exceptions")
     kinds = (sqlite3.OperationalError,) + ((exceptions.MlflowException,) if exceptions is not None else ())
-    return isinstance(err, kinds) and any(
-        message in str(err) for message in LOCKED_MESSAGES)
+    return isinstance(err, kinds) and any(message in str(err) for message in LOCKED_MESSAGES)
 
 
 class _Writes:
@@ -93,7 +92,7 @@ STORE_FAULTS = {
     "read timed out": "the server does not answer",
     "failed to establish a new connection": "the server does not answer",
     "duplicate column name": "an older MLflow or ptlab left its schema half-migrated (restore it from a backup or use "
-                             "a new file)",
+    "a new file)",
     "can't locate revision": "a newer MLflow wrote its schema (upgrade MLflow or use a new file)",
     "no such table": "a table of its schema is missing (restore it from a backup or use a new file)",
 }
@@ -123,14 +122,18 @@ def store_error(err: BaseException, tracking_uri: str = "") -> StoreError:
         return err
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
     where = f"logger.tracking_uri={tracking_uri!r}: " if tracking_uri else ""
-    return StoreError(f"{where}the tracking store failed, {store_fault(err)} ({type(err).__name__}: {first}); runs "
-                      "this command left RUNNING are marked FAILED by the next ptlab command on this store")
+    return StoreError(
+        f"{where}the tracking store failed, {store_fault(err)} ({type(err).__name__}: {first}); runs "
+        "this command left RUNNING are marked FAILED by the next ptlab command on this store"
+    )
 
 
-def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2,
-                 tracking_uri: str = "") -> Callable[..., Any]:
+def with_retries(
+    call: Callable[..., Any], attempts: int = 8, base_delay: float = 0.2, tracking_uri: str = ""
+) -> Callable[..., Any]:
     """``call`` retried on ``is_locked_error`` up to ``attempts`` times, sleeping ~0.2, 0.4, 0.8 ... s;
     each attempt is a ``tracking_write``. A store fault (``store_fault``) is raised as one-line ``StoreError``."""
+
     def retrying(*args: Any, **kwargs: Any) -> Any:
         for attempt in range(attempts):
             try:
@@ -141,10 +144,11 @@ def with_retries(call: Callable[..., Any], attempts: int = 8, base_delay: float 
                     raise store_error(err, tracking_uri) from err
                 if not is_locked_error(err) or attempt == attempts - 1:
                     raise
-                delay = base_delay * 2 ** attempt * (1 + random.random())
+                delay = base_delay * 2**attempt * (1 + random.random())
                 log.warning("ptlab: tracking store busy (%s); retrying in %.1f s", str(err).splitlines()[0], delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
     return retrying
 
 
@@ -164,7 +168,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of an absolute ``sqlite:///`` URI; ``None`` for any other store."""
     if not tracking_uri.startswith(SQLITE_PREFIX):
         return None
-    return Path(tracking_uri[len(SQLITE_PREFIX):])
+    return Path(tracking_uri[len(SQLITE_PREFIX) :])
 
 
 def prepare_sqlite_store(tracking_uri: str, wal: bool = True) -> str | None:

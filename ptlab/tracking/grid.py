@@ -22,8 +22,12 @@ def grid_rows(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
     ``experiment_id``, ``status`` and ``start_time`` of its grid run; empty when there is none. A row is a finished
     cell whatever its grid run's status (a grid run with diverged cells ends FAILED and holds the others); a grid
     run that ended before writing its table has no rows."""
-    runs = client.search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'grid' and attributes.status != 'RUNNING'",
-                              order_by=["attributes.start_time ASC"], max_results=1000)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{STAGE_TAG}` = 'grid' and attributes.status != 'RUNNING'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:

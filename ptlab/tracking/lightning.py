@@ -30,8 +30,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = int(time() * 1000)
-        self._pending.extend((metric_name(k), float(v), stamp, step or 0) for k, v in metrics.items()
-                             if not isinstance(v, str))
+        self._pending.extend((metric_name(k), float(v), stamp, step or 0) for k, v in metrics.items() if not isinstance(v, str))
         if len(self._pending) >= 10 * MAX_METRICS_PER_BATCH:
             self.flush()
 
@@ -51,7 +50,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
                 pass
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in pending]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.experiment.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+            self.experiment.log_batch(self.run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
     def save(self) -> None:
         super().save()

@@ -52,7 +52,7 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
     if not tracking_uri.startswith(prefix):
         return None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name)
-    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts" / safe).as_uri()
+    return (Path(tracking_uri[len(prefix) :]).parent / "mlartifacts" / safe).as_uri()
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -83,8 +83,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            experiment_id = client.create_experiment(name, artifact_location=artifact_location,
-                                                     tags={EXPERIMENT_KIND_TAG: ML_EXPERIMENT})
+            experiment_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: ML_EXPERIMENT}
+            )
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -92,8 +93,10 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         else:
             experiment = client.get_experiment(experiment_id)
     if experiment.lifecycle_stage == "deleted":
-        raise ConfigError(f"logger.experiment_name={name!r} is not allowed: that experiment is deleted; "
-                          f"{restore_hint(experiment.experiment_id, str(client.tracking_uri))}")
+        raise ConfigError(
+            f"logger.experiment_name={name!r} is not allowed: that experiment is deleted; "
+            f"{restore_hint(experiment.experiment_id, str(client.tracking_uri))}"
+        )
     if SHARED_VIEW_TAG + RESULT_VIEW not in experiment.tags:
         view = {"selectedColumns": list(RESULT_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
         client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW_TAG + RESULT_VIEW, as_json(view))
@@ -104,9 +107,15 @@ class MLflowTracker:
     """``Tracker`` on an MLflow store: a context manager around one pipeline's parent run; on an
     exception every open run is FAILED (KILLED for Ctrl-C), so nothing is left RUNNING."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str,
-                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
-                 description: str = "") -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        artifact_location: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        description: str = "",
+    ) -> None:
         """``description``: the experiment's MLflow description, set when it has none yet (the preset's comment)."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name, self.run_name, self.description = experiment_name, run_name, description
@@ -127,20 +136,25 @@ class MLflowTracker:
         except MlflowException as err:
             if not self.tracking_uri.startswith(("http://", "https://")):
                 raise
-            raise ConfigError(f"logger.tracking_uri={self.tracking_uri!r} is not allowed: must be a reachable "
-                              f"MLflow store ({str(err).splitlines()[0]})") from None
+            raise ConfigError(
+                f"logger.tracking_uri={self.tracking_uri!r} is not allowed: must be a reachable "
+                f"MLflow store ({str(err).splitlines()[0]})"
+            ) from None
         mark_vanished(self.client, [self.experiment_id])
         if self.description and NOTE_TAG not in self.client.get_experiment(self.experiment_id).tags:
             self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
         with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name, start_time=self.clock_ms,
-                                         tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags}))
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.run_name,
+                start_time=self.clock_ms,
+                tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags}),
+            )
             self.parent_run_id = run.info.run_id
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Close every open run: FINISHED, KILLED (a signal) or FAILED. Each write is tried on its own (the
         statuses first, the error tag last), so one failed write leaves no other run RUNNING; a server that
         stopped answering is not asked again (the next command marks the runs FAILED, ``mark_vanished``). A store
@@ -168,6 +182,7 @@ class MLflowTracker:
     def _close_runs(self, status: str, error: str | None, failed: list[BaseException]) -> None:
         """Set the status of the open children and the parent, then the parent's error tag; a write that fails
         is appended to ``failed`` and the others are still tried."""
+
         def attempt(call: Any, *args: Any) -> Any:
             try:
                 return call(*args)
@@ -188,8 +203,9 @@ class MLflowTracker:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source, git commit)."""
         tags = provenance_tags({PARENT_RUN_TAG: self.parent_run_id, STAGE_TAG: stage, **self.tags})
         with tracking_write():  # the run's id is recorded before a held signal is raised
-            run = self.client.create_run(self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags,
-                                         start_time=self.clock_ms)
+            run = self.client.create_run(
+                self.experiment_id, run_name=child_name(stage, self.run_name), tags=tags, start_time=self.clock_ms
+            )
             self.children[stage] = run.info.run_id
 
     def end_stage(self, stage: str, status: str = "FINISHED") -> None:
@@ -203,8 +219,9 @@ class MLflowTracker:
 
         if stage not in self.children:
             self.start_stage(stage)
-        return BufferedMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
-                                    run_id=self.children[stage])
+        return BufferedMLFlowLogger(
+            experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=self.children[stage]
+        )
 
     def log_curves(self, curves: Curves, stage: str | None = None) -> None:
         """Every point of ``curves`` in one write: straight into a database store's tables, else
@@ -222,7 +239,7 @@ class MLflowTracker:
                 pass
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
     def run_id(self, stage: str | None = None) -> str:
         """The parent run's id, or the child run of ``stage``."""
@@ -232,14 +249,14 @@ class MLflowTracker:
         """Log params in batches of 100 (values as strings, cut to MLflow's 6000 characters)."""
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id(stage), params=items[start:start + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id(stage), params=items[start : start + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], stage: str | None = None, step: int = 0) -> None:
         """Log a set of numbers in one batch."""
         stamp = int(time() * 1000)
         items = [Metric(metric_name(k), float(v), stamp, step) for k, v in metrics.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id(stage), metrics=items[start:start + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id(stage), metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any], stage: str | None = None) -> None:
         for key, value in tags.items():
@@ -256,12 +273,15 @@ class MLflowTracker:
         self.client.log_artifact(self.run_id(stage), str(path), artifact_path)
 
 
-def make_tracker(kind: str, tracking_uri: str = "", experiment_name: str = "default", run_name: str = "pipeline",
-                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
-                 ) -> MLflowTracker | NullTracker:
+def make_tracker(
+    kind: str,
+    tracking_uri: str = "",
+    experiment_name: str = "default",
+    run_name: str = "pipeline",
+    artifact_location: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> MLflowTracker | NullTracker:
     """The tracker for ``logger.kind``."""
     if kind == "none":
         return NullTracker()
     return MLflowTracker(tracking_uri, experiment_name, run_name, artifact_location, tags)
-
-

@@ -27,8 +27,22 @@ from ptlab.tracking.faults import with_retries
 TESTED_MLFLOW = ">=3.17,<3.18"
 """The MLflow versions whose tables ptlab writes (pyproject.toml pins the same range)."""
 TABLE_COLUMNS = {
-    "runs": ("run_uuid", "name", "source_type", "source_name", "entry_point_name", "user_id", "status", "start_time",
-             "end_time", "deleted_time", "source_version", "lifecycle_stage", "artifact_uri", "experiment_id"),
+    "runs": (
+        "run_uuid",
+        "name",
+        "source_type",
+        "source_name",
+        "entry_point_name",
+        "user_id",
+        "status",
+        "start_time",
+        "end_time",
+        "deleted_time",
+        "source_version",
+        "lifecycle_stage",
+        "artifact_uri",
+        "experiment_id",
+    ),
     "tags": ("key", "value", "run_uuid"),
     "params": ("key", "value", "run_uuid"),
     "metrics": ("key", "value", "timestamp", "step", "is_nan", "run_uuid"),
@@ -46,8 +60,10 @@ def check_tables(tables: tuple[Any, ...] = TABLES) -> None:
         if columns != expected:
             import mlflow
 
-            raise RuntimeError(f"MLflow {mlflow.__version__} changed table {table.__tablename__!r} ({columns}, "
-                               f"ptlab writes {expected}); ptlab was tested with mlflow{TESTED_MLFLOW}")
+            raise RuntimeError(
+                f"MLflow {mlflow.__version__} changed table {table.__tablename__!r} ({columns}, "
+                f"ptlab writes {expected}); ptlab was tested with mlflow{TESTED_MLFLOW}"
+            )
 
 
 def tables_checked() -> bool:
@@ -80,8 +96,10 @@ def metric_value(value: float) -> tuple[float, bool]:
     return value, False
 
 
-def metric_rows(run_id: str, points: Iterable[MetricPoint],
-                ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def metric_rows(
+    run_id: str,
+    points: Iterable[MetricPoint],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The ``metrics`` rows of ``points`` (duplicates once) and the newest row of each key."""
     rows: list[dict[str, Any]] = []
     newest: dict[str, dict[str, Any]] = {}
@@ -128,13 +146,19 @@ class MetricWriter:
         latest = SqlLatestMetric.__table__
         with self.engine.begin() as connection:
             connection.execute(SqlMetric.__table__.insert(), rows)
-            stored = {row.key: dict(row._mapping) for row in connection.execute(
-                sqlalchemy.select(latest).where(latest.c.run_uuid == run_id, latest.c.key.in_(list(newest))))}
+            stored = {
+                row.key: dict(row._mapping)
+                for row in connection.execute(
+                    sqlalchemy.select(latest).where(latest.c.run_uuid == run_id, latest.c.key.in_(list(newest)))
+                )
+            }
             replaced = [row for key, row in newest.items() if key in stored and _order(row) > _order(stored[key])]
             for row in replaced:
-                connection.execute(latest.update().where(latest.c.run_uuid == run_id, latest.c.key == row["key"])
-                                   .values(value=row["value"], timestamp=row["timestamp"], step=row["step"],
-                                           is_nan=row["is_nan"]))
+                connection.execute(
+                    latest.update()
+                    .where(latest.c.run_uuid == run_id, latest.c.key == row["key"])
+                    .values(value=row["value"], timestamp=row["timestamp"], step=row["step"], is_nan=row["is_nan"])
+                )
             added = [row for key, row in newest.items() if key not in stored]
             if added:
                 connection.execute(latest.insert(), added)

@@ -165,8 +165,10 @@ def new_store_from_template(path: Path) -> bool:
         finally:
             partial.unlink(missing_ok=True)
     except Exception as err:  # any failure: MLflow migrates the store as without a template
-        log.warning("ptlab: the MLflow store template was not used (%s); migrating the new store",
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        log.warning(
+            "ptlab: the MLflow store template was not used (%s); migrating the new store",
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
         return False
     return True
 

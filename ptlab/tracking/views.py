@@ -6,8 +6,14 @@ from __future__ import annotations
 RESULT_VIEW = "ptlab"
 """The shared view of the runs table that shows every pipeline's result: open the experiment with
 ``?viewStateShareKey=ptlab`` (MLflow's own "share view" feature; the view is an experiment tag)."""
-RESULT_COLUMNS = ("metrics.`transfer_test_acc`", "metrics.`scratch_test_acc`", "metrics.`transfer_gain`",
-                  "params.`theory.predicted`", "metrics.`transferability/logme`", "metrics.`transferability/leep`")
+RESULT_COLUMNS = (
+    "metrics.`transfer_test_acc`",
+    "metrics.`scratch_test_acc`",
+    "metrics.`transfer_gain`",
+    "params.`theory.predicted`",
+    "metrics.`transferability/logme`",
+    "metrics.`transferability/leep`",
+)
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 WORKFLOW = "machine_learning"
 

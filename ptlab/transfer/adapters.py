@@ -64,8 +64,9 @@ class TransferAdapter(ABC):
         """Whether this adapter handles the (source, target) pair."""
 
     @abstractmethod
-    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
-             generator: torch.Generator) -> list[PlanRow]:
+    def plan(
+        self, source: nn.Module, target: nn.Module, alpha: float, select: Selector, generator: torch.Generator
+    ) -> list[PlanRow]:
         """Which units go where; raises ``ValueError`` with one line when nothing can match."""
 
     @abstractmethod
@@ -88,12 +89,14 @@ class TwoLayerCNNFilters(TransferAdapter):
     def matches(cls, source: nn.Module, target: nn.Module) -> bool:
         return isinstance(source, TwoLayerReLUCNN) and isinstance(target, TwoLayerReLUCNN)
 
-    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
-             generator: torch.Generator) -> list[PlanRow]:
+    def plan(
+        self, source: nn.Module, target: nn.Module, alpha: float, select: Selector, generator: torch.Generator
+    ) -> list[PlanRow]:
         if source.weight.shape != target.weight.shape:
             raise ValueError(
                 f"filter transfer needs equal weight shapes (2, m, d): upstream {tuple(source.weight.shape)} "
-                f"vs downstream {tuple(target.weight.shape)}")
+                f"vs downstream {tuple(target.weight.shape)}"
+            )
         rows = []
         for j, label in enumerate(self.OUTPUTS):
             total = target.weight.shape[1]
@@ -128,5 +131,7 @@ def find_adapter(source: nn.Module, target: nn.Module) -> type[TransferAdapter]:
     for _, adapter in ADAPTERS.items():
         if adapter.matches(source, target):
             return adapter
-    raise ValueError(f"no transfer rule for upstream {type(source).__name__} -> downstream "
-                     f"{type(target).__name__}; known families: {', '.join(ADAPTERS.names())}")
+    raise ValueError(
+        f"no transfer rule for upstream {type(source).__name__} -> downstream "
+        f"{type(target).__name__}; known families: {', '.join(ADAPTERS.names())}"
+    )

@@ -19,9 +19,15 @@ from ptlab.transfer.inherited import InheritedUnits, inherited_units
 from ptlab.transfer.selection import SelectionInputs, build_strategy
 
 
-def transfer_parameters(source: nn.Module, target: nn.Module, alpha: float, selection: Any = "random",
-                        generator: torch.Generator | None = None, adapter: TransferAdapter | None = None,
-                        inputs: SelectionInputs | None = None) -> list[PlanRow]:
+def transfer_parameters(
+    source: nn.Module,
+    target: nn.Module,
+    alpha: float,
+    selection: Any = "random",
+    generator: torch.Generator | None = None,
+    adapter: TransferAdapter | None = None,
+    inputs: SelectionInputs | None = None,
+) -> list[PlanRow]:
     """Copy an ``alpha``-fraction of ``source``'s units into ``target`` in place; return the plan.
     ``selection``: a ``transfer.selection`` value or a strategy; ``inputs``: the data it may read."""
     adapter = adapter or find_adapter(source, target)()
@@ -54,15 +60,20 @@ class Transfer:
 
     def plan(self, target: nn.Module) -> list[PlanRow]:
         """The plan for ``target`` without copying anything (same generator as ``apply``)."""
-        return self._adapter(target).plan(self.source, target, self.alpha,
-                                          build_strategy(self.selection).bind(self.source, self.inputs),
-                                          torch.Generator().manual_seed(self.seed))
+        return self._adapter(target).plan(
+            self.source,
+            target,
+            self.alpha,
+            build_strategy(self.selection).bind(self.source, self.inputs),
+            torch.Generator().manual_seed(self.seed),
+        )
 
     def apply(self, target: nn.Module) -> list[PlanRow]:
         """Copy the planned units into ``target`` in place, then apply the control to them; return the plan."""
         adapter = self._adapter(target)
-        plan = transfer_parameters(self.source, target, self.alpha, self.selection,
-                                   torch.Generator().manual_seed(self.seed), adapter, self.inputs)
+        plan = transfer_parameters(
+            self.source, target, self.alpha, self.selection, torch.Generator().manual_seed(self.seed), adapter, self.inputs
+        )
         self._control(adapter, target, plan)
         return plan
 
@@ -74,5 +85,4 @@ class Transfer:
         """Which entries of ``target`` ``plan`` copies and the values the transfer gave them, the control's included
         (``ptlab.transfer.inherited``)."""
         adapter = self._adapter(target)
-        return inherited_units(adapter, self.source, target, plan,
-                               control=lambda model: self._control(adapter, model, plan))
+        return inherited_units(adapter, self.source, target, plan, control=lambda model: self._control(adapter, model, plan))

@@ -82,7 +82,7 @@ def apply_control(control: str, units: list[UnitBlock], seed: int) -> None:
         if control == "norm_matched":
             draw = _block(draw, rows.cpu(), None if cols is None else cols.cpu())
         else:  # permutation keys for the unit's own entries
-            draw = draw[rows.cpu(), :block[0].numel()]
+            draw = draw[rows.cpu(), : block[0].numel()]
         new = controlled(block.reshape(len(rows), -1), draw.reshape(len(rows), -1).to(block.device), control)
         new = new.reshape(block.shape).to(weight)
         if cols is None:

@@ -55,8 +55,21 @@ from ptlab.transfer.selection import Choice, Selector, choose, count_for
 UNITS = (nn.Conv2d, nn.Linear)
 NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-MIXING = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, torch.add, torch.mul, torch.sub,
-          "add", "add_", "mul", "mul_", "sub"}
+MIXING = {
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    "add",
+    "add_",
+    "mul",
+    "mul_",
+    "sub",
+}
 """Elementwise operations of two tensors: equal-width operands share one channel space."""
 CONCAT = {torch.cat, torch.concat, torch.stack, "cat"}
 
@@ -156,9 +169,11 @@ def _trace(model: nn.Module) -> fx.Graph:
 
 
 def _per_channel_keys(module: nn.Module, prefix: str, width: int) -> list[str]:
-    return [f"{prefix}.{key}" for key, tensor in [*module.named_parameters(recurse=False),
-                                                  *module.named_buffers(recurse=False)]
-            if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == width]
+    return [
+        f"{prefix}.{key}"
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == width
+    ]
 
 
 def _width(module: nn.Module) -> int:
@@ -212,8 +227,10 @@ class _Walk:
         if node.op == "call_module":
             return self.visit_module(node, self.modules[str(node.target)], ins)
         if node.target in CONCAT and sum(f.space is not None for f in ins) > 1:
-            raise ValueError(f"filter transfer does not support channel concatenation ({node.name} in "
-                             f"{type(self.model).__name__}): only residual additions join channels")
+            raise ValueError(
+                f"filter transfer does not support channel concatenation ({node.name} in "
+                f"{type(self.model).__name__}): only residual additions join channels"
+            )
         if node.target in MIXING and len(ins) > 1:
             return self.mix(ins)
         first = next((f for f in ins if f.space is not None or f.param is not None), _Flow())
@@ -226,8 +243,7 @@ class _Walk:
         params = [f.param for f in ins if f.param is not None]
         if len(spaced) == 1 and params and spaced[0].unit is not None:
             unit = spaced[0].unit
-            unit.followers += [key for key in params
-                               if key in self.state and self.state[key].numel() == unit.out_channels]
+            unit.followers += [key for key in params if key in self.state and self.state[key].numel() == unit.out_channels]
             return _Flow(spaced[0].space, spaced[0].stride, unit)
         if not spaced:
             return _Flow()
@@ -255,15 +271,18 @@ class _Walk:
         in_space = flow.space
         if in_space is not None and self.spaces.width[in_space] == 0:
             self.spaces.width[in_space] = module.weight.shape[1] * getattr(module, "groups", 1)
-        if in_space is not None and self.spaces.width[self.spaces.find(in_space)] != \
-                module.weight.shape[1] * getattr(module, "groups", 1):
+        if in_space is not None and self.spaces.width[self.spaces.find(in_space)] != module.weight.shape[1] * getattr(
+            module, "groups", 1
+        ):
             in_space = None  # e.g. a linear layer over flattened spatial positions: its inputs are not channels
         groups = getattr(module, "groups", 1)
         depthwise = groups > 1 and groups == module.weight.shape[0] and module.weight.shape[1] == 1
         if groups > 1 and not depthwise:
-            raise ValueError(f"filter transfer does not support grouped conv {name} (groups={groups}, "
-                             f"{module.weight.shape[1] * groups} -> {module.weight.shape[0]} channels): only dense "
-                             "and depthwise convs")
+            raise ValueError(
+                f"filter transfer does not support grouped conv {name} (groups={groups}, "
+                f"{module.weight.shape[1] * groups} -> {module.weight.shape[0]} channels): only dense "
+                "and depthwise convs"
+            )
         out_space = in_space if depthwise and in_space is not None else self.spaces.new(module.weight.shape[0])
         unit = ConvUnit(name, _stage(stride), module, None, in_space, out_space, depthwise)
         self.units.append(unit)
@@ -322,11 +341,15 @@ class CNNFilterTransfer(TransferAdapter):
     @classmethod
     def matches(cls, source: nn.Module, target: nn.Module) -> bool:
         """Models of one class, with convs, that are not transformers (a ``patch_embed``: see the ViT rule)."""
-        return (type(source) is type(target) and not hasattr(target, "patch_embed")
-                and any(isinstance(m, nn.Conv2d) for m in target.modules()))
+        return (
+            type(source) is type(target)
+            and not hasattr(target, "patch_embed")
+            and any(isinstance(m, nn.Conv2d) for m in target.modules())
+        )
 
-    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
-             generator: torch.Generator) -> list[PlanRow]:
+    def plan(
+        self, source: nn.Module, target: nn.Module, alpha: float, select: Selector, generator: torch.Generator
+    ) -> list[PlanRow]:
         sources, targets = discover(source), discover(target)
         pairs = match_units(sources.units, targets.units)
         channels: dict[int, _Channels] = {}
@@ -345,15 +368,26 @@ class CNNFilterTransfer(TransferAdapter):
                 channels[unit.out_space] = _Channels(chosen, packed, choice.strategy, list(choice.scores))
             rows.append(self._row(unit, partner, channels))
         if same_architecture(sources.units, targets.units):
-            rows += [PlanRow(name, name, len(channels[space].target), targets.widths[space],
-                             list(channels[space].target), source_indices=list(channels[space].source),
-                             strategy=channels[space].strategy, scores=list(channels[space].scores))
-                     for name, space in targets.stream_norms.items()
-                     if space in channels and channels[space].target and name in sources.stream_norms]
+            rows += [
+                PlanRow(
+                    name,
+                    name,
+                    len(channels[space].target),
+                    targets.widths[space],
+                    list(channels[space].target),
+                    source_indices=list(channels[space].source),
+                    strategy=channels[space].strategy,
+                    scores=list(channels[space].scores),
+                )
+                for name, space in targets.stream_norms.items()
+                if space in channels and channels[space].target and name in sources.stream_norms
+            ]
         if not any(row.source for row in rows):
-            raise ValueError(f"no conv of downstream {type(target).__name__} matches a conv of upstream "
-                             f"{type(source).__name__} (same weight shape in the same stage, or the same "
-                             "architecture at another width), so nothing can be copied")
+            raise ValueError(
+                f"no conv of downstream {type(target).__name__} matches a conv of upstream "
+                f"{type(source).__name__} (same weight shape in the same stage, or the same "
+                "architecture at another width), so nothing can be copied"
+            )
         return rows
 
     @staticmethod
@@ -362,15 +396,31 @@ class CNNFilterTransfer(TransferAdapter):
         if max(out.source, default=-1) >= partner.out_channels:
             return PlanRow(unit.name, partner.name, 0, unit.out_channels, [])
         if unit.depthwise or unit.in_channels == partner.in_channels:
-            return PlanRow(unit.name, partner.name, len(out.target), unit.out_channels, list(out.target),
-                           source_indices=list(out.source), strategy=out.strategy, scores=list(out.scores))
+            return PlanRow(
+                unit.name,
+                partner.name,
+                len(out.target),
+                unit.out_channels,
+                list(out.target),
+                source_indices=list(out.source),
+                strategy=out.strategy,
+                scores=list(out.scores),
+            )
         inputs = channels.get(unit.in_space) if unit.in_space is not None else None
         if not inputs or not inputs.target:
             return PlanRow(unit.name, partner.name, 0, unit.out_channels, [])
-        return PlanRow(unit.name, partner.name, len(out.target), unit.out_channels, list(out.target),
-                       source_indices=list(out.source), input_indices=list(inputs.target),
-                       source_input_indices=list(inputs.source), strategy=out.strategy,
-                       scores=list(out.scores))
+        return PlanRow(
+            unit.name,
+            partner.name,
+            len(out.target),
+            unit.out_channels,
+            list(out.target),
+            source_indices=list(out.source),
+            input_indices=list(inputs.target),
+            source_input_indices=list(inputs.source),
+            strategy=out.strategy,
+            scores=list(out.scores),
+        )
 
     @torch.no_grad()
     def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
@@ -382,28 +432,36 @@ class CNNFilterTransfer(TransferAdapter):
                 continue
             if row.target not in targets:  # a stream norm: its per-channel tensors
                 norm = source.get_submodule(row.source)
-                norm_keys = zip(_per_channel_keys(target.get_submodule(row.target), row.target, row.total),
-                                _per_channel_keys(norm, row.source, _width(norm)), strict=True)
+                norm_keys = zip(
+                    _per_channel_keys(target.get_submodule(row.target), row.target, row.total),
+                    _per_channel_keys(norm, row.source, _width(norm)),
+                    strict=True,
+                )
                 for target_key, source_key in norm_keys:
                     copy_rows(source_state[source_key], target_state[target_key], row, None)
                 continue
             src, dst = sources[row.source], targets[row.target]
-            keys = [(f"{dst.name}.{key}", f"{src.name}.{key}") for key in ("weight", "bias")
-                    if getattr(dst.conv, key, None) is not None and getattr(src.conv, key, None) is not None]
+            keys = [
+                (f"{dst.name}.{key}", f"{src.name}.{key}")
+                for key in ("weight", "bias")
+                if getattr(dst.conv, key, None) is not None and getattr(src.conv, key, None) is not None
+            ]
             if len(dst.followers) == len(src.followers):
                 keys += list(zip(dst.followers, src.followers))
             for target_key, source_key in keys:
                 inputs = row.input_indices if target_key == f"{dst.name}.weight" else None
                 copy_rows(source_state[source_key], target_state[target_key], row, inputs)
 
-
     def units(self, target: nn.Module, plan: list[PlanRow]) -> list[UnitBlock]:
         """Each copied output channel of a conv or linear unit: its weight entries over the copied input channels
         (all of them, kernel included, unless element selection copied only some); biases, followers and stream
         norms stay as copied."""
         targets = {unit.name: unit for unit in conv_units(target)}
-        return [UnitBlock(row.target, targets[row.target].conv.weight.data, row.indices, row.input_indices)
-                for row in plan if row.indices and row.target in targets]
+        return [
+            UnitBlock(row.target, targets[row.target].conv.weight.data, row.indices, row.input_indices)
+            for row in plan
+            if row.indices and row.target in targets
+        ]
 
 
 def copy_rows(source: torch.Tensor, target: torch.Tensor, row: PlanRow, inputs: list[int] | None) -> None:

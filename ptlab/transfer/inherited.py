@@ -37,8 +37,13 @@ class InheritedUnits:
 
 
 @torch.no_grad()
-def inherited_units(adapter: TransferAdapter, source: nn.Module, target: nn.Module, plan: list[PlanRow],
-                    control: Callable[[nn.Module], None] | None = None) -> InheritedUnits:
+def inherited_units(
+    adapter: TransferAdapter,
+    source: nn.Module,
+    target: nn.Module,
+    plan: list[PlanRow],
+    control: Callable[[nn.Module], None] | None = None,
+) -> InheritedUnits:
     """The masks and inherited values of ``target``'s parameters under ``plan`` (``target`` is not changed); with
     ``control`` (``transfer.control``), the values it gives the copied units, which are what training starts from."""
     ones, zeros, copied = copy.deepcopy(source), copy.deepcopy(target), copy.deepcopy(target)

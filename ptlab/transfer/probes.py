@@ -48,8 +48,10 @@ def _toy_row(layer: str) -> int:
 
 def _source(context: SelectionContext, strategy: str) -> nn.Module:
     if context.source is None or not context.inputs.batches:
-        raise ValueError(f"transfer.selection={strategy} needs the upstream model and task-2 batches "
-                         f"(layer {context.layer or '?'} got {'no model' if context.source is None else 'no batches'})")
+        raise ValueError(
+            f"transfer.selection={strategy} needs the upstream model and task-2 batches "
+            f"(layer {context.layer or '?'} got {'no model' if context.source is None else 'no batches'})"
+        )
     return context.source
 
 
@@ -103,7 +105,8 @@ def unit_activations(context: SelectionContext) -> Tensor:
         else:
             module = model.get_submodule(context.layer)
             handle = module.register_forward_hook(
-                lambda _m, _i, out: per_batch.append(out.abs().transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1)))
+                lambda _m, _i, out: per_batch.append(out.abs().transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1))
+            )
             try:
                 for x, _ in _batches(context, module.weight.device):
                     model(x.to(module.weight.dtype))
@@ -117,8 +120,10 @@ def signal_view(context: SelectionContext) -> tuple[Tensor | None, Tensor | None
     the fields of a ``SignalView``."""
     units = context.units.detach()
     if units.dim() != 2:
-        raise ValueError(f"transfer.selection=signal/task2_alignment needs the synthetic model's filters (m, d); "
-                         f"layer {context.layer or '?'} has units of shape {tuple(units.shape)}")
+        raise ValueError(
+            f"transfer.selection=signal/task2_alignment needs the synthetic model's filters (m, d); "
+            f"layer {context.layer or '?'} has units of shape {tuple(units.shape)}"
+        )
     inputs = context.inputs
     universal = units @ inputs.universal.to(units) if inputs.universal is not None else None
     patches = labels = None

@@ -143,11 +143,10 @@ class SelectionStrategy:
         if scores is None:
             return Choice(self.indices(context).sort().values.tolist(), [], self.label)
         scores = scores.detach().double().cpu()
-        order = torch.argsort(-scores, stable=True)[:context.k].sort().values
+        order = torch.argsort(-scores, stable=True)[: context.k].sort().values
         return Choice(order.tolist(), [float(f"{s:.{SCORE_DIGITS}g}") for s in scores[order].tolist()], self.label)
 
-    def __call__(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "",
-                 bn: nn.Module | None = None) -> Tensor:
+    def __call__(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "", bn: nn.Module | None = None) -> Tensor:
         """The chosen indices as a tensor (the ``Selector`` form an adapter may call)."""
         return self.bind()(units, k, generator, layer, bn)
 
@@ -164,19 +163,18 @@ class BoundSelector:
     source: nn.Module | None = None
     inputs: SelectionInputs = field(default_factory=SelectionInputs)
 
-    def choose(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "",
-               bn: nn.Module | None = None) -> Choice:
+    def choose(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "", bn: nn.Module | None = None) -> Choice:
         return self.strategy.choose(SelectionContext(units, k, generator, layer, self.source, bn, self.inputs))
 
-    def __call__(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "",
-                 bn: nn.Module | None = None) -> Tensor:
+    def __call__(self, units: Tensor, k: int, generator: torch.Generator, layer: str = "", bn: nn.Module | None = None) -> Tensor:
         import torch
 
         return torch.tensor(self.choose(units, k, generator, layer, bn).indices, dtype=torch.long)
 
 
-def choose(select: Selector, units: Tensor, k: int, generator: torch.Generator, layer: str = "",
-           bn: nn.Module | None = None) -> Choice:
+def choose(
+    select: Selector, units: Tensor, k: int, generator: torch.Generator, layer: str = "", bn: nn.Module | None = None
+) -> Choice:
     """``select``'s choice for one layer; a plain ``select(units, k, generator)`` function records no scores."""
     if isinstance(select, BoundSelector):
         return select.choose(units, k, generator, layer, bn)
@@ -198,7 +196,7 @@ class Random(SelectionStrategy):
     def indices(self, context: SelectionContext) -> Tensor:
         import torch
 
-        return torch.randperm(context.units.shape[0], generator=context.generator)[:context.k]
+        return torch.randperm(context.units.shape[0], generator=context.generator)[: context.k]
 
 
 class First(SelectionStrategy):
@@ -266,8 +264,10 @@ class BNScale(SelectionStrategy):
 
     def scores(self, context: SelectionContext) -> Tensor:
         if context.bn is None or getattr(context.bn, "weight", None) is None:
-            raise ValueError(f"transfer.selection=bn_scale needs a BatchNorm with a scale after the layer; "
-                             f"{context.layer or 'this layer'} has none")
+            raise ValueError(
+                f"transfer.selection=bn_scale needs a BatchNorm with a scale after the layer; "
+                f"{context.layer or 'this layer'} has none"
+            )
         return context.bn.weight.detach().abs()
 
 
@@ -353,8 +353,20 @@ class Task2Alignment(SelectionStrategy):
 
 
 SELECTIONS: Registry[type[SelectionStrategy]] = Registry("transfer.selection")
-for _strategy in (Random, First, LargestNorm, L1, BNScale, GeometricMedian, Uniform, Taylor, Activation, Fisher,
-                  Signal, Task2Alignment):
+for _strategy in (
+    Random,
+    First,
+    LargestNorm,
+    L1,
+    BNScale,
+    GeometricMedian,
+    Uniform,
+    Taylor,
+    Activation,
+    Fisher,
+    Signal,
+    Task2Alignment,
+):
     SELECTIONS.add(_strategy.name, _strategy)
 
 

@@ -76,18 +76,25 @@ def log_evidence(features: Any, targets: Any, alpha: float, beta: float) -> floa
     return _evidence(f, y, u, sigma, vt, alpha, beta)[0]
 
 
-def _evidence(f: np.ndarray, y: np.ndarray, u: np.ndarray, sigma: np.ndarray, vt: np.ndarray, alpha: float,
-              beta: float) -> tuple[float, float]:
+def _evidence(
+    f: np.ndarray, y: np.ndarray, u: np.ndarray, sigma: np.ndarray, vt: np.ndarray, alpha: float, beta: float
+) -> tuple[float, float]:
     """The log evidence and ``gamma`` (the effective number of parameters) at ``alpha, beta``; the thin SVD
     ``F = U diag(sigma) V'`` gives ``A``'s eigenvalues ``alpha + beta sigma^2`` (and ``alpha`` for the D - rank
     directions that ``F`` does not span)."""
     n, d = f.shape
-    s = sigma ** 2
+    s = sigma**2
     m = vt.T @ (beta * sigma / (alpha + beta * s) * (u.T @ y))
     residual = float(np.sum((f @ m - y) ** 2))
     log_det = float(np.sum(np.log(alpha + beta * s))) + (d - len(s)) * np.log(alpha)
-    evidence = (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi) - beta / 2 * residual
-                - alpha / 2 * float(m @ m) - log_det / 2)
+    evidence = (
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * residual
+        - alpha / 2 * float(m @ m)
+        - log_det / 2
+    )
     return float(evidence), float(np.sum(beta * s / (alpha + beta * s)))
 
 
@@ -104,10 +111,15 @@ def maximise_evidence(features: Any, targets: Any) -> tuple[float, float, float]
     return _maximise(f, y, u, sigma, vt)
 
 
-def _maximise(f: np.ndarray, y: np.ndarray, u: np.ndarray, sigma: np.ndarray, vt: np.ndarray,
-              ) -> tuple[float, float, float]:
+def _maximise(
+    f: np.ndarray,
+    y: np.ndarray,
+    u: np.ndarray,
+    sigma: np.ndarray,
+    vt: np.ndarray,
+) -> tuple[float, float, float]:
     n = len(f)
-    s = sigma ** 2
+    s = sigma**2
     projected = u.T @ y
     alpha, beta = 1.0, 1.0
     for _ in range(MAX_ITERATIONS):
@@ -181,8 +193,14 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def _batched(model: nn.Module, x: Tensor, batch_size: int, input_size: int | None, device: torch.device | str,
-             read: Callable[[Tensor], Tensor]) -> Tensor:
+def _batched(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int,
+    input_size: int | None,
+    device: torch.device | str,
+    read: Callable[[Tensor], Tensor],
+) -> Tensor:
     """``read(batch)`` over ``x`` in eval mode without gradients, resized to ``input_size`` as ``ImageClassifier``
     does; the model's train/eval mode and device are restored."""
     was_training = model.training
@@ -192,7 +210,7 @@ def _batched(model: nn.Module, x: Tensor, batch_size: int, input_size: int | Non
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                batch = x[start:start + batch_size].to(device)
+                batch = x[start : start + batch_size].to(device)
                 if input_size and batch.shape[-1] != input_size:
                     batch = F.interpolate(batch, size=(input_size, input_size), mode="bilinear", align_corners=False)
                 out.append(read(batch).float().cpu())
@@ -201,8 +219,9 @@ def _batched(model: nn.Module, x: Tensor, batch_size: int, input_size: int | Non
     return torch.cat(out)
 
 
-def penultimate_features(model: nn.Module, x: Tensor, batch_size: int = 256, input_size: int | None = None,
-                         device: torch.device | str = "cpu") -> Tensor:
+def penultimate_features(
+    model: nn.Module, x: Tensor, batch_size: int = 256, input_size: int | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
     """The input of ``classifier_head(model)`` for every input in ``x`` (N, D): what LogME scores."""
     head = classifier_head(model)
     seen: list[Tensor] = []
@@ -219,7 +238,8 @@ def penultimate_features(model: nn.Module, x: Tensor, batch_size: int = 256, inp
         hook.remove()
 
 
-def class_probabilities(model: nn.Module, x: Tensor, batch_size: int = 256, input_size: int | None = None,
-                        device: torch.device | str = "cpu") -> Tensor:
+def class_probabilities(
+    model: nn.Module, x: Tensor, batch_size: int = 256, input_size: int | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
     """The softmax of ``model``'s logits for every input in ``x`` (N, classes): what LEEP reads."""
     return _batched(model, x, batch_size, input_size, device, lambda batch: model(batch).float().softmax(dim=-1))

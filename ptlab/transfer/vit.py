@@ -57,21 +57,22 @@ def components(model: nn.Module) -> list[tuple[str, dict[str, Tensor]]]:
     return list(groups.items())
 
 
-def block_indices(layers: Sequence[int] | None, position: str, alpha: float, source_depth: int,
-                  target_depth: int, generator: torch.Generator) -> list[int]:
+def block_indices(
+    layers: Sequence[int] | None, position: str, alpha: float, source_depth: int, target_depth: int, generator: torch.Generator
+) -> list[int]:
     """The downstream block indices that inherit the upstream block of the same index."""
     shared = min(source_depth, target_depth)
     depths = f"upstream depth {source_depth}, downstream depth {target_depth}"
     if layers is not None:
         outside = sorted({i for i in layers if not 0 <= i < shared})
         if outside:
-            raise ValueError(f"transfer.layers={list(layers)} has blocks {outside} outside 0..{shared - 1} "
-                             f"({depths}; blocks map by index)")
+            raise ValueError(
+                f"transfer.layers={list(layers)} has blocks {outside} outside 0..{shared - 1} ({depths}; blocks map by index)"
+            )
         return sorted(set(layers))
     k = count_for(alpha, target_depth)
     if k > shared:
-        raise ValueError(f"transfer.alpha={alpha} asks for {k} blocks but only {shared} can map by index "
-                         f"({depths})")
+        raise ValueError(f"transfer.alpha={alpha} asks for {k} blocks but only {shared} can map by index ({depths})")
     if position == "first":
         return list(range(k))
     if position == "last":
@@ -82,37 +83,47 @@ def block_indices(layers: Sequence[int] | None, position: str, alpha: float, sou
 class ViTLayerTransfer(TransferAdapter):
     """Inherit whole blocks (and by default the embeddings and final norm) of a timm ViT."""
 
-    def __init__(self, layers: Sequence[int] | None = None, position: str = "last", patch_embed: bool = True,
-                 cls_token: bool = True, pos_embed: bool = True, norm: bool = True) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int] | None = None,
+        position: str = "last",
+        patch_embed: bool = True,
+        cls_token: bool = True,
+        pos_embed: bool = True,
+        norm: bool = True,
+    ) -> None:
         if position not in POSITIONS:
             raise ValueError(f"transfer.position={position!r} is unknown: choose one of {', '.join(POSITIONS)}")
         self.layers = None if layers is None else [int(i) for i in layers]
         self.position = position
-        self.switches = {"patch_embed": patch_embed, "cls_token": cls_token, "pos_embed": pos_embed,
-                         "norm": norm}
+        self.switches = {"patch_embed": patch_embed, "cls_token": cls_token, "pos_embed": pos_embed, "norm": norm}
 
     @classmethod
     def matches(cls, source: nn.Module, target: nn.Module) -> bool:
         return isinstance(source, VisionTransformer) and isinstance(target, VisionTransformer)
 
-    def plan(self, source: nn.Module, target: nn.Module, alpha: float, select: Selector,
-             generator: torch.Generator) -> list[PlanRow]:
+    def plan(
+        self, source: nn.Module, target: nn.Module, alpha: float, select: Selector, generator: torch.Generator
+    ) -> list[PlanRow]:
         """``select`` (the filter selection) is unused: ``layers`` or ``position`` choose the blocks."""
         if source.embed_dim != target.embed_dim:
-            raise ValueError(f"layer transfer needs equal embedding widths: upstream embed_dim {source.embed_dim} "
-                             f"vs downstream {target.embed_dim}")
-        chosen = set(block_indices(self.layers, self.position, alpha, len(source.blocks), len(target.blocks),
-                                   generator))
+            raise ValueError(
+                f"layer transfer needs equal embedding widths: upstream embed_dim {source.embed_dim} "
+                f"vs downstream {target.embed_dim}"
+            )
+        chosen = set(block_indices(self.layers, self.position, alpha, len(source.blocks), len(target.blocks), generator))
         source_state = dict(components(source))
         rows = []
         for name, state in components(target):
             total = sum(t.numel() for t in state.values() if t.is_floating_point())
-            inherit = (int(name.split(".")[1]) in chosen if name.startswith("blocks.")
-                       else self.switches.get(SWITCH_OF.get(name, ""), False))
+            inherit = (
+                int(name.split(".")[1]) in chosen
+                if name.startswith("blocks.")
+                else self.switches.get(SWITCH_OF.get(name, ""), False)
+            )
             if inherit:
                 self._check_shapes(name, source_state.get(name, {}), state)
-            rows.append(PlanRow(target=name, source=name if inherit else "", copied=total if inherit else 0,
-                                total=total))
+            rows.append(PlanRow(target=name, source=name if inherit else "", copied=total if inherit else 0, total=total))
         return rows
 
     @staticmethod
@@ -122,14 +133,15 @@ class ViTLayerTransfer(TransferAdapter):
         if source_shapes != target_shapes:
             switch = SWITCH_OF.get(name)
             hint = f"set transfer.{switch}=false or " if switch else ""
-            raise ValueError(f"cannot inherit {name}: upstream shapes {source_shapes} vs downstream "
-                             f"{target_shapes}; {hint}use the same model.img_size/patch_size/width upstream")
+            raise ValueError(
+                f"cannot inherit {name}: upstream shapes {source_shapes} vs downstream "
+                f"{target_shapes}; {hint}use the same model.img_size/patch_size/width upstream"
+            )
 
     @torch.no_grad()
     def apply(self, source: nn.Module, target: nn.Module, plan: list[PlanRow]) -> None:
         source_state = dict(components(source))
-        inherited = {key: tensor for row in plan if row.source
-                     for key, tensor in source_state[row.source].items()}
+        inherited = {key: tensor for row in plan if row.source for key, tensor in source_state[row.source].items()}
         result = target.load_state_dict(inherited, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"layer transfer produced keys the downstream model lacks: {result.unexpected_keys}")

@@ -30,5 +30,18 @@ from ptlab.engines.gram.results import (
     reconstruct_weights,
 )
 
-__all__ = ["DECOMPOSITION_NAMES", "HISTORIES", "GramCell", "GramEngine", "GramResult", "GramStage", "check_loss",
-           "divergence", "eval_steps", "iter_chunks", "model_form", "reconstruct_weights", "run_cells"]
+__all__ = [
+    "DECOMPOSITION_NAMES",
+    "HISTORIES",
+    "GramCell",
+    "GramEngine",
+    "GramResult",
+    "GramStage",
+    "check_loss",
+    "divergence",
+    "eval_steps",
+    "iter_chunks",
+    "model_form",
+    "reconstruct_weights",
+    "run_cells",
+]

@@ -61,8 +61,11 @@ def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> 
     return views
 
 
-def _plan(cell: GramCell, upstream_norms: Tensor, views: dict[str, SignalView] | None = None,
-          ) -> tuple[list[dict[str, Any]], Tensor]:
+def _plan(
+    cell: GramCell,
+    upstream_norms: Tensor,
+    views: dict[str, SignalView] | None = None,
+) -> tuple[list[dict[str, Any]], Tensor]:
     """The transfer plan of ``TwoLayerCNNFilters`` for this cell and the mask (2, m) of copied filters.
 
     The plan sees the upstream filters through their norms (``largest_norm``), their responses to task 2
@@ -83,24 +86,39 @@ def _stack(groups: list[Group], key: str) -> Tensor:
     return torch.stack([g.tensors[key] for g in groups])
 
 
-def _per_cell(cells: list[GramCell], layout: list[list[int]], value: Callable[[GramCell], Sequence[float]],
-              dtype: torch.dtype, device: torch.device) -> Tensor:
+def _per_cell(
+    cells: list[GramCell],
+    layout: list[list[int]],
+    value: Callable[[GramCell], Sequence[float]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
     return torch.tensor([[list(value(cells[i])) for i in row] for row in layout], dtype=dtype, device=device)
 
 
-def _regularizers(cells: list[GramCell], layout: list[list[int]], masks: Tensor, steps: int, dtype: torch.dtype,
-                  ) -> dict[str, Tensor]:
+def _regularizers(
+    cells: list[GramCell],
+    layout: list[list[int]],
+    masks: Tensor,
+    steps: int,
+    dtype: torch.dtype,
+) -> dict[str, Tensor]:
     """The downstream batch's regulariser fields of ``StageInputs``: each transfer cell's (``filter_regularizer``
     on its copied filters ``masks`` (G, C, Fm)), then neutral values for the scratch cells (the baseline is never
     regularised); none at all when no cell of the batch has an active regulariser."""
     if not any(cells[index].regularizer.active for row in layout for index in row):
         return {}
-    per_cell = [[filter_regularizer(cells[index].regularizer, masks[g, c], steps, dtype) for c, index in enumerate(row)]
-                for g, row in enumerate(layout)]
-    fields = {key: torch.stack([torch.stack([cell[key] for cell in row]) for row in per_cell])
-              for key in per_cell[0][0]}
-    neutral = {"step_scale": torch.ones_like(fields["step_scale"]), "scale_until": torch.zeros_like(fields["scale_until"]),
-               "decay": torch.zeros_like(fields["decay"]), "anchored": torch.zeros_like(fields["anchored"])}
+    per_cell = [
+        [filter_regularizer(cells[index].regularizer, masks[g, c], steps, dtype) for c, index in enumerate(row)]
+        for g, row in enumerate(layout)
+    ]
+    fields = {key: torch.stack([torch.stack([cell[key] for cell in row]) for row in per_cell]) for key in per_cell[0][0]}
+    neutral = {
+        "step_scale": torch.ones_like(fields["step_scale"]),
+        "scale_until": torch.zeros_like(fields["scale_until"]),
+        "decay": torch.zeros_like(fields["decay"]),
+        "anchored": torch.zeros_like(fields["anchored"]),
+    }
     both = {key: torch.cat([fields[key], neutral[key]], dim=1).to(masks.device) for key in fields}
     return drop_neutral(both)
 
@@ -109,9 +127,16 @@ def _at(values: Tensor | None, group: int, cell: int) -> Tensor | None:
     return None if values is None else values[group, cell].cpu()
 
 
-def _scores(cells: list[GramCell], groups: list[Group], layout: list[list[int]], signal: Tensor, start: Tensor,
-            bias: Tensor | None, upstream: Tensor | None = None, upstream_bias: Tensor | None = None,
-            ) -> dict[int, dict[str, float]]:
+def _scores(
+    cells: list[GramCell],
+    groups: list[Group],
+    layout: list[list[int]],
+    signal: Tensor,
+    start: Tensor,
+    bias: Tensor | None,
+    upstream: Tensor | None = None,
+    upstream_bias: Tensor | None = None,
+) -> dict[int, dict[str, float]]:
     """Each cell's transferability scores from the downstream stage-start responses ``start`` (G, C, Fm, P), with
     transfer (G, 2C, ...: transfer then scratch) from the upstream model's responses on task 2 too."""
     size = len(layout[0])
@@ -123,15 +148,26 @@ def _scores(cells: list[GramCell], groups: list[Group], layout: list[list[int]],
                 continue
             scratch = size + c if upstream is not None else c
             out[index] = cell_scores(  # on the CPU: a cell's scores are small numpy work
-                cell.seed, cell.transferability_samples, signal[g, c].cpu(), group.tensors["c2"].cpu(),
-                group.tensors["y2"].cpu(), cell.model_form, start[g, scratch].cpu(), _at(bias, g, scratch),
-                transfer=start[g, c].cpu() if upstream is not None else None, transfer_bias=_at(bias, g, c),
-                upstream=_at(upstream, g, c), upstream_bias=_at(upstream_bias, g, c), upstream_form=cell.upstream_form)
+                cell.seed,
+                cell.transferability_samples,
+                signal[g, c].cpu(),
+                group.tensors["c2"].cpu(),
+                group.tensors["y2"].cpu(),
+                cell.model_form,
+                start[g, scratch].cpu(),
+                _at(bias, g, scratch),
+                transfer=start[g, c].cpu() if upstream is not None else None,
+                transfer_bias=_at(bias, g, c),
+                upstream=_at(upstream, g, c),
+                upstream_bias=_at(upstream_bias, g, c),
+                upstream_form=cell.upstream_form,
+            )
     return out
 
 
-def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1,
-               history: str = "full") -> list[tuple[int, GramResult]]:
+def _run_chunk(
+    cells: list[GramCell], groups: list[Group], record_coefficients: bool, eval_threads: int = 1, history: str = "full"
+) -> list[tuple[int, GramResult]]:
     """Run every cell of ``groups`` (one shape) as one batched program on the groups' device; pads groups to equal
     size; the results are on the CPU and hold the curve points that ``history`` keeps (``kept_steps``: no other
     evaluation is computed)."""
@@ -159,24 +195,48 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
     def schedule(steps: int) -> dict[str, Any]:
         """The ``StageInputs`` fields of a stage of ``steps`` steps: what to evaluate, and on how many threads."""
         eval_at, loss_at = kept_steps(history, steps, first.eval_every)
-        return {"steps": steps, "eval_every": first.eval_every, "record_coefficients": record_coefficients,
-                "eval_threads": eval_threads, "eval_at": eval_at, "loss_at": loss_at}
+        return {
+            "steps": steps,
+            "eval_every": first.eval_every,
+            "record_coefficients": record_coefficients,
+            "eval_threads": eval_threads,
+            "eval_at": eval_at,
+            "loss_at": loss_at,
+        }
 
     def scratch_stage() -> Any:
-        return train_stage_batch(StageInputs(
-            start=expand("start2"), test_start=expand("test_start2"), norm2_start=expand("norm2_2"),
-            **task_inputs(2), signal_coefficients=signal2, signal_norms=norms, lr=lr,
-            **schedule(first.scratch), form=first.model_form,
-            bias_start=expand("bias2") if first.model_form.bias else None))
+        return train_stage_batch(
+            StageInputs(
+                start=expand("start2"),
+                test_start=expand("test_start2"),
+                norm2_start=expand("norm2_2"),
+                **task_inputs(2),
+                signal_coefficients=signal2,
+                signal_norms=norms,
+                lr=lr,
+                **schedule(first.scratch),
+                form=first.model_form,
+                bias_start=expand("bias2") if first.model_form.bias else None,
+            )
+        )
 
     upstream_out = plans = masks = None
     scratch_out = None
     if first.transfer:
-        upstream_out = train_stage_batch(StageInputs(
-            start=expand("start1"), test_start=expand("test_start1"), norm2_start=expand("norm2_1"),
-            **task_inputs(1), signal_coefficients=signal1, signal_norms=norms, lr=lr,
-            **schedule(first.upstream_steps), form=first.upstream_form,
-            bias_start=expand("bias1") if first.upstream_form.bias else None))
+        upstream_out = train_stage_batch(
+            StageInputs(
+                start=expand("start1"),
+                test_start=expand("test_start1"),
+                norm2_start=expand("norm2_1"),
+                **task_inputs(1),
+                signal_coefficients=signal1,
+                signal_norms=norms,
+                lr=lr,
+                **schedule(first.upstream_steps),
+                form=first.upstream_form,
+                bias_start=expand("bias1") if first.upstream_form.bias else None,
+            )
+        )
         # the plan is made on the CPU (its selection generator's), from the norms and responses brought back
         upstream_norms = upstream_out.norm2.clamp_min(0).sqrt().view(len(groups), size, 2, width).cpu()
         up = upstream_out.coefficients.view(len(groups), size * filters, -1)
@@ -186,15 +246,16 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         for g, row in enumerate(layout):
             for c, index in enumerate(row):
                 cell = cells[index]
-                views = (_signal_views(cell, carried_cpu[g, c], groups[g].tensors["y2"].cpu(),
-                                       groups[g].tensors["c2"].cpu())
-                         if build_strategy(cell.selection).needs & {"oracle", "task2"} else None)
+                views = (
+                    _signal_views(cell, carried_cpu[g, c], groups[g].tensors["y2"].cpu(), groups[g].tensors["c2"].cpu())
+                    if build_strategy(cell.selection).needs & {"oracle", "task2"}
+                    else None
+                )
                 plan, mask = _plan(cell, upstream_norms[g, c], views)
                 plans.append(plan)
                 mask_list.append(mask)
         masks = torch.stack(mask_list).view(len(groups), size, filters).to(device)
-        carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(
-            len(groups), size, filters, -1)
+        carried_test = expand("up_test_start2") + torch.bmm(up, _stack(groups, "mix_test")).view(len(groups), size, filters, -1)
         upstream_start = carried_start  # the trained upstream's responses (LEEP reads them), whatever the control
         if first.control == "norm_matched":  # random directions with the inherited filters' norms
             scale = (upstream_out.norm2.clamp_min(0) / expand("ctl_norm2_2")).sqrt()[..., None]
@@ -214,40 +275,68 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
 
         regularized = _regularizers(cells, layout, masks, first.downstream_steps, dtype)
         if first.scratch == first.downstream_steps:
-            downstream = train_stage_batch(StageInputs(
-                start=start, test_start=test_start, norm2_start=norm2, **task_inputs(2),
-                signal_coefficients=twice(signal2), signal_norms=twice(norms), lr=twice(lr),
-                **schedule(first.downstream_steps), form=first.model_form, bias_start=bias_start, **regularized))
+            downstream = train_stage_batch(
+                StageInputs(
+                    start=start,
+                    test_start=test_start,
+                    norm2_start=norm2,
+                    **task_inputs(2),
+                    signal_coefficients=twice(signal2),
+                    signal_norms=twice(norms),
+                    lr=twice(lr),
+                    **schedule(first.downstream_steps),
+                    form=first.model_form,
+                    bias_start=bias_start,
+                    **regularized,
+                )
+            )
         else:  # a compute-matched scratch stage runs longer: transfer and scratch are two programs
 
             def first_half(x: Tensor | None) -> Tensor | None:
                 return None if x is None else x[:, :size]
 
-            downstream = train_stage_batch(StageInputs(
-                start=start[:, :size], test_start=test_start[:, :size], norm2_start=norm2[:, :size], **task_inputs(2),
-                signal_coefficients=signal2, signal_norms=norms, lr=lr, **schedule(first.downstream_steps),
-                form=first.model_form, bias_start=first_half(bias_start),
-                **{key: value[:, :size] for key, value in regularized.items()}))
+            downstream = train_stage_batch(
+                StageInputs(
+                    start=start[:, :size],
+                    test_start=test_start[:, :size],
+                    norm2_start=norm2[:, :size],
+                    **task_inputs(2),
+                    signal_coefficients=signal2,
+                    signal_norms=norms,
+                    lr=lr,
+                    **schedule(first.downstream_steps),
+                    form=first.model_form,
+                    bias_start=first_half(bias_start),
+                    **{key: value[:, :size] for key, value in regularized.items()},
+                )
+            )
             scratch_out = scratch_stage()
     else:
-        scores = _scores(cells, groups, layout, signal2, expand("start2"),
-                         expand("bias2") if first.model_form.bias else None)
+        scores = _scores(cells, groups, layout, signal2, expand("start2"), expand("bias2") if first.model_form.bias else None)
         scratch_out = downstream = scratch_stage()
 
-    def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor],
-              transferred: Tensor) -> GramStage:
+    def stage(name: str, key: str, g: int, c: int, signal: Tensor, noise: dict[int, Tensor], transferred: Tensor) -> GramStage:
         out = outputs[key]
         bias = None if out.bias is None else out.bias[g, c].view(2, width).clone()
         steps = {"upstream": first.upstream_steps, "scratch": first.scratch}.get(name, first.downstream_steps)
         every_eval = eval_steps(steps, first.eval_every)
         return GramStage(
-            name=name, steps=steps, eval_steps=every_eval, loss=loss_np[key][g, c],
+            name=name,
+            steps=steps,
+            eval_steps=every_eval,
+            loss=loss_np[key][g, c],
             loss_steps=None if out.loss_steps is None else list(out.loss_steps),
             evaluated=None if list(out.eval_steps) == every_eval else list(out.eval_steps),
-            train_acc=train_np[key][g, c], test_acc=test_np[key][g, c], decomposition=decomposition_np[key][g, c],
-            signal=signal, noise=noise, transferred=transferred, bias=bias,
+            train_acc=train_np[key][g, c],
+            test_acc=test_np[key][g, c],
+            decomposition=decomposition_np[key][g, c],
+            signal=signal,
+            noise=noise,
+            transferred=transferred,
+            bias=bias,
             control=first.control if name == "transfer" else "none",
-            trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]))
+            trajectory=None if out.trajectory is None else out.trajectory[g, c].view(-1, 2, width, out.trajectory.shape[-1]),
+        )
 
     same = scratch_out is downstream
     downstream = on_cpu(downstream)
@@ -255,8 +344,11 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
         scratch_out = downstream if same else on_cpu(scratch_out)
     if upstream_out is not None:
         upstream_out, masks = on_cpu(upstream_out), masks.cpu()
-    outputs = {"downstream": downstream, **({"upstream": upstream_out} if upstream_out is not None else {}),
-               **({"scratch": scratch_out} if scratch_out is not None else {})}
+    outputs = {
+        "downstream": downstream,
+        **({"upstream": upstream_out} if upstream_out is not None else {}),
+        **({"scratch": scratch_out} if scratch_out is not None else {}),
+    }
     loss_np = {k: v.loss.double().numpy() for k, v in outputs.items()}
     train_np = {k: v.train_acc.double().numpy() for k, v in outputs.items()}
     test_np = {k: v.test_acc.double().numpy() for k, v in outputs.items()}
@@ -272,12 +364,18 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 up = upstream_out.coefficients[g, c].view(2, width, -1)
                 mask = masks[g, c].view(2, width)
                 plan = plans[g * size + c]
-                stages["upstream"] = stage("upstream", "upstream", g, c, up[..., :3].clone(),
-                                           {1: up[..., 3:].clone()}, no_mask)
+                stages["upstream"] = stage("upstream", "upstream", g, c, up[..., :3].clone(), {1: up[..., 3:].clone()}, no_mask)
                 # the inherited filters' start: the upstream's coefficients, or (a control) a vector of its own
                 carried = mask[..., None].to(dtype) * (first.control == "none")
-                stages["transfer"] = stage("transfer", "downstream", g, c, down[c, ..., :3] + carried * up[..., :3],
-                                           {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()}, mask)
+                stages["transfer"] = stage(
+                    "transfer",
+                    "downstream",
+                    g,
+                    c,
+                    down[c, ..., :3] + carried * up[..., :3],
+                    {1: carried * up[..., 3:], 2: down[c, ..., 3:].clone()},
+                    mask,
+                )
                 if downstream.scale is not None:
                     stages["transfer"].scale = downstream.scale[g, c].view(2, width).clone()
                 scratch_index = c if scratch_out is not None else size + c
@@ -285,14 +383,16 @@ def _run_chunk(cells: list[GramCell], groups: list[Group], record_coefficients: 
                 scratch_index = c
             key = "scratch" if scratch_out is not None else "downstream"
             mine = outputs[key].coefficients[g].view(-1, 2, width, outputs[key].coefficients.shape[-1])[scratch_index]
-            stages["scratch"] = stage("scratch", key, g, scratch_index, mine[..., :3].clone(), {2: mine[..., 3:].clone()},
-                                      no_mask)
+            stages["scratch"] = stage(
+                "scratch", key, g, scratch_index, mine[..., :3].clone(), {2: mine[..., 3:].clone()}, no_mask
+            )
             results.append((index, GramResult(cells[index], stages, plan, scores.get(index))))
     return results
 
 
-def _run_spec(spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None, str],
-              ) -> list[tuple[int, Any]]:
+def _run_spec(
+    spec: tuple[list[GramCell], list[list[int]], bool, Callable[[GramResult], Any] | None, str],
+) -> list[tuple[int, Any]]:
     """One chunk from scratch (data, Gram matrices, training): the unit of work of a worker process; with a
     ``summarize`` function, each result is replaced by what it returns (in the worker, so that only that comes
     back: a worker's tensors cross to the parent one shared-memory segment each).
@@ -327,7 +427,7 @@ def step_blocks(groups: list[Group], cell_bytes: int, block_bytes: int | None = 
     for group in groups:
         parts = -(-len(group.cells) // cap)
         size = -(-len(group.cells) // parts)
-        pieces += [Group(group.cells[i:i + size], group.tensors) for i in range(0, len(group.cells), size)]
+        pieces += [Group(group.cells[i : i + size], group.tensors) for i in range(0, len(group.cells), size)]
     block: list[Group] = []
     size = 0
     for piece in pieces:
@@ -340,9 +440,15 @@ def step_blocks(groups: list[Group], cell_bytes: int, block_bytes: int | None = 
         yield block
 
 
-def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
-                workers: int = 1, summarize: Callable[[GramResult], Any] | None = None,
-                chunk_map: ChunkMap | None = None, history: str = "full") -> Iterator[list[tuple[int, Any]]]:
+def iter_chunks(
+    cells: Sequence[GramCell],
+    max_cells: int = 60,
+    record_coefficients: bool = False,
+    workers: int = 1,
+    summarize: Callable[[GramResult], Any] | None = None,
+    chunk_map: ChunkMap | None = None,
+    history: str = "full",
+) -> Iterator[list[tuple[int, Any]]]:
     """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
@@ -376,8 +482,9 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
     for chunk in chunks:
         flat = [index for group in chunk for index in group]
         position = {index: k for k, index in enumerate(flat)}
-        specs.append((flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients,
-                             summarize, history)))
+        specs.append(
+            (flat, ([cells[i] for i in flat], [[position[i] for i in g] for g in chunk], record_coefficients, summarize, history))
+        )
     if chunk_map is not None:
         for out, (flat, _) in zip(chunk_map(_run_spec, [spec for _, spec in specs]), specs):
             yield [(flat[k], result) for k, result in out]
@@ -390,8 +497,9 @@ def iter_chunks(cells: Sequence[GramCell], max_cells: int = 60, record_coefficie
             yield [(flat[k], result) for k, result in _run_spec(spec)]
 
 
-def run_cells(cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False,
-              workers: int = 1, history: str = "full") -> list[GramResult]:
+def run_cells(
+    cells: Sequence[GramCell], max_cells: int = 60, record_coefficients: bool = False, workers: int = 1, history: str = "full"
+) -> list[GramResult]:
     """Every cell's result, in the order of ``cells`` (with the curve points ``history`` keeps: ``iter_chunks``)."""
     out: list[GramResult | None] = [None] * len(cells)
     for chunk in iter_chunks(cells, max_cells, record_coefficients, workers, history=history):

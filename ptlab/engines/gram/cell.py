@@ -74,20 +74,42 @@ class GramCell:
         transfer = spec.transfer.kind == "filters"
         task, noise, train, model, upstream = spec.task, spec.noise, spec.train, spec.model, spec.upstream_model
         return cls(
-            seed=int(spec.seed), d=int(task.d), n1=int(task.n1), n2=int(task.n2), n_test=int(task.n_test),
-            u_norm=float(task.u_norm), v_norm=float(task.v_norm), label_noise=float(task.label_noise),
-            sigma_p1=float(noise.sigma_p1), sigma_p2=float(noise.sigma_p2), width=int(model.width),
-            init_std=float(model.init_std), upstream_init_std=float(upstream.init_std),
-            lr=float(train.lr), upstream_steps=int(train.upstream_steps),
-            downstream_steps=int(train.downstream_steps), eval_every=int(train.eval_every), dtype=str(train.dtype),
-            transfer=transfer, alpha=float(spec.transfer.alpha), selection=spec_key(resolved["transfer"]["selection"]),
-            model_form=model_form(model), upstream_form=model_form(upstream), init=str(model.init),
-            upstream_init=str(upstream.init), project_noise=bool(task.project_noise),
-            signal_position=str(task.signal_position), test_space=str(task.test_space), sampling=str(task.sampling),
-            device=gram_device(resolved), regularizer=Regularizer.from_config(spec.regularizer),
-            control=str(spec.transfer.control) if transfer else "none", scratch_budget=str(train.scratch_budget),
+            seed=int(spec.seed),
+            d=int(task.d),
+            n1=int(task.n1),
+            n2=int(task.n2),
+            n_test=int(task.n_test),
+            u_norm=float(task.u_norm),
+            v_norm=float(task.v_norm),
+            label_noise=float(task.label_noise),
+            sigma_p1=float(noise.sigma_p1),
+            sigma_p2=float(noise.sigma_p2),
+            width=int(model.width),
+            init_std=float(model.init_std),
+            upstream_init_std=float(upstream.init_std),
+            lr=float(train.lr),
+            upstream_steps=int(train.upstream_steps),
+            downstream_steps=int(train.downstream_steps),
+            eval_every=int(train.eval_every),
+            dtype=str(train.dtype),
+            transfer=transfer,
+            alpha=float(spec.transfer.alpha),
+            selection=spec_key(resolved["transfer"]["selection"]),
+            model_form=model_form(model),
+            upstream_form=model_form(upstream),
+            init=str(model.init),
+            upstream_init=str(upstream.init),
+            project_noise=bool(task.project_noise),
+            signal_position=str(task.signal_position),
+            test_space=str(task.test_space),
+            sampling=str(task.sampling),
+            device=gram_device(resolved),
+            regularizer=Regularizer.from_config(spec.regularizer),
+            control=str(spec.transfer.control) if transfer else "none",
+            scratch_budget=str(train.scratch_budget),
             transferability=bool(spec.transferability.enabled),
-            transferability_samples=int(spec.transferability.max_samples))
+            transferability_samples=int(spec.transferability.max_samples),
+        )
 
     @property
     def scratch(self) -> int:
@@ -97,16 +119,42 @@ class GramCell:
     @property
     def shape_key(self) -> tuple:
         """Cells with equal shape keys run in one batched tensor program (on one device)."""
-        return (self.n1, self.n2, self.n_test, self.width, self.upstream_steps, self.downstream_steps,
-                self.eval_every, self.dtype, self.transfer, self.model_form, self.upstream_form, self.device,
-                self.control, self.scratch)
+        return (
+            self.n1,
+            self.n2,
+            self.n_test,
+            self.width,
+            self.upstream_steps,
+            self.downstream_steps,
+            self.eval_every,
+            self.dtype,
+            self.transfer,
+            self.model_form,
+            self.upstream_form,
+            self.device,
+            self.control,
+            self.scratch,
+        )
 
     @property
     def data_key(self) -> tuple:
         """Cells with equal data keys share data, inits and Gram matrices (they differ in norms, lr, alpha)."""
-        return (*self.shape_key, self.seed, self.d, self.label_noise, self.sigma_p1, self.sigma_p2,
-                self.init_std, self.upstream_init_std, self.init, self.upstream_init, self.project_noise,
-                self.signal_position, self.test_space, self.sampling)
+        return (
+            *self.shape_key,
+            self.seed,
+            self.d,
+            self.label_noise,
+            self.sigma_p1,
+            self.sigma_p2,
+            self.init_std,
+            self.upstream_init_std,
+            self.init,
+            self.upstream_init,
+            self.project_noise,
+            self.signal_position,
+            self.test_space,
+            self.sampling,
+        )
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -123,5 +171,6 @@ def model_form(model: Any) -> ModelForm:
     """The ``ModelForm`` of a two-layer CNN's schema or mapping (keys it lacks take the paper's values)."""
     defaults = ModelForm()
     get = model.get if isinstance(model, Mapping) else lambda key, default: getattr(model, key, default)
-    return ModelForm(**{key: type(getattr(defaults, key))(get(key, getattr(defaults, key)))
-                        for key in ModelForm.__dataclass_fields__})
+    return ModelForm(
+        **{key: type(getattr(defaults, key))(get(key, getattr(defaults, key))) for key in ModelForm.__dataclass_fields__}
+    )

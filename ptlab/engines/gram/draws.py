@@ -86,31 +86,45 @@ def control_directions(cell: GramCell) -> Tensor:
     """The (2m, d) float64 Gaussian draws of ``transfer.control=norm_matched``, one per filter, from the streams the
     Lightning path draws them from (``ptlab.transfer.controls``: per output layer ``weight[+1]``, ``weight[-1]``)."""
     seed = derive_seed(cell.seed, "control")
-    return torch.cat([control_draw(seed, "norm_matched", f"weight[{label}]", (cell.width, cell.d))
-                      for label in TwoLayerCNNFilters.OUTPUTS])
+    return torch.cat(
+        [control_draw(seed, "norm_matched", f"weight[{label}]", (cell.width, cell.d)) for label in TwoLayerCNNFilters.OUTPUTS]
+    )
 
 
 def _control_products(cell: GramCell, task2: Tensor, test: PatchData) -> dict[str, Tensor]:
     """``_Draw.control`` of a d-space draw: products of ``control_directions`` (float64) with the task-2 rows
     ``[b_u, b_v1, b_v2; xi]`` and the test noise patches."""
     directions = control_directions(cell)
-    return {"ctl_start2": directions @ task2.double().T, "ctl_test_start2": directions @ test.noise.double().T,
-            "ctl_norm2_2": (directions * directions).sum(-1)}
+    return {
+        "ctl_start2": directions @ task2.double().T,
+        "ctl_test_start2": directions @ test.noise.double().T,
+        "ctl_norm2_2": (directions * directions).sum(-1),
+    }
 
 
 def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
     """Everything drawn in R^d by the functions and seed streams of the Lightning path (on the CPU), the products
     on ``device``."""
-    data = make_synthetic_data(d=cell.d, n1=cell.n1, n2=cell.n2, n_test=cell.n_test, u_norm=cell.u_norm,
-                               v_norm=cell.v_norm, label_noise=cell.label_noise, sigma_p1=cell.sigma_p1,
-                               sigma_p2=cell.sigma_p2, seed=derive_seed(cell.seed, "data"), dtype=DTYPES[cell.dtype],
-                               project_noise=cell.project_noise, signal_position=cell.signal_position,
-                               test_space=cell.test_space)
+    data = make_synthetic_data(
+        d=cell.d,
+        n1=cell.n1,
+        n2=cell.n2,
+        n_test=cell.n_test,
+        u_norm=cell.u_norm,
+        v_norm=cell.v_norm,
+        label_noise=cell.label_noise,
+        sigma_p1=cell.sigma_p1,
+        sigma_p2=cell.sigma_p2,
+        seed=derive_seed(cell.seed, "data"),
+        dtype=DTYPES[cell.dtype],
+        project_noise=cell.project_noise,
+        signal_position=cell.signal_position,
+        test_space=cell.test_space,
+    )
     basis_t = data.directions.basis.T.to(DTYPES[cell.dtype])
     task2 = torch.cat([basis_t, data.task2_train.noise])
     downstream, downstream_bias = _seeded_cnn(cell, cell.init_std, cell.init, cell.model_form, "downstream")
-    labels = {"y2": data.task2_train.y, "c2": data.task2_train.clean_y,
-              "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y}
+    labels = {"y2": data.task2_train.y, "c2": data.task2_train.clean_y, "ty2": data.task2_test.y, "tc2": data.task2_test.clean_y}
     biases = {} if downstream_bias is None else {"bias2": downstream_bias}
     if not cell.transfer:
         rows = torch.cat([task2, downstream]).to(device)
@@ -118,12 +132,12 @@ def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
         test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
         return _Draw(inner, (0, len(task2), 0, len(downstream)), None, test2, labels, biases)
     task1 = torch.cat([basis_t, data.task1_train.noise])
-    upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form,
-                                          "upstream")
+    upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form, "upstream")
     if upstream_bias is not None:
         biases["bias1"] = upstream_bias
-    labels.update({"y1": data.task1_train.y, "c1": data.task1_train.clean_y,
-                   "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y})
+    labels.update(
+        {"y1": data.task1_train.y, "c1": data.task1_train.clean_y, "ty1": data.task1_test.y, "tc1": data.task1_test.clean_y}
+    )
     rows = torch.cat([task1, task2, upstream, downstream]).to(device)
     inner = rows @ rows.T
     p1, p2, fm = len(task1), len(task2), len(upstream)
@@ -150,8 +164,7 @@ def _draw_gram(cell: GramCell, device: torch.device) -> _Draw:
     tests: dict[int, ResponseTestSet] = {}
     for task, n, sigma in tasks:
         labels[f"y{task}"], labels[f"c{task}"] = sample_labels(n, cell.label_noise, gen(f"task{task}_train"), dtype)
-        tests[task] = response_test_set(cell.n_test, sigma, cell.label_noise, gen(f"task{task}_test"), dtype,
-                                        cell.project_noise)
+        tests[task] = response_test_set(cell.n_test, sigma, cell.label_noise, gen(f"task{task}_test"), dtype, cell.project_noise)
         labels[f"ty{task}"], labels[f"tc{task}"] = tests[task].y, tests[task].clean_y
     inits = [("upstream", cell.upstream_init_std, cell.upstream_form)] if cell.transfer else []
     inits.append(("downstream", cell.init_std, cell.model_form))
@@ -165,8 +178,9 @@ def _draw_gram(cell: GramCell, device: torch.device) -> _Draw:
     def span(k: int) -> Tensor:
         return torch.arange(int(starts[k]), int(starts[k]) + counts[k])
 
-    order = torch.cat([*(torch.cat([torch.arange(3), span(k)]) for k in range(len(tasks))),
-                       *(span(k) for k in range(len(tasks), len(blocks)))])
+    order = torch.cat(
+        [*(torch.cat([torch.arange(3), span(k)]) for k in range(len(tasks))), *(span(k) for k in range(len(tasks), len(blocks)))]
+    )
     inner = compact[order][:, order].to(dtype)
     biases = {}
     for name, std, form in inits:
@@ -176,12 +190,17 @@ def _draw_gram(cell: GramCell, device: torch.device) -> _Draw:
             biases[key] = (std * torch.randn(fm, generator=generator, dtype=torch.float64)).to(dtype)
     p2 = 3 + cell.n2
     if not cell.transfer:
-        return _Draw(inner, (0, p2, 0, fm), None, _test_products(tests[2], None, inner, torch.arange(len(inner))),
-                     labels, biases)
+        return _Draw(inner, (0, p2, 0, fm), None, _test_products(tests[2], None, inner, torch.arange(len(inner))), labels, biases)
     p1 = 3 + cell.n1
     index1 = torch.cat([torch.arange(p1), torch.arange(p1 + p2, p1 + p2 + fm)])
-    return _Draw(inner, (p1, p2, fm, fm), _test_products(tests[1], None, inner, index1),
-                 _test_products(tests[2], None, inner, torch.arange(len(inner))), labels, biases)
+    return _Draw(
+        inner,
+        (p1, p2, fm, fm),
+        _test_products(tests[1], None, inner, index1),
+        _test_products(tests[2], None, inner, torch.arange(len(inner))),
+        labels,
+        biases,
+    )
 
 
 DRAWS: dict[str, Callable[[GramCell, torch.device], _Draw]] = {"dspace": _draw_dspace, "gram": _draw_gram}
@@ -197,15 +216,29 @@ def prepare_group(cell: GramCell, cell_indices: list[int], device: torch.device 
     cuts = np.cumsum([0, p1, p2, fu, fd])
     s1, s2, su, sd = (slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
     test2 = draw.test2
-    t: dict[str, Tensor] = {**draw.labels, **draw.biases,
-                            "gram2": inner[s2, s2], "cross2": test2[s2], "start2": inner[sd, s2], "test_start2": test2[sd],
-                            "norm2_2": inner[sd, sd].diagonal().clone()}
+    t: dict[str, Tensor] = {
+        **draw.labels,
+        **draw.biases,
+        "gram2": inner[s2, s2],
+        "cross2": test2[s2],
+        "start2": inner[sd, s2],
+        "test_start2": test2[sd],
+        "norm2_2": inner[sd, sd].diagonal().clone(),
+    }
     if cell.transfer:
         test1 = draw.test1
-        t.update({
-            "gram1": inner[s1, s1], "cross1": test1[:p1], "start1": inner[su, s1], "test_start1": test1[p1:],
-            "norm2_1": inner[su, su].diagonal().clone(),
-            "mix": inner[s1, s2], "mix_test": test2[s1], "up_start2": inner[su, s2], "up_test_start2": test2[su],
-            **draw.control,
-        })
+        t.update(
+            {
+                "gram1": inner[s1, s1],
+                "cross1": test1[:p1],
+                "start1": inner[su, s1],
+                "test_start1": test1[p1:],
+                "norm2_1": inner[su, su].diagonal().clone(),
+                "mix": inner[s1, s2],
+                "mix_test": test2[s1],
+                "up_start2": inner[su, s2],
+                "up_test_start2": test2[su],
+                **draw.control,
+            }
+        )
     return Group(cell_indices, {k: v.to(device=device, dtype=DTYPES[cell.dtype]).contiguous() for k, v in t.items()})

@@ -50,7 +50,7 @@ class GramEngine:
             inner = (both @ both.T).cpu()
             drawn = stage.test.responses(inner, inner[:, :3]).T.to(device=device, dtype=dtype)
             fm = filters.shape[0]
-            test_start, cross = drawn[3:3 + fm], torch.cat([drawn[:3], drawn[3 + fm:]])
+            test_start, cross = drawn[3 : 3 + fm], torch.cat([drawn[:3], drawn[3 + fm :]])
         else:
             test_noise = stage.test.noise.to(device=device, dtype=dtype)
             test_start, cross = filters @ test_noise.T, rows @ test_noise.T
@@ -60,29 +60,46 @@ class GramEngine:
         def one(t: Tensor) -> Tensor:  # a single cell in a single group: (1, 1, ...)
             return t[None, None]
 
-        bias = (None if getattr(model, "bias", None) is None
-                else model.bias.detach().reshape(1, 1, -1).to(device=device, dtype=dtype))
+        bias = (
+            None if getattr(model, "bias", None) is None else model.bias.detach().reshape(1, 1, -1).to(device=device, dtype=dtype)
+        )
 
         def on_device(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
 
         regularizer = stage.regularizer if stage.transfer is not None and plan else None
-        inherited = (stage.transfer.inherited(model, plan).row_mask("weight", filters.shape[0])
-                     if regularizer is not None and regularizer.active else None)
-        regularized = {key: value.to(device) for key, value in
-                       regularizer_inputs(regularizer, inherited, stage.steps, dtype).items()}
+        inherited = (
+            stage.transfer.inherited(model, plan).row_mask("weight", filters.shape[0])
+            if regularizer is not None and regularizer.active
+            else None
+        )
+        regularized = {
+            key: value.to(device) for key, value in regularizer_inputs(regularizer, inherited, stage.steps, dtype).items()
+        }
         threads = torch.get_num_threads()
         with torch_threads(1):
-            out = train_stage_batch(StageInputs(
-                start=one(filters @ rows.T), test_start=one(test_start),
-                norm2_start=one((filters * filters).sum(-1)), gram=(rows @ rows.T)[None], cross=cross[None],
-                y=on_device(stage.train.y)[None], clean=on_device(stage.train.clean_y)[None],
-                test_y=on_device(stage.test.y)[None], test_clean=on_device(stage.test.clean_y)[None],
-                signal_coefficients=torch.tensor([[signal]], dtype=dtype, device=device),
-                signal_norms=torch.tensor([[norms]], dtype=dtype, device=device),
-                lr=torch.tensor([[stage.lr]], dtype=dtype, device=device),
-                steps=stage.steps, eval_every=stage.eval_every, eval_threads=threads, form=model.form,
-                bias_start=bias, **regularized))
+            out = train_stage_batch(
+                StageInputs(
+                    start=one(filters @ rows.T),
+                    test_start=one(test_start),
+                    norm2_start=one((filters * filters).sum(-1)),
+                    gram=(rows @ rows.T)[None],
+                    cross=cross[None],
+                    y=on_device(stage.train.y)[None],
+                    clean=on_device(stage.train.clean_y)[None],
+                    test_y=on_device(stage.test.y)[None],
+                    test_clean=on_device(stage.test.clean_y)[None],
+                    signal_coefficients=torch.tensor([[signal]], dtype=dtype, device=device),
+                    signal_norms=torch.tensor([[norms]], dtype=dtype, device=device),
+                    lr=torch.tensor([[stage.lr]], dtype=dtype, device=device),
+                    steps=stage.steps,
+                    eval_every=stage.eval_every,
+                    eval_threads=threads,
+                    form=model.form,
+                    bias_start=bias,
+                    **regularized,
+                )
+            )
         check_loss(stage.name, out.loss[0, 0], stage.lr)
         coefficients = out.coefficients[0, 0]  # (2m, 3 + N)
         with torch.no_grad():
@@ -94,22 +111,30 @@ class GramEngine:
         coefficients = out.coefficients[0, 0]
         width = weight.shape[1]
         trained = GramStage(
-            name=stage.name, steps=stage.steps, eval_steps=eval_steps(stage.steps, stage.eval_every),
-            loss=out.loss[0, 0].double().numpy(), train_acc=out.train_acc[0, 0].double().numpy(),
-            test_acc=out.test_acc[0, 0].double().numpy(), decomposition=out.decomposition[0, 0].double().numpy(),
-            signal=coefficients[:, :3].reshape(2, width, 3), noise={stage.task: coefficients[:, 3:].reshape(2, width, -1)},
-            transferred=torch.zeros(2, width, dtype=torch.bool))
+            name=stage.name,
+            steps=stage.steps,
+            eval_steps=eval_steps(stage.steps, stage.eval_every),
+            loss=out.loss[0, 0].double().numpy(),
+            train_acc=out.train_acc[0, 0].double().numpy(),
+            test_acc=out.test_acc[0, 0].double().numpy(),
+            decomposition=out.decomposition[0, 0].double().numpy(),
+            signal=coefficients[:, :3].reshape(2, width, 3),
+            noise={stage.task: coefficients[:, 3:].reshape(2, width, -1)},
+            transferred=torch.zeros(2, width, dtype=torch.bool),
+        )
         return trained.result(plan=plan, model=model)
 
 
-def regularizer_inputs(regularizer: Regularizer | None, inherited: Tensor | None, steps: int,
-                       dtype: torch.dtype) -> dict[str, Tensor]:
+def regularizer_inputs(
+    regularizer: Regularizer | None, inherited: Tensor | None, steps: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """The ``StageInputs`` fields of one cell's regulariser (``ptlab.modules.regularizers``) over its filters, with
     ``inherited`` (2m,) the filters the transfer copied; no fields (no regulariser) for ``None``."""
     if regularizer is None or inherited is None or not regularizer.active:
         return {}
-    return drop_neutral({key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps,
-                                                                                       dtype).items()})
+    return drop_neutral(
+        {key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps, dtype).items()}
+    )
 
 
 def drop_neutral(fields: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -131,5 +156,9 @@ def filter_regularizer(regularizer: Regularizer, inherited: Tensor, steps: int, 
     until = regularizer.k if regularizer.name == "freeze" else (steps if regularizer.name == "lr_scale" else 0)
     lam = torch.tensor(regularizer.anchor_coefficient, dtype=dtype)
     decay = torch.tensor(regularizer.decay_coefficient, dtype=dtype)
-    return {"step_scale": torch.where(inherited, multiplier, one), "scale_until": torch.tensor(min(until, steps)),
-            "decay": torch.where(inherited, lam, decay), "anchored": torch.where(inherited, one, zero)}
+    return {
+        "step_scale": torch.where(inherited, multiplier, one),
+        "scale_until": torch.tensor(min(until, steps)),
+        "decay": torch.where(inherited, lam, decay),
+        "anchored": torch.where(inherited, one, zero),
+    }

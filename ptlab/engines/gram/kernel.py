@@ -33,7 +33,8 @@ SOFTPLUS_THRESHOLD = 20.0
 """``torch.nn.functional.softplus``'s default: above it the loss is linear and its slope exactly 1."""
 DECOMPOSITION_NAMES = (
     *(f"{DECOMPOSITION_PREFIX}signal_{name}_{stat}" for name in SIGNALS for stat in ("max", "mean")),
-    f"{DECOMPOSITION_PREFIX}noise_max", f"{DECOMPOSITION_PREFIX}noise_mean",
+    f"{DECOMPOSITION_PREFIX}noise_max",
+    f"{DECOMPOSITION_PREFIX}noise_mean",
     f"{DECOMPOSITION_PREFIX}filter_norm_mean",
 )
 """The signal/noise decomposition metrics of ``ptlab.modules.decomposition``, in the order computed here."""
@@ -139,15 +140,27 @@ class StageInputs:
         """``ValueError`` naming the first tensor whose shape disagrees with ``start``'s and the labels'."""
         groups, cells, filters, vectors = self.start.shape
         n_train, n_test = self.y.shape[-1], self.test_y.shape[-1]
-        expected = {"test_start": (groups, cells, filters, n_test), "norm2_start": (groups, cells, filters),
-                    "gram": (groups, vectors, vectors), "cross": (groups, vectors, n_test),
-                    "y": (groups, n_train), "clean": (groups, n_train), "test_y": (groups, n_test),
-                    "test_clean": (groups, n_test), "signal_coefficients": (groups, cells, 3),
-                    "signal_norms": (groups, cells, 3), "lr": (groups, cells)}
+        expected = {
+            "test_start": (groups, cells, filters, n_test),
+            "norm2_start": (groups, cells, filters),
+            "gram": (groups, vectors, vectors),
+            "cross": (groups, vectors, n_test),
+            "y": (groups, n_train),
+            "clean": (groups, n_train),
+            "test_y": (groups, n_test),
+            "test_clean": (groups, n_test),
+            "signal_coefficients": (groups, cells, 3),
+            "signal_norms": (groups, cells, 3),
+            "lr": (groups, cells),
+        }
         if self.bias_start is not None:
             expected["bias_start"] = (groups, cells, filters)
-        for name, shape in (("step_scale", (groups, cells, filters)), ("scale_until", (groups, cells)),
-                            ("decay", (groups, cells, filters)), ("anchored", (groups, cells, filters))):
+        for name, shape in (
+            ("step_scale", (groups, cells, filters)),
+            ("scale_until", (groups, cells)),
+            ("decay", (groups, cells, filters)),
+            ("anchored", (groups, cells, filters)),
+        ):
             if getattr(self, name) is not None:
                 expected[name] = shape
         if (self.scale_until is not None and self.step_scale is None) or ((self.decay is None) != (self.anchored is None)):
@@ -155,11 +168,15 @@ class StageInputs:
         for name, shape in expected.items():
             actual = tuple(getattr(self, name).shape)
             if actual != shape:
-                raise ValueError(f"StageInputs.{name} has shape {actual}: must be {shape} "
-                                 f"(start is (G, C, Fm, P) = {tuple(self.start.shape)}, N = {n_train})")
+                raise ValueError(
+                    f"StageInputs.{name} has shape {actual}: must be {shape} "
+                    f"(start is (G, C, Fm, P) = {tuple(self.start.shape)}, N = {n_train})"
+                )
         if vectors != 3 + n_train or filters % 2:
-            raise ValueError(f"StageInputs.start has shape {tuple(self.start.shape)}: must be "
-                             f"(G, C, 2m, 3 + N) with N = {n_train} training samples")
+            raise ValueError(
+                f"StageInputs.start has shape {tuple(self.start.shape)}: must be "
+                f"(G, C, 2m, 3 + N) with N = {n_train} training samples"
+            )
         for name in ("eval_at", "loss_at"):
             at = getattr(self, name)
             if at is not None and (not at or list(at) != sorted(set(at)) or at[0] < 0 or at[-1] > self.steps):
@@ -216,8 +233,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     ``w = a w(0) + C . patches`` that is ``C <- (1 - 2 lr kappa) C``, ``a <- a - 2 lr kappa (a - phi)`` and
     ``R <- R - 2 lr kappa (R - phi R(0))``, elementwise and exact (a stays 1 for phi = 1).
     """
-    start, test_start, norm2_start, gram, cross = (inputs.start, inputs.test_start, inputs.norm2_start,
-                                                   inputs.gram, inputs.cross)
+    start, test_start, norm2_start, gram, cross = (inputs.start, inputs.test_start, inputs.norm2_start, inputs.gram, inputs.cross)
     y, clean, test_y, test_clean = inputs.y, inputs.clean, inputs.test_y, inputs.test_clean
     signal_coefficients, signal_norms, lr = inputs.signal_coefficients, inputs.signal_norms, inputs.lr
     steps, eval_every, record_coefficients = inputs.steps, inputs.eval_every, inputs.record_coefficients
@@ -315,7 +331,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             test_response = sigma(test_response)
         test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
         test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
-            positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None])
+            positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None]
+        )
         test_acc[..., index] = _accuracy(test_margin, test_y[:, None, None, :]).transpose(1, 2)
         start_basis = start[:, None, ..., :3] if scales is None else scales[..., None] * start[:, None, ..., :3]
         along_basis = start_basis + torch.bmm(flat, gram[:, :, :3]).view(groups, evals, cells, filters, 3)
@@ -325,12 +342,20 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         if scales is None:
             norms = (norm2_start[:, None] + (ext * (resp + start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
         else:
-            norms = (scales.square() * norm2_start[:, None]
-                     + (ext * (resp + scales[..., None] * start_response[:, None])).sum(-1)).clamp_min(0).sqrt()
-        decomposition[:, :, index] = torch.cat([
-            torch.stack([learned.amax(3), learned.mean(3)], dim=-1).flatten(-2),
-            own.amax((-2, -1))[..., None], own.mean((-2, -1))[..., None], norms.mean(-1, keepdim=True),
-        ], dim=-1).transpose(1, 2)
+            norms = (
+                (scales.square() * norm2_start[:, None] + (ext * (resp + scales[..., None] * start_response[:, None])).sum(-1))
+                .clamp_min(0)
+                .sqrt()
+            )
+        decomposition[:, :, index] = torch.cat(
+            [
+                torch.stack([learned.amax(3), learned.mean(3)], dim=-1).flatten(-2),
+                own.amax((-2, -1))[..., None],
+                own.mean((-2, -1))[..., None],
+                norms.mean(-1, keepdim=True),
+            ],
+            dim=-1,
+        ).transpose(1, 2)
         if trajectory is not None:
             trajectory.extend(base.unbind(1))
         pending.clear()
@@ -346,8 +371,16 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         f = h[..., :n_train] + torch.where(clean_plus, h[..., n_train, None], h[..., n_train + 1, None])
         exponent = torch.mul(f, negative_labels, out=exponents[step])  # -y f
         if evaluation < len(checkpoints) and step == checkpoints[evaluation]:
-            pending.append((evaluation, coefficients.clone(), response.clone(), h,
-                            None if bias is None else bias.clone(), None if scale is None else scale.clone()))
+            pending.append(
+                (
+                    evaluation,
+                    coefficients.clone(),
+                    response.clone(),
+                    h,
+                    None if bias is None else bias.clone(),
+                    None if scale is None else scale.clone(),
+                )
+            )
             evaluation += 1
             if len(pending) == block or evaluation == len(checkpoints):
                 evaluate()
@@ -380,7 +413,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             if coupled:
                 # as (2, N) x (N, Fm) into the transposed columns: 3-4x faster than (Fm, N) x (N, 2) on the CPU
                 batch_response[..., n_train:].transpose(1, 2).baddbmm_(
-                    signal_to_noise, batch_positive[..., :n_train].transpose(1, 2))
+                    signal_to_noise, batch_positive[..., :n_train].transpose(1, 2)
+                )
         else:
             batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
@@ -389,9 +423,19 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         norm2 = norm2_start + (coefficients * (response + start_response)).sum(-1)
     else:
         norm2 = scale.square() * norm2_start + (coefficients * (response + scale[..., None] * start_response)).sum(-1)
-    return StageOutput(loss, train_acc, test_acc, decomposition, to_base(coefficients[:, None])[:, 0], norm2,
-                       torch.stack(trajectory, dim=2) if trajectory is not None else None, bias, scale,
-                       tuple(checkpoints), loss_steps)
+    return StageOutput(
+        loss,
+        train_acc,
+        test_acc,
+        decomposition,
+        to_base(coefficients[:, None])[:, 0],
+        norm2,
+        torch.stack(trajectory, dim=2) if trajectory is not None else None,
+        bias,
+        scale,
+        tuple(checkpoints),
+        loss_steps,
+    )
 
 
 def stage_loss(exponents: Tensor, loss_at: tuple[int, ...] | None) -> tuple[Tensor, tuple[int, ...] | None]:

@@ -37,8 +37,9 @@ def kept_steps(history: str, steps: int, eval_every: int) -> tuple[tuple[int, ..
 def on_cpu(out: StageOutput) -> StageOutput:
     """A trained stage's outputs on the CPU, where results go to the pipeline and tracking (the same tensors when
     they are there)."""
-    return dataclasses.replace(out, **{f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(out)
-                                       if isinstance(getattr(out, f.name), Tensor)})
+    return dataclasses.replace(
+        out, **{f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), Tensor)}
+    )
 
 
 @dataclass
@@ -83,8 +84,7 @@ class GramStage:
     @property
     def final(self) -> dict[str, float]:
         """``FullBatchGD.final``: the loss and accuracies of the final model."""
-        return {"train_loss": float(self.loss[-1]), "train_acc": float(self.train_acc[-1]),
-                "test_acc": float(self.test_acc[-1])}
+        return {"train_loss": float(self.loss[-1]), "train_acc": float(self.train_acc[-1]), "test_acc": float(self.test_acc[-1])}
 
     def metrics_by_step(self, history: str = "full") -> dict[int, dict[str, float]]:
         """Curve points grouped by step, as ``FullBatchGD.log_curves`` sends them; ``history`` keeps every
@@ -96,8 +96,10 @@ class GramStage:
         evaluated = {step: k for k, step in enumerate(self.eval_steps if self.evaluated is None else self.evaluated)}
         kept_evals = self.eval_steps if history != "last" else [self.steps]
         if any(step not in held for step in wanted) or any(step not in evaluated for step in kept_evals):
-            raise ValueError(f"stage {self.name}: its curves were computed for a shorter history than {history!r} "
-                             f"(losses at {len(held)} steps, evaluations at {len(evaluated)})")
+            raise ValueError(
+                f"stage {self.name}: its curves were computed for a shorter history than {history!r} "
+                f"(losses at {len(held)} steps, evaluations at {len(evaluated)})"
+            )
         by_step: dict[int, dict[str, float]] = {step: {"train/loss": float(self.loss[held[step]])} for step in wanted}
         for step in kept_evals:
             index = evaluated[step]
@@ -120,8 +122,7 @@ class GramStage:
                 curves.setdefault(key, []).append((step, value))
         return curves
 
-    def result(self, history: str = "full", plan: list[Any] | None = None,
-               model: torch.nn.Module | None = None) -> StageResult:
+    def result(self, history: str = "full", plan: list[Any] | None = None, model: torch.nn.Module | None = None) -> StageResult:
         """The stage as the ``Engine`` interface returns it."""
         return StageResult(self.name, model, self.final, self.curves_for(history), plan, self.steps)
 
@@ -138,13 +139,13 @@ class GramResult:
 
     def stage_results(self, history: str = "full") -> dict[str, StageResult]:
         """Every stage as the ``Engine`` interface returns it (no models: the weights stay coefficients)."""
-        results = {name: stage.result(history, self.plan_rows if name == "transfer" else None)
-                   for name, stage in self.stages.items()}
+        results = {
+            name: stage.result(history, self.plan_rows if name == "transfer" else None) for name, stage in self.stages.items()
+        }
         if "transfer" in results:
             results["transfer"].extra["regularizer"] = self.cell.regularizer.as_dict()
             results["transfer"].extra["control"] = self.cell.control
-        results["scratch"].extra.update(budget=self.cell.scratch_budget,
-                                        steps=self.stages["scratch"].steps)
+        results["scratch"].extra.update(budget=self.cell.scratch_budget, steps=self.stages["scratch"].steps)
         return results
 
     def divergence(self) -> DivergenceError | None:
@@ -163,8 +164,14 @@ class GramResult:
         return None if self.plan is None else [PlanRow(**row) for row in self.plan]
 
 
-def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[int, Tensor],
-                        upstream_init: Tensor | None, downstream_init: Tensor, inherited: Tensor | None = None) -> Tensor:
+def reconstruct_weights(
+    stage: GramStage,
+    basis: Tensor,
+    noise_patches: Mapping[int, Tensor],
+    upstream_init: Tensor | None,
+    downstream_init: Tensor,
+    inherited: Tensor | None = None,
+) -> Tensor:
     """The stage's final filters (2, m, d) in d-space, from its coefficients (see ``GramStage``); ``inherited``: the
     start filters (2, m, d) of a transfer stage with a control (the control's vectors at the transferred positions)."""
     if stage.name == "upstream":
@@ -186,8 +193,12 @@ def reconstruct_weights(stage: GramStage, basis: Tensor, noise_patches: Mapping[
     return weight
 
 
-def divergence(stage: str, loss: Tensor | np.ndarray, lr: float, steps: Sequence[int] | None = None,
-               ) -> DivergenceError | None:
+def divergence(
+    stage: str,
+    loss: Tensor | np.ndarray,
+    lr: float,
+    steps: Sequence[int] | None = None,
+) -> DivergenceError | None:
     """The ``DivergenceError`` of a stage whose loss curve has a non-finite step (the first one), else ``None``:
     the single run, the batched sweep and the grid all report a diverged stage with this line. ``steps``: the steps
     ``loss`` holds (``None``: every step; the kernel computes every step's loss wherever one may not be finite)."""
@@ -197,8 +208,10 @@ def divergence(stage: str, loss: Tensor | np.ndarray, lr: float, steps: Sequence
         return None
     index = int(bad[0, -1])
     step = index if steps is None else steps[index]
-    return DivergenceError(f"stage {stage} diverged at step {step}: the loss is {float(loss[..., index]):g}; "
-                           f"lower train.lr (now {lr:g})", stage=stage)
+    return DivergenceError(
+        f"stage {stage} diverged at step {step}: the loss is {float(loss[..., index]):g}; lower train.lr (now {lr:g})",
+        stage=stage,
+    )
 
 
 def check_loss(stage: str, loss: Tensor, lr: float) -> None:

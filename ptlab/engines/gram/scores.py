@@ -16,8 +16,7 @@ from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.transfer.transferability import leep, logme, score_subset, scored
 
 
-def hidden_from_responses(start: Tensor, signal: Tensor, clean: Tensor, form: ModelForm,
-                          bias: Tensor | None = None) -> Tensor:
+def hidden_from_responses(start: Tensor, signal: Tensor, clean: Tensor, form: ModelForm, bias: Tensor | None = None) -> Tensor:
     """The hidden activations (N, 2m) from the stage-start responses ``start`` (2m, 3 + N) along [b_u, b_v1, b_v2,
     xi_1..xi_N], the task signal's coefficients ``signal`` (3,) along the unit directions and the clean labels."""
     along_signal = start[:, :3] @ signal  # <w, s>, (2m,)
@@ -34,10 +33,21 @@ def margin_from_hidden(hidden: Tensor, form: ModelForm) -> Tensor:
     return (hidden[:, :width].sum(1) - hidden[:, width:].sum(1)) / form.filter_divisor(width)
 
 
-def cell_scores(seed: int, max_samples: int, signal: Tensor, clean: Tensor, y: Tensor, form: ModelForm,
-                scratch: Tensor, scratch_bias: Tensor | None = None, transfer: Tensor | None = None,
-                transfer_bias: Tensor | None = None, upstream: Tensor | None = None,
-                upstream_bias: Tensor | None = None, upstream_form: ModelForm | None = None) -> dict[str, float]:
+def cell_scores(
+    seed: int,
+    max_samples: int,
+    signal: Tensor,
+    clean: Tensor,
+    y: Tensor,
+    form: ModelForm,
+    scratch: Tensor,
+    scratch_bias: Tensor | None = None,
+    transfer: Tensor | None = None,
+    transfer_bias: Tensor | None = None,
+    upstream: Tensor | None = None,
+    upstream_bias: Tensor | None = None,
+    upstream_form: ModelForm | None = None,
+) -> dict[str, float]:
     """``logme`` (transfer stage start), ``leep`` (the trained upstream model's 2-class softmax, ``sigmoid`` of its
     margin) and ``logme_scratch`` (scratch stage start) on the seeded subset of at most ``max_samples`` task-2
     training samples, and ``samples``; ``transfer`` and ``upstream`` (responses as ``scratch``'s) ``None`` without

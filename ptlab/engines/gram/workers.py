@@ -77,8 +77,9 @@ def _run_in_job(function: Callable[[Any], Any], item: Any, threads: int) -> Any:
     return function(item)
 
 
-def submitit_map(executor: str, folder: str | Path, options: Mapping[str, Any]
-                 ) -> Callable[[Callable[[Any], Any], Sequence[Any]], Iterator[Any]]:
+def submitit_map(
+    executor: str, folder: str | Path, options: Mapping[str, Any]
+) -> Callable[[Callable[[Any], Any], Sequence[Any]], Iterator[Any]]:
     """A ``ChunkMap`` (``ptlab.engines.gram.batching``) that runs each item as a submitit job of ``executor``
     (``SUBMITIT_EXECUTORS``) with its logs and pickles under ``folder`` and ``options`` as
     ``submitit.AutoExecutor.update_parameters`` takes them (``timeout_min``, ``cpus_per_task``, ``gpus_per_node``,
