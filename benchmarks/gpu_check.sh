@@ -292,8 +292,8 @@ step deit_layers 1 "$PY" "$TOOLS" run -m ptlab experiment=fig4_digits "${DEIT[@]
   $(common deit_layers)
 step gram_sweep 4 "$PY" -m ptlab -m engine=gram hydra/launcher=ptlab_gram hydra/sweeper=ptlab_batched \
   task.u_norm=0.0,2.0 seed=0,1 "${GRAM[@]}" $(common gram_sweep)
-step gram_cuda_tests 0 "$PY" -m pytest -q -p no:cacheprovider -k cuda "$ROOT/tests/test_gram_devices.py" \
-  "$ROOT/tests/test_gram_engine.py" "$ROOT/tests/test_response_space.py" "$ROOT/tests/test_one_driver.py"
+step gram_cuda_tests 0 "$PY" -m pytest -q -p no:cacheprovider -k cuda "$ROOT/tests/engines/test_gram_devices.py" \
+  "$ROOT/tests/engines/test_gram_engine.py" "$ROOT/tests/engines/test_response_space.py" "$ROOT/tests/pipeline/test_one_driver.py"
 for b in "${BATCHES[@]}"; do
   step "throughput_b$b" 0 "$PY" "$TOOLS" run "$ROOT/benchmarks/bench_image_throughput.py" "${BENCH[@]}" --batch-size "$b"
 done

@@ -156,7 +156,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_command(tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # resume.skip_finished=always keeps the tracker in this process (a single run's helper process marks the runs of a
-    # killed run FAILED itself: tests/test_background_tracking.py), so its runs stay RUNNING for the next command
+    # killed run FAILED itself: tests/tracking/test_background_tracking.py), so its runs stay RUNNING for the next command
     slow = [
         "engine=lightning",
         "task.d=300",

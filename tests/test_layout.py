@@ -259,3 +259,12 @@ def test_the_layer_table_is_the_design_documents() -> None:
     text = (PACKAGE.parent / "docs/design.md").read_text()
     for package in LAYERS:
         assert f"`{package}`" in text, package
+
+
+def test_tests_mirror_the_package() -> None:
+    """Each test folder is named after a ptlab subpackage (tests/engines/ tests ptlab/engines/, ...); tests of top-level
+    modules (cli, config, spec, theory, ...) sit in tests/ itself."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders and folders <= packages, f"test folders that are no ptlab subpackage: {sorted(folders - packages)}"

@@ -16,7 +16,7 @@ from ptlab.phase import ALL_FEATURES, FEATURES, PhaseModel, all_pairs, expand_pa
 from ptlab.report.calibrate import FIT, Candidate, _phase_estimator, features_of, fit_phase_model
 from ptlab.theory import Setting, phase_features
 from tests.conftest import REPO, SMALL, run_cli
-from tests.test_calibrate import two_designs
+from tests.report.test_calibrate import two_designs
 
 BASE = Setting(d=1000, n1=200, n2=20, u_norm=2.0, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.5)
 

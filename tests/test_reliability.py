@@ -345,7 +345,7 @@ def test_the_preflight_sends_mlflows_credentials_and_refuses_a_401(tmp_path: Pat
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
     """A real ``mlflow server`` on ``root``'s SQLite store (the same store each time it is started)."""
-    from tests.test_remote_tracking import wait_until_healthy
+    from tests.tracking.test_remote_tracking import wait_until_healthy
 
     log = root / f"server-{time.monotonic_ns()}.log"
     command = [
@@ -383,7 +383,7 @@ def test_a_tracking_server_that_dies_mid_run_fails_within_30_s_and_the_next_comm
     """The server is SIGKILLed while a Lightning pipeline trains; the pipeline's next write fails and it exits 1
     with one line within 30 s of that write (MLflow's own defaults: about 8 minutes); its runs stay RUNNING on
     the server (it cannot be told), and the next command, once the server is back, marks them FAILED."""
-    from tests.test_remote_tracking import free_port, stop_process_group
+    from tests.tracking.test_remote_tracking import free_port, stop_process_group
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

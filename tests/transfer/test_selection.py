@@ -22,7 +22,7 @@ from ptlab.spec import parse
 from ptlab.transfer import SelectionContext, SelectionInputs, SelectionStrategy, build_strategy, transfer_parameters
 from ptlab.transfer.apply import Transfer
 from tests.conftest import SMALL, run_cli
-from tests.test_gram_engine import margin, plain_gd
+from tests.engines.test_gram_engine import margin, plain_gd
 
 
 class PickLast(SelectionStrategy):
@@ -234,7 +234,7 @@ def test_a_refused_strategy_exits_2_before_anything_is_tracked(tmp_path: Path) -
 def test_a_users_strategy_is_chosen_by_config_alone(make_cfg, tmp_path: Path) -> None:
     folder = tmp_path / "my_conf" / "transfer" / "selection"
     folder.mkdir(parents=True)
-    (folder / "last.yaml").write_text("_target_: tests.test_selection.PickLast\noffset: 0\n")
+    (folder / "last.yaml").write_text("_target_: tests.transfer.test_selection.PickLast\noffset: 0\n")
     cfg = make_cfg(f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "transfer/selection=last", "logger=none")
     summary = run_pipeline(cfg, tmp_path / "out")
     plan = summary["transfer"]["plan"]
@@ -289,7 +289,7 @@ def test_plan_rows_keep_strategy_and_scores_through_json(make_cfg, tmp_path: Pat
 
 
 def test_a_data_driven_strategy_plans_a_digits_transfer_from_task2_batches(make_cfg, tmp_path: Path) -> None:
-    from tests.test_images_pipeline import TINY
+    from tests.pipeline.test_images_pipeline import TINY
 
     cfg = make_cfg(
         *TINY,

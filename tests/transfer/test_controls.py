@@ -27,9 +27,9 @@ from ptlab.transfer import Transfer, controls
 from ptlab.transfer.controls import apply_control
 from ptlab.transfer.conv import conv_units
 
-from .conftest import SMALL, run_cli
-from .test_gram_engine import plain_gd
-from .test_images_pipeline import TINY
+from ..conftest import SMALL, run_cli
+from ..engines.test_gram_engine import plain_gd
+from ..pipeline.test_images_pipeline import TINY
 
 
 def toy_pair(width: int = 40, d: int = 200) -> tuple[TwoLayerReLUCNN, TwoLayerReLUCNN]:

@@ -15,7 +15,7 @@ from ptlab.tracking import store_template
 from ptlab.tracking.faults import prepare_sqlite_store
 from ptlab.tracking.store_template import TEMPLATES_ENV, head_revision, schema_revision, template_key
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def schema(path: Path) -> dict[str, object]:

@@ -28,7 +28,7 @@ from ptlab.spec import parse
 from ptlab.transfer import Transfer, transfer_parameters
 from ptlab.transfer.inherited import inherited_units
 
-from .conftest import compose_config, run_cli
+from ..conftest import compose_config, run_cli
 
 BASE = (
     "train.dtype=float64",
@@ -460,7 +460,7 @@ def test_batched_sweep_honours_the_regularizer(make_cfg, tmp_path: Path) -> None
     from ptlab.pipeline import run_pipeline
     from ptlab.report.runs import load_pipelines
 
-    from .conftest import SMALL
+    from ..conftest import SMALL
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [

@@ -30,8 +30,8 @@ from ptlab.engines.gram.workers import submitit_map
 from ptlab.models.two_layer_cnn import ModelForm
 from ptlab.spec import parse
 
-from .conftest import SMALL, run_cli
-from .gram_devices import CUDA
+from ..conftest import SMALL, run_cli
+from ..gram_devices import CUDA
 
 META = torch.device("meta")
 

@@ -276,7 +276,7 @@ def test_bad_transferability_config_stops_with_one_line(tmp_path: Path) -> None:
     from ptlab.cli import compose_config
     from ptlab.config import ConfigError, validate
 
-    from .conftest import run_cli
+    from ..conftest import run_cli
 
     with pytest.raises(ConfigError, match=r"^transferability.max_samples=1 is not allowed: must be an integer >= 2$"):
         validate(compose_config(["transferability.max_samples=1"]))

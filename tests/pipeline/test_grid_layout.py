@@ -16,7 +16,7 @@ from ptlab.report.kou2023 import kou2023_table
 from ptlab.report.runs import load_pipelines
 from ptlab.spec import parse
 
-from .conftest import SMALL, compose_config, run_cli
+from ..conftest import SMALL, compose_config, run_cli
 
 
 def test_grid_layout_through_cli(tmp_path: Path) -> None:

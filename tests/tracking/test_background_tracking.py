@@ -190,7 +190,7 @@ def test_a_failure_seen_only_at_the_end_is_raised_by_exit(tmp_path: Path) -> Non
 def test_a_server_that_is_down_is_the_same_one_line_error() -> None:
     """No server at the address: the helper's ``MLflowTracker`` fails as in-process (one ``StoreError`` line, after
     MLflow's bounded retries), raised here at the first read."""
-    from tests.test_remote_tracking import free_port
+    from tests.tracking.test_remote_tracking import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StoreError) as inline, MLflowTracker(url, "exp", "cell"):

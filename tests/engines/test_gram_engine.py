@@ -31,8 +31,8 @@ from ptlab.spec import parse
 from ptlab.tracking.base import CONFIG_HASH_TAG
 from ptlab.transfer import transfer_parameters
 
-from .conftest import SMALL, compose_config, run_cli
-from .gram_devices import DEVICES
+from ..conftest import SMALL, compose_config, run_cli
+from ..gram_devices import DEVICES
 
 STAGE_TASK = {"upstream": 1, "transfer": 2, "scratch": 2}
 

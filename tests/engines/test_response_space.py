@@ -15,7 +15,7 @@ from ptlab.pipeline import run_pipeline
 from ptlab.pipeline.synthetic import make_data
 from ptlab.spec import parse
 
-from .gram_devices import DEVICES
+from ..gram_devices import DEVICES
 
 
 def rows_and_law(project: bool, sigma: float) -> tuple[torch.Tensor, torch.Tensor, object]:

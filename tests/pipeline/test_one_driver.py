@@ -16,8 +16,8 @@ from ptlab.pipeline import run_pipeline
 from ptlab.spec import parse
 from ptlab.theory import predict_from_spec
 
-from .conftest import SMALL, compose_config, run_cli
-from .gram_devices import DEVICES
+from ..conftest import SMALL, compose_config, run_cli
+from ..gram_devices import DEVICES
 
 BATCHED = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched"]
 FLOAT32_TOLERANCE = 64 * 2.0**-23
