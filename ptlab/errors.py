@@ -19,6 +19,10 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.stage = stage
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        """Pickled with its stage (a worker process sends it back)."""
+        return DivergenceError, (str(self), self.stage)
+
 
 class Terminated(KeyboardInterrupt):
     """The process got SIGTERM or SIGINT; a ``KeyboardInterrupt`` so that tracking marks its runs KILLED.

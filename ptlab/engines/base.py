@@ -1,23 +1,34 @@
-"""The interface every training engine implements: train one stage of a synthetic pipeline.
+"""The interface every training engine implements, at two granularities.
 
-The pipeline (``ptlab.pipeline.synthetic``) builds a ``Stage`` (the model to train, its data, its
-budget, what it inherits) and calls ``engine.train_stage(stage)``; it gets back a ``StageResult``
-(the trained model, its final numbers and curves, the transfer plan) and tracks it. Engines never
-import the pipeline or the tracking code. ``conf/engine/<name>.yaml`` picks the engine by
-``_target_``: ``ptlab.engines.lightning.LightningEngine`` (the reference) or
-``ptlab.engines.gram.GramEngine`` (the exact Gram-matrix engine, docs/design.md section 3).
+**Pipelines** (``Engine.run``): the driver (``ptlab.pipeline.driver``) hands an engine ``PipelineJob``s (a spec, its
+tracker and, for a job trained stage by stage, the recipe of its task) and gets back a ``PipelineResult`` per job,
+in any order: its stages, its extra summary entries and the divergence that stopped it. The Lightning engine runs
+each job's recipe; the gram engine batches the jobs that have no recipe (``ptlab.engines.gram``) and runs the
+others' recipes. Everything around the training (resume, theory, recording, summary, the outcome) is the driver's.
+
+**Stages** (``Engine.train_stage``): a recipe (``ptlab.pipeline.synthetic``) builds a ``Stage`` (the model to train,
+its data, its budget, what it inherits) and gets back a ``StageResult`` (the trained model, its final numbers and
+curves, the transfer plan), which it tracks as it goes.
+
+Engines never import the pipeline or the tracking code. ``conf/engine/<name>.yaml`` picks the engine by
+``_target_``: ``ptlab.engines.lightning.LightningEngine`` (the reference) or ``ptlab.engines.gram.GramEngine`` (the
+exact Gram-matrix engine, docs/design.md section 3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ptlab.errors import DivergenceError
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ptlab.data.synthetic import Directions, PatchData
     from ptlab.modules.regularizers import Regularizer
+    from ptlab.spec import PipelineSpec
     from ptlab.transfer.adapters import PlanRow
     from ptlab.transfer.apply import Transfer
 
@@ -74,10 +85,57 @@ class StageResult:
         return out
 
 
+Recipe = Callable[["PipelineSpec", "Engine", Any], "tuple[dict[str, StageResult], dict[str, Any]]"]
+"""A task's recipe (``ptlab.pipeline.run.RECIPES``): trains one pipeline stage by stage with an engine, tracking each
+stage on the given tracker as it ends; returns the stages and the summary's extra entries."""
+
+
+@dataclass
+class PipelineJob:
+    """One pipeline for ``Engine.run``: its ``spec``; its ``tracker`` (live: the recipe tracks into it); its ``recipe``
+    (``None``: the engine may batch it, the driver tracks it afterwards); ``cell``: the gram engine's cell where the
+    launcher built it without a spec (a grid of 100,000 cells builds no spec per cell)."""
+
+    spec: PipelineSpec | None
+    tracker: Any = None
+    recipe: Recipe | None = None
+    cell: Any = None
+
+
+@dataclass
+class PipelineResult:
+    """One trained pipeline: its ``stages`` (up to the diverged one), the summary's ``extra`` entries, the ``error``
+    that stopped it (a non-finite loss) and whether its stages are ``tracked`` already (by a recipe, live)."""
+
+    stages: dict[str, StageResult]
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: DivergenceError | None = None
+    tracked: bool = False
+    scores: dict[str, float] | None = None
+    """Transferability scores not yet tracked (a batched cell's; a recipe tracks its own into ``extra``)."""
+
+
+def run_recipe(engine: Engine, job: PipelineJob) -> PipelineResult:
+    """``job`` trained by its recipe, stage by stage (a divergence comes back as the result's ``error``, its stage's
+    child run left open for the tracker to close FAILED)."""
+    assert job.recipe is not None and job.spec is not None
+    try:
+        stages, extra = job.recipe(job.spec, engine, job.tracker)
+    except DivergenceError as err:
+        return PipelineResult({}, error=err, tracked=True)
+    return PipelineResult(stages, dict(extra), tracked=True)
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """Trains a ``Stage``; ``name`` is what the config hash and the upstream cache key record."""
+    """Trains pipelines (``run``) and the stages of a recipe (``train_stage``); ``name`` is what the config hash and
+    the upstream cache key record."""
 
     name: str
 
     def train_stage(self, stage: Stage) -> StageResult: ...
+
+    def run(self, jobs: Sequence[PipelineJob], **options: Any) -> Iterator[list[tuple[int, PipelineResult]]]:
+        """The jobs' results as they come: ``[(index into jobs, result)]`` per batch trained at once (one pipeline
+        for a recipe, a chunk of cells for the gram engine), in any order."""
+        ...

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from hydra.utils import instantiate
 
-from ptlab.engines.base import Stage, StageResult
+from ptlab.engines.base import PipelineJob, PipelineResult, Stage, StageResult, run_recipe
 from ptlab.errors import DivergenceError
 
 
@@ -42,6 +42,12 @@ class LightningEngine:
         self.trainer = (
             trainer if trainer is not None else {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1}
         )
+
+    def run(self, jobs: Sequence[PipelineJob], **options: Any) -> Iterator[list[tuple[int, PipelineResult]]]:
+        """Each job by its task's recipe, one after the other (every Lightning pipeline has a recipe: the synthetic
+        stages are fits of ``FullBatchGD``, the image stages the image recipe's own fits)."""
+        for index, job in enumerate(jobs):
+            yield [(index, run_recipe(self, job))]
 
     def train_stage(self, stage: Stage) -> StageResult:
         from ptlab.data.full_batch import FullBatchDataModule

@@ -57,7 +57,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import yaml
@@ -71,11 +71,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
 from ptlab.config import ConfigError, is_value_override, validate
-from ptlab.engines.base import StageResult
-from ptlab.engines.gram import HISTORIES, GramCell, GramResult, iter_chunks
+from ptlab.engines.base import PipelineJob, PipelineResult
+from ptlab.engines.gram import HISTORIES, GramCell, GramEngine
 from ptlab.engines.gram.batching import ChunkMap
 from ptlab.engines.gram.workers import submitit_map
 from ptlab.errors import DivergenceError
+from ptlab.pipeline.driver import drive
 from ptlab.pipeline.grid_figure import FIGURE as GRID_FIGURE
 from ptlab.pipeline.grid_figure import grid_heatmap
 from ptlab.pipeline.record import (
@@ -122,6 +123,8 @@ class SweepJob:
     summary: dict[str, Any] | None = None
     error: DivergenceError | None = None
     written: bool = False
+    spec: PipelineSpec | None = None
+    yaml_text: str = ""
 
 
 def _set_leaf(container: dict[str, Any], key: str, value: Any) -> None:
@@ -265,29 +268,87 @@ def _dump_yaml(data: Any) -> str:
     )
 
 
-def track_pipeline(job: SweepJob, result: GramResult, history: str) -> dict[str, Any] | None:
-    """Hand one trained cell to ``record_pipeline`` (as ``run_pipeline`` does) and write its Hydra files; a cell
-    with a diverged stage is tracked FAILED with the single run's error (``job.error``), and has no summary."""
+def track_pipeline(job: SweepJob, result: PipelineResult) -> dict[str, Any] | None:
+    """Hand one trained cell to ``record_pipeline`` (as a single run's recorder does) and write its Hydra files; a
+    cell with a diverged stage is tracked FAILED with the single run's error, and has no summary."""
     tracker = job.tracker if job.tracker is not None else NullTracker()
     summary = None
-    stages = result.stage_results(history)
     try:
         with tracker:
-            record_trained(tracker, stages, result.divergence())
-            extra = (
-                {"transferability": record_scores(tracker, result.transferability)}
-                if result.transferability is not None
-                else None
-            )
-            summary = record_pipeline(tracker, stages, job.output_dir, result.cell.seed, job.choices, job.theory, extra)
-    except DivergenceError as err:
-        job.error = err
+            record_trained(tracker, result.stages, result.error)
+            extra = {"transferability": record_scores(tracker, result.scores)} if result.scores is not None else None
+            summary = record_pipeline(tracker, result.stages, job.output_dir, job.cell.seed, job.choices, job.theory, extra)
+    except DivergenceError:
+        pass
     hydra_dir = job.output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = job.tracker.artifact_text("config.yaml") if job.tracker is not None else _dump_yaml(job.resolved)
     (hydra_dir / "config.yaml").write_text(config_yaml)
     (hydra_dir / "overrides.yaml").write_text(_dump_yaml(job.overrides))
     return summary
+
+
+class RunsRecorder:
+    """The batched sweep's ``Recorder``: a run per cell, recorded in a ``MemoryTracker`` and written a chunk at a time
+    by its store's ``RunWriter``; a job whose config the store holds FINISHED gets that run's summary (resume)."""
+
+    def __init__(
+        self, jobs: list[SweepJob], returns: dict[int, JobReturn], progress: Any = None, tags: dict[str, str] | None = None
+    ) -> None:
+        self.jobs, self.returns, self.progress, self.tags = jobs, returns, progress, tags or {}
+        self.batch: list[SweepJob] = []
+
+    def finished(self, index: int) -> bool:
+        job = self.jobs[index]
+        if job.summary is None:
+            return False
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        (job.output_dir / "summary.json").write_text(json.dumps(job.summary, indent=2))
+        self.returns[job.index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
+        return True
+
+    def open(self, index: int) -> None:
+        job = self.jobs[index]
+        job.theory = predict_from_spec(job.spec)
+        if job.writer is not None:
+            job.tracker = job.writer.tracker(job.run_name, pipeline_tags(job.resolved["seed"], job.digest, job.choices))
+            open_pipeline(job.tracker, used_params(job.resolved), job.yaml_text, job.theory)
+
+    def record(self, index: int, result: PipelineResult) -> None:
+        job = self.jobs[index]
+        job.summary = track_pipeline(job, result)
+        job.error = result.error
+        failed = job.error is not None
+        status = JobStatus.FAILED if failed else JobStatus.COMPLETED
+        self.returns[job.index] = _return(job, status, job.error if failed else _best(job.summary))
+        if job.tracker is not None and self.tags:
+            job.tracker.set_tags(self.tags)
+        self.batch.append(job)
+
+    def flush(self) -> None:
+        by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
+        for job in self.batch:
+            if job.tracker is not None:
+                by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
+        for writer, trackers in by_writer.values():
+            writer.write(trackers)
+        for job in self.batch:
+            job.written = True
+        if self.progress is not None:
+            self.progress.update(len(self.batch))
+        self.batch = []
+
+    def abandon(self, status: str) -> None:
+        """End the runs of the jobs a stopped sweep did not write (where the store already holds them)."""
+        by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
+        for job in self.jobs:
+            if job.tracker is not None and not job.written:
+                by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
+        for writer, trackers in by_writer.values():
+            writer.abandon(trackers, status)
+
+    def close(self) -> None:
+        return None
 
 
 def _return(job: SweepJob, status: JobStatus, value: Any) -> JobReturn:
@@ -348,13 +409,13 @@ def _build_job(
     writers: dict[tuple, RunWriter],
     finished: dict[tuple, dict[str, Any]],
 ) -> SweepJob:
-    """Resolve one job's config, open its recording tracker and log what ``run_pipeline`` logs first."""
+    """One job: its spec, cell and store writer, or (resume) the summary of the FINISHED run of its config."""
     spec, output_dir, run_name = template.job(index, parsed, values)
     resolved = dict(spec.resolved)
     job = SweepJob(
         index, overrides, output_dir, run_name, template.choices, resolved, GramCell.from_spec(spec), hash_resolved(resolved)
     )
-    job.theory = predict_from_spec(spec)
+    job.spec = spec
     logger = resolved["logger"]
     if logger["kind"] == "none":
         return job
@@ -370,8 +431,7 @@ def _build_job(
         job.summary = finished_summary(logger["tracking_uri"], run)
         return job
     job.writer = writers[key]
-    job.tracker = job.writer.tracker(run_name, pipeline_tags(resolved["seed"], job.digest, job.choices))
-    open_pipeline(job.tracker, used_params(resolved), template.yaml_text(resolved, values), job.theory)
+    job.yaml_text = template.yaml_text(resolved, values)
     return job
 
 
@@ -420,98 +480,39 @@ def launch_batched(
     composer = _Jobs(hydra_context, config)
     writers: dict[tuple, RunWriter] = {}
     finished: dict[tuple, dict[str, Any]] = {}
-    pending: list[SweepJob] = []
+    jobs: list[SweepJob] = []
     others: list[tuple[int, list[str]]] = []
     returns: dict[int, JobReturn] = {}
-    skipped = 0
     for offset, overrides in enumerate(job_overrides):
         index, overrides = initial_job_idx + offset, list(overrides)
         template, parsed, values = composer.template(overrides)
         if OmegaConf.select(template.task, "engine.name") != "gram" or template.task.task.name != "synthetic":
             others.append((index, overrides))
             continue
-        job = _build_job(template, index, overrides, parsed, values, writers, finished)
-        if job.summary is not None:
-            job.output_dir.mkdir(parents=True, exist_ok=True)
-            (job.output_dir / "summary.json").write_text(json.dumps(job.summary, indent=2))
-            skipped += 1
-            returns[index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
-        else:
-            pending.append(job)
+        jobs.append(_build_job(template, index, overrides, parsed, values, writers, finished))
     composed = time.perf_counter()
+    skipped = sum(job.summary is not None for job in jobs)
     if skipped:
         print(f"ptlab: skipped {skipped} of {len(job_overrides)} jobs: their config already FINISHED (resume.skip_finished)")
-
-    try:
-        _train_and_track(pending, returns, max_cells, history, progress, workers, executor, submitit or {})
-    except BaseException as err:
-        _abandon(pending, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    for index, overrides in others:
+    for index, overrides in others:  # one by one, as Hydra's basic launcher runs them
         returns[index] = _run_basic(hydra_context, task_function, config, index, overrides)
+    pending = len(jobs) - skipped
+    with tqdm(total=pending, desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
+        cells = [job.cell for job in jobs if job.summary is None]
+        drive(
+            [PipelineJob(job.spec, cell=job.cell) for job in jobs],
+            GramEngine(),
+            RunsRecorder(jobs, returns, bar),
+            history=history,
+            max_cells=max_cells,
+            workers=torch.get_num_threads() if workers is None else workers,
+            chunk_map=chunk_map(executor, submitit or {}, cells),
+        )
     if pending:
         log.info(
-            "ptlab gram sweep: %d cells in %.1f s (configs %.1f s)",
-            len(pending),
-            time.perf_counter() - started,
-            composed - started,
+            "ptlab gram sweep: %d cells in %.1f s (configs %.1f s)", pending, time.perf_counter() - started, composed - started
         )
-    raise_failures([job.error for job in pending if job.error is not None], len(job_overrides))
     return [returns[initial_job_idx + offset] for offset in range(len(job_overrides))]
-
-
-def _abandon(jobs: list[SweepJob], status: str) -> None:
-    """End the runs of the jobs a stopped sweep did not write (where the store already holds them)."""
-    by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
-    for job in jobs:
-        if job.tracker is not None and not job.written:
-            by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
-    for writer, trackers in by_writer.values():
-        writer.abandon(trackers, status)
-
-
-def _train_and_track(
-    pending: list[SweepJob],
-    returns: dict[int, JobReturn],
-    max_cells: int,
-    history: str,
-    progress: bool,
-    workers: int | None,
-    executor: str = "pool",
-    submitit: dict[str, Any] | None = None,
-) -> None:
-    """Train the pending jobs in chunks and track each chunk as it comes back (a progress bar on a terminal only:
-    tqdm's ``disable=None``)."""
-    with tqdm(total=len(pending), desc="gram sweep", unit="cell", disable=True if not progress or not pending else None) as bar:
-        workers = torch.get_num_threads() if workers is None else workers
-        cells = [job.cell for job in pending]
-        for chunk in iter_chunks(
-            cells, max_cells, workers=workers, chunk_map=chunk_map(executor, submitit or {}, cells), history=history
-        ):
-            by_writer: dict[int, tuple[RunWriter, list[MemoryTracker]]] = {}
-            for position, result in chunk:
-                job = pending[position]
-                job.summary = track_pipeline(job, result, history)
-                returns[job.index] = (
-                    _return(job, JobStatus.FAILED, job.error)
-                    if job.error is not None
-                    else _return(job, JobStatus.COMPLETED, _best(job.summary))
-                )
-                if job.tracker is not None:
-                    by_writer.setdefault(id(job.writer), (job.writer, []))[1].append(job.tracker)
-            for writer, trackers in by_writer.values():
-                writer.write(trackers)
-            for position, _ in chunk:
-                pending[position].written = True
-            bar.update(len(chunk))
-
-
-def raise_failures(errors: Sequence[BaseException], total: int) -> None:
-    """End a sweep whose cells failed as a single run ends: the first error's one line, exit 1 (the other cells
-    are tracked and kept; their runs, and the failed ones, are in MLflow)."""
-    if errors:
-        more = f" ({len(errors)} of {total} cells failed)" if len(errors) > 1 else ""
-        raise SystemExit(f"ptlab: {errors[0]}{more}")
 
 
 def _best(summary: dict[str, Any]) -> float | None:
@@ -562,41 +563,61 @@ class GridCell:
     key: str
     overrides: list[str]
     theory: TheoryPrediction | None = None
-    outcome: CellOutcome | None = None
+    outcome: PipelineResult | None = None
 
 
-@dataclass
-class CellOutcome:
-    """What a worker sends back of a trained grid cell: each stage's final numbers and the plan (no curves, no
-    coefficients), or the diverged stage's error as ``(message, stage)`` (exceptions with extra fields do not
-    survive pickling)."""
+GRID_HISTORY = "last"
+"""The curve points a grid cell keeps (none cross back but the finals): its cells train for this history."""
 
-    stages: dict[str, StageResult]
-    error: tuple[str, str | None] | None = None
-    transferability: dict[str, float] | None = None
-    HISTORY: ClassVar[str] = "last"
-    """The curve points a grid cell keeps (none but the finals): its cells train for this history."""
 
-    @staticmethod
-    def of(result: GramResult) -> CellOutcome:
-        error = result.divergence()
-        if error is not None:
-            return CellOutcome({}, (str(error), error.stage))
-        return CellOutcome(
-            {name: dataclasses.replace(stage, curves={}) for name, stage in result.stage_results(CellOutcome.HISTORY).items()},
-            transferability=result.transferability,
-        )
+def grid_finals(result: PipelineResult) -> dict[str, float]:
+    """A grid row's final metrics: the parent run's (``record.final_metrics``) and its ``transferability/*`` scores."""
+    scores = {f"transferability/{k}": v for k, v in (result.scores or {}).items() if k != "samples"}
+    return {**final_metrics(result.stages), **scores}
 
-    @property
-    def finals(self) -> dict[str, float]:
-        """The parent run's final metrics (``record.final_metrics``) and its ``transferability/*`` scores."""
-        scores = {f"transferability/{k}": v for k, v in (self.transferability or {}).items() if k != "samples"}
-        return {**final_metrics(self.stages), **scores}
 
-    @property
-    def extra(self) -> dict[str, Any] | None:
-        """The summary's ``transferability`` entry, when the cell has scores."""
-        return None if self.transferability is None else {"transferability": self.transferability}
+def grid_extra(result: PipelineResult) -> dict[str, Any] | None:
+    """The summary's ``transferability`` entry, when the cell has scores."""
+    return None if result.scores is None else {"transferability": result.scores}
+
+
+class GridRecorder:
+    """The grid layout's ``Recorder``: a cell that a grid run of the experiment holds is finished (resume); each
+    result is kept on its cell (with the theory, computed once per config minus the seed); ``close`` writes the
+    table, the summaries, the failures and the grid run (``write``)."""
+
+    def __init__(self, cells: list[GridCell], done: set[str], progress: Any, write: Any) -> None:
+        self.cells, self.done, self.progress, self.write = cells, done, progress, write
+        self.known: dict[tuple, TheoryPrediction] = {}
+        self.recorded = 0
+
+    def finished(self, index: int) -> bool:
+        return self.cells[index].key in self.done
+
+    def open(self, index: int) -> None:
+        cell = self.cells[index]
+        key = (id(cell.template), tuple(sorted(o.input_line for o in cell.values if o.key_or_group != "seed")))
+        if key not in self.known:
+            resolved = copy.deepcopy(cell.template.resolved)
+            for override in cell.values:
+                cell.template._set(resolved, override.key_or_group, cell.template.value(override)[0])
+            self.known[key] = predict_from_spec(cell.template.spec(resolved))
+        cell.theory = self.known[key]
+
+    def record(self, index: int, result: PipelineResult) -> None:
+        self.cells[index].outcome = result
+        self.recorded += 1
+
+    def flush(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.recorded)
+        self.recorded = 0
+
+    def abandon(self, status: str) -> None:
+        return None  # the grid run is created by ``close``, after every cell trained
+
+    def close(self) -> None:
+        self.write()
 
 
 def grid_key(template: _Template, name: str) -> str:
@@ -626,7 +647,7 @@ def _grid_table(cells: list[GridCell]) -> Any:
         )
         extra = []
         for cell in group:
-            row: dict[str, Any] = {f"metrics.{k}": v for k, v in cell.outcome.finals.items()}  # type: ignore[union-attr]
+            row: dict[str, Any] = {f"metrics.{k}": v for k, v in grid_finals(cell.outcome).items()}  # type: ignore[union-attr]
             if cell.theory is not None:
                 params, metrics = theory_fields(cell.theory)
                 row.update({f"params.{k}": str(v) for k, v in params.items()})
@@ -641,19 +662,6 @@ def _grid_table(cells: list[GridCell]) -> Any:
     return pd.concat(frames, ignore_index=True).sort_values("position").drop(columns="position").reset_index(drop=True)
 
 
-def _grid_theory(cells: list[GridCell]) -> None:
-    """Each cell's theory prediction, computed once per config minus the seed (the theory does not read it)."""
-    known: dict[tuple, TheoryPrediction] = {}
-    for cell in cells:
-        key = (id(cell.template), tuple(sorted(o.input_line for o in cell.values if o.key_or_group != "seed")))
-        if key not in known:
-            resolved = copy.deepcopy(cell.template.resolved)
-            for override in cell.values:
-                cell.template._set(resolved, override.key_or_group, cell.template.value(override)[0])
-            known[key] = predict_from_spec(cell.template.spec(resolved))
-        cell.theory = known[key]
-
-
 def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -> None:
     """``summaries.jsonl``: a line per finished cell, ``{"job", "cell", "summary"}``, the summary being what
     ``summary.json`` holds for the same config run alone (``pipeline_summary``), its ``mlflow`` entry the grid
@@ -665,7 +673,7 @@ def _grid_summaries(cells: list[GridCell], path: Path, mlflow: dict[str, Any]) -
                 cell.cell.seed,
                 cell.template.choices,  # type: ignore[union-attr]
                 cell.theory,
-                cell.outcome.extra,
+                grid_extra(cell.outcome),
                 mlflow=mlflow,
             )  # type: ignore[union-attr]
             out.write(
@@ -721,9 +729,6 @@ def launch_grid(
     """Run a sweep in the grid layout (module docstring): train every cell not yet in a grid run of the experiment,
     write the results table and the summaries to one grid run (and the sweep dir) and ``samples`` sampled cells in
     full under it. A diverged cell is left out of the table and ends the sweep as ``raise_failures`` says."""
-    import numpy as np
-    from mlflow.entities import Metric, Param
-
     started = time.perf_counter()
     composer = _Jobs(hydra_context, config)
     cells: list[GridCell] = []
@@ -747,28 +752,55 @@ def launch_grid(
         )
         first.sweep_dir.mkdir(parents=True, exist_ok=True)
         (first.sweep_dir / "skipped.json").write_text(json.dumps({"cells": len(cells) - len(todo)}))
-    _grid_theory(todo)
-    composed = time.perf_counter()
+    returns = _grid_returns(cells, job_overrides)
+    times = {"started": started}
+
+    def write() -> None:
+        times["trained"] = time.perf_counter()
+        if todo:
+            _write_grid(todo, first, uri, logger, composer, job_overrides, initial_job_idx, samples, executor, submitit, times)
+
     workers = torch.get_num_threads() if workers is None else workers
     with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
+        recorder = GridRecorder(cells, done, bar, write)
+        times["composed"] = time.perf_counter()
         cells_todo = [cell.cell for cell in todo]
-        for chunk in iter_chunks(
-            cells_todo,
-            max_cells,
+        drive(
+            [PipelineJob(None, cell=cell.cell) for cell in cells],
+            GramEngine(),
+            recorder,
+            history=GRID_HISTORY,
+            keep_curves=False,
+            max_cells=max_cells,
             workers=workers,
-            summarize=CellOutcome.of,
             chunk_map=chunk_map(executor, submitit or {}, cells_todo),
-            history=CellOutcome.HISTORY,
-        ):
-            for index, outcome in chunk:
-                todo[index].outcome = outcome
-            bar.update(len(chunk))
-    trained = time.perf_counter()
+        )
+    for cell in todo:
+        returns[cell.position].return_value = _best_final(grid_finals(cell.outcome))  # type: ignore[arg-type]
+    return returns
+
+
+def _write_grid(
+    todo: list[GridCell],
+    first: _Template,
+    uri: str | None,
+    logger: dict[str, Any],
+    composer: _Jobs,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    samples: int,
+    executor: str,
+    submitit: dict[str, Any] | None,
+    times: dict[str, float],
+) -> None:
+    """The grid's files and run once its cells trained: the table, the summaries, the failures, the heatmap, the
+    grid run holding them and its sampled cells in full."""
+    import numpy as np
+    from mlflow.entities import Metric, Param
+
+    started, composed, trained = times["started"], times["composed"], times["trained"]
     finished = [cell for cell in todo if cell.outcome.error is None]  # type: ignore[union-attr]
-    errors = [DivergenceError(*cell.outcome.error) for cell in todo if cell.outcome.error is not None]  # type: ignore[union-attr]
-    returns = _grid_returns(cells, job_overrides)
-    if not todo:
-        return returns
+    errors = [cell.outcome.error for cell in todo if cell.outcome.error is not None]  # type: ignore[union-attr]
     sweep_dir = first.sweep_dir
     sweep_dir.mkdir(parents=True, exist_ok=True)
     run_id = None
@@ -800,7 +832,7 @@ def launch_grid(
         (sweep_dir / FAILURES).write_text(
             json.dumps(
                 [
-                    {"job": cell.position, "cell": cell.name, "error": cell.outcome.error[0]}  # type: ignore[union-attr]
+                    {"job": cell.position, "cell": cell.name, "error": str(cell.outcome.error)}  # type: ignore[union-attr]
                     for cell in todo
                     if cell.outcome.error is not None
                 ],
@@ -858,10 +890,6 @@ def launch_grid(
         trained - composed,
         time.perf_counter() - trained,
     )
-    raise_failures(errors, len(job_overrides))
-    for cell in todo:
-        returns[cell.position].return_value = _best_final(cell.outcome.finals)  # type: ignore[union-attr]
-    return returns
 
 
 def _grid_returns(cells: list[GridCell], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
@@ -919,11 +947,11 @@ def _track_samples(
             raise RuntimeError(f"grid cell {pick.position} differs from its full config's cell: {job.cell} vs {pick.cell}")
         sampled.append(job)
     cells = [job.cell for job in sampled]
-    results: list[Any] = [None] * len(cells)
-    for chunk in iter_chunks(cells, chunk_map=chunk_map(executor, submitit or {}, cells)):
-        for index, result in chunk:
-            results[index] = result
-    for job, result in zip(sampled, results):
-        track_pipeline(job, result, "full")
-        job.tracker.set_tags({STAGE_TAG: "grid_sample", PARENT_RUN_TAG: grid_run_id})
-    writer.write([job.tracker for job in sampled])
+    recorder = RunsRecorder(sampled, {}, tags={STAGE_TAG: "grid_sample", PARENT_RUN_TAG: grid_run_id})
+    drive(
+        [PipelineJob(job.spec, cell=job.cell) for job in sampled],
+        GramEngine(),
+        recorder,
+        history="full",
+        chunk_map=chunk_map(executor, submitit or {}, cells),
+    )

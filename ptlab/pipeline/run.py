@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,18 @@ from ptlab.config import IMAGE_TASKS, ConfigError, LoggerSchema
 from ptlab.context import JobContext, job_context
 from ptlab.devices import job_device
 from ptlab.distributed import is_global_zero
-from ptlab.engines.base import Engine, StageResult
+from ptlab.engines.base import Engine, PipelineJob, PipelineResult, Recipe
 from ptlab.paths import preset_description
-from ptlab.pipeline.record import cell_name, format_table, open_pipeline, pipeline_tags, record_pipeline, used_params
+from ptlab.pipeline.driver import drive
+from ptlab.pipeline.record import (
+    cell_name,
+    format_table,
+    open_pipeline,
+    pipeline_tags,
+    record_pipeline,
+    record_trained,
+    used_params,
+)
 from ptlab.pipeline.resume import config_hash, should_skip_finished, skip_if_finished
 from ptlab.registry import Registry
 from ptlab.spec import PipelineSpec, parse
@@ -33,16 +42,15 @@ from ptlab.tracking.background import BackgroundTracker, runs_in_background
 from ptlab.tracking.base import NullTracker, Tracker
 from ptlab.tracking.faults import prepare_sqlite_store, signal_exits_as_terminated, signals_as_interrupt
 
-StageRunner = Callable[[PipelineSpec, Engine, Tracker], "tuple[dict[str, StageResult], dict[str, Any]]"]
-
 log = logging.getLogger("ptlab")
 """Hydra writes this logger to each job's ``ptlab.log``: what ran, each stage, the result."""
 
-STAGE_RUNNERS: Registry[StageRunner] = Registry("task.name")
-"""Stage runners by ``task.name`` (image runners load Lightning and torchvision only when used)."""
-STAGE_RUNNERS.add("synthetic", "ptlab.pipeline.synthetic:run_synthetic")
+RECIPES: Registry[Recipe] = Registry("task.name")
+"""The recipes of the tasks (``ptlab.engines.base.Recipe``), by ``task.name``: what trains a pipeline stage by stage
+(the image recipe loads Lightning and torchvision only when used)."""
+RECIPES.add("synthetic", "ptlab.pipeline.synthetic:run_synthetic")
 for _name in IMAGE_TASKS:
-    STAGE_RUNNERS.add(_name, "ptlab.pipeline.images:run_images")
+    RECIPES.add(_name, "ptlab.pipeline.images:run_images")
 
 
 def figure_title(spec: PipelineSpec) -> str:
@@ -156,9 +164,79 @@ def config_lock(spec: PipelineSpec, digest: str, context: JobContext) -> Iterato
         ) from None
 
 
+def recipe_for(spec: PipelineSpec) -> Recipe | None:
+    """The recipe that trains ``spec`` stage by stage, or ``None`` where its engine trains it whole: the gram engine
+    draws response-space test sets and gram sampling as one law for the whole pipeline (no d-space vectors), so it
+    trains such a pipeline as one cell, as in a batched sweep."""
+    from ptlab.pipeline.synthetic import needs_whole_cell
+
+    if spec.engine_name == "gram" and needs_whole_cell(spec.task):
+        return None
+    return RECIPES.get(spec.task.name)
+
+
+class LiveRecorder:
+    """The single run's ``Recorder``: one job tracked live on the run's own tracker (a recipe tracks each stage as it
+    ends; a pipeline the engine trained whole is tracked when it comes back), then the summary and its file."""
+
+    def __init__(self, spec: PipelineSpec, tracker: Tracker, output_dir: Path, choices: dict[str, str]) -> None:
+        self.spec, self.tracker, self.output_dir, self.choices = spec, tracker, output_dir, choices
+        self.theory: Any = None
+        self.summary: dict[str, Any] = {}
+
+    def finished(self, index: int) -> bool:
+        return False  # run_pipeline skips a finished config under its lock, before the tracker opens
+
+    def open(self, index: int) -> Tracker:
+        spec = self.spec
+        if spec.synthetic:
+            from ptlab.theory import predict_from_spec
+
+            self.theory = predict_from_spec(spec)
+        resolved = dict(spec.resolved)
+        open_pipeline(self.tracker, used_params(resolved), OmegaConf.to_yaml(resolved), self.theory)
+        return self.tracker
+
+    def record(self, index: int, result: PipelineResult) -> None:
+        if result.error is not None and result.tracked:
+            raise result.error  # its stage's child run is open: the tracker closes it FAILED with the error
+        extra = dict(result.extra)
+        if not result.tracked:
+            if result.scores is not None:
+                from ptlab.pipeline.transferability import record_scores
+
+                extra["transferability"] = record_scores(self.tracker, result.scores)
+            record_trained(self.tracker, result.stages, result.error)
+        spec = self.spec
+        if is_global_zero() and not spec.synthetic:
+            from ptlab.pipeline.checkpoints import discard_checkpoints
+
+            discard_checkpoints(spec)
+        draw = spec.synthetic and spec.logger.figures
+        self.summary = record_pipeline(
+            self.tracker,
+            result.stages,
+            self.output_dir,
+            spec.seed,
+            self.choices,
+            self.theory,
+            extra,
+            figure_title=figure_title(spec) if draw else None,
+            write_file=is_global_zero(),
+        )
+
+    def flush(self) -> None:
+        return None
+
+    def abandon(self, status: str) -> None:
+        return None  # the run's tracker, open around the drive, ends its runs with the error
+
+    def close(self) -> None:
+        return None
+
+
 def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: JobContext) -> dict[str, Any]:
-    """The pipeline between opening its runs and writing its summary."""
-    runner = STAGE_RUNNERS.get(spec.task.name)
+    """The pipeline between opening its runs and writing its summary: one job through the driver."""
     engine = make_engine(spec)
     log.info(
         "%s: task=%s engine=%s, experiment %s",
@@ -175,27 +253,6 @@ def _run_tracked(spec: PipelineSpec, output_dir: Path, digest: str, context: Job
         in_background(spec, context),
     )
     with job_device(spec, context.multirun) as spec, signals_as_interrupt(), tracker, signal_exits_as_terminated():
-        theory = None
-        if spec.synthetic:
-            from ptlab.theory import predict_from_spec
-
-            theory = predict_from_spec(spec)
-        resolved = dict(spec.resolved)
-        open_pipeline(tracker, used_params(resolved), OmegaConf.to_yaml(resolved), theory)
-        stages, extra = runner(spec, engine, tracker)
-        if is_global_zero() and not spec.synthetic:
-            from ptlab.pipeline.checkpoints import discard_checkpoints
-
-            discard_checkpoints(spec)
-        draw = spec.synthetic and spec.logger.figures
-        return record_pipeline(
-            tracker,
-            stages,
-            output_dir,
-            spec.seed,
-            context.choices,
-            theory,
-            extra,
-            figure_title=figure_title(spec) if draw else None,
-            write_file=is_global_zero(),
-        )
+        recorder = LiveRecorder(spec, tracker, output_dir, context.choices)
+        drive([PipelineJob(spec, recipe=recipe_for(spec))], engine, recorder)
+        return recorder.summary

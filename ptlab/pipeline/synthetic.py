@@ -22,7 +22,7 @@ from ptlab.models.factory import build_model as build_seeded_model
 from ptlab.modules.regularizers import Regularizer
 from ptlab.pipeline import transferability
 from ptlab.pipeline.cache import cached_upstream
-from ptlab.pipeline.record import record_stage, record_trained
+from ptlab.pipeline.record import record_stage
 from ptlab.seeding import derive_seed
 from ptlab.spec import PipelineSpec
 from ptlab.tracking.base import Tracker
@@ -89,36 +89,15 @@ def train_and_record(engine: Engine, tracker: Tracker, stage: Stage) -> StageRes
 def needs_whole_cell(task: SyntheticTaskSchema) -> bool:
     """Response-space test sets and gram sampling draw one law for the whole pipeline (the test responses of
     transfer and scratch in one draw; no d-space vectors at all), so the gram engine trains such a pipeline as one
-    cell (``ptlab.engines.gram.run_cells``), as the batched launcher does."""
+    cell (``GramEngine.run``), as in a batched sweep; ``ptlab.pipeline.run.recipe_for``."""
     return task.test_space == "response" or task.sampling == "gram"
-
-
-def run_whole_cell(spec: PipelineSpec, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
-    """The pipeline as one gram-engine cell, each stage tracked on its child run (no upstream cache); the cell's
-    transferability scores, when it has them, as the summary's extra entry."""
-    from ptlab.engines.gram import GramCell, run_cells
-
-    started = time.perf_counter()
-    result = run_cells([GramCell.from_spec(spec)])[0]
-    extra = (
-        {"transferability": transferability.record_scores(tracker, result.transferability)}
-        if result.transferability is not None
-        else {}
-    )
-    stages = record_trained(tracker, result.stage_results(), result.divergence())
-    log.info(
-        "pipeline trained as one gram cell in %.1f s: %s",
-        time.perf_counter() - started,
-        ", ".join(f"{name} test_acc {stage.final['test_acc']:.4f}" for name, stage in stages.items()),
-    )
-    return stages, extra
 
 
 def run_synthetic(spec: PipelineSpec, engine: Engine, tracker: Tracker) -> tuple[dict[str, StageResult], dict[str, Any]]:
     """Algorithms 1 and 2 on one seed; returns the trained stages and the ``transferability`` scores (taken after the
     transfer, before downstream training; ``ptlab.pipeline.transferability``)."""
     if engine.name == "gram" and needs_whole_cell(spec.task):
-        return run_whole_cell(spec, tracker)
+        raise ValueError("this pipeline has no stage-by-stage gram recipe: the gram engine trains it whole (Engine.run)")
     data = make_data(spec)
     train = spec.train
     scratch_steps = scratch_length(train.upstream_steps, train.downstream_steps, train.scratch_budget)

@@ -14,7 +14,8 @@ One module per job:
 - ``draws``: a data group's data and inits (d-space, response-space test sets, gram sampling) as Gram matrices;
 - ``batching``: grouping cells by shape and data, step blocks, the transfer plan of a chunk, worker processes;
 - ``results``: ``GramStage`` / ``GramResult``, curves, rebuilt weights, the divergence check;
-- ``engine``: ``GramEngine``, the ``Engine`` adapter.
+- ``regularize``: a regulariser as the kernel's per-filter fields;
+- ``engine``: ``GramEngine``, the ``Engine`` adapter (``run``: pipelines, batched; ``train_stage``: one stage).
 """
 
 from ptlab.engines.gram.batching import iter_chunks, run_cells

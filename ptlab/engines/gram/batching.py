@@ -26,8 +26,8 @@ from torch import Tensor
 from ptlab.data.synthetic import DTYPES
 from ptlab.engines.gram.cell import GramCell, resolve_device
 from ptlab.engines.gram.draws import Group, prepare_group
-from ptlab.engines.gram.engine import drop_neutral, filter_regularizer
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
+from ptlab.engines.gram.regularize import drop_neutral, filter_regularizer
 from ptlab.engines.gram.results import GramResult, GramStage, kept_steps, on_cpu
 from ptlab.engines.gram.scores import cell_scores
 from ptlab.engines.gram.workers import worker_pool

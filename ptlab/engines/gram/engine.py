@@ -4,20 +4,25 @@ the steps run on the engine's device, and what comes back (weights, curves) is o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ptlab.config import GRAM_DEVICES, device_choice
 from ptlab.data.synthetic import ResponseTestSet
-from ptlab.engines.base import Stage, StageResult
-from ptlab.engines.gram.cell import resolve_device
+from ptlab.engines.base import PipelineJob, PipelineResult, Stage, StageResult, run_recipe
+from ptlab.engines.gram.cell import GramCell, resolve_device
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
-from ptlab.engines.gram.results import GramStage, check_loss, on_cpu
+from ptlab.engines.gram.regularize import regularizer_inputs
+from ptlab.engines.gram.results import GramResult, GramStage, check_loss, on_cpu
 from ptlab.modules.decomposition import SIGNALS
-from ptlab.modules.regularizers import Regularizer
+
+if TYPE_CHECKING:
+    from ptlab.engines.gram.batching import ChunkMap
 
 
 class GramEngine:
@@ -33,6 +38,41 @@ class GramEngine:
         if choice not in GRAM_DEVICES:
             raise ValueError(f"engine.device={device!r} is not allowed: must be one of {', '.join(GRAM_DEVICES)}")
         self.device = resolve_device(choice)
+
+    def run(
+        self,
+        jobs: Sequence[PipelineJob],
+        history: str = "full",
+        max_cells: int = 60,
+        workers: int = 1,
+        chunk_map: ChunkMap | None = None,
+        keep_curves: bool = True,
+        record_coefficients: bool = False,
+    ) -> Iterator[list[tuple[int, PipelineResult]]]:
+        """Jobs with a recipe one by one through it (stage by stage: the upstream cache, live curves); the others as
+        cells (``job.cell`` or the spec's ``GramCell``) batched in chunks (``iter_chunks``: ``max_cells``, ``workers``,
+        ``chunk_map``), each yielded as its chunk comes back. ``history``: the curve points kept; ``keep_curves=False``:
+        none but the finals cross back from the workers (a grid)."""
+        for index, job in enumerate(jobs):
+            if job.recipe is not None:
+                yield [(index, run_recipe(self, job))]
+        batched = [index for index, job in enumerate(jobs) if job.recipe is None]
+        if not batched:
+            return
+        from ptlab.engines.gram.batching import iter_chunks  # batching imports this module
+
+        cells = [jobs[i].cell if jobs[i].cell is not None else GramCell.from_spec(jobs[i].spec) for i in batched]
+        summarize = functools.partial(pipeline_result, history=history, keep_curves=keep_curves)
+        for chunk in iter_chunks(
+            cells,
+            max_cells,
+            record_coefficients,
+            workers=workers,
+            summarize=summarize,
+            chunk_map=chunk_map,
+            history=history,
+        ):
+            yield [(batched[position], result) for position, result in chunk]
 
     def train_stage(self, stage: Stage) -> StageResult:
         model = stage.model
@@ -125,40 +165,11 @@ class GramEngine:
         return trained.result(plan=plan, model=model)
 
 
-def regularizer_inputs(
-    regularizer: Regularizer | None, inherited: Tensor | None, steps: int, dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """The ``StageInputs`` fields of one cell's regulariser (``ptlab.modules.regularizers``) over its filters, with
-    ``inherited`` (2m,) the filters the transfer copied; no fields (no regulariser) for ``None``."""
-    if regularizer is None or inherited is None or not regularizer.active:
-        return {}
-    return drop_neutral(
-        {key: value[None, None] for key, value in filter_regularizer(regularizer, inherited, steps, dtype).items()}
-    )
-
-
-def drop_neutral(fields: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``fields`` without the step multiplier when it is 1 wherever it applies, and without the penalty when every
-    kappa is 0 (the kernel then skips that work; the result is the same bit for bit)."""
-    out = dict(fields)
-    if bool(((out["step_scale"] == 1) | (out["scale_until"] <= 0)[..., None]).all()):
-        del out["step_scale"], out["scale_until"]
-    if not bool(out["decay"].any()):
-        del out["decay"], out["anchored"]
-    return out
-
-
-def filter_regularizer(regularizer: Regularizer, inherited: Tensor, steps: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A regulariser as per-filter tensors (shapes (Fm,), ``scale_until`` ()): ``step_scale``, ``scale_until``,
-    ``decay``, ``anchored`` (see ``StageInputs``). Neutral values (multiplier 1, kappa 0) do nothing, exactly."""
-    one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
-    multiplier = torch.tensor(regularizer.multiplier(0), dtype=dtype)
-    until = regularizer.k if regularizer.name == "freeze" else (steps if regularizer.name == "lr_scale" else 0)
-    lam = torch.tensor(regularizer.anchor_coefficient, dtype=dtype)
-    decay = torch.tensor(regularizer.decay_coefficient, dtype=dtype)
-    return {
-        "step_scale": torch.where(inherited, multiplier, one),
-        "scale_until": torch.tensor(min(until, steps)),
-        "decay": torch.where(inherited, lam, decay),
-        "anchored": torch.where(inherited, one, zero),
-    }
+def pipeline_result(result: GramResult, history: str = "full", keep_curves: bool = True) -> PipelineResult:
+    """A trained cell as the driver takes it (run in the worker: only this crosses back): its stages as ``history``
+    keeps their curves (none with ``keep_curves=False``), its transferability scores and its divergence."""
+    error = result.divergence()
+    stages = result.stage_results(history)
+    if not keep_curves:
+        stages = {name: dataclasses.replace(stage, curves={}) for name, stage in stages.items()}
+    return PipelineResult(stages, error=error, scores=result.transferability)
