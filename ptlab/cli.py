@@ -38,11 +38,11 @@ from omegaconf.errors import OmegaConfBaseException
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
 from ptlab.checks import check_paths
+from ptlab.compose import Composer
 from ptlab.config import (
     ConfigError,
     check_gram_cells,
     check_trainer_overrides,
-    is_value_override,
     register_configs,
     validate,
 )
@@ -204,34 +204,17 @@ def with_preset_sweeps(overrides: list[str]) -> list[str]:
 def job_configs(
     jobs: list[list[str]], multirun: bool, first_composed: DictConfig | None = None
 ) -> Iterator[tuple[DictConfig, str]]:
-    """``compose_job`` of each override list; a list that differs from the first only in plain ``key=value``
-    overrides (``is_value_override``) is the first one's config with those values set, without a Hydra compose
-    (about 0.25 s each: the 100 sweep values of kou2023 took about 15 s). ``first_composed``: ``_compose(jobs[0])``
-    when the caller has it already."""
-    parser = OverridesParser.create()
-    first: tuple[DictConfig, str, list[str]] | None = None  # composed (with hydra), output dir, non-value overrides
-
-    def split(parsed: list[Override], composed: DictConfig) -> tuple[list[Override], list[str]]:
-        values = [o for o in parsed if is_value_override(o, composed)]
-        return values, [o.input_line for o in parsed if o not in values]
-
-    for job in jobs:
-        parsed = parser.parse_overrides(job)
-        values, others = split(parsed, first[0]) if first is not None else ([], [])
-        if first is not None and others == first[2]:
-            composed, output_dir = first[0], first[1]
-        else:
-            composed = first_composed if first is None and first_composed is not None else _compose(job)
-            values = []
-            HydraConfig().set_config(composed)
-            output_dir = str(composed.hydra.sweep.dir if multirun else composed.hydra.run.dir)
-            if first is None:
-                first = (composed, output_dir, split(parsed, composed)[1])
-        cfg = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
-        with open_dict(cfg):
-            for override in values:
-                OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
-        yield cfg, output_dir
+    """``compose_job`` of each override list, through the one composer (``ptlab.compose``: Hydra composes a template
+    once, a job sets its plain values on it; the 100 sweep values of kou2023 took about 15 s composed one by one).
+    ``first_composed``: ``_compose(jobs[0])`` when the caller has it already."""
+    composer = Composer(_compose, first_composed)
+    current = None
+    for overrides in jobs:
+        job = composer.job(overrides)
+        if job.config is not current:
+            current = job.config
+            HydraConfig().set_config(current)
+        yield composer.job_config(job), str(current.hydra.sweep.dir if multirun else current.hydra.run.dir)
 
 
 FREE_FORM_KEYS = ("hydra.", "trainer.", "model.options.", "upstream_model.options.", "transfer.selection.")
@@ -341,34 +324,22 @@ def check_submitit_options(options: DictConfig) -> None:
 
 
 def grid_templates(sweeps: list[list[str]], first_job: list[str], first: DictConfig) -> Iterator[tuple[DictConfig, list[str]]]:
-    """Each template of the sweeps (override lists, sweeps included) as the batched launcher builds them
-    (``ptlab.pipeline.batched``: one per combination of the values of the swept overrides that are not plain
-    values), composed once, with the keys of its value overrides; ``first``: the composed ``first_job``."""
-    parser = OverridesParser.create()
-    is_value: dict[str, bool] = {}
-
-    def key(job: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        for line in job:
-            if line not in is_value:
-                is_value[line] = is_value_override(parser.parse_overrides([line])[0], first)
-        return (
-            tuple(sorted(line for line in job if not is_value[line])),
-            tuple(sorted(line.split("=", 1)[0] for line in job if is_value[line])),
-        )
-
-    seen = {key(first_job)}
-    yield first, list(key(first_job)[1])
+    """Each template of the sweeps (override lists, sweeps included) as the batched launcher builds them (the one
+    composer, ``ptlab.compose``: one per combination of the values of the swept overrides that are not plain values),
+    composed once, with the keys of its value overrides; ``first``: the composed ``first_job``."""
+    composer = Composer(_compose, first)
+    job = composer.job(first_job)
+    yield job.config, list(job.key[1])
     for overrides in sweeps:
-        parsed = parser.parse_overrides(overrides)
+        parsed = composer.parser.parse_overrides(overrides)
         lines = [
             [_single_valued(o, v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line] for o in parsed
         ]
-        plain = [key([values[0]])[1] != () for values in lines]  # a plain value: its values share the template
+        plain = [composer.key([values[0]])[2][1] != () for values in lines]  # a plain value: its values share the template
         for combination in itertools.product(*([values[0]] if value else values for values, value in zip(lines, plain))):
-            job = list(combination)
-            if key(job) not in seen:
-                seen.add(key(job))
-                yield _compose(job), list(key(job)[1])
+            job = composer.job(list(combination))
+            if job.composed:
+                yield job.config, list(job.key[1])
 
 
 def check_grid_layout(sweeps: list[list[str]], first_job: list[str], first: DictConfig) -> None:

@@ -1,5 +1,5 @@
 """One registry mechanism for every pluggable part of ptlab (selection strategies, transfer adapters,
-stage runners, report renderers).
+recipes, report renderers).
 
 An entry is an object or a lazy ``"module:attribute"`` reference, resolved on first use, so a registry
 can list its names (for the config schema and for error messages) without importing the heavy

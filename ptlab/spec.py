@@ -1,7 +1,7 @@
 """The typed pipeline spec: a composed config parsed once, at the boundary, into read-only typed parts.
 
 The CLI and the launchers compose a ``DictConfig``; ``parse`` checks it (``ptlab.config.validate``) and turns it
-into a ``PipelineSpec``. Everything below them (the driver, the stage runners, the engines, the upstream cache,
+into a ``PipelineSpec``. Everything below them (the driver, the recipes, the engines, the upstream cache,
 the theory) reads the spec: each group is an instance of its schema (``ptlab.config``: a ``SyntheticTaskSchema``,
 a ``TrainSchema``, ...), read-only once parsed, and ``resolved`` is the resolved config as plain containers (what
 the config hash, the logged params and the run's config.yaml are made of). A sweep that sets values on a resolved

@@ -192,6 +192,7 @@ LAYERS: dict[str, set[str]] = {
     },
     "ptlab.config": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.paths", "ptlab.checks", "ptlab.transfer.selection"},
     "ptlab.spec": {"ptlab.config", "ptlab.errors"},
+    "ptlab.compose": {"ptlab.config", "ptlab.errors"},
     "ptlab.theory": {"ptlab.config", "ptlab.spec", "ptlab.errors", "ptlab.paths", "ptlab.phase"},
     "ptlab.data": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding", "ptlab.config"},
     "ptlab.transfer": {"ptlab.models", "ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},

@@ -1,16 +1,18 @@
 """A whole Hydra sweep of ``engine=gram`` synthetic pipelines in one process (the ``ptlab_gram`` launcher).
 
-Every job is tracked by the same code as ``run_pipeline`` (``ptlab.pipeline.record``): its sweep
+The launcher turns overrides into jobs and picks a recorder; the driver (``ptlab.pipeline.driver.drive``) does the
+rest, as for a single run. Every job is tracked by the same code as ``run_pipeline`` (``ptlab.pipeline.record``): its sweep
 subdir with ``summary.json`` (and ``.hydra/config.yaml``, ``overrides.yaml``), a FINISHED MLflow parent
 run with the resolved config as params, ``config.yaml``/``summary.json`` artifacts, the theory's
 prediction and the final metrics, and a child run per stage with its curves and the transfer plan.
 One artifact is skipped: ``decomposition.png`` (0.25 s a cell to draw, longer than the cell's
 training; the curves it draws are in every child run). What changes is the cost:
 
-- Composition: Hydra composes one job per distinct set of group choices (a template, ~0.3 s); each
+- Composition (``ptlab.compose``, the preflight's composer too): Hydra composes one job per distinct set of group
+  choices (a template, ~0.3 s); each
   distinct ``key=value`` override is applied and validated once with OmegaConf, and a job is the
   template's resolved container with its values set (about 5 ms a job instead of ~250 ms).
-- Training: all cells run through ``ptlab.engines.gram.iter_chunks``, batched by shape, in
+- Training: all cells run through ``GramEngine.run`` (``iter_chunks``), batched by shape, in
   single-threaded worker processes (``workers``, default: torch's thread count).
 - Tracking: pipelines are recorded in a ``MemoryTracker`` and written per chunk by ``run_writer``'s writer (direct
   SQL rows into a local SQLite store, MLflow's public client into any other). ``history``
@@ -63,14 +65,14 @@ import torch
 import yaml
 from hydra._internal.config_loader_impl import get_overrides_dirname  # private: how Hydra names a job's overrides
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
-from ptlab.config import ConfigError, is_value_override, validate
+from ptlab.compose import Composer
+from ptlab.config import ConfigError, validate
 from ptlab.engines.base import PipelineJob, PipelineResult
 from ptlab.engines.gram import HISTORIES, GramCell, GramEngine
 from ptlab.engines.gram.batching import ChunkMap
@@ -358,46 +360,25 @@ def _return(job: SweepJob, status: JobStatus, value: Any) -> JobReturn:
 
 
 class _Jobs:
-    """Job configs of a sweep: one Hydra composition per template, the rest by value overrides."""
+    """Job configs of a sweep through the one composer (``ptlab.compose``: one Hydra composition per template, the
+    rest by value overrides), each template wrapped once in a ``_Template``."""
 
     def __init__(self, hydra_context: HydraContext, config: DictConfig) -> None:
-        self.loader, self.config = hydra_context.config_loader, config
-        self.parser = OverridesParser.create()
+        self.composer = Composer(lambda overrides: hydra_context.config_loader.load_sweep_config(config, overrides))
         self.templates: dict[tuple, _Template] = {}
-        self.probe: DictConfig | None = None
         self.current: _Template | None = None
-        self.parsed: dict[str, Override] = {}
-        self.is_value: dict[str, bool] = {}
-
-    def parse(self, line: str) -> Override:
-        """One override, parsed once per distinct text (Hydra's parser costs ~0.1 ms an override)."""
-        if line not in self.parsed:
-            self.parsed[line] = self.parser.parse_overrides([line])[0]
-        return self.parsed[line]
 
     def template(self, overrides: list[str]) -> tuple[_Template, list[Override], list[Override]]:
         """The template of ``overrides`` (composed on first use), the parsed overrides and the value ones."""
-        parsed = [self.parse(line) for line in overrides]
-        composed = None
-        if self.probe is None:
-            composed = self.probe = self.loader.load_sweep_config(self.config, overrides)
-        for override in parsed:
-            if override.input_line not in self.is_value:
-                self.is_value[override.input_line] = is_value_override(override, self.probe)
-        values = [o for o in parsed if self.is_value[o.input_line]]
-        value_lines = {o.input_line for o in values}
-        key = (
-            tuple(sorted(o.input_line for o in parsed if o.input_line not in value_lines)),
-            tuple(sorted(o.key_or_group for o in values)),
-        )
-        if key not in self.templates:
-            self.templates[key] = _Template(composed or self.loader.load_sweep_config(self.config, overrides), key[1])
-            self.current = self.templates[key]
-        template = self.templates[key]
+        job = self.composer.job(overrides)
+        if job.key not in self.templates:
+            self.templates[job.key] = _Template(job.config, job.key[1])
+            self.current = self.templates[job.key]
+        template = self.templates[job.key]
         if template is not self.current:
             HydraConfig.instance().set_config(template.config)
             self.current = template
-        return template, parsed, values
+        return template, job.parsed, job.values
 
 
 def _build_job(

@@ -19,7 +19,7 @@ Reusable API (any ``nn.Module`` classifier, e.g. a timm ViT, plugs in through Hy
   (accuracies in eval mode after training), tracked by ``ptlab.pipeline.record.record_stage``.
 - ``check_transfer_pair(spec, upstream, downstream)``: plans the transfer on the fresh models before
   any training; a pair with nothing to match stops the run with one ``ConfigError`` line.
-- ``run_images(spec, engine, tracker)``: the stage runner registered in ``ptlab.pipeline.run.STAGE_RUNNERS``.
+- ``run_images(spec, engine, tracker)``: the image recipe registered in ``ptlab.pipeline.run.RECIPES``.
   ``train.upstream_epochs=0`` skips upstream training (the upstream model is used as built, e.g.
   from ``weights_path``). The transfer stage's ``plan`` is a list of ``PlanRow`` dicts, printed,
   logged as ``transfer_plan.json`` / ``transfer_plan.md`` on the transfer child run, and returned.

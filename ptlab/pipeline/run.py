@@ -2,8 +2,9 @@
 
 The config is parsed once, here at the top, into a ``PipelineSpec`` (``ptlab.spec``); objects are built from it
 (``hydra.utils.instantiate``: the engine from ``conf/engine``; the tracker from ``logger``; models inside the
-stage runner) and handed down with the parts of the spec they read; the stage runner of the task trains the
-stages, ``ptlab.pipeline.record`` tracks them and writes the summary.
+recipe) and handed down with the parts of the spec they read. Its one job goes through the driver
+(``ptlab.pipeline.driver.drive``) with a ``LiveRecorder``: the engine trains it (the task's recipe, stage by stage,
+or whole), ``ptlab.pipeline.record`` tracks it and writes the summary.
 """
 
 from __future__ import annotations
