@@ -1,0 +1,127 @@
+"""The one driver's contract (``ptlab.pipeline.driver.drive``) on a scripted engine and recorder, and the gram engine's
+pipeline interface (``GramEngine.run``) against its batched core."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from ptlab.engines.base import PipelineJob, PipelineResult, StageResult
+from ptlab.errors import DivergenceError
+from ptlab.pipeline.driver import drive
+
+
+def stages(acc: float) -> dict[str, StageResult]:
+    return {name: StageResult(name, None, {"train_acc": acc, "test_acc": acc, "train_loss": 0.1}) for name in ("scratch",)}
+
+
+class ScriptedEngine:
+    """Yields the scripted results in batches of ``batch``; ``stop_after``: raise KeyboardInterrupt after that many."""
+
+    name = "scripted"
+
+    def __init__(self, results: dict[int, PipelineResult], batch: int = 2, stop_after: int | None = None) -> None:
+        self.results, self.batch, self.stop_after = results, batch, stop_after
+        self.seen: list[PipelineJob] = []
+
+    def train_stage(self, stage: Any) -> StageResult:
+        raise NotImplementedError
+
+    def run(self, jobs: Sequence[PipelineJob], **options: Any) -> Iterator[list[tuple[int, PipelineResult]]]:
+        self.seen = list(jobs)
+        self.options = options
+        out = [(i, self.results[job.spec]) for i, job in enumerate(jobs)]
+        for start in range(0, len(out), self.batch):
+            if self.stop_after is not None and start >= self.stop_after:
+                raise KeyboardInterrupt
+            yield out[start : start + self.batch]
+
+
+class ListRecorder:
+    def __init__(self, done: set[int]) -> None:
+        self.done, self.events = done, []
+
+    def finished(self, index: int) -> bool:
+        return index in self.done
+
+    def open(self, index: int) -> str:
+        self.events.append(("open", index))
+        return f"tracker{index}"
+
+    def record(self, index: int, result: PipelineResult) -> None:
+        self.events.append(("record", index, result.error is not None))
+
+    def flush(self) -> None:
+        self.events.append(("flush",))
+
+    def abandon(self, status: str) -> None:
+        self.events.append(("abandon", status))
+
+    def close(self) -> None:
+        self.events.append(("close",))
+
+
+def test_drive_skips_finished_opens_records_flushes_and_closes() -> None:
+    results = {i: PipelineResult(stages(0.5 + i / 10)) for i in range(5)}
+    engine, recorder = ScriptedEngine(results), ListRecorder(done={1})
+    jobs = [PipelineJob(i, recipe=None if i % 2 else (lambda *a: None)) for i in range(5)]
+    assert drive(jobs, engine, recorder, history="last") == [0, 2, 3, 4]
+    assert [job.spec for job in engine.seen] == [0, 2, 3, 4] and engine.options == {"history": "last"}
+    # a recipe job gets its tracker (the recipe tracks live into it); a batched job none (recorded afterwards)
+    assert [job.tracker for job in engine.seen] == ["tracker0", "tracker2", None, "tracker4"]
+    assert recorder.events == [
+        ("open", 0), ("open", 2), ("open", 3), ("open", 4),
+        ("record", 0, False), ("record", 2, False), ("flush",),
+        ("record", 3, False), ("record", 4, False), ("flush",),
+        ("close",),
+    ]  # fmt: skip
+
+
+def test_a_diverged_pipeline_is_recorded_the_others_kept_and_the_command_fails_in_one_line() -> None:
+    error = DivergenceError("stage transfer diverged at step 3: the loss is inf; lower train.lr", "transfer")
+    results = {0: PipelineResult(stages(0.9)), 1: PipelineResult({}, error=error), 2: PipelineResult({}, error=error)}
+    recorder = ListRecorder(done=set())
+    with pytest.raises(SystemExit) as stop:
+        drive([PipelineJob(i) for i in range(3)], ScriptedEngine(results, batch=3), recorder)
+    assert str(stop.value.code) == f"ptlab: {error} (2 of 3 cells failed)"
+    assert ("record", 0, False) in recorder.events and ("record", 1, True) in recorder.events
+    assert recorder.events[-1] == ("close",)  # the layout wrote what it writes, failed cells included
+
+
+def test_a_stopped_drive_abandons_the_open_records_as_killed() -> None:
+    results = {i: PipelineResult(stages(0.5)) for i in range(4)}
+    recorder = ListRecorder(done=set())
+    with pytest.raises(KeyboardInterrupt):
+        drive([PipelineJob(i) for i in range(4)], ScriptedEngine(results, batch=2, stop_after=2), recorder)
+    assert recorder.events[-1] == ("abandon", "KILLED") and ("close",) not in recorder.events
+
+
+def test_divergence_errors_cross_processes_with_their_stage() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DivergenceError("at step 2: the loss is nan", "upstream")))
+    assert isinstance(error, DivergenceError) and error.stage == "upstream" and str(error) == "at step 2: the loss is nan"
+
+
+def test_gram_engine_run_gives_the_batched_cells_results(make_cfg) -> None:
+    """``GramEngine.run`` on spec jobs and on cell jobs (a grid's) equals ``run_cells``, stage by stage, in every
+    history; workers make the same results."""
+    from ptlab.engines.gram import GramCell, GramEngine, run_cells
+    from ptlab.spec import parse
+
+    specs = [parse(make_cfg("logger=none", f"seed={seed}", f"transfer.alpha={alpha}")) for seed, alpha in ((0, 0.5), (1, 0.25))]
+    cells = [GramCell.from_spec(spec) for spec in specs]
+    direct = run_cells(cells)
+    for history in ("full", "last"):
+        for jobs in ([PipelineJob(spec) for spec in specs], [PipelineJob(None, cell=cell) for cell in cells]):
+            got = dict(pair for batch in GramEngine().run(jobs, history=history, workers=2) for pair in batch)
+            assert sorted(got) == [0, 1]
+            for index, result in got.items():
+                assert result.error is None and not result.tracked
+                assert result.scores == direct[index].transferability
+                expected = direct[index].stage_results(history)
+                assert result.stages.keys() == expected.keys()
+                for name, stage in expected.items():
+                    assert result.stages[name].final == stage.final and result.stages[name].curves == stage.curves
