@@ -17,7 +17,6 @@ the upstream stage's norms and responses, and every result comes back on the CPU
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -61,6 +60,15 @@ def _signal_views(cell: GramCell, responses: Tensor, y2: Tensor, c2: Tensor) -> 
     return views
 
 
+class FilterNorms(torch.nn.Module):
+    """The two-layer CNN as a plan sees it in coefficient space: each filter (2, m, 1) is its norm (the weights stay
+    coefficients; the norm is all that the strategies the gram engine allows read of them)."""
+
+    def __init__(self, norms: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", norms[..., None])
+
+
 def _plan(
     cell: GramCell,
     upstream_norms: Tensor,
@@ -72,7 +80,7 @@ def _plan(
     (``views``: ``signal``, ``task2_alignment``) or not at all, so it is made on (2, m, 1) stand-ins
     holding the norms, with the Lightning path's generator seed (``check_gram_engine`` refuses the rest).
     """
-    stand_in = SimpleNamespace(weight=upstream_norms[..., None])
+    stand_in = FilterNorms(upstream_norms)
     generator = torch.Generator().manual_seed(derive_seed(cell.seed, "selection"))
     select = build_strategy(cell.selection).bind(None, SelectionInputs(signal=views or {}))
     rows = TwoLayerCNNFilters().plan(stand_in, stand_in, cell.alpha, select, generator)
