@@ -13,15 +13,15 @@ class StoreError(ConfigError):
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss; the message names the stage, the step and the likely key
-    (``stage``: the stage's name, where the engine knows it)."""
+    (``stage``, ``step``, ``loss``: where the raiser knows them; ``ptlab.engines.base.diverged`` makes the line)."""
 
-    def __init__(self, message: str, stage: str | None = None) -> None:
+    def __init__(self, message: str, stage: str | None = None, step: int | None = None, loss: float | None = None) -> None:
         super().__init__(message)
-        self.stage = stage
+        self.stage, self.step, self.loss = stage, step, loss
 
-    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
-        """Pickled with its stage (a worker process sends it back)."""
-        return DivergenceError, (str(self), self.stage)
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, int | None, float | None]]:
+        """Pickled with its fields (a worker process sends it back)."""
+        return DivergenceError, (str(self), self.stage, self.step, self.loss)
 
 
 class Terminated(KeyboardInterrupt):

@@ -85,6 +85,14 @@ class StageResult:
         return out
 
 
+def diverged(stage: str, step: int, loss: float, lr: float) -> DivergenceError:
+    """The one error of a stage whose loss is not finite, for every engine and layout (a single run, a batched
+    sweep and a grid all end with this line)."""
+    return DivergenceError(
+        f"stage {stage} diverged at step {step}: the loss is {loss:g}; lower train.lr (now {lr:g})", stage, step, loss
+    )
+
+
 Recipe = Callable[["PipelineSpec", "Engine", Any], "tuple[dict[str, StageResult], dict[str, Any]]"]
 """A task's recipe (``ptlab.pipeline.run.RECIPES``): trains one pipeline stage by stage with an engine, tracking each
 stage on the given tracker as it ends; returns the stages and the summary's extra entries."""

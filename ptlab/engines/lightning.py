@@ -14,7 +14,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from ptlab.engines.base import PipelineJob, PipelineResult, Stage, StageResult, run_recipe
+from ptlab.engines.base import PipelineJob, PipelineResult, Stage, StageResult, diverged, run_recipe
 from ptlab.errors import DivergenceError
 
 
@@ -89,9 +89,7 @@ class LightningEngine:
         try:
             trainer.fit(module, datamodule=FullBatchDataModule(stage.train.x, stage.train.y, stage.steps))
         except DivergenceError as err:
-            raise DivergenceError(
-                f"stage {stage.name} diverged {err}; lower train.lr (now {stage.lr:g})", stage=stage.name
-            ) from None
+            raise diverged(stage.name, err.step, err.loss, stage.lr) from None
         restore_final(trainer, module)
         return StageResult(
             stage.name,

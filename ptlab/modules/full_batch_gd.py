@@ -85,7 +85,7 @@ class FullBatchGD(FineTunedModule, pl.LightningModule):
         margin = self.model(x)
         loss = logistic_loss(margin, y)
         if not torch.isfinite(loss):
-            raise DivergenceError(f"at step {batch_idx}: the loss is {loss.item():g}")
+            raise DivergenceError(f"at step {batch_idx}: the loss is {loss.item():g}", step=batch_idx, loss=loss.item())
         self._losses.append(loss.detach())
         if batch_idx % self.eval_every == 0:
             with torch.no_grad():

@@ -19,6 +19,7 @@ of the classifier head (any model whose last ``nn.Linear`` is its head: torchvis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +131,8 @@ def _maximise(
         if norm <= 0 or residual <= 0:
             break
         new_alpha, new_beta = gamma / norm, (n - gamma) / residual
+        if not (0 < new_alpha < math.inf and 0 < new_beta < math.inf):
+            break  # features so large (or so degenerate) that every sample is fitted: no finite optimum either
         done = abs(new_alpha / new_beta - alpha / beta) <= TOLERANCE * alpha / beta
         alpha, beta = new_alpha, new_beta
         if done:

@@ -125,3 +125,18 @@ def test_gram_engine_run_gives_the_batched_cells_results(make_cfg) -> None:
                 assert result.stages.keys() == expected.keys()
                 for name, stage in expected.items():
                     assert result.stages[name].final == stage.final and result.stages[name].curves == stage.curves
+
+
+def test_every_engine_reports_a_divergence_with_the_same_line(make_cfg, tmp_path) -> None:
+    """The Lightning and gram engines end a diverged single run with the same line (``engines.base.diverged``)."""
+    from ptlab.pipeline import run_pipeline
+    from ptlab.spec import parse
+
+    lines = {}
+    for engine in ("gram", "lightning"):
+        spec = parse(make_cfg("logger=none", "cache.enabled=false", "noise.sigma_p1=1e30", f"engine={engine}"))
+        with pytest.raises(DivergenceError) as err:
+            run_pipeline(spec, tmp_path / engine)
+        lines[engine] = str(err.value)
+        assert err.value.stage == "upstream" and err.value.step is not None
+    assert lines["gram"] == lines["lightning"] and lines["gram"].startswith("stage upstream diverged at step ")

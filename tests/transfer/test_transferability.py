@@ -73,6 +73,15 @@ def test_logme_is_the_mean_of_one_vs_rest_evidences_and_ignores_sample_order() -
     assert logme(torch.tensor(f), torch.tensor(labels) + 5) == pytest.approx(logme(f, labels), rel=1e-12)
 
 
+def test_logme_of_features_that_fit_every_sample_is_finite() -> None:
+    """More feature dimensions than samples, at the scale of a model trained with a huge step (~1e29): every sample is
+    fitted, the evidence has no finite optimum, and LogME keeps the last finite pair instead of dividing by zero
+    (found through a single run with ``train.lr=1e30``, which raised ZeroDivisionError)."""
+    rng = np.random.default_rng(3)
+    score = logme(rng.normal(size=(10, 40)) * 1e29, np.repeat([0, 1], 5))
+    assert np.isfinite(score)
+
+
 def test_logme_ranks_informative_features_above_noise() -> None:
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, size=200)

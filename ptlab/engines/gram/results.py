@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ptlab.engines.base import StageResult
+from ptlab.engines.base import StageResult, diverged
 from ptlab.engines.gram.cell import GramCell
 from ptlab.engines.gram.kernel import DECOMPOSITION_NAMES, StageOutput, eval_steps
 from ptlab.errors import DivergenceError
@@ -208,10 +208,7 @@ def divergence(
         return None
     index = int(bad[0, -1])
     step = index if steps is None else steps[index]
-    return DivergenceError(
-        f"stage {stage} diverged at step {step}: the loss is {float(loss[..., index]):g}; lower train.lr (now {lr:g})",
-        stage=stage,
-    )
+    return diverged(stage, step, float(loss[..., index]), lr)
 
 
 def check_loss(stage: str, loss: Tensor, lr: float) -> None:
