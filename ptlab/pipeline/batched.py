@@ -282,12 +282,18 @@ def track_pipeline(job: SweepJob, result: PipelineResult) -> dict[str, Any] | No
             summary = record_pipeline(tracker, result.stages, job.output_dir, job.cell.seed, job.choices, job.theory, extra)
     except DivergenceError:
         pass
+    write_hydra_files(job)
+    return summary
+
+
+def write_hydra_files(job: SweepJob) -> None:
+    """The job dir's ``.hydra/config.yaml`` and ``overrides.yaml``, as Hydra writes them for a job it runs (a job
+    skipped as finished gets them too: the sweep dir then describes this sweep, not an earlier one)."""
     hydra_dir = job.output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = job.tracker.artifact_text("config.yaml") if job.tracker is not None else _dump_yaml(job.resolved)
     (hydra_dir / "config.yaml").write_text(config_yaml)
     (hydra_dir / "overrides.yaml").write_text(_dump_yaml(job.overrides))
-    return summary
 
 
 class RunsRecorder:
@@ -306,6 +312,7 @@ class RunsRecorder:
             return False
         job.output_dir.mkdir(parents=True, exist_ok=True)
         (job.output_dir / "summary.json").write_text(json.dumps(job.summary, indent=2))
+        write_hydra_files(job)
         self.returns[job.index] = _return(job, JobStatus.COMPLETED, _best(job.summary))
         return True
 

@@ -140,3 +140,23 @@ def test_every_engine_reports_a_divergence_with_the_same_line(make_cfg, tmp_path
         lines[engine] = str(err.value)
         assert err.value.stage == "upstream" and err.value.step is not None
     assert lines["gram"] == lines["lightning"] and lines["gram"].startswith("stage upstream diverged at step ")
+
+
+def test_a_resumed_batched_sweep_counts_and_describes_every_job(tmp_path) -> None:
+    """A sweep grown by one value: the finished jobs are skipped, the new ones trained, and every job dir (skipped
+    ones too) holds this sweep's overrides, so the summary line counts all of them (a skipped job once had only its
+    summary.json, with an earlier sweep's overrides.yaml or none, and went uncounted)."""
+    import yaml
+
+    from ..conftest import SMALL, run_cli
+
+    common = ["-m", "engine=gram", "hydra/launcher=ptlab_gram", "hydra/sweeper=ptlab_batched", *SMALL]
+    common += [f"logger.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]
+    first = run_cli([*common, "transfer.alpha=0.25,0.5"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = run_cli([*common, "transfer.alpha=0.25,0.5,0.75"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "2 cells finished, 4 skipped (already finished), 0 failed" in second.stdout
+    for job, (seed, alpha) in enumerate((s, a) for s in (0, 1) for a in (0.25, 0.5, 0.75)):
+        overrides = yaml.safe_load((tmp_path / "sweep" / str(job) / ".hydra" / "overrides.yaml").read_text())
+        assert f"seed={seed}" in overrides and f"transfer.alpha={alpha}" in overrides
