@@ -10,6 +10,7 @@ phase model to one random design's runs and score them on another's (ptlab.repor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -196,6 +197,9 @@ def design_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # MLflow draws a progress bar per artifact it downloads (a grid report reads one per grid run): its documented
+    # switch turns them off unless the user set it
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if argv[:1] == ["design"]:
         return design_main(argv[1:])
     if argv[:1] == ["calibrate"]:
