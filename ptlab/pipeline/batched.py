@@ -569,13 +569,34 @@ def grid_extra(result: PipelineResult) -> dict[str, Any] | None:
     return None if result.scores is None else {"transferability": result.scores}
 
 
+@dataclass
+class GridSweep:
+    """A grid sweep as its recorder writes it: its jobs (``composer``'s, from ``job_overrides`` numbered from
+    ``initial_job_idx``), its cells and those to train (``todo``), its first template, the store (``uri``, the
+    ``logger`` group), ``samples`` cells to track in full and where they train, and its start and composed times."""
+
+    composer: _Jobs
+    job_overrides: Sequence[Sequence[str]]
+    initial_job_idx: int
+    cells: list[GridCell]
+    todo: list[GridCell]
+    first: _Template
+    uri: str | None
+    logger: dict[str, Any]
+    samples: int
+    executor: str
+    submitit: dict[str, Any]
+    started: float
+    composed: float = 0.0
+
+
 class GridRecorder:
     """The grid layout's ``Recorder``: a cell that a grid run of the experiment holds is finished (resume); each
     result is kept on its cell (with the theory, computed once per config minus the seed); ``close`` writes the
-    table, the summaries, the failures and the grid run (``write``)."""
+    table, the summaries, the failures and the grid run (``write_grid``)."""
 
-    def __init__(self, cells: list[GridCell], done: set[str], progress: Any, write: Any) -> None:
-        self.cells, self.done, self.progress, self.write = cells, done, progress, write
+    def __init__(self, sweep: GridSweep, done: set[str], progress: Any) -> None:
+        self.sweep, self.cells, self.done, self.progress = sweep, sweep.cells, done, progress
         self.known: dict[tuple, TheoryPrediction] = {}
         self.recorded = 0
 
@@ -605,7 +626,8 @@ class GridRecorder:
         return None  # the grid run is created by ``close``, after every cell trained
 
     def close(self) -> None:
-        self.write()
+        if self.sweep.todo:
+            write_grid(self.sweep, time.perf_counter())
 
 
 def grid_key(template: _Template, name: str) -> str:
@@ -741,17 +763,13 @@ def launch_grid(
         first.sweep_dir.mkdir(parents=True, exist_ok=True)
         (first.sweep_dir / "skipped.json").write_text(json.dumps({"cells": len(cells) - len(todo)}))
     returns = _grid_returns(cells, job_overrides)
-    times = {"started": started}
-
-    def write() -> None:
-        times["trained"] = time.perf_counter()
-        if todo:
-            _write_grid(todo, first, uri, logger, composer, job_overrides, initial_job_idx, samples, executor, submitit, times)
-
+    sweep = GridSweep(
+        composer, job_overrides, initial_job_idx, cells, todo, first, uri, logger, samples, executor, submitit or {}, started
+    )
     workers = torch.get_num_threads() if workers is None else workers
     with tqdm(total=len(todo), desc="gram grid", unit="cell", disable=True if not progress or not todo else None) as bar:
-        recorder = GridRecorder(cells, done, bar, write)
-        times["composed"] = time.perf_counter()
+        recorder = GridRecorder(sweep, done, bar)
+        sweep.composed = time.perf_counter()
         cells_todo = [cell.cell for cell in todo]
         drive(
             [PipelineJob(None, cell=cell.cell) for cell in cells],
@@ -768,25 +786,15 @@ def launch_grid(
     return returns
 
 
-def _write_grid(
-    todo: list[GridCell],
-    first: _Template,
-    uri: str | None,
-    logger: dict[str, Any],
-    composer: _Jobs,
-    job_overrides: Sequence[Sequence[str]],
-    initial_job_idx: int,
-    samples: int,
-    executor: str,
-    submitit: dict[str, Any] | None,
-    times: dict[str, float],
-) -> None:
+def write_grid(sweep: GridSweep, trained: float) -> None:
     """The grid's files and run once its cells trained: the table, the summaries, the failures, the heatmap, the
     grid run holding them and its sampled cells in full."""
     import numpy as np
     from mlflow.entities import Metric, Param
 
-    started, composed, trained = times["started"], times["composed"], times["trained"]
+    todo, first, uri, logger, composer = sweep.todo, sweep.first, sweep.uri, sweep.logger, sweep.composer
+    job_overrides, initial_job_idx, samples = sweep.job_overrides, sweep.initial_job_idx, sweep.samples
+    executor, submitit, started, composed = sweep.executor, sweep.submitit, sweep.started, sweep.composed
     finished = [cell for cell in todo if cell.outcome.error is None]  # type: ignore[union-attr]
     errors = [cell.outcome.error for cell in todo if cell.outcome.error is not None]  # type: ignore[union-attr]
     sweep_dir = first.sweep_dir
