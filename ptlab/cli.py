@@ -589,10 +589,12 @@ def main() -> None:
 
     os.environ[SWEEP_PID_ENV] = str(os.getpid())  # the sweep's workers die with this process
 
+    status = "FINISHED"  # the sweep's answer run ends as the sweep did
     try:
         with forward_stop_signals():
             hydra_main()
     except Terminated as err:
+        status = "KILLED"
         print(f"ptlab: sweep stopped by {err}; its workers were stopped and their runs marked KILLED", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except SystemExit as err:
@@ -600,13 +602,19 @@ def main() -> None:
             from ptlab.sweep_summary import SweepSummary
 
             SweepSummary.started.clear()
+        if err.code not in (0, None):
+            status = "FAILED"
+        raise
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         raise
     finally:
-        print_sweep_answers()
+        print_sweep_answers(status)
 
 
-def print_sweep_answers() -> None:
-    """Each sweep this process ran ends with its answer (``ptlab.sweep_summary``), whatever its outcome."""
+def print_sweep_answers(status: str = "FINISHED") -> None:
+    """Each sweep this process ran ends with its answer (``ptlab.sweep_summary``), whatever its outcome; the answer's
+    run ends with ``status`` (the sweep's: KILLED after a stop signal, FAILED after an error)."""
     from ptlab.sweep_summary import SweepSummary, log_answer, sweep_answer
 
     while SweepSummary.started:
@@ -616,7 +624,7 @@ def print_sweep_answers() -> None:
         print(sweep_answer(sweep_dir, tracking_uri, experiment))
         if tracking_uri and experiment:
             try:
-                log_answer(sweep_dir, tracking_uri, experiment)
+                log_answer(sweep_dir, tracking_uri, experiment, status)
             except Exception as err:  # the table is printed and in the sweep dir; the store may be what failed
                 print(f"ptlab: the sweep's table was not logged to MLflow: {str(err).splitlines()[0]}", file=sys.stderr)
 

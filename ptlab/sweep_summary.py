@@ -184,9 +184,10 @@ def sweep_answer(sweep_dir: Path, tracking_uri: str | None, experiment: str | No
     return "\n".join(lines)
 
 
-def log_answer(sweep_dir: Path, tracking_uri: str, experiment: str) -> str | None:
+def log_answer(sweep_dir: Path, tracking_uri: str, experiment: str, status: str = "FINISHED") -> str | None:
     """The sweep's table as the artifact of a run of its experiment (tag ``ptlab.stage=sweep``, named for the sweep
-    dir); its run id, or ``None`` when the experiment does not exist (nothing was tracked)."""
+    dir, ended with ``status``: the sweep's own outcome); its run id, or ``None`` when the experiment does not exist
+    (nothing was tracked)."""
     from mlflow.tracking import MlflowClient
 
     from ptlab.tracking.base import STAGE_TAG
@@ -200,7 +201,7 @@ def log_answer(sweep_dir: Path, tracking_uri: str, experiment: str) -> str | Non
         found.experiment_id, run_name=f"sweep {sweep_dir.name}", tags={STAGE_TAG: "sweep", "ptlab.sweep_dir": str(sweep_dir)}
     )
     client.log_artifact(run.info.run_id, str(sweep_dir / TABLE))
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
 

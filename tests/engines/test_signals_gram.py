@@ -119,6 +119,8 @@ def test_a_stop_signal_ends_the_sweep_cleanly(tmp_path: Path, signum: int, code:
     found = client.get_experiment_by_name("default")
     running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
     assert not running
+    answers = client.search_runs([found.experiment_id], "tags.`ptlab.stage` = 'sweep'") if found else []
+    assert answers and all(run.info.status == "KILLED" for run in answers)  # the sweep's answer says it was stopped
 
 
 def test_sigkill_of_the_parent_takes_its_workers(tmp_path: Path) -> None:
