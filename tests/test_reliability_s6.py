@@ -91,3 +91,143 @@ def test_the_preflight_finds_the_templates_where_tracking_keeps_them(monkeypatch
     assert template_folder() == template_dir()
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert template_folder() == template_dir()
+
+
+FOLDER = [
+    "task=image_folder",
+    "model=resnet18_small",
+    "upstream_model=resnet18_small",
+    "task.task2_classes=[ant,bee]",
+    "task.k=1",
+    "task.n2=4",
+    "task.n1_ratio=1",
+]
+
+
+def image_folder(root: Path, per_class: int = 6, suffix: str = ".jpg") -> None:
+    """Three classes of small random images (``suffix`` picks the format)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}{suffix}")
+
+
+def truncated_jpeg(path: Path) -> None:
+    """A JPEG whose header (SOI, tables, SOF, SOS) is intact and whose scan data stops half-way."""
+    data = path.read_bytes()
+    scan = data.index(b"\xff\xda")
+    path.write_bytes(data[: scan + (len(data) - scan) // 2])
+
+
+def png_with_bad_pixels(path: Path) -> None:
+    """A PNG whose compressed pixel data is damaged but whose chunk CRCs are recomputed, so ``verify`` passes."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    body = bytearray(data[start + 8 : start + 8 + length])
+    body[2:10] = b"\xff" * 8  # the deflate stream's first block header and data
+    data[start + 8 : start + 8 + length] = body
+    data[start + 8 + length : start + 12 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)))
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_pixels_are_not_caught_by_the_header_checks(tmp_path: Path) -> None:
+    """The two damaged files pass PIL's header checks (``unreadable_image``) and fail to decode, as the loader would."""
+    from PIL import Image
+
+    from ptlab.build_checks import undecodable_image, unreadable_image
+
+    image_folder(tmp_path / "jpg")
+    image_folder(tmp_path / "png", suffix=".png")
+    jpeg, png = tmp_path / "jpg" / "bee" / "3.jpg", tmp_path / "png" / "cat" / "2.png"
+    truncated_jpeg(jpeg)
+    png_with_bad_pixels(png)
+    for path in (jpeg, png):
+        assert unreadable_image(path) is None
+        assert undecodable_image(path) is not None
+        with pytest.raises(OSError), Image.open(path) as image:
+            image.convert("RGB")  # torchvision's ImageFolder loader
+    assert undecodable_image(tmp_path / "jpg" / "bee" / "2.jpg") is None
+
+
+@pytest.mark.parametrize(
+    ("suffix", "damage", "name", "message"),
+    [
+        (".jpg", truncated_jpeg, "bee/3.jpg", "(OSError: image file is truncated"),
+        (".png", png_with_bad_pixels, "cat/2.png", "(OSError:"),
+    ],
+)
+def test_an_image_with_damaged_pixels_is_refused_before_tracking(tmp_path: Path, suffix, damage, name, message) -> None:
+    """One line naming the file, exit 2, nothing written (no store, output or cache folder)."""
+    root = tmp_path / "images"
+    image_folder(root, suffix=suffix)
+    damage(root / name)
+    args = [*FOLDER, f"task.root={root}", "hydra.run.dir=out", "cache.dir=cache", "logger.tracking_uri=sqlite:///mlflow.db"]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip()
+    assert line.startswith(f"ptlab: task.root='{root}' is not allowed: {name} is not a readable image {message}"), line
+    assert line.endswith("remove or replace it") and "\n" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_decoded_files_are_remembered_by_path_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first check decodes every file, the second none; a file rewritten (new mtime) or added is decoded again,
+    and a damaged one rewritten in place is found even though the folder was checked before."""
+    import os
+
+    from ptlab import build_checks
+    from ptlab.errors import ConfigError
+
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    image_folder(root)
+    files = sorted(root.rglob("*.jpg"))
+    decoded: list[Path] = []
+    real = build_checks.undecodable_image
+    monkeypatch.setattr(build_checks, "undecodable_image", lambda path: decoded.append(path) or real(path))
+    build_checks.check_decodable(root, files, "images", cache)
+    assert sorted(decoded) == files and not cache.exists()  # remembered once the preflight accepted the command
+    build_checks.write_decoded()
+    assert len(list((cache / "image-checks").iterdir())) == 1
+    decoded.clear()
+    build_checks.check_decodable(root, files, "images", cache)
+    assert decoded == []
+    truncated_jpeg(files[4])
+    os.utime(files[4], ns=(files[4].stat().st_atime_ns, files[4].stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match=f"{files[4].relative_to(root)} is not a readable image"):
+        build_checks.check_decodable(root, files, "images", cache)
+    assert decoded == [files[4]]
+    files[4].unlink()
+    decoded.clear()
+    build_checks._DECODED_HERE.clear()  # a new process
+    build_checks.check_decodable(root, [f for f in files if f != files[4]], "images", None)
+    assert len(decoded) == len(files) - 1  # no cache: every file decoded
+
+
+def test_the_preflight_remembers_decoded_files_only_for_an_accepted_command(tmp_path: Path, monkeypatch) -> None:
+    """A refused command (a later check fails: N2 too large) leaves no cache folder; an accepted one writes the
+    record, and the next preflight (a new process: its own caches empty) decodes nothing."""
+    from ptlab import build_checks
+    from ptlab.cli import preflight
+
+    root = tmp_path / "images"
+    image_folder(root)
+    monkeypatch.chdir(tmp_path)
+    args = [*FOLDER, f"task.root={root}", "hydra.run.dir=out", "cache.dir=cache", "logger.tracking_uri=sqlite:///mlflow.db"]
+    error = preflight([*args, "task.n2=100"])
+    assert error is not None and "task.n2=100 is not allowed" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    assert preflight(args) is None
+    assert len(list((tmp_path / "cache" / "image-checks").glob("*.json"))) == 1
+    build_checks.folder_counts.cache_clear()
+    build_checks._DECODED_HERE.clear()  # a new process
+    decoded: list[Path] = []
+    monkeypatch.setattr(build_checks, "undecodable_image", lambda path: decoded.append(path))
+    assert preflight(args) is None and decoded == []
