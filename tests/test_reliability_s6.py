@@ -231,3 +231,115 @@ def test_the_preflight_remembers_decoded_files_only_for_an_accepted_command(tmp_
     decoded: list[Path] = []
     monkeypatch.setattr(build_checks, "undecodable_image", lambda path: decoded.append(path))
     assert preflight(args) is None and decoded == []
+
+
+FULL_DISK_AT_EXIT = """
+import os, sys, threading, time
+from mlflow.tracking import MlflowClient
+from ptlab.errors import StoreError
+from ptlab.tracking.faults import prepare_sqlite_store
+from ptlab.tracking.mlflow import MLflowTracker
+disk, journal, frees_after = sys.argv[1], sys.argv[2], float(sys.argv[3])
+uri = f"sqlite:///{disk}/mlflow.db"
+prepare_sqlite_store(uri, wal=journal == "wal")
+tracker = MLflowTracker(uri, "full", "run", artifact_location=f"file://{disk}/art")
+start = None
+try:
+    with tracker:
+        tracker.start_stage("upstream")
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(f"{disk}/fill", "wb") as handle:
+            handle.write(b"x" * free)
+        if frees_after >= 0:  # the disk frees while the command ends its runs (another program's file removed)
+            threading.Timer(frees_after, os.remove, [f"{disk}/fill"]).start()
+        start = time.monotonic()
+        tracker.log_params({f"p{i}": "v" * 500 for i in range(2000)})
+except StoreError as err:
+    print("ERROR", str(err).count(chr(10)), str(err))
+print("TOOK", f"{time.monotonic() - start:.1f}")
+print("IDS", sorted([tracker.parent_run_id, *tracker.children.values()]))
+time.sleep(max(frees_after, 0))
+if os.path.exists(f"{disk}/fill"):
+    os.remove(f"{disk}/fill")
+client = MlflowClient(uri)
+print("STATUS", sorted(r.info.status for r in client.search_runs([tracker.experiment_id])))
+"""
+
+
+@pytest.mark.parametrize(
+    ("journal", "frees_after", "status"),
+    [("wal", -1, "FAILED"), ("delete", 1.0, "FAILED"), ("delete", -1, "RUNNING")],
+)
+def test_runs_are_ended_at_exit_when_the_store_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal: str, frees_after: float, status: str
+) -> None:
+    """A store on a full 3 MB tmpfs (``unshare --mount``, root), 0 bytes left when a write fails. WAL journal: the log
+    of the failed write is cut at exit and the runs end FAILED. Rollback journal (no log to cut): a disk that frees
+    within the retry window (1 s, another file removed) gets the runs ended FAILED; one that never frees leaves
+    them RUNNING, and the one line names them and who ends them, after the bounded retry (2 s)."""
+    from tests.test_reliability import on_small_disk
+
+    monkeypatch.setenv("PTLAB_CLOSE_RETRY_S", "2")
+    done = on_small_disk(tmp_path, FULL_DISK_AT_EXIT, [[journal, str(frees_after)]])
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["ERROR"].startswith("0 logger.tracking_uri=") and "its disk is full" in lines["ERROR"], done.stdout
+    assert lines["STATUS"] == str([status, status]), done.stdout
+    ids = eval(lines["IDS"])  # noqa: S307 - a list of run ids this test printed
+    if status == "FAILED":
+        assert lines["ERROR"].endswith("; no run of this command was left RUNNING"), lines["ERROR"]
+    else:
+        assert lines["ERROR"].endswith(
+            "stay RUNNING (the store cannot be written now): the next ptlab command on this store, or python -m "
+            "ptlab.tracking.stale, marks them FAILED"
+        ), lines["ERROR"]
+        assert all(run_id in lines["ERROR"] for run_id in ids)
+        assert 1.0 <= float(lines["TOOK"]) < 15, lines["TOOK"]
+
+
+@pytest.mark.slow
+def test_runs_on_a_server_that_died_are_named_and_ended_when_it_is_back(tmp_path: Path, monkeypatch) -> None:
+    """A real ``mlflow server`` is killed while a tracker has a stage open. It stays dead: the exit waits at most the
+    retry window (2 s of one-try calls) and the line names both runs and who ends them. Started again within the
+    window: the runs end FAILED."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.errors import StoreError
+    from ptlab.tracking.mlflow import MLflowTracker
+    from tests.test_reliability import start_server
+    from tests.test_remote_tracking import free_port, stop_process_group
+
+    monkeypatch.setenv("PTLAB_CLOSE_RETRY_S", "2")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    restarted: list = []
+    try:
+        for back in (False, True):
+            tracker = MLflowTracker(url, "dies", "run")
+            with pytest.raises(StoreError) as error, tracker:
+                tracker.start_stage("upstream")
+                stop_process_group(server)
+                if back:  # back 1 s into the retry window
+                    monkeypatch.setenv("PTLAB_CLOSE_RETRY_S", "60")
+                    threading.Timer(1.0, lambda: restarted.append(start_server(tmp_path, port))).start()
+                start = time.monotonic()
+                tracker.log_params({"a": 1})
+            took = time.monotonic() - start
+            line = str(error.value)
+            print(f"server {'back' if back else 'dead'}: the write and the exit took {took:.1f} s: {line}")
+            ids = [tracker.children["upstream"], tracker.parent_run_id]
+            if not back:
+                assert "the server does not answer" in line and "\n" not in line
+                assert f"run(s) {', '.join(ids)} stay RUNNING" in line and "python -m ptlab.tracking.stale" in line
+                assert took < 30, took  # the failed write's bounded retries (about 3 s) and the 2 s window
+                server = start_server(tmp_path, port)
+            else:
+                assert line.endswith("; no run of this command was left RUNNING"), line
+                server = restarted[0]
+                statuses = {MlflowClient(url).get_run(run_id).info.status for run_id in ids}
+                assert statuses == {"FAILED"}, statuses
+    finally:
+        stop_process_group(server)
