@@ -343,3 +343,25 @@ def test_runs_on_a_server_that_died_are_named_and_ended_when_it_is_back(tmp_path
                 assert statuses == {"FAILED"}, statuses
     finally:
         stop_process_group(server)
+
+
+@pytest.mark.parametrize("record", ["not json {", "[1, 2]", '{"ant/0.jpg": "x"}'])
+def test_a_damaged_record_of_decoded_files_only_costs_a_decoding(tmp_path: Path, record: str, monkeypatch) -> None:
+    """A record that is not the mapping it should be: every file is decoded again and the record rewritten."""
+    import json
+
+    from ptlab import build_checks
+
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    image_folder(root)
+    files = sorted(root.rglob("*.jpg"))
+    path = build_checks._decoded_record(root, cache)
+    path.parent.mkdir(parents=True)
+    path.write_text(record)
+    decoded: list[Path] = []
+    monkeypatch.setattr(build_checks, "_DECODED_HERE", {})
+    monkeypatch.setattr(build_checks, "undecodable_image", lambda file: decoded.append(file))
+    build_checks.check_decodable(root, files, "images", cache)
+    build_checks.write_decoded()
+    assert sorted(decoded) == files
+    assert sorted(json.loads(path.read_text())) == sorted(str(f.relative_to(root)) for f in files)
