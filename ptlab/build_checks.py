@@ -6,16 +6,22 @@ models or trainer cannot be built stops with one ``ConfigError`` line before any
 is imported only where nothing else can tell: a named weights file, a GPU or MPS trainer, a precision
 that depends on the device, and a task-1 class draw whose outcome decides whether ``task.n1_ratio`` fits.
 Data sets are read by their labels and headers (CIFAR's label pickles, the image folder's file headers
-with PIL, digits through scikit-learn), never decoded.
+with PIL, digits through scikit-learn); an image folder's files are also decoded once each (``check_decodable``: in
+threads, remembered in ``cache.dir`` by path, size and modification time), so an image whose header is fine but whose
+pixels are damaged stops the command here, not when the data is loaded after the runs opened.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 import pickle
+import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,48 +177,132 @@ def unreadable_image(path: Path) -> str | None:
     return None if width and height else f"an image of {width} x {height} pixels"
 
 
-@functools.lru_cache(maxsize=8)
-def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: float, shown: str = "") -> LabelCounts:
-    """An image folder's classes as torchvision's ``ImageFolder`` finds them (every subfolder a class, the
-    files with an image suffix below it), each file's header read, split as ``load_image_folder`` splits.
-    ``shown``: ``task.root`` as the config gives it (for messages)."""
-    shown = shown or str(root)
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    labels: list[int] = []
-    empty = []
-    for index, name in enumerate(classes):
-        files = sorted(
-            Path(folder) / file
-            for folder, _, names in os.walk(root / name, followlinks=True)
-            for file in names
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        if not files:
-            empty.append(name)
-        for file in files:
-            problem = unreadable_image(file)
+def undecodable_image(path: Path) -> str | None:
+    """Why ``path`` cannot be loaded as torchvision's ``ImageFolder`` loads it (PIL: the header and ``verify``, then
+    the pixels decoded, ``load``: a JPEG or PNG damaged inside its pixel data), or ``None``."""
+    from PIL import Image, UnidentifiedImageError
+
+    problem = unreadable_image(path)
+    if problem:
+        return problem
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'undecodable'}"
+    return None
+
+
+DECODED_DIR = "image-checks"
+"""The folder under ``cache.dir`` that remembers the files of each image folder that decoded."""
+
+
+def _decoded_record(root: Path, cache_dir: Path) -> Path:
+    return cache_dir / DECODED_DIR / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24] + ".json")
+
+
+def check_decodable(root: Path, files: Sequence[Path], shown: str, cache_dir: Path | None = None) -> None:
+    """Every file of an image folder decodes (``undecodable_image``), in threads (PIL decodes without the GIL); the
+    first damaged file in name order is refused in one line. With ``cache_dir``, the files that decoded are
+    remembered there by path, size and ``mtime_ns`` (``DECODED``, written by ``write_decoded`` once the preflight
+    accepted the command), so a folder is decoded once and a changed or added file again."""
+    record = _decoded_record(root, cache_dir) if cache_dir is not None else None
+    remembered: dict[str, list[int]] = {}
+    if record is not None:
+        try:
+            loaded = json.loads(record.read_text())
+            remembered = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            remembered = {}
+    stamps = {}
+    for file in files:
+        stat = file.stat()
+        stamps[str(file.relative_to(root))] = [stat.st_size, stat.st_mtime_ns]
+    here = _DECODED_HERE.get(root, {})
+    todo = [file for file in files if stamps[name := str(file.relative_to(root))] not in (remembered.get(name), here.get(name))]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(todo))) as pool:
+            problems = list(pool.map(undecodable_image, todo))
+        for file, problem in zip(todo, problems):
             if problem:
                 raise ConfigError(
                     f"task.root={shown!r} is not allowed: {file.relative_to(root)} is not a "
                     f"readable image ({problem}); remove or replace it"
                 )
-        labels += [index] * len(files)
+    _DECODED_HERE[root] = stamps
+    if record is not None and remembered != stamps:
+        DECODED[record] = stamps
+
+
+_DECODED_HERE: dict[Path, dict[str, list[int]]] = {}
+"""The files of each image folder this process decoded (a preflight run twice in one process decodes once)."""
+
+
+DECODED: dict[Path, dict[str, list[int]]] = {}
+"""Records of decoded image folders that ``check_decodable`` found, written by ``write_decoded`` once the whole
+preflight accepted the command (a refused command writes nothing)."""
+
+
+def write_decoded(accepted: bool = True) -> None:
+    """Write the pending records of decoded files (``accepted``), or drop them; a record that cannot be written (a
+    full disk) only costs the next command the decoding."""
+    pending = list(DECODED.items()) if accepted else []
+    DECODED.clear()
+    for record, stamps in pending:
+        partial = None
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=record.parent, suffix=".partial")
+            with os.fdopen(handle, "w") as out:
+                json.dump(stamps, out)
+            os.replace(partial, record)
+        except OSError:
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)
+
+
+def class_files(root: Path) -> dict[str, list[Path]]:
+    """An image folder's classes as torchvision's ``ImageFolder`` finds them (every subfolder a class) and the files
+    with an image suffix below each, in name order."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    return {
+        name: sorted(
+            Path(folder) / file
+            for folder, _, names in os.walk(root / name, followlinks=True)
+            for file in names
+            if file.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        for name in classes
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def folder_counts(root: Path, test_fraction: float, split_seed: int, stamp: float, shown: str = "") -> LabelCounts:
+    """An image folder's classes (``class_files``) and images per class, split as ``load_image_folder`` splits.
+    ``shown``: ``task.root`` as the config gives it (for messages)."""
+    shown = shown or str(root)
+    files = class_files(root)
+    empty = [name for name, found in files.items() if not found]
     if empty:
         raise ConfigError(
             f"task.root={shown!r} is not allowed: class folder(s) {', '.join(empty)} hold no image "
             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
         )
-    train, test = _stratified_counts(labels, len(classes), test_fraction, split_seed, "task.test_fraction")
-    return LabelCounts(train, test, tuple(classes))
+    labels = [index for index, found in enumerate(files.values()) for _ in found]
+    train, test = _stratified_counts(labels, len(files), test_fraction, split_seed, "task.test_fraction")
+    return LabelCounts(train, test, tuple(files))
 
 
-def label_counts(task: Any, start: Path | None = None) -> LabelCounts | None:
-    """Images per class of an image task's data set (``None`` for a CIFAR set that is to be downloaded)."""
+def label_counts(task: Any, start: Path | None = None, cache_dir: Path | None = None) -> LabelCounts | None:
+    """Images per class of an image task's data set (``None`` for a CIFAR set that is to be downloaded; ``cache_dir``:
+    where an image folder's decoded files are remembered)."""
     if task.name == "digits":
         return digits_counts(float(task.test_fraction), int(task.split_seed))
     if task.name == "image_folder":
         root = _root(task.root, start)
-        return folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime, str(task.root))
+        counts = folder_counts(root, float(task.test_fraction), int(task.split_seed), root.stat().st_mtime, str(task.root))
+        check_decodable(root, [file for found in class_files(root).values() for file in found], str(task.root), cache_dir)
+        return counts
     root = _root(task.data_dir, start)
     if task.name == "fashion_mnist":
         return fashion_counts(root)
@@ -286,9 +376,9 @@ def drawn_task1(num_classes: int, task2: Sequence[int], k: int, seed: int) -> li
     return [rest[i] for i in order.tolist()]
 
 
-def check_image_task(task: Any, seed: int, start: Path | None = None) -> None:
+def check_image_task(task: Any, seed: int, start: Path | None = None, cache_dir: Path | None = None) -> None:
     """Class ids, duplicates, overlap, ``task.k``, and N2, N1 and ``n_test`` against what each class holds."""
-    counts = label_counts(task, start)
+    counts = label_counts(task, start, cache_dir)
     if counts is None:
         return
     num = len(counts.names)
@@ -493,4 +583,5 @@ def check_built(cfg: Any, start: Path | None = None, gpu_elsewhere: bool = False
     check_transfer_models(cfg)
     check_trainer(cfg, gpu_elsewhere)
     if cfg.task.name != "synthetic":
-        check_image_task(cfg.task, int(cfg.seed), start)
+        cache_dir = _root(cfg.cache.dir, start) if cfg.get("cache") and cfg.cache.enabled else None
+        check_image_task(cfg.task, int(cfg.seed), start, cache_dir)

@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import ptlab.devices  # noqa: F401 - registers the ${ptlab_gpu_count:} resolver the launcher configs use
 import ptlab.help  # noqa: F401 - registers the ${ptlab_groups:} resolver of `ptlab --help`
+from ptlab.build_checks import write_decoded
 from ptlab.checks import check_paths
 from ptlab.compose import Composer
 from ptlab.config import (
@@ -401,7 +402,7 @@ def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return None, None
-    first = None
+    first, accepted = None, False
     try:
         _SOURCE[0] = ConfigSource.from_args(args)
         parser = OverridesParser.create()
@@ -427,12 +428,14 @@ def checked_config(argv: list[str]) -> tuple[str | None, DictConfig | None]:
             check_paths(
                 cfg, output_dir, output_key="hydra.sweep.dir" if args.multirun else "hydra.run.dir", gpu_elsewhere=elsewhere
             )
+        accepted = True
     except OverrideParseException as err:
         return f"could not read the overrides: {str(err).splitlines()[0]}", None
     except (HydraException, OmegaConfBaseException, ConfigError) as err:
         return describe_error(err, _default_keys()), None
     finally:
         _SOURCE[0] = ConfigSource()  # compose_config and the next preflight read the repository's conf/ again
+        write_decoded(accepted)  # what the image checks decoded is remembered only for an accepted command
     return None, first
 
 

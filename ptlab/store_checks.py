@@ -8,12 +8,19 @@ that an older MLflow or ptlab left half-migrated is refused in one line instead 
 store is asked once, with a short timeout, through MLflow's REST API (``experiments/get-by-name``, with the
 credentials MLflow itself reads: ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or
 ``MLFLOW_TRACKING_TOKEN``); another database store needs its SQLAlchemy driver importable.
+
+A store at the head revision (or migrated there on the copy) must hold every table and column of MLflow's schema at
+that revision (``check_schema_complete``): the reference is the pre-migrated store template that ptlab keeps per
+MLflow version (``ptlab.tracking.store_template``; an empty store MLflow's own migrations brought to the head), read
+with ``sqlite3``, or, where no template exists yet, MLflow's SQLAlchemy models (``Base.metadata``, about 2 s to
+import).
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -132,7 +139,10 @@ def check_schema_revision(uri: str, path: Path, connection: sqlite3.Connection) 
         )
     revision = rows[0][0]
     known, head = mlflow_revisions()
-    if head is None or revision == head:
+    if head is None:
+        return
+    if revision == head:
+        check_schema_complete(uri, path, connection, head)
         return
     if revision not in known:
         raise _refuse(
@@ -167,6 +177,11 @@ def try_migration(uri: str, path: Path, revision: str, head: str, stamp: int) ->
             for name in quiet:
                 logging.getLogger(name).setLevel(logging.CRITICAL)
             MlflowClient(f"sqlite:///{copy}").search_experiments(max_results=1)
+            migrated = sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True)
+            try:
+                missing = missing_schema(migrated, head)
+            finally:
+                migrated.close()
         except Exception as err:  # whatever MLflow raises here, it raises on the store itself
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
             raise _refuse(
@@ -178,6 +193,89 @@ def try_migration(uri: str, path: Path, revision: str, head: str, stamp: int) ->
         finally:
             for name, level in quiet.items():
                 logging.getLogger(name).setLevel(level)
+    if missing:
+        raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision} that, migrated to {head}, {missing}; {FIX}")
+
+
+TEMPLATES_ENV = "PTLAB_STORE_TEMPLATES"
+"""The folder of ptlab's pre-migrated store templates, as ``ptlab.tracking.store_template.template_dir`` reads it (a
+test keeps the two equal: the preflight sits below tracking and cannot import it)."""
+
+
+def template_folder() -> Path | None:
+    """The folder of the store templates (``None``: templates off)."""
+    chosen = os.environ.get(TEMPLATES_ENV, "").strip()
+    if chosen.lower() == "off":
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(cache) / "ptlab" / "mlflow-stores"
+
+
+def sqlite_schema(connection: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    """A SQLite database's tables and each one's columns (hidden and generated columns included)."""
+    tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {
+        table: frozenset(row[1] for row in connection.execute(f'PRAGMA table_xinfo("{table}")'))
+        for table in tables
+        if not table.startswith("sqlite_")
+    }
+
+
+@functools.cache
+def expected_schema(head: str) -> dict[str, frozenset[str]]:
+    """The tables and columns of an MLflow store at ``head``: ptlab's store template of the
+    installed MLflow at that revision (``mlflow-<version>-<digest>-<head>.db``; a few ms), else MLflow's SQLAlchemy
+    models (tracking and model registry; about 2 s, once per process)."""
+    folder = template_folder()
+    version = importlib.metadata.version("mlflow")
+    for template in sorted(folder.glob(f"mlflow-{version}-*-{head}.db")) if folder and folder.is_dir() else []:
+        try:
+            connection = sqlite3.connect(f"{template.as_uri()}?mode=ro", uri=True)
+            try:
+                found = sqlite_schema(connection)
+            finally:
+                connection.close()
+        except sqlite3.Error:
+            continue
+        if MLFLOW_TABLES <= found.keys():
+            return found
+    import mlflow.store.model_registry.dbmodels.models  # noqa: F401 - registers the registry's tables on Base
+    from mlflow.store.tracking.dbmodels.models import Base
+
+    return {table.name: frozenset(column.name for column in table.columns) for table in Base.metadata.sorted_tables}
+
+
+def missing_schema(connection: sqlite3.Connection, head: str) -> str:
+    """What a store at ``head`` lacks of MLflow's schema at ``head`` ("" when nothing): missing tables, then the
+    missing columns of the tables it has, named (the first few)."""
+    expected = expected_schema(head)
+    found = sqlite_schema(connection)
+    tables = sorted(set(expected) - set(found))
+    columns = sorted(f"{table}.{column}" for table in set(expected) & set(found) for column in expected[table] - found[table])
+    parts = []
+    for kind, names in (("table", tables), ("column", columns)):
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            parts.append(f"{kind}{'s' if len(names) > 1 else ''} {shown}")
+    return f"lacks MLflow's {' and '.join(parts)}" if parts else ""
+
+
+def check_schema_complete(uri: str, path: Path, connection: sqlite3.Connection, head: str) -> None:
+    """A store at MLflow's head revision holds every table and column of MLflow's schema at it (a store that lost a
+    table would fail at its first write there, after the run opened)."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, head)
+    missing = _CHECKED.get(key)
+    if missing is None:
+        missing = _CHECKED[key] = missing_schema(connection, head)
+    if missing:
+        raise _refuse(uri, f"{path} is an MLflow store at schema revision {head} that {missing}; {FIX}")
+
+
+_CHECKED: dict[tuple[Path, int, int, str], str] = {}
+"""``missing_schema`` of each version of a store file (size, mtime) this process checked: a sweep checks it per job."""
 
 
 def _auth_headers() -> dict[str, str]:

@@ -180,10 +180,10 @@ print("STATUS", sorted(r.info.status for r in client.search_runs([tracker.experi
 """
 
 
-@pytest.mark.parametrize(("leave", "status"), [(256 << 10, ["FAILED", "FAILED"]), (0, ["RUNNING", "RUNNING"])])
+@pytest.mark.parametrize(("leave", "status"), [(256 << 10, ["FAILED", "FAILED"]), (0, ["FAILED", "FAILED"])])
 def test_a_full_store_disk_gives_one_line_and_no_run_left_running(tmp_path: Path, leave: int, status: list[str]) -> None:
     """A 3 MB tmpfs holds the store (needs ``unshare --mount``, root): with a little space left the runs end FAILED
-    at once; with none they cannot be written, and the next command on the store marks them FAILED."""
+    at once; with none the write-ahead log of the failed write is cut at exit and they end FAILED too."""
     done = on_small_disk(tmp_path, FULL_DISK, [[str(leave)], ["-1"]])
     lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
     assert lines["ERROR"].startswith("0 logger.tracking_uri=") and "its disk is full" in lines["ERROR"]

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from ptlab.errors import StoreError
 from ptlab.tracking.base import Curves, as_json, resolve_tracking_uri
-from ptlab.tracking.faults import store_fault, tracking_write
+from ptlab.tracking.faults import LEFT_NOTE, left_note, quick_http_requests, store_fault, tracking_write
 
 VANISHED_ERROR = "the ptlab process ended without closing its runs"
 """``ptlab.error`` of runs whose main process died (SIGKILL) before ``BackgroundTracker.__exit__``."""
@@ -177,6 +177,8 @@ class BackgroundTracker:
         self.children = _Children(self)
         self._helper: _Helper | None = None
         self._failure: BaseException | None = None
+        self._lost_pid: int | None = None
+        """The pid of a helper that ended unexpectedly: its runs are ended by this process at exit (``_end_lost``)."""
 
     @property
     def experiment_id(self) -> str:
@@ -232,12 +234,38 @@ class BackgroundTracker:
             code = helper.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
+        self._lost_pid = helper.process.pid
         self._failure = StoreError(
-            f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended "
-            f"unexpectedly (exit code {code}); runs this command left RUNNING are marked "
-            "FAILED by the next ptlab command on this store"
+            f"logger.tracking_uri={self.tracking_uri!r}: the tracking process ended unexpectedly (exit code {code}); " + LEFT_NOTE
         )
         return self._failure
+
+    def _end_lost(self, exc: BaseException | None) -> None:
+        """After the helper ended unexpectedly: end its RUNNING runs from this process (FAILED, ``ptlab.error=process
+        vanished``, as the next command would: ``mark_vanished``), then raise the failure naming the runs still
+        RUNNING. MLflow loads here only in this case; an HTTP store gets one 2 s try per call."""
+        from mlflow.tracking import MlflowClient
+
+        from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
+
+        failure = self._failure
+        host = process_tag().split(":", 1)[0]
+        left: list[str] | None = None
+        try:
+            with quick_http_requests():
+                client = MlflowClient(self.tracking_uri)
+                experiment = client.get_experiment_by_name(self._arguments["experiment_name"])
+                if experiment is not None:
+                    mark_vanished(client, [experiment.experiment_id])
+                    mine = f"tags.`{PROCESS_TAG}` LIKE '{host}:{self._lost_pid}:%' and attributes.status = 'RUNNING'"
+                    left = [run.info.run_id for run in client.search_runs([experiment.experiment_id], filter_string=mine)]
+                else:
+                    left = []
+        except Exception:  # noqa: BLE001 - the store cannot be read either: the line says the next command ends them
+            left = None
+        if left is not None and failure is not None:
+            self._failure = StoreError(str(failure).removesuffix(LEFT_NOTE).rstrip("; ") + "; " + left_note(left))
+            raise self._failure from exc
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Hand the helper the block's exception, so that it closes the runs as ``MLflowTracker.__exit__`` does, and
@@ -253,6 +281,9 @@ class BackgroundTracker:
                 reply = self._receive(helper)
         finally:
             helper.close()
+            if self._lost_pid is not None:  # the helper ended unexpectedly: its runs are ended from here
+                with tracking_write(raise_deferred=False):
+                    self._end_lost(exc)
         if reply[0] == "failed":  # the helper failed earlier, unseen: that error is what stopped tracking
             raise reply[1] from exc
         if reply[0] == "raised":

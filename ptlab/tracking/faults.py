@@ -116,16 +116,78 @@ def store_fault(err: BaseException | None) -> str | None:
     return None
 
 
-def store_error(err: BaseException, tracking_uri: str = "") -> StoreError:
-    """One line for a store fault: the store, what failed, the first line of the error, and who cleans up."""
+LEFT_NOTE = "runs this command left RUNNING are marked FAILED by the next ptlab command on this store"
+"""The end of a store fault's line when which runs stay RUNNING is not known yet (a write failed mid-run)."""
+
+
+def left_note(left: list[str]) -> str:
+    """What a store fault's line says of the runs once the command tried to end them: none left, or which."""
+    if not left:
+        return "no run of this command was left RUNNING"
+    return (
+        f"run(s) {', '.join(left)} stay RUNNING (the store cannot be written now): the next ptlab command on this "
+        "store, or python -m ptlab.tracking.stale, marks them FAILED"
+    )
+
+
+def store_error(err: BaseException, tracking_uri: str = "", left: list[str] | None = None) -> StoreError:
+    """One line for a store fault: the store, what failed, the first line of the error, and who cleans up (``left``:
+    the runs still RUNNING after the command tried to end them; ``None``: not known yet)."""
+    note = LEFT_NOTE if left is None else left_note(left)
     if isinstance(err, StoreError):
-        return err
+        text = str(err)
+        return err if left is None else StoreError(text.removesuffix(LEFT_NOTE).rstrip("; ") + f"; {note}")
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
     where = f"logger.tracking_uri={tracking_uri!r}: " if tracking_uri else ""
-    return StoreError(
-        f"{where}the tracking store failed, {store_fault(err)} ({type(err).__name__}: {first}); runs "
-        "this command left RUNNING are marked FAILED by the next ptlab command on this store"
-    )
+    return StoreError(f"{where}the tracking store failed, {store_fault(err)} ({type(err).__name__}: {first}); {note}")
+
+
+CLOSE_RETRY_ENV = "PTLAB_CLOSE_RETRY_S"
+"""Seconds a command that could not end its runs keeps trying at exit (default ``CLOSE_RETRY_S``)."""
+CLOSE_RETRY_S = 5.0
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+"""MLflow's HTTP settings while the runs are ended at exit: one try of 2 s per call (a dead server is not waited for)."""
+
+
+def close_retry_s() -> float:
+    """``PTLAB_CLOSE_RETRY_S`` (seconds, >= 0), else ``CLOSE_RETRY_S``."""
+    try:
+        return max(0.0, float(os.environ.get(CLOSE_RETRY_ENV, CLOSE_RETRY_S)))
+    except ValueError:
+        return CLOSE_RETRY_S
+
+
+@contextlib.contextmanager
+def quick_http_requests() -> Iterator[None]:
+    """``QUICK_HTTP`` in the environment inside the block (MLflow reads it per request), the previous values after."""
+    previous = {name: os.environ.get(name) for name in QUICK_HTTP}
+    os.environ.update(QUICK_HTTP)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def free_sqlite_journal(tracking_uri: str) -> None:
+    """Give back the disk space a SQLite store's write-ahead log holds (``PRAGMA wal_checkpoint(TRUNCATE)``: the
+    committed pages move into the database, the log is cut to 0 bytes). After a write failed on a full disk, the
+    log still holds the pages of that failed transaction; cutting it leaves room for the few pages that end the
+    runs. Best effort: a store that is busy or cannot be opened is left as it is."""
+    path = sqlite_path(tracking_uri)
+    if path is None or not path.is_file():
+        return
+    try:
+        connection = sqlite3.connect(path, timeout=2)
+        try:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        pass
 
 
 def with_retries(

@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from time import time
+from time import monotonic, sleep, time
 from types import TracebackType
 from typing import Any
 
@@ -35,12 +35,32 @@ from ptlab.tracking.base import (
     metric_name,
     resolve_tracking_uri,
 )
-from ptlab.tracking.faults import UNREACHABLE, RetryingClient, store_error, store_fault, tracking_write
+from ptlab.tracking.faults import (
+    STORE_FAULTS,
+    UNREACHABLE,
+    RetryingClient,
+    close_retry_s,
+    free_sqlite_journal,
+    quick_http_requests,
+    store_error,
+    store_fault,
+    tracking_write,
+)
 from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.views import RESULT_COLUMNS, RESULT_VIEW, SHARED_VIEW_TAG, WORKFLOW, result_view_url  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+PASSING_FAULTS = (STORE_FAULTS["database or disk is full"], STORE_FAULTS["disk i/o error"], UNREACHABLE)
+"""Store faults worth waiting a few seconds on when the runs are ended at exit (a disk that frees, a server back)."""
+
+
+def may_pass(err: BaseException | None) -> bool:
+    """Whether ``err`` is a store fault of ``PASSING_FAULTS`` (a ``StoreError``'s line names its fault)."""
+    fault = store_fault(err) or ""
+    return any(passing in fault for passing in PASSING_FAULTS)
+
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -125,6 +145,8 @@ class MLflowTracker:
         self.experiment_id = ""
         self.parent_run_id = ""
         self.children: dict[str, str] = {}
+        self._ended: set[str] = set()
+        """Runs this tracker ended (``end_stage``): a store that stops answering is not asked about them at exit."""
         self._writer: MetricWriter | None = None
         self.clock_ms: int | None = None
         """When runs are created and ended (ms since the epoch); ``None``: now. The background tracker's helper sets
@@ -156,11 +178,14 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Close every open run: FINISHED, KILLED (a signal) or FAILED. Each write is tried on its own (the
-        statuses first, the error tag last), so one failed write leaves no other run RUNNING; a server that
-        stopped answering is not asked again (the next command marks the runs FAILED, ``mark_vanished``). A store
-        fault, in the block or while closing, is raised as one-line ``StoreError``."""
+        statuses first, the error tag last), so one failed write leaves no other run RUNNING. Runs whose end could
+        not be written (a full disk, a server that stopped answering) are tried again for a few seconds
+        (``_end_left``); a store fault, in the block or while closing, is raised as one-line ``StoreError`` that
+        names the runs still RUNNING, if any (the next command marks them FAILED, ``mark_vanished``)."""
         fault = None if exc is None or isinstance(exc, KeyboardInterrupt) else store_fault(exc)
         failed: list[BaseException] = []
+        left: list[str] = []
+        error = f"{exc_type.__name__}: {exc}"[:5000] if exc_type else None
         # One shielded block: a second signal (Ctrl-C twice, a group-wide SIGTERM) cannot stop it half-way.
         with tracking_write(raise_deferred=exc_type is None):
             if exc_type is None:
@@ -168,36 +193,77 @@ class MLflowTracker:
             else:
                 status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
             if fault is None or UNREACHABLE not in fault:
-                self._close_runs(status, f"{exc_type.__name__}: {exc}"[:5000] if exc_type else None, failed)
+                left = self._close_runs(status, error, failed)
+            elif self.parent_run_id:  # a server that stopped answering: not asked about every run first
+                left = [run_id for run_id in self.children.values() if run_id not in self._ended] + [self.parent_run_id]
+            if left:
+                left = self._end_left(left, status, error)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         if fault is not None:
-            raise store_error(exc, self.tracking_uri) from exc
+            raise store_error(exc, self.tracking_uri, left) from exc
         if failed:
             log.warning("ptlab: %d tracking write(s) failed while closing the runs: %s", len(failed), failed[0])
             if exc_type is None:
-                raise store_error(failed[0], self.tracking_uri) from failed[0]
+                raise store_error(failed[0], self.tracking_uri, left) from failed[0]
+            if left:
+                log.warning("ptlab: %s", store_error(failed[0], self.tracking_uri, left))
 
-    def _close_runs(self, status: str, error: str | None, failed: list[BaseException]) -> None:
+    def _close_runs(self, status: str, error: str | None, failed: list[BaseException]) -> list[str]:
         """Set the status of the open children and the parent, then the parent's error tag; a write that fails
-        is appended to ``failed`` and the others are still tried."""
+        is appended to ``failed`` and the others are still tried. Returns the runs whose status was not written."""
+        left: list[str] = []
 
-        def attempt(call: Any, *args: Any) -> Any:
+        def attempt(call: Any, *args: Any) -> bool:
             try:
-                return call(*args)
+                call(*args)
             except Exception as err:  # noqa: BLE001 - collected; the caller reports the first
                 failed.append(err)
-                return None
+                return False
+            return True
 
         for run_id in self.children.values():
-            run = attempt(self.client.get_run, run_id)
-            child_status = run.info.status if run is not None else "RUNNING"
+            try:
+                child_status = self.client.get_run(run_id).info.status
+            except Exception as err:  # noqa: BLE001 - collected; the caller reports the first
+                failed.append(err)
+                child_status = "RUNNING"
             if child_status == "RUNNING" or (status == "KILLED" and child_status == "FAILED"):
-                attempt(self.client.set_terminated, run_id, status, self.clock_ms)
-        attempt(self.client.set_terminated, self.parent_run_id, status, self.clock_ms)
+                if not attempt(self.client.set_terminated, run_id, status, self.clock_ms) and child_status == "RUNNING":
+                    left.append(run_id)
+        if not attempt(self.client.set_terminated, self.parent_run_id, status, self.clock_ms):
+            left.append(self.parent_run_id)
         if error is not None:
             attempt(self.client.set_tag, self.parent_run_id, "ptlab.error", error)
+        return left
+
+    def _end_left(self, left: list[str], status: str, error: str | None) -> list[str]:
+        """Try again to end the runs in ``left`` for up to ``close_retry_s()`` seconds (``PTLAB_CLOSE_RETRY_S``,
+        default 5) where the fault may pass (``PASSING_FAULTS``; else once): a SQLite store first gives back its
+        write-ahead log's space (``free_sqlite_journal``: after a failed write on a full disk it holds that write's
+        pages), a full disk may free meanwhile, an HTTP store is asked with one 2 s try per call. Returns the runs
+        still RUNNING."""
+        deadline = monotonic() + close_retry_s()
+        with quick_http_requests():
+            while True:
+                free_sqlite_journal(self.tracking_uri)
+                still, last = [], None
+                for run_id in left:
+                    try:
+                        self.client.set_terminated(run_id, status, self.clock_ms)
+                    except Exception as err:  # noqa: BLE001 - the store still cannot be written: tried again, then named
+                        still.append(run_id)
+                        last = err
+                if len(still) < len(left) and self.parent_run_id in left and self.parent_run_id not in still and error:
+                    try:
+                        self.client.set_tag(self.parent_run_id, "ptlab.error", error)
+                    except Exception:  # noqa: BLE001 - the status is what matters; the tag is best effort
+                        pass
+                left = still
+                if not left or monotonic() + 0.5 > deadline or not may_pass(last):
+                    return left
+                sleep(0.5)
 
     def start_stage(self, stage: str) -> None:
         """Create the child run of ``stage`` with the tags MLflow's context adds (user, source, git commit)."""
@@ -212,6 +278,7 @@ class MLflowTracker:
         run_id = self.children[stage]
         if self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, status, self.clock_ms)
+        self._ended.add(run_id)
 
     def stage_logger(self, stage: str) -> Any:
         """A ``BufferedMLFlowLogger`` on the child run of ``stage`` (started if needed)."""

@@ -239,11 +239,9 @@ def test_a_main_process_killed_mid_run_leaves_no_run_running(tmp_path: Path) -> 
     ]
 
 
-def test_a_helper_that_dies_is_one_line_and_its_runs_are_left_to_the_next_command(tmp_path: Path) -> None:
-    """The helper killed mid-run: the next call or read here raises one ``StoreError`` line; its runs stay RUNNING
-    with the helper's process in their tag, which the next command on the store finds vanished (``mark_vanished``)."""
-    from ptlab.tracking.stale import PROCESS_TAG, is_vanished
-
+def test_a_helper_that_dies_is_one_line_and_its_runs_are_ended_here(tmp_path: Path) -> None:
+    """The helper killed mid-run: the next call or read here raises one ``StoreError`` line; at exit this process
+    ends the helper's runs FAILED (``process vanished``, as the next command would) and the line says none is left."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = BackgroundTracker(uri, "exp", "cell")
     with pytest.raises(StoreError) as error, tracker:
@@ -256,10 +254,11 @@ def test_a_helper_that_dies_is_one_line_and_its_runs_are_left_to_the_next_comman
         _ = tracker.parent_run_id
     assert str(error.value) == (
         f"logger.tracking_uri={uri!r}: the tracking process ended unexpectedly (exit code -9); "
-        "runs this command left RUNNING are marked FAILED by the next ptlab command on this store"
+        "no run of this command was left RUNNING"
     )
-    run = MlflowClient(uri).get_run(parent)
-    assert run.info.status == "RUNNING" and is_vanished(run.data.tags[PROCESS_TAG])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id])
+    assert [(r.info.status, r.data.tags["ptlab.error"]) for r in runs] == [("FAILED", "process vanished")] * 2
 
 
 def test_a_sigterm_in_the_block_ends_the_helpers_runs_killed(tmp_path: Path) -> None:
