@@ -272,6 +272,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     negative_labels = -y[:, None, :]
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
+    relu = form.activation == "relu"  # with a bias too: relu(R + b) by a clamp into ``positive``, its derivative a sign
     bias = None if bias_start is None else bias_start.clone()
     shrink = pull = scale = None
     if inputs.decay is not None:
@@ -364,6 +365,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     for step in range(steps + 1):
         if plain:
             torch.clamp_min(response, 0, out=positive)
+        elif relu:  # with a bias (without one the path is plain)
+            torch.add(response, bias[..., None], out=positive).clamp_min_(0)
         else:
             pre = response if bias is None else response + bias[..., None]
             positive.copy_(sigma(pre))
@@ -391,8 +394,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         torch.mul(slope, loss_weight, out=per_patch[..., :n_train])
         torch.bmm(per_patch[..., :n_train], by_clean, out=per_patch[..., n_train:])
         step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
-        if plain:
-            positive.sign_()  # relu's derivative
+        if relu:
+            positive.sign_()  # relu's derivative 1[R + b > 0], from relu(R + b) >= 0
         else:
             positive.copy_(sigma.derivative(pre))
         positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
