@@ -329,7 +329,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             if bias is not None:
                 biases = torch.stack([item[4] for item in pending], dim=1).view(groups, evals, cells * filters, 1)
                 test_response.add_(biases)
-            test_response = sigma(test_response)
+            test_response = test_response.clamp_min_(0) if relu else sigma(test_response)
         test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
         test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
             positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None]
