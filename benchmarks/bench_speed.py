@@ -18,7 +18,8 @@ Parts (``--parts``, comma-separated; default all):
              the sweep), the whole ``-m experiment=fig2`` sweep through the CLI with MLflow (2000 cells) and its
              training alone (``iter_chunks`` over the same cells, for the sweep's ``history=last``): FLOPs / seconds /
              peak (bars: 50% and 60%).
-    kou2023  ``-m experiment=kou2023`` (100,000 trainings) with MLflow, then ``ptlab.report kou2023`` (bar: < 60 s).
+    kou2023  ``-m experiment=kou2023`` (100,000 trainings) with MLflow, then ``ptlab.report kou2023`` (bar: < 60 s), with
+             the CPU seconds of each (its processes, workers included).
 
 Run from the repo root, at the lowest load you can find (nothing is niced: the ratios are of wall times):
 ``python benchmarks/bench_speed.py [--parts single,costs] [--rounds 5]``. Everything it writes goes to a
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,11 +74,22 @@ def env(templates: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "PTLAB_STORE_TEMPLATES": str(templates), **threads}
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's ended children so far (a sweep's workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+LAST_CPU: list[float] = [0.0]
+"""CPU seconds of the process tree of the last ``timed`` command."""
+
+
 def timed(cmd: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
     cwd.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    LAST_CPU[0] = children_cpu() - cpu
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return seconds, done
@@ -343,12 +356,15 @@ def part_kou2023(root: Path) -> None:
     sweep, done = timed(
         [sys.executable, "-m", "ptlab", "-m", "experiment=kou2023", "hydra.launcher.progress=false"], cwd, environ
     )
+    sweep_cpu = LAST_CPU[0]
     report, _ = timed([sys.executable, "-m", "ptlab.report", "kou2023", "--tracking-uri", "sqlite:///mlflow.db"], cwd, environ)
+    report_cpu = LAST_CPU[0]
     found = re.findall(r"ptlab gram.*", done.stdout + done.stderr)
     total = sweep + report
     print(
         f"    sweep {sweep:.1f} s, report {report:.1f} s: {total:.1f} s (bar: < 60 s: "
-        f"{'met' if total < 60 else 'NOT met'})   ({load()})"
+        f"{'met' if total < 60 else 'NOT met'}); CPU seconds (user + system, workers included): sweep {sweep_cpu:.1f}, "
+        f"report {report_cpu:.1f}   ({load()})"
     )
     if found:
         print(f"    launcher: {found[-1]}")

@@ -2,9 +2,10 @@
 
 For each preset (default: ``fig2`` and ``kou2023``) the sweep ``python -m ptlab -m experiment=<preset>`` runs with
 MLflow into a new SQLite store, once in a copy of ``--base`` (``git archive``) and once in this tree, alternating for
-``--rounds`` rounds (the order swapped every round); prints every timing with the load average, the medians, the
-median of the per-round ratios (base / this tree: above 1 is faster here) and checks that both trees tracked the same
-number of FINISHED parent runs. Everything it writes goes to a temporary folder.
+``--rounds`` rounds (the order swapped every round); prints every timing with the load average and the CPU seconds
+of the sweep's processes (user + system, its workers included: what a loaded machine distorts least), the medians,
+the median of the per-round ratios (base / this tree: above 1 is faster here) and checks that both trees tracked the
+same number of FINISHED parent runs. Everything it writes goes to a temporary folder.
 
 ``python benchmarks/bench_versus.py --base <commit> [--presets fig2,kou2023] [--rounds 2]``
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -45,11 +47,18 @@ def finished_parents(store: Path) -> int:
         ).fetchone()[0]
 
 
-def sweep(tree: Path, preset: str, work: Path) -> tuple[float, int]:
-    """Seconds of one sweep of ``preset`` with ``tree``'s ptlab, in the fresh folder ``work``; FINISHED parents."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's ended children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sweep(tree: Path, preset: str, work: Path) -> tuple[float, int, float]:
+    """Seconds of one sweep of ``preset`` with ``tree``'s ptlab, in the fresh folder ``work``; FINISHED parents; CPU
+    seconds of the sweep's processes."""
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "HYDRA_FULL_ERROR": "0"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(
         [
             sys.executable,
@@ -65,10 +74,10 @@ def sweep(tree: Path, preset: str, work: Path) -> tuple[float, int]:
         capture_output=True,
         text=True,
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, children_cpu() - cpu
     if done.returncode:
         raise SystemExit(f"{tree}: experiment={preset} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return seconds, finished_parents(work / "mlflow.db")
+    return seconds, finished_parents(work / "mlflow.db"), cpu
 
 
 def main() -> None:
@@ -82,15 +91,19 @@ def main() -> None:
         trees = {"base": base, "here": REPO}
         for preset in args.presets.split(","):
             times: dict[str, list[float]] = {"base": [], "here": []}
+            cpus: dict[str, list[float]] = {"base": [], "here": []}
             for k in range(args.rounds):
                 order = ("base", "here") if k % 2 == 0 else ("here", "base")
                 runs = {}
                 for name in order:
-                    seconds, parents = sweep(trees[name], preset, Path(tmp) / f"{preset}-{name}-{k}")
+                    seconds, parents, cpu = sweep(trees[name], preset, Path(tmp) / f"{preset}-{name}-{k}")
                     times[name].append(seconds)
+                    cpus[name].append(cpu)
                     runs[name] = parents
                     print(
-                        f"{preset} round {k + 1} {name:4s}: {seconds:7.1f} s, {parents} FINISHED parents   ({load()})", flush=True
+                        f"{preset} round {k + 1} {name:4s}: {seconds:7.1f} s, {cpu:7.1f} CPU s, {parents} FINISHED parents   "
+                        f"({load()})",
+                        flush=True,
                     )
                 if runs["base"] != runs["here"]:
                     raise SystemExit(f"{preset}: the trees tracked {runs['base']} and {runs['here']} FINISHED parents")
@@ -98,7 +111,8 @@ def main() -> None:
             print(
                 f"{preset}: median base {statistics.median(times['base']):.1f} s, here "
                 f"{statistics.median(times['here']):.1f} s; base / here = {statistics.median(ratios):.2f} "
-                f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+                f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}); CPU s: median base {statistics.median(cpus['base']):.1f}, "
+                f"here {statistics.median(cpus['here']):.1f}"
             )
 
 

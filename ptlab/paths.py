@@ -9,6 +9,7 @@ package and reads its own packaged copy. Standard library only: importing this m
 
 from __future__ import annotations
 
+import functools
 from importlib.resources import files
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def _package_conf() -> Path | None:
     return conf if (conf / CONFIG_NAME).is_file() else None
 
 
+@functools.cache
 def config_dir() -> str:
     """Absolute path of the Hydra config folder: the repository's ``conf/`` in a source checkout or
-    editable install, else the installed package's ``ptlab/conf``."""
+    editable install, else the installed package's ``ptlab/conf`` (found once a process: a grid's theory asks for
+    it once a setting)."""
     conf = _repo_conf() or _package_conf()
     if conf is None:
         here = Path(__file__).resolve().parent

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,9 +207,10 @@ def _load_cached(path: str, mtime: float) -> PhaseModel:
 
 
 def load(path: str | Path) -> PhaseModel:
-    """The phase model of a YAML file (cached while the file is unchanged)."""
+    """The phase model of a YAML file (cached while the file is unchanged; keyed by its absolute path, which unlike
+    ``Path.resolve`` needs no system call per path component: a grid asks once a setting)."""
     file = Path(path)
-    return _load_cached(str(file.resolve()), file.stat().st_mtime)
+    return _load_cached(os.path.abspath(file), file.stat().st_mtime)
 
 
 def resolve_path(path: str | Path = PHASE_MODEL_FILE) -> Path:

@@ -131,16 +131,17 @@ def summary_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         values = dict(setting)
         transfer = [_accuracy(c.summary, "transfer") for c in group]
         scratch = [_accuracy(c.summary, "scratch") for c in group]
-        gains = pd.Series([100 * (t - s) for t, s in zip(transfer, scratch)], dtype=float)
-        low, high = paired_ci(gains)
-        n = int(gains.notna().sum())
+        gains = [100 * (t - s) for t, s in zip(transfer, scratch)]
+        finite = [g for g in gains if not math.isnan(g)]  # paired_ci's dropna, without a Series for every setting
+        low, high = paired_ci(pd.Series(finite, dtype=float)) if len(finite) >= 2 else (math.nan, math.nan)
+        n = len(finite)
         rows.append(
             {
                 **{k: values.get(k, "") for k in varying},
                 "n": n,
                 "transfer": _fixed(_mean(transfer), "{:.4f}"),
                 "scratch": _fixed(_mean(scratch), "{:.4f}"),
-                "gain (points)": _fixed(_mean(list(gains)), "{:+.1f}"),
+                "gain (points)": _fixed(_mean(gains), "{:+.1f}"),
                 "95% CI": "" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]",
                 "verdict": verdict(low, high, n) if n else "",
                 "prediction": ", ".join(sorted({_prediction(c.summary) for c in group} - {""})),

@@ -13,7 +13,7 @@ import json
 import math
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,24 @@ def open_pipeline(tracker: Tracker, resolved: Mapping[str, Any], config_yaml: st
         tracker.log_metrics(metrics)
 
 
+def _per_prediction(theory: TheoryPrediction, name: str, make: Callable[[], Any]) -> Any:
+    """``make()`` once per prediction object, kept in its instance dict as ``functools.cached_property`` keeps values
+    (the frozen dataclass's fields are untouched): a grid's cells of one setting share their prediction, so its
+    fields are formatted once, not once a cell."""
+    if name not in theory.__dict__:
+        theory.__dict__[name] = make()
+    return theory.__dict__[name]
+
+
 def theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, float]]:
     """The theory's prediction as a pipeline's params (``theory.<label>``) and metrics (``theory/<number>``, the
     finite ones, rounded for display), and the fitted phase model's (``prediction.*``, ``ptlab.phase``): what a run
-    logs and what a grid row holds."""
+    logs and what a grid row holds (new dicts each call, made once per prediction object)."""
+    params, metrics = _per_prediction(theory, "_record_theory_fields", lambda: _theory_fields(theory))
+    return dict(params), dict(metrics)
+
+
+def _theory_fields(theory: TheoryPrediction) -> tuple[dict[str, Any], dict[str, float]]:
     params: dict[str, Any] = {f"theory.{k}": v for k, v in theory.labels().items()}
     metrics = {f"theory/{k}": exact(v) for k, v in theory.metrics().items() if math.isfinite(v)}
     if theory.prediction is not None:
@@ -235,16 +249,20 @@ def pipeline_summary(
     mlflow: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A pipeline's ``summary.json`` (JSON-safe: non-finite numbers are ``None``), the same for every layout."""
-    summary: dict[str, Any] = {
+    head: dict[str, Any] = {
         **{name: {k: exact(v) for k, v in stages[name].summary().items()} if name in stages else None for name in STAGES},
         **(extra or {}),
-        **({"theory": theory.as_dict()} if theory is not None else {}),
-        **({"prediction": theory.prediction} if theory is not None and theory.prediction is not None else {}),
-        "seed": seed,
-        "choices": dict(choices),
-        "mlflow": dict(mlflow or {}),
     }
-    return finite_or_none(summary)
+    tail = {"seed": seed, "choices": dict(choices), "mlflow": dict(mlflow or {})}
+    if theory is None:
+        return finite_or_none({**head, **tail})
+    made = _per_prediction(theory, "_record_summary_theory", lambda: finite_or_none(_summary_theory(theory)))
+    return {**finite_or_none(head), **{key: dict(value) for key, value in made.items()}, **finite_or_none(tail)}
+
+
+def _summary_theory(theory: TheoryPrediction) -> dict[str, Any]:
+    """The summary's ``theory`` entry and, with a phase model, its ``prediction``."""
+    return {"theory": theory.as_dict(), **({"prediction": theory.prediction} if theory.prediction is not None else {})}
 
 
 def format_table(summary: Mapping[str, Any]) -> str:

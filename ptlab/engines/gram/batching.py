@@ -28,7 +28,7 @@ from ptlab.engines.gram.draws import Group, prepare_group
 from ptlab.engines.gram.kernel import StageInputs, eval_steps, torch_threads, train_stage_batch
 from ptlab.engines.gram.regularize import drop_neutral, filter_regularizer
 from ptlab.engines.gram.results import GramResult, GramStage, kept_steps, on_cpu
-from ptlab.engines.gram.scores import cell_scores
+from ptlab.engines.gram.scores import block_scores
 from ptlab.engines.gram.workers import worker_pool
 from ptlab.seeding import derive_seed
 from ptlab.transfer.adapters import TwoLayerCNNFilters
@@ -131,10 +131,6 @@ def _regularizers(
     return drop_neutral(both)
 
 
-def _at(values: Tensor | None, group: int, cell: int) -> Tensor | None:
-    return None if values is None else values[group, cell].cpu()
-
-
 def _scores(
     cells: list[GramCell],
     groups: list[Group],
@@ -146,31 +142,37 @@ def _scores(
     upstream_bias: Tensor | None = None,
 ) -> dict[int, dict[str, float]]:
     """Each cell's transferability scores from the downstream stage-start responses ``start`` (G, C, Fm, P), with
-    transfer (G, 2C, ...: transfer then scratch) from the upstream model's responses on task 2 too."""
+    transfer (G, 2C, ...: transfer then scratch) from the upstream model's responses on task 2 too: the block's cells
+    scored at once (``block_scores``, on the CPU)."""
     size = len(layout[0])
-    out: dict[int, dict[str, float]] = {}
-    for g, group in enumerate(groups):
-        for c, index in enumerate(group.cells):
-            cell = cells[index]
-            if not cell.transferability:
-                continue
-            scratch = size + c if upstream is not None else c
-            out[index] = cell_scores(  # on the CPU: a cell's scores are small numpy work
-                cell.seed,
-                cell.transferability_samples,
-                signal[g, c].cpu(),
-                group.tensors["c2"].cpu(),
-                group.tensors["y2"].cpu(),
-                cell.model_form,
-                start[g, scratch].cpu(),
-                _at(bias, g, scratch),
-                transfer=start[g, c].cpu() if upstream is not None else None,
-                transfer_bias=_at(bias, g, c),
-                upstream=_at(upstream, g, c),
-                upstream_bias=_at(upstream_bias, g, c),
-                upstream_form=cell.upstream_form,
-            )
-    return out
+    entries = [
+        (g, c, index) for g, group in enumerate(groups) for c, index in enumerate(group.cells) if cells[index].transferability
+    ]
+    if not entries:
+        return {}
+    g_at, c_at = torch.tensor([e[0] for e in entries]), torch.tensor([e[1] for e in entries])
+    scratch_at = c_at + size if upstream is not None else c_at
+
+    def at(values: Tensor | None, cell: Tensor = c_at) -> Tensor | None:
+        return None if values is None else values.cpu()[g_at, cell]
+
+    first = cells[entries[0][2]]
+    scores = block_scores(
+        [cells[index].seed for _, _, index in entries],
+        [cells[index].transferability_samples for _, _, index in entries],
+        at(signal),
+        torch.stack([group.tensors["c2"].cpu() for group in groups])[g_at],
+        torch.stack([group.tensors["y2"].cpu() for group in groups])[g_at],
+        first.model_form,
+        at(start, scratch_at),
+        at(bias, scratch_at),
+        transfer=at(start) if upstream is not None else None,
+        transfer_bias=at(bias) if upstream is not None else None,
+        upstream=at(upstream),
+        upstream_bias=at(upstream_bias),
+        upstream_form=first.upstream_form,
+    )
+    return {index: score for (_, _, index), score in zip(entries, scores)}
 
 
 def _run_chunk(

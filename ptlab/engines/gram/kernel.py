@@ -272,6 +272,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     negative_labels = -y[:, None, :]
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
+    relu = form.activation == "relu"  # with a bias too: relu(R + b) by a clamp into ``positive``, its derivative a sign
     bias = None if bias_start is None else bias_start.clone()
     shrink = pull = scale = None
     if inputs.decay is not None:
@@ -328,7 +329,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             if bias is not None:
                 biases = torch.stack([item[4] for item in pending], dim=1).view(groups, evals, cells * filters, 1)
                 test_response.add_(biases)
-            test_response = sigma(test_response)
+            test_response = test_response.clamp_min_(0) if relu else sigma(test_response)
         test_halves = test_response.view(groups, evals, cells, 2, width, n_test)
         test_margin = (test_halves[:, :, :, 0].sum(3) - test_halves[:, :, :, 1].sum(3)) / divisor * factor + torch.where(
             positive_test_clean, h[..., n_train, None], h[..., n_train + 1, None]
@@ -364,6 +365,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     for step in range(steps + 1):
         if plain:
             torch.clamp_min(response, 0, out=positive)
+        elif relu:  # with a bias (without one the path is plain)
+            torch.add(response, bias[..., None], out=positive).clamp_min_(0)
         else:
             pre = response if bias is None else response + bias[..., None]
             positive.copy_(sigma(pre))
@@ -391,8 +394,8 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         torch.mul(slope, loss_weight, out=per_patch[..., :n_train])
         torch.bmm(per_patch[..., :n_train], by_clean, out=per_patch[..., n_train:])
         step_by_output = per_patch[:, :, None, None, :] * output_step  # (G, C, 2, 1, K), small
-        if plain:
-            positive.sign_()  # relu's derivative
+        if relu:
+            positive.sign_()  # relu's derivative 1[R + b > 0], from relu(R + b) >= 0
         else:
             positive.copy_(sigma.derivative(pre))
         positive.view(by_output_shape).mul_(step_by_output)  # now this step's coefficient update
