@@ -604,6 +604,11 @@ class GridRecorder:
         return self.cells[index].key in self.done
 
     def open(self, index: int) -> None:
+        return None  # a grid cell has no run of its own: its row is made when its result comes back (``record``)
+
+    def record(self, index: int, result: PipelineResult) -> None:
+        """Keep the result on its cell with the theory's prediction, computed here, once per config minus the seed:
+        while the workers train the next chunks, not before the first one starts."""
         cell = self.cells[index]
         key = (id(cell.template), tuple(sorted(o.input_line for o in cell.values if o.key_or_group != "seed")))
         if key not in self.known:
@@ -612,9 +617,7 @@ class GridRecorder:
                 cell.template._set(resolved, override.key_or_group, cell.template.value(override)[0])
             self.known[key] = predict_from_spec(cell.template.spec(resolved))
         cell.theory = self.known[key]
-
-    def record(self, index: int, result: PipelineResult) -> None:
-        self.cells[index].outcome = result
+        cell.outcome = result
         self.recorded += 1
 
     def flush(self) -> None:
