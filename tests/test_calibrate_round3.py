@@ -236,6 +236,7 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
     values = np.array([record["values"][c] for c in frozen.classes]) if record["kept"] else np.zeros(3)
     np.testing.assert_allclose(shifted.params["intercept"], np.asarray(frozen.params["intercept"]) + values, atol=1e-7)
     assert "class offsets on 4 fit cells" in (out / "calibration.txt").read_text()
+    assert shifted.provenance["earlier_held_out"][-1]["agreeing"] == frozen.provenance["held_out"]["agreeing"]
 
 
 def _settings(cells: pd.DataFrame) -> list[Setting]:

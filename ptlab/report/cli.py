@@ -173,7 +173,13 @@ def calibrate_main(argv: list[str]) -> int:
                 "command": command,
                 "date": dt.date.today().isoformat(),
             }
-            base = {k: v for k, v in frozen.provenance.items() if k != "held_out"}
+            # The earlier held-out score moves to earlier_held_out: it scored the model without these offsets.
+            base = {k: v for k, v in frozen.provenance.items() if k not in ("held_out", "held_out_experiments")}
+            if frozen.provenance.get("held_out"):
+                base["earlier_held_out"] = [
+                    *frozen.provenance.get("earlier_held_out", []),
+                    {"experiments": frozen.provenance.get("held_out_experiments"), **frozen.provenance["held_out"]},
+                ]
             frozen = with_offsets(frozen, offsets if adopted else 0 * offsets, {**base, "held_out": {}, "offsets": record})
         result = calibrate(cells, candidates=candidates, frozen=frozen)
     except ReportError as err:
