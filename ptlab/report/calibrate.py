@@ -540,16 +540,20 @@ PHASE, THEORY = "phase model", "theory, fitted constants"
 
 
 def calibrate(
-    cells: pd.DataFrame, provenance: dict | None = None, candidates: Sequence[Candidate] = PHASE_CANDIDATES
+    cells: pd.DataFrame,
+    provenance: dict | None = None,
+    candidates: Sequence[Candidate] = PHASE_CANDIDATES,
+    frozen: PhaseModel | None = None,
 ) -> Calibration:
     """Fit the constants and the phase model (chosen among ``candidates``) on the ``fit`` cells and score every
-    predictor on both splits."""
+    predictor on both splits. With ``frozen`` (a model fitted and stored before), that model is scored as it is:
+    no phase model is fitted, and the cross-validation is empty."""
     cells = add_thresholds(cells[cells["measured"].notna()].reset_index(drop=True))
     fit = cells[cells["split"] == FIT]
     if fit.empty:
         raise ReportError("no fit cell has a paired verdict: calibration needs fit cells with >= 2 seeds")
     constants, boundaries, agreeing = fit_constants(fit)
-    phase, cv = fit_phase_model(fit, provenance, candidates)
+    phase, cv = (frozen, {}) if frozen is not None else fit_phase_model(fit, provenance, candidates)
     cells[THEORY] = predicted_outcomes(cells, constants)
     x = features_of(cells, phase.features)
     cells[PHASE] = phase.predict_outcomes(x)
@@ -767,3 +771,122 @@ def write_outputs(result: Calibration, out_dir: Path, text: str) -> list[Path]:
     result.agreement().to_csv(agreement, index=False)
     report.write_text(text + "\n")
     return [cells, agreement, report]
+
+
+# ---- fit cells near the current model's boundary ---------------------------------------------------------
+
+DESIGN_KEYS = {
+    "d": "task.d",
+    "n1": "task.n1",
+    "n2": "task.n2",
+    "u_norm": "task.u_norm",
+    "v_norm": "task.v_norm",
+    "sigma_p1": "noise.sigma_p1",
+    "sigma_p2": "noise.sigma_p2",
+    "alpha": "transfer.alpha",
+}
+"""The override of each theory input in a cells file (``ptlab.design``)."""
+
+
+def cell_setting(cell: Sequence[str]) -> Setting:
+    """The theory's ``Setting`` of one cell of a design (its override list); every input must be drawn or fixed
+    by the cell."""
+    values = dict(o.split("=", 1) for o in cell if "=" in o)
+    missing = [key for key in DESIGN_KEYS.values() if key not in values]
+    if missing:
+        raise ReportError(f"cell {' '.join(cell)}: lacks {', '.join(missing)}: the filter needs every theory input")
+    v = {name: float(values[key]) for name, key in DESIGN_KEYS.items()}
+    floats = (v[k] for k in ("u_norm", "v_norm", "sigma_p1", "sigma_p2", "alpha"))
+    return Setting(int(v["d"]), int(v["n1"]), int(v["n2"]), *floats)
+
+
+def near_boundary(design: Sequence[Sequence[str]], model: PhaseModel, max_confidence: float) -> list[list[str]]:
+    """The cells of a random design where ``model`` is unsure: its largest class probability is below
+    ``max_confidence``, in the design's order, each with its own run seeds (an active-learning fit set: the
+    cells are still drawn at random over the box, then kept by the model's confidence; never held out)."""
+    if not 0 < max_confidence <= 1:
+        raise ReportError(f"max_confidence={max_confidence}: a probability in (0, 1]")
+    rows = [phase_features(cell_setting(cell)) for cell in design]
+    if not rows:
+        return []
+    confidence = model.probabilities(feature_matrix(rows, model.features)).max(axis=1)
+    return [list(cell) for cell, p in zip(design, confidence) if p < max_confidence]
+
+
+# ---- class offsets of a frozen logistic model --------------------------------------------------------------
+
+OFFSET_LIMIT, OFFSET_STEP = 1.0, 0.05
+"""The grid of ``fit_offsets``: each class's offset in ``[-OFFSET_LIMIT, OFFSET_LIMIT]`` and no two offsets more
+than ``OFFSET_LIMIT`` apart, in steps of ``OFFSET_STEP``."""
+
+
+def _offset_grid(classes: int, reference: int, limit: float = OFFSET_LIMIT, step: float = OFFSET_STEP) -> np.ndarray:
+    """Every offset vector of the grid (``reference``'s offset 0), ordered by size (the smallest first)."""
+    import itertools
+
+    values = np.round(np.arange(-limit, limit + step / 2, step), 10)
+    free = [i for i in range(classes) if i != reference]
+    grid = []
+    for combo in itertools.product(values, repeat=len(free)):
+        offsets = np.zeros(classes)
+        offsets[free] = combo
+        if offsets.max() - offsets.min() <= limit + 1e-9:
+            grid.append(offsets)
+    return np.array(sorted(grid, key=lambda o: (np.abs(o).max(), float((o**2).sum()), tuple(o))))
+
+
+def offset_agreement(log_p: np.ndarray, labels: np.ndarray, classes: Sequence[str], grid: np.ndarray) -> np.ndarray:
+    """How many cells each offset vector of ``grid`` gets right: the predicted class is the argmax of the log
+    probabilities plus the offsets."""
+    names = np.asarray(classes, dtype=object)
+    predicted = names[(log_p[None, :, :] + grid[:, None, :]).argmax(axis=2)]
+    return (predicted == np.asarray(labels, dtype=object)[None, :]).sum(axis=1)
+
+
+def fit_offsets(
+    model: PhaseModel, x: np.ndarray, labels: Sequence[str], reference: str = NO_DIFFERENCE
+) -> tuple[np.ndarray, int]:
+    """Offsets added to a frozen logistic model's class scores (``reference``'s kept at 0) that agree best with
+    ``labels`` on the cells ``x``; ties go to the smallest offsets. The grid bounds every difference of two
+    offsets by ``OFFSET_LIMIT`` (1.0): a cell whose largest class probability is at least 0.75 has a log-odds
+    margin of at least log 3 = 1.1 over the others, so no such cell changes its predicted class, only cells
+    the model is unsure about do."""
+    if model.kind != "logistic":
+        raise ValueError(f"phase model kind={model.kind}: offsets need a logistic model")
+    grid = _offset_grid(len(model.classes), list(model.classes).index(reference))
+    log_p = np.log(np.clip(model.probabilities(x), 1e-300, None))
+    scores = offset_agreement(log_p, np.asarray(labels, dtype=object), model.classes, grid)
+    best = int(np.argmax(scores))  # the first maximum: the smallest offsets among the best
+    return grid[best], int(scores[best])
+
+
+def cross_validated_offsets(
+    model: PhaseModel, x: np.ndarray, labels: Sequence[str], repeats: int = CV_REPEATS
+) -> tuple[float, float]:
+    """The mean agreement of ``fit_offsets`` in ``repeats`` stratified 5-fold splits (seeds 0, 1, ...; offsets
+    fitted on four folds, scored on the fifth) and, on the same cells, the frozen model's own agreement."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    plain = float(np.mean(np.asarray(model.predict_outcomes(x), dtype=object) == labels))
+    folds = int(min(CV_FOLDS, pd.Series(labels).value_counts().min()))
+    if folds < 2:
+        return math.nan, plain
+    agreeing = []
+    for seed in range(repeats):
+        right = 0
+        for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, labels):
+            offsets, _ = fit_offsets(model, x[train], labels[train])
+            right += int((np.asarray(with_offsets(model, offsets).predict_outcomes(x[test]), dtype=object) == labels[test]).sum())
+        agreeing.append(right / len(labels))
+    return float(np.mean(agreeing)), plain
+
+
+def with_offsets(model: PhaseModel, offsets: np.ndarray, provenance: dict | None = None) -> PhaseModel:
+    """``model`` with ``offsets`` added to its class intercepts (everything else unchanged)."""
+    if not np.any(offsets):
+        return model if provenance is None else replace(model, provenance=provenance)
+    params = {**model.params, "intercept": np.round(np.asarray(model.params["intercept"], float) + offsets, 8).tolist()}
+    terms = ", ".join(f"{c} {o:+.2f}" for c, o in zip(model.classes, offsets) if o)
+    name = model.name.split(" + class offsets")[0] + f" + class offsets ({terms})"
+    return replace(model, name=name, params=params, provenance=dict(model.provenance if provenance is None else provenance))

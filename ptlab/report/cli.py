@@ -45,12 +45,17 @@ def make_report(
 
 def calibrate_main(argv: list[str]) -> int:
     """``calibrate --fit EXP... --held-out EXP... [--write FILE] [--write-phase FILE]``: fit the theory's
-    constants and the phase model on the fit experiments, score every predictor on the held-out ones."""
+    constants and the phase model on the fit experiments, score every predictor on the held-out ones.
+    ``--phase-model FILE`` scores a frozen phase model instead of fitting one (``--write-phase`` then writes
+    it back unchanged but for its provenance's held-out score); with ``--offsets`` (fit cells only, no
+    ``--held-out``) it first fits class offsets to that model's scores on the fit cells and keeps them if their
+    cross-validated agreement beats the model's own (``ptlab.report.calibrate.fit_offsets``)."""
     import datetime as dt
     from dataclasses import replace
 
-    from ptlab.phase import save
+    from ptlab.phase import load, save
     from ptlab.report.calibrate import (
+        FIT,
         HELD_OUT,
         MIN_SEEDS,
         PHASE,
@@ -59,8 +64,12 @@ def calibrate_main(argv: list[str]) -> int:
         calibrate,
         ceiling_lines,
         constants_yaml,
+        cross_validated_offsets,
+        features_of,
+        fit_offsets,
         load_cells,
         report_text,
+        with_offsets,
         write_outputs,
     )
 
@@ -87,6 +96,18 @@ def calibrate_main(argv: list[str]) -> int:
         "gradient boosting beside the phase model's candidates (references only, never chosen)",
     )
     parser.add_argument(
+        "--phase-model",
+        default=None,
+        metavar="FILE",
+        help="score this frozen phase model (written earlier by --write-phase) instead of fitting one",
+    )
+    parser.add_argument(
+        "--offsets",
+        action="store_true",
+        help="with --phase-model and no --held-out: fit class offsets of that model on the fit cells (kept if they "
+        "beat it in cross-validation)",
+    )
+    parser.add_argument(
         "--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out (default: %(default)s)"
     )
     parser.add_argument(
@@ -107,14 +128,65 @@ def calibrate_main(argv: list[str]) -> int:
         "python -m ptlab.report calibrate --fit "
         + " ".join(args.fit)
         + (" --held-out " + " ".join(args.held_out) if args.held_out else "")
+        + (f" --phase-model {args.phase_model}" if args.phase_model else "")
+        + (" --offsets" if args.offsets else "")
     )
+    if args.offsets and (args.phase_model is None or args.held_out):
+        print(
+            f"ptlab: --offsets with --phase-model={args.phase_model} --held-out={' '.join(args.held_out) or None}: "
+            "offsets need a frozen model and fit cells only (fit, write, then score the held-out cells)",
+            file=sys.stderr,
+        )
+        return 2
+    frozen = None
+    if args.phase_model is not None:
+        try:
+            frozen = load(args.phase_model)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"ptlab: --phase-model={args.phase_model}: a file written by --write-phase ({err})", file=sys.stderr)
+            return 2
+    candidates = [
+        *PHASE_CANDIDATES,
+        *(REFERENCE_CANDIDATES if args.references else ()),
+    ]
     try:
         cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds, args.held_out_tracking_uri)
-        result = calibrate(cells, candidates=[*PHASE_CANDIDATES, *(REFERENCE_CANDIDATES if args.references else ())])
+        offset_lines = []
+        if args.offsets:
+            fit = cells[(cells["split"] == FIT) & cells["measured"].notna()].reset_index(drop=True)
+            x, labels = features_of(fit, frozen.features), fit["measured"].to_numpy(dtype=object).astype(str)
+            cv, plain = cross_validated_offsets(frozen, x, labels)
+            offsets, agreeing = fit_offsets(frozen, x, labels)
+            adopted = bool(cv > plain)
+            offset_lines = [
+                f"class offsets on {len(fit)} fit cells: "
+                + ", ".join(f"{c} {o:+.2f}" for c, o in zip(frozen.classes, offsets))
+                + f" ({agreeing}/{len(fit)} agree; the frozen model {plain:.1%}; offsets cross-validated {cv:.1%}): "
+                + ("kept" if adopted else "not kept")
+            ]
+            record = {
+                "values": {c: round(float(o), 4) for c, o in zip(frozen.classes, offsets)},
+                "fit_experiments": list(args.fit),
+                "fit_cells": len(fit),
+                "agreement_before": round(plain, 6),
+                "cross_validated_agreement": round(cv, 6),
+                "kept": adopted,
+                "command": command,
+                "date": dt.date.today().isoformat(),
+            }
+            # The earlier held-out score moves to earlier_held_out: it scored the model without these offsets.
+            base = {k: v for k, v in frozen.provenance.items() if k not in ("held_out", "held_out_experiments")}
+            if frozen.provenance.get("held_out"):
+                base["earlier_held_out"] = [
+                    *frozen.provenance.get("earlier_held_out", []),
+                    {"experiments": frozen.provenance.get("held_out_experiments"), **frozen.provenance["held_out"]},
+                ]
+            frozen = with_offsets(frozen, offsets if adopted else 0 * offsets, {**base, "held_out": {}, "offsets": record})
+        result = calibrate(cells, candidates=candidates, frozen=frozen)
     except ReportError as err:
         print(f"ptlab.report calibrate: {err}", file=sys.stderr)
         return 2
-    text = report_text(result, dropped)
+    text = "\n".join([report_text(result, dropped), *offset_lines])
     if args.ceiling:
         text += "\n" + "\n".join(ceiling_lines(result.cells))
     print(text)
@@ -128,6 +200,19 @@ def calibrate_main(argv: list[str]) -> int:
 
         box = box_file(args.box)
         held = result.scores.get(HELD_OUT, {})
+        held_entry = (
+            {
+                "cells": held[PHASE].cells,
+                "agreeing": held[PHASE].agreeing,
+                "agreement": round(held[PHASE].agreement, 6),
+                "wilson_95": [round(held[PHASE].low, 6), round(held[PHASE].high, 6)],
+                "negative_precision": held[PHASE].negative_precision,
+                "negative_recall": held[PHASE].negative_recall,
+                "others": {name: round(s.agreement, 6) for name, s in held.items() if name != PHASE},
+            }
+            if held
+            else {}
+        )
         provenance = {
             "command": command,
             "date": dt.date.today().isoformat(),
@@ -138,24 +223,29 @@ def calibrate_main(argv: list[str]) -> int:
             "seeds_per_cell": sorted({int(n) for n in result.cells["n_seeds"]}),
             "measured": "paired 95% t interval of transfer - scratch over the seeds (no minimum effect)",
             "cross_validated_agreement": result.phase_cv,
-            "held_out": (
-                {
-                    "cells": held[PHASE].cells,
-                    "agreeing": held[PHASE].agreeing,
-                    "agreement": round(held[PHASE].agreement, 6),
-                    "wilson_95": [round(held[PHASE].low, 6), round(held[PHASE].high, 6)],
-                    "negative_precision": held[PHASE].negative_precision,
-                    "negative_recall": held[PHASE].negative_recall,
-                    "others": {name: round(s.agreement, 6) for name, s in held.items() if name != PHASE},
-                }
-                if held
-                else {}
-            ),
+            "held_out": held_entry,
         }
         header = (
             f"# The fitted phase model (ptlab.phase, docs/theory.md): {result.phase.name}.\n"
             f"# Refit: {command} --write-phase <this file>\n"
         )
+        if frozen is not None:  # the frozen model as it was fitted, with the score of this command
+            earlier = [*frozen.provenance.get("earlier_held_out", [])]
+            if frozen.provenance.get("held_out") and held:
+                earlier.append({"experiments": frozen.provenance.get("held_out_experiments"), **frozen.provenance["held_out"]})
+            provenance = {**frozen.provenance, **({"earlier_held_out": earlier} if earlier else {})}
+            if held:
+                provenance.update(
+                    held_out_experiments=list(args.held_out),
+                    held_out=held_entry,
+                    scored_by=command,
+                    scored_on=dt.date.today().isoformat(),
+                )
+            header = (
+                f"# The fitted phase model (ptlab.phase, docs/theory.md): {result.phase.name}.\n"
+                f"# Fitted: {frozen.provenance.get('command', 'unknown')} --write-phase <this file>\n"
+                f"# Scored: {command}\n"
+            )
         save(replace(result.phase, provenance=provenance), args.write_phase, header)
         print(args.write_phase)
     return 0
@@ -171,7 +261,9 @@ def box_file(given: str) -> Path:
 
 
 def design_main(argv: list[str]) -> int:
-    """``design --seed S --cells N [--seeds K] [--box FILE] --out FILE``: write a random design's cells file."""
+    """``design --seed S --cells N [--seeds K] [--box FILE] --out FILE``: write a random design's cells file.
+    With ``--near-boundary MODEL --max-confidence P``: only the drawn cells where that phase model's largest class
+    probability is below P (fit cells near its boundary; each keeps the run seeds of its place in the draw)."""
     from ptlab.design import DesignError, design_yaml, draw_design, load_box
 
     parser = argparse.ArgumentParser(
@@ -182,7 +274,19 @@ def design_main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=16, help="run seeds a cell (default: %(default)s)")
     parser.add_argument("--box", default=DEFAULT_BOX, help="box file (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the cells file to write")
+    parser.add_argument(
+        "--near-boundary", default=None, metavar="MODEL", help="keep only cells where this phase model file is unsure"
+    )
+    parser.add_argument(
+        "--max-confidence",
+        type=float,
+        default=0.75,
+        help="with --near-boundary: keep cells whose largest class probability is below this (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.max_confidence <= 1:
+        print(f"ptlab: --max-confidence={args.max_confidence}: a probability in (0, 1]", file=sys.stderr)
+        return 2
     try:
         box = load_box(box_file(args.box))
         design = draw_design(box, args.seed, args.cells, args.seeds)
@@ -190,6 +294,22 @@ def design_main(argv: list[str]) -> int:
         print(f"ptlab: {err}", file=sys.stderr)
         return 2
     command = f"python -m ptlab.report design --seed {args.seed} --cells {args.cells} --seeds {args.seeds} --box {args.box}"
+    if args.near_boundary is not None:
+        from ptlab.phase import load
+        from ptlab.report.calibrate import near_boundary
+
+        try:
+            design = near_boundary(design, load(args.near_boundary), args.max_confidence)
+        except (OSError, ValueError, KeyError, TypeError, ReportError) as err:
+            print(
+                f"ptlab: --near-boundary={args.near_boundary}: a phase model file and a design of the theory's inputs ({err})",
+                file=sys.stderr,
+            )
+            return 2
+        if not design:
+            print(f"ptlab: --max-confidence={args.max_confidence}: no drawn cell is below it; draw more cells", file=sys.stderr)
+            return 2
+        command += f" --near-boundary {args.near_boundary} --max-confidence {args.max_confidence:g}"
     Path(args.out).write_text(design_yaml(design, box, args.seed, args.seeds, command))
     print(args.out)
     return 0
