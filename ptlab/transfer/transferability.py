@@ -169,9 +169,13 @@ def leep(source_probabilities: Any, labels: Any) -> float:
 
 
 def scored(score: Callable[[Any, Any], float], values: Tensor, labels: Any) -> float:
-    """``score(values, labels)``, or NaN where ``values`` are not finite: a diverged model's features; the pipeline
-    reports the divergence itself, and a summary writes the NaN as ``null``."""
-    return score(values, labels) if bool(torch.isfinite(values).all()) else float("nan")
+    """``score(values, labels)``, or NaN where no score is defined: ``values`` not finite (a diverged model's
+    features; the pipeline reports the divergence itself) or ``labels`` of one class (a small task-2 sample, with
+    label noise, may draw one: LogME's one-vs-rest targets and LEEP need two). A summary writes the NaN as ``null``;
+    the run goes on."""
+    if not bool(torch.isfinite(values).all()) or len(np.unique(_as_numpy(labels, "labels", 1))) < 2:
+        return float("nan")
+    return score(values, labels)
 
 
 def score_subset(n: int, max_samples: int, seed: int) -> Tensor:

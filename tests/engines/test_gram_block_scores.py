@@ -94,6 +94,8 @@ def test_block_scores_without_transfer_and_a_one_class_subset() -> None:
     for b in range(6):
         alone = cell_scores(0, 12, t["signal"][b], t["clean"][b], t["y"][b], ModelForm(), t["scratch"][b])
         assert block[b] == alone and set(alone) == {"logme_scratch", "samples"}
-    t["y"][4] = 1.0  # one class: refused as alone
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        block_scores([0] * 6, [12] * 6, t["signal"], t["clean"], t["y"], ModelForm(), t["scratch"])
+    t["y"][4] = 1.0  # one class: no score is defined, NaN as alone; the other cells are scored as before
+    again = block_scores([0] * 6, [12] * 6, t["signal"], t["clean"], t["y"], ModelForm(), t["scratch"])
+    alone = cell_scores(0, 12, t["signal"][4], t["clean"][4], t["y"][4], ModelForm(), t["scratch"][4])
+    assert math.isnan(again[4]["logme_scratch"]) and math.isnan(alone["logme_scratch"])
+    assert [again[b] for b in (0, 1, 2, 3, 5)] == [block[b] for b in (0, 1, 2, 3, 5)]

@@ -4,6 +4,7 @@ and the scores a pipeline records before downstream training."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from ptlab.transfer.transferability import (
     logme,
     maximise_evidence,
     penultimate_features,
+    scored,
 )
 
 
@@ -71,6 +73,15 @@ def test_logme_is_the_mean_of_one_vs_rest_evidences_and_ignores_sample_order() -
     order = rng.permutation(90)
     assert logme(f[order], labels[order]) == pytest.approx(logme(f, labels), rel=1e-9)
     assert logme(torch.tensor(f), torch.tensor(labels) + 5) == pytest.approx(logme(f, labels), rel=1e-12)
+
+
+def test_a_score_of_one_class_labels_is_nan_in_a_pipeline_and_an_error_alone() -> None:
+    """A small task-2 sample may hold one class (a random cell with N2 = 10 and label noise drew one, and its
+    ValueError ended a whole batched sweep): the pipelines' ``scored`` gives NaN, the score itself still refuses."""
+    features, labels = torch.randn(6, 3), torch.ones(6)
+    assert math.isnan(scored(logme, features, labels)) and math.isnan(scored(leep, torch.full((6, 2), 0.5), labels))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        logme(features, labels)
 
 
 def test_logme_of_features_that_fit_every_sample_is_finite() -> None:

@@ -163,7 +163,7 @@ def block_scores(
     """``cell_scores`` of B cells at once: the same arguments stacked along a first dimension (``signal`` (B, 3),
     ``clean`` and ``y`` (B, N), responses (B, 2m, 3 + N), biases (B, 2m)), ``seeds`` and ``max_samples`` per cell.
     Cells are scored together where their subsets have one size and their labels every class; the rest (a subset
-    with one class: an error, as alone) cell by cell, and every cell by ``cell_scores`` where an activation is not in
+    with one class: NaN, as alone) cell by cell, and every cell by ``cell_scores`` where an activation is not in
     ``EXACT_ACTIVATIONS``."""
     forms = [form, upstream_form or form] if transfer is not None and upstream is not None else [form]
     if any(f.activation not in EXACT_ACTIVATIONS for f in forms):
@@ -214,7 +214,7 @@ def block_scores(
 def _named_scores(name: str, values: Tensor, labels: np.ndarray) -> list[float]:
     """Score ``name`` (logme, leep or logme_scratch) of each cell's ``values`` (B, n, ...) for its ``labels`` (B, n):
     batched where the values are finite (and probabilities, for LEEP) and the labels hold every class, else as
-    ``scored`` gives it alone (NaN for a diverged model, the score's own error for bad labels)."""
+    ``scored`` gives it alone (NaN for a diverged model or labels of one class)."""
     index, classes, complete = _class_indices(labels)
     finite = torch.isfinite(values).flatten(1).all(1).numpy()
     array = values.detach().cpu().numpy().astype(np.float64)
