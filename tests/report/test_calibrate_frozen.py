@@ -30,7 +30,7 @@ from ptlab.report.calibrate import (
 from ptlab.report.runs import ReportError
 from ptlab.theory import Setting, phase_features
 from tests.conftest import REPO, run_cli
-from tests.test_calibrate import TINY, two_designs
+from tests.report.test_calibrate import TINY, two_designs
 
 BOX = REPO / "conf" / "design" / "calibration.yaml"
 MODEL = REPO / "conf" / "phase_model.yaml"
