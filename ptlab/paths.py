@@ -10,6 +10,7 @@ package and reads its own packaged copy. Standard library only: importing this m
 from __future__ import annotations
 
 import functools
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -62,3 +63,21 @@ def preset_description(name: str | None) -> str:
         if not line.startswith("# @package"):
             lines.append(line[1:].strip())
     return " ".join(lines).strip()
+
+
+STORE_TEMPLATES_ENV = "PTLAB_STORE_TEMPLATES"
+"""Environment variable: the folder of ptlab's pre-migrated MLflow store templates (default
+``$XDG_CACHE_HOME/ptlab/mlflow-stores``, else ``~/.cache/ptlab/mlflow-stores``); ``off`` makes every new store migrate
+as MLflow does."""
+
+
+def store_template_dir() -> Path | None:
+    """The folder of the store templates (``ptlab.tracking.store_template`` writes them, the preflight's store check
+    reads them); ``None`` when ``PTLAB_STORE_TEMPLATES=off``."""
+    chosen = os.environ.get(STORE_TEMPLATES_ENV, "").strip()
+    if chosen.lower() == "off":
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(cache) / "ptlab" / "mlflow-stores"

@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from ptlab.errors import ConfigError, restore_hint
+from ptlab.paths import store_template_dir
 
 MLFLOW_TABLES = frozenset({"experiments", "runs", "alembic_version"})
 """Tables every MLflow SQL store has (a SQLite file with tables but not these belongs to something else)."""
@@ -197,22 +198,6 @@ def try_migration(uri: str, path: Path, revision: str, head: str, stamp: int) ->
         raise _refuse(uri, f"{path} is an MLflow store at schema revision {revision} that, migrated to {head}, {missing}; {FIX}")
 
 
-TEMPLATES_ENV = "PTLAB_STORE_TEMPLATES"
-"""The folder of ptlab's pre-migrated store templates, as ``ptlab.tracking.store_template.template_dir`` reads it (a
-test keeps the two equal: the preflight sits below tracking and cannot import it)."""
-
-
-def template_folder() -> Path | None:
-    """The folder of the store templates (``None``: templates off)."""
-    chosen = os.environ.get(TEMPLATES_ENV, "").strip()
-    if chosen.lower() == "off":
-        return None
-    if chosen:
-        return Path(chosen).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(cache) / "ptlab" / "mlflow-stores"
-
-
 def sqlite_schema(connection: sqlite3.Connection) -> dict[str, frozenset[str]]:
     """A SQLite database's tables and each one's columns (hidden and generated columns included)."""
     tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -228,7 +213,7 @@ def expected_schema(head: str) -> dict[str, frozenset[str]]:
     """The tables and columns of an MLflow store at ``head``: ptlab's store template of the
     installed MLflow at that revision (``mlflow-<version>-<digest>-<head>.db``; a few ms), else MLflow's SQLAlchemy
     models (tracking and model registry; about 2 s, once per process)."""
-    folder = template_folder()
+    folder = store_template_dir()
     version = importlib.metadata.version("mlflow")
     for template in sorted(folder.glob(f"mlflow-{version}-*-{head}.db")) if folder and folder.is_dir() else []:
         try:

@@ -174,7 +174,7 @@ LAYERS: dict[str, set[str]] = {
     "ptlab.processes": {"ptlab.errors"},
     "ptlab.models": {"ptlab.errors", "ptlab.registry", "ptlab.lazy", "ptlab.seeding"},
     "ptlab.folder_checks": {"ptlab.errors"},
-    "ptlab.store_checks": {"ptlab.errors", "ptlab.folder_checks"},
+    "ptlab.store_checks": {"ptlab.errors", "ptlab.folder_checks", "ptlab.paths"},
     "ptlab.build_checks": {"ptlab.errors", "ptlab.seeding", "ptlab.utils", "ptlab.data.idx"},
     "ptlab.phase": {"ptlab.paths"},
     "ptlab.design": set(),

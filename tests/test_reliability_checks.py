@@ -81,16 +81,15 @@ def test_the_schema_reference_without_a_template_is_mlflows_models(tmp_path: Pat
 
 @pytest.mark.parametrize("value", ["", "off", "OFF", "rel/templates", "~/t"])
 def test_the_preflight_finds_the_templates_where_tracking_keeps_them(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    """``ptlab.store_checks.template_folder`` repeats ``ptlab.tracking.store_template.template_dir`` (the preflight
-    cannot import tracking): both read the same folder."""
-    from ptlab.store_checks import template_folder
+    """The preflight's store check and the tracking's templates read one folder (``ptlab.paths.store_template_dir``)."""
     from ptlab.tracking.store_template import template_dir
 
     monkeypatch.setenv("PTLAB_STORE_TEMPLATES", value)
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
-    assert template_folder() == template_dir()
+    expected = {"": Path("/somewhere/cache/ptlab/mlflow-stores"), "off": None, "OFF": None}.get(value, Path(value).expanduser())
+    assert template_dir() == expected
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert template_folder() == template_dir()
+    assert template_dir() == (Path.home() / ".cache/ptlab/mlflow-stores" if value == "" else expected)
 
 
 FOLDER = [

@@ -27,22 +27,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ptlab.paths import STORE_TEMPLATES_ENV, store_template_dir
+
 log = logging.getLogger(__name__)
 
-TEMPLATES_ENV = "PTLAB_STORE_TEMPLATES"
-"""Environment variable: the folder of the templates (default ``$XDG_CACHE_HOME/ptlab/mlflow-stores``, else
-``~/.cache/ptlab/mlflow-stores``); ``off`` makes every new store migrate as MLflow does."""
-
-
-def template_dir() -> Path | None:
-    """The folder of the templates; ``None`` when ``PTLAB_STORE_TEMPLATES=off``."""
-    chosen = os.environ.get(TEMPLATES_ENV, "").strip()
-    if chosen.lower() == "off":
-        return None
-    if chosen:
-        return Path(chosen).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(cache) / "ptlab" / "mlflow-stores"
+TEMPLATES_ENV = STORE_TEMPLATES_ENV
+"""Environment variable: the folder of the templates (``ptlab.paths.store_template_dir``)."""
+template_dir = store_template_dir
 
 
 def migrations_dir() -> Path:
