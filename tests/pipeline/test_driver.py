@@ -142,6 +142,7 @@ def test_every_engine_reports_a_divergence_with_the_same_line(make_cfg, tmp_path
     assert lines["gram"] == lines["lightning"] and lines["gram"].startswith("stage upstream diverged at step ")
 
 
+@pytest.mark.slow
 def test_a_resumed_batched_sweep_counts_and_describes_every_job(tmp_path) -> None:
     """A sweep grown by one value: the finished jobs are skipped, the new ones trained, and every job dir (skipped
     ones too) holds this sweep's overrides, so the summary line counts all of them (a skipped job once had only its
