@@ -82,7 +82,7 @@ def test_the_schema_reference_without_a_template_is_mlflows_models(tmp_path: Pat
 @pytest.mark.parametrize("value", ["", "off", "OFF", "rel/templates", "~/t"])
 def test_the_preflight_finds_the_templates_where_tracking_keeps_them(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     """The preflight's store check and the tracking's templates read one folder (``ptlab.paths.store_template_dir``)."""
-    from ptlab.tracking.store_template import template_dir
+    from ptlab.paths import store_template_dir as template_dir
 
     monkeypatch.setenv("PTLAB_STORE_TEMPLATES", value)
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")

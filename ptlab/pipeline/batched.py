@@ -596,12 +596,12 @@ class GridRecorder:
     table, the summaries, the failures and the grid run (``write_grid``)."""
 
     def __init__(self, sweep: GridSweep, done: set[str], progress: Any) -> None:
-        self.sweep, self.cells, self.done, self.progress = sweep, sweep.cells, done, progress
+        self.sweep, self.done, self.progress = sweep, done, progress
         self.known: dict[tuple, TheoryPrediction] = {}
         self.recorded = 0
 
     def finished(self, index: int) -> bool:
-        return self.cells[index].key in self.done
+        return self.sweep.cells[index].key in self.done
 
     def open(self, index: int) -> None:
         return None  # a grid cell has no run of its own: its row is made when its result comes back (``record``)
@@ -609,7 +609,7 @@ class GridRecorder:
     def record(self, index: int, result: PipelineResult) -> None:
         """Keep the result on its cell with the theory's prediction, computed here, once per config minus the seed:
         while the workers train the next chunks, not before the first one starts."""
-        cell = self.cells[index]
+        cell = self.sweep.cells[index]
         key = (id(cell.template), tuple(sorted(o.input_line for o in cell.values if o.key_or_group != "seed")))
         if key not in self.known:
             resolved = copy.deepcopy(cell.template.resolved)
@@ -765,7 +765,7 @@ def launch_grid(
         )
         first.sweep_dir.mkdir(parents=True, exist_ok=True)
         (first.sweep_dir / "skipped.json").write_text(json.dumps({"cells": len(cells) - len(todo)}))
-    returns = _grid_returns(cells, job_overrides)
+    returns = _grid_returns(job_overrides)
     sweep = GridSweep(
         composer, job_overrides, initial_job_idx, cells, todo, first, uri, logger, samples, executor, submitit or {}, started
     )
@@ -891,7 +891,7 @@ def write_grid(sweep: GridSweep, trained: float) -> None:
     )
 
 
-def _grid_returns(cells: list[GridCell], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+def _grid_returns(job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
     cwd = str(Path.cwd())
     returns = []
     for overrides in job_overrides:

@@ -3,7 +3,7 @@
 A new MLflow SQLite store runs MLflow's whole migration history (about 70 alembic scripts: 1.4-6 s, more
 than the default pipeline trains). ``new_store_from_template`` copies a template instead: an empty database
 that MLflow's own migration scripts brought to their head once, kept in a per-user cache folder
-(``template_dir``) under a key of the installed MLflow (its version and the names and sizes of its migration
+(``ptlab.paths.store_template_dir``) under a key of the installed MLflow (its version and the names and sizes of its migration
 scripts, ``template_key``). The template is built the way MLflow creates a store's tables (its initial
 models, then ``alembic upgrade heads`` over MLflow's installed ``db_migrations`` scripts), checked to be at the
 head revision that alembic reads from those scripts, and holds no rows but ``alembic_version``: MLflow itself
@@ -27,13 +27,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ptlab.paths import STORE_TEMPLATES_ENV, store_template_dir
+from ptlab.paths import store_template_dir
 
 log = logging.getLogger(__name__)
-
-TEMPLATES_ENV = STORE_TEMPLATES_ENV
-"""Environment variable: the folder of the templates (``ptlab.paths.store_template_dir``)."""
-template_dir = store_template_dir
 
 
 def migrations_dir() -> Path:
@@ -108,7 +104,7 @@ def build_template(path: Path) -> str:
 def template_path(folder: Path | None = None) -> Path | None:
     """The template of the installed MLflow, built first if missing (once per user and MLflow version; parallel
     processes wait on a file lock); ``None`` when templates are off."""
-    folder = folder or template_dir()
+    folder = folder or store_template_dir()
     if folder is None:
         return None
     key = template_key()
@@ -166,7 +162,7 @@ def new_store_from_template(path: Path) -> bool:
 
 def discard_template() -> None:
     """Remove the installed MLflow's template (MLflow rejected a copy of it); the next new store rebuilds it."""
-    folder = template_dir()
+    folder = store_template_dir()
     if folder is not None:
         for template in folder.glob(f"{template_key()}-*.db"):
             template.unlink(missing_ok=True)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ptlab.paths import STORE_TEMPLATES_ENV as TEMPLATES_ENV
+from ptlab.paths import store_template_dir
 from ptlab.tracking import store_template
 from ptlab.tracking.faults import prepare_sqlite_store
-from ptlab.tracking.store_template import TEMPLATES_ENV, head_revision, schema_revision, template_key
+from ptlab.tracking.store_template import head_revision, schema_revision, template_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +96,7 @@ def test_template_rebuilt_for_another_key_and_a_bad_template_falls_back(tmp_path
 
 def test_templates_off_and_an_unwritable_folder_migrate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TEMPLATES_ENV, "off")
-    assert store_template.template_dir() is None
+    assert store_template_dir() is None
     assert not store_template.new_store_from_template(tmp_path / "a.db") and not (tmp_path / "a.db").exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
