@@ -158,6 +158,9 @@ def response_test_set(
     return ResponseTestSet(y, clean_y, sigma_p, project_noise, generator.get_state())
 
 
+PROJECTION_ROWS = 128
+"""Noise rows projected off the signal directions at once (``sample_task``): a 1000 x 5500 test set in 8 ms instead of
+30 ms for the whole matrix, whose copies do not stay in the caches."""
 SIGNAL_POSITIONS = ("fixed", "random")
 """``task.signal_position``: the signal patch first in every sample, or first or second at random."""
 
@@ -182,10 +185,11 @@ def sample_task(
     y, clean_y = sample_labels(n, label_noise, generator, dtype)
     gauss = torch.randn(n, d, generator=generator, dtype=torch.float64)
     if project_noise:
-        gauss = gauss - (gauss @ basis) @ basis.T
-    noise = (sigma_p * gauss).to(dtype)
-    signal = clean_y[:, None] * directions.signal(task)[None, :]
-    x = torch.stack([signal, noise], dim=1)
+        for block in gauss.split(PROJECTION_ROWS):  # in place, a block of rows at a time: the same numbers, no n x d copies
+            block.sub_((block @ basis) @ basis.T)
+    x = torch.empty(n, 2, d, dtype=dtype)
+    torch.mul(clean_y[:, None], directions.signal(task)[None, :], out=x[:, 0])
+    x[:, 1] = gauss.mul_(sigma_p)  # in float64, rounded once to dtype
     if signal_position == "fixed":
         return PatchData(x=x, y=y, clean_y=clean_y)
     if signal_position != "random":

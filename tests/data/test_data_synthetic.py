@@ -75,3 +75,21 @@ def test_task2_data_do_not_depend_on_task1_settings():
     b = make_synthetic_data(n1=80, sigma_p1=3.0, **kwargs)
     assert torch.equal(a.task2_train.x, b.task2_train.x) and torch.equal(a.task2_test.y, b.task2_test.y)
     assert not torch.equal(a.task1_train.x[:10], b.task1_train.x[:10])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("project", [True, False])
+def test_noise_drawn_in_place_equals_the_formula(dtype: torch.dtype, project: bool):
+    """``sample_task`` projects and scales the noise in place, a block of rows at a time: the same bits as the formula
+    sigma (g - (g B) B^T) on the whole float64 draw g, rounded once to ``dtype`` (300 rows: several blocks)."""
+    directions = make_directions(257, 1.0, 2.0, torch.Generator().manual_seed(1), dtype)
+    data = sample_task(directions, 2, 300, 1.7, 0.1, torch.Generator().manual_seed(4), project_noise=project)
+    generator = torch.Generator().manual_seed(4)
+    torch.randint(0, 2, (300,), generator=generator)  # the labels' draws come first
+    torch.rand(300, generator=generator, dtype=torch.float64)
+    gauss = torch.randn(300, 257, generator=generator, dtype=torch.float64)
+    basis = directions.basis.double()
+    if project:
+        gauss = gauss - (gauss @ basis) @ basis.T
+    assert torch.equal(data.noise, (1.7 * gauss).to(dtype))
+    assert torch.equal(data.x[:, 0], data.clean_y[:, None] * directions.signal(2)[None, :])

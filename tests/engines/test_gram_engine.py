@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,39 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
         for stage in ("upstream", "transfer", "scratch"):
             torch.testing.assert_close(together.stages[stage].signal, alone.stages[stage].signal, rtol=1e-9, atol=1e-12)
             assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bias", "sampling"),
+    [("float32", False, "dspace"), ("float64", True, "dspace"), ("float32", True, "gram"), ("float64", False, "gram")],
+)
+def test_padded_patches_give_the_same_numbers(make_cfg, dtype: str, bias: bool, sampling: str, monkeypatch) -> None:
+    """The shared-noise-Gram steps on a patch axis padded to 64 bytes (K = 202 -> 208) give the numbers of the unpadded
+    axis to rounding (every stage's curves, coefficients and biases) for a batch of 20 cells, with and without a bias,
+    with noise and signals uncoupled (gram sampling) and coupled by d-space noise: BLAS rounds a product by its layout."""
+    monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1)
+    overrides = [f"train.dtype={dtype}", f"model.bias={str(bias).lower()}", "model.width=40", "task.n1=200", "task.d=300"]
+    overrides += [
+        "train.eval_every=7",
+        f"task.sampling={sampling}",
+        f"task.test_space={'response' if sampling == 'gram' else 'dspace'}",
+    ]
+    cell = GramCell.from_spec(parse(make_cfg(*overrides)))
+    cells = [dataclasses.replace(cell, u_norm=u / 8) for u in range(20)]
+    padded = run_cells(cells, record_coefficients=True)
+    monkeypatch.setattr(kernel, "ROW_ALIGN_BYTES", 1)
+    plain = run_cells(cells, record_coefficients=True)
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == "float32" else {"rtol": 1e-12, "atol": 1e-15}
+    for one, other in zip(padded, plain):
+        for stage in ("upstream", "transfer", "scratch"):
+            a, b = one.stages[stage], other.stages[stage]
+            for name in ("loss", "train_acc", "test_acc", "decomposition", "signal", "trajectory", "bias"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x is None) == (y is None), (stage, name)
+                if x is not None:
+                    torch.testing.assert_close(torch.as_tensor(x), torch.as_tensor(y), **tolerance, msg=f"{stage} {name}")
+            for task, noise in a.noise.items():
+                torch.testing.assert_close(noise, b.noise[task], **tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)
