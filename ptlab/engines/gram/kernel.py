@@ -264,7 +264,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     padded = patches
     if shared:
         noise_gram = gram[:, 3:, 3:].contiguous()
-        signal_to_noise = patch_gram[:, :n_train, n_train:].transpose(1, 2).contiguous()  # (C G, 2, N)
+        signal_to_noise = patch_gram[:, n_train : n_train + 1, :n_train].contiguous()  # (C G, 1, N): <+s, xi>, -<-s, xi>
         coupled = bool(signal_to_noise.any())
         per_row = max(1, ROW_ALIGN_BYTES // start.element_size())
         padded = -(-patches // per_row) * per_row
@@ -430,11 +430,11 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         if shared:
             group_noise_response.baddbmm_(group_noise_positive, noise_gram)
             batch_response.baddbmm_(batch_positive[..., n_train:patches], signal_rows)
-            if coupled:
-                # as (2, N) x (N, Fm) into the transposed columns: 3-4x faster than (Fm, N) x (N, 2) on the CPU
-                batch_response[..., n_train:patches].transpose(1, 2).baddbmm_(
-                    signal_to_noise, batch_positive[..., :n_train].transpose(1, 2)
-                )
+            if coupled:  # the noise patches' step along +s, and its negative along -s
+                # as (1, N) x (N, Fm): 2.4x faster than the two rows at once, 3-4x than (Fm, N) x (N, 1) on the CPU
+                along_s = torch.bmm(signal_to_noise, batch_positive[..., :n_train].transpose(1, 2))[:, 0]
+                batch_response[..., n_train].add_(along_s)
+                batch_response[..., n_train + 1].sub_(along_s)
         else:
             batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
