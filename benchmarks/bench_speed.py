@@ -17,7 +17,8 @@ Parts (``--parts``, comma-separated; default all):
     fig2     the float32 matmul peak (n = 2048, on this process's torch threads, best of 5, measured before and after
              the sweep), the whole ``-m experiment=fig2`` sweep through the CLI with MLflow (2000 cells) and its
              training alone (``iter_chunks`` over the same cells, for the sweep's ``history=last``): FLOPs / seconds /
-             peak (bars: 50% and 60%).
+             peak (bars: 50% and 60%); each against the peak measured just before and after it.
+    fig2_training  the training alone of ``fig2``, without the sweep.
     kou2023  ``-m experiment=kou2023`` (100,000 trainings) with MLflow, then ``ptlab.report kou2023`` (bar: < 60 s), with
              the CPU seconds of each (its processes, workers included).
 
@@ -39,10 +40,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("single", "costs", "batch", "fig2", "kou2023")
+PARTS = ("single", "costs", "batch", "fig2", "fig2_training", "kou2023")
 HEAVY = (
     "mlflow.genai",
     "mlflow.gateway",
@@ -302,49 +304,88 @@ def part_batch() -> None:
     print(f"    ratio {plain_seconds / gram_seconds:.1f}x; cells with equal final test accuracies: {equal} of {len(cells)}")
 
 
+def fig2_cells() -> list:
+    """fig2's 2000 cells as the sweep trains them."""
+    from bench_gram import config
+
+    from ptlab.engines.gram import GramCell
+
+    base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
+    return [
+        dataclasses.replace(base, d=d, u_norm=round(0.2 * i, 1), seed=s)
+        for d in range(500, 10500, 500)
+        for i in range(20)
+        for s in range(5)
+    ]
+
+
+def peak_around(label: str, measure: Callable[[], float]) -> tuple[float, float]:
+    """``measure()``'s seconds and the float32 matmul peak on torch's threads, the best of one before and one after."""
+    import torch
+    from bench_gram import matmul_peak
+
+    threads = torch.get_num_threads()
+    before = matmul_peak(threads)["float32"]
+    print(f"    {label}: peak before {before:.1f} GFLOP/s   ({load()})")
+    seconds = measure()
+    after = matmul_peak(threads)["float32"]
+    peak = max(before, after)
+    print(f"    {label}: peak after {after:.1f} GFLOP/s; the peak used: {peak:.1f}   ({load()})")
+    return seconds, peak
+
+
 def part_fig2(root: Path) -> None:
     import torch
-    from bench_gram import config, final_test_acc, matmul_peak, training_flops
-
-    from ptlab.engines.gram import GramCell, iter_chunks
+    from bench_gram import training_flops
 
     threads = torch.get_num_threads()
     print(
         f"\n(fig2) the whole -m experiment=fig2 sweep (20 x 20 x 5 = 2000 cells) with MLflow, against the float32 "
         f"matmul peak on {threads} threads (n = 2048, best of 5)"
     )
-    before = matmul_peak(threads)["float32"]
-    print(f"    peak before: {before:.1f} GFLOP/s   ({load()})")
-    seconds, done = timed(
-        [sys.executable, "-m", "ptlab", "-m", "experiment=fig2", "hydra.launcher.progress=false"],
-        root / "fig2",
-        env(root / "templates"),
-    )
-    after = matmul_peak(threads)["float32"]
-    peak = max(before, after)
-    print(f"    peak after: {after:.1f} GFLOP/s; the peak used: {peak:.1f}   ({load()})")
-    base = GramCell.from_spec(config(["logger=none", "experiment=fig2"], ""))
-    cells = [
-        dataclasses.replace(base, d=d, u_norm=round(0.2 * i, 1), seed=s)
-        for d in range(500, 10500, 500)
-        for i in range(20)
-        for s in range(5)
-    ]
-    flops = sum(training_flops(cell) for cell in cells)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if "ptlab gram" in line]
+    found: list[str] = []
+
+    def sweep() -> float:
+        seconds, done = timed(
+            [sys.executable, "-m", "ptlab", "-m", "experiment=fig2", "hydra.launcher.progress=false"],
+            root / "fig2",
+            env(root / "templates"),
+        )
+        found.extend(line for line in (done.stdout + done.stderr).splitlines() if "ptlab gram" in line)
+        return seconds
+
+    seconds, peak = peak_around("sweep", sweep)
+    flops = sum(training_flops(cell) for cell in fig2_cells())
     print(
         f"    sweep: {seconds:.1f} s for {flops / 1e12:.2f} TFLOP = {flops / seconds / 1e9:.1f} GFLOP/s = "
         f"{flops / seconds / 1e9 / peak:.1%} of the peak (bar: >= 50%)   ({load()})"
     )
-    if lines:
-        print(f"    launcher: {lines[-1].split('] ', 1)[-1]}")
-    start = time.perf_counter()
-    for _ in iter_chunks(cells, max_cells=60, workers=threads, summarize=final_test_acc, history="last"):
-        pass
-    training = time.perf_counter() - start
+    if found:
+        print(f"    launcher: {found[-1].split('] ', 1)[-1]}")
+    part_fig2_training()
+
+
+def part_fig2_training() -> None:
+    """fig2's cells trained alone (``iter_chunks`` as the sweep runs them, ``history=last``), against the peak."""
+    import torch
+    from bench_gram import final_test_acc, training_flops
+
+    from ptlab.engines.gram import iter_chunks
+
+    threads = torch.get_num_threads()
+    cells = fig2_cells()
+    flops = sum(training_flops(cell) for cell in cells)
+
+    def training() -> float:
+        start = time.perf_counter()
+        for _ in iter_chunks(cells, max_cells=60, workers=threads, summarize=final_test_acc, history="last"):
+            pass
+        return time.perf_counter() - start
+
+    seconds, peak = peak_around("training", training)
     print(
-        f"    training alone ({threads} worker processes): {training:.1f} s = {flops / training / 1e9:.1f} GFLOP/s = "
-        f"{flops / training / 1e9 / peak:.1%} of the peak (bar: >= 60%); at 100% of the peak the FLOPs take "
+        f"    training alone ({threads} worker processes): {seconds:.1f} s = {flops / seconds / 1e9:.1f} GFLOP/s = "
+        f"{flops / seconds / 1e9 / peak:.1%} of the peak (bar: >= 60%); at 100% of the peak the FLOPs take "
         f"{flops / peak / 1e9:.1f} s   ({load()})"
     )
 
@@ -399,6 +440,8 @@ def main() -> None:
         part_batch()
     if "fig2" in parts:
         part_fig2(root)
+    elif "fig2_training" in parts:
+        part_fig2_training()
     if "kou2023" in parts:
         part_kou2023(root)
     print(f"\ndone, {load()}")
