@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ptlab.phase import ALL_FEATURES, FEATURES, PhaseModel, all_pairs, expand_pairs, feature_matrix
-from ptlab.report.runs import GAIN, ReportError, load_pipelines, one_run_per_seed, seed_stats
+from ptlab.report.runs import GAIN, ReportError, experiment_stores, load_pipelines, one_run_per_seed, seed_stats
 from ptlab.report.synthetic import (
     NEAR_OPTIMAL_ACCURACY,
     SCRATCH,
@@ -110,11 +110,15 @@ class Candidate:
 PHASE_CANDIDATES = tuple(
     Candidate(kind, knob, names)
     for names in (FEATURES, ALL_FEATURES)
-    for kind, knobs in (("logistic", (0.1, 1.0, 10.0, 100.0)), ("pairs", (0.01, 0.1, 1.0, 10.0)), ("tree", (2, 3, 4, 5)))
+    for kind, knobs in (
+        ("logistic", (0.1, 1.0, 10.0, 100.0)),
+        ("pairs", (0.01, 0.03, 0.1, 0.3, 1.0, 10.0)),
+        ("tree", (2, 3, 4, 5)),
+    )
     for knob in knobs
 )
-"""The phase models compared by cross-validation on the fit cells (docs/theory.md section 7); ties go to the
-earlier (simpler) candidate."""
+"""The phase models compared by cross-validation on the fit cells (docs/theory.md sections 7 and 9: the pairwise
+logistic at C 0.03 and 0.3 added for the fourth round); ties go to the earlier (simpler) candidate."""
 REFERENCE_CANDIDATES = tuple(
     Candidate(kind, knob, names) for names in (FEATURES, ALL_FEATURES) for kind, knob in (("forest", 4), ("boosting", 2))
 )
@@ -569,20 +573,28 @@ def calibrate(
 
 
 def load_cells(
-    fit: Sequence[str], held_out: Sequence[str], tracking_uri: str, min_seeds: int = MIN_SEEDS, held_out_uri: str | None = None
+    fit: Sequence[str],
+    held_out: Sequence[str],
+    tracking_uri: str | Sequence[str],
+    min_seeds: int = MIN_SEEDS,
+    held_out_uri: str | None = None,
 ) -> tuple[pd.DataFrame, int]:
-    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds
-    (held-out experiments are read from ``held_out_uri`` when given, else from ``tracking_uri``).
+    """The cells of every experiment, one table, and how many were left out for having < ``min_seeds`` seeds.
+    ``tracking_uri`` is one store or several (each experiment read from the one store that holds it,
+    ``runs.experiment_stores``); held-out experiments are read from ``held_out_uri`` when given.
     Held-out runs must share no run seed with fit runs (no common random numbers across the split)."""
     overlap = set(fit) & set(held_out)
     if overlap:
         raise ReportError(
             f"experiment(s) {', '.join(sorted(overlap))} both fit and held out: a held-out cell must never be fitted"
         )
+    uris = [tracking_uri] if isinstance(tracking_uri, str) else list(tracking_uri)
+    stores = experiment_stores(uris, [*fit, *([] if held_out_uri else held_out)])
+    stores.update({name: held_out_uri for name in held_out if held_out_uri})
     tables, seeds = [], {FIT: set(), HELD_OUT: set()}
     for split, names in ((FIT, fit), (HELD_OUT, held_out)):
         for name in names:
-            runs = load_pipelines(held_out_uri if split == HELD_OUT and held_out_uri else tracking_uri, name)
+            runs = load_pipelines(stores[name], name)
             seeds[split] |= set(runs["params.seed"].astype(str)) if "params.seed" in runs else set()
             tables.append(cell_table(runs, name, split))
     shared = seeds[FIT] & seeds[HELD_OUT]

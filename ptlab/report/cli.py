@@ -79,7 +79,14 @@ def calibrate_main(argv: list[str]) -> int:
     )
     parser.add_argument("--fit", nargs="+", required=True, help="MLflow experiments whose cells fit")
     parser.add_argument("--held-out", nargs="*", default=[], help="MLflow experiments whose cells only score")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
+    parser.add_argument(
+        "--tracking-uri",
+        action="extend",
+        nargs="+",
+        default=None,
+        help="the store(s) of the experiments, given once or several times: each experiment is read from the one "
+        "store that holds it (default: sqlite:///mlflow.db)",
+    )
     parser.add_argument(
         "--held-out-tracking-uri", default=None, help="the store of the held-out experiments (default: --tracking-uri)"
     )
@@ -124,6 +131,7 @@ def calibrate_main(argv: list[str]) -> int:
         "--write-phase", default=None, metavar="FILE", help="also write the phase model (e.g. conf/phase_model.yaml)"
     )
     args = parser.parse_args(argv)
+    args.tracking_uri = args.tracking_uri or ["sqlite:///mlflow.db"]
     command = (
         "python -m ptlab.report calibrate --fit "
         + " ".join(args.fit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -39,6 +40,35 @@ def open_experiment(tracking_uri: str, experiment: str) -> tuple[MlflowClient, s
         raise ReportError(f"cannot read tracking URI {tracking_uri}: {str(err).splitlines()[0]}") from None
     mark_vanished(client, [found.experiment_id])
     return client, found.experiment_id
+
+
+def experiment_stores(tracking_uris: Sequence[str], experiments: Sequence[str]) -> dict[str, str]:
+    """The store of each experiment: with one tracking URI, that one; with several, the one store that holds the
+    experiment (``ReportError`` for an experiment in none of them or in more than one), so that experiments
+    kept in several stores are read together without copying them into one."""
+    uris = list(dict.fromkeys(tracking_uris))
+    if len(uris) == 1:
+        return {name: uris[0] for name in experiments}
+    held: dict[str, list[str]] = {name: [] for name in experiments}
+    for tracking_uri in uris:
+        uri = resolve_tracking_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+            raise ReportError(f"tracking URI {tracking_uri} does not exist (no file {uri[len('sqlite:///') :]})")
+        try:
+            names = {e.name for e in MlflowClient(uri).search_experiments()}
+        except MlflowException as err:
+            raise ReportError(f"cannot read tracking URI {tracking_uri}: {str(err).splitlines()[0]}") from None
+        for name in experiments:
+            if name in names:
+                held[name].append(tracking_uri)
+    for name, found in held.items():
+        if len(found) != 1:
+            where = "none" if not found else f"{len(found)} ({' and '.join(found)})"
+            raise ReportError(
+                f"--tracking-uri={' '.join(uris)}: experiment {name!r} is in {where} of these stores; "
+                "each experiment must be in exactly one"
+            )
+    return {name: found[0] for name, found in held.items()}
 
 
 def load_pipelines(tracking_uri: str, experiment: str) -> pd.DataFrame:
