@@ -133,6 +133,34 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
             assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
 
 
+@pytest.mark.parametrize("project", [True, False])
+def test_projected_noise_is_exactly_orthogonal_to_the_signals(make_cfg, project: bool, monkeypatch) -> None:
+    """With projected noise, a d-space draw's products of the signal directions with every noise patch (train and test,
+    both tasks) are exactly 0, where the products computed hold only the projection's rounding (< 1e-12 of the norms in
+    float64); every other product is the computed one. Without projection nothing is zeroed."""
+    cell = GramCell.from_spec(parse(make_cfg("train.dtype=float64", f"task.project_noise={str(project).lower()}")))
+    zeroed = draws.prepare_group(cell, [0]).tensors
+    monkeypatch.setattr(draws, "_orthogonal", lambda *args: None)
+    computed = draws.prepare_group(cell, [0]).tensors
+    basis_noise, noise_basis, basis_test = (
+        (slice(0, 3), slice(3, None)),
+        (slice(3, None), slice(0, 3)),
+        (slice(0, 3), slice(None)),
+    )
+    blocks = {key: [basis_noise, noise_basis] for key in ("gram1", "gram2", "mix")}
+    blocks |= {key: [basis_test] for key in ("cross1", "cross2", "mix_test")}
+    for key, tensor in computed.items():
+        if not project or key not in blocks:
+            assert torch.equal(zeroed[key], tensor), key
+            continue
+        rest = zeroed[key].clone()
+        for rows, columns in blocks[key]:
+            assert not zeroed[key][rows, columns].any(), key
+            assert tensor[rows, columns].abs().max() < 1e-12 * tensor.abs().max(), key
+            rest[rows, columns] = tensor[rows, columns]
+        assert torch.equal(rest, tensor), key
+
+
 @pytest.mark.parametrize(
     ("dtype", "bias", "sampling"),
     [("float32", False, "dspace"), ("float64", True, "gram")],
@@ -140,13 +168,15 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
 def test_padded_patches_give_the_same_numbers(make_cfg, dtype: str, bias: bool, sampling: str, monkeypatch) -> None:
     """The shared-noise-Gram steps on a patch axis padded to 64 bytes (K = 202 -> 208) give the numbers of the unpadded
     axis to rounding (every stage's curves, coefficients and biases) for a batch of 20 cells, with and without a bias,
-    with noise and signals uncoupled (gram sampling) and coupled by d-space noise: BLAS rounds a product by its layout."""
+    with noise and signals uncoupled (gram sampling) and coupled (d-space noise not projected off the signals): BLAS
+    rounds a product by its layout."""
     monkeypatch.setattr(kernel, "SHARED_GRAM_SAMPLES", 1)
     overrides = [f"train.dtype={dtype}", f"model.bias={str(bias).lower()}", "model.width=40", "task.n1=200", "task.d=300"]
     overrides += [
         "train.eval_every=7",
         f"task.sampling={sampling}",
         f"task.test_space={'response' if sampling == 'gram' else 'dspace'}",
+        f"task.project_noise={str(sampling == 'gram').lower()}",
     ]
     cell = GramCell.from_spec(parse(make_cfg(*overrides)))
     cells = [dataclasses.replace(cell, u_norm=u / 8) for u in range(20)]

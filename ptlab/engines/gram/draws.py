@@ -102,9 +102,24 @@ def _control_products(cell: GramCell, task2: Tensor, test: PatchData) -> dict[st
     }
 
 
+def _orthogonal(inner: Tensor, tests: list[tuple[Tensor, int]], tasks: list[tuple[int, int]]) -> None:
+    """Zero, in place, the inner products of the signal directions with noise patches projected off them: 0 in the
+    data's law, only the float32 rounding of the projection (~1e-7 relative) in the products. ``tasks`` are the
+    (offset, N) of each task's rows [b_u, b_v1, b_v2, xi_1..xi_N] in ``inner``; ``tests`` the test products (rows as
+    ``inner``'s, columns a test set's noise) with how many of their leading rows are task blocks. The steps then
+    skip the noise-to-signal products (``kernel.train_stage_batch``: uncoupled)."""
+    for basis, _ in tasks:
+        for offset, n in tasks:
+            inner[basis : basis + 3, offset + 3 : offset + 3 + n] = 0
+            inner[offset + 3 : offset + 3 + n, basis : basis + 3] = 0
+        for products, rows in tests:
+            if basis < rows:
+                products[basis : basis + 3] = 0
+
+
 def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
     """Everything drawn in R^d by the functions and seed streams of the Lightning path (on the CPU), the products
-    on ``device``."""
+    on ``device``; with projected noise, its products with the signal directions exactly 0 (``_orthogonal``)."""
     data = make_synthetic_data(
         d=cell.d,
         n1=cell.n1,
@@ -130,6 +145,8 @@ def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
         rows = torch.cat([task2, downstream]).to(device)
         inner = rows @ rows.T
         test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
+        if cell.project_noise:
+            _orthogonal(inner, [(test2, len(task2))], [(0, cell.n2)])
         return _Draw(inner, (0, len(task2), 0, len(downstream)), None, test2, labels, biases)
     task1 = torch.cat([basis_t, data.task1_train.noise])
     upstream, upstream_bias = _seeded_cnn(cell, cell.upstream_init_std, cell.upstream_init, cell.upstream_form, "upstream")
@@ -145,6 +162,8 @@ def _draw_dspace(cell: GramCell, device: torch.device) -> _Draw:
     test1 = _test_products(data.task1_test, torch.cat([task1, upstream]).to(device), inner, index1)
     test2 = _test_products(data.task2_test, rows, inner, torch.arange(len(rows), device=device))
     control = _control_products(cell, task2, data.task2_test) if cell.control == "norm_matched" else {}
+    if cell.project_noise:
+        _orthogonal(inner, [(test1, p1), (test2, p1 + p2)], [(0, cell.n1), (p1, cell.n2)])
     return _Draw(inner, (p1, p2, fm, fm), test1, test2, labels, biases, control)
 
 

@@ -268,7 +268,9 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         coupled = bool(signal_to_noise.any())
         per_row = max(1, ROW_ALIGN_BYTES // start.element_size())
         padded = -(-patches // per_row) * per_row
+        # the signal rows' step: on every patch when coupled; else only on the two signal patches, +-|s|^2 (p_+s - p_-s)
         signal_rows = F.pad(patch_gram[:, n_train:], (0, padded - patches))  # (C G, 2, K')
+        signal_norm2 = patch_gram[:, n_train, n_train, None]  # (C G, 1): |s|^2
     response = F.pad(start @ embed.transpose(-1, -2), (0, padded - patches))  # (G, C, Fm, K'): R = <w, patch>
     start_response = response.clone()
     coefficients = torch.zeros_like(response)
@@ -429,12 +431,17 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
             bias.add_(real(positive).sum(-1))
         if shared:
             group_noise_response.baddbmm_(group_noise_positive, noise_gram)
-            batch_response.baddbmm_(batch_positive[..., n_train:patches], signal_rows)
-            if coupled:  # the noise patches' step along +s, and its negative along -s
-                # as (1, N) x (N, Fm): 2.4x faster than the two rows at once, 3-4x than (Fm, N) x (N, 1) on the CPU
+            if coupled:
+                batch_response.baddbmm_(batch_positive[..., n_train:patches], signal_rows)
+                # the noise patches' step along +s, and its negative along -s, as (1, N) x (N, Fm): 2.4x faster than
+                # the two rows at once, 3-4x than (Fm, N) x (N, 1) on the CPU
                 along_s = torch.bmm(signal_to_noise, batch_positive[..., :n_train].transpose(1, 2))[:, 0]
                 batch_response[..., n_train].add_(along_s)
                 batch_response[..., n_train + 1].sub_(along_s)
+            else:  # elementwise: a batch of (Fm, 2) x (2, 2) products is a loop of tiny calls
+                along = (batch_positive[..., n_train] - batch_positive[..., n_train + 1]).mul_(signal_norm2)
+                batch_response[..., n_train].add_(along)
+                batch_response[..., n_train + 1].sub_(along)
         else:
             batch_response.baddbmm_(batch_positive, patch_gram)
         coefficients.add_(positive)
