@@ -133,6 +133,22 @@ def test_batched_cells_equal_single_cells(make_cfg, shared_gram: bool, block_byt
             assert together.stages[stage].final == pytest.approx(alone.stages[stage].final, rel=1e-9)
 
 
+def test_a_pool_takes_the_costliest_chunks_first(make_cfg) -> None:
+    """``chunk_seconds`` grows with d (the draws) and N1 (the steps); a worker pool runs the costliest chunk first and
+    gives every cell the result it gets in a single process."""
+    base = GramCell.from_spec(parse(make_cfg("train.dtype=float64")))
+    small, large_d, large_n = base, dataclasses.replace(base, d=2000), dataclasses.replace(base, n1=80)
+    assert batching.chunk_seconds([large_d], [[0]]) > batching.chunk_seconds([small], [[0]])
+    assert batching.chunk_seconds([large_n], [[0]]) > batching.chunk_seconds([small], [[0]])
+    cells = [dataclasses.replace(base, d=d, seed=s) for d, s in ((60, 0), (60, 1), (900, 0), (300, 0))]
+    pooled = list(batching.iter_chunks(cells, max_cells=1, workers=2))
+    assert [chunk[0][0] for chunk in pooled] == [2, 3, 0, 1]
+    alone = {index: result for chunk in batching.iter_chunks(cells, max_cells=1) for index, result in chunk}
+    for chunk in pooled:
+        for index, result in chunk:
+            assert result.stages["transfer"].final == alone[index].stages["transfer"].final
+
+
 @pytest.mark.parametrize("project", [True, False])
 def test_projected_noise_is_exactly_orthogonal_to_the_signals(make_cfg, project: bool, monkeypatch) -> None:
     """With projected noise, a d-space draw's products of the signal directions with every noise patch (train and test,

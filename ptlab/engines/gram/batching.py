@@ -422,6 +422,29 @@ def _run_spec(
     return results if summarize is None else [(k, summarize(result)) for k, result in results]
 
 
+SECONDS_PER_NORMAL, SECONDS_PER_FLOP = 2e-8, 1.3e-11
+"""Rough costs on one core (float64 Gaussian draws ~50 M/s, the steps' products ~75 GFLOP/s with their elementwise
+passes), for ordering chunks only (``chunk_seconds``)."""
+
+
+def chunk_seconds(cells: Sequence[GramCell], groups: Sequence[Sequence[int]]) -> float:
+    """A rough estimate of a chunk's seconds on one core: each group's d-space draws (its noise, test sets and inits:
+    O(d) a row) and each cell's step products (2 (2m) K^2 a step and model, as ``train_stage_batch``)."""
+    seconds = 0.0
+    for group in groups:
+        first = cells[group[0]]
+        if first.sampling == "dspace":
+            tests = 2 * first.n_test if first.test_space == "dspace" else 0
+            rows = first.n1 + first.n2 + tests + 8 * first.width
+            seconds += SECONDS_PER_NORMAL * first.d * rows
+        for index in group:
+            cell = cells[index]
+            downstream = (2 if cell.transfer else 1) * cell.downstream_steps * (cell.n2 + 2) ** 2
+            upstream = cell.upstream_steps * (cell.n1 + 2) ** 2 if cell.transfer else 0
+            seconds += SECONDS_PER_FLOP * 4 * cell.width * (upstream + downstream)
+    return seconds
+
+
 def state_bytes(cell: GramCell) -> int:
     """Bytes of one cell's step state (the responses of its filters to the patches of its largest stage)."""
     downstream = (2 if cell.transfer else 1) * (cell.n2 + 2)
@@ -459,7 +482,8 @@ def iter_chunks(
     chunk_map: ChunkMap | None = None,
     history: str = "full",
 ) -> Iterator[list[tuple[int, Any]]]:
-    """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk.
+    """Run ``cells`` in batched chunks of equal shape; yields ``[(index into cells, result)]`` per chunk (with a
+    worker pool, the chunks estimated costliest first: ``chunk_seconds``).
 
     Cells that share a data key form a group (one data draw, one set of Gram matrices); a chunk holds
     whole groups of one shape, up to about ``max_cells`` cells (at least one group). With ``workers``
@@ -499,6 +523,9 @@ def iter_chunks(
         for out, (flat, _) in zip(chunk_map(_run_spec, [spec for _, spec in specs]), specs):
             yield [(flat[k], result) for k, result in out]
     elif workers > 1 and len(specs) > 1 and all(resolve_device(d).type == "cpu" for d in {c.device for c in cells}):
+        # the costliest chunks first (longest processing time first), so that the pool's last chunks are short and no
+        # worker waits long for the others at the end (fig2's chunks grow with d: in sweep order the largest came last)
+        specs.sort(key=lambda item: -chunk_seconds(item[1][0], item[1][1]))
         with worker_pool(min(workers, len(specs))) as pool:
             for (flat, _), out in zip(specs, pool.imap(_run_spec, [spec for _, spec in specs])):
                 yield [(flat[k], result) for k, result in out]
