@@ -284,7 +284,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
     negative_labels = -y[:, None, :]
     divisor, factor, sigma = form.filter_divisor(width), form.patch_factor, form.sigma
     plain = form.is_paper_relu
-    relu = form.activation == "relu"  # with a bias too: relu(R + b) by a clamp into ``positive``, its derivative a sign
+    relu = form.activation == "relu"  # with a bias too: relu(R + b) by a clamp into ``positive``, its derivative a comparison
     bias = None if bias_start is None else bias_start.clone()
     shrink = pull = scale = None
     if inputs.decay is not None:
@@ -425,7 +425,7 @@ def train_stage_batch(inputs: StageInputs) -> StageOutput:
         torch.bmm(noise_slope, by_clean, out=signal_slope)
         step_by_output = slope_by_output * output_step  # (G, C, 2, 1, K), small
         if relu:
-            positive.sign_()  # relu's derivative 1[R + b > 0], from relu(R + b) >= 0
+            positive.gt_(0)  # relu's derivative 1[R + b > 0], from relu(R + b) >= 0 (faster than sign_)
         else:
             positive.copy_(sigma.derivative(pre))
         positive_by_output.mul_(step_by_output)  # now this step's coefficient update
