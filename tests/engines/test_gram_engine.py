@@ -179,7 +179,7 @@ def test_projected_noise_is_exactly_orthogonal_to_the_signals(make_cfg, project:
 
 @pytest.mark.parametrize(
     ("dtype", "bias", "sampling"),
-    [("float32", False, "dspace"), ("float64", True, "gram")],
+    [("float32", False, "dspace"), pytest.param("float64", True, "gram", marks=pytest.mark.slow)],
 )
 def test_padded_patches_give_the_same_numbers(make_cfg, dtype: str, bias: bool, sampling: str, monkeypatch) -> None:
     """The shared-noise-Gram steps on a patch axis padded to 64 bytes (K = 202 -> 208) give the numbers of the unpadded
