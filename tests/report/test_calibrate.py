@@ -239,16 +239,12 @@ def test_noise_ceiling_is_one_for_huge_effects_and_the_t_coverage_for_none() -> 
 TINY = ["model.width=4", "train.upstream_steps=20", "train.downstream_steps=10", "task.n_test=100"]
 
 
-def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path, tracking_uri: str) -> None:
+def run_fit_and_held_out_designs(tmp_path: Path, box: Path, fit_uri: str, held_uri: str) -> None:
+    """Random designs 1 (experiment ``fit_design``, into ``fit_uri``) and 2 (``held_design``, into ``held_uri``) of
+    ``box``, 4 cells x 3 seeds each, run through the CLI's calibration sweep at the ``TINY`` size."""
     from ptlab.report.cli import main
 
-    box = tmp_path / "box.yaml"
-    box.write_text(
-        "box:\n  task.d: {low: 100, high: 400, scale: log, type: int}\n"
-        "  task.u_norm: {low: 0.0, high: 3.0, p_low: 0.3}\n  task.n1: 40\n"
-    )
-    held_uri = f"sqlite:///{tmp_path / 'held.db'}"
-    for seed, name, uri in ((1, "fit_design", tracking_uri), (2, "held_design", held_uri)):
+    for seed, name, uri in ((1, "fit_design", fit_uri), (2, "held_design", held_uri)):
         design = tmp_path / f"d{seed}.yaml"
         assert main(["design", "--seed", str(seed), "--cells", "4", "--seeds", "3", "--box", str(box), "--out", str(design)]) == 0
         done = run_cli(
@@ -265,6 +261,18 @@ def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path,
             tmp_path,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path, tracking_uri: str) -> None:
+    from ptlab.report.cli import main
+
+    box = tmp_path / "box.yaml"
+    box.write_text(
+        "box:\n  task.d: {low: 100, high: 400, scale: log, type: int}\n"
+        "  task.u_norm: {low: 0.0, high: 3.0, p_low: 0.3}\n  task.n1: 40\n"
+    )
+    held_uri = f"sqlite:///{tmp_path / 'held.db'}"
+    run_fit_and_held_out_designs(tmp_path, box, tracking_uri, held_uri)
     out, phase = tmp_path / "cal", tmp_path / "phase.yaml"
     assert (
         main(

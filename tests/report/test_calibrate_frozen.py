@@ -29,8 +29,8 @@ from ptlab.report.calibrate import (
 )
 from ptlab.report.runs import ReportError
 from ptlab.theory import Setting, phase_features
-from tests.conftest import REPO, run_cli
-from tests.report.test_calibrate import TINY, two_designs
+from tests.conftest import REPO
+from tests.report.test_calibrate import run_fit_and_held_out_designs, two_designs
 
 BOX = REPO / "conf" / "design" / "calibration.yaml"
 MODEL = REPO / "conf" / "phase_model.yaml"
@@ -179,23 +179,7 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
     from ptlab.report.cli import main
 
     held_uri = f"sqlite:///{tmp_path / 'held.db'}"
-    for seed, name, uri in ((1, "fit_design", tracking_uri), (2, "held_design", held_uri)):
-        design = tmp_path / f"d{seed}.yaml"
-        assert main(["design", "--seed", str(seed), "--cells", "4", "--seeds", "3", "--box", str(BOX), "--out", str(design)]) == 0
-        done = run_cli(
-            [
-                "-m",
-                "experiment=calibration",
-                f"hydra.sweeper.cells={design}",
-                *TINY,
-                f"logger.tracking_uri={uri}",
-                f"logger.experiment_name={name}",
-                f"cache.dir={tmp_path / 'cache'}",
-                f"hydra.sweep.dir={tmp_path / name}",
-            ],
-            tmp_path,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+    run_fit_and_held_out_designs(tmp_path, BOX, tracking_uri, held_uri)
     out, written = tmp_path / "cal", tmp_path / "phase.yaml"
     common = ["--fit", "fit_design", "--held-out", "held_design", "--min-seeds", "3", "--tracking-uri", tracking_uri]
     args = ["calibrate", *common, "--held-out-tracking-uri", held_uri, "--out", str(out), "--phase-model", str(MODEL)]
