@@ -271,8 +271,8 @@ def test_build_context_installs_ptlab(tmp_path: Path) -> None:
 # --- compose.yaml -------------------------------------------------------------------------------
 
 
-def test_compose_has_postgres_mlflow_and_a_trainer(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", "mlflow", "trainer"}
+def test_compose_has_postgres_mlflow_a_reaper_and_a_trainer(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"postgres", "mlflow", "reaper", "trainer"}
     for service in compose["services"].values():
         if "image" in service:
             name, _, tag = service["image"].rpartition(":")
@@ -314,6 +314,17 @@ def test_trainer_builds_the_image_logs_to_the_server_and_reserves_a_gpu(compose:
     assert "/workspace" in named_mounts(trainer).values()
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+def test_the_reaper_watches_the_server_with_the_trainers_image_and_credentials(compose: dict[str, Any]) -> None:
+    """Runs a dead trainer or a down server left RUNNING are ended beside the server, by the project's own watcher."""
+    reaper, trainer = compose["services"]["reaper"], compose["services"]["trainer"]
+    assert reaper["image"] == trainer["image"] and reaper["build"] == trainer["build"]
+    assert reaper["entrypoint"] == ["python", "-m", "ptlab.tracking.stale"]
+    assert option(reaper["command"], "--tracking-uri") == f"http://mlflow:{TRACKING_PORT}"
+    assert float(option(reaper["command"], "--watch")) > 0
+    assert set(reaper["environment"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert reaper["depends_on"]["mlflow"]["condition"] == "service_healthy" and "deploy" not in reaper
 
 
 def test_compose_overrides_reach_the_services() -> None:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ptlab.tracking.base import MemoryTracker, RecordedRun
 from ptlab.tracking.faults import tracking_write
+from ptlab.tracking.heartbeat import HEARTBEAT_TAG, beat, beats_on, heartbeat_s, start_beating, stop_beating
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
@@ -39,9 +40,12 @@ class ApiRunWriter:
         """What MLflow's context adds to a run (user, source); resolved once."""
 
     def _create(self, name: str, tags: Mapping[str, str]) -> str:
-        return self.client.create_run(
-            self.experiment_id, run_name=name, tags={PROCESS_TAG: tags.get(PROCESS_TAG, process_tag())}
-        ).info.run_id
+        beating = beats_on(self.tracking_uri)
+        created = {PROCESS_TAG: tags.get(PROCESS_TAG, process_tag()), **({HEARTBEAT_TAG: beat(heartbeat_s())} if beating else {})}
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=created).info.run_id
+        if beating:
+            start_beating(self.tracking_uri, run_id)
+        return run_id
 
     def tracker(self, run_name: str, tags: Mapping[str, str]) -> MemoryTracker:
         """A memory tracker for one pipeline of this experiment, its runs created in the store as it opens them."""
@@ -84,6 +88,7 @@ class ApiRunWriter:
                 self.client.log_artifacts(run.run_id, tmp)
         status = run.status if run.status != "RUNNING" else "FINISHED"
         self.client.set_terminated(run.run_id, status, end_time=run.end_ms)
+        stop_beating(run.run_id)
 
     def abandon(self, trackers: Iterable[MemoryTracker], status: str = "KILLED") -> None:
         """End the runs of pipelines that will not be written (the sweep was stopped): they exist in the store, so
@@ -91,4 +96,5 @@ class ApiRunWriter:
         with tracking_write():
             for tracker in trackers:
                 for run in tracker.runs():
+                    stop_beating(run.run_id)
                     self.client.set_terminated(run.run_id, status)

@@ -46,7 +46,8 @@ from ptlab.tracking.faults import (
     store_fault,
     tracking_write,
 )
-from ptlab.tracking.sql import MetricPoint, MetricWriter, is_database_uri, tables_checked
+from ptlab.tracking.heartbeat import HEARTBEAT_TAG, beat, beats_on, heartbeat_s, start_beating, stop_beating
+from ptlab.tracking.sql import MetricPoint, MetricWriter, end_runs_in_place, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.views import RESULT_COLUMNS, RESULT_VIEW, SHARED_VIEW_TAG, WORKFLOW, result_view_url  # noqa: F401
 
@@ -166,14 +167,18 @@ class MLflowTracker:
         if self.description and NOTE_TAG not in self.client.get_experiment(self.experiment_id).tags:
             self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
+        beating = beats_on(self.tracking_uri)
+        beat_tag = {HEARTBEAT_TAG: beat(heartbeat_s())} if beating else {}
         with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=self.run_name,
                 start_time=self.clock_ms,
-                tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags}),
+                tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags, **beat_tag}),
             )
             self.parent_run_id = run.info.run_id
+            if beating:
+                start_beating(self.tracking_uri, self.parent_run_id)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -182,6 +187,7 @@ class MLflowTracker:
         not be written (a full disk, a server that stopped answering) are tried again for a few seconds
         (``_end_left``); a store fault, in the block or while closing, is raised as one-line ``StoreError`` that
         names the runs still RUNNING, if any (the next command marks them FAILED, ``mark_vanished``)."""
+        stop_beating(self.parent_run_id)
         fault = None if exc is None or isinstance(exc, KeyboardInterrupt) else store_fault(exc)
         failed: list[BaseException] = []
         left: list[str] = []
@@ -242,8 +248,8 @@ class MLflowTracker:
         """Try again to end the runs in ``left`` for up to ``close_retry_s()`` seconds (``PTLAB_CLOSE_RETRY_S``,
         default 5) where the fault may pass (``PASSING_FAULTS``; else once): a SQLite store first gives back its
         write-ahead log's space (``free_sqlite_journal``: after a failed write on a full disk it holds that write's
-        pages), a full disk may free meanwhile, an HTTP store is asked with one 2 s try per call. Returns the runs
-        still RUNNING."""
+        pages), a SQLite store on a full disk is written with its journal in memory (``end_runs_in_place``), a full
+        disk may free meanwhile, an HTTP store is asked with one 2 s try per call. Returns the runs still RUNNING."""
         deadline = monotonic() + close_retry_s()
         with quick_http_requests():
             while True:
@@ -260,6 +266,9 @@ class MLflowTracker:
                         self.client.set_tag(self.parent_run_id, "ptlab.error", error)
                     except Exception:  # noqa: BLE001 - the status is what matters; the tag is best effort
                         pass
+                if still and STORE_FAULTS["database or disk is full"] in (store_fault(last) or ""):
+                    tagged = (self.parent_run_id, error) if error and self.parent_run_id in still else None
+                    still = end_runs_in_place(self.tracking_uri, still, status, self.clock_ms or int(time() * 1000), tagged)
                 left = still
                 if not left or monotonic() + 0.5 > deadline or not may_pass(last):
                     return left

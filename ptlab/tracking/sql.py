@@ -15,6 +15,7 @@ instead of writing rows MLflow cannot read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -165,3 +166,42 @@ class MetricWriter:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def end_runs_in_place(
+    tracking_uri: str, run_ids: list[str], status: str, end_time_ms: int, error: tuple[str, str] | None = None
+) -> list[str]:
+    """Last resort for runs a full disk keeps RUNNING on a SQLite store with a rollback journal: their status and
+    end time (and ``error`` = (run id, text) as its ``ptlab.error`` tag, where there is room) written with the journal in memory
+    (``PRAGMA journal_mode=MEMORY``, this connection only). MLflow's own writes need room for the journal file
+    beside the database; changing a row in pages the file already holds needs none. The price: a process
+    killed in the middle of these few page writes could leave the file damaged, so this is only tried once the
+    ordinary write failed on a full disk. Returns the runs still RUNNING (all of them when it fails too)."""
+    if not tracking_uri.startswith("sqlite:///") or not run_ids or not tables_checked():
+        return run_ids
+    engine = sqlalchemy.create_engine(tracking_uri, connect_args={"timeout": 2}, poolclass=sqlalchemy.pool.NullPool)
+    runs, tags = SqlRun.__table__, SqlTag.__table__
+    try:
+        with engine.connect() as connection:
+            if connection.exec_driver_sql("PRAGMA journal_mode=MEMORY").scalar() != "memory":
+                return run_ids  # a WAL store keeps its log mode: free_sqlite_journal gives its room back instead
+            connection.commit()  # ends SQLAlchemy's implicit transaction around the pragma
+            with connection.begin():
+                connection.execute(
+                    runs.update()
+                    .where(runs.c.run_uuid.in_(run_ids), runs.c.status == "RUNNING")
+                    .values(status=status, end_time=end_time_ms)
+                )
+            if error is not None:
+                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError), connection.begin():
+                    connection.execute(tags.delete().where(tags.c.run_uuid == error[0], tags.c.key == "ptlab.error"))
+                    connection.execute(tags.insert().values(key="ptlab.error", value=error[1], run_uuid=error[0]))
+            running = connection.execute(
+                sqlalchemy.select(runs.c.run_uuid).where(runs.c.run_uuid.in_(run_ids), runs.c.status == "RUNNING")
+            )
+            still = {row.run_uuid for row in running}
+    except sqlalchemy.exc.SQLAlchemyError:
+        return run_ids
+    finally:
+        engine.dispose()
+    return [run_id for run_id in run_ids if run_id in still]

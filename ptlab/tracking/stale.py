@@ -9,7 +9,9 @@ another process now, becomes FAILED with ``ptlab.error=process vanished``. Runs 
 namespaces (other containers sharing the hostname), or a process whose ``/proc`` shows another namespace's pids,
 are left alone: their processes cannot be seen from here. Tags of older ptlab versions (four fields, no
 namespace) are judged as before, by host, pid, start time and boot. ``python -m ptlab.tracking.stale`` does the
-same on demand for every experiment of a store.
+same on demand for every experiment of a store, and also ends runs whose heartbeat stopped (``ptlab.tracking.heartbeat``:
+runs on a server, whose processes may live on other hosts); with ``--watch`` it does so every few seconds, beside a
+tracking server.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import argparse
 import os
 import socket
 import sys
+import time
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ptlab.tracking.heartbeat import HEARTBEAT_TAG, MISSED_BEATS, beat_time
+
 PROCESS_TAG = "ptlab.process"
 ERROR_TAG = "ptlab.error"
 VANISHED = "process vanished"
+STOPPED = "heartbeat stopped"
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -96,19 +103,93 @@ def mark_vanished(client: Any, experiment_ids: list[str]) -> int:
     return marked
 
 
+def stopped_runs(runs: Iterable[Any], now: float, since: float = 0.0) -> list[Any]:
+    """The runs among ``runs`` (RUNNING) whose process's newest heartbeat, over all its runs (one ``ptlab.process``
+    tag), is more than ``MISSED_BEATS`` of its intervals old at ``now``, counted from ``since`` at the earliest (a
+    watcher that could not reach the store until ``since`` gives live processes that long to beat again). Runs
+    without a heartbeat (SQLite stores, older ptlab versions) are never among them."""
+    runs = list(runs)
+    newest: dict[str, tuple[float, float]] = {}
+    for run in runs:
+        key = run.data.tags.get(PROCESS_TAG) or run.info.run_id
+        parsed = beat_time(run.data.tags.get(HEARTBEAT_TAG, ""))
+        if parsed is not None and (key not in newest or parsed[0] > newest[key][0]):
+            newest[key] = parsed
+    found = []
+    for run in runs:
+        parsed = newest.get(run.data.tags.get(PROCESS_TAG) or run.info.run_id)
+        if parsed is not None and now - max(parsed[0], since) > MISSED_BEATS * parsed[1]:
+            found.append(run)
+    return found
+
+
+def mark_stale(client: Any, experiment_ids: list[str], since: float = 0.0) -> tuple[int, int]:
+    """Mark RUNNING runs of ``experiment_ids`` FAILED whose process vanished (this host) or whose heartbeat stopped
+    (any host); returns (vanished, stopped)."""
+    if not experiment_ids:
+        return 0, 0
+    vanished = mark_vanished(client, experiment_ids)
+    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
+    stopped = stopped_runs(runs, time.time(), since)
+    for run in stopped:
+        client.set_tag(run.info.run_id, ERROR_TAG, STOPPED)
+        client.set_terminated(run.info.run_id, "FAILED")
+    return vanished, len(stopped)
+
+
+def sweep_store(client: Any, since: float = 0.0) -> tuple[int, int]:
+    """One pass over every experiment of the store: (vanished, stopped) runs marked FAILED."""
+    return mark_stale(client, [e.experiment_id for e in client.search_experiments()], since)
+
+
+def marked(counts: tuple[int, int], tracking_uri: str) -> str:
+    """What a pass marked, in words."""
+    return f"ptlab: marked {counts[0]} vanished run(s) and {counts[1]} run(s) whose heartbeat stopped FAILED in {tracking_uri}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ptlab.tracking.stale [--tracking-uri URI]``: mark every vanished run of the store FAILED."""
+    """``python -m ptlab.tracking.stale [--tracking-uri URI] [--watch SECONDS]``: mark every RUNNING run of the store
+    whose process vanished or whose heartbeat stopped FAILED; with ``--watch``, again every SECONDS until stopped."""
     from mlflow.tracking import MlflowClient
 
     from ptlab.tracking.base import resolve_tracking_uri
 
     parser = argparse.ArgumentParser(prog="python -m ptlab.tracking.stale", description=main.__doc__)
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
+    parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS (> 0)")
     args = parser.parse_args(argv)
+    if args.watch < 0:
+        parser.error(f"--watch={args.watch:g} is not allowed: must be > 0 (seconds), or 0 for one pass")
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
-    ids = [e.experiment_id for e in client.search_experiments()]
-    print(f"ptlab: marked {mark_vanished(client, ids)} vanished run(s) FAILED in {args.tracking_uri}")
-    return 0
+    if not args.watch:
+        print(marked(sweep_store(client), args.tracking_uri))
+        return 0
+    return watch(client, args.tracking_uri, args.watch)
+
+
+def watch(client: Any, tracking_uri: str, every: float) -> int:
+    """Pass over the store every ``every`` seconds until SIGINT/SIGTERM; a pass that cannot reach the store is one
+    line, and after it the heartbeats are counted from the first pass that could (``stopped_runs``' ``since``)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    since, reachable = 0.0, True
+    try:
+        while True:
+            try:
+                counts = sweep_store(client, since)
+            except Exception as err:  # noqa: BLE001 - the store is down: said once, tried again
+                if reachable:
+                    print(f"ptlab: {tracking_uri} cannot be read ({str(err).splitlines()[0][:160]}); trying again", flush=True)
+                reachable = False
+            else:
+                if not reachable:
+                    since, reachable = time.time(), True
+                if any(counts):
+                    print(marked(counts, tracking_uri), flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":
