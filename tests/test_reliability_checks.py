@@ -296,7 +296,7 @@ def test_runs_on_a_server_that_died_are_named_and_ended_when_it_is_back(tmp_path
     from ptlab.errors import StoreError
     from ptlab.tracking.mlflow import MLflowTracker
     from tests.test_reliability import start_server
-    from tests.test_remote_tracking import free_port, stop_process_group
+    from tests.tracking.test_remote_tracking import free_port, stop_process_group
 
     monkeypatch.setenv("PTLAB_CLOSE_RETRY_S", "2")
     port = free_port()
