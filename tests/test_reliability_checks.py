@@ -361,8 +361,6 @@ def test_runs_a_dead_server_kept_running_are_ended_by_the_watcher_once_it_is_bac
     server throughout, ends both FAILED (``heartbeat stopped``) within a few seconds of the server's return, with no
     ptlab command run meanwhile."""
     import signal
-    import subprocess
-    import sys
     import time
 
     from mlflow.tracking import MlflowClient
@@ -370,6 +368,7 @@ def test_runs_a_dead_server_kept_running_are_ended_by_the_watcher_once_it_is_bac
     from ptlab.errors import StoreError
     from ptlab.tracking.mlflow import MLflowTracker
     from tests.test_reliability import start_server
+    from tests.tracking.test_heartbeat import start_watcher
     from tests.tracking.test_remote_tracking import free_port, stop_process_group
 
     monkeypatch.setenv("PTLAB_CLOSE_RETRY_S", "1")
@@ -377,12 +376,7 @@ def test_runs_a_dead_server_kept_running_are_ended_by_the_watcher_once_it_is_bac
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "ptlab.tracking.stale", "--tracking-uri", url, "--watch", "0.5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    watcher = start_watcher(url, 0.5)
     try:
         tracker = MLflowTracker(url, "dies", "run")
         with pytest.raises(StoreError) as error, tracker:

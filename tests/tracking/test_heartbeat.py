@@ -124,6 +124,12 @@ def test_stale_ends_runs_whose_heartbeat_stopped_on_another_host(tmp_path: Path,
     assert statuses[old].data.tags[ERROR_TAG] == STOPPED
 
 
+def start_watcher(tracking_uri: str, every: float) -> subprocess.Popen:
+    """``python -m ptlab.tracking.stale --watch`` on ``tracking_uri``, its output captured."""
+    command = [sys.executable, "-m", "ptlab.tracking.stale", "--tracking-uri", tracking_uri, "--watch", str(every)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_the_watcher_ends_a_run_once_its_beats_stop_and_exits_on_sigterm(tmp_path: Path) -> None:
     """``--watch 0.2``: a run of another host beating every 0.2 s that stops beating is FAILED within about 4 beats
     (0.8 s) plus a pass; the watcher prints one line for it and exits 0 on SIGTERM."""
@@ -131,12 +137,7 @@ def test_the_watcher_ends_a_run_once_its_beats_stop_and_exits_on_sigterm(tmp_pat
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("w"), tags={PROCESS_TAG: ELSEWHERE, HEARTBEAT_TAG: beat(0.2)})
     run_id = run_id.info.run_id
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "ptlab.tracking.stale", "--tracking-uri", uri, "--watch", "0.2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    watcher = start_watcher(uri, 0.2)
     try:
         for _ in range(8):  # beating: left alone
             client.set_tag(run_id, HEARTBEAT_TAG, beat(0.2))
