@@ -27,7 +27,13 @@ from ptlab.data.idx import IDXError, check_idx_files, fashion_missing_message, f
 from ptlab.errors import ConfigError
 from ptlab.folder_checks import _size, _too_full, _writable_dir, check_folder
 from ptlab.models.name_check import check_model_name
-from ptlab.store_checks import MEMORY_NAMES, check_database_driver, check_http_store, check_sqlite_store
+from ptlab.store_checks import (
+    MEMORY_NAMES,
+    check_database_driver,
+    check_http_store,
+    check_sqlite_store,
+    check_tracking_environment,
+)
 from ptlab.utils import flatten
 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -95,7 +101,9 @@ def check_values(cfg: DictConfig) -> None:
 
 def check_tracking_uri(uri: str, start: Path | None = None, experiment_name: str | None = None) -> None:
     """A tracking URI MLflow 3 can open, whose SQLite file can be written (``ptlab.store_checks``: an MLflow
-    store, not damaged, ``experiment_name`` not deleted; a server that answers; a driver that imports)."""
+    store, not damaged, ``experiment_name`` not deleted; a server that answers; a driver that imports), and the
+    tracking's environment variables in range."""
+    check_tracking_environment(os.environ)
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(

@@ -24,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -32,6 +33,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from ptlab.errors import ConfigError, restore_hint
@@ -48,6 +50,25 @@ MEMORY_NAMES = ("", ":memory:")
 MIGRATION_TRY_BYTES = 256 << 20
 """A SQLite store at an older schema revision up to this size has its migration tried on a copy first."""
 FIX = "restore it from a backup or point logger.tracking_uri at a new file"
+
+
+TRACKING_SECONDS_ENV = {"PTLAB_CLOSE_RETRY_S": 0.0, "PTLAB_HEARTBEAT_S": None}
+"""Environment variables of tracking that hold seconds, with the least value allowed (``None``: above 0); the names
+are those of ``ptlab.tracking.faults`` and ``ptlab.tracking.heartbeat`` (a test keeps them equal)."""
+
+
+def check_tracking_environment(environ: Mapping[str, str]) -> None:
+    """``TRACKING_SECONDS_ENV`` that are set hold a finite number of seconds in range (one line naming the variable)."""
+    for name, least in TRACKING_SECONDS_ENV.items():
+        if name not in environ:
+            continue
+        allowed = f"a number of seconds >= {least:g}" if least is not None else "a number of seconds > 0"
+        try:
+            value = float(environ[name])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (value < least if least is not None else value <= 0):
+            raise ConfigError(f"{name}={environ[name]!r} (environment) is not allowed: must be {allowed}")
 
 
 def _refuse(uri: str, why: str) -> ConfigError:

@@ -159,3 +159,30 @@ def test_watch_refuses_a_negative_interval(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit) as exited:
         main(["--tracking-uri", "sqlite:///x.db", "--watch", "-1"])
     assert exited.value.code == 2 and "--watch=-1 is not allowed: must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("PTLAB_HEARTBEAT_S", "abc", "> 0"),
+        ("PTLAB_HEARTBEAT_S", "0", "> 0"),
+        ("PTLAB_HEARTBEAT_S", "inf", "> 0"),
+        ("PTLAB_CLOSE_RETRY_S", "-1", ">= 0"),
+        ("PTLAB_CLOSE_RETRY_S", "nan", ">= 0"),
+    ],
+)
+def test_the_preflight_refuses_tracking_seconds_out_of_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, allowed: str
+) -> None:
+    """One line naming the variable, before anything is written; the names are the ones tracking reads."""
+    from ptlab.cli import preflight
+    from ptlab.store_checks import TRACKING_SECONDS_ENV
+    from ptlab.tracking.faults import CLOSE_RETRY_ENV
+
+    assert set(TRACKING_SECONDS_ENV) == {CLOSE_RETRY_ENV, heartbeat.HEARTBEAT_ENV}
+    monkeypatch.setenv(name, value)
+    line = preflight([f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}"])
+    assert line == f"{name}={value!r} (environment) is not allowed: must be a number of seconds {allowed}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setenv(name, "7.5")
+    assert preflight([f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'out'}"]) is None
