@@ -112,6 +112,55 @@ def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run |
     return runs[0] if runs else None
 
 
+def live_runs(client: Any, experiment_id: str, digest: str, now: float) -> list[Run]:
+    """RUNNING pipeline runs of config ``digest`` whose process is alive as far as the store tells: another process
+    than this one, not vanished (``ptlab.tracking.stale``: this host) and beating (runs on a server; without a
+    heartbeat, a run of another host counts as alive)."""
+    from ptlab.tracking.stale import PROCESS_TAG, is_vanished, process_tag, stopped_runs
+
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=50000)
+    stopped = {run.info.run_id for run in stopped_runs(running, now)}
+    return [
+        run
+        for run in running
+        if run.data.tags.get(STAGE_TAG) == "pipeline"
+        and run.data.tags.get(CONFIG_HASH_TAG) == digest
+        and run.info.run_id not in stopped
+        and run.data.tags.get(PROCESS_TAG) != process_tag()
+        and not is_vanished(run.data.tags.get(PROCESS_TAG, ""))
+    ]
+
+
+def wait_for_live_runs(tracking_uri: str, experiment_name: str, digest: str, timeout: float, poll: float = 2.0) -> None:
+    """Wait while another live process runs config ``digest`` in ``experiment_name`` of the store, whatever its
+    ``cache.dir`` or host (the config's file lock only meets processes sharing a folder); ``ConfigError`` after
+    ``timeout`` seconds (``cache.lock_timeout``). Two processes that both look before either opened its run still
+    both run it: the store has no atomic claim."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ptlab.errors import ConfigError
+    from ptlab.tracking.mlflow import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+    except MlflowException:
+        return
+    if experiment is None:
+        return
+    deadline = time.monotonic() + timeout
+    while live := live_runs(client, experiment.experiment_id, digest, time.time()):
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"cache.lock_timeout={timeout:g}: run {live[0].info.run_id} of another process has run this config "
+                "longer; raise it, or end that run (python -m ptlab.tracking.stale ends one whose process is gone)"
+            )
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
 def finished_runs(tracking_uri: str, experiment_name: str) -> dict[str, Run]:
     """Every FINISHED parent run of the experiment by config hash (the newest wins), for a sweep's resume."""
     return {run.data.tags.get(CONFIG_HASH_TAG): run for run in _finished_query(tracking_uri, experiment_name, newest_first=False)}

@@ -145,19 +145,25 @@ def lock_dir(tracking_uri: str, cache: Path) -> Path:
 def config_lock(spec: PipelineSpec, digest: str, context: JobContext) -> Iterator[None]:
     """Where finished configs are skipped (a multirun), one process at a time runs a config of a store: a second
     sweep that reaches a cell another live process is running waits for it, then skips it. The lock is a file in
-    ``lock_dir``, released by the OS if its process dies."""
+    ``lock_dir``, released by the OS if its process dies. On a store other than a SQLite file (a server, where
+    processes with other cache folders or on other hosts meet), the store is asked too (``wait_for_live_runs``)."""
     if not should_skip_finished(spec.resume, spec.logger, context.multirun) or not is_global_zero():
         yield
         return
     from filelock import FileLock, Timeout
 
     from ptlab.pipeline.cache import cache_dir
+    from ptlab.pipeline.resume import wait_for_live_runs
+    from ptlab.tracking.faults import sqlite_path
+    from ptlab.tracking.mlflow import resolve_tracking_uri
 
     folder = lock_dir(spec.logger.tracking_uri, cache_dir(spec.cache, context.start_dir))
     folder.mkdir(parents=True, exist_ok=True)
     timeout = spec.cache.lock_timeout
     try:
         with FileLock(str(folder / f"{digest}.lock"), timeout=timeout):
+            if spec.logger.kind == "mlflow" and sqlite_path(resolve_tracking_uri(spec.logger.tracking_uri)) is None:
+                wait_for_live_runs(spec.logger.tracking_uri, spec.logger.experiment_name, digest, timeout)
             yield
     except Timeout:
         raise ConfigError(
