@@ -4,8 +4,10 @@ Usage: check_runs.py URL EXPERIMENT TOTAL. Passes when EXPERIMENT holds TOTAL ru
 among them exactly one pipeline parent (tag ``ptlab.stage=pipeline``) with its three stage runs
 as children. Requests carry MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD as basic auth, as
 MLflow's client does. ``check_runs.py --refused URL``: passes when the server answers 401 to a request
-without credentials and to one with a wrong password. Standard library only: it runs on the host,
-outside the images.
+without credentials and to one with a wrong password. ``check_runs.py --reaped URL EXPERIMENT SECONDS``: creates
+a RUNNING run of a process on another host whose heartbeat stopped 10 minutes ago and passes when the stack's
+reaper has ended it FAILED (``ptlab.error=heartbeat stopped``) within SECONDS. Standard library only: it runs on
+the host, outside the images.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -74,8 +77,28 @@ def main(url: str, experiment: str, total: int) -> None:
     assert not unfinished, f"runs not FINISHED: {unfinished}"
 
 
+def reaped(url: str, experiment: str, seconds: float) -> None:
+    """A run whose process (another host's) stopped beating 10 minutes ago is ended by the reaper within ``seconds``."""
+    experiment_id = call(url, "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
+    stamp = time.time() - 600
+    run_tags = {"ptlab.stage": "pipeline", "ptlab.process": "gone-host:4242:99:boot:1", "ptlab.heartbeat": f"{stamp:.1f}:30"}
+    body = {"experiment_id": experiment_id, "tags": [{"key": k, "value": v} for k, v in run_tags.items()]}
+    run_id = call(url, "/api/2.0/mlflow/runs/create", body)["run"]["info"]["run_id"]
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        run = call(url, f"/api/2.0/mlflow/runs/get?{urllib.parse.urlencode({'run_id': run_id})}")["run"]
+        if run["info"]["status"] != "RUNNING":
+            assert run["info"]["status"] == "FAILED" and tags(run).get("ptlab.error") == "heartbeat stopped", run
+            print(f"reaped: run {run_id} FAILED ({tags(run)['ptlab.error']}) after {time.monotonic() - started:.0f} s")
+            return
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} still RUNNING after {seconds} s: the reaper did not end it")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--refused":
         refused(sys.argv[2])
+    elif sys.argv[1] == "--reaped":
+        reaped(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

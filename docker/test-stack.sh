@@ -214,6 +214,13 @@ check_runs() {
     for name in config.yaml summary.json transfer_plan.json; do grep -q "/$name\$" "$CACHE/artifacts.txt"; done
 }
 
+# The reaper service is up and ends a run whose process stopped beating (it passes every 30 s; a pass that could not
+# reach the server, before it was up, gives live processes 4 beats = 2 minutes from its first pass that could).
+reaper() {
+    [[ -n $(container reaper) ]] || { compose logs reaper; return 1; }
+    python3 "$REPO/docker/check_runs.py" --reaped "http://127.0.0.1:$PORT" "$EXPERIMENT-reaper" 240
+}
+
 report() {
     trainer --entrypoint python "$IMAGE" -m ptlab.report "$EXPERIMENT" --tracking-uri http://mlflow:5000 \
         --out "reports/$EXPERIMENT"
@@ -247,6 +254,7 @@ step stack-up stack_up
 step auth-refused auth_refused
 step pipeline-run pipeline_run
 step check-runs check_runs
+step reaper reaper
 step report report
 step down nothing_left
 podman images

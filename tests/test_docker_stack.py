@@ -28,6 +28,7 @@ STEPS = [
     "stack-up",
     "pipeline-run",
     "check-runs",
+    "reaper",
     "report",
     "down",
 ]

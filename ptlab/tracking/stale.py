@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="default: %(default)s")
     parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS (> 0)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" line per run it ends
     if args.watch < 0:
         parser.error(f"--watch={args.watch:g} is not allowed: must be > 0 (seconds), or 0 for one pass")
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
@@ -176,15 +177,16 @@ def watch(client: Any, tracking_uri: str, every: float) -> int:
     since, reachable = 0.0, True
     try:
         while True:
+            started = time.time()
             try:
-                counts = sweep_store(client, since)
+                counts = sweep_store(client, since if reachable else started)
             except Exception as err:  # noqa: BLE001 - the store is down: said once, tried again
                 if reachable:
                     print(f"ptlab: {tracking_uri} cannot be read ({str(err).splitlines()[0][:160]}); trying again", flush=True)
                 reachable = False
             else:
                 if not reachable:
-                    since, reachable = time.time(), True
+                    since, reachable = started, True
                 if any(counts):
                     print(marked(counts, tracking_uri), flush=True)
             time.sleep(every)
