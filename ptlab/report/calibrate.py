@@ -16,13 +16,15 @@
    regression, with or without pairwise products, or a shallow tree, over 9 or 13 features) with the
    best agreement in 5 times repeated stratified 5-fold cross-validation on the fit cells, plus a linear
    model of the gain. A random forest and gradient boosting can be cross-validated beside them as
-   references only (``REFERENCE_CANDIDATES``).
+   references only (``REFERENCE_CANDIDATES``); with ``--n-aware`` the ``n_aware`` models
+   (``ptlab.report.n_aware``, ``N_AWARE_CANDIDATES``), which predict the verdict of any seed count, too.
 4. Score every predictor on the held-out cells: agreement with a Wilson 95% interval, the confusion
    matrix, negative-transfer precision and recall; predictors: the phase model, the theory with the
    fitted constants and with unit constants, and the baselines "always helps" and "helps iff ||u|| > 0,
    else negative transfer".
 5. The noise ceiling (``noise_ceiling``): how often an oracle that knew each cell's mean gain could agree
-   with a 16-seed verdict, from replicate verdicts of every cell's own paired gains.
+   with a verdict of the cell's own seed count (or another, ``seeds``), from replicate verdicts of every
+   cell's own paired gains.
 """
 
 from __future__ import annotations
