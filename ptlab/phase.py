@@ -10,6 +10,13 @@ tree, plus a linear model of the paired gain in points with an interval from its
 cross-validated residuals; ``conf/phase_model.yaml`` stores one with its provenance (written by
 ``python -m ptlab.report calibrate --write-phase``). Evaluating a model needs numpy and PyYAML only: no
 torch, sklearn or MLflow, so ``python -m ptlab.predict`` answers in well under a second.
+
+The ``n_aware`` kind (docs/theory.md section 10) predicts the verdict of ``n`` seeds rather than that of the
+calibration's seed count: two ridge regressions over the features and their pairwise products, of the cell's mean
+paired gain ``mu(x)`` and of the log sd of its paired gains ``log sigma(x)`` (points), and ``tau``, the sd of the
+true mean gain around ``mu(x)`` (the cross-validated residual variance less the mean sampling variance). The mean
+of ``n`` gains is then ``N(mu, tau^2 + sigma^2 / n)``, and the verdict is ``transfer_helps`` when it exceeds
+``t_{0.975, n-1} sigma / sqrt(n)``, ``negative_transfer`` when it is below minus that (``verdict_probabilities``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,9 @@ EXTRA_FEATURES = ("log_d", "log_n2", "log_threshold_term", "log_scratch_threshol
 ALL_FEATURES = (*FEATURES, *EXTRA_FEATURES)
 CLIP = 6.0
 PHASE_MODEL_FILE = "phase_model.yaml"
-KINDS = ("logistic", "tree")
+KINDS = ("logistic", "tree", "n_aware")
+N_AWARE_CLASSES = ("negative_transfer", "no_difference", "transfer_helps")
+"""The classes of an ``n_aware`` model, in the order of its probabilities (those of ``ptlab.theory``)."""
 
 
 def _log(value: float) -> float:
@@ -93,6 +102,59 @@ def expand_pairs(x: np.ndarray, pairs: Sequence[Sequence[int]]) -> np.ndarray:
     return np.hstack([x, np.column_stack([x[:, int(i)] * x[:, int(j)] for i, j in pairs])])
 
 
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return 0.5 * np.vectorize(math.erfc)(-np.asarray(z, float) / math.sqrt(2.0))
+
+
+def t_quantile(seeds: int, confidence: float = 0.95) -> float:
+    """``t_{(1 + confidence) / 2, seeds - 1}``: the critical value of the paired t interval of ``seeds`` gains."""
+    if int(seeds) < 2:
+        raise ValueError(f"seeds={seeds}: the paired t interval needs >= 2 seeds")
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, int(seeds) - 1))
+
+
+def verdict_probabilities(mu: np.ndarray, sigma: np.ndarray, tau: np.ndarray | float, seeds: int, t_crit: float) -> np.ndarray:
+    """Probabilities of the verdicts negative / no difference / helps of ``seeds`` paired gains whose mean is
+    ``N(mu, tau^2 + sigma^2 / seeds)``: helps when the mean exceeds ``t_crit sigma / sqrt(seeds)`` (the interval's
+    half width, with the sample sd taken to be ``sigma``), negative when it is below minus that."""
+    mu, sigma, tau = np.asarray(mu, float), np.asarray(sigma, float), np.asarray(tau, float)
+    spread = np.sqrt(tau**2 + sigma**2 / seeds)
+    half = t_crit * sigma / math.sqrt(seeds)
+    helps = _normal_cdf((mu - half) / spread)
+    negative = _normal_cdf((-mu - half) / spread)
+    return np.column_stack([negative, np.clip(1.0 - helps - negative, 0.0, 1.0), helps])
+
+
+def _normal_quantile(p: np.ndarray) -> np.ndarray:
+    from statistics import NormalDist
+
+    return np.vectorize(NormalDist().inv_cdf, otypes=[float])(np.clip(np.asarray(p, float), 1e-12, 1 - 1e-12))
+
+
+def n_aware_moments(params: Mapping[str, Any], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``mu(x)``, ``sigma(x)`` and ``tau(x)`` (points) of an ``n_aware`` model's ``params`` for a feature matrix
+    ``x`` (module docstring). ``mean_from: regression``: ``mu`` a ridge regression, ``tau`` one constant.
+    ``mean_from: logistic``: ``mu`` and ``tau`` are those for which the normal model gives the pairwise logistic's
+    probabilities of helps and negative at the calibration's seed count ``n0``: with ``a = Phi^-1(p_helps)``,
+    ``b = Phi^-1(p_negative)`` and ``h0 = t_{0.975, n0-1} sigma / sqrt(n0)``, the sd of the n0-seed mean is
+    ``-2 h0 / (a + b)``, ``mu`` is that sd times ``(a - b) / 2``, and ``tau^2`` is that sd squared less
+    ``sigma^2 / n0`` (floored at 0)."""
+    expanded = expand_pairs(np.atleast_2d(np.asarray(x, float)), params.get("pairs", []))
+    z = (expanded - np.asarray(params["mean"], float)) / np.asarray(params["scale"], float)
+    sigma = np.exp(z @ np.asarray(params["log_sigma"]["coef"], float) + float(params["log_sigma"]["intercept"]))
+    if params.get("mean_from", "regression") == "regression":
+        mu = z @ np.asarray(params["mu"]["coef"], float) + float(params["mu"]["intercept"])
+        return mu, sigma, np.full(len(z), float(params["tau"]))
+    logistic = params["logistic"]
+    p = _softmax(z @ np.asarray(logistic["coef"], float).T + np.asarray(logistic["intercept"], float))
+    a, b = _normal_quantile(p[:, 2]), _normal_quantile(p[:, 0])
+    n0 = int(params["calibration_seeds"])
+    spread = -2 * float(params["calibration_t_crit"]) * sigma / math.sqrt(n0) / (a + b)
+    return spread * (a - b) / 2, sigma, np.sqrt(np.maximum(spread**2 - sigma**2 / n0, 0.0))
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -116,9 +178,47 @@ class PhaseModel:
         unknown = set(self.features) - set(ALL_FEATURES)
         if unknown:
             raise ValueError(f"phase model features {sorted(unknown)}: known are {', '.join(ALL_FEATURES)}")
-        pairs = self.params.get("pairs", []) if self.kind == "logistic" else []
+        pairs = self.params.get("pairs", []) if self.kind in ("logistic", "n_aware") else []
         if any(len(p) != 2 or not all(0 <= int(i) < len(self.features) for i in p) for p in pairs):
             raise ValueError(f"phase model pairs {pairs}: index pairs into its {len(self.features)} features")
+        if self.kind == "n_aware":
+            source = self.params.get("mean_from", "regression")
+            own = ("mu", "tau") if source == "regression" else ("logistic", "calibration_seeds", "calibration_t_crit")
+            needed = ("mean", "scale", "log_sigma", "seeds", "t_crit", *own)
+            missing = [k for k in needed if k not in self.params]
+            if source not in ("regression", "logistic") or missing or tuple(self.classes) != N_AWARE_CLASSES:
+                raise ValueError(
+                    f"n_aware phase model with mean_from={source}, lacking {missing}, classes {list(self.classes)}: "
+                    f"mean_from regression or logistic, needs {', '.join(needed)} and classes {list(N_AWARE_CLASSES)}"
+                )
+            if int(self.params["seeds"]) < 2:
+                raise ValueError(f"n_aware phase model seeds={self.params['seeds']}: >= 2")
+
+    @property
+    def seeds(self) -> int | None:
+        """The number of seeds whose verdict an ``n_aware`` model predicts (None for the other kinds)."""
+        return int(self.params["seeds"]) if self.kind == "n_aware" else None
+
+    def with_seeds(self, seeds: int) -> PhaseModel:
+        """An ``n_aware`` model predicting the verdict of ``seeds`` seeds (everything else unchanged)."""
+        if self.kind != "n_aware":
+            raise ValueError(f"phase model kind={self.kind}: only an n_aware model predicts for a chosen seed count")
+        t_crit = t_quantile(int(seeds), float(self.params.get("confidence", 0.95)))
+        params = {**self.params, "seeds": int(seeds), "t_crit": t_crit}
+        return replace(self, params=params)
+
+    def logistic_part(self) -> PhaseModel:
+        """The pairwise logistic inside a logistic-derived ``n_aware`` model, as a ``logistic`` model (its class
+        probabilities at the calibration's seed count; no gain model)."""
+        if self.kind != "n_aware" or self.params.get("mean_from") != "logistic":
+            raise ValueError(f"phase model kind={self.kind}: only a logistic-derived n_aware model holds a logistic")
+        keys = ("pairs", "mean", "scale", "C")
+        params = {**{k: self.params[k] for k in keys if k in self.params}, **self.params["logistic"]}
+        return PhaseModel(f"{self.name}: its logistic", "logistic", self.features, self.classes, params, {}, self.provenance)
+
+    def moments(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An ``n_aware`` model's ``mu(x)``, ``sigma(x)`` and ``tau(x)`` in points (``n_aware_moments``)."""
+        return n_aware_moments(self.params, x)
 
     def _standard(self, x: np.ndarray, part: Mapping[str, Any]) -> np.ndarray:
         return (x - np.asarray(part["mean"], float)) / np.asarray(part["scale"], float)
@@ -126,6 +226,9 @@ class PhaseModel:
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (columns in ``classes`` order) for a feature matrix ``x``."""
         x = np.atleast_2d(np.asarray(x, float))
+        if self.kind == "n_aware":
+            mu, sigma, tau = self.moments(x)
+            return verdict_probabilities(mu, sigma, tau, int(self.params["seeds"]), float(self.params["t_crit"]))
         if self.kind == "logistic":
             x = expand_pairs(x, self.params.get("pairs", []))
             scores = self._standard(x, self.params) @ np.asarray(self.params["coef"], float).T
@@ -147,6 +250,8 @@ class PhaseModel:
     def predict_gain(self, x: np.ndarray) -> np.ndarray:
         """The predicted paired gain (transfer - scratch) in accuracy points."""
         x = np.atleast_2d(np.asarray(x, float))
+        if self.kind == "n_aware":
+            return self.moments(x)[0]
         return self._standard(x, self.gain) @ np.asarray(self.gain["coef"], float) + float(self.gain["intercept"])
 
     def predict(self, row: Mapping[str, float]) -> dict[str, Any]:
@@ -155,7 +260,11 @@ class PhaseModel:
         x = feature_matrix([row], self.features)
         probabilities = self.probabilities(x)[0]
         gain = float(self.predict_gain(x)[0])
-        half = float(self.gain["interval_half_width"])
+        if self.kind == "n_aware":  # where the mean of `seeds` gains falls: 1.96 sd of N(mu, tau^2 + sigma^2 / n)
+            _, sigma, tau = (float(v[0]) for v in self.moments(x))
+            half = 1.959964 * math.sqrt(tau**2 + sigma**2 / int(self.params["seeds"]))
+        else:
+            half = float(self.gain["interval_half_width"])
         held = self.provenance.get("held_out", {})
         return {
             "outcome": self.classes[int(probabilities.argmax())],
@@ -164,6 +273,7 @@ class PhaseModel:
             "gain_low": round(gain - half, 4),
             "gain_high": round(gain + half, 4),
             "model": self.name,
+            **({"seeds": self.seeds} if self.kind == "n_aware" else {}),
             "held_out_agreement": float(held["agreement"]) if "agreement" in held else None,
         }
 

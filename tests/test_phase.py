@@ -179,3 +179,25 @@ def test_a_batched_gram_sweep_logs_the_same_prediction(fitted, tmp_path: Path, t
     for summary, u in zip(summaries, (0.0, 1.5)):
         setting = Setting(d=200, n1=40, n2=10, u_norm=u, v_norm=2.0, sigma_p1=1.0, sigma_p2=1.0, alpha=0.5)
         assert summary["prediction"] == model.predict(phase_features(setting))
+
+
+def test_an_n_aware_model_predicts_the_same_through_predict_and_a_run(tmp_path: Path, tracking_uri: str) -> None:
+    from ptlab.predict import prediction_for
+    from tests.report.test_n_aware import HAND
+
+    model = HAND.with_seeds(24)
+    path = tmp_path / "phase.yaml"
+    save(model, path)
+    overrides = [
+        *SMALL,
+        "transfer.alpha=0.4",
+        f"theory.phase_model={path}",
+        f"logger.tracking_uri={tracking_uri}",
+        f"cache.dir={tmp_path / 'cache'}",
+    ]
+    expected = model.predict({"alpha": 0.4})
+    assert expected["seeds"] == 24 and expected["outcome"] == "negative_transfer"  # mu = 2 (-0.4) - 1 = -1.8 points, P 0.93
+    assert prediction_for(overrides)["prediction"] == expected
+    run = run_cli([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["prediction"] == expected

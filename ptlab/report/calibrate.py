@@ -16,13 +16,15 @@
    regression, with or without pairwise products, or a shallow tree, over 9 or 13 features) with the
    best agreement in 5 times repeated stratified 5-fold cross-validation on the fit cells, plus a linear
    model of the gain. A random forest and gradient boosting can be cross-validated beside them as
-   references only (``REFERENCE_CANDIDATES``).
+   references only (``REFERENCE_CANDIDATES``); with ``--n-aware`` the ``n_aware`` models
+   (``ptlab.report.n_aware``, ``N_AWARE_CANDIDATES``), which predict the verdict of any seed count, too.
 4. Score every predictor on the held-out cells: agreement with a Wilson 95% interval, the confusion
    matrix, negative-transfer precision and recall; predictors: the phase model, the theory with the
    fitted constants and with unit constants, and the baselines "always helps" and "helps iff ||u|| > 0,
    else negative transfer".
 5. The noise ceiling (``noise_ceiling``): how often an oracle that knew each cell's mean gain could agree
-   with a 16-seed verdict, from replicate verdicts of every cell's own paired gains.
+   with a verdict of the cell's own seed count (or another, ``seeds``), from replicate verdicts of every
+   cell's own paired gains.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class Candidate:
     @property
     def storable(self) -> bool:
         """Whether ``ptlab.phase.PhaseModel`` can hold it (the ensembles are references only)."""
-        return self.kind in ("logistic", "pairs", "tree")
+        return self.kind in ("logistic", "pairs", "tree", *N_AWARE_KINDS)
 
     @property
     def key(self) -> str:
@@ -124,6 +126,18 @@ REFERENCE_CANDIDATES = tuple(
 )
 """Ensembles cross-validated beside them as references (``calibrate --references``), never chosen."""
 CV_FOLDS, CV_REPEATS = 5, 5
+N_AWARE_KINDS = {"n_aware": "regression", "n_aware_logistic": "logistic"}
+"""The ``n_aware`` phase models (``ptlab.report.n_aware``) and where their mean gain comes from."""
+N_AWARE_CANDIDATES = (
+    *(Candidate("n_aware", ridge) for ridge in (1.0, 10.0, 100.0)),
+    *(Candidate("n_aware_logistic", c) for c in (0.1, 1.0, 10.0)),
+)
+"""The ``n_aware`` candidates (``calibrate --n-aware``; docs/theory.md section 10): ridge strength of ``mu(x)``, or C
+of the pairwise logistic whose probabilities give ``mu(x)`` and ``tau(x)``; over the 9 ``FEATURES``."""
+N_AWARE_MARGIN = 0.01
+"""An ``n_aware`` candidate is chosen when its CV agreement is at most this far below the best other one (it
+predicts the verdict of any seed count, the others only that of the calibration's)."""
+EXPECTED_SEEDS = (16, 32, 48)
 
 
 def wilson_interval(agreeing: int, cells: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -339,25 +353,45 @@ def _columns(candidate: Candidate) -> list[int]:
 
 
 def cross_validated(
-    x: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate] = PHASE_CANDIDATES, repeats: int = CV_REPEATS
+    x: np.ndarray,
+    labels: np.ndarray,
+    candidates: Sequence[Candidate] = PHASE_CANDIDATES,
+    repeats: int = CV_REPEATS,
+    gains: Sequence[np.ndarray] | None = None,
+    expected: dict[str, dict[int, float]] | None = None,
+    expected_seeds: Sequence[int] = EXPECTED_SEEDS,
 ) -> dict[str, float]:
     """Cross-validated agreement of each candidate on the fit cells (``x``: the ``ALL_FEATURES`` columns):
     the mean over ``repeats`` stratified 5-fold splits (seeds 0, 1, ...; fewer folds when a class has fewer
-    cells), the same splits for every candidate; empty when there are too few cells or classes."""
+    cells), the same splits for every candidate; empty when there are too few cells or classes. The ``n_aware``
+    candidates need the cells' paired ``gains``; their expected agreement at each of ``expected_seeds`` (the mean of
+    their out-of-fold largest verdict probability, ``ptlab.report.n_aware.cross_validated``) goes into
+    ``expected``."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from ptlab.report import n_aware
 
     counts = pd.Series(labels).value_counts()
     if len(counts) < 2 or counts.min() < 2:
         return {}
-    splits = [
-        StratifiedKFold(n_splits=int(min(CV_FOLDS, counts.min())), shuffle=True, random_state=seed) for seed in range(repeats)
-    ]
-    return {
-        c.key: float(
+    folds = int(min(CV_FOLDS, counts.min()))
+    splits = [StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) for seed in range(repeats)]
+    scores = {}
+    for c in candidates:
+        if c.kind in N_AWARE_KINDS:
+            if gains is None:
+                raise ValueError(f"candidate {c.key}: the n_aware models need the cells' paired gains")
+            found = n_aware.cross_validated(
+                x[:, _columns(c)], labels, gains, [c.knob], N_AWARE_KINDS[c.kind], repeats, folds, expected_seeds
+            )[float(c.knob)]
+            scores[c.key] = found["agreement"]
+            if expected is not None:
+                expected[c.key] = found["expected"]
+            continue
+        scores[c.key] = float(
             np.mean([cross_val_score(_phase_estimator(c), x[:, _columns(c)], labels, cv=split).mean() for split in splits])
         )
-        for c in candidates
-    }
+    return scores
 
 
 def choose_candidate(scores: dict[str, float], candidates: Sequence[Candidate] = PHASE_CANDIDATES) -> Candidate:
@@ -366,29 +400,61 @@ def choose_candidate(scores: dict[str, float], candidates: Sequence[Candidate] =
     storable = [c for c in candidates if c.storable and c.key in scores]
     if not storable:
         return Candidate("logistic", 1.0, FEATURES)
-    return max(storable, key=lambda c: (round(scores[c.key], 9), -storable.index(c)))
+
+    def best(group: list[Candidate]) -> Candidate:
+        return max(group, key=lambda c: (round(scores[c.key], 9), -group.index(c)))
+
+    aware = [c for c in storable if c.kind in N_AWARE_KINDS]
+    others = [c for c in storable if c.kind not in N_AWARE_KINDS]
+    if aware and others:  # the n_aware one when within N_AWARE_MARGIN of the best other candidate
+        top = best(aware)
+        return top if scores[top.key] >= scores[best(others).key] - N_AWARE_MARGIN - 1e-12 else best(others)
+    return best(storable)
 
 
 def _model_name(candidate: Candidate) -> str:
-    kind = {"logistic": "logistic (C {:g})", "pairs": "logistic with pairwise products (C {:g})", "tree": "tree (depth {:g})"}[
-        candidate.kind
-    ].format(candidate.knob)
+    kind = {
+        "logistic": "logistic (C {:g})",
+        "pairs": "logistic with pairwise products (C {:g})",
+        "tree": "tree (depth {:g})",
+        "n_aware": "n-aware normal model (mean gain by ridge {:g}, log sd by ridge)",
+        "n_aware_logistic": "n-aware normal model (mean gain from a pairwise logistic, C {:g}; log sd by ridge)",
+    }[candidate.kind].format(candidate.knob)
     return f"{kind} over {len(candidate.features)} theory quantities"
 
 
 def fit_phase_model(
-    fit: pd.DataFrame, provenance: dict | None = None, candidates: Sequence[Candidate] = PHASE_CANDIDATES
+    fit: pd.DataFrame,
+    provenance: dict | None = None,
+    candidates: Sequence[Candidate] = PHASE_CANDIDATES,
+    seeds: int | None = None,
+    expected: dict[str, dict[int, float]] | None = None,
+    expected_seeds: Sequence[int] = EXPECTED_SEEDS,
 ) -> tuple[PhaseModel, dict[str, float]]:
     """The phase model (module docstring) fitted to the fit cells, and every candidate's cross-validated
     agreement. The gain model is a ridge regression of the gain in points on the chosen model's features;
-    its 95% interval is the 95th percentile of the absolute cross-validated residuals."""
+    its 95% interval is the 95th percentile of the absolute cross-validated residuals. An ``n_aware`` model
+    predicts the verdict of ``seeds`` seeds (default: the fit cells'); its gain and interval are its own."""
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import KFold, cross_val_predict
 
+    from ptlab.report import n_aware
+
     x_all = features_of(fit, ALL_FEATURES)
     labels = fit["measured"].to_numpy(dtype=object).astype(str)
-    scores = cross_validated(x_all, labels, candidates)
+    gains = list(fit["gains"]) if "gains" in fit else None
+    scores = cross_validated(x_all, labels, candidates, gains=gains, expected=expected, expected_seeds=expected_seeds)
     candidate = choose_candidate(scores, candidates)
+    if candidate.kind in N_AWARE_KINDS and len(set(labels)) == len(CLASSES):
+        x = x_all[:, _columns(candidate)]
+        params = n_aware.fit_params(x, gains, candidate.knob, seeds, N_AWARE_KINDS[candidate.kind], labels)
+        gain = {"interval": "mu(x) +- 1.96 sqrt(tau(x)^2 + sigma(x)^2 / seeds): where the mean of `seeds` gains falls"}
+        model = PhaseModel(
+            _model_name(candidate), "n_aware", candidate.features, n_aware.N_AWARE_CLASSES, params, gain, dict(provenance or {})
+        )
+        return model, scores
+    if candidate.kind in N_AWARE_KINDS:
+        candidate = choose_candidate(scores, [c for c in candidates if c.kind not in N_AWARE_KINDS])
     if len(set(labels)) == 1:  # one measured outcome: a constant model
         candidate = Candidate("logistic", 1.0, FEATURES)
     x = x_all[:, _columns(candidate)]
@@ -548,16 +614,24 @@ def calibrate(
     provenance: dict | None = None,
     candidates: Sequence[Candidate] = PHASE_CANDIDATES,
     frozen: PhaseModel | None = None,
+    seeds: int | None = None,
+    expected: dict[str, dict[int, float]] | None = None,
+    expected_seeds: Sequence[int] = EXPECTED_SEEDS,
 ) -> Calibration:
     """Fit the constants and the phase model (chosen among ``candidates``) on the ``fit`` cells and score every
     predictor on both splits. With ``frozen`` (a model fitted and stored before), that model is scored as it is:
-    no phase model is fitted, and the cross-validation is empty."""
+    no phase model is fitted, and the cross-validation is empty. ``seeds``: the verdict's n an ``n_aware`` model
+    predicts for (a frozen one is switched to it)."""
     cells = add_thresholds(cells[cells["measured"].notna()].reset_index(drop=True))
     fit = cells[cells["split"] == FIT]
     if fit.empty:
         raise ReportError("no fit cell has a paired verdict: calibration needs fit cells with >= 2 seeds")
     constants, boundaries, agreeing = fit_constants(fit)
-    phase, cv = (frozen, {}) if frozen is not None else fit_phase_model(fit, provenance, candidates)
+    if frozen is not None and seeds is not None and frozen.kind == "n_aware":
+        frozen = frozen.with_seeds(seeds)
+    phase, cv = (
+        (frozen, {}) if frozen is not None else fit_phase_model(fit, provenance, candidates, seeds, expected, expected_seeds)
+    )
     cells[THEORY] = predicted_outcomes(cells, constants)
     x = features_of(cells, phase.features)
     cells[PHASE] = phase.predict_outcomes(x)
@@ -613,18 +687,23 @@ def load_cells(
 CEILING_METHODS = ("bootstrap", "normal")
 
 
-def replicate_verdicts(gains: np.ndarray, method: str, replicates: int, rng: np.random.Generator) -> np.ndarray:
+def replicate_verdicts(
+    gains: np.ndarray, method: str, replicates: int, rng: np.random.Generator, seeds: int | None = None
+) -> np.ndarray:
     """``replicates`` verdicts (+1 better, 0 no detectable difference, -1 worse) of the 95% paired t interval
-    on replicates of one cell's ``n`` paired gains: resampled with replacement (``bootstrap``) or drawn from a
-    normal with the gains' mean and sd (``normal``). Same rule as ``ptlab.report.runs.verdict``."""
+    on replicates of ``seeds`` paired gains (default: as many as the cell has) of one cell: resampled with
+    replacement from its gains (``bootstrap``) or drawn from a normal with the gains' mean and sd (``normal``).
+    Same rule as ``ptlab.report.runs.verdict``."""
     from scipy import stats
 
     gains = np.asarray(gains, float)
-    n = len(gains)
+    if len(gains) < 2:
+        raise ValueError(f"a cell with {len(gains)} gains: the paired t interval needs >= 2")
+    n = len(gains) if seeds is None else int(seeds)
     if n < 2:
-        raise ValueError(f"a cell with {n} gains: the paired t interval needs >= 2")
+        raise ValueError(f"seeds={n}: the paired t interval needs >= 2")
     if method == "bootstrap":
-        draws = gains[rng.integers(0, n, size=(replicates, n))]
+        draws = gains[rng.integers(0, len(gains), size=(replicates, n))]
     elif method == "normal":
         draws = rng.normal(gains.mean(), gains.std(ddof=1), size=(replicates, n))
     else:
@@ -648,31 +727,43 @@ class Ceiling:
 
 
 def noise_ceiling(
-    gains_by_cell: Sequence[np.ndarray], method: str = "bootstrap", replicates: int = 2000, seed: int = 0, resamples: int = 2000
+    gains_by_cell: Sequence[np.ndarray],
+    method: str = "bootstrap",
+    replicates: int = 2000,
+    seed: int = 0,
+    resamples: int = 2000,
+    seeds: int | None = None,
 ) -> Ceiling:
     """How often an oracle that knew each cell's mean gain (taken to be the observed one) could agree with
-    the cell's verdict: per cell, the largest of the three verdicts' frequencies over ``replicates``
-    replicate verdicts (``replicate_verdicts``); their mean over cells, with a 95% percentile interval over
-    ``resamples`` bootstrap resamples of the cells (seeded)."""
+    the cell's verdict of ``seeds`` seeds (default: the cell's own count): per cell, the largest of the three
+    verdicts' frequencies over ``replicates`` replicate verdicts (``replicate_verdicts``); their mean over cells,
+    with a 95% percentile interval over ``resamples`` bootstrap resamples of the cells (seeded). Taking the
+    observed mean and sd as the true ones makes it optimistic: observed means lie farther from the boundary,
+    on average, than true ones, the more so the larger ``seeds`` is against the cell's own count."""
     if not len(gains_by_cell):
         raise ValueError("noise ceiling of no cells")
     rng = np.random.default_rng(seed)
     per_cell = np.array(
-        [np.bincount(replicate_verdicts(g, method, replicates, rng) + 1, minlength=3).max() / replicates for g in gains_by_cell]
+        [
+            np.bincount(replicate_verdicts(g, method, replicates, rng, seeds) + 1, minlength=3).max() / replicates
+            for g in gains_by_cell
+        ]
     )
     means = per_cell[rng.integers(0, len(per_cell), size=(resamples, len(per_cell)))].mean(axis=1)
     low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     return Ceiling(method, len(per_cell), float(per_cell.mean()), float(low), float(high), per_cell)
 
 
-def ceiling_lines(cells: pd.DataFrame, replicates: int = 2000, seed: int = 0) -> list[str]:
-    """``noise_ceiling`` of every split (and experiment group) of ``cells`` by both methods, as printable lines."""
+def ceiling_lines(cells: pd.DataFrame, replicates: int = 2000, seed: int = 0, seeds: Sequence[int] = ()) -> list[str]:
+    """``noise_ceiling`` of every split of ``cells`` by both methods at the cells' own seed count, and by the
+    ``normal`` method at each of ``seeds``, as printable lines."""
     lines = []
     for split, group in cells.groupby("split", sort=True):
-        for method in CEILING_METHODS:
-            c = noise_ceiling(list(group["gains"]), method, replicates, seed)
+        for method, n in [*((m, None) for m in CEILING_METHODS), *(("normal", n) for n in seeds)]:
+            c = noise_ceiling(list(group["gains"]), method, replicates, seed, seeds=n)
+            at = "" if n is None else f" at {n} seeds"
             lines.append(
-                f"noise ceiling, {split} cells ({c.cells}), {method}: {c.ceiling:.1%} "
+                f"noise ceiling{at}, {split} cells ({c.cells}), {method}: {c.ceiling:.1%} "
                 f"[{c.low:.1%}, {c.high:.1%}] (an oracle knowing each cell's mean gain; {replicates} "
                 "replicate verdicts a cell)"
             )
@@ -730,10 +821,16 @@ def importance_lines(model: PhaseModel) -> list[str]:
     if model.kind == "tree":
         ranked = sorted(model.params["importances"].items(), key=lambda kv: -kv[1])
         return [f"  {name:<32} importance {value:.3f}" for name, value in ranked]
-    coef = np.asarray(model.params["coef"])
+    if model.kind == "n_aware":
+        p = model.params
+        coef = np.asarray(p["mu"]["coef"])[None, :] if p["mean_from"] == "regression" else np.asarray(p["logistic"]["coef"])
+        coef = np.vstack([coef, p["log_sigma"]["coef"]])
+        classes = [*(["mu"] if p["mean_from"] == "regression" else model.classes), "log_sigma"]
+    else:
+        coef, classes = np.asarray(model.params["coef"]), model.classes
     names = [*model.features, *(f"{model.features[i]}*{model.features[j]}" for i, j in model.params.get("pairs", []))]
     order = np.argsort(-np.abs(coef).max(axis=0))
-    header = "  " + " " * 32 + "".join(f"{c:>20}" for c in model.classes)
+    header = "  " + " " * 32 + "".join(f"{c:>20}" for c in classes)
     return [header, *(f"  {names[i]:<32}" + "".join(f"{v:>20.3f}" for v in coef[:, i]) for i in order)]
 
 
@@ -758,10 +855,18 @@ def report_text(result: Calibration, dropped: int = 0) -> str:
         + ", ".join(f"{k} {v:.1%}" for k, v in result.phase_cv.items())
     )
     lines += importance_lines(result.phase)
-    lines.append(
-        f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
-        f"+-{result.phase.gain['interval_half_width']:.2f} points"
-    )
+    if result.phase.kind == "n_aware":
+        p = result.phase.params
+        lines.append(
+            f"n-aware model: predicts the verdict of {p['seeds']} seeds (calibration: {p['calibration_seeds']}); "
+            + (f"tau {p['tau']:.3f} points, mu CV RMSE {p['cv_rmse']:.2f} points; " if p["mean_from"] == "regression" else "")
+            + f"gain interval {result.phase.gain['interval']}"
+        )
+    else:
+        lines.append(
+            f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
+            f"+-{result.phase.gain['interval_half_width']:.2f} points"
+        )
     lines += agreement_lines(result)
     for split, by_name in result.scores.items():
         for name in (PHASE, THEORY):

@@ -55,9 +55,11 @@ def calibrate_main(argv: list[str]) -> int:
 
     from ptlab.phase import load, save
     from ptlab.report.calibrate import (
+        EXPECTED_SEEDS,
         FIT,
         HELD_OUT,
         MIN_SEEDS,
+        N_AWARE_CANDIDATES,
         PHASE,
         PHASE_CANDIDATES,
         REFERENCE_CANDIDATES,
@@ -115,6 +117,29 @@ def calibrate_main(argv: list[str]) -> int:
         "beat it in cross-validation)",
     )
     parser.add_argument(
+        "--n-aware",
+        action="store_true",
+        help="also cross-validate the n-aware phase models (ptlab.report.n_aware); one is chosen when within 1 point "
+        "of the best other candidate",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the verdict's number of seeds an n-aware phase model predicts (default: the fit cells'); also for a "
+        "frozen n-aware --phase-model",
+    )
+    parser.add_argument(
+        "--ceiling-seeds",
+        type=int,
+        nargs="+",
+        default=list(EXPECTED_SEEDS),
+        metavar="N",
+        help="with --ceiling: also the normal noise ceiling at these seed counts; with --n-aware: the n-aware "
+        "candidates' expected agreement at them (default: %(default)s)",
+    )
+    parser.add_argument(
         "--min-seeds", type=int, default=MIN_SEEDS, help="cells with fewer seeds are left out (default: %(default)s)"
     )
     parser.add_argument(
@@ -138,7 +163,13 @@ def calibrate_main(argv: list[str]) -> int:
         + (" --held-out " + " ".join(args.held_out) if args.held_out else "")
         + (f" --phase-model {args.phase_model}" if args.phase_model else "")
         + (" --offsets" if args.offsets else "")
+        + (" --n-aware" if args.n_aware else "")
+        + (f" --seeds {args.seeds}" if args.seeds is not None else "")
     )
+    bad_seeds = [n for n in [args.seeds, *args.ceiling_seeds] if n is not None and n < 2]
+    if bad_seeds:
+        print(f"ptlab: --seeds/--ceiling-seeds={bad_seeds[0]}: a paired t verdict needs >= 2 seeds", file=sys.stderr)
+        return 2
     if args.offsets and (args.phase_model is None or args.held_out):
         print(
             f"ptlab: --offsets with --phase-model={args.phase_model} --held-out={' '.join(args.held_out) or None}: "
@@ -153,10 +184,18 @@ def calibrate_main(argv: list[str]) -> int:
         except (OSError, ValueError, KeyError, TypeError) as err:
             print(f"ptlab: --phase-model={args.phase_model}: a file written by --write-phase ({err})", file=sys.stderr)
             return 2
+    if args.offsets and frozen.kind != "logistic":
+        print(
+            f"ptlab: --offsets with --phase-model={args.phase_model} (kind {frozen.kind}): offsets need a logistic model",
+            file=sys.stderr,
+        )
+        return 2
     candidates = [
         *PHASE_CANDIDATES,
         *(REFERENCE_CANDIDATES if args.references else ()),
+        *(N_AWARE_CANDIDATES if args.n_aware else ()),
     ]
+    expected: dict[str, dict[int, float]] = {}
     try:
         cells, dropped = load_cells(args.fit, args.held_out, args.tracking_uri, args.min_seeds, args.held_out_tracking_uri)
         offset_lines = []
@@ -190,13 +229,20 @@ def calibrate_main(argv: list[str]) -> int:
                     {"experiments": frozen.provenance.get("held_out_experiments"), **frozen.provenance["held_out"]},
                 ]
             frozen = with_offsets(frozen, offsets if adopted else 0 * offsets, {**base, "held_out": {}, "offsets": record})
-        result = calibrate(cells, candidates=candidates, frozen=frozen)
+        result = calibrate(
+            cells, candidates=candidates, frozen=frozen, seeds=args.seeds, expected=expected, expected_seeds=args.ceiling_seeds
+        )
     except ReportError as err:
         print(f"ptlab.report calibrate: {err}", file=sys.stderr)
         return 2
-    text = "\n".join([report_text(result, dropped), *offset_lines])
+    expected_lines = [
+        f"expected agreement of {key} (mean out-of-fold largest verdict probability): "
+        + ", ".join(f"{n} seeds {value:.1%}" for n, value in by_n.items())
+        for key, by_n in expected.items()
+    ]
+    text = "\n".join([report_text(result, dropped), *offset_lines, *expected_lines])
     if args.ceiling:
-        text += "\n" + "\n".join(ceiling_lines(result.cells))
+        text += "\n" + "\n".join(ceiling_lines(result.cells, seeds=args.ceiling_seeds))
     print(text)
     for path in write_outputs(result, Path(args.out), text):
         print(path)
@@ -231,6 +277,7 @@ def calibrate_main(argv: list[str]) -> int:
             "seeds_per_cell": sorted({int(n) for n in result.cells["n_seeds"]}),
             "measured": "paired 95% t interval of transfer - scratch over the seeds (no minimum effect)",
             "cross_validated_agreement": result.phase_cv,
+            **({"expected_agreement": expected} if expected else {}),
             "held_out": held_entry,
         }
         header = (

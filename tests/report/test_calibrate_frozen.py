@@ -36,12 +36,18 @@ BOX = REPO / "conf" / "design" / "calibration.yaml"
 MODEL = REPO / "conf" / "phase_model.yaml"
 
 
+def _logistic_model():
+    """The committed phase model's logistic (the model itself, or the logistic inside an n-aware one)."""
+    model = load(MODEL)
+    return model.logistic_part() if model.kind == "n_aware" else model
+
+
 def _log_p(model, x: np.ndarray) -> np.ndarray:
     return np.log(model.probabilities(x))
 
 
 def _random_cells(seed: int, count: int) -> np.ndarray:
-    model = load(MODEL)
+    model = _logistic_model()
     rows = [phase_features(cell_setting(c)) for c in draw_design(load_box(BOX), seed, count)]
     return np.array([[r[f] for f in model.features] for r in rows])
 
@@ -57,7 +63,7 @@ def test_the_offset_grid_is_bounded_and_starts_at_zero() -> None:
 
 
 def test_fit_offsets_recovers_known_offsets_and_never_flips_a_confident_cell() -> None:
-    model = load(MODEL)
+    model = _logistic_model()
     x = _random_cells(3, 300)
     true = np.zeros(3)
     true[list(model.classes).index("negative_transfer")] = 0.6
@@ -77,7 +83,7 @@ def test_fit_offsets_recovers_known_offsets_and_never_flips_a_confident_cell() -
 
 
 def test_with_offsets_shifts_only_the_intercepts() -> None:
-    model = load(MODEL)
+    model = _logistic_model()
     x = _random_cells(4, 20)
     offsets = np.array([0.5, 0.0, -0.25])
     shifted = with_offsets(model, offsets)
@@ -90,7 +96,7 @@ def test_with_offsets_shifts_only_the_intercepts() -> None:
 
 
 def test_cross_validated_offsets_on_the_models_own_labels_change_nothing() -> None:
-    model = load(MODEL)
+    model = _logistic_model()
     x = _random_cells(5, 120)
     labels = np.array(model.predict_outcomes(x), dtype=object)
     cv, plain = cross_validated_offsets(model, x, labels, repeats=2)
