@@ -250,7 +250,7 @@ class PhaseModel:
     def predict_gain(self, x: np.ndarray) -> np.ndarray:
         """The predicted paired gain (transfer - scratch) in accuracy points."""
         x = np.atleast_2d(np.asarray(x, float))
-        if self.kind == "n_aware":
+        if self.kind == "n_aware" and "coef" not in self.gain:  # a file without a gain model: the verdict's mu(x)
             return self.moments(x)[0]
         return self._standard(x, self.gain) @ np.asarray(self.gain["coef"], float) + float(self.gain["intercept"])
 
@@ -260,7 +260,7 @@ class PhaseModel:
         x = feature_matrix([row], self.features)
         probabilities = self.probabilities(x)[0]
         gain = float(self.predict_gain(x)[0])
-        if self.kind == "n_aware":  # where the mean of `seeds` gains falls: 1.96 sd of N(mu, tau^2 + sigma^2 / n)
+        if "interval_half_width" not in self.gain:  # an n_aware file without a gain model: 1.96 sd of N(mu, tau^2 + sigma^2 / n)
             _, sigma, tau = (float(v[0]) for v in self.moments(x))
             half = 1.959964 * math.sqrt(tau**2 + sigma**2 / int(self.params["seeds"]))
         else:

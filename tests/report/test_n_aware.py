@@ -64,6 +64,19 @@ def test_verdict_probabilities_follow_the_normal_cdf_formula() -> None:
     assert verdict_probabilities([0.0], [1.0], 0.0, 16, 2.131)[0, 1] == pytest.approx(2 * norm.cdf(2.131) - 1)
 
 
+def test_a_gain_model_in_the_file_reports_the_gain_and_the_verdict_stays_the_normal_models() -> None:
+    """With a ridge gain part (what calibrate writes for every kind), the reported gain and its interval are the
+    ridge's (alpha = 0.75: standardised 1, 0.5 + 3 = 3.5 +- 2 points); the verdict's probabilities do not change."""
+    from dataclasses import replace
+
+    ridge = {"mean": [0.5], "scale": [0.25], "coef": [3.0], "intercept": 0.5, "interval_half_width": 2.0}
+    with_gain = replace(HAND, gain=ridge)
+    row = with_gain.predict({"alpha": 0.75})
+    assert (row["gain"], row["gain_low"], row["gain_high"]) == pytest.approx((3.5, 1.5, 5.5))
+    assert row["outcome"] == HAND.predict({"alpha": 0.75})["outcome"] == "no_difference"
+    np.testing.assert_array_equal(with_gain.probabilities(np.array([[0.75]])), HAND.probabilities(np.array([[0.75]])))
+
+
 def test_bad_n_aware_models_are_refused() -> None:
     with pytest.raises(ValueError, match="lacking \\['tau'\\]"):
         PhaseModel("x", "n_aware", ("alpha",), N_AWARE_CLASSES, {k: v for k, v in HAND.params.items() if k != "tau"}, {})
