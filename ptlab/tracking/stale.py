@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="repeat every SECONDS (> 0)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" line per run it ends
-    if args.watch < 0:
-        parser.error(f"--watch={args.watch:g} is not allowed: must be > 0 (seconds), or 0 for one pass")
+    if not args.watch >= 0 or args.watch == float("inf"):
+        print(f"ptlab: --watch={args.watch:g} is not allowed: must be > 0 (seconds), or 0 for one pass", file=sys.stderr)
+        return 2
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
     if not args.watch:
         print(marked(sweep_store(client), args.tracking_uri))

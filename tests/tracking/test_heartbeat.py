@@ -155,10 +155,11 @@ def test_the_watcher_ends_a_run_once_its_beats_stop_and_exits_on_sigterm(tmp_pat
     assert out.strip().splitlines() == [f"ptlab: marked 0 vanished run(s) and 1 run(s) whose heartbeat stopped FAILED in {uri}"]
 
 
-def test_watch_refuses_a_negative_interval(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["--tracking-uri", "sqlite:///x.db", "--watch", "-1"])
-    assert exited.value.code == 2 and "--watch=-1 is not allowed: must be > 0" in capsys.readouterr().err
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_watch_refuses_an_interval_that_is_not_a_positive_number(capsys: pytest.CaptureFixture, value: str) -> None:
+    assert main(["--tracking-uri", "sqlite:///x.db", "--watch", value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ptlab: --watch={float(value):g} is not allowed: must be > 0 (seconds), or 0 for one pass\n"
 
 
 @pytest.mark.parametrize(
