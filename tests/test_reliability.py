@@ -83,6 +83,7 @@ class _Silent(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_a_hung_tracking_server_fails_within_the_bounded_time() -> None:
     """Each try waits MLFLOW_HTTP_REQUEST_TIMEOUT (5 s), three tries: about 15-20 s, not MLflow's 120 s x 8."""
     from ptlab.errors import StoreError

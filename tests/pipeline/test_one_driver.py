@@ -155,6 +155,7 @@ def test_the_grid_carries_the_theory_and_resumes(tmp_path: Path) -> None:
     assert len(sweeps) == 2 and [a.path for a in client.list_artifacts(sweeps[0].info.run_id)] == ["sweep_summary.md"]
 
 
+@pytest.mark.slow
 def test_a_default_experiment_grid_gives_the_runs_layouts_numbers(tmp_path: Path) -> None:
     """The default config names its experiment by a group choice (``${hydra:runtime.choices.experiment}``), which
     no value of a job changes: the grid takes a sweep of it with a fixed value beside the swept one, and its cells
