@@ -263,6 +263,7 @@ def run_fit_and_held_out_designs(tmp_path: Path, box: Path, fit_uri: str, held_u
         assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_calibrate_cli_fits_one_random_design_and_scores_another(tmp_path: Path, tracking_uri: str) -> None:
     from ptlab.report.cli import main
 

@@ -106,6 +106,7 @@ def test_templates_off_and_an_unwritable_folder_migrate(tmp_path: Path, monkeypa
     assert schema_revision(tmp_path / "b.db") == head_revision()
 
 
+@pytest.mark.slow
 def test_concurrent_new_stores_and_template_build(tmp_path: Path) -> None:
     """Three processes start on one new store and two on another, with no template yet: one template is built,
     every store is complete and every process succeeds."""
