@@ -329,7 +329,8 @@ def test_runs_on_a_server_that_died_are_named_and_ended_when_it_is_back(tmp_path
                 statuses = {MlflowClient(url).get_run(run_id).info.status for run_id in ids}
                 assert statuses == {"FAILED"}, statuses
     finally:
-        stop_process_group(server)
+        for started in {id(s): s for s in (server, *restarted)}.values():  # a restart the timer made is stopped too
+            stop_process_group(started)
 
 
 @pytest.mark.parametrize("record", ["not json {", "[1, 2]", '{"ant/0.jpg": "x"}'])
