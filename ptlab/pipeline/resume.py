@@ -114,20 +114,19 @@ def find_finished(tracking_uri: str, experiment_name: str, digest: str) -> Run |
 
 def live_runs(client: Any, experiment_id: str, digest: str, now: float) -> list[Run]:
     """RUNNING pipeline runs of config ``digest`` whose process is alive as far as the store tells: another process
-    than this one, not vanished (``ptlab.tracking.stale``: this host) and beating (runs on a server; without a
-    heartbeat, a run of another host counts as alive)."""
-    from ptlab.tracking.stale import PROCESS_TAG, is_vanished, process_tag, stopped_runs
+    than this one, neither vanished nor silent (``ptlab.tracking.stale.dead_runs``; without a heartbeat, a run of
+    another host counts as alive)."""
+    from ptlab.tracking.stale import PROCESS_TAG, dead_runs, process_tag, running_runs
 
-    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=50000)
-    stopped = {run.info.run_id for run in stopped_runs(running, now)}
+    running = running_runs(client, [experiment_id])
+    dead = dead_runs(running, now)
     return [
         run
         for run in running
         if run.data.tags.get(STAGE_TAG) == "pipeline"
         and run.data.tags.get(CONFIG_HASH_TAG) == digest
-        and run.info.run_id not in stopped
+        and run.info.run_id not in dead
         and run.data.tags.get(PROCESS_TAG) != process_tag()
-        and not is_vanished(run.data.tags.get(PROCESS_TAG, ""))
     ]
 
 

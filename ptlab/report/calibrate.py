@@ -468,12 +468,13 @@ def fit_phase_model(
     x_all = features_of(fit, ALL_FEATURES)
     labels = fit["measured"].to_numpy(dtype=object).astype(str)
     gains = list(fit["gains"]) if "gains" in fit else None
+    points = fit["gain"].to_numpy(float) * 100
     scores = cross_validated(x_all, labels, candidates, gains=gains, expected=expected, expected_seeds=expected_seeds)
     candidate = choose_candidate(scores, candidates)
     if candidate.kind in N_AWARE_KINDS and len(set(labels)) == len(CLASSES):
         x = x_all[:, _columns(candidate)]
         params = n_aware.fit_params(x, gains, candidate.knob, seeds, N_AWARE_KINDS[candidate.kind], labels)
-        gain = fit_gain(x, fit["gain"].to_numpy(float) * 100)
+        gain = fit_gain(x, points)
         model = PhaseModel(
             _model_name(candidate), "n_aware", candidate.features, n_aware.N_AWARE_CLASSES, params, gain, dict(provenance or {})
         )
@@ -521,7 +522,7 @@ def fit_phase_model(
             "value": np.round(tree.value[:, 0, :], 8).tolist(),
             "importances": dict(zip(candidate.features, np.round(estimator.feature_importances_, 6).tolist())),
         }
-    gain = fit_gain(x, fit["gain"].to_numpy(float) * 100)
+    gain = fit_gain(x, points)
     model = PhaseModel(
         name=_model_name(candidate),
         kind="tree" if candidate.kind == "tree" else "logistic",

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ptlab.tracking.base import MemoryTracker, RecordedRun
 from ptlab.tracking.faults import tracking_write
-from ptlab.tracking.heartbeat import HEARTBEAT_TAG, beat, beats_on, heartbeat_s, start_beating, stop_beating
+from ptlab.tracking.heartbeat import beat_tags, start_beating, stop_beating
 from ptlab.tracking.mlflow import default_artifact_location, get_or_create_experiment, provenance_tags, resolve_tracking_uri
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 
@@ -40,8 +40,8 @@ class ApiRunWriter:
         """What MLflow's context adds to a run (user, source); resolved once."""
 
     def _create(self, name: str, tags: Mapping[str, str]) -> str:
-        beating = beats_on(self.tracking_uri)
-        created = {PROCESS_TAG: tags.get(PROCESS_TAG, process_tag()), **({HEARTBEAT_TAG: beat(heartbeat_s())} if beating else {})}
+        beating = beat_tags(self.tracking_uri)
+        created = {PROCESS_TAG: tags.get(PROCESS_TAG, process_tag()), **beating}
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=created).info.run_id
         if beating:
             start_beating(self.tracking_uri, run_id)

@@ -50,6 +50,11 @@ def beat(interval: float, now: float | None = None) -> str:
     return f"{time.time() if now is None else now:.1f}:{interval:g}"
 
 
+def beat_tags(tracking_uri: str) -> dict[str, str]:
+    """The tags a new run on ``tracking_uri`` is created with: its first beat, or none where nothing beats."""
+    return {HEARTBEAT_TAG: beat(heartbeat_s())} if beats_on(tracking_uri) else {}
+
+
 def beat_time(value: str) -> tuple[float, float] | None:
     """The (time, interval) of a heartbeat tag's value; ``None`` when it is not one."""
     try:
@@ -78,7 +83,7 @@ class _Beating:
 
 
 def start_beating(tracking_uri: str, run_id: str) -> None:
-    """Keep ``run_id`` (created with a ``beat()`` tag) among the runs the heartbeat thread speaks for."""
+    """Keep ``run_id`` (created with ``beat_tags``) among the runs the heartbeat thread speaks for."""
     with _Beating.lock:
         _Beating.runs.setdefault(tracking_uri, []).append(run_id)
         if _Beating.thread is None or not _Beating.thread.is_alive():

@@ -46,7 +46,7 @@ from ptlab.tracking.faults import (
     store_fault,
     tracking_write,
 )
-from ptlab.tracking.heartbeat import HEARTBEAT_TAG, beat, beats_on, heartbeat_s, start_beating, stop_beating
+from ptlab.tracking.heartbeat import beat_tags, start_beating, stop_beating
 from ptlab.tracking.sql import MetricPoint, MetricWriter, end_runs_in_place, is_database_uri, tables_checked
 from ptlab.tracking.stale import PROCESS_TAG, mark_vanished, process_tag
 from ptlab.tracking.views import RESULT_COLUMNS, RESULT_VIEW, SHARED_VIEW_TAG, WORKFLOW, result_view_url  # noqa: F401
@@ -167,14 +167,13 @@ class MLflowTracker:
         if self.description and NOTE_TAG not in self.client.get_experiment(self.experiment_id).tags:
             self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, self.description)
         self.tags = {**self.tags, PROCESS_TAG: process_tag()}
-        beating = beats_on(self.tracking_uri)
-        beat_tag = {HEARTBEAT_TAG: beat(heartbeat_s())} if beating else {}
+        beating = beat_tags(self.tracking_uri)
         with tracking_write(raise_deferred=None):  # a signal here is raised inside the with-body, not before it
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=self.run_name,
                 start_time=self.clock_ms,
-                tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags, **beat_tag}),
+                tags=provenance_tags({STAGE_TAG: "pipeline", **self.tags, **beating}),
             )
             self.parent_run_id = run.info.run_id
             if beating:

@@ -88,19 +88,14 @@ def is_vanished(tag: str) -> bool:
     return current is None or (bool(ticks) and current != ticks)
 
 
-def mark_vanished(client: Any, experiment_ids: list[str]) -> int:
-    """Mark the RUNNING runs of ``experiment_ids`` whose process vanished FAILED; returns how many."""
-    if not experiment_ids:
-        return 0
-    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
-    marked = 0
-    for run in runs:
-        tag = run.data.tags.get(PROCESS_TAG)
-        if tag and is_vanished(tag):
-            client.set_tag(run.info.run_id, ERROR_TAG, VANISHED)
-            client.set_terminated(run.info.run_id, "FAILED")
-            marked += 1
-    return marked
+def running_runs(client: Any, experiment_ids: list[str]) -> list[Any]:
+    """The RUNNING runs of ``experiment_ids``."""
+    return client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
+
+
+def vanished_runs(runs: Iterable[Any]) -> list[Any]:
+    """The runs among ``runs`` whose process this host sees gone (``is_vanished``)."""
+    return [run for run in runs if is_vanished(run.data.tags.get(PROCESS_TAG, ""))]
 
 
 def stopped_runs(runs: Iterable[Any], now: float, since: float = 0.0) -> list[Any]:
@@ -123,18 +118,41 @@ def stopped_runs(runs: Iterable[Any], now: float, since: float = 0.0) -> list[An
     return found
 
 
+def dead_runs(runs: Iterable[Any], now: float, since: float = 0.0) -> dict[str, str]:
+    """Run id -> why, for the runs among ``runs`` (RUNNING) whose process vanished (this host) or whose heartbeat
+    stopped (any host, ``stopped_runs``)."""
+    runs = list(runs)
+    dead = {run.info.run_id: VANISHED for run in vanished_runs(runs)}
+    for run in stopped_runs(runs, now, since):
+        dead.setdefault(run.info.run_id, STOPPED)
+    return dead
+
+
+def _mark_failed(client: Any, dead: dict[str, str]) -> None:
+    for run_id, why in dead.items():
+        client.set_tag(run_id, ERROR_TAG, why)
+        client.set_terminated(run_id, "FAILED")
+
+
+def mark_vanished(client: Any, experiment_ids: list[str]) -> int:
+    """Mark the RUNNING runs of ``experiment_ids`` whose process vanished FAILED; returns how many. (A command judges
+    processes it can see only; heartbeats are judged by ``mark_stale``.)"""
+    if not experiment_ids:
+        return 0
+    dead = {run.info.run_id: VANISHED for run in vanished_runs(running_runs(client, experiment_ids))}
+    _mark_failed(client, dead)
+    return len(dead)
+
+
 def mark_stale(client: Any, experiment_ids: list[str], since: float = 0.0) -> tuple[int, int]:
     """Mark RUNNING runs of ``experiment_ids`` FAILED whose process vanished (this host) or whose heartbeat stopped
     (any host); returns (vanished, stopped)."""
     if not experiment_ids:
         return 0, 0
-    vanished = mark_vanished(client, experiment_ids)
-    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=50000)
-    stopped = stopped_runs(runs, time.time(), since)
-    for run in stopped:
-        client.set_tag(run.info.run_id, ERROR_TAG, STOPPED)
-        client.set_terminated(run.info.run_id, "FAILED")
-    return vanished, len(stopped)
+    dead = dead_runs(running_runs(client, experiment_ids), time.time(), since)
+    _mark_failed(client, dead)
+    vanished = sum(why == VANISHED for why in dead.values())
+    return vanished, len(dead) - vanished
 
 
 def sweep_store(client: Any, since: float = 0.0) -> tuple[int, int]:
