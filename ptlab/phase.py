@@ -51,6 +51,9 @@ ALL_FEATURES = (*FEATURES, *EXTRA_FEATURES)
 CLIP = 6.0
 PHASE_MODEL_FILE = "phase_model.yaml"
 KINDS = ("logistic", "tree", "n_aware")
+CONFIDENCE_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""The bands of the model's confidence (its largest class probability: [0, 0.5), [0.5, 0.6), ..., [0.9, 1]) by
+which its held-out agreement is recorded (``provenance.held_out.by_confidence``) and told beside a prediction."""
 N_AWARE_CLASSES = ("negative_transfer", "no_difference", "transfer_helps")
 """The classes of an ``n_aware`` model, in the order of its probabilities (those of ``ptlab.theory``)."""
 
@@ -100,6 +103,11 @@ def expand_pairs(x: np.ndarray, pairs: Sequence[Sequence[int]]) -> np.ndarray:
     if not len(pairs):
         return x
     return np.hstack([x, np.column_stack([x[:, int(i)] * x[:, int(j)] for i, j in pairs])])
+
+
+def confidence_band(confidence: float) -> int:
+    """The index of the ``CONFIDENCE_EDGES`` band holding ``confidence`` (the last band includes 1)."""
+    return min(int(np.searchsorted(CONFIDENCE_EDGES, confidence, side="right")) - 1, len(CONFIDENCE_EDGES) - 2)
 
 
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
@@ -256,7 +264,8 @@ class PhaseModel:
 
     def predict(self, row: Mapping[str, float]) -> dict[str, Any]:
         """The entry a run logs as ``prediction`` for one ``features`` mapping: outcome, class probabilities,
-        the gain in points with its 95% interval, the model's name and its held-out agreement."""
+        the gain in points with its 95% interval, the model's name and its held-out agreement, overall and on the
+        held-out cells of this prediction's confidence band (``CONFIDENCE_EDGES``; None where not recorded)."""
         x = feature_matrix([row], self.features)
         probabilities = self.probabilities(x)[0]
         gain = float(self.predict_gain(x)[0])
@@ -266,6 +275,9 @@ class PhaseModel:
         else:
             half = float(self.gain["interval_half_width"])
         held = self.provenance.get("held_out", {})
+        confidence = float(probabilities.max())
+        bands = held.get("by_confidence") or []
+        band = bands[confidence_band(confidence)] if len(bands) == len(CONFIDENCE_EDGES) - 1 else {}
         return {
             "outcome": self.classes[int(probabilities.argmax())],
             **{f"p_{c}": round(float(p), 6) for c, p in zip(self.classes, probabilities)},
@@ -275,6 +287,9 @@ class PhaseModel:
             "model": self.name,
             **({"seeds": self.seeds} if self.kind == "n_aware" else {}),
             "held_out_agreement": float(held["agreement"]) if "agreement" in held else None,
+            "confidence": round(confidence, 6),
+            "held_out_agreement_at_confidence": band["agreeing"] / band["cells"] if band.get("cells") else None,
+            "held_out_cells_at_confidence": int(band["cells"]) if band else None,
         }
 
     def as_dict(self) -> dict[str, Any]:

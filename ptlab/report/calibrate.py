@@ -39,7 +39,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ptlab.phase import ALL_FEATURES, FEATURES, PhaseModel, all_pairs, expand_pairs, feature_matrix
+from ptlab.phase import (
+    ALL_FEATURES,
+    CONFIDENCE_EDGES,
+    FEATURES,
+    PhaseModel,
+    all_pairs,
+    confidence_band,
+    expand_pairs,
+    feature_matrix,
+)
 from ptlab.report.runs import GAIN, ReportError, experiment_stores, load_pipelines, one_run_per_seed, seed_stats
 from ptlab.report.synthetic import (
     NEAR_OPTIMAL_ACCURACY,
@@ -617,6 +626,43 @@ class Calibration:
 PHASE, THEORY = "phase model", "theory, fitted constants"
 
 
+def by_confidence(cells: pd.DataFrame) -> list[dict[str, float | int]]:
+    """The phase model's agreement with the measured verdict in each band of its confidence (``CONFIDENCE_EDGES``):
+    ``{"low", "high", "cells", "agreeing"}`` a band; ``cells`` as ``calibrate`` labels them."""
+    band = np.array([confidence_band(c) for c in cells["phase_confidence"]], dtype=int)
+    right = (cells[PHASE] == cells["measured"]).to_numpy()
+    return [
+        {"low": low, "high": high, "cells": int((band == i).sum()), "agreeing": int(right[band == i].sum())}
+        for i, (low, high) in enumerate(zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:]))
+    ]
+
+
+def confidence_lines(result: Calibration) -> list[str]:
+    """Per split: the phase model's agreement by its confidence, in bands and from each band's lower edge up (how
+    far one prediction can be trusted, read from its confidence), with Wilson intervals."""
+    lines = []
+    for split, group in result.cells.groupby("split", sort=True):
+        bands = by_confidence(group)
+        lines.append(f"phase model by its confidence (largest class probability), {split} cells ({len(group)}):")
+        for i, b in enumerate(bands):
+            up = bands[i:]
+            cells, agreeing = sum(r["cells"] for r in up), sum(r["agreeing"] for r in up)
+            if not cells:
+                continue
+            in_band = (
+                f"{b['agreeing']}/{b['cells']} = {b['agreeing'] / b['cells']:.1%} "
+                f"[{wilson_interval(b['agreeing'], b['cells'])[0]:.1%}, {wilson_interval(b['agreeing'], b['cells'])[1]:.1%}]"
+                if b["cells"]
+                else "no cell"
+            )
+            low, high = wilson_interval(agreeing, cells)
+            lines.append(
+                f"  [{b['low']:.1f}, {b['high']:.1f}{']' if b['high'] == 1 else ')'}: {in_band}; from {b['low']:.1f} up: "
+                f"{cells} cells ({cells / len(group):.0%}), {agreeing / cells:.1%} [{low:.1%}, {high:.1%}]"
+            )
+    return lines
+
+
 def calibrate(
     cells: pd.DataFrame,
     provenance: dict | None = None,
@@ -643,6 +689,7 @@ def calibrate(
     cells[THEORY] = predicted_outcomes(cells, constants)
     x = features_of(cells, phase.features)
     cells[PHASE] = phase.predict_outcomes(x)
+    cells["phase_confidence"] = phase.probabilities(x).max(axis=1)
     cells["phase_gain"] = phase.predict_gain(x)
     for name, rule in baselines().items():
         cells[name] = rule(cells)
@@ -866,16 +913,16 @@ def report_text(result: Calibration, dropped: int = 0) -> str:
     if result.phase.kind == "n_aware":
         p = result.phase.params
         lines.append(
-            f"n-aware model: predicts the verdict of {p['seeds']} seeds (calibration: {p['calibration_seeds']}); "
-            + (f"tau {p['tau']:.3f} points, mu CV RMSE {p['cv_rmse']:.2f} points; " if p["mean_from"] == "regression" else "")
-            + f"gain interval {result.phase.gain['interval']}"
+            f"n-aware model: predicts the verdict of {p['seeds']} seeds (calibration: {p['calibration_seeds']})"
+            + (f"; tau {p['tau']:.3f} points, mu CV RMSE {p['cv_rmse']:.2f} points" if p["mean_from"] == "regression" else "")
         )
-    else:
+    if "cv_rmse" in result.phase.gain:
         lines.append(
             f"gain model: CV RMSE {result.phase.gain['cv_rmse']:.2f} points, 95% interval "
             f"+-{result.phase.gain['interval_half_width']:.2f} points"
         )
     lines += agreement_lines(result)
+    lines += confidence_lines(result)
     for split, by_name in result.scores.items():
         for name in (PHASE, THEORY):
             lines.append(f"confusion matrix, {name}, {split} (rows measured, columns predicted):")

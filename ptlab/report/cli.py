@@ -63,6 +63,7 @@ def calibrate_main(argv: list[str]) -> int:
         PHASE,
         PHASE_CANDIDATES,
         REFERENCE_CANDIDATES,
+        by_confidence,
         calibrate,
         ceiling_lines,
         constants_yaml,
@@ -263,6 +264,7 @@ def calibrate_main(argv: list[str]) -> int:
                 "negative_precision": held[PHASE].negative_precision,
                 "negative_recall": held[PHASE].negative_recall,
                 "others": {name: round(s.agreement, 6) for name, s in held.items() if name != PHASE},
+                "by_confidence": by_confidence(result.cells[result.cells["split"] == HELD_OUT]),
             }
             if held
             else {}
@@ -286,7 +288,8 @@ def calibrate_main(argv: list[str]) -> int:
         )
         if frozen is not None:  # the frozen model as it was fitted, with the score of this command
             earlier = [*frozen.provenance.get("earlier_held_out", [])]
-            if frozen.provenance.get("held_out") and held:
+            rescored = frozen.provenance.get("held_out_experiments") == list(args.held_out)
+            if frozen.provenance.get("held_out") and held and not rescored:
                 earlier.append({"experiments": frozen.provenance.get("held_out_experiments"), **frozen.provenance["held_out"]})
             provenance = {**frozen.provenance, **({"earlier_held_out": earlier} if earlier else {})}
             if held:

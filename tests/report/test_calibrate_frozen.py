@@ -12,19 +12,22 @@ import pytest
 import yaml
 
 from ptlab.design import draw_design, load_box
-from ptlab.phase import ALL_FEATURES, load
+from ptlab.phase import ALL_FEATURES, CONFIDENCE_EDGES, confidence_band, load
 from ptlab.report.calibrate import (
     HELD_OUT,
     OFFSET_LIMIT,
     PHASE,
     _offset_grid,
+    by_confidence,
     calibrate,
     cell_setting,
+    confidence_lines,
     cross_validated_offsets,
     features_of,
     fit_offsets,
     near_boundary,
     offset_agreement,
+    report_text,
     with_offsets,
 )
 from ptlab.report.runs import ReportError
@@ -118,6 +121,62 @@ def test_a_frozen_model_is_scored_as_it_is() -> None:
     held = scored[scored["split"] == HELD_OUT]
     s = result.scores[HELD_OUT][PHASE]
     assert s.agreeing == int((held[PHASE] == held["measured"]).sum()) and s.cells == len(held)
+    # Its confidence is its largest class probability; the bands split the held-out cells and their agreement.
+    probabilities = frozen.probabilities(features_of(held, frozen.features))
+    np.testing.assert_allclose(held["phase_confidence"], probabilities.max(axis=1))
+    bands = by_confidence(held)
+    assert sum(b["cells"] for b in bands) == len(held) and sum(b["agreeing"] for b in bands) == s.agreeing
+    text = report_text(result)
+    assert "gain model: CV RMSE" in text and f"held-out cells ({len(held)}):" in text
+
+
+def test_agreement_by_confidence_against_hand_counts() -> None:
+    assert [confidence_band(c) for c in (0.0, 0.34, 0.5, 0.599, 0.6, 0.9, 0.95, 1.0)] == [0, 0, 1, 1, 2, 5, 5, 5]
+    cells = pd.DataFrame(
+        {
+            "split": HELD_OUT,
+            "phase_confidence": [0.45, 0.55, 0.58, 0.75, 0.92, 0.97, 1.0],
+            PHASE: ["a", "a", "b", "a", "a", "b", "a"],
+            "measured": ["b", "a", "b", "b", "a", "b", "a"],
+        }
+    )
+    bands = by_confidence(cells)
+    assert [(b["low"], b["high"]) for b in bands] == list(zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:]))
+    assert [(b["cells"], b["agreeing"]) for b in bands] == [(1, 0), (2, 2), (0, 0), (1, 0), (0, 0), (3, 3)]
+
+    class Result:
+        pass
+
+    result = Result()
+    result.cells = cells
+    lines = confidence_lines(result)
+    # From 0.5 up: 6 cells, 5 agree; from 0.9 up: 3 of 3; the empty band [0.6, 0.7) says so.
+    assert "from 0.5 up: 6 cells (86%), 83.3%" in lines[2] and "[0.9, 1.0]: 3/3 = 100.0%" in lines[6]
+    assert "[0.6, 0.7): no cell; from 0.6 up: 4 cells (57%), 75.0%" in lines[3]
+
+
+def test_a_prediction_tells_the_held_out_agreement_of_its_confidence_band() -> None:
+    from dataclasses import replace
+
+    model = load(MODEL)
+    x = _random_cells(11, 40)
+    probabilities = model.probabilities(x)
+    bands = [
+        {"low": lo, "high": hi, "cells": 10 + i, "agreeing": i}
+        for i, (lo, hi) in enumerate(zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:]))
+    ]
+    recorded = replace(
+        model, provenance={**model.provenance, "held_out": {**model.provenance["held_out"], "by_confidence": bands}}
+    )
+    bare = replace(model, provenance={})
+    for row, p in zip(x, probabilities):
+        found = recorded.predict(dict(zip(model.features, row)))
+        band = confidence_band(p.max())
+        assert found["confidence"] == pytest.approx(p.max(), abs=1e-6)
+        assert found["held_out_agreement_at_confidence"] == pytest.approx(band / (10 + band))
+        assert found["held_out_cells_at_confidence"] == 10 + band
+        none = bare.predict(dict(zip(model.features, row)))
+        assert none["held_out_agreement_at_confidence"] is None and none["held_out_agreement"] is None
 
 
 def test_cell_setting_reads_a_designs_overrides() -> None:
@@ -194,6 +253,11 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
     assert again.params == frozen.params and again.gain == frozen.gain and again.name == frozen.name
     assert again.provenance["command"] == frozen.provenance["command"]
     assert again.provenance["held_out"]["cells"] == 4 and "--phase-model" in again.provenance["scored_by"]
+    assert sum(b["cells"] for b in again.provenance["held_out"]["by_confidence"]) == 4
+    # Scored again on the same held-out cells: the score is replaced, not kept twice as an earlier one.
+    rescored = tmp_path / "rescored.yaml"
+    assert main([*args[:-1], str(written), "--write-phase", str(rescored)]) == 0
+    assert load(rescored).provenance.get("earlier_held_out") == again.provenance.get("earlier_held_out")
     cells = pd.read_csv(out / "calibration_cells.csv")
     held = cells[cells["split"] == HELD_OUT]
     assert again.provenance["held_out"]["agreeing"] == int((held[PHASE] == held["measured"]).sum())
@@ -201,8 +265,14 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
     x = np.array([[row[f] for f in frozen.features] for row in (phase_features(s) for s in _settings(held))])
     assert list(held[PHASE]) == frozen.predict_outcomes(x)
     assert set(ALL_FEATURES) >= set(frozen.features)
-    # Class offsets fitted on the fit cells only, written with their record; the held-out score is cleared.
-    offset_file = tmp_path / "offsets.yaml"
+    # Class offsets (of a logistic model: the committed model's logistic) fitted on the fit cells only, written
+    # with their record; the held-out score is cleared.
+    from dataclasses import replace
+
+    from ptlab.phase import save
+
+    logistic_file, offset_file = tmp_path / "logistic.yaml", tmp_path / "offsets.yaml"
+    save(replace(_logistic_model(), gain=frozen.gain, provenance=frozen.provenance), logistic_file)
     assert (
         main(
             [
@@ -212,7 +282,7 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
                 "--out",
                 str(out),
                 "--phase-model",
-                str(MODEL),
+                str(logistic_file),
                 "--offsets",
                 "--write-phase",
                 str(offset_file),
@@ -224,7 +294,8 @@ def test_calibrate_cli_scores_a_frozen_model_and_writes_it_back_unchanged(tmp_pa
     record = shifted.provenance["offsets"]
     assert record["fit_cells"] == 4 and record["fit_experiments"] == ["fit_design"] and shifted.provenance["held_out"] == {}
     values = np.array([record["values"][c] for c in frozen.classes]) if record["kept"] else np.zeros(3)
-    np.testing.assert_allclose(shifted.params["intercept"], np.asarray(frozen.params["intercept"]) + values, atol=1e-7)
+    intercept = np.asarray(_logistic_model().params["intercept"])
+    np.testing.assert_allclose(shifted.params["intercept"], intercept + values, atol=1e-7)
     assert "class offsets on 4 fit cells" in (out / "calibration.txt").read_text()
     assert shifted.provenance["earlier_held_out"][-1]["agreeing"] == frozen.provenance["held_out"]["agreeing"]
 
