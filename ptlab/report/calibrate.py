@@ -793,8 +793,9 @@ def noise_ceiling(
     the cell's verdict of ``seeds`` seeds (default: the cell's own count): per cell, the largest of the three
     verdicts' frequencies over ``replicates`` replicate verdicts (``replicate_verdicts``); their mean over cells,
     with a 95% percentile interval over ``resamples`` bootstrap resamples of the cells (seeded). Taking the
-    observed mean and sd as the true ones makes it optimistic: observed means lie farther from the boundary,
-    on average, than true ones, the more so the larger ``seeds`` is against the cell's own count."""
+    observed mean and sd as the true ones biases it both ways (docs/theory.md section 11): a cell whose true mean
+    sits at the verdict's boundary looks farther from it (optimistic), a cell with no true effect looks as if it
+    had one (pessimistic); the more so the larger ``seeds`` is against the cell's own count."""
     if not len(gains_by_cell):
         raise ValueError("noise ceiling of no cells")
     rng = np.random.default_rng(seed)

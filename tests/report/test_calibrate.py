@@ -236,6 +236,22 @@ def test_noise_ceiling_is_one_for_huge_effects_and_the_t_coverage_for_none() -> 
         noise_ceiling([])
 
 
+def test_the_plug_in_ceiling_is_biased_both_ways() -> None:
+    """Cells drawn with no true effect: the oracle agrees 95% of the time, the plug-in ceiling (observed mean as
+    the true one) says less; cells whose true t sits at the interval's critical value: the oracle agrees 51%
+    (noncentral t), the plug-in says much more."""
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    critical = stats.t.ppf(0.975, 15)
+    at_edge = stats.nct.sf(critical, 15, critical)
+    oracle_edge = max(at_edge, 1 - at_edge - stats.nct.cdf(-critical, 15, critical))
+    assert oracle_edge == pytest.approx(0.514, abs=0.001)
+    zero = noise_ceiling([rng.normal(0, 1, 16) for _ in range(300)], "normal", 1000, resamples=10).ceiling
+    edge = noise_ceiling([rng.normal(critical / 4, 1, 16) for _ in range(300)], "normal", 1000, resamples=10).ceiling
+    assert zero < 0.95 - 0.05 and edge > oracle_edge + 0.15
+
+
 TINY = ["model.width=4", "train.upstream_steps=20", "train.downstream_steps=10", "task.n_test=100"]
 
 
