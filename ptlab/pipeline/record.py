@@ -280,7 +280,16 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"theory: {theory['predicted']} (d / D* = {_number(theory['d_over_threshold'])}, Gamma = {_number(theory['gamma'])})"
         )
+    if summary.get("prediction"):
+        lines.append(prediction_line(summary["prediction"]))
     return "\n".join(lines)
+
+
+def prediction_line(prediction: Mapping[str, Any]) -> str:
+    """The phase model's outcome with its confidence and the held-out agreement of that confidence's band."""
+    band = prediction.get("held_out_agreement_at_confidence")
+    told = "" if band is None else f"; held-out cells this confident agreed {100 * band:.0f}%"
+    return f"phase model: {prediction['outcome']} (confidence {prediction['confidence']:.2f}{told})"
 
 
 def description(summary: Mapping[str, Any]) -> str:
@@ -299,6 +308,8 @@ def description(summary: Mapping[str, Any]) -> str:
             f"**theory: {theory['predicted']}** (d / D* = {_number(theory['d_over_threshold'])}, "
             f"Gamma = {_number(theory['gamma'])})"
         )
+    if summary.get("prediction"):
+        lines.append(f"**{prediction_line(summary['prediction'])}**")
     return "  \n".join(lines) + f"\n\n```\n{format_table(summary)}\n```"
 
 

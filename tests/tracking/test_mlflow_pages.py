@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ptlab.pipeline import run_pipeline
-from ptlab.pipeline.record import cell_name, description, exact
+from ptlab.pipeline.record import cell_name, description, exact, prediction_line
 from ptlab.tracking.base import metric_name
 from ptlab.tracking.mlflow import EXPERIMENT_KIND_TAG, ML_EXPERIMENT, result_view_url
 from tests.conftest import REPO
@@ -53,12 +53,15 @@ def test_a_pipelines_pages_in_mlflow(make_cfg, tmp_path, tracking_uri):
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
     note = parent.data.tags["mlflow.note.content"]
     gain = 100 * (summary["transfer"]["test_acc"] - summary["scratch"]["test_acc"])
-    first, second = note.splitlines()[:2]
+    first, second, third = (line.rstrip() for line in note.splitlines()[:3])  # markdown breaks: two trailing spaces
     assert first.startswith(f"**transfer - scratch: {gain:+.1f} points**")
     assert second == (
         f"**theory: {summary['theory']['predicted']}** (d / D* = "
         f"{summary['theory']['d_over_threshold']:.3g}, Gamma = {summary['theory']['gamma']:.3g})"
     )
+    p = summary["prediction"]  # the phase model's line follows, with its confidence band's held-out agreement
+    band = f"; held-out cells this confident agreed {100 * p['held_out_agreement_at_confidence']:.0f}%"
+    assert third == f"**phase model: {p['outcome']} (confidence {p['confidence']:.2f}{band})**"
     assert "transfer - scratch test accuracy" in note  # the stage table follows
     assert len([key for key in parent.data.tags if key.startswith("ptlab.")]) <= 8  # was 20 with a tag per choice
     assert {"engine=gram", "task=synthetic", "model=toy_cnn"} <= set(parent.data.tags["ptlab.choices"].split())
@@ -68,6 +71,15 @@ def test_a_pipelines_pages_in_mlflow(make_cfg, tmp_path, tracking_uri):
 def test_description_without_theory_leads_with_the_gain():
     summary = {"transfer": {"train_acc": 1.0, "test_acc": 41 / 45}, "scratch": {"train_acc": 1.0, "test_acc": 0.8}}
     assert description(summary).splitlines()[0] == "**transfer - scratch: +11.1 points** (test accuracy 91.1% vs 80.0%)"
+
+
+def test_the_prediction_line_without_a_recorded_band():
+    prediction = {"outcome": "transfer_helps", "confidence": 0.8349, "held_out_agreement_at_confidence": None}
+    assert prediction_line(prediction) == "phase model: transfer_helps (confidence 0.83)"
+    prediction["held_out_agreement_at_confidence"] = 0.931
+    assert (
+        prediction_line(prediction) == "phase model: transfer_helps (confidence 0.83; held-out cells this confident agreed 93%)"
+    )
 
 
 def test_finals_are_rounded_for_display():
