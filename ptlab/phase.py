@@ -110,6 +110,12 @@ def confidence_band(confidence: float) -> int:
     return min(int(np.searchsorted(CONFIDENCE_EDGES, confidence, side="right")) - 1, len(CONFIDENCE_EDGES) - 2)
 
 
+def confidence_band_label(band: int) -> str:
+    """``[low, high)`` of a ``CONFIDENCE_EDGES`` band (``]`` for the last, which includes 1)."""
+    low, high = CONFIDENCE_EDGES[band], CONFIDENCE_EDGES[band + 1]
+    return f"[{low:.1f}, {high:.1f}{']' if band == len(CONFIDENCE_EDGES) - 2 else ')'}"
+
+
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
     return 0.5 * np.vectorize(math.erfc)(-np.asarray(z, float) / math.sqrt(2.0))
 

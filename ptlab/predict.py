@@ -19,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from ptlab.errors import ConfigError
-from ptlab.phase import CONFIDENCE_EDGES, confidence_band
+from ptlab.phase import confidence_band, confidence_band_label
 
 
 def prediction_for(overrides: list[str]) -> dict[str, Any]:
@@ -70,11 +70,10 @@ def text(result: dict[str, Any]) -> str:
             f"{p['gain_high']:+.2f}]; {p['model']}, held-out agreement "
             + ("unknown" if p["held_out_agreement"] is None else f"{p['held_out_agreement']:.1%}")
         )
-        at, band = p.get("held_out_agreement_at_confidence"), confidence_band(p["confidence"])
-        low, high = CONFIDENCE_EDGES[band], CONFIDENCE_EDGES[band + 1]
+        at = p.get("held_out_agreement_at_confidence")
         lines.append(
             f"  confidence {p['confidence']:.2f} (largest class probability); held-out cells of confidence "
-            f"[{low:.1f}, {high:.1f}{']' if high == 1 else ')'}: "
+            f"{confidence_band_label(confidence_band(p['confidence']))}: "
             + ("not recorded" if at is None else f"{at:.1%} agreed ({p['held_out_cells_at_confidence']} cells)")
         )
     return "\n".join(lines)

@@ -293,8 +293,8 @@ def prediction_line(prediction: Mapping[str, Any]) -> str:
 
 
 def description(summary: Mapping[str, Any]) -> str:
-    """The parent run's MLflow description (markdown): a first line with the gain in points and the theory's
-    prediction (MLflow shows the first lines before "Show more"), then the stage table."""
+    """The parent run's MLflow description (markdown): a first line with the gain in points, the theory's
+    prediction and the phase model's (MLflow shows the first lines before "Show more"), then the stage table."""
     lines = []
     transfer, scratch, theory = summary.get("transfer"), summary.get("scratch"), summary.get("theory")
     if transfer and scratch:

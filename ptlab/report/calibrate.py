@@ -46,6 +46,7 @@ from ptlab.phase import (
     PhaseModel,
     all_pairs,
     confidence_band,
+    confidence_band_label,
     expand_pairs,
     feature_matrix,
 )
@@ -645,22 +646,19 @@ def confidence_lines(result: Calibration) -> list[str]:
         bands = by_confidence(group)
         lines.append(f"phase model by its confidence (largest class probability), {split} cells ({len(group)}):")
         for i, b in enumerate(bands):
-            up = bands[i:]
-            cells, agreeing = sum(r["cells"] for r in up), sum(r["agreeing"] for r in up)
-            if not cells:
-                continue
-            in_band = (
-                f"{b['agreeing']}/{b['cells']} = {b['agreeing'] / b['cells']:.1%} "
-                f"[{wilson_interval(b['agreeing'], b['cells'])[0]:.1%}, {wilson_interval(b['agreeing'], b['cells'])[1]:.1%}]"
-                if b["cells"]
-                else "no cell"
-            )
-            low, high = wilson_interval(agreeing, cells)
-            lines.append(
-                f"  [{b['low']:.1f}, {b['high']:.1f}{']' if b['high'] == 1 else ')'}: {in_band}; from {b['low']:.1f} up: "
-                f"{cells} cells ({cells / len(group):.0%}), {agreeing / cells:.1%} [{low:.1%}, {high:.1%}]"
-            )
+            cells, agreeing = sum(r["cells"] for r in bands[i:]), sum(r["agreeing"] for r in bands[i:])
+            if cells:
+                in_band = _share(b["agreeing"], b["cells"]) if b["cells"] else "no cell"
+                lines.append(
+                    f"  {confidence_band_label(i)}: {in_band}; from {b['low']:.1f} up: {cells} cells "
+                    f"({cells / len(group):.0%}), {_share(agreeing, cells).split(' = ')[1]}"
+                )
     return lines
+
+
+def _share(agreeing: int, cells: int) -> str:
+    low, high = wilson_interval(agreeing, cells)
+    return f"{agreeing}/{cells} = {agreeing / cells:.1%} [{low:.1%}, {high:.1%}]"
 
 
 def calibrate(
