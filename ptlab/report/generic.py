@@ -33,6 +33,8 @@ from ptlab.report.runs import (
 )
 
 TRANSFER, SCRATCH, PREDICTED = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "params.theory.predicted"
+PHASE_PREDICTED = "params.prediction.outcome"
+"""The fitted phase model's predicted outcome (``ptlab.phase``), logged beside the theory's by synthetic runs."""
 STAGE_METRICS = ["metrics.upstream_test_acc", TRANSFER, SCRATCH, GAIN]
 
 KEY_WORDS = {
@@ -102,7 +104,8 @@ def _mode(values: pd.Series) -> str:
 
 def cell_stats(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """One row per cell (a combination of ``keys``, seeds pooled): n, mean transfer and scratch accuracy with
-    95% t intervals, the paired gain in points with its 95% t interval and verdict, the theory's prediction."""
+    95% t intervals, the paired gain in points with its 95% t interval and verdict, the theory's prediction and
+    the phase model's (where the runs logged them)."""
     stats = seed_stats(runs, list(keys), [TRANSFER, SCRATCH, GAIN])
     by = [*keys, *stats.attrs.get("config_columns", [])]
     frame = one_run_per_seed(runs, by).copy()  # the runs seed_stats pooled, grouped the same way
@@ -120,8 +123,9 @@ def cell_stats(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     table["gain_points_ci_low"] = 100 * stats[f"{GAIN}_ci_low"].to_numpy()
     table["gain_points_ci_high"] = 100 * stats[f"{GAIN}_ci_high"].to_numpy()
     table["verdict"] = stats["verdict"].to_numpy()
-    if PREDICTED in frame.columns:
-        table["prediction"] = [_mode(group[PREDICTED]) for group in groups]
+    for name, column in (("prediction", PREDICTED), ("phase_prediction", PHASE_PREDICTED)):
+        if column in frame.columns:
+            table[name] = [_mode(group[column]) for group in groups]
     table.attrs["keys"] = by
     return table
 
@@ -141,6 +145,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     shown["verdict"] = table["verdict"]
     if "prediction" in table:
         shown["theory predicts"] = table["prediction"]
+    if "phase_prediction" in table:
+        shown["phase model predicts"] = table["phase_prediction"]
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 

@@ -19,12 +19,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ptlab.report.generic import swept_params, write_table
+from ptlab.report.generic import PHASE_PREDICTED, PREDICTED, swept_params, write_table
 from ptlab.report.runs import ReportError, seed_stats
 from ptlab.theory import target_signal_norm, threshold_term
 
 TRANSFER, SCRATCH, GAIN = "metrics.transfer_test_acc", "metrics.scratch_test_acc", "metrics.transfer_gain"
-PREDICTED, D_STAR = "params.theory.predicted", "metrics.theory/threshold_term"
+D_STAR = "metrics.theory/threshold_term"
 THEORY_PARAMS = "params.theory."
 
 FIG1_SWEEPS = {
@@ -95,11 +95,11 @@ def other_sweeps(runs: pd.DataFrame, x: str) -> list[str]:
 
 def fig1_table(runs: pd.DataFrame, x: str) -> pd.DataFrame:
     """Seed statistics of transfer and scratch accuracy and their gap per value of ``x`` (and of any
-    other swept param), with the theory's threshold term and most common predicted outcome."""
+    other swept param), with the theory's threshold term and most common predicted outcome, and the phase model's."""
     by = [x, *other_sweeps(runs, x)]
     metrics = [TRANSFER, SCRATCH, GAIN]
     table = seed_stats(runs, by, metrics)
-    if D_STAR in runs.columns or PREDICTED in runs.columns:
+    if {D_STAR, PREDICTED, PHASE_PREDICTED} & set(runs.columns):
         frame = runs.copy()
         for column in by:
             frame[column] = _numeric(frame[column])
@@ -108,6 +108,7 @@ def fig1_table(runs: pd.DataFrame, x: str) -> pd.DataFrame:
             .agg(
                 **({"threshold_term": (D_STAR, "mean")} if D_STAR in frame.columns else {}),
                 **({"theory_predicted": (PREDICTED, _mode)} if PREDICTED in frame.columns else {}),
+                **({"phase_predicted": (PHASE_PREDICTED, _mode)} if PHASE_PREDICTED in frame.columns else {}),
             )
             .reset_index()
         )

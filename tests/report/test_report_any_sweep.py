@@ -99,7 +99,12 @@ def test_two_swept_keys_give_a_heatmap_of_the_gain_in_points(store, tmp_path):
         "95% interval",
         "verdict",
         "theory predicts",
+        "phase model predicts",
     ]
+    # The phase model's column is what its runs logged (one config's seeds share it).
+    numeric = runs.astype({ALPHA: float, U_NORM: float})
+    logged = numeric.groupby([ALPHA, U_NORM], sort=True)["params.prediction.outcome"].agg(lambda v: v.mode()[0])
+    assert list(table["phase_prediction"]) == list(logged)
     body = (tmp_path / "any_sweep.md").read_text()
     assert "_target_" not in body and "params." not in body and "metrics." not in body
     first = (tmp_path / "any_sweep.md").read_text().splitlines()[2]

@@ -39,6 +39,7 @@ def fig1_runs() -> pd.DataFrame:
                 "params.task.u_norm": str(u),
                 "params.seed": str(seed),
                 "params.theory.predicted": "negative_transfer" if u == 0 else "no_difference",
+                "params.prediction.outcome": "negative_transfer" if u == 0 else "transfer_helps",
                 "metrics.transfer_test_acc": t,
                 "metrics.scratch_test_acc": s,
                 "metrics.transfer_gain": t - s,
@@ -67,6 +68,7 @@ def test_fig1_report_numbers_and_files(tmp_path: Path) -> None:
     assert table["transfer_test_acc_std"].tolist() == pytest.approx([math.sqrt(2 * 0.01**2), math.sqrt(2 * 0.01**2)])
     assert table["transfer_test_acc_count"].tolist() == [2, 2]
     assert table["theory_predicted"].tolist() == ["negative_transfer", "no_difference"]
+    assert table["phase_predicted"].tolist() == ["negative_transfer", "transfer_helps"]
     assert re.search(r"\|\s+0.7100\s+\|", (tmp_path / "fig1c_small.md").read_text())
 
 
