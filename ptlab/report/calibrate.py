@@ -50,7 +50,15 @@ from ptlab.phase import (
     expand_pairs,
     feature_matrix,
 )
-from ptlab.report.runs import GAIN, ReportError, experiment_stores, load_pipelines, one_run_per_seed, seed_stats
+from ptlab.report.runs import (
+    CONFIDENCE,
+    GAIN,
+    ReportError,
+    experiment_stores,
+    load_pipelines,
+    one_run_per_seed,
+    seed_stats,
+)
 from ptlab.report.synthetic import (
     NEAR_OPTIMAL_ACCURACY,
     SCRATCH,
@@ -97,7 +105,6 @@ FIT, HELD_OUT = "fit", "held-out"
 NEAR_OPTIMAL_MARGIN = 0.01
 """Near Bayes-optimal: a test error at most this much above the Bayes error (the label noise)."""
 MIN_SEEDS = 16
-CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -648,17 +655,17 @@ def confidence_lines(result: Calibration) -> list[str]:
         for i, b in enumerate(bands):
             cells, agreeing = sum(r["cells"] for r in bands[i:]), sum(r["agreeing"] for r in bands[i:])
             if cells:
-                in_band = _share(b["agreeing"], b["cells"]) if b["cells"] else "no cell"
+                in_band = f"{b['agreeing']}/{b['cells']} = {_rate(b['agreeing'], b['cells'])}" if b["cells"] else "no cell"
                 lines.append(
                     f"  {confidence_band_label(i)}: {in_band}; from {b['low']:.1f} up: {cells} cells "
-                    f"({cells / len(group):.0%}), {_share(agreeing, cells).split(' = ')[1]}"
+                    f"({cells / len(group):.0%}), {_rate(agreeing, cells)}"
                 )
     return lines
 
 
-def _share(agreeing: int, cells: int) -> str:
+def _rate(agreeing: int, cells: int) -> str:
     low, high = wilson_interval(agreeing, cells)
-    return f"{agreeing}/{cells} = {agreeing / cells:.1%} [{low:.1%}, {high:.1%}]"
+    return f"{agreeing / cells:.1%} [{low:.1%}, {high:.1%}]"
 
 
 def calibrate(
@@ -686,8 +693,9 @@ def calibrate(
     )
     cells[THEORY] = predicted_outcomes(cells, constants)
     x = features_of(cells, phase.features)
-    cells[PHASE] = phase.predict_outcomes(x)
-    cells["phase_confidence"] = phase.probabilities(x).max(axis=1)
+    probabilities = phase.probabilities(x)
+    cells[PHASE] = [phase.classes[i] for i in probabilities.argmax(axis=1)]
+    cells["phase_confidence"] = probabilities.max(axis=1)
     cells["phase_gain"] = phase.predict_gain(x)
     for name, rule in baselines().items():
         cells[name] = rule(cells)

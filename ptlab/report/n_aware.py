@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from ptlab.phase import N_AWARE_CLASSES, all_pairs, expand_pairs, n_aware_moments, t_quantile, verdict_probabilities
+from ptlab.report.runs import CONFIDENCE
 
 LOG_SIGMA_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 """The ridge strengths ``RidgeCV`` chooses among for ``log sigma(x)``."""
-CONFIDENCE = 0.95
 
 
 def log_sd_bias(n: np.ndarray) -> np.ndarray:
